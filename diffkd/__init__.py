@@ -1,0 +1,2 @@
+"""diffkd: distributed diffusion augmentation + knowledge distillation for multicenter medical imaging."""
+__version__ = "0.1.0"

@@ -1,0 +1,167 @@
+"""The dataset contract: one Parquet row per image (see DESIGN.md, "The dataset").
+
+Everything downstream of ingest reads these column names and types; importers must produce exactly
+this schema. Clinical columns are declared once here, in `CLINICAL_SCHEMA`, so the importer, the
+phantom, the fusion heads and the baselines agree on names, types and allowed values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+LABEL_NAMES = {0: "DCIS", 1: "upgrade"}  # 1 = upgraded to invasive at surgery (positive class)
+# Spellings a user's CSV may carry for the label, lower-cased.
+LABEL_ALIASES = {
+    "0": 0, "dcis": 0, "pure dcis": 0, "stays dcis": 0, "non-upgrade": 0, "no": 0, "negative": 0,
+    "1": 1, "upgrade": 1, "upgraded": 1, "idc": 1, "invasive": 1, "yes": 1, "positive": 1,
+}
+MODALITIES = ("us", "us_doppler", "mammo")
+
+BIRADS_LEVELS = ("2", "3", "4a", "4b", "4c", "5", "6")
+LESION_TYPES = ("mass", "non_mass", "not_visible", "calcification")
+
+
+@dataclass(frozen=True)
+class ClinicalColumn:
+    name: str
+    kind: str  # "float" | "int" | "bool" | "category"
+    low: float | None = None  # valid range for numeric columns (inclusive)
+    high: float | None = None
+    levels: tuple[str, ...] = ()  # allowed values for categories, ordered where order matters
+    aliases: tuple[str, ...] = ()  # other CSV header spellings, matched case-insensitively
+    description: str = ""
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        return {"float": pa.float32(), "int": pa.int32(), "bool": pa.bool_(), "category": pa.string()}[self.kind]
+
+
+CLINICAL_SCHEMA: tuple[ClinicalColumn, ...] = (
+    ClinicalColumn("age", "float", 18, 100, aliases=("age_years", "patient_age"), description="years at biopsy"),
+    ClinicalColumn("lesion_size_mm", "float", 1, 150, aliases=("size_mm", "lesion_size", "size"),
+                   description="largest lesion diameter on imaging, mm"),
+    ClinicalColumn("birads", "category", levels=BIRADS_LEVELS, aliases=("bi-rads", "bi_rads", "birads_category"),
+                   description="BI-RADS assessment category"),
+    ClinicalColumn("lesion_type", "category", levels=LESION_TYPES, aliases=("type", "lesion"),
+                   description="mass / non-mass / not visible on US / calcifications only"),
+    ClinicalColumn("palpable", "bool", aliases=("palpable_mass",), description="clinically palpable"),
+    ClinicalColumn("axillary_node_suspicious", "bool", aliases=("suspicious_node", "axillary_node"),
+                   description="suspicious axillary lymph node on imaging"),
+    ClinicalColumn("nuclear_grade", "int", 1, 3, aliases=("grade", "biopsy_grade"),
+                   description="nuclear grade at core biopsy (1-3)"),
+    ClinicalColumn("microcalcifications", "bool", aliases=("calcifications", "calcs"),
+                   description="microcalcifications visible"),
+)
+CLINICAL_COLUMNS = tuple(c.name for c in CLINICAL_SCHEMA)
+
+
+def clinical_column(name: str) -> ClinicalColumn:
+    for col in CLINICAL_SCHEMA:
+        if col.name == name:
+            return col
+    raise KeyError(f"unknown clinical column {name!r}; known: {', '.join(CLINICAL_COLUMNS)}")
+
+
+def normalize_birads(value: object) -> str | None:
+    """'4A', '4a', 'BI-RADS 4c', 4 -> canonical lower-case level, None for missing; ValueError otherwise."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("", "nan", "none", "na", "n/a"):
+        return None
+    for prefix in ("bi-rads", "birads", "bi rads", "category", "cat"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].strip(" :-")
+    if text.endswith(".0"):
+        text = text[:-2]
+    if text == "4":  # an unsubdivided 4 is treated as the middle sub-category
+        text = "4b"
+    if text not in BIRADS_LEVELS:
+        raise ValueError(f"BI-RADS value {value!r} is not one of {', '.join(BIRADS_LEVELS)} (or 4 / 4A-4C spellings)")
+    return text
+
+
+def parse_label(value: object) -> int:
+    key = str(value).strip().lower()
+    if key.endswith(".0"):
+        key = key[:-2]
+    if key not in LABEL_ALIASES:
+        raise ValueError(
+            f"label {value!r} is not recognised; use DCIS/upgrade or 0/1 (accepted: {', '.join(sorted(LABEL_ALIASES))})"
+        )
+    return LABEL_ALIASES[key]
+
+
+BASE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("case_id", pa.string(), nullable=False),
+    pa.field("patient_id", pa.string(), nullable=False),  # salted hash, never the raw id
+    pa.field("center", pa.string(), nullable=False),  # also the hive partition key
+    pa.field("modality", pa.string(), nullable=False),
+    pa.field("label", pa.int8(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),  # PNG, gray 8 or 16 bit, original size
+    pa.field("mask", pa.binary()),  # lesion mask PNG or null
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("spacing_mm", pa.float32()),
+)
+TAIL_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("synthetic", pa.bool_(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),
+)
+
+
+def arrow_schema() -> pa.Schema:
+    clinical = [pa.field(c.name, c.arrow_type) for c in CLINICAL_SCHEMA]
+    return pa.schema([*BASE_FIELDS, *clinical, *TAIL_FIELDS])
+
+
+# Columns a model needs besides pixels; `image`/`mask` bytes are dropped once decoded.
+METADATA_COLUMNS = ("case_id", "patient_id", "center", "modality", "label", "synthetic", *CLINICAL_COLUMNS)
+
+
+@dataclass
+class ClinicalEncoding:
+    """Fixed-length numeric encoding of the clinical columns for fusion heads and conditioning.
+
+    Numeric values are standardised with fixed reference scales (not fitted, so train and external
+    centers are encoded identically); categories are one-hot; every column gets a missing flag.
+    """
+
+    columns: tuple[str, ...] = CLINICAL_COLUMNS
+    scales: dict[str, tuple[float, float]] = field(default_factory=lambda: {
+        "age": (55.0, 12.0), "lesion_size_mm": (18.0, 12.0), "nuclear_grade": (2.0, 0.8)})
+
+    @property
+    def names(self) -> list[str]:
+        out: list[str] = []
+        for name in self.columns:
+            col = clinical_column(name)
+            out += [f"{name}={lvl}" for lvl in col.levels] if col.kind == "category" else [name]
+            out.append(f"{name}_missing")
+        return out
+
+    @property
+    def width(self) -> int:
+        return len(self.names)
+
+    def encode_row(self, row: dict) -> list[float]:
+        out: list[float] = []
+        for name in self.columns:
+            col = clinical_column(name)
+            value = row.get(name)
+            missing = value is None or (isinstance(value, float) and value != value)
+            if col.kind == "category":
+                out += [float(not missing and value == lvl) for lvl in col.levels]
+            elif missing:
+                out.append(0.0)
+            elif col.kind == "bool":
+                out.append(float(bool(value)))
+            else:
+                mean, std = self.scales.get(name, (0.0, 1.0))
+                out.append((float(value) - mean) / std)
+            out.append(float(missing))
+        return out

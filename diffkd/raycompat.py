@@ -1,0 +1,52 @@
+"""Starting or joining Ray the way diffkd needs it.
+
+`ray.init()` with no address joins whatever cluster Ray's temp dir recorded last, even a dead one
+(REFERENCE.md), so diffkd never calls it bare: it either joins an explicit address or starts its own
+local instance.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+AUTH_ENV = "RAY_AUTH_MODE"
+
+
+def configure_local_auth() -> str:
+    """Decide token auth for an embedded local instance, deliberately.
+
+    The embedded instance listens on 127.0.0.1 only and lives as long as this process, so the
+    network exposure Ray's token auth guards against does not exist; we disable it explicitly
+    unless the user chose a mode. Remote clusters keep whatever their operators configured, and
+    `diffkd submit --token` / RAY_AUTH_TOKEN authenticate against them.
+    """
+    mode = os.environ.setdefault(AUTH_ENV, "disabled")
+    return mode
+
+
+def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_dir: str | None = None,
+               **kwargs) -> None:
+    """Start a private local Ray instance (never joins a recorded cluster). No-op if already initialised."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    configure_local_auth()
+    logical_cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=logical_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True, **kwargs)
+    log.info("started a local Ray instance with %s logical CPUs", logical_cpus)
+
+
+def init(address: str | None = None, **kwargs) -> None:
+    """Join `address` ("auto", "ray://...", "host:port") when given, else start a private local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        init_local(**kwargs)
