@@ -1,0 +1,420 @@
+"""The seed-001 baselines (An et al. 2025): clinical, deep-feature and combined models.
+
+- clinical: each clinical variable is screened alone (likelihood-ratio test, p < `screen_p`); the
+  survivors enter a multivariate logistic regression; variables that stay significant there
+  (p < `keep_p`) are the independent predictors, and the final model is refitted on them alone
+  (odds ratios with Wald 95% CIs). Categorical variables are one-hot coded against their most
+  frequent training level.
+- deep_features: penultimate-layer features of an in-domain CNN (the caller extracts them),
+  standardized, mutual-information mRMR, then L1 (LASSO) logistic regression with the penalty chosen
+  by stratified cross-validation on the training set.
+- combined: the LASSO-selected deep features plus the clinical model's design columns, again L1
+  logistic regression with the penalty chosen by cross-validation.
+
+Everything is fitted on the training rows only: imputation values, category levels, scalers, the
+mRMR ranking and the penalties. Missing values: numeric -> training median, boolean and categorical
+-> most frequent training value; categorical levels unseen in training fall to the reference level.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn.feature_selection import mutual_info_classif
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+from diffkd.evaluate.logistic import LogisticFit, fit_logistic, likelihood_ratio_p
+from diffkd.evaluate.metrics import binary_labels
+
+log = logging.getLogger(__name__)
+
+# scikit-learn 1.8 replaced penalty="l1" by l1_ratio=1.0; older versions ignore l1_ratio without
+# penalty="elasticnet", which would silently fit an L2 model.
+_HAS_L1_RATIO = tuple(int(x) for x in sklearn.__version__.split(".")[:2]) >= (1, 8)
+
+
+def _l1_logistic(c: float) -> LogisticRegression:
+    if _HAS_L1_RATIO:
+        return LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", max_iter=1000)
+    return LogisticRegression(C=c, penalty="l1", solver="liblinear", max_iter=1000)
+
+
+def _sigmoid(eta: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-eta))
+
+
+# --------------------------------------------------------------------------------------------------
+# Clinical design matrix
+
+
+@dataclass
+class ClinicalEncoder:
+    """Imputation and one-hot coding learnt from the training rows."""
+
+    min_level_count: int = 5  # rarer training levels merge into "other" (keeps ORs estimable)
+    kinds: dict[str, str] = field(default_factory=dict)  # variable -> numeric | binary | categorical
+    fill: dict[str, object] = field(default_factory=dict)
+    levels: dict[str, list[str]] = field(default_factory=dict)  # non-reference levels
+    reference: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)  # variable -> why it was left out
+
+    def fit(self, frame: pd.DataFrame, columns: Sequence[str]) -> "ClinicalEncoder":
+        for col in columns:
+            values = frame[col].dropna()
+            if values.empty:
+                self.dropped[col] = "no training values"
+            elif values.nunique() < 2:
+                self.dropped[col] = "constant in training data"
+            elif pd.api.types.is_bool_dtype(values) or set(values.unique()) <= {True, False}:
+                self.kinds[col], self.fill[col] = "binary", bool(values.astype(bool).mode().iloc[0])
+            elif pd.api.types.is_numeric_dtype(values):
+                self.kinds[col], self.fill[col] = "numeric", float(values.median())
+            else:
+                text = values.astype(str)
+                counts = text.value_counts()
+                rare = counts.index[counts < self.min_level_count]
+                if len(rare) > 1:
+                    counts = text.where(~text.isin(rare), "other").value_counts()
+                reference = str(counts.index[0])
+                self.kinds[col], self.fill[col], self.reference[col] = "categorical", reference, reference
+                self.levels[col] = sorted(level for level in counts.index if level != reference)
+        return self
+
+    @property
+    def variables(self) -> list[str]:
+        return list(self.kinds)
+
+    def columns_of(self, variable: str) -> list[str]:
+        if self.kinds[variable] == "categorical":
+            return [f"{variable}={level}" for level in self.levels[variable]]
+        return [variable]
+
+    def transform(self, frame: pd.DataFrame, variables: Sequence[str] | None = None) -> pd.DataFrame:
+        out = {}
+        for var in self.variables if variables is None else variables:
+            kind, values = self.kinds[var], frame[var]
+            if kind == "numeric":
+                out[var] = pd.to_numeric(values, errors="coerce").fillna(self.fill[var]).astype(float)
+            elif kind == "binary":
+                out[var] = values.astype(object).where(values.notna(), self.fill[var]).astype(bool).astype(float)
+            else:
+                text = values.astype(object).where(values.notna(), self.fill[var]).astype(str)
+                known = set(self.levels[var]) | {self.reference[var]}
+                if "other" in known:  # rare training levels were merged into "other"
+                    text = text.where(text.isin(known), "other")
+                unseen = ~text.isin(known)
+                if unseen.any():
+                    log.warning("clinical %s: %d value(s) unseen in training (%s) coded as the reference %r",
+                                var, int(unseen.sum()), ", ".join(sorted(text[unseen].unique())[:3]),
+                                self.reference[var])
+                for level in self.levels[var]:
+                    out[f"{var}={level}"] = (text == level).astype(float)
+        return pd.DataFrame(out, index=frame.index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Clinical model
+
+
+@dataclass
+class ClinicalModel:
+    screen_p: float = 0.1
+    keep_p: float = 0.05
+    encoder: ClinicalEncoder = field(default_factory=ClinicalEncoder)
+    univariate: pd.DataFrame | None = None  # variable, p, odds ratios of its columns
+    multivariate: pd.DataFrame | None = None  # term, odds_ratio, lo, hi, p
+    odds_ratios: pd.DataFrame | None = None  # the final model's
+    selected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fit_: LogisticFit | None = None
+
+    def fit(self, frame: pd.DataFrame, labels: Sequence, columns: Sequence[str]) -> "ClinicalModel":
+        y = binary_labels(labels)
+        self.encoder.fit(frame, columns)
+        self.notes += [f"{v} left out: {why}" for v, why in self.encoder.dropped.items()]
+        if not self.encoder.variables:
+            raise ValueError(f"no usable clinical variable among {', '.join(columns)}")
+        design = self.encoder.transform(frame)
+        null = fit_logistic(np.ones((len(y), 1)), y)
+
+        rows = []
+        for var in self.encoder.variables:
+            cols = self.encoder.columns_of(var)
+            fit = fit_logistic(self._with_intercept(design[cols]), y)
+            rows.append({"variable": var, "p": likelihood_ratio_p(fit, null, len(cols)), "terms": len(cols)})
+        self.univariate = pd.DataFrame(rows).sort_values("p").reset_index(drop=True)
+        screened = [v for v in self.encoder.variables if v in set(self.univariate.variable[self.univariate.p < self.screen_p])]
+        if not screened:
+            screened = [self.univariate.variable.iloc[0]]
+            self.notes.append(f"no variable reached p < {self.screen_p} alone; kept the strongest, {screened[0]}")
+
+        multi = self._fit_terms(design, y, screened)
+        self.multivariate = self._or_table(multi, design, screened)
+        kept = []
+        for var in screened:
+            others = [v for v in screened if v != var]
+            reduced = (fit_logistic(self._with_intercept(design[self._cols(others)]), y) if others else null)
+            if likelihood_ratio_p(multi, reduced, len(self.encoder.columns_of(var))) < self.keep_p:
+                kept.append(var)
+        if not kept:
+            kept = screened
+            self.notes.append(f"no variable stayed at p < {self.keep_p} in the multivariate model; "
+                              "kept all screened variables")
+        self.selected = kept
+        self.fit_ = self._fit_terms(design, y, kept)
+        self.odds_ratios = self._or_table(self.fit_, design, kept)
+        if not self.fit_.converged:
+            self.notes.append("final logistic regression did not converge (separation): odds ratios unreliable")
+        return self
+
+    def _cols(self, variables: Sequence[str]) -> list[str]:
+        return [c for v in variables for c in self.encoder.columns_of(v)]
+
+    @staticmethod
+    def _with_intercept(x: pd.DataFrame) -> np.ndarray:
+        return np.column_stack([np.ones(len(x)), x.to_numpy(dtype=float)])
+
+    def _fit_terms(self, design: pd.DataFrame, y: np.ndarray, variables: Sequence[str]) -> LogisticFit:
+        return fit_logistic(self._with_intercept(design[self._cols(variables)]), y)
+
+    def _or_table(self, fit: LogisticFit, design: pd.DataFrame, variables: Sequence[str]) -> pd.DataFrame:
+        lo, hi = fit.wald_ci()
+        terms = self._cols(variables)
+        return pd.DataFrame({
+            "term": terms, "odds_ratio": np.exp(fit.coef[1:]), "lo": np.exp(lo[1:]), "hi": np.exp(hi[1:]),
+            "p": fit.wald_p()[1:],
+            "reference": [self.encoder.reference.get(t.split("=")[0], "") if "=" in t else "" for t in terms],
+        })
+
+    def design(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The final model's design columns (used by the combined model)."""
+        return self.encoder.transform(frame, self.selected)
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        return _sigmoid(self._with_intercept(self.design(frame)) @ self.fit_.coef)
+
+    @property
+    def n_params(self) -> int:
+        return len(self.fit_.coef)
+
+    def summary(self) -> dict:
+        return {
+            "univariate": self.univariate.to_dict("records"),
+            "multivariate": self.multivariate.to_dict("records"),
+            "odds_ratios": self.odds_ratios.to_dict("records"),
+            "selected": self.selected,
+            "screen_p": self.screen_p, "keep_p": self.keep_p,
+            "imputation": {v: {"kind": self.encoder.kinds[v], "fill": self.encoder.fill[v]}
+                           for v in self.encoder.variables},
+            "notes": self.notes,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# mRMR + LASSO
+
+
+def _quantile_codes(x: np.ndarray, n_bins: int) -> np.ndarray:
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    return np.searchsorted(edges, x, side="right")
+
+
+def mrmr_select(x: np.ndarray, y: Sequence, k: int, pool_size: int | None = None, n_bins: int = 5,
+                random_state: int = 0) -> list[int]:
+    """Mutual-information mRMR (Peng et al. 2005, difference form), greedy.
+
+    relevance(f) = I(f; y); redundancy(f) = mean over selected s of I(f; s), with s quantile-binned
+    into `n_bins` codes so scikit-learn's kNN estimator for continuous-vs-discrete MI applies.
+    Candidates are the `pool_size` most relevant features (default max(10 k, 100)), which keeps the
+    greedy search cheap on 2,048-wide CNN features. Returns column indices in selection order.
+    """
+    x = np.asarray(x, dtype=float)
+    y = binary_labels(y)
+    k = min(k, x.shape[1])
+    relevance = mutual_info_classif(x, y, random_state=random_state)
+    pool = np.argsort(-relevance, kind="stable")[: min(x.shape[1], pool_size or max(10 * k, 100))]
+    selected = [int(pool[0])]
+    chosen = np.zeros(len(pool), dtype=bool)
+    chosen[0] = True
+    redundancy = np.zeros(len(pool))
+    while len(selected) < k:
+        codes = _quantile_codes(x[:, selected[-1]], n_bins)
+        redundancy += mutual_info_classif(x[:, pool], codes, random_state=random_state)
+        score = relevance[pool] - redundancy / len(selected)
+        score[chosen] = -np.inf
+        best = int(np.argmax(score))
+        chosen[best] = True
+        selected.append(int(pool[best]))
+    return selected
+
+
+@dataclass
+class LassoCV:
+    """L1 logistic regression, C chosen by stratified k-fold CV on mean log loss."""
+
+    cs: Sequence[float] = tuple(np.logspace(-2, 2, 17))
+    folds: int = 5
+    random_state: int = 0
+    c_: float | None = None
+    model_: LogisticRegression | None = None
+    cv_loss_: list[float] = field(default_factory=list)
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "LassoCV":
+        folds = min(self.folds, int(np.bincount(y).min()))
+        if folds < 2:
+            raise ValueError("LASSO cross-validation needs at least 2 cases of each class in training data")
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
+        splits = list(splitter.split(x, y))
+        self.cv_loss_ = []
+        for c in self.cs:
+            losses = [log_loss(y[te], _l1_logistic(c).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1], labels=[0, 1])
+                      for tr, te in splits]
+            self.cv_loss_.append(float(np.mean(losses)))
+        self.c_ = float(self.cs[int(np.argmin(self.cv_loss_))])
+        self.model_ = _l1_logistic(self.c_).fit(x, y)
+        return self
+
+    @property
+    def nonzero(self) -> np.ndarray:
+        return np.flatnonzero(self.model_.coef_[0])
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(x)[:, 1]
+
+
+@dataclass
+class DeepFeatureModel:
+    n_mrmr: int = 32
+    random_state: int = 0
+    scaler_: StandardScaler | None = None
+    mrmr_: list[int] = field(default_factory=list)
+    lasso_: LassoCV | None = None
+
+    def fit(self, features: np.ndarray, labels: Sequence) -> "DeepFeatureModel":
+        y = binary_labels(labels)
+        self.scaler_ = StandardScaler().fit(features)
+        z = self.scaler_.transform(features)
+        self.mrmr_ = mrmr_select(z, y, self.n_mrmr, random_state=self.random_state)
+        self.lasso_ = LassoCV(random_state=self.random_state).fit(z[:, self.mrmr_], y)
+        return self
+
+    @property
+    def selected(self) -> list[int]:
+        """Feature indices (into the original matrix) with non-zero LASSO coefficients."""
+        return [self.mrmr_[i] for i in self.lasso_.nonzero]
+
+    def standardized(self, features: np.ndarray) -> np.ndarray:
+        return self.scaler_.transform(features)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return self.lasso_.predict_proba(self.standardized(features)[:, self.mrmr_])
+
+    @property
+    def n_params(self) -> int:
+        return len(self.lasso_.nonzero) + 1
+
+    def summary(self) -> dict:
+        return {"n_features": int(self.scaler_.n_features_in_), "n_mrmr": len(self.mrmr_),
+                "mrmr": self.mrmr_, "selected": self.selected, "lasso_c": self.lasso_.c_}
+
+
+@dataclass
+class CombinedModel:
+    """LASSO-selected deep features + the clinical model's design columns, L1 logistic with CV."""
+
+    random_state: int = 0
+    clinical_scaler_: StandardScaler | None = None
+    lasso_: LassoCV | None = None
+    terms_: list[str] = field(default_factory=list)
+
+    def _matrix(self, deep: DeepFeatureModel, clinical: ClinicalModel, features: np.ndarray,
+                frame: pd.DataFrame, fit: bool = False) -> np.ndarray:
+        design = clinical.design(frame)
+        if fit:
+            self.clinical_scaler_ = StandardScaler().fit(design.to_numpy())
+            self.terms_ = [f"deep[{i}]" for i in deep.selected] + list(design.columns)
+        return np.column_stack([deep.standardized(features)[:, deep.selected],
+                                self.clinical_scaler_.transform(design.to_numpy())])
+
+    def fit(self, deep: DeepFeatureModel, clinical: ClinicalModel, features: np.ndarray, frame: pd.DataFrame,
+            labels: Sequence) -> "CombinedModel":
+        x = self._matrix(deep, clinical, features, frame, fit=True)
+        self.lasso_ = LassoCV(random_state=self.random_state).fit(x, binary_labels(labels))
+        return self
+
+    def predict_proba(self, deep: DeepFeatureModel, clinical: ClinicalModel, features: np.ndarray,
+                      frame: pd.DataFrame) -> np.ndarray:
+        return self.lasso_.predict_proba(self._matrix(deep, clinical, features, frame))
+
+    @property
+    def n_params(self) -> int:
+        return len(self.lasso_.nonzero) + 1
+
+    def summary(self) -> dict:
+        return {"terms": [self.terms_[i] for i in self.lasso_.nonzero], "lasso_c": self.lasso_.c_}
+
+
+# --------------------------------------------------------------------------------------------------
+# All three, as predictions in the contract's shape
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """The `baselines:` section of an experiment config."""
+
+    screen_p: float = 0.1
+    keep_p: float = 0.05
+    n_mrmr: int = 32
+    seed: int = 0
+
+
+@dataclass
+class BaselineResult:
+    predictions: pd.DataFrame  # case_id, patient_id, center, split, label, model, prob
+    summary: dict  # JSON-able: odds ratios, selected features, penalties (for the report)
+    params: dict[str, int]  # model -> fitted parameter count
+
+
+CASE_COLUMNS = ("case_id", "patient_id", "center", "split", "label")
+
+
+def fit_baselines(cases: pd.DataFrame, features: np.ndarray | None, clinical_columns: Sequence[str],
+                  config: BaselineConfig = BaselineConfig()) -> BaselineResult:
+    """Fit on `split == "train"` rows; predict every row.
+
+    cases: one row per case with CASE_COLUMNS and the clinical columns; features: (len(cases), d)
+    penultimate CNN features aligned with `cases` rows, or None to fit the clinical model only.
+    """
+    missing = [c for c in (*CASE_COLUMNS, *clinical_columns) if c not in cases.columns]
+    if missing:
+        raise ValueError(f"baseline cases table lacks column(s) {', '.join(missing)}")
+    if features is not None and len(features) != len(cases):
+        raise ValueError(f"{len(features)} feature rows for {len(cases)} cases; they must align row by row")
+    train = (cases.split == "train").to_numpy()
+    y = cases.label.to_numpy()
+    if train.sum() == 0:
+        raise ValueError("no training rows (split == 'train') to fit the baselines on")
+
+    clinical = ClinicalModel(config.screen_p, config.keep_p).fit(cases[train], y[train], clinical_columns)
+    probs = {"clinical": clinical.predict_proba(cases)}
+    summary: dict = {"clinical": clinical.summary()}
+    params = {"clinical": clinical.n_params}
+    if features is not None:
+        features = np.asarray(features, dtype=float)
+        deep = DeepFeatureModel(config.n_mrmr, config.seed).fit(features[train], y[train])
+        combined = CombinedModel(config.seed).fit(deep, clinical, features[train], cases[train], y[train])
+        probs["deep_features"] = deep.predict_proba(features)
+        probs["combined"] = combined.predict_proba(deep, clinical, features, cases)
+        summary.update(deep_features=deep.summary(), combined=combined.summary())
+        params.update(deep_features=deep.n_params, combined=combined.n_params)
+
+    base = cases.loc[:, list(CASE_COLUMNS)].reset_index(drop=True)
+    frames = [base.assign(model=name, prob=p) for name, p in probs.items()]
+    return BaselineResult(pd.concat(frames, ignore_index=True), summary, params)

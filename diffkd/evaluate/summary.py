@@ -1,0 +1,283 @@
+"""predictions.parquet -> metrics.json (the contract in DESIGN.md).
+
+predictions: one row per case and model with `case_id, patient_id, center, split, label, model, prob`;
+`split` is `train`, `val` (internal validation) or `test` (external centers).
+
+For every model a threshold is fitted once, on its internal (`val`) predictions, and applied
+unchanged to the external cohort and to every center. Internal metrics therefore show the
+threshold at its most favourable; external metrics show what a clinic adopting it would see.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from diffkd.evaluate.calibration import calibration
+from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, delong_test,
+                                     unpaired_auc_test)
+from diffkd.evaluate.readers import compare_readers, reader_operating_points
+
+COLUMNS = ("case_id", "patient_id", "center", "split", "label", "model", "prob")
+SPLITS = ("train", "val", "test")
+COHORT_SPLITS = {"internal": "val", "external": "test"}
+REFERENCE_MODEL = "student_kd"
+
+# Display order and what each name means (DiffKD-DCIS ablations, then the seed-001 baselines).
+MODEL_DESCRIPTIONS = {
+    "student_kd": "student distilled from the teacher trained on real + synthetic images (full pipeline)",
+    "teacher": "teacher trained on real + synthetic images",
+    "teacher_real_only": "teacher trained on real images only",
+    "student_kd_real_only": "student distilled from the real-only teacher",
+    "student_plain": "student trained alone on real images (no KD, no synthesis)",
+    "clinical": "seed 001 clinical model: univariate screening, then multivariate logistic regression",
+    "deep_features": "seed 001 deep-feature model: ResNet101 features, mRMR, LASSO logistic regression",
+    "combined": "seed 001 combined model: selected deep features + clinical variables",
+}
+ABLATIONS = ("teacher_real_only", "teacher", "student_plain", "student_kd_real_only", "student_kd")
+BASELINES = ("clinical", "deep_features", "combined")
+# Seed 001 compares its three models with each other as well.
+SEED001_PAIRS = (("combined", "deep_features"), ("combined", "clinical"), ("deep_features", "clinical"))
+
+
+class PredictionsError(ValueError):
+    """Predictions that break the contract; the message names the column or row."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate:` section of an experiment config."""
+
+    threshold: str = "youden"  # "youden" | "sensitivity"
+    target_sensitivity: float = 0.9
+    ci_method: str = "delong"  # "delong" | "bootstrap" (stratified, patient-clustered)
+    n_boot: int = 2000
+    seed: int = 0
+    level: float = 0.95
+    reference: str = REFERENCE_MODEL  # every comparison and the reader study are against this model
+    birads_positive_from: str = "4c"  # reader BI-RADS at or above this counts as "upgrade"
+    reader_probability_threshold: float = 0.5
+
+    @property
+    def threshold_rule(self) -> ThresholdRule:
+        return ThresholdRule(self.threshold, self.target_sensitivity)
+
+    @property
+    def ci_options(self) -> CIOptions:
+        return CIOptions(self.ci_method, self.n_boot, self.seed, self.level)
+
+
+def ordered_models(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    known = [m for m in MODEL_DESCRIPTIONS if m in names]
+    return known + sorted(names - set(known))
+
+
+def validate_predictions(predictions: pd.DataFrame, source: str = "predictions") -> pd.DataFrame:
+    """Check the contract and return a normalized copy (string ids, int8 labels, float probs)."""
+    missing = [c for c in COLUMNS if c not in predictions.columns]
+    if missing:
+        raise PredictionsError(f"{source}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+    df = predictions.loc[:, list(COLUMNS)].reset_index(drop=True)
+    if df.empty:
+        raise PredictionsError(f"{source}: no rows")
+    for col in ("case_id", "patient_id", "center", "split", "model"):
+        nulls = df[col].isna()
+        if nulls.any():
+            raise PredictionsError(f"{source}: column '{col}' is empty in row {int(np.flatnonzero(nulls)[0])}")
+        df[col] = df[col].astype(str)
+    bad = ~df.split.isin(SPLITS)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise PredictionsError(f"{source}: row {row}, column 'split' is {df.split[row]!r}; use {', '.join(SPLITS)}")
+    label = pd.to_numeric(df.label, errors="coerce")
+    bad = ~label.isin([0, 1])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise PredictionsError(f"{source}: row {row}, column 'label' is {df.label[row]!r}; labels are 0/1")
+    df["label"] = label.astype(np.int8)
+    prob = pd.to_numeric(df.prob, errors="coerce")
+    bad = ~prob.between(0, 1)  # also catches NaN
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise PredictionsError(f"{source}: row {row}, column 'prob' is {df.prob[row]!r}; need a probability in [0, 1]")
+    df["prob"] = prob.astype(float)
+    dup = df.duplicated(["model", "case_id"])
+    if dup.any():
+        row = int(np.flatnonzero(dup)[0])
+        raise PredictionsError(f"{source}: row {row}: model {df.model[row]!r} has case {df.case_id[row]!r} twice")
+    per_case = df.groupby("case_id")[["label", "split", "center", "patient_id"]].nunique()
+    for col in ("label", "split", "center", "patient_id"):
+        bad_cases = per_case.index[per_case[col] > 1]
+        if len(bad_cases):
+            raise PredictionsError(f"{source}: case {bad_cases[0]!r} has different '{col}' values across models")
+    return df
+
+
+def cases_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per case: case_id, patient_id, center, split, label."""
+    return predictions.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]]
+
+
+def cohort_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Per center: role, patients, cases, upgrades and rate, and cases per split (TRIPOD flow)."""
+    cases = cases_table(predictions)
+    rows = []
+    for center, frame in cases.groupby("center", sort=True):
+        role = "external" if (frame.split == "test").all() else ("internal" if not (frame.split == "test").any()
+                                                                  else "mixed")
+        row = {"center": center, "role": role, "patients": frame.patient_id.nunique(), "cases": len(frame),
+               "positives": int(frame.label.sum()), "positive_rate": float(frame.label.mean())}
+        row.update({f"n_{s}": int((frame.split == s).sum()) for s in SPLITS})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values(["role", "center"], key=lambda c: c.map({"internal": 0, "mixed": 1, "external": 2})
+                             if c.name == "role" else c).reset_index(drop=True)
+
+
+def fit_thresholds(predictions: pd.DataFrame, rule: ThresholdRule) -> dict[str, float]:
+    """Each model's threshold, fitted on its internal validation (`val`) predictions only."""
+    thresholds = {}
+    for model, frame in predictions[predictions.split == "val"].groupby("model"):
+        if frame.label.nunique() < 2:
+            raise PredictionsError(f"model {model!r}: internal validation holds one class only; "
+                                   "cannot fit a threshold")
+        thresholds[model] = rule.fit(frame.label.to_numpy(), frame.prob.to_numpy())
+    absent = sorted(set(predictions.model) - set(thresholds))
+    if absent:
+        raise PredictionsError(f"model(s) {', '.join(absent)} have no internal validation ('val') predictions; "
+                               "the threshold must be fixed on internal data")
+    return thresholds
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def jsonable(obj):
+    """NaN/inf -> null, numpy scalars -> Python, tuples -> lists: strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _finite(float(obj))
+    return obj
+
+
+def cohort_metrics(frame: pd.DataFrame, threshold: float, config: EvaluateConfig = EvaluateConfig()) -> dict:
+    """M for one model on one cohort: AUC (CI), operating point at the fixed threshold, calibration."""
+    y, p = frame.label.to_numpy(), frame.prob.to_numpy()
+    out: dict = {"n": len(frame), "n_pos": int(y.sum())}
+    if 0 < y.sum() < len(y):
+        est = auc_with_ci(y, p, config.ci_options, groups=frame.patient_id.to_numpy(),
+                          strata=frame.center.to_numpy())
+        out.update(auc=est.auc, auc_ci=list(est.ci), auc_ci_method=est.method)
+        cal = calibration(y, p, config.level)
+        out.update(calibration_intercept=cal.intercept, calibration_slope=cal.slope)
+    else:
+        out.update(auc=None, auc_ci=[None, None], auc_ci_method=None,
+                   note="one class only: AUC undefined")
+    out.update(OperatingPoint.at_threshold(y, p, threshold, config.level).as_dict())
+    out["brier"] = float(np.mean((p - y) ** 2))
+    return out
+
+
+def _comparison(preds: pd.DataFrame, a: str, b: str, split: str, level: float) -> dict:
+    pa = preds[(preds.model == a) & (preds.split == split)].set_index("case_id")
+    pb = preds[(preds.model == b) & (preds.split == split)].set_index("case_id")
+    common = pa.index.intersection(pb.index)
+    entry: dict = {"a": a, "b": b, "cohort": {v: k for k, v in COHORT_SPLITS.items()}[split], "n": len(common)}
+    y = pa.label.reindex(common).to_numpy()
+    if len(common) == 0 or y.min() == y.max():
+        entry.update(p_delong=None, note="no shared cases with both classes")
+        return entry
+    test = delong_test(y, pa.prob.reindex(common).to_numpy(), pb.prob.reindex(common).to_numpy(), level)
+    entry.update(p_delong=test.p, auc_a=test.auc_a, auc_b=test.auc_b, difference=test.difference,
+                 difference_ci=list(test.ci), z=test.z)
+    return entry
+
+
+def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
+                extra_pairs: Sequence[tuple[str, str]] = SEED001_PAIRS, level: float = 0.95) -> list[dict]:
+    """DeLong p of each model vs `reference` on the same external cases, then `extra_pairs` present."""
+    models = ordered_models(preds.model.unique())
+    pairs = [(m, reference) for m in models if m != reference and reference in models]
+    pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and (a, b) not in pairs]
+    return [_comparison(preds, a, b, "test", level) for a, b in pairs]
+
+
+def _internal_vs_external(frame: pd.DataFrame, level: float) -> dict | None:
+    internal, external = frame[frame.split == "val"], frame[frame.split == "test"]
+    if any(c.label.nunique() < 2 for c in (internal, external)):
+        return None
+    t = unpaired_auc_test(internal.label, internal.prob, external.label, external.prob, level)
+    return {"p": t.p, "difference": t.difference, "difference_ci": list(t.ci)}
+
+
+def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping] | None = None,
+                  synthetic: Mapping | None = None, readers: pd.DataFrame | None = None,
+                  baselines: Mapping | None = None, config: EvaluateConfig = EvaluateConfig(),
+                  extra_pairs: Sequence[tuple[str, str]] = SEED001_PAIRS) -> dict:
+    """metrics.json as a dict (strict-JSON values: NaN becomes null).
+
+    model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
+    (fid, kid, conditional_accuracy, near_copies, tstr_auc); readers: `readers.load_readers(...)`
+    output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
+    of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through.
+    """
+    preds = validate_predictions(predictions)
+    thresholds = fit_thresholds(preds, config.threshold_rule)
+    model_info = model_info or {}
+    models: dict = {}
+    for model in ordered_models(preds.model.unique()):
+        frame = preds[preds.model == model]
+        entry: dict = {}
+        for cohort, split in COHORT_SPLITS.items():
+            part = frame[frame.split == split]
+            entry[cohort] = cohort_metrics(part, thresholds[model], config) if len(part) else None
+        evaluated = frame[frame.split.isin(COHORT_SPLITS.values())]
+        entry["per_center"] = {}
+        for center, part in evaluated.groupby("center", sort=True):
+            m = cohort_metrics(part, thresholds[model], config)
+            m["split"] = "+".join(sorted(part.split.unique()))
+            entry["per_center"][center] = m
+        info = model_info.get(model, {})
+        entry["params"] = int(info["params"]) if info.get("params") is not None else None
+        entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
+        entry["threshold"] = thresholds[model]
+        entry["internal_vs_external"] = _internal_vs_external(frame, config.level)
+        models[model] = entry
+
+    out = {
+        "models": models,
+        "comparisons": comparisons(preds, config.reference, extra_pairs, config.level),
+        "synthetic": dict(synthetic) if synthetic else {"skipped": "no synthetic-data audit was provided"},
+        "evaluation": {
+            "internal": "split == 'val' (patient-level split of the training centers)",
+            "external": "split == 'test' (held-out centers)",
+            "threshold_rule": config.threshold_rule.describe(),
+            "auc_ci": ("DeLong" if config.ci_method == "delong" else
+                       f"stratified patient-clustered bootstrap, {config.n_boot} replicates, seed {config.seed}"),
+            "level": config.level,
+            "reference": config.reference,
+            "cohorts": cohort_table(preds).to_dict("records"),
+        },
+    }
+    if readers is not None and config.reference in thresholds:
+        out["readers"] = {
+            "model": config.reference,
+            "operating_points": reader_operating_points(readers, cases_table(preds), config.level).to_dict("records"),
+            "comparisons": compare_readers(readers, preds[preds.model == config.reference],
+                                           thresholds[config.reference], config.level),
+        }
+    if baselines:
+        out["baselines"] = dict(baselines)
+    return jsonable(out)

@@ -1,0 +1,55 @@
+"""Simulated predictions and reads for the evaluate/report tests (not collected: no test_ prefix).
+
+Cases carry a latent risk; each model sees it through its own noise, and the external centers see
+it through an extra shift, so models differ and external performance is lower, as in real data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+MODEL_NOISE = {  # smaller noise = better discrimination
+    "student_kd": 0.9, "teacher": 0.8, "teacher_real_only": 1.2, "student_kd_real_only": 1.3,
+    "student_plain": 1.6, "clinical": 2.5, "deep_features": 1.1, "combined": 1.0,
+}
+
+
+def simulate_predictions(seed: int = 0, internal=("A", "B"), external=("C", "D"), cases_per_center: int = 120,
+                         models=tuple(MODEL_NOISE)) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for center in (*internal, *external):
+        n_patients = int(cases_per_center * 0.8)
+        patients = [f"{center}-p{i:03d}" for i in range(n_patients)]
+        patient_of_case = np.r_[np.arange(n_patients), rng.integers(0, n_patients, cases_per_center - n_patients)]
+        for j, p in enumerate(patient_of_case):
+            risk = rng.normal(-1.0, 1.5)
+            label = int(rng.random() < 1 / (1 + np.exp(-risk)))
+            split = "test" if center in external else ("val" if p % 3 == 0 else "train")
+            rows.append({"case_id": f"{center}-c{j:03d}", "patient_id": patients[p], "center": center,
+                         "split": split, "label": label, "risk": risk})
+    cases = pd.DataFrame(rows)
+    # a patient's cases share a split
+    first_split = cases.groupby("patient_id").split.transform("first")
+    cases["split"] = first_split
+    frames = []
+    for model in models:
+        shift = np.where(cases.center.isin(external), 0.7, 0.0)
+        eta = 1.6 * cases.risk + rng.normal(0, MODEL_NOISE[model], len(cases)) + shift * rng.normal(0, 1, len(cases))
+        frames.append(cases.assign(model=model, prob=1 / (1 + np.exp(-(eta * 0.6 - 0.3)))))
+    return pd.concat(frames, ignore_index=True).drop(columns="risk")
+
+
+def simulate_reads(predictions: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
+    """A senior and a junior reader on every validation and external case."""
+    rng = np.random.default_rng(seed)
+    cases = predictions.drop_duplicates("case_id")
+    cases = cases[cases.split != "train"]
+    rows = []
+    for reader, experience, sens, spec in (("R1", "senior", 0.75, 0.7), ("R2", "junior", 0.6, 0.6)):
+        for case in cases.itertuples():
+            hit = rng.random() < (sens if case.label else spec)
+            call = int(case.label if hit else 1 - case.label)
+            rows.append({"reader": reader, "experience": experience, "case_id": case.case_id, "call": call,
+                         "birads": "4c" if call else "4a", "probability": 0.7 if call else 0.2})
+    return pd.DataFrame(rows)
