@@ -134,9 +134,9 @@ def upload_limit_bytes() -> int:
     return ray_constants.DASHBOARD_CLIENT_MAX_SIZE  # the Jobs server's request size limit
 
 
-def build_package(working_dir: str | os.PathLike, excludes: Iterable[str] = (), out_dir: str | None = None,
+def build_package(working_dir: str | os.PathLike, out_dir: str | os.PathLike, excludes: Iterable[str] = (),
                   limit_bytes: int | None = None) -> Path:
-    """Zip `working_dir` as Ray will see it (its own exclusion rules plus ours) and check the size.
+    """Zip `working_dir` into `out_dir` as Ray will see it (its own exclusion rules plus ours); check the size.
 
     Returns the zip path, which is then submitted as the working_dir itself: what is checked here is
     exactly what travels.
@@ -148,8 +148,7 @@ def build_package(working_dir: str | os.PathLike, excludes: Iterable[str] = (), 
     if not working_dir.is_dir():
         raise JobsError(f"working dir {working_dir} is not a directory")
     all_excludes = list(ray_constants.get_runtime_env_default_excludes()) + list(DEFAULT_EXCLUDES) + list(excludes)
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="diffkd-pkg-"))
-    target = out_dir / f"{working_dir.name}-{secrets.token_hex(4)}.zip"
+    target = Path(out_dir) / f"{working_dir.name}-{secrets.token_hex(4)}.zip"
     create_package(str(working_dir), target, include_gitignore=True, excludes=all_excludes, logger=None)
     limit = upload_limit_bytes() if limit_bytes is None else limit_bytes
     size = target.stat().st_size
@@ -187,7 +186,8 @@ class JobSpec:
             command = ["python", "-m", "diffkd.cli"] + command[1:]
         return shlex.join(command)
 
-    def runtime_env(self, package_dir: str | None = None) -> dict:
+    def runtime_env(self, package_dir: str | os.PathLike) -> dict:
+        """Ray's runtime_env; the code package (unless an image holds the code) is written into package_dir."""
         env: dict = {}
         if self.env:
             env["env_vars"] = dict(self.env)
@@ -198,7 +198,7 @@ class JobSpec:
             env["image_uri"] = self.image
             return env
         root = self.working_dir or str(project_root())
-        env["working_dir"] = str(build_package(root, self.excludes, out_dir=package_dir))
+        env["working_dir"] = str(build_package(root, package_dir, self.excludes))
         if self.pip:
             env["pip"] = list(self.pip)
         return env

@@ -99,7 +99,7 @@ def make_project(root):
 
 def test_package_keeps_code_and_drops_data_venv_git(tmp_path):
     project = make_project(tmp_path / "proj")
-    package = jobs.build_package(project, out_dir=str(tmp_path))
+    package = jobs.build_package(project, tmp_path)
     names = set(zipfile.ZipFile(package).namelist())
     assert "diffkd/data/dataset.py" in names and "pyproject.toml" in names
     leaked = [n for n in names if n.startswith(("data/", "demo_out/", ".git/", ".venv/")) or n.endswith(".parquet")]
@@ -111,11 +111,11 @@ def test_package_over_the_limit_is_refused_naming_the_culprit(tmp_path):
     (project / "notes").mkdir()
     (project / "notes" / "big.raw").write_bytes(os.urandom(200_000))  # incompressible
     with pytest.raises(jobs.JobsError, match=r"over the .* upload limit.*notes/big.raw"):
-        jobs.build_package(project, out_dir=str(tmp_path), limit_bytes=100_000)
+        jobs.build_package(project, tmp_path, limit_bytes=100_000)
     assert not list(tmp_path.glob("*.zip"))  # the refused package is not left behind
 
 
-def test_entrypoint_runs_the_submitted_code_and_ids_are_unique():
+def test_entrypoint_runs_the_submitted_code_and_ids_are_unique(tmp_path):
     spec = jobs.JobSpec(command=["diffkd", "train", "teacher", "--out", "s3://b/run 1"])
     assert spec.entrypoint() == "python -m diffkd.cli train teacher --out 's3://b/run 1'"
     ids = {jobs.new_submission_id(spec.command) for _ in range(50)}
@@ -123,8 +123,8 @@ def test_entrypoint_runs_the_submitted_code_and_ids_are_unique():
     with pytest.raises(jobs.JobsError, match="KEY=VALUE"):
         jobs.parse_env(["NOEQUALS"])
     with pytest.raises(jobs.JobsError, match="--image cannot be combined"):
-        jobs.JobSpec(command=["diffkd"], image="img:1", pip=["x==1"]).runtime_env()
-    assert jobs.JobSpec(command=["diffkd"], image="img:1", env={"A": "1"}).runtime_env() == {
+        jobs.JobSpec(command=["diffkd"], image="img:1", pip=["x==1"]).runtime_env(tmp_path)
+    assert jobs.JobSpec(command=["diffkd"], image="img:1", env={"A": "1"}).runtime_env(tmp_path) == {
         "env_vars": {"A": "1"}, "image_uri": "img:1"}
 
 
