@@ -24,7 +24,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import sklearn
-from sklearn.feature_selection import mutual_info_classif
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
@@ -41,9 +40,10 @@ _HAS_L1_RATIO = tuple(int(x) for x in sklearn.__version__.split(".")[:2]) >= (1,
 
 
 def _l1_logistic(c: float) -> LogisticRegression:
+    # liblinear's coordinate descent visits features in random order: fix it for reproducible fits
     if _HAS_L1_RATIO:
-        return LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", max_iter=1000)
-    return LogisticRegression(C=c, penalty="l1", solver="liblinear", max_iter=1000)
+        return LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", max_iter=1000, random_state=0)
+    return LogisticRegression(C=c, penalty="l1", solver="liblinear", max_iter=1000, random_state=0)
 
 
 def _sigmoid(eta: np.ndarray) -> np.ndarray:
@@ -221,45 +221,56 @@ class ClinicalModel:
 # mRMR + LASSO
 
 
-def _quantile_codes(x: np.ndarray, n_bins: int) -> np.ndarray:
-    edges = np.unique(np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1]))
-    return np.searchsorted(edges, x, side="right")
-
-
-def mrmr_select(x: np.ndarray, y: Sequence, k: int, pool_size: int | None = None, n_bins: int = 5,
-                random_state: int = 0) -> list[int]:
-    """Mutual-information mRMR (Peng et al. 2005, difference form), greedy.
-
-    relevance(f) = I(f; y); redundancy(f) = mean over selected s of I(f; s), with s quantile-binned
-    into `n_bins` codes so scikit-learn's kNN estimator for continuous-vs-discrete MI applies.
-    Candidates are the `pool_size` most relevant features (default max(10 k, 100)), which keeps the
-    greedy search cheap on 2,048-wide CNN features. Returns column indices in selection order.
-    """
+def quantile_codes(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each column of x cut at its own quantiles into at most `n_bins` integer codes 0..n_bins-1."""
     x = np.asarray(x, dtype=float)
-    y = binary_labels(y)
-    k = min(k, x.shape[1])
-    relevance = mutual_info_classif(x, y, random_state=random_state)
-    pool = np.argsort(-relevance, kind="stable")[: min(x.shape[1], pool_size or max(10 * k, 100))]
-    selected = [int(pool[0])]
-    chosen = np.zeros(len(pool), dtype=bool)
-    chosen[0] = True
-    redundancy = np.zeros(len(pool))
+    cuts = np.quantile(x, np.linspace(0, 1, n_bins + 1)[1:-1], axis=0)  # (n_bins - 1, d)
+    return (x[None, :, :] > cuts[:, None, :]).sum(axis=0)
+
+
+def discrete_mutual_info(codes: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Plug-in mutual information (nats) of every column of `codes` with `target` (both integer codes);
+    the vectorized equivalent of sklearn.metrics.mutual_info_score per column."""
+    codes, target = np.asarray(codes), np.asarray(target)
+    n = len(target)
+    col_onehot = codes[:, :, None] == np.arange(codes.max() + 1)  # (n, d, a)
+    tgt_onehot = target[:, None] == np.unique(target)[None, :]  # (n, c)
+    joint = np.einsum("nda,nc->dac", col_onehot, tgt_onehot, dtype=float) / n
+    outer = joint.sum(axis=2, keepdims=True) * joint.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(joint > 0, joint * np.log(joint / outer), 0.0)
+    return terms.sum(axis=(1, 2))
+
+
+def mrmr_select(x: np.ndarray, y: Sequence, k: int, n_bins: int = 5) -> list[int]:
+    """Mutual-information mRMR (Peng, Long & Ding 2005, difference form), greedy.
+
+    Each feature is cut into `n_bins` quantile bins, as in Peng et al.; then
+    relevance(f) = I(f; y) and redundancy(f) = mean over already selected s of I(f; s), both by the
+    same plug-in estimator so the difference is on one scale. (scikit-learn's kNN estimator was
+    tried for relevance: on a few hundred cases it ranked planted features worse and ran ~30x
+    slower.) Returns column indices in selection order.
+    """
+    codes = quantile_codes(x, n_bins)
+    k = min(k, codes.shape[1])
+    relevance = discrete_mutual_info(codes, binary_labels(y))
+    selected = [int(np.argmax(relevance))]
+    redundancy = np.zeros(codes.shape[1])
     while len(selected) < k:
-        codes = _quantile_codes(x[:, selected[-1]], n_bins)
-        redundancy += mutual_info_classif(x[:, pool], codes, random_state=random_state)
-        score = relevance[pool] - redundancy / len(selected)
-        score[chosen] = -np.inf
-        best = int(np.argmax(score))
-        chosen[best] = True
-        selected.append(int(pool[best]))
+        redundancy += discrete_mutual_info(codes, codes[:, selected[-1]])
+        score = relevance - redundancy / len(selected)
+        score[selected] = -np.inf
+        selected.append(int(np.argmax(score)))
     return selected
 
 
 @dataclass
 class LassoCV:
-    """L1 logistic regression, C chosen by stratified k-fold CV on mean log loss."""
+    """L1 logistic regression, C chosen by stratified k-fold CV on log loss with the one-standard-error
+    rule: the strongest penalty whose mean CV loss is within one SE of the best (Hastie et al.,
+    glmnet's lambda.1se) -- sparser than the minimum and as good within CV noise."""
 
-    cs: Sequence[float] = tuple(np.logspace(-2, 2, 17))
+    cs: Sequence[float] = tuple(np.logspace(-2, 2, 33))
     folds: int = 5
     random_state: int = 0
     c_: float | None = None
@@ -272,18 +283,23 @@ class LassoCV:
             raise ValueError("LASSO cross-validation needs at least 2 cases of each class in training data")
         splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
         splits = list(splitter.split(x, y))
-        self.cv_loss_ = []
-        for c in self.cs:
-            losses = [log_loss(y[te], _l1_logistic(c).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1], labels=[0, 1])
-                      for tr, te in splits]
-            self.cv_loss_.append(float(np.mean(losses)))
-        self.c_ = float(self.cs[int(np.argmin(self.cv_loss_))])
+        losses = np.array([[log_loss(y[te], _l1_logistic(c).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1],
+                                     labels=[0, 1]) for tr, te in splits] for c in self.cs])
+        self.cv_loss_ = losses.mean(axis=1).tolist()
+        best = int(np.argmin(self.cv_loss_))
+        limit = self.cv_loss_[best] + losses[best].std(ddof=1) / np.sqrt(folds)
+        cs = np.asarray(self.cs)
+        self.c_ = float(cs[np.asarray(self.cv_loss_) <= limit].min())
         self.model_ = _l1_logistic(self.c_).fit(x, y)
         return self
 
     @property
+    def coef(self) -> np.ndarray:
+        return self.model_.coef_[0]
+
+    @property
     def nonzero(self) -> np.ndarray:
-        return np.flatnonzero(self.model_.coef_[0])
+        return np.flatnonzero(self.coef)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return self.model_.predict_proba(x)[:, 1]
@@ -301,14 +317,15 @@ class DeepFeatureModel:
         y = binary_labels(labels)
         self.scaler_ = StandardScaler().fit(features)
         z = self.scaler_.transform(features)
-        self.mrmr_ = mrmr_select(z, y, self.n_mrmr, random_state=self.random_state)
+        self.mrmr_ = mrmr_select(z, y, self.n_mrmr)
         self.lasso_ = LassoCV(random_state=self.random_state).fit(z[:, self.mrmr_], y)
         return self
 
     @property
     def selected(self) -> list[int]:
-        """Feature indices (into the original matrix) with non-zero LASSO coefficients."""
-        return [self.mrmr_[i] for i in self.lasso_.nonzero]
+        """Feature indices (into the original matrix) with non-zero LASSO coefficients, largest |coef| first."""
+        order = sorted(self.lasso_.nonzero, key=lambda i: -abs(self.lasso_.coef[i]))
+        return [self.mrmr_[i] for i in order]
 
     def standardized(self, features: np.ndarray) -> np.ndarray:
         return self.scaler_.transform(features)
@@ -321,8 +338,10 @@ class DeepFeatureModel:
         return len(self.lasso_.nonzero) + 1
 
     def summary(self) -> dict:
-        return {"n_features": int(self.scaler_.n_features_in_), "n_mrmr": len(self.mrmr_),
-                "mrmr": self.mrmr_, "selected": self.selected, "lasso_c": self.lasso_.c_}
+        coef = dict(zip(self.mrmr_, self.lasso_.coef))
+        return {"n_features": int(self.scaler_.n_features_in_), "n_mrmr": len(self.mrmr_), "mrmr": self.mrmr_,
+                "selected": self.selected, "coefficients": [float(coef[i]) for i in self.selected],
+                "lasso_c": self.lasso_.c_}
 
 
 @dataclass
@@ -358,7 +377,8 @@ class CombinedModel:
         return len(self.lasso_.nonzero) + 1
 
     def summary(self) -> dict:
-        return {"terms": [self.terms_[i] for i in self.lasso_.nonzero], "lasso_c": self.lasso_.c_}
+        return {"terms": [self.terms_[i] for i in self.lasso_.nonzero],
+                "coefficients": [float(self.lasso_.coef[i]) for i in self.lasso_.nonzero], "lasso_c": self.lasso_.c_}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""Metric functions against hand-computed cases and a brute-force DeLong oracle."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from diffkd.evaluate.calibration import brier_score, calibration, reliability_curve
+from diffkd.evaluate.decision import decision_curve, net_benefit
+from diffkd.evaluate.logistic import fit_logistic
+from diffkd.evaluate.metrics import (OperatingPoint, ThresholdRule, _weighted_aucs, auc, auc_delong_ci,
+                                     bootstrap_auc_ci, delong, delong_test, unpaired_auc_test, wilson_ci)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Brute-force structural components (DeLong, DeLong & Clarke-Pearson 1988), written plainly.
+
+def psi(x, y):
+    return 1.0 if x > y else (0.5 if x == y else 0.0)
+
+
+def brute_force_delong(labels, *scores):
+    pos_idx = [i for i, v in enumerate(labels) if v == 1]
+    neg_idx = [i for i, v in enumerate(labels) if v == 0]
+    m, n = len(pos_idx), len(neg_idx)
+    aucs, v10s, v01s = [], [], []
+    for s in scores:
+        v10 = [sum(psi(s[i], s[j]) for j in neg_idx) / n for i in pos_idx]
+        v01 = [sum(psi(s[i], s[j]) for i in pos_idx) / m for j in neg_idx]
+        aucs.append(sum(v10) / m)
+        v10s.append(v10)
+        v01s.append(v01)
+    k = len(scores)
+    cov = [[0.0] * k for _ in range(k)]
+    for r in range(k):
+        for c in range(k):
+            s10 = sum((v10s[r][i] - aucs[r]) * (v10s[c][i] - aucs[c]) for i in range(m)) / (m - 1)
+            s01 = sum((v01s[r][j] - aucs[r]) * (v01s[c][j] - aucs[c]) for j in range(n)) / (n - 1)
+            cov[r][c] = s10 / m + s01 / n
+    return aucs, cov
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delong_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(80) < 0.35).astype(int)
+    a = np.round(y * 0.8 + rng.normal(0, 1, 80), 1)  # rounding creates ties
+    b = np.round(a * 0.5 + rng.normal(0, 1, 80), 1)
+    fast = delong(y, a, b)
+    aucs, cov = brute_force_delong(list(y), list(a), list(b))
+    np.testing.assert_allclose(fast.aucs, aucs, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fast.cov, cov, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(fast.aucs[0], roc_auc_score(y, a), atol=1e-12)
+
+    test = delong_test(y, a, b)
+    var = cov[0][0] + cov[1][1] - 2 * cov[0][1]
+    z = (aucs[0] - aucs[1]) / math.sqrt(var)
+    assert test.z == pytest.approx(z, rel=1e-9)
+    assert test.p == pytest.approx(2 * stats.norm.sf(abs(z)), rel=1e-9)  # a p value, not log10(p)
+    assert 0 < test.p <= 1
+
+
+def test_delong_hand_case():
+    # positives 0.9, 0.8, 0.4; negatives 0.7, 0.3. Pairs won: 2 + 2 + 1 of 6 -> AUC 5/6.
+    # V10 = [1, 1, 1/2] -> S10 = 1/12; V01 = [2/3, 1] -> S01 = 1/18;
+    # var = S10/3 + S01/2 = 1/36 + 1/36 = 1/18.
+    y = [1, 1, 1, 0, 0]
+    s = [0.9, 0.8, 0.4, 0.7, 0.3]
+    d = delong(y, s)
+    assert d.aucs[0] == pytest.approx(5 / 6)
+    assert d.cov[0, 0] == pytest.approx(1 / 18)
+    est = auc_delong_ci(y, s)
+    half = stats.norm.ppf(0.975) * math.sqrt(1 / 18)
+    assert est.ci == pytest.approx((5 / 6 - half, 1.0))  # upper end clipped to 1
+
+
+def test_delong_test_identical_and_unpaired():
+    rng = np.random.default_rng(3)
+    y = (rng.random(60) < 0.5).astype(int)
+    s = y + rng.normal(0, 1, 60)
+    same = delong_test(y, s, s)
+    assert same.p == 1.0 and same.difference == 0.0
+
+    y2 = (rng.random(70) < 0.4).astype(int)
+    s2 = y2 * 0.3 + rng.normal(0, 1, 70)
+    t = unpaired_auc_test(y, s, y2, s2)
+    (a1,), ((v1,),) = brute_force_delong(list(y), list(s))
+    (a2,), ((v2,),) = brute_force_delong(list(y2), list(s2))
+    z = (a1 - a2) / math.sqrt(v1 + v2)
+    assert t.p == pytest.approx(2 * stats.norm.sf(abs(z)), rel=1e-9)
+
+
+def test_auc_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        auc([1, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_weighted_auc_equals_auc_of_repeated_cases():
+    rng = np.random.default_rng(4)
+    y = (rng.random(40) < 0.5).astype(int)
+    s = np.round(rng.random(40), 1)
+    w = rng.integers(0, 4, size=(3, 40)).astype(float)
+    got = _weighted_aucs(y, s, w)
+    for row, value in zip(w, got):
+        idx = np.repeat(np.arange(40), row.astype(int))
+        assert value == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+
+
+def test_bootstrap_ci_is_clustered_by_patient():
+    rng = np.random.default_rng(5)
+    y = (rng.random(150) < 0.4).astype(int)
+    s = y + rng.normal(0, 1.2, 150)
+    delong_ci = auc_delong_ci(y, s).ci
+    single = bootstrap_auc_ci(y, s, n_boot=2000, seed=0)
+    assert single.ci[0] < auc(y, s) < single.ci[1]
+    assert single.ci == pytest.approx(delong_ci, abs=0.03)
+    # every patient imaged twice with identical results: no new information
+    y2, s2, patients = np.repeat(y, 2), np.repeat(s, 2), np.repeat(np.arange(150), 2)
+    clustered = bootstrap_auc_ci(y2, s2, groups=patients, n_boot=2000, seed=0)
+    naive = bootstrap_auc_ci(y2, s2, n_boot=2000, seed=0)
+    width = lambda e: e.ci[1] - e.ci[0]  # noqa: E731
+    assert width(clustered) == pytest.approx(width(single), rel=0.15)
+    assert width(naive) < 0.85 * width(clustered)  # ignoring clustering overstates precision
+    assert bootstrap_auc_ci(y, s, n_boot=1000, seed=7).ci == bootstrap_auc_ci(y, s, n_boot=1000, seed=7).ci
+    with pytest.raises(ValueError, match="at least 1000"):
+        bootstrap_auc_ci(y, s, n_boot=200)
+
+
+def test_wilson_hand_values():
+    assert wilson_ci(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_ci(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_ci(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_ci(0, 0))
+
+
+def test_operating_point_hand_case():
+    y = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    p = [0.9, 0.8, 0.6, 0.2, 0.7, 0.4, 0.3, 0.2, 0.1, 0.05]
+    op = OperatingPoint.at_threshold(y, p, 0.5)
+    assert (op.tp, op.fn, op.fp, op.tn) == (3, 1, 1, 5)
+    d = op.as_dict()
+    assert d["sensitivity"] == 0.75 and d["specificity"] == pytest.approx(5 / 6)
+    assert d["ppv"] == 0.75 and d["npv"] == pytest.approx(5 / 6) and d["accuracy"] == 0.8
+    assert d["accuracy_ci"] == pytest.approx(list(wilson_ci(8, 10)))
+    assert d["threshold"] == 0.5
+
+
+def test_threshold_rules_hand_case():
+    y = [0, 0, 0, 1, 1, 1]
+    s = [0.1, 0.2, 0.6, 0.4, 0.7, 0.9]
+    # J: 0.9 -> 1/3, 0.7 -> 2/3, 0.6 -> 1/3, 0.4 -> 2/3 (tie: the lower, more sensitive threshold wins)
+    assert ThresholdRule("youden").fit(y, s) == 0.4
+    assert ThresholdRule("sensitivity", 0.5).fit(y, s) == 0.7
+    assert ThresholdRule("sensitivity", 0.9).fit(y, s) == 0.4
+    with pytest.raises(ValueError):
+        ThresholdRule("f1")
+
+
+def test_logistic_fit_matches_sklearn_unpenalized():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(400, 3))
+    y = (rng.random(400) < 1 / (1 + np.exp(-(0.5 + x @ [1.0, -0.5, 0.0])))).astype(int)
+    fit = fit_logistic(np.column_stack([np.ones(400), x]), y)
+    ref = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10000).fit(x, y)
+    np.testing.assert_allclose(fit.coef, np.r_[ref.intercept_, ref.coef_[0]], atol=1e-5)
+    assert fit.converged
+
+
+def test_calibration_detects_miscalibration():
+    rng = np.random.default_rng(7)
+    true_logit = rng.normal(-0.5, 1.5, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    good = calibration(y, 1 / (1 + np.exp(-true_logit)))
+    assert good.slope == pytest.approx(1, abs=0.05) and good.intercept == pytest.approx(0, abs=0.05)
+    overconfident = calibration(y, 1 / (1 + np.exp(-2 * true_logit)))
+    assert overconfident.slope == pytest.approx(0.5, abs=0.03)
+    underestimated = calibration(y, 1 / (1 + np.exp(-(true_logit - 1))))
+    assert underestimated.intercept > 0.5
+    assert brier_score([1, 0], [0.9, 0.2]) == pytest.approx(0.025)
+
+
+def test_reliability_curve_hand_case():
+    y = [0, 0, 1, 1, 0, 1]
+    p = [0.1, 0.1, 0.1, 0.9, 0.9, 0.9]
+    curve = reliability_curve(y, p, n_bins=2, strategy="uniform")
+    assert curve.n.tolist() == [3, 3]
+    assert curve.observed.tolist() == pytest.approx([1 / 3, 2 / 3])
+    assert curve.mean_predicted.tolist() == pytest.approx([0.1, 0.9])
+
+
+def test_net_benefit_hand_case():
+    y = [1, 0, 1, 0]
+    p = [0.8, 0.3, 0.2, 0.1]
+    # t = 0.25: treat cases 1 and 2 -> TP 1, FP 1: 1/4 - 1/4 * (0.25 / 0.75)
+    assert net_benefit(y, p, [0.25])[0] == pytest.approx(0.25 - 0.25 / 3)
+    curve = decision_curve(y, p, [0.25])
+    assert curve.treat_all[0] == pytest.approx(0.5 - 0.5 / 3)
+    assert curve.treat_none[0] == 0
