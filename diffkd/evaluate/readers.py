@@ -140,8 +140,8 @@ def mcnemar(model_correct: Sequence[bool], reader_correct: Sequence[bool]) -> Mc
         return McNemar(m_only, r_only, 1.0, "no discordant pairs")
     if discordant < EXACT_BELOW:
         k = min(m_only, r_only)
-        exact = min(1.0, 2 * stats.binom.cdf(k, discordant, 0.5))
-        mid_p = exact - stats.binom.pmf(k, discordant, 0.5)
+        # mid-p = exact two-sided p minus the probability of the observed table (cap only at the end)
+        mid_p = 2 * stats.binom.cdf(k, discordant, 0.5) - stats.binom.pmf(k, discordant, 0.5)
         return McNemar(m_only, r_only, float(min(1.0, mid_p)), "exact mid-p")
     chi2 = (abs(m_only - r_only) - 1) ** 2 / discordant
     return McNemar(m_only, r_only, float(stats.chi2.sf(chi2, 1)), "chi-square (continuity-corrected)")
