@@ -1,0 +1,202 @@
+"""The distillation losses: values, shapes, gradients, equality, and pairing-free order invariance."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffkd.distill import (LOSSES, PAIRING_FREE, FeatureKD, GroupDenseKD, GroupPrototypeKD, LogitKD,
+                            build_loss)
+
+
+def _feats(b, c, h=3, w=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, h, w, generator=g)
+
+
+def _labels(*values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _all_grads_finite(module, *tensors):
+    grads = [p.grad for p in module.parameters() if p.requires_grad] + [t.grad for t in tensors]
+    assert all(g is not None for g in grads), "a parameter or input got no gradient"
+    return all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------- logit KD
+
+def test_logit_kd_matches_hand_computed_value():
+    s = torch.tensor([[2.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0]])
+    kd = LogitKD(temperature=2.0, alpha=0.5)
+    p_t = torch.softmax(t / 2, -1)
+    p_s = torch.softmax(s / 2, -1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum()
+    ce = -torch.log_softmax(s, -1)[0, 1]
+    expected = 0.5 * ce + 0.5 * 4.0 * kl
+    assert torch.allclose(kd(s, t, _labels(1)), expected, atol=1e-6)
+
+
+def test_logit_kd_soft_term_zero_iff_equal_and_alpha_zero_is_cross_entropy():
+    s = torch.randn(5, 2, requires_grad=True)
+    kd = LogitKD(temperature=4.0, alpha=0.9)
+    assert kd.soft_loss(s, s.detach().clone()).abs().item() < 1e-6
+    assert kd.soft_loss(s, torch.randn(5, 2)).item() > 1e-4
+    y = torch.randint(0, 2, (5,))
+    assert torch.allclose(LogitKD(alpha=0.0)(s, torch.randn(5, 2), y), F.cross_entropy(s, y))
+    kd(s, torch.randn(5, 2), y).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_logit_kd_t_squared_keeps_gradient_scale():
+    """Without T² the soft gradient falls as 1/T²; with it, it stays of the same order."""
+    s = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    t = torch.tensor([[-1.0, 1.0]])
+    norms = []
+    for temperature in (2.0, 8.0):
+        s.grad = None
+        LogitKD(temperature=temperature).soft_loss(s, t).backward()
+        norms.append(s.grad.norm().item())
+    assert 0.5 < norms[0] / norms[1] < 2.0
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"alpha": 1.5}])
+def test_logit_kd_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        LogitKD(**kwargs)
+
+
+# ---------------------------------------------------------------- feature KD
+
+@pytest.mark.parametrize("kind", ["mse", "attention"])
+def test_feature_kd_shapes_gradients_and_grid_resize(kind):
+    kd = FeatureKD(student_channels=6, teacher_channels=10, kind=kind)
+    s = _feats(4, 6, 2, 2).requires_grad_()
+    t = _feats(4, 10, 4, 4, seed=1)
+    loss = kd(s, t)
+    assert loss.dim() == 0 and loss.item() > 0
+    loss.backward()
+    assert _all_grads_finite(kd, s)
+
+
+@pytest.mark.parametrize("kind", ["mse", "attention"])
+def test_feature_kd_zero_when_student_equals_teacher(kind):
+    kd = FeatureKD(8, 8, kind=kind)
+    if kd.projector is not None:
+        kd.projector.set_identity()
+    f = _feats(3, 8)
+    assert kd(f, f.clone()).item() < 1e-10
+    assert kd(f, _feats(3, 8, seed=5)).item() > 1e-3
+
+
+def test_feature_kd_refuses_unpaired_batches_and_unknown_kind():
+    with pytest.raises(ValueError, match="pairs images one to one"):
+        FeatureKD(4, 4)(_feats(3, 4), _feats(2, 4))
+    with pytest.raises(ValueError, match="'mse' or 'attention'"):
+        FeatureKD(4, 4, kind="cosine")
+
+
+# ---------------------------------------------------------------- GKD-Pro
+
+def test_gkd_pro_scalar_with_finite_gradients_everywhere():
+    kd = GroupPrototypeKD(student_channels=6, teacher_channels=16, num_queries=3, num_heads=4, attn_dim=8)
+    s = _feats(5, 6, 2, 2).requires_grad_()
+    t = _feats(7, 16, 3, 3, seed=1)  # different batch size and grid: no pairing
+    loss = kd(s, _labels(0, 1, 0, 1, 1), t, _labels(1, 0, 0, 1, 0, 1, 1))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert _all_grads_finite(kd, s)
+    assert kd.queries.grad.abs().sum() > 0
+
+
+def test_gkd_pro_alignment_zero_when_student_equals_teacher():
+    kd = GroupPrototypeKD(16, 16, num_queries=4, num_heads=2, attn_dim=8)
+    kd.projector.set_identity()
+    f, y = _feats(6, 16), _labels(0, 0, 1, 1, 0, 1)
+    parts = kd.terms(f, y, f.clone(), y)
+    assert parts["align"].item() < 1e-6
+    assert 0.0 < parts["distinct"].item() < 1.0
+    assert kd.terms(_feats(6, 16, seed=9), y, f, y)["align"].item() > 1e-3
+
+
+def test_gkd_pro_invariant_to_order_of_images_within_groups():
+    kd = GroupPrototypeKD(6, 16, num_queries=3, num_heads=4, attn_dim=8)
+    s, ys = _feats(6, 6), _labels(0, 1, 0, 1, 1, 0)
+    t, yt = _feats(5, 16, seed=2), _labels(1, 0, 1, 0, 0)
+    base = kd(s, ys, t, yt)
+    ps, pt = torch.randperm(6, generator=torch.Generator().manual_seed(3)), torch.tensor([4, 2, 0, 3, 1])
+    assert torch.allclose(kd(s[ps], ys[ps], t[pt], yt[pt]), base, atol=1e-6)
+    # Swapping images between groups changes it: the grouping, not the order, is what counts.
+    assert not torch.allclose(kd(s, ys.flip(0), t, yt), base, atol=1e-4)
+
+
+def test_gkd_pro_without_a_shared_class_is_zero_but_keeps_the_graph():
+    kd = GroupPrototypeKD(4, 8, num_queries=2, num_heads=2, attn_dim=4)
+    s = _feats(2, 4).requires_grad_()
+    loss = kd(s, _labels(0, 0), _feats(2, 8), _labels(1, 1))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert s.grad is not None
+
+
+def test_gkd_pro_optimising_the_student_reaches_the_teacher_prototypes():
+    torch.manual_seed(0)
+    kd = GroupPrototypeKD(8, 8, num_queries=4, num_heads=2, attn_dim=8, distinct_weight=0.0)
+    t, yt = _feats(6, 8, seed=1) + torch.tensor([2.0] * 4 + [-2.0] * 4).view(1, 8, 1, 1), _labels(0, 1, 0, 1, 0, 1)
+    s = _feats(4, 8, seed=2).requires_grad_()
+    ys = _labels(1, 0, 1, 0)
+    opt = torch.optim.Adam([s, *kd.parameters()], lr=0.05)
+    first = kd(s, ys, t, yt).item()
+    for _ in range(100):
+        opt.zero_grad()
+        loss = kd(s, ys, t, yt)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_gkd_pro_rejects_heads_that_do_not_divide_the_width():
+    with pytest.raises(ValueError, match="num_heads"):
+        GroupPrototypeKD(4, 10, num_heads=4)
+
+
+# ---------------------------------------------------------------- GKD-Den
+
+def test_gkd_den_scalar_with_finite_gradients():
+    kd = GroupDenseKD(6, 16)
+    s = _feats(4, 6, 2, 2).requires_grad_()
+    loss = kd(s, _labels(0, 1, 1, 0), _feats(3, 16, 3, 3, seed=1), _labels(1, 0, 1))
+    assert loss.dim() == 0 and 0.0 < loss.item() <= 2.0
+    loss.backward()
+    assert _all_grads_finite(kd, s)
+
+
+def test_gkd_den_near_zero_when_student_equals_teacher():
+    kd = GroupDenseKD(16, 16, temperature=0.02)
+    kd.projector.set_identity()
+    f, y = _feats(4, 16), _labels(0, 1, 0, 1)
+    equal = kd(f, y, f.clone(), y).item()
+    other = kd(_feats(4, 16, seed=7), y, f, y).item()
+    assert equal < 1e-3 and other > 100 * equal
+
+
+def test_gkd_den_invariant_to_order_of_images_within_groups():
+    kd = GroupDenseKD(6, 16)
+    s, ys = _feats(6, 6), _labels(0, 1, 0, 1, 1, 0)
+    t, yt = _feats(5, 16, seed=2), _labels(1, 0, 1, 0, 0)
+    base = kd(s, ys, t, yt)
+    ps, pt = torch.tensor([5, 3, 1, 0, 2, 4]), torch.tensor([2, 4, 0, 1, 3])
+    assert torch.allclose(kd(s[ps], ys[ps], t[pt], yt[pt]), base, atol=1e-6)
+    assert not torch.allclose(kd(s, ys.flip(0), t, yt), base, atol=1e-4)
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_builds_every_loss_and_names_pairing_free_ones():
+    assert PAIRING_FREE <= set(LOSSES)
+    assert isinstance(build_loss("logit", temperature=3.0), LogitKD)
+    assert isinstance(build_loss("gkd_den", student_channels=4, teacher_channels=8), GroupDenseKD)
+    with pytest.raises(ValueError, match="unknown distillation loss 'dkd'"):
+        build_loss("dkd")
+    assert math.isclose(build_loss("logit", temperature=3.0).temperature, 3.0)
