@@ -1,0 +1,372 @@
+"""The Ray Data pipeline: Parquet rows of the dataset -> model-ready batches streamed to Ray Train workers.
+
+    read_parquet(files of the chosen centers, per-epoch file order)      [read tasks]
+      .filter(case_id in split, modality in cfg.modalities)              pushed down into the Parquet scan
+      .mix(synthetic rows, a fresh random subset per epoch)              training only, at cfg.synthetic_ratio
+      .map_batches(decode_batch)                                         [decode tasks] PNG -> letterbox -> augment
+    -> ray.train.get_dataset_shard("train") -> iter_shard_batches()      local shuffle buffer, torch tensors
+
+The dataset is never materialised: every epoch re-runs the plan and streams blocks through the object
+store under Ray Data's backpressure, so memory stays flat as the dataset grows (bench/data_feed.py
+measures it). Nothing here is fitted to data: normalisation is a fixed rule and the clinical encoding
+uses fixed reference scales, so external centers are treated exactly like internal ones.
+
+Resource sizing (why it cannot deadlock next to Train workers on a 2-core machine): read tasks ask
+for `read_num_cpus` (0.25) and decode tasks for `decode_num_cpus` (0.5) logical CPUs, decode tasks
+are capped at `decode_concurrency` (2) in flight, so the whole pipeline progresses with
+`required_cpus(cfg)` = 0.75 logical CPUs left over by the Train workers. Ray Train V2 excludes its
+workers' resources from Ray Data's budget by itself; `check_can_feed` fails early, with the numbers,
+when a trainer would leave less than that (the case where the job would hang instead).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from diffkd.data.augment import AugmentConfig, AugmentParams, apply_intensity, draw_params, place
+from diffkd.data.dataset import DatasetError, ImageDataset
+from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, ClinicalEncoding
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+# What decode needs from a row; identifiers, hashes and provenance stay on disk.
+READ_COLUMNS = ("case_id", "center", "modality", "label", "synthetic", "image", "mask", *CLINICAL_COLUMNS)
+STRING_KEYS = ("case_id",)  # batch keys that stay Python strings through collation
+
+
+@dataclass
+class PipelineConfig:
+    image_size: int = 224  # square model input side, pixels
+    in_chans: int = 1  # 1 = gray; 3 repeats the gray channel (for backbones that insist on RGB)
+    keep_aspect: bool = True  # letterbox (black bars, image centred) instead of stretching
+    augment: bool = True  # training augmentation on the train split (never on val/test)
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic_ratio: float = 0.0  # synthetic rows per real row in each training epoch (0 = real only)
+    modalities: tuple[str, ...] = ()  # keep only these modalities; empty = all
+    centers: tuple[str, ...] = ()  # center vocabulary for center_idx; empty = the dataset's real centers
+    batch_size: int = 32  # rows per decode call, and the default training batch
+    seed: int = 0
+    shuffle_buffer: int = 256  # rows in the local shuffle buffer when iterating the train split
+    norm_mean: float = 0.449  # fixed normalisation of [0, 1] intensities: the ImageNet gray mean/std
+    norm_std: float = 0.226
+    read_num_cpus: float = 0.25
+    decode_num_cpus: float = 0.5
+    decode_concurrency: int = 2  # decode tasks in flight at most
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        self.centers = tuple(self.centers)
+        if isinstance(self.augmentation, dict):
+            self.augmentation = AugmentConfig(**self.augmentation)
+        if self.image_size < 8:
+            raise ValueError(f"pipeline: image_size must be at least 8 pixels, got {self.image_size}")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"pipeline: in_chans must be 1 or 3, got {self.in_chans}")
+        if self.synthetic_ratio < 0:
+            raise ValueError(f"pipeline: synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
+        if self.batch_size < 1 or self.decode_concurrency < 1 or self.norm_std <= 0:
+            raise ValueError("pipeline: batch_size and decode_concurrency must be >= 1 and norm_std > 0")
+        unknown = sorted(set(self.modalities) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"pipeline: unknown modalities {unknown}; known: {', '.join(MODALITIES)}")
+
+    @property
+    def num_center_slots(self) -> int:
+        """Size of a center embedding: one per vocabulary center plus the shared 'unknown center' slot."""
+        return len(self.centers) + 1
+
+    @property
+    def num_modality_slots(self) -> int:
+        return len(MODALITIES) + 1
+
+
+def with_center_vocabulary(cfg: PipelineConfig, dataset: ImageDataset) -> PipelineConfig:
+    """`cfg` with its center vocabulary filled from the dataset's sorted real centers when it is empty."""
+    if cfg.centers:
+        return cfg
+    import dataclasses
+
+    return dataclasses.replace(cfg, centers=tuple(dataset.centers()))
+
+
+def required_cpus(cfg: PipelineConfig) -> float:
+    """Logical CPUs Ray Data needs free (beside the Train workers) to make progress: one read + one decode task."""
+    return cfg.read_num_cpus + cfg.decode_num_cpus
+
+
+def check_can_feed(cfg: PipelineConfig, train_cpus: float) -> None:
+    """Fail with the numbers when Train workers taking `train_cpus` would starve the pipeline (a silent hang)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    if total - train_cpus < required_cpus(cfg) - 1e-9:
+        raise RuntimeError(
+            f"the Ray cluster has {total:g} CPUs; Train workers take {train_cpus:g}, leaving "
+            f"{total - train_cpus:g}, but the data pipeline needs {required_cpus(cfg):g} (read_num_cpus "
+            f"{cfg.read_num_cpus:g} + decode_num_cpus {cfg.decode_num_cpus:g}) or it would hang waiting for a CPU. "
+            "Give the workers fewer CPUs (resources_per_worker), or start Ray with more logical CPUs.")
+
+
+# ---- decoding -------------------------------------------------------------------------------------
+
+def _open_gray(data: bytes, what: str) -> tuple[Image.Image, float]:
+    """PNG bytes -> (gray image Pillow can resample, its full-scale value)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # Pillow raises several types for corrupt or truncated data
+        raise ValueError(f"{what} is not a readable image ({err}); re-ingest that center") from None
+    if image.mode == "L":
+        return image, 255.0
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow cannot warp 16-bit images: resample in float, in [0, 1] already.
+        full = 65535.0 if image.mode.startswith("I;16") else float(max(np.asarray(image).max(), 1))
+        return Image.fromarray(np.asarray(image, dtype=np.float32) / np.float32(full), "F"), 1.0
+    if image.mode in ("RGB", "RGBA", "LA", "P", "1"):  # ingest stores gray; tolerate other producers
+        return image.convert("L"), 255.0
+    raise ValueError(f"{what} has image mode {image.mode!r}; diffkd reads 8- or 16-bit gray PNGs")
+
+
+def _open_mask(data: bytes, what: str) -> Image.Image:
+    """Mask PNG (any mode) -> binary 'L' image, 255 inside the lesion."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            inside = np.asarray(image)
+    except Exception as err:
+        raise ValueError(f"{what} is not a readable image ({err}); re-ingest that center") from None
+    if inside.ndim == 3:
+        inside = inside.max(axis=2)
+    return Image.fromarray(np.where(inside > 0, 255, 0).astype(np.uint8), "L")
+
+
+def row_generators(case_ids: Sequence[str], seed: int, epoch: int) -> list[np.random.Generator]:
+    """One generator per row from (seed, epoch, case id): a row's augmentation ignores its batch-mates and order."""
+    return [np.random.default_rng([seed, epoch, zlib.crc32(str(cid).encode())]) for cid in case_ids]
+
+
+def _index(values: Iterable, vocabulary: Sequence[str]) -> np.ndarray:
+    lookup = {name: i for i, name in enumerate(vocabulary)}
+    return np.array([lookup.get(str(v), len(vocabulary)) for v in values], dtype=np.int64)
+
+
+def encode_clinical(batch: dict[str, np.ndarray], n: int) -> np.ndarray:
+    encoding = ClinicalEncoding()
+    columns = {name: batch[name] if name in batch else [None] * n for name in encoding.columns}
+    rows = ({name: _scalar(columns[name][i]) for name in encoding.columns} for i in range(n))
+    return np.array([encoding.encode_row(row) for row in rows], dtype=np.float32).reshape(n, encoding.width)
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
+                 rng: np.random.Generator | Sequence[np.random.Generator] | None = None) -> dict[str, np.ndarray]:
+    """Decode one batch of dataset rows into the batch contract of `diffkd/train/task.py`.
+
+    `rng` None: evaluation (no augmentation). A Generator: augment every row from it, in order. A
+    sequence of Generators: one per row (what the Ray pipeline passes, see `row_generators`).
+    Augmentation also needs `cfg.augment`.
+    """
+    images, case_ids = batch["image"], [str(c) for c in batch["case_id"]]
+    n, size = len(images), cfg.image_size
+    if rng is None or not cfg.augment:
+        rngs, params = [None] * n, [AugmentParams.identity()] * n
+    else:
+        rngs = [rng] * n if isinstance(rng, np.random.Generator) else list(rng)
+        if len(rngs) != n:
+            raise ValueError(f"decode_batch: {len(rngs)} generators for {n} rows")
+        params = [draw_params(g, cfg.augmentation) for g in rngs]
+
+    pixels = np.empty((n, size, size), dtype=np.float32)
+    masks = np.zeros((n, 1, size, size), dtype=np.float32)
+    raw_masks = batch.get("mask")
+    for i in range(n):
+        image, full_scale = _open_gray(images[i], f"image of row case_id={case_ids[i]}")
+        pixels[i] = np.asarray(place(image, size, cfg.keep_aspect, params[i], Image.Resampling.BILINEAR),
+                               dtype=np.float32)
+        if full_scale != 1.0:
+            pixels[i] *= np.float32(1.0 / full_scale)
+        if raw_masks is not None and raw_masks[i] is not None:
+            mask = _open_mask(raw_masks[i], f"mask of row case_id={case_ids[i]}")
+            warped = place(mask, size, cfg.keep_aspect, params[i], Image.Resampling.BILINEAR)
+            masks[i, 0] = np.asarray(warped) >= 128  # bilinear + threshold: smoother edges than nearest
+
+    if rngs[0] is not None:
+        apply_intensity(pixels, params, rngs)
+    pixels -= np.float32(cfg.norm_mean)
+    pixels *= np.float32(1.0 / cfg.norm_std)
+    image_out = pixels[:, None] if cfg.in_chans == 1 else np.repeat(pixels[:, None], cfg.in_chans, axis=1)
+    return {
+        "image": image_out,
+        "mask": masks,
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "clinical": encode_clinical(batch, n),
+        "center_idx": _index(batch["center"], cfg.centers),
+        "modality_idx": _index(batch["modality"], MODALITIES),
+        "synthetic": np.asarray(batch["synthetic"], dtype=bool),
+        "case_id": np.array(case_ids, dtype=object),
+    }
+
+
+def _decode_in_ray(batch: dict[str, np.ndarray], cfg: PipelineConfig, train: bool) -> dict[str, np.ndarray]:
+    """map_batches UDF: the per-row generators are keyed by Ray Data's execution index (= the epoch)."""
+    rngs = None
+    if train and cfg.augment:
+        from ray.data.context import DataContext
+
+        # Ray Data bumps this counter every time the plan executes (its own random() uses it the same way).
+        epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
+        rngs = row_generators(batch["case_id"], cfg.seed, epoch)
+    return decode_batch(batch, cfg, rngs)
+
+
+def decode_memory_bytes(cfg: PipelineConfig) -> int:
+    """Scheduling hint for one decode task: a worker's baseline plus a batch of decoded source images and outputs."""
+    per_row = 4 * 2**20 + 4 * cfg.image_size ** 2 * (cfg.in_chans + 2)  # a ~1k x 1k float source + image/mask/scratch
+    return 200 * 2**20 + cfg.batch_size * per_row
+
+
+# ---- datasets -------------------------------------------------------------------------------------
+
+def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: PipelineConfig, train: bool,
+                 synthetic_ratio: float | None = None, centers: Iterable[str] | None = None) -> "ray.data.Dataset":
+    """A streaming Ray dataset of decoded rows for `case_ids` (None: every real row of `centers`).
+
+    `centers` limits which partitions are read at all (default: every real center); training adds
+    synthetic rows of the same centers at `synthetic_ratio` (default `cfg.synthetic_ratio`) with a
+    fresh random subset each epoch, and shuffles file order per epoch. Row shuffling within the stream
+    happens when iterating (`iter_shard_batches`).
+    """
+    import ray.data
+    from ray.data.datasource import FileShuffleConfig
+    from ray.data.expressions import col, random
+
+    cfg = with_center_vocabulary(cfg, dataset)
+    centers = None if centers is None else sorted(set(centers))
+    ids = None if case_ids is None else sorted(set(map(str, case_ids)))
+    files = dataset.files(centers)
+    if not files:
+        raise DatasetError(f"dataset {dataset.uri} has no real rows for centers {centers or 'any'}")
+    shuffle = FileShuffleConfig(seed=cfg.seed) if train else None  # reseeded every execution: a new order per epoch
+
+    def read(paths: list[str], predicate) -> "ray.data.Dataset":
+        ds = ray.data.read_parquet(paths, filesystem=dataset.fs, columns=list(READ_COLUMNS), partitioning=None,
+                                   shuffle=shuffle, num_cpus=cfg.read_num_cpus)
+        return ds if predicate is None else ds.filter(expr=predicate)
+
+    modality = col("modality").is_in(list(cfg.modalities)) if cfg.modalities else None
+    wanted = col("case_id").is_in(ids) if ids is not None else None
+    predicate = wanted if modality is None else (modality if wanted is None else wanted & modality)
+    ds = read(files, predicate)
+
+    ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
+    if train and ratio > 0:
+        real_rows = len(ids) if ids is not None else _count_rows(dataset, centers, synthetic=False)
+        available = _count_rows(dataset, centers, synthetic=True)
+        wanted_synthetic = min(available, round(ratio * real_rows))
+        if wanted_synthetic == 0:
+            log.warning("synthetic_ratio=%s but no synthetic rows exist for centers %s; training on real rows only",
+                        ratio, centers or "all")
+        else:
+            keep = random(seed=cfg.seed) < wanted_synthetic / available  # a new subset each epoch
+            synthetic = read(dataset.files(centers, synthetic=True), keep if modality is None else keep & modality)
+            ds = ds.mix(synthetic, weights=[real_rows, wanted_synthetic])
+
+    return ds.map_batches(
+        _decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=cfg.batch_size, batch_format="numpy",
+        num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency, memory=decode_memory_bytes(cfg))
+
+
+def _count_rows(dataset: ImageDataset, centers: list[str] | None, synthetic: bool) -> int:
+    section = dataset.manifest["synthetic" if synthetic else "centers"]
+    return sum(entry["rows"] for name, entry in section.items() if centers is None or name in centers)
+
+
+def split_datasets(dataset: ImageDataset, assignments: "pd.DataFrame", cfg: PipelineConfig) -> dict[str, "ray.data.Dataset"]:
+    """{"train", "val", "test"} streaming datasets from a splits table (case_id, center, split), empty splits left out.
+
+    Only the train split is augmented, shuffled and mixed with synthetic rows.
+    """
+    missing = {"case_id", "center", "split"} - set(assignments.columns)
+    if missing:
+        raise ValueError(f"split_datasets: the assignments table lacks column(s) {sorted(missing)}")
+    cfg = with_center_vocabulary(cfg, dataset)
+    out = {}
+    for split in ("train", "val", "test"):
+        rows = assignments[assignments["split"] == split]
+        if len(rows):
+            out[split] = make_dataset(dataset, rows["case_id"], cfg, train=split == "train",
+                                      centers=rows["center"].unique())
+    return out
+
+
+# ---- hand-off to training -------------------------------------------------------------------------
+
+def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """numpy batch -> torch tensors; identifier columns stay lists of str (the loop needs case_id for predictions)."""
+    import torch
+
+    return {key: value.tolist() if key in STRING_KEYS or value.dtype == object else torch.from_numpy(value)
+            for key, value in batch.items()}
+
+
+def iter_shard_batches(shard, batch_size: int, *, shuffle_buffer: int = 0, shuffle_seed: int | None = None,
+                       drop_last: bool = False, prefetch_batches: int = 1) -> Iterator[dict[str, Any]]:
+    """Batches (the task.py contract, tensors on CPU) from a Ray Train shard or any Ray dataset / DataIterator.
+
+    Call it once per epoch (each call re-runs the pipeline); pass `shuffle_buffer=cfg.shuffle_buffer`
+    and a per-epoch `shuffle_seed` for training, 0 for evaluation (keeps the stream order).
+    """
+    yield from shard.iter_torch_batches(
+        batch_size=batch_size, collate_fn=collate, drop_last=drop_last, prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
+
+
+# ---- in memory, without Ray -----------------------------------------------------------------------
+
+def load_arrays(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: PipelineConfig, *,
+                train: bool = False, epoch: int = 0, centers: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Decode rows into memory without Ray (tests, audits, baselines), in the order of `case_ids`.
+
+    `train=True` augments exactly as the Ray pipeline's epoch `epoch` does. Real rows only.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    cfg = with_center_vocabulary(cfg, dataset)
+    ids = None if case_ids is None else [str(c) for c in case_ids]
+    files = dataset.files(None if centers is None else sorted(set(centers)))
+    scan = pds.dataset(files, filesystem=dataset.fs, format="parquet")
+    table = scan.to_table(columns=list(READ_COLUMNS),
+                          filter=None if ids is None else pc.field("case_id").isin(ids))
+    if cfg.modalities:
+        table = table.filter(pc.field("modality").isin(list(cfg.modalities)))
+    if ids is not None:
+        found = table.column("case_id").to_pylist()
+        absent = sorted(set(ids) - set(found))
+        if absent:
+            raise DatasetError(f"{len(absent)} case id(s) not in dataset {dataset.uri} "
+                               f"(or filtered out by modality): {', '.join(absent[:5])}")
+        order = {cid: i for i, cid in enumerate(ids)}
+        table = table.take(np.argsort([order[c] for c in found], kind="stable"))
+    parts = []
+    for start in range(0, table.num_rows, cfg.batch_size):
+        chunk = table.slice(start, cfg.batch_size)
+        rows = {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}
+        rngs = row_generators(rows["case_id"], cfg.seed, epoch) if train else None
+        parts.append(decode_batch(rows, cfg, rngs))
+    if not parts:
+        return decode_batch({name: np.array([], dtype=object) for name in READ_COLUMNS}, cfg)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
