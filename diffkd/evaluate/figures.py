@@ -1,0 +1,246 @@
+"""The report's figures, each a PNG (bytes) computed from predictions (and the metrics and reads
+derived from them), so every figure can be rebuilt from predictions.parquet.
+
+Uses matplotlib's object API on an Agg canvas: no pyplot state, no display needed.
+"""
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from diffkd.evaluate.calibration import calibration, reliability_curve
+from diffkd.evaluate.decision import DEFAULT_THRESHOLDS, net_benefit, treat_all_net_benefit
+from diffkd.evaluate.metrics import CIOptions, OperatingPoint, auc_with_ci
+from diffkd.evaluate.summary import COHORT_SPLITS, ordered_models
+
+DPI = 110
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+            "#7f7f7f", "#bcbd22"]
+_READER_MARKERS = {"senior": "s", "junior": "^"}
+
+
+def model_colors(models: Sequence[str]) -> dict[str, str]:
+    return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(ordered_models(models))}
+
+
+def to_png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _cohort(predictions: pd.DataFrame, cohort: str) -> pd.DataFrame:
+    return predictions[predictions.split == COHORT_SPLITS[cohort]]
+
+
+def _roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical ROC through every distinct threshold, from (0, 0) to (1, 1)."""
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    last_of_tie = np.r_[s[1:] != s[:-1], True]
+    tps, fps = np.cumsum(y)[last_of_tie], np.cumsum(1 - y)[last_of_tie]
+    return np.r_[0, fps / max(fps[-1], 1)], np.r_[0, tps / max(tps[-1], 1)]
+
+
+def _roc_band(y: np.ndarray, s: np.ndarray, grid: np.ndarray, n_boot: int, seed: int,
+              level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise percentile band of sensitivity at fixed 1 - specificity (class-stratified bootstrap)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    curves = np.empty((n_boot, len(grid)))
+    for b in range(n_boot):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        fpr, tpr = _roc_points(y[idx], s[idx])
+        curves[b] = np.interp(grid, fpr, tpr, left=0, right=1)  # ties: np.interp takes the lower point
+    alpha = (1 - level) / 2
+    return np.quantile(curves, alpha, axis=0), np.quantile(curves, 1 - alpha, axis=0)
+
+
+def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], reference: str,
+               reader_points: pd.DataFrame | None = None, ci: CIOptions = CIOptions(),
+               band_boot: int = 300) -> bytes:
+    """Internal and external ROC curves side by side: every model, AUC (95% CI) in the legend, a
+    bootstrap band and the fixed-threshold operating point for the reference model, reader points
+    with Wilson 95% CIs."""
+    colors = model_colors(predictions.model.unique())
+    fig = Figure(figsize=(11, 5.2))
+    for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
+        part = _cohort(predictions, cohort)
+        ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8, ls="--")
+        for model in ordered_models(part.model.unique()):
+            frame = part[part.model == model]
+            y, s = frame.label.to_numpy(), frame.prob.to_numpy()
+            if y.min() == y.max():
+                continue
+            est = auc_with_ci(y, s, ci, groups=frame.patient_id.to_numpy(), strata=frame.center.to_numpy())
+            fpr, tpr = _roc_points(y, s)
+            main = model == reference
+            ax.plot(fpr, tpr, color=colors[model], lw=2.4 if main else 1.2, zorder=3 if main else 2,
+                    label=f"{model}  {est.auc:.3f} ({est.ci[0]:.3f}-{est.ci[1]:.3f})")
+            if main:
+                grid = np.linspace(0, 1, 101)
+                lo, hi = _roc_band(y, s, grid, band_boot, ci.seed, ci.level)
+                ax.fill_between(grid, lo, hi, color=colors[model], alpha=0.15, lw=0)
+                op = OperatingPoint.at_threshold(y, s, thresholds[model]).as_dict()
+                ax.plot(1 - op["specificity"], op["sensitivity"], "o", ms=9, mfc="white", mec=colors[model],
+                        mew=2, zorder=5, label=f"{model} at fixed threshold {thresholds[model]:.3f}")
+        if reader_points is not None and len(reader_points):
+            for r in reader_points[reader_points.cohort == cohort].itertuples():
+                x, yv = 1 - r.specificity, r.sensitivity
+                xerr = [[x - (1 - r.specificity_ci[1])], [(1 - r.specificity_ci[0]) - x]]
+                yerr = [[yv - r.sensitivity_ci[0]], [r.sensitivity_ci[1] - yv]]
+                ax.errorbar(x, yv, xerr=xerr, yerr=yerr, fmt=_READER_MARKERS.get(r.experience, "D"), ms=8,
+                            color="black", mfc="#ffd24d", ecolor="#555555", elinewidth=0.8, capsize=2, zorder=6,
+                            label=f"reader {r.reader} ({r.experience})")
+        n = part.drop_duplicates("case_id")
+        ax.set_title(f"{cohort.capitalize()} (n={len(n)}, {int(n.label.sum())} upgrades)")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7, title="AUC (95% CI)", title_fontsize=7, framealpha=0.9)
+    return to_png(fig)
+
+
+def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 8) -> bytes:
+    """Reliability curves (quantile bins; Wilson CIs for the reference model) per cohort, with the
+    reference model's distribution of predicted risk underneath."""
+    colors = model_colors(predictions.model.unique())
+    fig = Figure(figsize=(11, 6))
+    axes = fig.subplots(2, 2, height_ratios=[4, 1], sharex="col")
+    for col, cohort in enumerate(COHORT_SPLITS):
+        ax, hist_ax = axes[0, col], axes[1, col]
+        part = _cohort(predictions, cohort)
+        ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8, ls="--", label="ideal")
+        for model in ordered_models(part.model.unique()):
+            frame = part[part.model == model]
+            curve = reliability_curve(frame.label, frame.prob, n_bins=n_bins)
+            main = model == reference
+            label = model
+            if main and frame.label.nunique() == 2:
+                cal = calibration(frame.label, frame.prob)
+                label = f"{model} (slope {cal.slope:.2f}, intercept {cal.intercept:+.2f})"
+            ax.plot(curve.mean_predicted, curve.observed, marker="o" if main else None, ms=4,
+                    lw=2.2 if main else 1, alpha=1 if main else 0.45, color=colors[model], label=label,
+                    zorder=3 if main else 2)
+            if main:
+                ax.errorbar(curve.mean_predicted, curve.observed,
+                            yerr=[curve.observed - curve.lo, curve.hi - curve.observed],
+                            fmt="none", ecolor=colors[model], elinewidth=1, capsize=2)
+                hist_ax.hist(frame.prob, bins=np.linspace(0, 1, 41), color=colors[model], alpha=0.7)
+        ax.set_title(f"{cohort.capitalize()}: observed vs predicted risk")
+        ax.set_ylabel("observed upgrade rate")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        hist_ax.set_xlabel(f"predicted risk ({reference} histogram below)")
+        hist_ax.set_ylabel("cases")
+    return to_png(fig)
+
+
+def decision_figure(predictions: pd.DataFrame, reference: str, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> bytes:
+    """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none."""
+    colors = model_colors(predictions.model.unique())
+    fig = Figure(figsize=(11, 4.8))
+    for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
+        part = _cohort(predictions, cohort)
+        cases = part.drop_duplicates("case_id")
+        treat_all = treat_all_net_benefit(cases.label, thresholds)
+        ax.plot(thresholds, treat_all, color="#555555", lw=1.2, ls="--", label="treat all")
+        ax.axhline(0, color="black", lw=1, label="treat none")
+        top = max(0.02, float(treat_all.max()))
+        for model in ordered_models(part.model.unique()):
+            frame = part[part.model == model]
+            nb = net_benefit(frame.label, frame.prob, thresholds)
+            top = max(top, float(nb.max()))
+            main = model == reference
+            ax.plot(thresholds, nb, color=colors[model], lw=2.2 if main else 1, label=model, zorder=3 if main else 2)
+        ax.set_ylim(-0.05, top * 1.15)
+        ax.set_xlim(min(thresholds), max(thresholds))
+        ax.set_title(f"{cohort.capitalize()}: decision curve")
+        ax.set_xlabel("threshold probability")
+        ax.set_ylabel("net benefit")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    return to_png(fig)
+
+
+def forest_figure(metrics: Mapping) -> bytes:
+    """AUC with 95% CI per model, one panel per center (internal centers on validation cases)."""
+    models = ordered_models(metrics["models"])
+    centers = sorted({c for m in models for c in metrics["models"][m]["per_center"]})
+    colors = model_colors(models)
+    fig = Figure(figsize=(2.6 * max(len(centers), 2) + 1.2, 0.32 * len(models) + 1.4))
+    axes = np.atleast_1d(fig.subplots(1, len(centers), sharey=True, squeeze=False)[0])
+    lows = [m["auc_ci"][0] for e in metrics["models"].values() for m in e["per_center"].values()
+            if m.get("auc") is not None]
+    x_min = min([0.3, *lows]) - 0.02
+    for ax, center in zip(axes, centers):
+        for row, model in enumerate(models):
+            m = metrics["models"][model]["per_center"].get(center)
+            if not m or m.get("auc") is None:
+                continue
+            lo, hi = m["auc_ci"]
+            ax.errorbar(m["auc"], row, xerr=[[m["auc"] - lo], [hi - m["auc"]]], fmt="o", color=colors[model],
+                        ms=5, capsize=2)
+        split = next((metrics["models"][m]["per_center"][center].get("split") for m in models
+                      if center in metrics["models"][m]["per_center"]), "")
+        ax.set_title(f"{center} ({'external' if split == 'test' else 'internal'})", fontsize=9)
+        ax.axvline(0.5, color="#bbbbbb", lw=0.8, ls="--")
+        ax.set_xlim(x_min, 1.01)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("AUC (95% CI)")
+    axes[0].set_yticks(range(len(models)))
+    axes[0].set_yticklabels(models, fontsize=8)
+    axes[0].invert_yaxis()
+    return to_png(fig)
+
+
+def efficiency_figure(metrics: Mapping) -> bytes | None:
+    """External AUC against parameter count (log scale); latency in the labels. None without params."""
+    rows = [(m, e["params"], e["latency_ms"], (e.get("external") or {}).get("auc"))
+            for m, e in metrics["models"].items() if e.get("params") and (e.get("external") or {}).get("auc")]
+    if not rows:
+        return None
+    colors = model_colors([r[0] for r in rows])
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for model, params, latency, auc in rows:
+        ax.scatter(params, auc, s=60, color=colors[model], zorder=3)
+        text = f"{model}" + (f"\n{latency:.1f} ms" if latency is not None else "")
+        ax.annotate(text, (params, auc), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("external AUC")
+    ax.grid(alpha=0.3)
+    ax.set_title("Discrimination vs model size")
+    return to_png(fig)
+
+
+def cohort_figure(cohort: pd.DataFrame) -> bytes:
+    """Cases per center split into upgrades and non-upgrades; external centers hatched."""
+    fig = Figure(figsize=(1.3 * len(cohort) + 3, 3.6))
+    ax = fig.subplots()
+    x = np.arange(len(cohort))
+    negatives = cohort.cases - cohort.positives
+    hatch = ["//" if role == "external" else "" for role in cohort.role]
+    ax.bar(x, negatives, color="#9ecae1", hatch=hatch, edgecolor="#3b6e8f", label="stays DCIS (0)")
+    ax.bar(x, cohort.positives, bottom=negatives, color="#fc9272", hatch=hatch, edgecolor="#a33b2c",
+           label="upgraded (1)")
+    for xi, row in zip(x, cohort.itertuples()):
+        ax.text(xi, row.cases, f"{row.positive_rate:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{c}\n{r}" for c, r in zip(cohort.center, cohort.role)], fontsize=8)
+    ax.set_ylabel("cases")
+    ax.set_title("Cases per center (upgrade rate on top; hatched = external)")
+    ax.legend(fontsize=8)
+    return to_png(fig)

@@ -1,0 +1,701 @@
+"""The validation report: `DIR/report/index.html` + `metrics.json` + `predictions.parquet`.
+
+The page is self-contained (inline CSS, figures as base64 data URIs, no scripts, no external
+requests) and follows the TRIPOD+AI items as model-card headings. Every figure and table is computed
+here from the predictions (plus the reads, the synthetic audit and the model sizes the caller
+supplies), and everything needed to rebuild it is written beside it:
+
+    report/index.html  metrics.json  predictions.parquet  report_inputs.json  [readers.csv]  [grids/*.png]
+
+`diffkd report --predictions report/predictions.parquet --out NEW` rebuilds the page from those.
+All files are written to temporary names and renamed into place only after everything rendered, so
+a failure leaves a previous report whole.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import html
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import pandas as pd
+import yaml
+
+from diffkd.config import from_dict
+from diffkd.evaluate import figures
+from diffkd.evaluate.readers import load_readers, reader_operating_points
+from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
+                                     cases_table, cohort_table, fit_thresholds, ordered_models, validate_predictions)
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).with_name("templates") / "report.html"
+INPUTS_FILE = "report_inputs.json"
+READERS_FILE = "readers.csv"
+PACKAGES = ("diffkd", "torch", "torchvision", "timm", "diffusers", "ray", "deepspeed", "numpy", "pandas", "scipy",
+            "scikit-learn", "matplotlib", "pyarrow", "onnxruntime")
+
+# Sections a caller may mark as skipped, with the report heading each belongs to.
+SECTIONS = {
+    "discrimination": "Discrimination", "per_center": "Per-center performance", "calibration": "Calibration",
+    "decision": "Clinical utility", "ablations": "Ablations", "baselines": "Seed-001 baselines",
+    "readers": "Reader study", "efficiency": "Model size and speed", "synthetic": "Synthetic-data audit",
+}
+
+
+@dataclass
+class ReportInputs:
+    """What the report needs beyond predictions; saved as report_inputs.json beside them."""
+
+    title: str = "diffkd validation report"
+    dataset: dict = field(default_factory=dict)  # e.g. {"name", "modality", "external": [...], "path"}
+    model_info: dict = field(default_factory=dict)  # model -> {"params", "latency_ms", "architecture", ...}
+    synthetic: dict | None = None  # the synthetic-data audit: fid, kid, conditional_accuracy, near_copies, tstr_auc
+    synthetic_grids: list[str] = field(default_factory=list)  # PNG paths of sample grids
+    baselines: dict | None = None  # baselines.BaselineResult.summary
+    flow: list[dict] = field(default_factory=list)  # cohort flow rows: {"center", "step", "n"}
+    skipped: dict = field(default_factory=dict)  # section key (SECTIONS) -> reason
+    config: dict | None = None  # the experiment config as run
+    evaluate: dict = field(default_factory=dict)  # EvaluateConfig fields
+
+    def __post_init__(self):
+        unknown = sorted(set(self.skipped) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown report section(s) {', '.join(unknown)} in skipped; known: {', '.join(SECTIONS)}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReportInputs":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"report inputs file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        inputs = cls(**data)
+        # grid paths are stored relative to the inputs file
+        inputs.synthetic_grids = [str((path.parent / g).resolve()) for g in inputs.synthetic_grids]
+        return inputs
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    index: Path
+    metrics: Path
+    predictions: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: object, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{float(value):.{digits}f}"
+
+
+def _pct(value: object) -> str:
+    return "–" if value is None else f"{100 * float(value):.1f}%"
+
+
+def _range(ci: Sequence, digits: int) -> str:
+    sep = " to " if ci[0] < 0 else "–"  # "-0.1–-0.02" misreads
+    return f"{_num(ci[0], digits)}{sep}{_num(ci[1], digits)}"
+
+
+def _ci(value: object, ci: Sequence | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if not ci or ci[0] is None:
+        return _num(value, digits)
+    return f'{_num(value, digits)}<span class="ci">{_range(ci, digits)}</span>'
+
+
+def _ci_inline(value: object, ci: Sequence | None, digits: int = 3) -> str:
+    if value is None or not ci or ci[0] is None:
+        return _num(value, digits)
+    return f"{_num(value, digits)} (95% CI {_range(ci, digits)})"
+
+
+def _p(value: object) -> str:
+    if value is None:
+        return "–"
+    return "&lt;0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Iterable[int] = (),
+           highlight: Iterable[int] = ()) -> str:
+    """Cells are pre-escaped HTML; `numeric` column indices are right-aligned."""
+    numeric, highlight = set(numeric), set(highlight)
+    head = "".join(f'<th class="num">{h}</th>' if i in numeric else f"<th>{h}</th>" for i, h in enumerate(headers))
+    body = []
+    for r, row in enumerate(rows):
+        cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row))
+        body.append(f'<tr class="reference">{cells}</tr>' if r in highlight else f"<tr>{cells}</tr>")
+    return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _figure(png: bytes, alt: str, caption: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _skipped(reason: str) -> str:
+    return f'<p class="skipped">skipped: {_esc(reason)}</p>'
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class _Context:
+    preds: pd.DataFrame
+    metrics: dict
+    inputs: ReportInputs
+    config: EvaluateConfig
+    thresholds: dict
+    reads: pd.DataFrame | None
+    grids: list[tuple[str, bytes]]
+    skipped: dict = field(default_factory=dict)  # section -> reason, filled as sections render
+
+    @property
+    def reference(self) -> str:
+        return self.config.reference
+
+    def skip(self, section: str, default_reason: str) -> str:
+        reason = self.inputs.skipped.get(section, default_reason)
+        self.skipped[section] = reason
+        return _skipped(reason)
+
+    def caller_skipped(self, section: str) -> bool:
+        if section in self.inputs.skipped:
+            self.skipped[section] = self.inputs.skipped[section]
+            return True
+        return False
+
+
+def _model_rows(ctx: _Context, cohort: str, models: Sequence[str]) -> tuple[list[list[str]], list[int]]:
+    rows, highlight = [], []
+    for i, model in enumerate(models):
+        m = ctx.metrics["models"][model].get(cohort)
+        if not m:
+            continue
+        if model == ctx.reference:
+            highlight.append(len(rows))
+        rows.append([f"<code>{_esc(model)}</code>", _num(m["n"]), _num(m.get("n_pos")), _ci(m["auc"], m["auc_ci"]),
+                     _ci(m["sensitivity"], m.get("sensitivity_ci")), _ci(m["specificity"], m.get("specificity_ci")),
+                     _ci(m.get("ppv"), m.get("ppv_ci")), _ci(m.get("npv"), m.get("npv_ci")),
+                     _ci(m["accuracy"], m.get("accuracy_ci"))])
+    return rows, highlight
+
+
+_PERF_HEADERS = ["model", "cases", "upgrades", "AUC (95% CI)", "sensitivity", "specificity", "PPV", "NPV", "accuracy"]
+
+
+def _summary_section(ctx: _Context) -> str:
+    models = ordered_models(ctx.metrics["models"])
+    rows, highlight = _model_rows(ctx, "external", models)
+    ref = ctx.metrics["models"].get(ctx.reference)
+    lead = ""
+    if ref and ref.get("external"):
+        e = ref["external"]
+        lead = (f"<p>On the external centers the full pipeline (<code>{_esc(ctx.reference)}</code>) reached an AUC of "
+                f"<b>{_ci_inline(e['auc'], e['auc_ci'])}</b> on {_num(e['n'])} cases, with sensitivity "
+                f"{_num(e['sensitivity'])} and specificity {_num(e['specificity'])} at the threshold fixed on internal "
+                f"validation ({_num(ref['threshold'])}).</p>")
+    table = _table(_PERF_HEADERS, rows, numeric=range(1, 9), highlight=highlight) if rows else _skipped(
+        "no external ('test') predictions")
+    return lead + table + (f'<p class="note">Sensitivity, specificity, PPV, NPV and accuracy at each model\'s own '
+                           f"threshold fixed on internal validation ({_esc(ctx.config.threshold_rule.describe())}); "
+                           "Wilson 95% CIs.</p>")
+
+
+def _model_details_section(ctx: _Context) -> str:
+    rows = []
+    for model in ordered_models(ctx.metrics["models"]):
+        info = ctx.inputs.model_info.get(model, {})
+        rows.append([f"<code>{_esc(model)}</code>", _esc(info.get("description") or MODEL_DESCRIPTIONS.get(model, "")),
+                     _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"])])
+    ds = ctx.inputs.dataset
+    intended = (
+        "<p><b>Intended use.</b> Research use: estimate, before surgery, the probability that ductal carcinoma "
+        "in situ (DCIS) diagnosed at core biopsy is upgraded to invasive carcinoma at surgical excision, from "
+        f"the breast image{' and clinical data' if ctx.inputs.baselines else ''}. Not a medical device; not "
+        "validated prospectively.</p>"
+        "<p><b>Outcome.</b> <code>label</code> = 1 when surgery found invasive disease (upgrade), 0 when it "
+        "stayed DCIS; the positive class is the upgrade.</p>")
+    data = ""
+    if ds:
+        data = _table(["dataset", "value"], [[_esc(k), _esc(v)] for k, v in ds.items()])
+    return intended + data + _table(["model", "what it is", "architecture", "parameters"], rows, numeric=[3])
+
+
+def _data_section(ctx: _Context) -> str:
+    cohort = cohort_table(ctx.preds)
+    rows = [[_esc(r.center), _esc(r.role), _num(r.patients), _num(r.cases), _num(r.positives), _pct(r.positive_rate),
+             _num(r.n_train), _num(r.n_val), _num(r.n_test)] for r in cohort.itertuples()]
+    out = _table(["center", "role", "patients", "cases", "upgrades", "upgrade rate", "train", "internal val",
+                  "external test"], rows, numeric=range(2, 9))
+    out += _figure(figures.cohort_figure(cohort), "cases per center",
+                   "Cases per center with the share upgraded. Internal centers are split by patient into training "
+                   "and internal validation; external centers are held out whole.")
+    if ctx.inputs.flow:
+        flow = pd.DataFrame(ctx.inputs.flow)
+        out += "<h3>Participant flow</h3>" + _table([_esc(c) for c in flow.columns],
+                                                    [[_esc(v) for v in row] for row in flow.itertuples(index=False)])
+    else:
+        out += '<p class="note">Participant flow (exclusions before ingest) was not provided by the pipeline.</p>'
+    return out
+
+
+def _methods_section(ctx: _Context) -> str:
+    ev = ctx.metrics["evaluation"]
+    items = [
+        f"Internal validation: {_esc(ev['internal'])}. External validation: {_esc(ev['external'])}. "
+        "No patient appears on two sides of a split.",
+        f"AUC 95% CI: {_esc(ev['auc_ci'])}.",
+        f"Decision threshold: {_esc(ev['threshold_rule'])}, then applied unchanged to the external cohort and to "
+        "every center (a case is positive when its probability is at or above the threshold).",
+        "Sensitivity, specificity, PPV, NPV and accuracy: Wilson score 95% CIs.",
+        f"Comparisons: DeLong test for two correlated AUCs on the same external cases (each model against "
+        f"<code>{_esc(ctx.reference)}</code>, and the seed-001 models against each other); internal vs external "
+        "AUC of one model: unpaired z test with DeLong variances. Two-sided p values, not adjusted for multiplicity.",
+        "Calibration: intercept (calibration-in-the-large, slope fixed at 1) and slope by logistic recalibration "
+        "of the outcome on logit(p); Brier score; reliability curves over quantile bins with Wilson CIs.",
+        "Clinical utility: decision-curve net benefit over threshold probabilities of 5–40%, against treating all "
+        "and treating none.",
+        "Readers: each reader's calls against the reference model's at its fixed threshold on the cases both read; "
+        "McNemar test on the positives (sensitivity) and on the negatives (specificity), exact mid-p below 25 "
+        "discordant pairs, continuity-corrected chi-square otherwise.",
+        "Every number and figure here is recomputed from <code>predictions.parquet</code> (plus the reads, the "
+        "synthetic audit and the model sizes in <code>report_inputs.json</code>).",
+    ]
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _discrimination_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("discrimination"):
+        return _skipped(ctx.skipped["discrimination"])
+    models = ordered_models(ctx.metrics["models"])
+    points = (reader_operating_points(ctx.reads, cases_table(ctx.preds), ctx.config.level)
+              if ctx.reads is not None else None)
+    out = _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options),
+                  "ROC curves, internal and external",
+                  f"ROC curves. Shaded: pointwise 95% bootstrap band for <code>{_esc(ctx.reference)}</code>; circle: its "
+                  "operating point at the threshold fixed on internal validation; yellow markers: readers with "
+                  "Wilson 95% CIs. Legend: AUC (95% CI).")
+    for cohort in ("internal", "external"):
+        rows, highlight = _model_rows(ctx, cohort, models)
+        out += f"<h3>{cohort.capitalize()} validation</h3>" + _table(_PERF_HEADERS, rows, range(1, 9), highlight)
+    rows = []
+    for model in models:
+        ive = ctx.metrics["models"][model].get("internal_vs_external")
+        if ive:
+            rows.append([f"<code>{_esc(model)}</code>", _ci(ive["difference"], ive["difference_ci"]), _p(ive["p"])])
+    if rows:
+        out += ("<h3>Internal vs external AUC</h3>" +
+                _table(["model", "AUC internal − external (95% CI)", "p (unpaired)"], rows, numeric=[1, 2]))
+    return out
+
+
+def _per_center_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("per_center"):
+        return _skipped(ctx.skipped["per_center"])
+    rows, highlight = [], []
+    for model in ordered_models(ctx.metrics["models"]):
+        for center, m in ctx.metrics["models"][model]["per_center"].items():
+            if model == ctx.reference:
+                highlight.append(len(rows))
+            role = "external" if m.get("split") == "test" else "internal"
+            rows.append([_esc(center), role, f"<code>{_esc(model)}</code>", _num(m["n"]), _num(m.get("n_pos")),
+                         _ci(m["auc"], m["auc_ci"]), _ci(m["sensitivity"], m.get("sensitivity_ci")),
+                         _ci(m["specificity"], m.get("specificity_ci")), _ci(m["accuracy"], m.get("accuracy_ci"))])
+    rows_sorted = sorted(range(len(rows)), key=lambda i: (rows[i][1] == "external", rows[i][0]))
+    out = _figure(figures.forest_figure(ctx.metrics), "per-center AUC forest plot",
+                  "AUC with 95% CI per center and model (internal centers: their validation cases).")
+    headers = ["center", "role", "model", "cases", "upgrades", "AUC (95% CI)", "sensitivity", "specificity",
+               "accuracy"]
+    out += _table(headers, [rows[i] for i in rows_sorted if i in highlight], range(3, 9))
+    out += ("<details><summary>All models per center</summary>" +
+            _table(headers, [rows[i] for i in rows_sorted], range(3, 9), [rows_sorted.index(i) for i in highlight]) +
+            "</details>")
+    return out
+
+
+def _calibration_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("calibration"):
+        return _skipped(ctx.skipped["calibration"])
+    out = _figure(figures.calibration_figure(ctx.preds, ctx.reference), "calibration curves",
+                  "Reliability curves (quantile bins). Error bars: Wilson 95% CIs for the reference model.")
+    rows = []
+    for model in ordered_models(ctx.metrics["models"]):
+        for cohort in ("internal", "external"):
+            m = ctx.metrics["models"][model].get(cohort)
+            if m:
+                rows.append([f"<code>{_esc(model)}</code>", cohort, _num(m.get("calibration_intercept")),
+                             _num(m.get("calibration_slope")), _num(m.get("brier"))])
+    return out + _table(["model", "cohort", "intercept (ideal 0)", "slope (ideal 1)", "Brier"], rows, [2, 3, 4])
+
+
+def _decision_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("decision"):
+        return _skipped(ctx.skipped["decision"])
+    return _figure(figures.decision_figure(ctx.preds, ctx.reference), "decision curves",
+                   "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t. A model is useful where its "
+                   "curve lies above both treat-all and treat-none.")
+
+
+def _comparison_rows(ctx: _Context, models: Sequence[str], against: str | None = None) -> list[list[str]]:
+    rows = []
+    for c in ctx.metrics["comparisons"]:
+        if c["a"] in models and (against is None or c["b"] == against):
+            rows.append([f"<code>{_esc(c['a'])}</code>", f"<code>{_esc(c['b'])}</code>", _num(c["n"]),
+                         _num(c.get("auc_a")), _num(c.get("auc_b")),
+                         _ci(c.get("difference"), c.get("difference_ci")), _p(c.get("p_delong"))])
+    return rows
+
+
+_CMP_HEADERS = ["model", "vs", "cases", "AUC model", "AUC vs", "difference (95% CI)", "p (DeLong)"]
+
+
+def _ablation_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("ablations"):
+        return _skipped(ctx.skipped["ablations"])
+    present = [m for m in ABLATIONS if m in ctx.metrics["models"]]
+    if len(present) < 2:
+        return ctx.skip("ablations", "fewer than two of the ablation models "
+                        f"({', '.join(ABLATIONS)}) have predictions")
+    missing = [m for m in ABLATIONS if m not in present]
+    rows, highlight = _model_rows(ctx, "external", present)
+    out = _table(_PERF_HEADERS, rows, range(1, 9), highlight)
+    out += ("<h3>Against the full pipeline, same external cases</h3>" +
+            _table(_CMP_HEADERS, _comparison_rows(ctx, present, ctx.reference), range(2, 7)))
+    if missing:
+        out += _skipped(f"ablation(s) without predictions: {', '.join(missing)}")
+    return out
+
+
+def _baseline_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("baselines"):
+        return _skipped(ctx.skipped["baselines"])
+    present = [m for m in BASELINES if m in ctx.metrics["models"]]
+    if not present:
+        return ctx.skip("baselines", "no seed-001 baseline predictions (clinical, deep_features, combined)")
+    rows, highlight = _model_rows(ctx, "external", [*present, ctx.reference] if ctx.reference in ctx.metrics["models"]
+                                  else present)
+    out = _table(_PERF_HEADERS, rows, range(1, 9), highlight)
+    out += "<h3>Comparisons (DeLong, external)</h3>" + _table(_CMP_HEADERS, _comparison_rows(ctx, present), range(2, 7))
+    summary = ctx.inputs.baselines or {}
+    clinical = summary.get("clinical")
+    if clinical:
+        ors = [[f"<code>{_esc(r['term'])}</code>", _esc(r.get("reference") or ""), _ci(r["odds_ratio"], [r["lo"], r["hi"]], 2),
+                _p(r["p"])] for r in clinical["odds_ratios"]]
+        uni = [[_esc(r["variable"]), _num(r["terms"]), _p(r["p"])] for r in clinical["univariate"]]
+        out += ("<h3>Clinical model: odds ratios (final multivariate model)</h3>" +
+                _table(["term", "reference level", "OR (95% CI)", "p (Wald)"], ors, [2, 3]) +
+                f"<details><summary>Univariate screening (p &lt; {clinical['screen_p']} enters the multivariate "
+                f"model; p &lt; {clinical['keep_p']} there is kept)</summary>" +
+                _table(["variable", "terms", "p (likelihood ratio)"], uni, [1, 2]) + "</details>")
+        out += "".join(f'<p class="note">{_esc(n)}</p>' for n in clinical.get("notes", []))
+    else:
+        out += '<p class="note">Clinical model details (odds ratios) were not provided.</p>'
+    deep = summary.get("deep_features")
+    if deep:
+        out += (f"<h3>Deep-feature model</h3><p>{_num(deep['n_features'])} penultimate CNN features → mRMR kept "
+                f"{_num(deep['n_mrmr'])} → LASSO (C = {_num(deep['lasso_c'])}, one-SE rule) kept "
+                f"{len(deep['selected'])}: <code>{_esc(', '.join(map(str, deep['selected'])))}</code>.</p>")
+    combined = summary.get("combined")
+    if combined:
+        out += (f"<p>Combined model terms kept by LASSO (C = {_num(combined['lasso_c'])}): "
+                f"<code>{_esc(', '.join(combined['terms']))}</code>.</p>")
+    return out
+
+
+def _readers_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("readers"):
+        return _skipped(ctx.skipped["readers"])
+    if ctx.reads is None or "readers" not in ctx.metrics:
+        return ctx.skip("readers", "no reader reads were provided")
+    rows = []
+    for r in ctx.metrics["readers"]["comparisons"]:
+        rows.append([_esc(r["reader"]), _esc(r["experience"]), r["cohort"], _num(r["n"]),
+                     _ci(r["reader_sensitivity"], r["reader_sensitivity_ci"]), _num(r["model_sensitivity"]),
+                     _p(r["p_sensitivity"]), _ci(r["reader_specificity"], r["reader_specificity_ci"]),
+                     _num(r["model_specificity"]), _p(r["p_specificity"])])
+    model = ctx.metrics["readers"]["model"]
+    return (f"<p>Each reader against <code>{_esc(model)}</code> at its fixed threshold "
+            f"({_num(ctx.thresholds[model])}), on exactly the cases the reader read. Reader points are on the ROC "
+            "figure above.</p>" +
+            _table(["reader", "experience", "cohort", "cases", "reader sensitivity", "model sensitivity",
+                    "p (McNemar)", "reader specificity", "model specificity", "p (McNemar)"], rows, range(3, 10)))
+
+
+def _efficiency_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("efficiency"):
+        return _skipped(ctx.skipped["efficiency"])
+    rows = []
+    for model in ordered_models(ctx.metrics["models"]):
+        e = ctx.metrics["models"][model]
+        if e["params"] is not None or e["latency_ms"] is not None:
+            rows.append([f"<code>{_esc(model)}</code>", _esc(ctx.inputs.model_info.get(model, {}).get("architecture", "")),
+                         _num(e["params"]), _num(e["latency_ms"], 2), _num((e.get("external") or {}).get("auc"))])
+    if not rows:
+        return ctx.skip("efficiency", "no parameter counts or latencies were provided")
+    out = _table(["model", "architecture", "parameters", "latency (ms / image)", "external AUC"], rows, [2, 3, 4])
+    png = figures.efficiency_figure(ctx.metrics)
+    if png:
+        out += _figure(png, "AUC against parameters", "External AUC against parameter count.")
+    how = {m: i.get("latency_how") for m, i in ctx.inputs.model_info.items() if i.get("latency_how")}
+    if how:
+        out += "".join(f'<p class="note"><code>{_esc(m)}</code>: {_esc(h)}</p>' for m, h in how.items())
+    return out
+
+
+def _synthetic_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("synthetic"):
+        return _skipped(ctx.skipped["synthetic"])
+    audit = ctx.inputs.synthetic
+    if not audit:
+        return ctx.skip("synthetic", "no synthetic-data audit was provided")
+    labels = {"fid": "FID (lower is closer to real)", "kid": "KID (lower is closer to real)",
+              "conditional_accuracy": "conditional accuracy (a classifier trained on real images recovers the "
+                                      "requested label)", "near_copies": "near copies of training images",
+              "tstr_auc": "TSTR AUC (train on synthetic, test on real)"}
+    rows = [[_esc(labels.get(k, k)), _esc(_num(v, 4) if isinstance(v, float) else v)] for k, v in audit.items()
+            if not isinstance(v, (dict, list))]
+    out = _table(["measure", "value"], rows, [1])
+    if ctx.grids:
+        out += '<div class="grid">' + "".join(
+            _figure(png, f"synthetic sample grid {name}", _esc(name)) for name, png in ctx.grids) + "</div>"
+    else:
+        out += _skipped(ctx.inputs.skipped.get("synthetic_grids", "no synthetic image grids were provided"))
+    return out
+
+
+def _limitations_section(ctx: _Context) -> str:
+    items = [f"<b>{_esc(SECTIONS[k])}</b> skipped: {_esc(v)}" for k, v in ctx.skipped.items()]
+    ref = ctx.metrics["models"].get(ctx.reference, {})
+    ext = ref.get("external") or {}
+    if ext.get("n_pos") is not None and ext["n_pos"] < 100:
+        items.append(f"The external cohort holds {ext['n_pos']} upgrades: confidence intervals are wide and "
+                     "small differences between models are not resolvable.")
+    if ext and not ref.get("per_center"):
+        items.append("No per-center breakdown was possible.")
+    items.append("Retrospective data; p values are not adjusted for the number of comparisons.")
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _reproducibility_section(ctx: _Context, predictions_sha256: str, versions: Mapping[str, str]) -> str:
+    out = _table(["package", "version"], [[_esc(k), _esc(v)] for k, v in versions.items()])
+    out += (f"<p><code>predictions.parquet</code> sha256 <code>{predictions_sha256}</code>. Rebuild this page with "
+            "<code>diffkd report --predictions report/predictions.parquet --out NEW_DIR</code>.</p>")
+    out += "<h3>Evaluation settings</h3><pre>" + _esc(yaml.safe_dump(dataclasses.asdict(ctx.config), sort_keys=False)) + "</pre>"
+    if ctx.inputs.config:
+        out += "<h3>Experiment config</h3><pre>" + _esc(yaml.safe_dump(ctx.inputs.config, sort_keys=False)) + "</pre>"
+    else:
+        out += '<p class="note">The experiment config was not provided.</p>'
+    return out
+
+
+# (anchor, heading, TRIPOD+AI item, builder)
+_SECTIONS = [
+    ("summary", "Summary", "TRIPOD+AI 1–2", _summary_section),
+    ("model", "Model details and intended use", "items 3, 5, 7, 8", _model_details_section),
+    ("data", "Data and participants", "items 5, 20", _data_section),
+    ("methods", "Analysis methods", "items 12, 18", _methods_section),
+    ("discrimination", "Discrimination", "item 23", _discrimination_section),
+    ("per-center", "Per-center performance", "items 23, 24", _per_center_section),
+    ("calibration", "Calibration", "item 23", _calibration_section),
+    ("decision", "Clinical utility", "item 23", _decision_section),
+    ("ablations", "Ablations", "item 23", _ablation_section),
+    ("baselines", "Seed-001 baselines", "items 12, 22", _baseline_section),
+    ("readers", "Reader study", "item 23", _readers_section),
+    ("efficiency", "Model size and speed", "item 22", _efficiency_section),
+    ("synthetic", "Synthetic-data audit", "item 9", _synthetic_section),
+]
+
+
+def render_html(ctx: _Context, predictions_sha256: str) -> str:
+    versions = package_versions()
+    body, nav = [], []
+    sections = [*_SECTIONS, ("limitations", "Limitations and skipped analyses", "item 26", _limitations_section),
+                ("reproducibility", "Reproducibility", "items 14, 18, 27", None)]
+    for anchor, heading, item, builder in sections:
+        content = builder(ctx) if builder else _reproducibility_section(ctx, predictions_sha256, versions)
+        nav.append(f'<li><a href="#{anchor}">{_esc(heading)}</a></li>')
+        body.append(f'<section id="{anchor}"><h2>{_esc(heading)}<span class="tripod">{_esc(item)}</span></h2>'
+                    f"{content}</section>")
+    ds = ctx.inputs.dataset
+    subtitle = [f"<p>Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by diffkd "
+                f"{_esc(versions['diffkd'])}. Reference model: <code>{_esc(ctx.reference)}</code>.</p>"]
+    if ds.get("name"):
+        subtitle.insert(0, f"<p>Dataset: {_esc(ds['name'])}</p>")
+    return string.Template(TEMPLATE.read_text()).substitute(
+        title=_esc(ctx.inputs.title), version=_esc(versions["diffkd"]), subtitle="\n".join(subtitle),
+        nav="\n".join(nav), body="\n".join(body))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _read_grids(paths: Sequence[str]) -> list[tuple[str, bytes]]:
+    grids = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"synthetic image grid {path} does not exist") from None
+        if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+            raise ValueError(f"synthetic image grid {path} is not a PNG file")
+        grids.append((Path(path).name, data))
+    return grids
+
+
+class _Staging:
+    """Files written under temporary names in the target directory, renamed into place together."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.pending: list[tuple[Path, Path]] = []
+
+    def path_for(self, name: str) -> Path:
+        target = self.directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        self.pending.append((Path(tmp), target))
+        return Path(tmp)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.path_for(name).write_bytes(data)
+
+    def commit(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, target in self.pending:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; published files get normal permissions
+            os.replace(tmp, target)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            tmp.unlink(missing_ok=True)
+        self.pending.clear()
+
+
+def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: ReportInputs | None = None,
+                 readers: pd.DataFrame | str | os.PathLike | None = None,
+                 config: EvaluateConfig | None = None) -> ReportFiles:
+    """Build `out_dir/report/` (index.html, metrics.json, predictions.parquet, ...) from predictions.
+
+    readers: a CSV path or a DataFrame in the readers CSV format (see readers.load_readers).
+    config: evaluation settings; default from `inputs.evaluate`, else EvaluateConfig().
+    """
+    inputs = inputs or ReportInputs()
+    config = config or from_dict(EvaluateConfig, inputs.evaluate, "evaluate")
+    inputs.evaluate = dataclasses.asdict(config)
+    report_dir = Path(out_dir) / "report"
+    preds = validate_predictions(predictions)
+    reads = None
+    if readers is not None:
+        reads = load_readers(readers, birads_positive_from=config.birads_positive_from,
+                             probability_threshold=config.reader_probability_threshold)
+    metrics = build_metrics(preds, model_info=inputs.model_info, synthetic=inputs.synthetic, readers=reads,
+                            baselines=inputs.baselines, config=config)
+    ctx = _Context(preds=preds, metrics=metrics, inputs=inputs, config=config,
+                   thresholds=fit_thresholds(preds, config.threshold_rule), reads=reads,
+                   grids=_read_grids(inputs.synthetic_grids))
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    staging = _Staging(report_dir)
+    try:
+        parquet_tmp = staging.path_for("predictions.parquet")
+        preds.to_parquet(parquet_tmp, index=False)
+        digest = hashlib.sha256(parquet_tmp.read_bytes()).hexdigest()
+        page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
+        metrics["skipped"] = dict(ctx.skipped)
+        metrics["predictions_sha256"] = digest
+        staging.write_bytes("metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
+        saved = dataclasses.asdict(inputs)
+        saved["synthetic_grids"] = [f"grids/{name}" for name, _ in ctx.grids]
+        for name, png in ctx.grids:
+            staging.write_bytes(f"grids/{name}", png)
+        staging.write_bytes(INPUTS_FILE, json.dumps(saved, indent=2, default=str).encode())
+        if reads is not None:
+            staging.write_bytes(READERS_FILE, reads.drop(columns="basis").assign(call=reads.call.astype(int))
+                                .to_csv(index=False).encode())
+        staging.write_bytes("index.html", page.encode("utf-8"))
+        staging.commit()
+    finally:
+        staging.discard()
+    if reads is None:
+        (report_dir / READERS_FILE).unlink(missing_ok=True)  # a stale copy would re-enter a rebuild
+    log.info("report written to %s", report_dir / "index.html")
+    return ReportFiles(report_dir / "index.html", report_dir / "metrics.json", report_dir / "predictions.parquet")
+
+
+def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLike,
+                   inputs_path: str | os.PathLike | None = None, readers_path: str | os.PathLike | None = None,
+                   config: EvaluateConfig | None = None) -> ReportFiles:
+    """Rebuild a report from a predictions.parquet and, by default, the report_inputs.json and readers.csv
+    found beside it (what `write_report` leaves)."""
+    predictions_path = Path(predictions_path)
+    try:
+        preds = pd.read_parquet(predictions_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"predictions file {predictions_path} does not exist") from None
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise ValueError(f"{predictions_path}: not a readable Parquet file ({err})") from err
+    beside = predictions_path.parent
+    if inputs_path is None and (beside / INPUTS_FILE).exists():
+        inputs_path = beside / INPUTS_FILE
+    inputs = ReportInputs.load(inputs_path) if inputs_path else ReportInputs()
+    if readers_path is None and (beside / READERS_FILE).exists():
+        readers_path = beside / READERS_FILE
+    # copy grids out first: they may live in the very directory being rewritten
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = []
+        for path in inputs.synthetic_grids:
+            if Path(path).exists():
+                copies.append(shutil.copy(path, Path(tmp) / Path(path).name))
+            else:
+                copies.append(path)  # write_report names the missing file
+        inputs.synthetic_grids = [str(p) for p in copies]
+        return write_report(out_dir, preds, inputs, readers_path, config)
