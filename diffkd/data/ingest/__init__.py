@@ -1,0 +1,401 @@
+"""`diffkd ingest`: bring one center's images (+ clinical CSV) into the Parquet dataset.
+
+    report = ingest("exports/hospital_a", center="A", dataset="data/ds", layout="folder")
+
+Steps: the layout finds records (``folder``, ``busi``, ``dicom``); every image is decoded, converted
+(common.py states the image, mask and clinical-value policies) and hashed; raw ids become salted
+pseudonyms; then the whole batch is checked before anything is written:
+
+- within the source: a file listed twice, a case id used twice, the same image (sha256) twice — an
+  identical repeat is kept once (warning), a repeat with a different label or patient is an error;
+- against the center already in the dataset: identical images are "already present" and skipped, so
+  re-running an ingest changes nothing (not even the manifest); a case id reused for a different
+  image, or a known image with a different label, is an error (``replace=True`` rebuilds the center
+  from this source instead, and still writes nothing if the result is identical);
+- against the other centers: a patient (same salted id) or an image already in another center is an
+  error, because it would leak between internal and external splits.
+
+Any problem stops the run with a message naming each file / CSV line / column, and the dataset is
+left byte-for-byte as it was. With ``quarantine=DIR`` the rejected rows go to
+``DIR/rejected-<center>.csv`` (the original CSV columns plus ``rejected_reason``; fix them and ingest
+that file again) and the rest is ingested. Only the center's own partition and the manifest are
+written (atomically); other centers' files are never touched. The manifest's source entry records
+the source fingerprint, ingest time, row and label counts, and the salt fingerprint (never the salt).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+
+from diffkd.data.dataset import ImageDataset, validate_center_name
+from diffkd.data.ingest import busi, dicom, folder
+from diffkd.data.ingest.common import (Discovery, IngestError, Loaded, Problem, Pseudonymizer, Record, SaltFile,
+                                       load_all, parse_label_map, salt_fingerprint)
+from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES, arrow_schema
+
+__all__ = ["ingest", "IngestReport", "IngestError", "LAYOUTS", "default_salt_path", "pseudonymizer_for",
+           "salt_fingerprint"]
+
+log = logging.getLogger("diffkd.ingest")
+
+LAYOUTS = {folder.NAME: folder, busi.NAME: busi, dicom.NAME: dicom}
+PROBLEMS_SHOWN = 20
+WARNINGS_SHOWN = 10
+
+
+@dataclass
+class IngestReport:
+    center: str
+    layout: str
+    source: str
+    dataset: str
+    found: int  # images the source yielded (after --label-map skips)
+    added: int
+    already_present: int  # identical images already in the center
+    duplicates: int  # repeats within the source (kept once) or known under another case id
+    quarantined: int  # rows/files set aside with reasons
+    skipped: int  # rows or images the label map leaves out
+    labels_added: dict[str, int]
+    center_rows: int
+    written: bool
+    fingerprint: str
+    quarantine_file: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        labels = ", ".join(f"{k} {v}" for k, v in self.labels_added.items()) or "none"
+        lines = [
+            f"center {self.center}: {self.added} image(s) added ({labels}); {self.center_rows} in the center now",
+            f"  source {self.source} ({self.layout}), {self.found} image(s) found, fingerprint {self.fingerprint[:16]}",
+        ]
+        extra = [(self.already_present, "already present"), (self.duplicates, "duplicate(s) skipped"),
+                 (self.skipped, "left out by --label-map"), (self.quarantined, "quarantined")]
+        if any(n for n, _ in extra):
+            lines.append("  " + ", ".join(f"{n} {what}" for n, what in extra if n))
+        if self.quarantine_file:
+            lines.append(f"  rejected rows and reasons: {self.quarantine_file}")
+        lines.append(f"  {'written to' if self.written else 'nothing changed in'} {self.dataset} "
+                     f"in {self.seconds:.1f}s")
+        for w in self.warnings[:WARNINGS_SHOWN]:
+            lines.append(f"  warning: {w}")
+        if len(self.warnings) > WARNINGS_SHOWN:
+            lines.append(f"  ... {len(self.warnings) - WARNINGS_SHOWN} more warning(s)")
+        return "\n".join(lines)
+
+
+# ---- salt ---------------------------------------------------------------------------------------
+
+def default_salt_path(dataset: ImageDataset) -> Path:
+    """`<DS>/../.<dsname>.salt`: beside the dataset, never inside it."""
+    if dataset.fs.type_name != "local":
+        raise IngestError(f"dataset {dataset.uri} is not on a local filesystem; pass --salt-file PATH (a local "
+                          "file kept outside the dataset, the same one for every ingest into it)")
+    root = Path(dataset.root)
+    return root.parent / f".{root.name}.salt"
+
+
+def _open_salt(dataset: ImageDataset, salt) -> SaltFile:
+    if isinstance(salt, (bytes, bytearray)):
+        return SaltFile(None, bytes(salt), is_new=False)
+    path = Path(salt).expanduser().absolute() if salt is not None else default_salt_path(dataset)
+    if dataset.fs.type_name == "local" and path.is_relative_to(Path(dataset.root)):
+        raise IngestError(f"salt file {path} is inside the dataset {dataset.root}; keep it outside "
+                          "(anyone with the dataset and the salt could test guesses of patient ids)")
+    salt_file = SaltFile.open(path)
+    recorded = {s["salt_fingerprint"] for c in dataset.manifest["centers"].values()
+                for s in c.get("sources", []) if s.get("salt_fingerprint")}
+    if recorded and salt_file.fingerprint not in recorded:
+        known = ", ".join(sorted(recorded))
+        if salt_file.is_new:
+            raise IngestError(f"dataset {dataset.uri} was pseudonymised with salt {known}, but the salt file {path} "
+                              "does not exist; restore it or pass --salt-file pointing at it (a new salt would "
+                              "give every patient new ids)")
+        raise IngestError(f"salt file {path} (fingerprint {salt_file.fingerprint}) is not the salt dataset "
+                          f"{dataset.uri} was built with ({known}); pass the right --salt-file")
+    return salt_file
+
+
+def pseudonymizer_for(dataset, salt=None) -> Pseudonymizer:
+    """The pseudonymizer an existing dataset was built with (to map raw ids, e.g. of a readers CSV)."""
+    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    salt_file = _open_salt(ds, salt)
+    if salt_file.is_new:
+        raise IngestError(f"no salt file at {salt_file.path}; pass the one the dataset was ingested with")
+    return Pseudonymizer(salt_file.salt)
+
+
+# ---- the batch ----------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """One row to store, with the record it came from (rejections remove whole records)."""
+    index: int  # record index
+    row: dict
+
+
+def _candidates(center: str, layout: str, records: list[Record], loaded: list[Loaded | None],
+                pseudo: Pseudonymizer) -> tuple[list[Candidate], list[Problem], list[str]]:
+    out, problems, warnings = [], [], []
+    for index, (rec, item) in enumerate(zip(records, loaded)):
+        if item is None:
+            continue
+        for image in item.images:
+            patient = rec.patient or image.patient
+            if not patient:
+                problems.append(rec.problem("no patient id: add a patient_id column to the CSV "
+                                            "(the file's PatientID is empty)"))
+                break
+            suffix = f"#frame={image.frame}" if image.frame is not None else ""
+            case_raw = rec.case or image.case or f"file:{rec.file}"
+            spacing = rec.spacing_mm if rec.spacing_mm is not None else image.spacing_mm
+            if rec.spacing_mm is not None and image.spacing_mm and abs(rec.spacing_mm / image.spacing_mm - 1) > 0.05:
+                warnings.append(f"{rec.file}: CSV spacing {rec.spacing_mm:g} mm differs from the file's "
+                                f"{image.spacing_mm:g} mm; the CSV value is stored")
+            path = pseudo.text(rec.file) if item.hide_path else rec.file
+            row = dict(case_id=pseudo.case(center, case_raw + suffix), patient_id=pseudo.patient(patient),
+                       center=center, modality=rec.modality or image.modality or "us", label=rec.label,
+                       image=image.png, mask=image.mask, height=image.height, width=image.width,
+                       spacing_mm=spacing, synthetic=False, source=f"{layout}:{path}{suffix}",
+                       sha256=hashlib.sha256(image.png).hexdigest())
+            row.update({name: rec.clinical.get(name) for name in CLINICAL_COLUMNS})
+            out.append(Candidate(index, row))
+    return out, problems, warnings
+
+
+def _where(rec: Record) -> str:
+    return f"line {rec.line} ({rec.file})" if rec.line is not None else rec.file
+
+
+def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[Problem], set[int], list[str]]:
+    """File listed twice, case id used twice, image repeated. Returns problems, duplicate rows to drop, warnings."""
+    problems, drop, warnings = [], set(), []
+    first_line: dict[str, Record] = {}
+    for rec in records:
+        if rec.file in first_line:
+            problems.append(rec.problem(f"{rec.file} is already listed on line {first_line[rec.file].line}; "
+                                        "list each image once"))
+        else:
+            first_line[rec.file] = rec
+    by_case: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(cands):
+        by_case[c.row["case_id"]].append(i)
+    for idx in by_case.values():
+        owners = sorted({cands[i].index for i in idx})
+        if len(owners) > 1:
+            places = ", ".join(_where(records[o]) for o in owners)
+            for o in owners:
+                problems.append(records[o].problem(f"case id {records[o].case!r} is used by {places}; "
+                                                   "case ids must be unique per image", "case_id"))
+    by_sha: dict[str, int] = {}
+    for i, c in enumerate(cands):
+        first = by_sha.setdefault(c.row["sha256"], i)
+        if first == i:
+            continue
+        a, b = cands[first], c
+        ra, rb = records[a.index], records[b.index]
+        if (a.row["label"], a.row["patient_id"]) != (b.row["label"], b.row["patient_id"]):
+            what = "label" if a.row["label"] != b.row["label"] else "patient"
+            problems.append(rb.problem(f"the same image as {_where(ra)} but with a different {what}; "
+                                       "remove one of them or fix the row"))
+        else:
+            drop.add(i)
+            warnings.append(f"{_where(rb)}: the same image as {_where(ra)}; stored once")
+    return problems, drop, warnings
+
+
+def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.Table | None, keep: list[int]
+                    ) -> tuple[list[Problem], set[int], set[int], list[str]]:
+    """Against the center already stored: (problems, already present, duplicates under another id, warnings)."""
+    problems, present, dups, warnings = [], set(), set(), []
+    if existing is None or existing.num_rows == 0:
+        return problems, present, dups, warnings
+    old = existing.select(["case_id", "sha256", "label"]).to_pylist()
+    by_sha = {r["sha256"]: r for r in old}
+    by_case = {r["case_id"]: r for r in old}
+    for i in keep:
+        row, rec = cands[i].row, records[cands[i].index]
+        known = by_sha.get(row["sha256"])
+        if known is not None:
+            if known["label"] != row["label"]:
+                problems.append(rec.problem(f"this image is already in the center with label "
+                                            f"{LABEL_NAMES[known['label']]}; to change labels re-ingest with --replace",
+                                            "label"))
+            elif known["case_id"] == row["case_id"]:
+                present.add(i)
+            else:
+                dups.add(i)
+                warnings.append(f"{_where(rec)}: the same image is already in the center under another case id; "
+                                "skipped")
+        elif row["case_id"] in by_case:
+            problems.append(rec.problem("this case id is already in the center with a different image; give a "
+                                        "new case id, or rebuild the center with --replace", "case_id"))
+    return problems, present, dups, warnings
+
+
+def _check_other_centers(cands: list[Candidate], records: list[Record], dataset: ImageDataset, center: str,
+                         keep: list[int]) -> list[Problem]:
+    others = [c for c in dataset.centers() if c != center]
+    if not others or not keep:
+        return []
+    table = dataset.read_table(others, columns=["patient_id", "center", "sha256"]).to_pylist()
+    patient_center = {r["patient_id"]: r["center"] for r in table}
+    image_center = {r["sha256"]: r["center"] for r in table}
+    problems = []
+    for i in keep:
+        row, rec = cands[i].row, records[cands[i].index]
+        if row["patient_id"] in patient_center:
+            problems.append(rec.problem(
+                f"this patient (pseudonym {row['patient_id']}) is already in center {patient_center[row['patient_id']]}; "
+                "a patient must belong to one center or internal/external splits would leak. Ingest the patient "
+                "under one center only", "patient_id"))
+        elif row["sha256"] in image_center:
+            problems.append(rec.problem(f"the same image is already in center {image_center[row['sha256']]}; "
+                                        "remove the copy"))
+    return problems
+
+
+def _format_problems(problems: list[Problem], src: Path, center: str, n_bad: int) -> str:
+    shown = "\n".join(f"  - {p}" for p in problems[:PROBLEMS_SHOWN])
+    more = f"\n  ... and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
+    return (f"ingest of {src} into center {center} refused: {len(problems)} problem(s) in {n_bad} row(s)/file(s); "
+            f"nothing was written.\n{shown}{more}\nFix them, or pass --quarantine DIR to set these rows aside "
+            "(with reasons) and ingest the rest.")
+
+
+def _write_quarantine(directory: Path, center: str, problems: list[Problem], found: Discovery) -> Path:
+    """DIR/rejected-<center>.csv: the rejected rows as they were (CSV columns) plus the reasons."""
+    header = list(found.csv_header) or ["file"]
+    file_column = found.csv_file_column or "file"
+    if file_column not in header:
+        header.insert(0, file_column)
+    grouped: dict[tuple, list[str]] = defaultdict(list)
+    for p in problems:
+        grouped[(p.line, p.file)].append(f"{p.column}: {p.message}" if p.column else p.message)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*header, "rejected_reason"], extrasaction="ignore")
+    writer.writeheader()
+    for (line, file), reasons in sorted(grouped.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1] or "")):
+        row = dict(found.csv_rows.get(line, {})) if line is not None else {}
+        row.setdefault(file_column, file or "")
+        writer.writerow({**row, "rejected_reason": " | ".join(reasons)})
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"rejected-{center}.csv"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def _fingerprint(layout: str, records: list[Record], loaded: list[Loaded | None], found: Discovery,
+                 frames: str) -> str:
+    h = hashlib.sha256(f"{layout}\0{frames}\0{found.csv_digest or ''}\n".encode())
+    for rec, item in sorted(zip(records, loaded), key=lambda pair: pair[0].file):
+        h.update(f"{rec.file}\t{item.digest if item else 'unreadable'}\n".encode())
+    return h.hexdigest()
+
+
+def _same_rows(a: pa.Table, b: pa.Table) -> bool:
+    if a.num_rows != b.num_rows:
+        return False
+    return a.sort_by("case_id").equals(b.sort_by("case_id"))
+
+
+def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None, quarantine=None,
+           label_map=None, salt=None, *, replace: bool = False, frames: str = "all",
+           workers: int | None = None) -> IngestReport:
+    """Ingest SRC as center `center` of `dataset` (path, URI or ImageDataset); see the module docstring.
+
+    label_map: "benign=0,malignant=1,normal=skip" or a dict; salt: the salt file path (default
+    `<DS>/../.<dsname>.salt`) or the salt bytes; quarantine: a folder for rejected rows; replace: rebuild
+    the center from this source instead of adding to it; frames: DICOM multi-frame policy (all|middle|first).
+    """
+    start = time.monotonic()
+    if layout not in LAYOUTS:
+        raise IngestError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    validate_center_name(center)
+    src = Path(src).expanduser()
+    if not src.is_dir():
+        raise IngestError(f"source folder {src} does not exist or is not a folder")
+    label_map = parse_label_map(label_map)
+    salt_file = _open_salt(ds, salt)
+    pseudo = Pseudonymizer(salt_file.salt)
+    module = LAYOUTS[layout]
+
+    found = module.discover(src, clinical_csv=clinical_csv, label_map=label_map, frames=frames)
+    if not found.records and not found.problems:
+        skipped = f" ({found.skipped} left out by --label-map)" if found.skipped else ""
+        raise IngestError(f"{src}: no images found for the {layout} layout{skipped}; check the folder and --layout "
+                          "(folder: SRC/<label>/*.png or a CSV listing files; busi: class folders; dicom: .dcm files)")
+    records = found.records
+    loaded, problems = load_all(partial(module.load, frames=frames), src, records, workers)
+    problems = found.problems + problems
+    warnings = list(found.warnings)
+    cands, more, notes = _candidates(center, layout, records, loaded, pseudo)
+    problems += more
+    warnings += notes
+    more, dup_rows, notes = _check_source(cands, records)
+    problems += more
+    warnings += notes
+
+    existing = ds.read_table([center]) if center in ds.centers() else None
+    keep = [i for i in range(len(cands)) if i not in dup_rows]
+    present: set[int] = set()
+    if not replace:
+        more, present, dups, notes = _check_existing(cands, records, existing, keep)
+        problems += more
+        warnings += notes
+        dup_rows |= dups
+        keep = [i for i in keep if i not in present and i not in dups]
+    problems += _check_other_centers(cands, records, ds, center, keep)
+
+    bad_records = {(p.line, p.file) for p in problems}
+    quarantine_file = None
+    if problems:
+        if quarantine is None:
+            raise IngestError(_format_problems(problems, src, center, len(bad_records)))
+        quarantine_file = _write_quarantine(Path(quarantine), center, problems, found)
+        log.warning("%d row(s)/file(s) rejected; reasons in %s", len(bad_records), quarantine_file)
+    rejected = {i for i, rec in enumerate(records) if (rec.line, rec.file) in bad_records}
+    new_rows = [cands[i].row for i in keep if cands[i].index not in rejected]
+    if not new_rows and not present:
+        raise IngestError(f"nothing left to ingest from {src}: every image was rejected"
+                          + (f" (reasons in {quarantine_file})" if quarantine_file else ""))
+
+    table = pa.Table.from_pylist(new_rows, schema=arrow_schema())
+    merged = table if replace or existing is None else pa.concat_tables([existing, table])
+    unchanged = (_same_rows(existing, merged) if replace and existing is not None else not new_rows)
+    labels = Counter(LABEL_NAMES[r["label"]] for r in new_rows)
+    fingerprint = _fingerprint(layout, records, loaded, found, frames)
+    report = IngestReport(
+        center=center, layout=layout, source=str(src), dataset=str(ds.uri), found=len(cands), added=0,
+        already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
+        skipped=found.skipped, labels_added={}, center_rows=existing.num_rows if existing is not None else 0,
+        written=False, fingerprint=fingerprint, quarantine_file=str(quarantine_file) if quarantine_file else None,
+        warnings=warnings)
+    if not unchanged:
+        salt_file.persist()
+        entry = dict(layout=layout, path=str(src.absolute()), clinical_csv=found.csv_path.name if found.csv_path
+                     else None, fingerprint=fingerprint, ingested=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     rows_in_source=len(cands), rows_added=len(new_rows), labels_added=dict(sorted(labels.items())),
+                     already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
+                     replace=replace, frames=frames if layout == "dicom" else None,
+                     salt_fingerprint=salt_file.fingerprint)
+        ds.write_center(center, merged, sources=[entry])
+        report.written = True
+        report.added = len(new_rows) if not replace else merged.num_rows
+        report.labels_added = dict(sorted(labels.items()))
+        report.center_rows = merged.num_rows
+    report.seconds = time.monotonic() - start
+    return report

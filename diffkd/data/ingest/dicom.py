@@ -1,0 +1,216 @@
+"""The `dicom` layout: ultrasound (and mammography) DICOM files, de-identified on the way in.
+
+Files are found below SRC by suffix (.dcm, .dicom) or, without a suffix, by the 'DICM' marker. Labels
+come from a CSV (``file`` column, the path relative to SRC) or from label folders (``SRC/<label>/``);
+patient ids from the CSV or else the PatientID tag, salted-hashed like every raw id.
+
+What is kept from a file: the pixels (cropped to the ultrasound tissue region), the pixel spacing,
+the modality, and — only as salted hashes — PatientID and SOPInstanceUID. No other tag is read into
+the dataset, so names, birth dates, accession numbers, institutions and dates never reach it. When
+the file's relative path contains a name or id from its PHI tags, the stored `source` holds a salted
+hash of the path instead of the path.
+
+Pixels: YBR is converted to RGB by pydicom, palette colour through its LUT, RGB to gray by ITU-R
+601-2 luminance; MONOCHROME1 is inverted; up to 8 stored bits give an 8-bit PNG, more give 16-bit;
+signed pixels with negative values are refused. Spacing and crop come from SequenceOfUltrasoundRegions:
+the largest region with RegionSpatialFormat 1 (2D) and RegionDataType 1 (tissue); PhysicalDeltaX/Y in
+cm (unit code 3) become mm (the mean of X and Y when they differ). Without such a region the whole
+frame is kept and spacing comes from PixelSpacing when present. Burned-in text outside the tissue
+region is removed by the crop; inside it (BurnedInAnnotation YES without a region) a warning is logged.
+
+Frames (`frames=`): "all" stores every frame of a multi-frame file as its own row (source
+``dicom:<file>#frame=K``), "middle" stores only the middle frame, "first" only the first.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffkd.data.ingest.common import (Decoded, Discovery, ImageProblem, Loaded, Record, binarize_mask, encode_mask,
+                                       encode_png, find_clinical_csv, list_files, open_image, rgb_to_gray)
+from diffkd.data.ingest.folder import from_csv, from_label_folders
+
+NAME = "dicom"
+FRAME_CHOICES = ("all", "middle", "first")
+SUFFIXES = (".dcm", ".dicom")
+MODALITY_TAGS = {"US": "us", "MG": "mammo"}
+CM_UNIT = 3  # PhysicalUnitsX/YDirection code for centimetres
+# Tags whose values must never show up in what we store (used to vet file paths used as `source`).
+PHI_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
+                "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+                "OperatorsName", "StudyID", "PatientAddress", "PatientTelephoneNumbers")
+
+log = logging.getLogger("diffkd.ingest")
+
+
+def is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def discover(src: Path, clinical_csv=None, label_map=None, frames: str = "all", **_) -> Discovery:
+    if frames not in FRAME_CHOICES:
+        raise ValueError(f"frames={frames!r}: choose one of {', '.join(FRAME_CHOICES)}")
+    files = [f for f in list_files(src) if is_dicom_file(src / f)]
+    csv_path = find_clinical_csv(src, clinical_csv)
+    if csv_path is None:
+        return from_label_folders(files, set(files), label_map, own_patient=False)
+    return from_csv(csv_path, files, set(files), label_map, required=("file",))
+
+
+@dataclass(frozen=True)
+class TissueRegion:
+    x0: int
+    y0: int
+    x1: int  # inclusive, as DICOM gives them
+    y1: int
+    spacing_mm: float | None
+
+
+def tissue_region(ds) -> TissueRegion | None:
+    """The largest 2D tissue region of SequenceOfUltrasoundRegions, or None."""
+    regions = [r for r in ds.get("SequenceOfUltrasoundRegions", None) or []
+               if r.get("RegionSpatialFormat") == 1 and r.get("RegionDataType") == 1]
+    if not regions:
+        return None
+
+    def box(r):
+        return (int(r.RegionLocationMinX0), int(r.RegionLocationMinY0),
+                int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1))
+
+    best = max(regions, key=lambda r: (box(r)[2] - box(r)[0]) * (box(r)[3] - box(r)[1]))
+    spacing = None
+    if best.get("PhysicalUnitsXDirection") == CM_UNIT and best.get("PhysicalUnitsYDirection") == CM_UNIT:
+        dx, dy = abs(float(best.PhysicalDeltaX)) * 10.0, abs(float(best.PhysicalDeltaY)) * 10.0
+        spacing = (dx + dy) / 2 if dx > 0 and dy > 0 else None
+    return TissueRegion(*box(best), spacing)
+
+
+def phi_fragments(ds) -> set[str]:
+    """Lower-cased names and ids from the file's PHI tags (name parts of 3+ characters)."""
+    out: set[str] = set()
+    for keyword in PHI_KEYWORDS:
+        value = ds.get(keyword, None)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) or getattr(value, "is_sequence", False) else [value]
+        for v in values:
+            for part in str(v).replace("^", " ").replace(",", " ").split():
+                if len(part) >= 3:
+                    out.add(part.lower())
+    return out
+
+
+def _read(path: Path, name: str):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise ImageProblem(f"{name}: listed but not found; fix the path (relative to SRC) or add the file") from None
+    except InvalidDicomError as err:
+        raise ImageProblem(f"{name}: not a DICOM file ({err}); remove it or use another layout") from None
+    except Exception as err:  # pydicom raises many types for damaged files
+        raise ImageProblem(f"{name}: unreadable or truncated DICOM ({type(err).__name__}: {err}); "
+                           "re-export it from the PACS or remove it") from None
+
+
+def _pixels(ds, name: str) -> np.ndarray:
+    """(frames, rows, cols) uint8/uint16 gray, before cropping."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageProblem(f"{name}: has no pixel data (a structured report, presentation state or DICOMDIR?); "
+                           "remove it from SRC or leave it out of the CSV")
+    if "PixelData" not in ds:
+        raise ImageProblem(f"{name}: float pixel data is not supported; export integer pixels")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise ImageProblem(f"{name}: pixel data cannot be decoded ({err}); for the compressed transfer syntax "
+                           f"{getattr(syntax, 'name', syntax)} install pylibjpeg[all] or python-gdcm, or export "
+                           "uncompressed DICOM") from None
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    color = int(ds.get("SamplesPerPixel", 1)) > 1
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if n_frames == 1:
+        arr = arr[None]
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        arr, color = apply_color_lut(arr, ds), True
+    if color:
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ImageProblem(f"{name}: unexpected colour pixel array shape {arr.shape}")
+        arr = rgb_to_gray(arr)
+    bits = int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
+    if photometric == "MONOCHROME1":  # 0 is white: invert so that bright means echogenic
+        arr = (2 ** bits - 1) - arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ImageProblem(f"{name}: signed pixel values below 0 are not supported for ultrasound; "
+                           "export unsigned pixels")
+    return arr.astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def load(src: Path, rec: Record, frames: str = "all", **_) -> Loaded:
+    name = rec.file
+    path = src / rec.file
+    ds = _read(path, name)
+    modality = rec.modality or MODALITY_TAGS.get(str(ds.get("Modality", "")))
+    if modality is None:
+        raise ImageProblem(f"{name}: Modality {ds.get('Modality', '')!r} is not US or MG; give a modality "
+                           "column in the CSV if the images really are ultrasound or mammography")
+    arr = _pixels(ds, name)
+    full_h, full_w = arr.shape[1:]
+    region = tissue_region(ds)
+    spacing = None
+    if region is not None:
+        x0, y0 = max(region.x0, 0), max(region.y0, 0)
+        x1, y1 = min(region.x1, full_w - 1), min(region.y1, full_h - 1)
+        if x1 <= x0 or y1 <= y0:
+            raise ImageProblem(f"{name}: the ultrasound tissue region ({region.x0},{region.y0})-({region.x1},"
+                               f"{region.y1}) lies outside the {full_w}x{full_h} image; fix the region tags")
+        arr = arr[:, y0:y1 + 1, x0:x1 + 1]
+        spacing = region.spacing_mm
+    else:
+        x0 = y0 = 0
+        y1, x1 = full_h - 1, full_w - 1
+        if "PixelSpacing" in ds:
+            spacing = float(np.mean([float(v) for v in ds.PixelSpacing]))
+        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+            log.warning("%s: BurnedInAnnotation is YES and there is no ultrasound region to crop to; "
+                        "check the stored image for burned-in text", name)
+    digest = hashlib.sha256(path.read_bytes())
+    mask_png = None
+    if rec.masks:
+        merged = np.zeros((full_h, full_w), dtype=bool)
+        for mask_file in rec.masks:
+            mask_img, mask_data = open_image(src / mask_file, mask_file)
+            digest.update(mask_data)
+            mask = binarize_mask(np.asarray(mask_img.convert("L")))
+            if mask.shape != (full_h, full_w):
+                raise ImageProblem(f"{mask_file}: mask is {mask.shape[1]}x{mask.shape[0]} but the DICOM frame is "
+                                   f"{full_w}x{full_h}; draw masks on the full, uncropped frame")
+            merged |= mask
+        mask_png = encode_mask(merged[y0:y1 + 1, x0:x1 + 1])
+    n = arr.shape[0]
+    chosen = {"all": range(n), "middle": [n // 2], "first": [0]}[frames]
+    patient = str(ds.get("PatientID", "") or "").strip() or None
+    case = str(ds.get("SOPInstanceUID", "") or "").strip() or None
+    images = [Decoded(encode_png(arr[k]), arr.shape[1], arr.shape[2], mask_png, spacing,
+                      frame=k if n > 1 else None, patient=patient, case=case, modality=modality) for k in chosen]
+    fragments = phi_fragments(ds)
+    hide = any(fragment in rec.file.lower() for fragment in fragments)
+    return Loaded(images, digest.hexdigest(), hide_path=hide)
