@@ -53,3 +53,39 @@ def simulate_reads(predictions: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
             rows.append({"reader": reader, "experience": experience, "case_id": case.case_id, "call": call,
                          "birads": "4c" if call else "4a", "probability": 0.7 if call else 0.2})
     return pd.DataFrame(rows)
+
+
+def simulate_report(tmp_path, seed: int = 0):
+    """Predictions (with a real fitted clinical baseline), reads and ReportInputs for report tests."""
+    from diffkd.evaluate.baselines import fit_baselines
+    from diffkd.evaluate.figures import to_png
+    from diffkd.evaluate.report import ReportInputs
+    from matplotlib.figure import Figure
+
+    preds = simulate_predictions(seed=seed, models=tuple(m for m in MODEL_NOISE if m != "clinical"))
+    rng = np.random.default_rng(seed)
+    cases = preds.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
+    # BI-RADS and palpability carry signal, age none; every level holds both outcomes (no separation)
+    birads_shift = (rng.random(len(cases)) < 0.5) * cases.label.to_numpy() + rng.integers(0, 3, len(cases))
+    cases["birads"] = np.array(["4a", "4b", "4c", "5"])[birads_shift]
+    cases["age"] = rng.normal(55, 10, len(cases))
+    cases["palpable"] = rng.random(len(cases)) < 0.2 + 0.2 * cases.label
+    baselines = fit_baselines(cases, None, ["birads", "age", "palpable"])
+    preds = pd.concat([preds, baselines.predictions], ignore_index=True)
+
+    grids = []
+    for i in range(2):
+        fig = Figure(figsize=(2, 2))
+        fig.subplots().imshow(rng.random((16, 16)), cmap="gray")
+        path = tmp_path / f"grid_label{i}.png"
+        path.write_bytes(to_png(fig))
+        grids.append(str(path))
+    inputs = ReportInputs(
+        title="Simulated cohort", dataset={"name": "simulated", "modality": "us", "external": "C, D"},
+        model_info={"student_kd": {"params": 1_100_000, "latency_ms": 2.0, "architecture": "resnet18"},
+                    "teacher": {"params": 23_500_000, "latency_ms": 11.0, "architecture": "resnet50"},
+                    "clinical": {"params": baselines.params["clinical"]}},
+        synthetic={"fid": 38.5, "kid": 0.021, "conditional_accuracy": 0.79, "near_copies": 0, "tstr_auc": 0.68},
+        synthetic_grids=grids, baselines=baselines.summary, config={"seed": seed, "student": {"arch": "resnet18"}},
+        flow=[{"center": "A", "step": "images received", "n": 130}, {"center": "A", "step": "excluded: no pathology", "n": 10}])
+    return preds, simulate_reads(preds), inputs

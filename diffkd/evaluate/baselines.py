@@ -187,8 +187,10 @@ class ClinicalModel:
     def _or_table(self, fit: LogisticFit, design: pd.DataFrame, variables: Sequence[str]) -> pd.DataFrame:
         lo, hi = fit.wald_ci()
         terms = self._cols(variables)
+        with np.errstate(over="ignore"):  # under separation an OR or its CI bound is +inf, shown as such
+            ors, ors_lo, ors_hi = np.exp(fit.coef[1:]), np.exp(lo[1:]), np.exp(hi[1:])
         return pd.DataFrame({
-            "term": terms, "odds_ratio": np.exp(fit.coef[1:]), "lo": np.exp(lo[1:]), "hi": np.exp(hi[1:]),
+            "term": terms, "odds_ratio": ors, "lo": ors_lo, "hi": ors_hi,
             "p": fit.wald_p()[1:],
             "reference": [self.encoder.reference.get(t.split("=")[0], "") if "=" in t else "" for t in terms],
         })

@@ -351,11 +351,11 @@ def _per_center_section(ctx: _Context) -> str:
                   "AUC with 95% CI per center and model (internal centers: their validation cases).")
     headers = ["center", "role", "model", "cases", "upgrades", "AUC (95% CI)", "sensitivity", "specificity",
                "accuracy"]
-    out += _table(headers, [rows[i] for i in rows_sorted if i in highlight], range(3, 9))
-    out += ("<details><summary>All models per center</summary>" +
-            _table(headers, [rows[i] for i in rows_sorted], range(3, 9), [rows_sorted.index(i) for i in highlight]) +
-            "</details>")
-    return out
+    every_model = _table(headers, [rows[i] for i in rows_sorted], range(3, 9), [rows_sorted.index(i) for i in highlight])
+    if not highlight:
+        return out + every_model
+    return (out + _table(headers, [rows[i] for i in rows_sorted if i in highlight], range(3, 9)) +
+            f"<details><summary>All models per center</summary>{every_model}</details>")
 
 
 def _calibration_section(ctx: _Context) -> str:
@@ -673,7 +673,7 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
 
 def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLike,
                    inputs_path: str | os.PathLike | None = None, readers_path: str | os.PathLike | None = None,
-                   config: EvaluateConfig | None = None) -> ReportFiles:
+                   config: EvaluateConfig | None = None, title: str | None = None) -> ReportFiles:
     """Rebuild a report from a predictions.parquet and, by default, the report_inputs.json and readers.csv
     found beside it (what `write_report` leaves)."""
     predictions_path = Path(predictions_path)
@@ -687,6 +687,8 @@ def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLi
     if inputs_path is None and (beside / INPUTS_FILE).exists():
         inputs_path = beside / INPUTS_FILE
     inputs = ReportInputs.load(inputs_path) if inputs_path else ReportInputs()
+    if title:
+        inputs.title = title
     if readers_path is None and (beside / READERS_FILE).exists():
         readers_path = beside / READERS_FILE
     # copy grids out first: they may live in the very directory being rewritten

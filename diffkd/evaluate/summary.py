@@ -61,6 +61,11 @@ class EvaluateConfig:
     birads_positive_from: str = "4c"  # reader BI-RADS at or above this counts as "upgrade"
     reader_probability_threshold: float = 0.5
 
+    def __post_init__(self):
+        _ = self.threshold_rule, self.ci_options  # constructing them validates the fields
+        if self.ci_method == "bootstrap" and self.n_boot < 1000:
+            raise ValueError(f"n_boot={self.n_boot}: use at least 1000 bootstrap replicates")
+
     @property
     def threshold_rule(self) -> ThresholdRule:
         return ThresholdRule(self.threshold, self.target_sensitivity)
@@ -281,3 +286,19 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
     if baselines:
         out["baselines"] = dict(baselines)
     return jsonable(out)
+
+
+def headline_table(metrics: Mapping) -> str:
+    """Plain-text table of every model's external (else internal) performance, for a terminal."""
+    lines = [f"{'model':22s} {'cohort':8s} {'n':>5s}  {'AUC (95% CI)':21s} {'sens':>5s} {'spec':>5s} {'acc':>5s}"]
+    for name, entry in metrics["models"].items():
+        cohort = "external" if entry.get("external") else "internal"
+        m = entry.get(cohort) or {}
+        if m.get("auc") is None:
+            lines.append(f"{name:22s} {cohort:8s} {m.get('n', 0):5d}  AUC undefined")
+            continue
+        auc = f"{m['auc']:.3f} ({m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f})"
+        fmt = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"{name:22s} {cohort:8s} {m['n']:5d}  {auc:21s} {fmt(m['sensitivity']):>5s} "
+                     f"{fmt(m['specificity']):>5s} {fmt(m['accuracy']):>5s}")
+    return "\n".join(lines)
