@@ -44,6 +44,10 @@ class Task(ABC):
     def setup(self, device: torch.device) -> None:
         """Per-worker state that is not trained (a frozen teacher, an EMA copy). Called once per worker."""
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook before each training epoch (1-based; after a resume, the resumed epoch's number), e.g. to
+        switch a loss on after a warm-up."""
+
     @abstractmethod
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         """Loss on one training batch."""
