@@ -13,6 +13,7 @@ config.json) and loads back with `ConditionalDiffusionPipeline.from_pretrained`.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -275,8 +276,10 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
 
 
 def save_pipeline(denoiser: ConditionalDenoiser, scheduler_config: Mapping[str, Any], out_dir: str | os.PathLike,
-                  sampler: str = "ddim") -> ConditionalDiffusionPipeline:
-    """Write the pipeline folder atomically (temp folder, then rename over any previous one)."""
+                  sampler: str = "ddim", extra_json: Mapping[str, Mapping] | None = None) -> ConditionalDiffusionPipeline:
+    """Write the pipeline folder atomically (temp folder, then rename over any previous one).
+
+    `extra_json`: {file name: content} written beside model_index.json (e.g. what trained the model)."""
     out_dir = os.fspath(out_dir)
     pipe = ConditionalDiffusionPipeline(unet=denoiser.unet, scheduler=sampling_scheduler(scheduler_config, sampler),
                                         condition_encoder=denoiser.condition_encoder)
@@ -284,6 +287,9 @@ def save_pipeline(denoiser: ConditionalDenoiser, scheduler_config: Mapping[str, 
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(out_dir)}.staging-{uuid.uuid4().hex[:8]}")
     pipe.save_pretrained(staging, safe_serialization=True)
+    for name, content in (extra_json or {}).items():
+        with open(os.path.join(staging, name), "w") as f:
+            json.dump(content, f, indent=2, default=float)
     retired = None
     if os.path.exists(out_dir):
         retired = os.path.join(parent, f".{os.path.basename(out_dir)}.retired-{uuid.uuid4().hex[:8]}")

@@ -1,0 +1,290 @@
+"""Stage 1: DDPM training of the conditional denoiser, as a Task for the shared loop.
+
+`diffusion_loss` is the plain step (model, batch) -> StepOutput that tests call without Ray;
+`DiffusionTask` adds what the loop needs around it (EMA, validation, export to a diffusers folder);
+`train_diffusion` is the high-level entry: dataset -> splits -> Ray datasets -> `fit` -> pipeline folder.
+
+The generator trains on the training split of the internal centers only: external centers and the
+internal validation split stay unseen, so the audit can compare synthetic images with real images
+the generator never saw, and no external test image leaks into the teacher through synthesis.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkd.models.diffusion import (SAMPLERS, ConditionalDenoiser, DiffusionModelConfig, build_denoiser,
+                                     save_pipeline, training_scheduler)
+from diffkd.train.task import StepOutput, Task
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.pipeline import PipelineConfig
+    from diffkd.train.loop import LoopConfig
+
+log = logging.getLogger(__name__)
+
+TRAINING_INFO = "diffkd_training.json"  # beside model_index.json: what the model was trained on
+
+
+@dataclass
+class SplitSpec:
+    """How the patient-level split is recomputed (splits are never stored, DESIGN.md)."""
+
+    external: list[str] = field(default_factory=list)  # whole centers held out for external testing
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
+    centers: list[str] = field(default_factory=list)  # the center vocabulary; train_diffusion fills it
+    cond_drop_prob: float = 0.1  # all conditions -> NULL: the unconditional branch classifier-free guidance needs
+    clinical_drop_prob: float = 0.2  # clinical block alone -> NULL: sampling without clinical values stays in-domain
+    center_unknown_prob: float = 0.05  # center -> UNKNOWN: a defined embedding for centers never seen
+    ema_decay: float = 0.999  # ceiling; the decay warms up (short runs would otherwise export near-random EMA)
+    hflip: bool = True  # left/right flips (ultrasound has no preferred side; never flipped vertically)
+    sampler: str = "ddim"  # saved with the pipeline; `diffkd synth --sampler` can override
+    val_timesteps: int = 10  # evaluation averages the loss over this fixed grid of timesteps
+    norm_mean: float = 0.449  # the pipeline's fixed intensity normalisation, undone before noising
+    norm_std: float = 0.226
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            from diffkd.config import from_dict
+
+            self.model = from_dict(DiffusionModelConfig, self.model, "diffusion.model")
+        for name in ("cond_drop_prob", "clinical_drop_prob", "center_unknown_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"diffusion.{name} = {getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"diffusion.ema_decay = {self.ema_decay} must be in [0, 1)")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"diffusion.sampler {self.sampler!r} must be one of {', '.join(SAMPLERS)}")
+
+
+class DenoiserWithEMA(nn.Module):
+    """The trained denoiser plus its exponential moving average, in one module.
+
+    Keeping the EMA inside the model puts it into every checkpoint the loop writes (so a resumed run
+    continues the same average) and into `FitResult.load_model`; its parameters are frozen, so the
+    optimizer never sees them. Forward runs the live model.
+    """
+
+    def __init__(self, model: ConditionalDenoiser):
+        super().__init__()
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.model(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "DenoiserWithEMA":
+        super().train(mode)
+        self.ema.eval()  # the average never runs in training mode
+        return self
+
+    @torch.no_grad()
+    def update_ema(self, max_decay: float) -> None:
+        # The usual warm-up (1 + n) / (10 + n): early on the average follows the weights closely.
+        n = int(self.ema_steps)
+        decay = min(max_decay, (1 + n) / (10 + n))
+        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+        self.ema_steps += 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DeepSpeed engine / DDP wrapper (or the model itself)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def to_model_range(image: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+    """Batch images (pipeline normalisation (x - mean) / std of [0, 1] intensities) -> [-1, 1]."""
+    return (image * cfg.norm_std + cfg.norm_mean) * 2.0 - 1.0
+
+
+def conditions_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"label": batch["label"], "center_idx": batch["center_idx"], "modality_idx": batch["modality_idx"],
+            "clinical": batch["clinical"]}
+
+
+def diffusion_loss(model: nn.Module, batch: dict[str, Any], scheduler, cfg: DiffusionConfig, *,
+                   train: bool = True, generator: torch.Generator | None = None,
+                   timesteps: torch.Tensor | None = None) -> StepOutput:
+    """DDPM loss on one batch: noise the images at random timesteps, predict epsilon or v, MSE.
+
+    `train` applies condition dropout (here, not in the data, so every epoch sees new drop patterns).
+    `generator` / `timesteps` make the loss deterministic (evaluation).
+    """
+    x0 = to_model_range(batch["image"], cfg)
+    size, chans = cfg.model.image_size, cfg.model.in_chans
+    if tuple(x0.shape[1:]) != (chans, size, size):
+        raise ValueError(f"diffusion batch images are {tuple(x0.shape[1:])}, the model expects "
+                         f"({chans}, {size}, {size}); set the pipeline's image_size/in_chans to match")
+    n, device = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    target = noise if cfg.model.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+
+    conditions = conditions_of(batch)
+    drop = drop_clinical = None
+    if train:
+        draw = torch.rand((3, n), generator=generator, device=device)
+        drop, drop_clinical = draw[0] < cfg.cond_drop_prob, draw[1] < cfg.clinical_drop_prob
+        unknown = len(cfg.centers)  # the encoder's UNKNOWN center token (and the pipeline's unknown index)
+        conditions["center_idx"] = torch.where(draw[2] < cfg.center_unknown_prob,
+                                               torch.full_like(conditions["center_idx"], unknown),
+                                               conditions["center_idx"])
+    mask = batch.get("mask") if cfg.model.mask_channel else None
+    pred = model(noisy, timesteps, conditions, drop=drop, drop_clinical=drop_clinical, mask=mask)
+    loss = F.mse_loss(pred.float(), target.float())
+    return StepOutput(loss=loss, num_samples=n, metrics={"mse": float(loss.detach())})
+
+
+class DiffusionTask(Task):
+    name = "diffusion"
+    objective = "val_loss"
+    mode = "min"
+
+    def __init__(self, config: DiffusionConfig):
+        if not config.centers:
+            raise ValueError("DiffusionConfig.centers is empty: the condition vocabulary must list the training centers")
+        self.config = config
+        self.scheduler = training_scheduler(config.model)
+
+    def build_model(self) -> DenoiserWithEMA:
+        torch.manual_seed(self.config.seed)
+        return DenoiserWithEMA(build_denoiser(self.config.model, self.config.centers))
+
+    def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        return diffusion_loss(model, batch, self.scheduler, self.config, train=True)
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        unwrap(model).update_ema(self.config.ema_decay)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Loss of the EMA model (what gets exported) on a fixed timestep grid with fixed noise."""
+        ema = unwrap(model).ema
+        grid = torch.linspace(0, self.scheduler.config.num_train_timesteps - 1, self.config.val_timesteps).long()
+        total, count = 0.0, 0
+        for i, batch in enumerate(batches):
+            generator = torch.Generator(batch["image"].device).manual_seed(self.config.seed + i)
+            n = len(batch["label"])
+            for t in grid:
+                out = diffusion_loss(ema, batch, self.scheduler, self.config, train=False, generator=generator,
+                                     timesteps=t.repeat(n).to(batch["image"].device))
+                total += float(out.loss) * n
+                count += n
+        return {"val_loss": total / count if count else float("nan")}
+
+    def export(self, model: nn.Module, out_dir: str, info: dict | None = None) -> None:
+        """The EMA weights as a diffusers pipeline folder (UNet + sampling scheduler + condition encoder);
+        `info` (what trained it) goes beside them as diffkd_training.json."""
+        save_pipeline(unwrap(model).ema, self.scheduler.config, out_dir, sampler=self.config.sampler,
+                      extra_json={TRAINING_INFO: info} if info else None)
+
+
+# ---- the high-level entry -------------------------------------------------------------------------
+
+@dataclass
+class DiffusionResult:
+    model_dir: str
+    run_name: str
+    history: list[dict]
+    best_metrics: dict
+    train_rows: int
+
+
+def split_case_ids(meta: "pd.DataFrame", split: SplitSpec) -> dict[str, list[str]]:
+    """{"train", "val", "test"} case ids of the real rows, recomputed from the split spec."""
+    from diffkd.data.splits import make_splits
+
+    unknown = sorted(set(split.external) - set(meta["center"]))
+    if unknown:
+        raise ValueError(f"external center(s) {', '.join(unknown)} are not in the dataset; "
+                         f"it has {', '.join(sorted(meta['center'].unique()))}")
+    table = make_splits(meta, external=list(split.external), val_fraction=split.val_fraction, seed=split.seed)
+    return {name: sorted(table.loc[table["split"] == name, "case_id"]) for name in ("train", "val", "test")}
+
+
+def ids_digest(case_ids: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(case_ids)).encode()).hexdigest()
+
+
+def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "PipelineConfig":
+    """The data pipeline as the generator sees it: model-sized images, flips only, no synthetic rows."""
+    from diffkd.data.augment import AugmentConfig
+    from diffkd.data.pipeline import PipelineConfig
+
+    flips_only = AugmentConfig(hflip_p=0.5 if config.hflip else 0.0, rotate_deg=0.0, scale=(1.0, 1.0),
+                               translate=0.0, gain_db=0.0, gamma=(1.0, 1.0), speckle_p=0.0)
+    return PipelineConfig(image_size=config.model.image_size, in_chans=config.model.in_chans, augment=config.hflip,
+                          augmentation=flips_only, synthetic_ratio=0.0, centers=tuple(config.centers),
+                          batch_size=batch_size, seed=config.seed, norm_mean=config.norm_mean,
+                          norm_std=config.norm_std)
+
+
+def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: DiffusionConfig | None = None,
+                    loop: "LoopConfig | None" = None, split: SplitSpec | None = None) -> DiffusionResult:
+    """Train the conditional generator on the internal training split and write the pipeline folder.
+
+    `out_dir` receives `model_index.json`, `unet/`, `scheduler/`, `condition_encoder/` and
+    `diffkd_training.json` (the split spec and a digest of the training case ids, so synthesis and
+    the audit can recompute exactly which rows trained the model).
+    """
+    import dataclasses
+
+    from diffkd.config import to_dict
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.pipeline import make_dataset
+    from diffkd.train.loop import LoopConfig, fit
+
+    dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    config = config or DiffusionConfig()
+    loop = loop or LoopConfig(epochs=20, lr=1e-3, weight_decay=0.0, batch_size=16)
+    split = split or SplitSpec()
+    if loop.zero_stage == 3:
+        raise ValueError("diffusion: ZeRO stage 3 partitions the EMA copy's parameters; use zero_stage 0-2")
+    meta = dataset.metadata().to_pandas()
+    ids = split_case_ids(meta, split)
+    if not ids["train"]:
+        raise ValueError(f"dataset {dataset.uri} has no internal training rows after holding out {split.external}")
+    train_meta = meta[meta["case_id"].isin(ids["train"])]
+    config = dataclasses.replace(config, centers=sorted(train_meta["center"].unique()))
+    pipe_cfg = generator_pipeline_config(config, loop.batch_size)
+    centers = config.centers
+    datasets = {"train": make_dataset(dataset, ids["train"], pipe_cfg, train=True, centers=centers)}
+    if ids["val"]:
+        datasets["val"] = make_dataset(dataset, ids["val"], pipe_cfg, train=False, centers=centers)
+    log.info("diffusion: %d training rows from %d center(s) (%s), %d validation rows, %dpx",
+             len(ids["train"]), len(centers), ", ".join(centers), len(ids["val"]), config.model.image_size)
+    task = DiffusionTask(config)
+    result = fit(task, datasets, dataclasses.replace(loop, train_samples=loop.train_samples or len(ids["train"])))
+    model = result.load_model(task, which="best")
+    info = {
+        "task": task.name, "run_name": result.run_name, "config": to_dict(config), "split": to_dict(split),
+        "train_rows": len(ids["train"]), "train_case_ids_sha256": ids_digest(ids["train"]),
+        "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "history": result.history,
+        "ema_steps": int(unwrap(model).ema_steps),
+    }
+    task.export(model, out_dir, info)
+    return DiffusionResult(model_dir=out_dir, run_name=result.run_name, history=result.history,
+                           best_metrics=result.best_metrics, train_rows=len(ids["train"]))
