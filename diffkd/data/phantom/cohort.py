@@ -43,6 +43,7 @@ COHORT_MODALITIES = ("us", "mammo")
 # Each hospital writes its record numbers its own way (and no two centers share a patient).
 PATIENT_ID_FORMATS = ("MRN-{:06d}", "H2-{:07d}", "PID{:08d}", "{:09d}", "MRN{:07d}", "P-{:06d}")
 
+PNG_LEVEL = 1  # speckle barely compresses: zlib's fast level costs ~10% in size and saves most of the time
 Progress = Callable[[str], None]
 
 
@@ -163,11 +164,12 @@ def render_patient(ci: int, profile, case: dict, seed: int, center_dir: Path) ->
         views = _render_us_case(profile, case, [seed, ci, 2, idx])
     for v, exported in enumerate(views):
         stem = f"{case['case_id']}_{v + 1}"
-        Image.fromarray(exported.pixels).save(center_dir / "images" / f"{stem}.png")
+        Image.fromarray(exported.pixels).save(center_dir / "images" / f"{stem}.png", compress_level=PNG_LEVEL)
         mask_file = ""
         if exported.mask is not None:
             mask_file = f"masks/{stem}_mask.png"
-            Image.fromarray(exported.mask.astype(np.uint8) * 255, "L").save(center_dir / mask_file)
+            Image.fromarray(exported.mask.astype(np.uint8) * 255, "L").save(center_dir / mask_file,
+                                                                             compress_level=PNG_LEVEL)
         records.append({"file": f"images/{stem}.png", "mask": mask_file, "diameter_mm": exported.diameter_mm,
                         "height": exported.pixels.shape[0], "width": exported.pixels.shape[1]})
     return records

@@ -7,7 +7,7 @@ import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)
 def _interp_matrix(n: int, cell: float) -> np.ndarray:
     """(n, m) Gaussian-weight interpolation from m coarse knots spaced `cell` samples apart to n samples."""
     m = int(np.ceil(n / cell)) + 3

@@ -95,8 +95,8 @@ def center_profiles(size: str = "paper", n_centers: int = DEFAULT_CENTERS, patie
         counts = np.floor(total * share / share.sum()).astype(int)
         counts[: total - counts.sum()] += 1
         dcis_rate = 106 / 294
-        profiles = [dataclasses.replace(p, dcis=max(1, int(round(c * dcis_rate))), idc=c - max(1, int(round(c * dcis_rate))))
-                    for p, c in zip(profiles, counts)]
+        dcis = [max(1, int(round(int(c) * dcis_rate))) for c in counts]
+        profiles = [dataclasses.replace(p, dcis=d, idc=int(c) - d) for p, c, d in zip(profiles, counts, dcis)]
     if size == "demo":
         profiles = [dataclasses.replace(p, spacing_mm=p.spacing_mm * p.rows / 256, rows=256, cols=256,
                                         blur_px=p.blur_px * 256 / p.rows) for p in profiles]
@@ -181,7 +181,7 @@ def make_finding(case: dict, rng: np.random.Generator) -> Finding:
                     ang = np.arctan2(seg[i, 1], seg[i, 0])
                     rows.append([*path[i], rng.uniform(0.3, 1.1), rng.uniform(0.1, 0.18), ang])
         calcs = np.array(rows) if rows else np.zeros((0, 5))
-        contrast = rng.uniform(0.25, 0.5, len(calcs))
+        contrast = rng.uniform(0.5, 0.9, len(calcs))
     else:
         n = {"amorphous": (20, 45), "fine_pleomorphic": (12, 35), "punctate_mass": (5, 20)}[pattern]
         n = int(rng.integers(*n))
@@ -189,19 +189,19 @@ def make_finding(case: dict, rng: np.random.Generator) -> Finding:
         r = radius * np.sqrt(rng.random(n)) * (0.6 if pattern == "punctate_mass" else 1.0)
         t = rng.uniform(0, 2 * np.pi, n)
         if pattern == "amorphous":
-            length, width, contrast = rng.uniform(0.08, 0.15, n), rng.uniform(0.08, 0.12, n), rng.uniform(0.1, 0.2, n)
+            length, width, contrast = rng.uniform(0.08, 0.15, n), rng.uniform(0.08, 0.12, n), rng.uniform(0.2, 0.4, n)
         elif pattern == "fine_pleomorphic":
             length, width = rng.uniform(0.12, 0.5, n), rng.uniform(0.1, 0.25, n)
-            contrast = rng.uniform(0.2, 0.5, n)
+            contrast = rng.uniform(0.45, 0.9, n)
         else:
             length = rng.uniform(0.12, 0.3, n)
-            width, contrast = length, rng.uniform(0.25, 0.55, n)
+            width, contrast = length, rng.uniform(0.5, 0.9, n)
         calcs = np.column_stack([r * np.cos(t), 0.7 * r * np.sin(t), length, width, rng.uniform(0, np.pi, n)])
     if case["lesion_type"] == "mass":
         half = size / 2 * rng.uniform(0.75, 0.95)
         boundary, edge = margin_boundary(case["margin"] or "indistinct", rng, half)
         if case["margin"] == "spiculated":  # mammographic spicules: long thin radiating lines
-            boundary = 1.0 + (boundary - 1.0) * 1.8
+            boundary = 1.0 + (boundary - 1.0) * 1.4
         mass = (half, half * rng.uniform(0.7, 1.0), boundary.astype(np.float32), edge)
     return Finding(calcs.astype(np.float32), np.asarray(contrast, np.float32), mass)
 
@@ -218,7 +218,7 @@ def parenchyma(shape: tuple[int, int], spacing: float, nipple_angle: float, rng:
     """Unit-variance power-law texture (P(f) ~ f^-3) with fibres elongated toward the nipple."""
     kx, ky, k = _spectrum(shape, spacing)
     along = kx * np.cos(nipple_angle) + ky * np.sin(nipple_angle)  # frequency along the fibres
-    amp = k ** -1.5 * (1.0 + 2.5 * np.exp(-((along / 0.15) ** 2)) * (k > 0.3))
+    amp = k ** -1.5 * (1.0 + 1.0 * np.exp(-((along / 0.15) ** 2)) * (k > 0.3))
     noise = rng.standard_normal((2, *amp.shape), dtype=np.float32)
     field = np.fft.irfft2(amp * (noise[0] + 1j * noise[1]), s=shape).astype(np.float32)
     return (field - field.mean()) / (field.std() + 1e-9)
@@ -230,7 +230,7 @@ def render_view(profile: MammoProfile, finding: Finding, view: int, rng: np.rand
     h, w, s = profile.rows, profile.cols, profile.spacing_mm
     nipple = rng.uniform(-0.4, 0.4) + (0.0 if view == 0 else rng.choice([-0.7, 0.7]))
     tex = parenchyma((h, w), s, nipple, rng)
-    density = sigmoid((tex + rng.normal(0.0, 0.7)) * 2.0)
+    density = sigmoid((tex + rng.normal(0.0, 0.7)) * 1.2)
     img = 0.25 + 0.4 * profile.contrast * density
     # place the finding, rotated with the view, near the ROI centre
     cx, cy = w / 2 + rng.normal(0, 0.05 * w), h / 2 + rng.normal(0, 0.05 * h)
@@ -243,7 +243,7 @@ def render_view(profile: MammoProfile, finding: Finding, view: int, rng: np.rand
         half_w, half_h, boundary, edge = finding.mass
         lesion = LesionView("mass", 0.0, 0.0, half_w, half_h, rot, boundary, edge, echo_db=0.0)
         weight, _, _ = lesion.fields(X, Y)
-        img = img + rng.uniform(0.15, 0.25) * profile.contrast * weight
+        img = img + rng.uniform(0.12, 0.2) * profile.contrast * weight
         mask |= weight > 0.5
     calcs = finding.calcs
     px = cx + (calcs[:, 0] * cr - calcs[:, 1] * sr) / s
@@ -256,7 +256,7 @@ def render_view(profile: MammoProfile, finding: Finding, view: int, rng: np.rand
         dx, dy = xx[y0:y0 + 2 * k, x0:x0 + 2 * k] - x, yy[y0:y0 + 2 * k, x0:x0 + 2 * k] - y
         a = ang + rot
         p, q = dx * np.cos(a) + dy * np.sin(a), -dx * np.sin(a) + dy * np.cos(a)
-        sl, sw = max(length / s / 2, 0.5), max(width / s / 2, 0.45)
+        sl, sw = max(length / s / 2, 0.6), max(width / s / 2, 0.6)
         img[y0:y0 + 2 * k, x0:x0 + 2 * k] += c * np.exp(-((p / sl) ** 2 + (q / sw) ** 2))
     if len(calcs):
         mask |= _hull_mask((h, w), px, py, 1.0 / s)

@@ -216,7 +216,7 @@ class LesionView:
     def fields(self, X: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Lesion weight (0..1), halo weight and relative radius on the given coordinates."""
         dx, dz = X - self.x0, Z - self.z0
-        c, s = np.cos(self.tilt), np.sin(self.tilt)
+        c, s = float(np.cos(self.tilt)), float(np.sin(self.tilt))
         pn = (dx * c + dz * s) / self.half_w
         qn = (-dx * s + dz * c) / self.half_h
         rho = np.hypot(pn, qn)
