@@ -66,8 +66,8 @@ def simulate_report(tmp_path, seed: int = 0):
     rng = np.random.default_rng(seed)
     cases = preds.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
     # BI-RADS and palpability carry signal, age none; every level holds both outcomes (no separation)
-    birads_shift = (rng.random(len(cases)) < 0.5) * cases.label.to_numpy() + rng.integers(0, 3, len(cases))
-    cases["birads"] = np.array(["4a", "4b", "4c", "5"])[birads_shift]
+    birads_shift = (rng.random(len(cases)) < 0.5) * cases.label.to_numpy() + rng.integers(0, 4, len(cases))
+    cases["birads"] = np.array(["4a", "4b", "4c", "5"])[np.minimum(birads_shift, 3)]
     cases["age"] = rng.normal(55, 10, len(cases))
     cases["palpable"] = rng.random(len(cases)) < 0.2 + 0.2 * cases.label
     baselines = fit_baselines(cases, None, ["birads", "age", "palpable"])

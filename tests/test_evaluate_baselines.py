@@ -80,6 +80,16 @@ def test_clinical_model_finds_planted_predictors():
     assert probs.shape == (len(df),) and np.all((probs > 0) & (probs < 1))
 
 
+def test_separated_level_gets_a_finite_odds_ratio():
+    df, y = clinical_cohort()
+    y = y.copy()
+    y[df.birads.to_numpy() == "5"] = 1  # every BI-RADS 5 lesion upgraded: quasi-complete separation
+    model = ClinicalModel().fit(df, y, ["birads", "palpable"])
+    ors = model.odds_ratios.set_index("term")
+    assert model.fit_.converged and np.isfinite(ors.loc["birads=5", "hi"])
+    assert ors.loc["birads=5", "odds_ratio"] > 10
+
+
 def test_encoder_imputes_from_training_rows_only():
     train = pd.DataFrame({"age": [40.0, 50.0, np.nan, 60.0], "birads": ["4a", "4a", None, "5"],
                           "palpable": [True, False, True, None]})

@@ -168,6 +168,19 @@ def test_logistic_fit_matches_sklearn_unpenalized():
     assert fit.converged
 
 
+def test_firth_equals_haldane_correction_on_a_separated_2x2_table():
+    # x = 1: 5 upgrades, 0 non-upgrades (separation); x = 0: 10 upgrades, 20 non-upgrades.
+    # For a saturated 2x2 model Firth's estimate is the log odds ratio with 1/2 added to every cell.
+    x = np.r_[np.ones(5), np.zeros(30)]
+    y = np.r_[np.ones(5), np.ones(10), np.zeros(20)]
+    design = np.column_stack([np.ones(35), x])
+    firth = fit_logistic(design, y, firth=True)
+    assert firth.converged
+    assert firth.coef[1] == pytest.approx(math.log(5.5 * 20.5 / (0.5 * 10.5)), abs=1e-6)
+    assert firth.coef[0] == pytest.approx(math.log(10.5 / 20.5), abs=1e-6)
+    assert not fit_logistic(design, y).converged  # plain ML drifts off to infinity
+
+
 def test_calibration_detects_miscalibration():
     rng = np.random.default_rng(7)
     true_logit = rng.normal(-0.5, 1.5, 20000)

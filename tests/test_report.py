@@ -57,7 +57,8 @@ def test_page_is_self_contained(built):
                     "Clinical utility", "Ablations", "Seed-001 baselines", "Reader study", "Model size and speed",
                     "Synthetic-data audit", "Limitations and skipped analyses", "Reproducibility"):
         assert f">{heading}<" in page, heading
-    assert "birads=5" in page  # clinical odds ratios
+    odds_ratios = json.loads(files.metrics.read_text())["baselines"]["clinical"]["odds_ratios"]
+    assert "odds ratios" in page and all(f"<code>{r['term']}</code>" in page for r in odds_ratios)
     assert "scikit-learn" in page and "student:" in page  # package versions and the config
 
 

@@ -4,7 +4,10 @@
   survivors enter a multivariate logistic regression; variables that stay significant there
   (p < `keep_p`) are the independent predictors, and the final model is refitted on them alone
   (odds ratios with Wald 95% CIs). Categorical variables are one-hot coded against their most
-  frequent training level.
+  frequent training level. Variables are chosen with ordinary maximum-likelihood ratio tests
+  (unit-invariant, and finite even under separation); the final model's coefficients use Firth's
+  penalized likelihood, so a level seen only with upgrades (separation, common in small cohorts)
+  gets a large but finite odds ratio instead of an infinite one.
 - deep_features: penultimate-layer features of an in-domain CNN (the caller extracts them),
   standardized, mutual-information mRMR, then L1 (LASSO) logistic regression with the penalty chosen
   by stratified cross-validation on the training set.
@@ -127,6 +130,7 @@ class ClinicalEncoder:
 class ClinicalModel:
     screen_p: float = 0.1
     keep_p: float = 0.05
+    firth: bool = True
     encoder: ClinicalEncoder = field(default_factory=ClinicalEncoder)
     univariate: pd.DataFrame | None = None  # variable, p, odds ratios of its columns
     multivariate: pd.DataFrame | None = None  # term, odds_ratio, lo, hi, p
@@ -160,7 +164,7 @@ class ClinicalModel:
         kept = []
         for var in screened:
             others = [v for v in screened if v != var]
-            reduced = (fit_logistic(self._with_intercept(design[self._cols(others)]), y) if others else null)
+            reduced = self._fit_terms(design, y, others) if others else null
             if likelihood_ratio_p(multi, reduced, len(self.encoder.columns_of(var))) < self.keep_p:
                 kept.append(var)
         if not kept:
@@ -168,10 +172,10 @@ class ClinicalModel:
             self.notes.append(f"no variable stayed at p < {self.keep_p} in the multivariate model; "
                               "kept all screened variables")
         self.selected = kept
-        self.fit_ = self._fit_terms(design, y, kept)
+        self.fit_ = self._fit_terms(design, y, kept, firth=self.firth)
         self.odds_ratios = self._or_table(self.fit_, design, kept)
         if not self.fit_.converged:
-            self.notes.append("final logistic regression did not converge (separation): odds ratios unreliable")
+            self.notes.append("final logistic regression did not converge: odds ratios unreliable")
         return self
 
     def _cols(self, variables: Sequence[str]) -> list[str]:
@@ -181,8 +185,9 @@ class ClinicalModel:
     def _with_intercept(x: pd.DataFrame) -> np.ndarray:
         return np.column_stack([np.ones(len(x)), x.to_numpy(dtype=float)])
 
-    def _fit_terms(self, design: pd.DataFrame, y: np.ndarray, variables: Sequence[str]) -> LogisticFit:
-        return fit_logistic(self._with_intercept(design[self._cols(variables)]), y)
+    def _fit_terms(self, design: pd.DataFrame, y: np.ndarray, variables: Sequence[str],
+                   firth: bool = False) -> LogisticFit:
+        return fit_logistic(self._with_intercept(design[self._cols(variables)]), y, firth=firth)
 
     def _or_table(self, fit: LogisticFit, design: pd.DataFrame, variables: Sequence[str]) -> pd.DataFrame:
         lo, hi = fit.wald_ci()
@@ -212,7 +217,7 @@ class ClinicalModel:
             "multivariate": self.multivariate.to_dict("records"),
             "odds_ratios": self.odds_ratios.to_dict("records"),
             "selected": self.selected,
-            "screen_p": self.screen_p, "keep_p": self.keep_p,
+            "screen_p": self.screen_p, "keep_p": self.keep_p, "firth": self.firth,
             "imputation": {v: {"kind": self.encoder.kinds[v], "fill": self.encoder.fill[v]}
                            for v in self.encoder.variables},
             "notes": self.notes,

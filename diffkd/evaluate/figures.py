@@ -206,21 +206,26 @@ def forest_figure(metrics: Mapping) -> bytes:
 
 
 def efficiency_figure(metrics: Mapping) -> bytes | None:
-    """External AUC against parameter count (log scale); latency in the labels. None without params."""
-    rows = [(m, e["params"], e["latency_ms"], (e.get("external") or {}).get("auc"))
-            for m, e in metrics["models"].items() if e.get("params") and (e.get("external") or {}).get("auc")]
+    """External AUC (95% CI) against parameter count (log scale); latency in the labels. None without params."""
+    rows = [(m, e["params"], e["latency_ms"], e["external"]) for m, e in metrics["models"].items()
+            if e.get("params") and (e.get("external") or {}).get("auc") is not None]
     if not rows:
         return None
     colors = model_colors([r[0] for r in rows])
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    for model, params, latency, auc in rows:
-        ax.scatter(params, auc, s=60, color=colors[model], zorder=3)
-        text = f"{model}" + (f"\n{latency:.1f} ms" if latency is not None else "")
-        ax.annotate(text, (params, auc), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    for model, params, latency, ext in rows:
+        lo, hi = ext["auc_ci"]
+        ax.errorbar(params, ext["auc"], yerr=[[ext["auc"] - lo], [hi - ext["auc"]]], fmt="o", ms=7,
+                    color=colors[model], capsize=3, zorder=3)
+        text = model + (f"\n{latency:.1f} ms" if latency is not None else "")
+        ax.annotate(text, (params, ext["auc"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    lows = [r[3]["auc_ci"][0] for r in rows]
+    highs = [r[3]["auc_ci"][1] for r in rows]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(highs) + 0.05))
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
-    ax.set_ylabel("external AUC")
+    ax.set_ylabel("external AUC (95% CI)")
     ax.grid(alpha=0.3)
     ax.set_title("Discrimination vs model size")
     return to_png(fig)

@@ -39,9 +39,26 @@ def _loglik(eta: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, offset: np.ndarray | None = None,
+def _information(x: np.ndarray, eta: np.ndarray) -> np.ndarray:
+    p = 1.0 / (1.0 + np.exp(-eta))
+    return (x * (p * (1 - p))[:, None]).T @ x + _RIDGE * np.eye(x.shape[1])
+
+
+def _objective(x: np.ndarray, y: np.ndarray, eta: np.ndarray, firth: bool) -> float:
+    ll = _loglik(eta, y)
+    if firth:  # Jeffreys-prior penalty: + 1/2 log det I(beta)
+        ll += 0.5 * np.linalg.slogdet(_information(x, eta))[1]
+    return ll
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, offset: np.ndarray | None = None, firth: bool = False,
                  max_iter: int = 100, tol: float = 1e-10) -> LogisticFit:
-    """Fit P(y=1) = sigmoid(offset + x @ coef). `x` must already hold an intercept column if wanted."""
+    """Fit P(y=1) = sigmoid(offset + x @ coef). `x` must already hold an intercept column if wanted.
+
+    firth=True maximizes Firth's penalized likelihood (Firth 1993; Heinze & Schemper 2002): estimates
+    stay finite under separation (a category whose cases are all upgrades) and small-sample bias
+    shrinks. `loglik` is then the penalized log-likelihood, as logistf uses in its tests.
+    """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
@@ -49,29 +66,30 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, offset: np.ndarray | None = None,
     off = np.zeros_like(y) if offset is None else np.asarray(offset, dtype=float)
     coef = np.zeros(x.shape[1])
     eta = off + x @ coef
-    ll = _loglik(eta, y)
+    objective = _objective(x, y, eta, firth)
     converged = False
     for _ in range(max_iter):
         p = 1.0 / (1.0 + np.exp(-eta))
-        grad = x.T @ (y - p)
-        hess = (x * (p * (1 - p))[:, None]).T @ x + _RIDGE * np.eye(x.shape[1])
-        step = np.linalg.solve(hess, grad)
-        # step halving keeps the likelihood non-decreasing
+        info = _information(x, eta)
+        residual = y - p
+        if firth:  # modified score: y - p + h (1/2 - p), h = leverages of the weighted hat matrix
+            leverage = p * (1 - p) * np.einsum("ij,jk,ik->i", x, np.linalg.inv(info), x)
+            residual = residual + leverage * (0.5 - p)
+        step = np.linalg.solve(info, x.T @ residual)
+        # step halving keeps the objective non-decreasing
         for _ in range(30):
             new_coef = coef + step
             new_eta = off + x @ new_coef
-            new_ll = _loglik(new_eta, y)
-            if new_ll >= ll - 1e-12:
+            new_objective = _objective(x, y, new_eta, firth)
+            if new_objective >= objective - 1e-12:
                 break
             step /= 2
-        coef, eta, gain, ll = new_coef, new_eta, new_ll - ll, new_ll
+        coef, eta, gain, objective = new_coef, new_eta, new_objective - objective, new_objective
         if abs(gain) < tol and np.max(np.abs(step)) < 1e-6:
             converged = True
             break
-    p = 1.0 / (1.0 + np.exp(-eta))
-    hess = (x * (p * (1 - p))[:, None]).T @ x + _RIDGE * np.eye(x.shape[1])
     converged = converged and bool(np.all(np.abs(coef) < 30))  # |coef| this large means separation
-    return LogisticFit(coef=coef, cov=np.linalg.inv(hess), loglik=ll, converged=converged)
+    return LogisticFit(coef=coef, cov=np.linalg.inv(_information(x, eta)), loglik=objective, converged=converged)
 
 
 def likelihood_ratio_p(full: LogisticFit, reduced: LogisticFit, df: int) -> float:

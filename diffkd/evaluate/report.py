@@ -462,8 +462,10 @@ def _readers_section(ctx: _Context) -> str:
     return (f"<p>Each reader against <code>{_esc(model)}</code> at its fixed threshold "
             f"({_num(ctx.thresholds[model])}), on exactly the cases the reader read. Reader points are on the ROC "
             "figure above.</p>" +
-            _table(["reader", "experience", "cohort", "cases", "reader sensitivity", "model sensitivity",
-                    "p (McNemar)", "reader specificity", "model specificity", "p (McNemar)"], rows, range(3, 10)))
+            _table(["reader", "experience", "cohort", "cases", "sens. reader", "sens. model", "p", "spec. reader",
+                    "spec. model", "p"], rows, range(3, 10)) +
+            '<p class="note">p: McNemar test on the paired calls (positives for sensitivity, negatives for '
+            "specificity).</p>")
 
 
 def _efficiency_section(ctx: _Context) -> str:
