@@ -21,7 +21,8 @@ from diffkd.evaluate.summary import COHORT_SPLITS, ordered_models
 DPI = 110
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
             "#7f7f7f", "#bcbd22"]
-_READER_MARKERS = {"senior": "s", "junior": "^"}
+_READER_MARKERS = {"senior": "s", "junior": "^"}  # shape = experience, fill = reader
+_READER_FACES = ["#ffd24d", "#a6e3a1", "#f5a3c7", "#9ad0f5", "#d9b3ff", "#ffb38a"]
 
 
 def model_colors(models: Sequence[str]) -> dict[str, str]:
@@ -91,12 +92,14 @@ def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], refer
                 ax.plot(1 - op["specificity"], op["sensitivity"], "o", ms=9, mfc="white", mec=colors[model],
                         mew=2, zorder=5, label=f"{model} at fixed threshold {thresholds[model]:.3f}")
         if reader_points is not None and len(reader_points):
+            face = {name: _READER_FACES[i % len(_READER_FACES)]
+                    for i, name in enumerate(sorted(reader_points.reader.unique()))}
             for r in reader_points[reader_points.cohort == cohort].itertuples():
                 x, yv = 1 - r.specificity, r.sensitivity
                 xerr = [[x - (1 - r.specificity_ci[1])], [(1 - r.specificity_ci[0]) - x]]
                 yerr = [[yv - r.sensitivity_ci[0]], [r.sensitivity_ci[1] - yv]]
                 ax.errorbar(x, yv, xerr=xerr, yerr=yerr, fmt=_READER_MARKERS.get(r.experience, "D"), ms=8,
-                            color="black", mfc="#ffd24d", ecolor="#555555", elinewidth=0.8, capsize=2, zorder=6,
+                            color="black", mfc=face[r.reader], ecolor="#555555", elinewidth=0.8, capsize=2, zorder=6,
                             label=f"reader {r.reader} ({r.experience})")
         n = part.drop_duplicates("case_id")
         ax.set_title(f"{cohort.capitalize()} (n={len(n)}, {int(n.label.sum())} upgrades)")

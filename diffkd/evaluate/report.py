@@ -318,8 +318,8 @@ def _discrimination_section(ctx: _Context) -> str:
     out = _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options),
                   "ROC curves, internal and external",
                   f"ROC curves. Shaded: pointwise 95% bootstrap band for <code>{_esc(ctx.reference)}</code>; circle: its "
-                  "operating point at the threshold fixed on internal validation; yellow markers: readers with "
-                  "Wilson 95% CIs. Legend: AUC (95% CI).")
+                  "operating point at the threshold fixed on internal validation; filled markers: readers (square "
+                  "senior, triangle junior) with Wilson 95% CIs. Legend: AUC (95% CI).")
     for cohort in ("internal", "external"):
         rows, highlight = _model_rows(ctx, cohort, models)
         out += f"<h3>{cohort.capitalize()} validation</h3>" + _table(_PERF_HEADERS, rows, range(1, 9), highlight)
