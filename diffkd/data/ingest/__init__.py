@@ -6,12 +6,14 @@ Steps: the layout finds records (``folder``, ``busi``, ``dicom``); every image i
 (common.py states the image, mask and clinical-value policies) and hashed; raw ids become salted
 pseudonyms; then the whole batch is checked before anything is written:
 
-- within the source: a file listed twice, a case id used twice, the same image (sha256) twice — an
-  identical repeat is kept once (warning), a repeat with a different label or patient is an error;
+- within the source: a file listed twice; one case id on images that disagree on patient, label or
+  clinical values (a case may have several images, e.g. views or DICOM frames, but they describe one
+  lesion); the same image (sha256) twice — an identical repeat is kept once (warning), a repeat with a
+  different label or patient is an error;
 - against the center already in the dataset: identical images are "already present" and skipped, so
-  re-running an ingest changes nothing (not even the manifest); a case id reused for a different
-  image, or a known image with a different label, is an error (``replace=True`` rebuilds the center
-  from this source instead, and still writes nothing if the result is identical);
+  re-running an ingest changes nothing (not even the manifest); a stored case id on a new image that
+  disagrees with it, or a stored image with a different label, is an error (``replace=True`` rebuilds
+  the center from this source instead, and still writes nothing if the result is identical);
 - against the other centers: a patient (same salted id) or an image already in another center is an
   error, because it would leak between internal and external splits.
 
@@ -157,13 +159,13 @@ def _candidates(center: str, layout: str, records: list[Record], loaded: list[Lo
                                             "(the file's PatientID is empty)"))
                 break
             suffix = f"#frame={image.frame}" if image.frame is not None else ""
-            case_raw = rec.case or image.case or f"file:{rec.file}"
+            case_raw = rec.case or image.case or f"file:{rec.file}"  # frames of one file are one case
             spacing = rec.spacing_mm if rec.spacing_mm is not None else image.spacing_mm
             if rec.spacing_mm is not None and image.spacing_mm and abs(rec.spacing_mm / image.spacing_mm - 1) > 0.05:
                 warnings.append(f"{rec.file}: CSV spacing {rec.spacing_mm:g} mm differs from the file's "
                                 f"{image.spacing_mm:g} mm; the CSV value is stored")
             path = pseudo.text(rec.file) if item.hide_path else rec.file
-            row = dict(case_id=pseudo.case(center, case_raw + suffix), patient_id=pseudo.patient(patient),
+            row = dict(case_id=pseudo.case(center, case_raw), patient_id=pseudo.patient(patient),
                        center=center, modality=rec.modality or image.modality or "us", label=rec.label,
                        image=image.png, mask=image.mask, height=image.height, width=image.width,
                        spacing_mm=spacing, synthetic=False, source=f"{layout}:{path}{suffix}",
@@ -177,8 +179,15 @@ def _where(rec: Record) -> str:
     return f"line {rec.line} ({rec.file})" if rec.line is not None else rec.file
 
 
+CASE_FIELDS = ("patient_id", "label", *CLINICAL_COLUMNS)  # what every image of one case must agree on
+
+
 def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[Problem], set[int], list[str]]:
-    """File listed twice, case id used twice, image repeated. Returns problems, duplicate rows to drop, warnings."""
+    """File listed twice, one case id with disagreeing images, an image repeated.
+
+    Several images may share a case id (one case, several views or frames); they must then agree on
+    patient, label and clinical values. Returns problems, duplicate rows to drop, warnings.
+    """
     problems, drop, warnings = [], set(), []
     first_line: dict[str, Record] = {}
     for rec in records:
@@ -187,16 +196,20 @@ def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[P
                                         "list each image once"))
         else:
             first_line[rec.file] = rec
-    by_case: dict[str, list[int]] = defaultdict(list)
+    by_case: dict[str, int] = {}
     for i, c in enumerate(cands):
-        by_case[c.row["case_id"]].append(i)
-    for idx in by_case.values():
-        owners = sorted({cands[i].index for i in idx})
-        if len(owners) > 1:
-            places = ", ".join(_where(records[o]) for o in owners)
-            for o in owners:
-                problems.append(records[o].problem(f"case id {records[o].case!r} is used by {places}; "
-                                                   "case ids must be unique per image", "case_id"))
+        first = by_case.setdefault(c.row["case_id"], i)
+        a = cands[first]
+        if first == i or a.index == c.index:
+            continue
+        differ = [f for f in CASE_FIELDS if a.row[f] != c.row[f]]
+        if differ:
+            ra, rb = records[a.index], records[c.index]
+            what = "patient" if "patient_id" in differ else ", ".join(differ)
+            for rec, other in ((ra, rb), (rb, ra)):
+                problems.append(rec.problem(f"case id {rec.case!r} is also used by {_where(other)} with a different "
+                                            f"{what}", "case_id", hint="images sharing a case id must agree on "
+                                            "patient, label and clinical values: give distinct case ids or fix them"))
     by_sha: dict[str, int] = {}
     for i, c in enumerate(cands):
         first = by_sha.setdefault(c.row["sha256"], i)
@@ -216,11 +229,14 @@ def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[P
 
 def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.Table | None, keep: list[int]
                     ) -> tuple[list[Problem], set[int], set[int], list[str]]:
-    """Against the center already stored: (problems, already present, duplicates under another id, warnings)."""
+    """Against the center already stored: (problems, already present, duplicates under another id, warnings).
+
+    A new image may join a stored case only if it agrees with it on patient, label and clinical values.
+    """
     problems, present, dups, warnings = [], set(), set(), []
     if existing is None or existing.num_rows == 0:
         return problems, present, dups, warnings
-    old = existing.select(["case_id", "sha256", "label"]).to_pylist()
+    old = existing.select(["case_id", "sha256", *CASE_FIELDS]).to_pylist()
     by_sha = {r["sha256"]: r for r in old}
     by_case = {r["case_id"]: r for r in old}
     for i in keep:
@@ -237,9 +253,13 @@ def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.
                 dups.add(i)
                 warnings.append(f"{_where(rec)}: the same image is already in the center under another case id; "
                                 "skipped")
-        elif row["case_id"] in by_case:
-            problems.append(rec.problem("this case id is already in the center with a different image; give a "
-                                        "new case id, or rebuild the center with --replace", "case_id"))
+            continue
+        case = by_case.get(row["case_id"])
+        differ = [f for f in CASE_FIELDS if case is not None and case[f] != row[f]]
+        if differ:
+            what = "patient" if "patient_id" in differ else ", ".join(differ)
+            problems.append(rec.problem(f"case id {rec.case!r} is already in the center with a different {what}; "
+                                        "give a new case id, or rebuild the center with --replace", "case_id"))
     return problems, present, dups, warnings
 
 
@@ -256,21 +276,22 @@ def _check_other_centers(cands: list[Candidate], records: list[Record], dataset:
         row, rec = cands[i].row, records[cands[i].index]
         if row["patient_id"] in patient_center:
             problems.append(rec.problem(
-                f"this patient (pseudonym {row['patient_id']}) is already in center {patient_center[row['patient_id']]}; "
-                "a patient must belong to one center or internal/external splits would leak. Ingest the patient "
-                "under one center only", "patient_id"))
+                f"this patient (pseudonym {row['patient_id']}) is already in center {patient_center[row['patient_id']]}",
+                "patient_id", hint="a patient must belong to one center, or internal/external splits would leak: "
+                "ingest each patient under one center only (check that the right salt and patient ids are used)"))
         elif row["sha256"] in image_center:
-            problems.append(rec.problem(f"the same image is already in center {image_center[row['sha256']]}; "
-                                        "remove the copy"))
+            problems.append(rec.problem(f"the same image is already in center {image_center[row['sha256']]}",
+                                        hint="an image may belong to one center only: remove the copies"))
     return problems
 
 
 def _format_problems(problems: list[Problem], src: Path, center: str, n_bad: int) -> str:
     shown = "\n".join(f"  - {p}" for p in problems[:PROBLEMS_SHOWN])
     more = f"\n  ... and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
+    hints = "".join(f"\n  * {h}" for h in dict.fromkeys(p.hint for p in problems if p.hint))
     return (f"ingest of {src} into center {center} refused: {len(problems)} problem(s) in {n_bad} row(s)/file(s); "
-            f"nothing was written.\n{shown}{more}\nFix them, or pass --quarantine DIR to set these rows aside "
-            "(with reasons) and ingest the rest.")
+            f"nothing was written.\n{shown}{more}" + (f"\nWhat to do:{hints}" if hints else "")
+            + "\nFix them, or pass --quarantine DIR to set these rows aside (with reasons) and ingest the rest.")
 
 
 def _write_quarantine(directory: Path, center: str, problems: list[Problem], found: Discovery) -> Path:

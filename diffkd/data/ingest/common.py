@@ -83,6 +83,7 @@ class Problem:
     file: str | None = None
     line: int | None = None  # CSV line number, the header being line 1 (as a spreadsheet shows it)
     column: str | None = None
+    hint: str | None = None  # what to do; shown once however many rows share it
 
     def __str__(self) -> str:
         where = []
@@ -109,8 +110,8 @@ class Record:
     line: int | None = None
     raw: dict | None = None  # the CSV row as read, for the quarantine file
 
-    def problem(self, message: str, column: str | None = None) -> Problem:
-        return Problem(message, file=self.file, line=self.line, column=column)
+    def problem(self, message: str, column: str | None = None, hint: str | None = None) -> Problem:
+        return Problem(message, file=self.file, line=self.line, column=column, hint=hint)
 
 
 @dataclass
@@ -567,6 +568,35 @@ def encode_png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_KEPT_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
+
+
+def png_passthrough(data: bytes) -> bytes | None:
+    """The source bytes minus every ancillary chunk, when the file already is an 8/16-bit gray PNG.
+
+    Re-encoding dominates ingest time; a gray PNG needs none. Dropping ancillary chunks (text, EXIF,
+    ICC, time, transparency) keeps the pixels exactly and leaves no metadata behind. The file must
+    have been fully decoded (CRCs checked) before this is called.
+    """
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    bit_depth, color_type = data[24], data[25]
+    if color_type != 0 or bit_depth not in (8, 16):
+        return None
+    out, pos = [PNG_SIGNATURE], len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if kind in PNG_KEPT_CHUNKS:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            return b"".join(out)
+    return None
+
+
 def encode_mask(mask: np.ndarray) -> bytes:
     return encode_png(np.where(mask, 255, 0).astype(np.uint8))
 
@@ -601,17 +631,21 @@ def load_image_record(src: Path, rec: Record) -> Loaded:
     mask_png = None
     if rec.masks:
         merged = np.zeros(arr.shape, dtype=bool)
+        single_mask_png = None
         for mask_file in rec.masks:
             mask_img, mask_data = open_image(src / mask_file, mask_file)
             digest.update(mask_data)
-            mask = binarize_mask(np.asarray(mask_img if mask_img.mode in ("L", "1") or mask_img.mode.startswith("I")
-                                            else mask_img.convert("RGB")))
+            raw = np.asarray(mask_img if mask_img.mode in ("L", "1") or mask_img.mode.startswith("I")
+                             else mask_img.convert("RGB"))
+            mask = binarize_mask(raw)
             if mask.shape != arr.shape:
                 raise ImageProblem(f"{mask_file}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {rec.file} "
                                    f"is {arr.shape[1]}x{arr.shape[0]}; masks must match their image's size")
             merged |= mask
-        mask_png = encode_mask(merged)
-    png = encode_png(arr)
+            if len(rec.masks) == 1 and raw.dtype == np.uint8 and raw.ndim == 2 and np.isin(raw, (0, 255)).all():
+                single_mask_png = png_passthrough(mask_data)  # already a 0/255 gray PNG
+        mask_png = single_mask_png or encode_mask(merged)
+    png = (png_passthrough(data) if img.mode in ("L", "I;16", "I;16B") else None) or encode_png(arr)
     return Loaded([Decoded(png, arr.shape[0], arr.shape[1], mask_png)], digest.hexdigest())
 
 
