@@ -217,7 +217,8 @@ def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[P
             continue
         a, b = cands[first], c
         ra, rb = records[a.index], records[b.index]
-        if (a.row["label"], a.row["patient_id"]) != (b.row["label"], b.row["patient_id"]):
+        same_patient = a.row["patient_id"] == b.row["patient_id"] or ra.own_patient or rb.own_patient
+        if a.row["label"] != b.row["label"] or not same_patient:
             what = "label" if a.row["label"] != b.row["label"] else "patient"
             problems.append(rb.problem(f"the same image as {_where(ra)} but with a different {what}; "
                                        "remove one of them or fix the row"))

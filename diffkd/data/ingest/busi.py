@@ -43,7 +43,7 @@ def discover(src: Path, clinical_csv=None, label_map=None, **_) -> Discovery:
         if target is None:
             found.skipped += 1
             continue
-        found.records.append(Record(file=rel, label=target, patient=rel, masks=masks_beside(rel, present)))
+        found.records.append(Record(file=rel, label=target, patient=rel, own_patient=True, masks=masks_beside(rel, present)))
     if found.records:
         found.warnings.append("busi: no patient ids; each image is treated as its own patient")
     return found

@@ -102,6 +102,7 @@ class Record:
     file: str  # posix path relative to SRC
     label: int | None = None
     patient: str | None = None  # raw patient id (never stored)
+    own_patient: bool = False  # no patient id known: the image stands for its own patient
     case: str | None = None  # raw case id (never stored)
     masks: tuple[str, ...] = ()
     modality: str | None = None

@@ -47,7 +47,8 @@ def from_label_folders(images: list[str], present: set[str], label_map, own_pati
     found = Discovery(records=[])
     for rel in images:
         parts = PurePosixPath(rel).parts
-        rec = Record(file=rel, patient=rel if own_patient else None, masks=masks_beside(rel, present))
+        rec = Record(file=rel, patient=rel if own_patient else None, own_patient=own_patient,
+                     masks=masks_beside(rel, present))
         if len(parts) < 2:
             found.problems.append(rec.problem("not in a label folder and there is no clinical CSV; put images "
                                               "under SRC/<label>/ or describe them with --clinical CSV"))

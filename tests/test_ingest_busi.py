@@ -1,0 +1,57 @@
+"""`diffkd ingest --layout busi`: class folders, OR-merged masks, the required label map."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.ingest import IngestError, ingest
+
+
+def busi_tree(root: Path) -> Path:
+    """BUSI-like: RGB PNGs named 'benign (N).png', masks '_mask.png' and '_mask_1.png', a duplicate image."""
+    rng = np.random.default_rng(0)
+    for cls, n in (("benign", 3), ("malignant", 2), ("normal", 2)):
+        (root / cls).mkdir(parents=True)
+        for i in range(1, n + 1):
+            gray = rng.integers(0, 256, (30, 36), dtype=np.uint8)
+            Image.fromarray(np.dstack([gray] * 3)).save(root / cls / f"{cls} ({i}).png")  # gray stored as RGB
+            mask = np.zeros((30, 36), np.uint8)
+            if cls != "normal":
+                mask[2:8, 2:8] = 255
+            Image.fromarray(mask).save(root / cls / f"{cls} ({i})_mask.png")
+    second = np.zeros((30, 36), np.uint8)
+    second[20:25, 20:30] = 255
+    Image.fromarray(second).save(root / "benign" / "benign (1)_mask_1.png")
+    (root / "benign" / "benign (3).png").write_bytes((root / "benign" / "benign (2).png").read_bytes())
+    return root
+
+
+def test_busi_layout(tmp_path):
+    src = busi_tree(tmp_path / "Dataset_BUSI_with_GT")
+    report = ingest(src, "busi", tmp_path / "ds", layout="busi", label_map="benign=0,malignant=1,normal=skip")
+    assert report.skipped == 2 and report.duplicates == 1
+    assert report.labels_added == {"DCIS": 2, "upgrade": 2}
+    rows = {r["source"]: r for r in ImageDataset(tmp_path / "ds").read_table().to_pylist()}
+    first = rows["busi:benign/benign (1).png"]
+    img = Image.open(io.BytesIO(first["image"]))
+    assert img.mode == "L"
+    assert np.array_equal(np.asarray(img), np.asarray(Image.open(src / "benign/benign (1).png"))[..., 0])
+    mask = np.asarray(Image.open(io.BytesIO(first["mask"]))) > 0
+    assert mask[4, 4] and mask[22, 25] and mask.sum() == 36 + 50  # both masks, OR-merged
+    assert np.asarray(Image.open(io.BytesIO(rows["busi:malignant/malignant (1).png"]["mask"]))).sum() == 36 * 255
+    assert len({r["patient_id"] for r in rows.values()}) == 4
+    assert any("own patient" in w for w in report.warnings)
+
+
+def test_busi_needs_a_complete_label_map(tmp_path):
+    src = busi_tree(tmp_path / "busi")
+    with pytest.raises(IngestError, match=r"needs --label-map .*benign, malignant, normal"):
+        ingest(src, "busi", tmp_path / "ds", layout="busi")
+    with pytest.raises(IngestError, match="does not map class folder.*normal"):
+        ingest(src, "busi", tmp_path / "ds", layout="busi", label_map="benign=0,malignant=1")
+    assert not (tmp_path / "ds").exists()

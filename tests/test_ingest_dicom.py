@@ -1,0 +1,167 @@
+"""`diffkd ingest --layout dicom`: de-identification, tissue-region crop and spacing, frames, bad files."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.ingest import IngestError, ingest, pseudonymizer_for
+
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
+PHI = {"PatientName": "Roe^Jessamine", "PatientID": "MRN-4711-SECRET", "PatientBirthDate": "19610417",
+       "AccessionNumber": "ACC93721XQ", "InstitutionName": "Saint Nowhere Infirmary",
+       "InstitutionAddress": "12 Hidden Lane", "ReferringPhysicianName": "Quill^Doctor",
+       "OperatorsName": "Sonographer^Pat", "StudyID": "STUDY8842", "StudyDate": "20240117"}
+# tissue region: x 10..69, y 4..43 of an 80x50 frame; 0.012 cm = 0.12 mm per pixel
+REGION = dict(x0=10, y0=4, x1=69, y1=43, delta_cm=0.012)
+
+
+def us_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHROME2", region: bool = True,
+             modality: str = "US", phi: dict | None = None) -> Path:
+    """A minimal but valid ultrasound DICOM with PHI tags, regions (tissue + a Doppler strip) and pixels."""
+    multi = pixels is not None and pixels.ndim == (4 if photometric == "RGB" else 3)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = US_MULTIFRAME if multi else US_IMAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = modality
+    for keyword, value in (PHI if phi is None else phi).items():
+        setattr(ds, keyword, value)
+    if region:
+        tissue = Dataset()
+        tissue.RegionSpatialFormat, tissue.RegionDataType, tissue.RegionFlags = 1, 1, 0
+        tissue.RegionLocationMinX0, tissue.RegionLocationMinY0 = REGION["x0"], REGION["y0"]
+        tissue.RegionLocationMaxX1, tissue.RegionLocationMaxY1 = REGION["x1"], REGION["y1"]
+        tissue.PhysicalUnitsXDirection = tissue.PhysicalUnitsYDirection = 3
+        tissue.PhysicalDeltaX = tissue.PhysicalDeltaY = REGION["delta_cm"]
+        doppler = Dataset()  # a larger spectral strip: must not be chosen
+        doppler.RegionSpatialFormat, doppler.RegionDataType, doppler.RegionFlags = 3, 3, 0
+        doppler.RegionLocationMinX0, doppler.RegionLocationMinY0 = 0, 0
+        doppler.RegionLocationMaxX1, doppler.RegionLocationMaxY1 = 79, 49
+        doppler.PhysicalUnitsXDirection, doppler.PhysicalUnitsYDirection = 4, 7
+        doppler.PhysicalDeltaX = doppler.PhysicalDeltaY = 0.5
+        ds.SequenceOfUltrasoundRegions = [doppler, tissue]
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=8 * pixels.dtype.itemsize,
+                          generate_instance_uid=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def frame(seed: int, shape=(50, 80)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def every_stored_text_and_byte(root: Path) -> bytes:
+    """All file bytes under `root`, plus every Parquet value decoded (compression would hide strings)."""
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath, name)
+            out.append(path.read_bytes())
+            if name.endswith(".parquet"):
+                table = pq.read_table(path)
+                out.append(str(table.schema.metadata).encode())
+                for column in table.columns:
+                    for value in column.to_pylist():
+                        out.append(value if isinstance(value, bytes) else str(value).encode())
+    return b"\n".join(out)
+
+
+def test_dicom_ingest_stores_no_phi(tmp_path):
+    src = tmp_path / "pacs"
+    single = us_dicom(src / "upgrade" / "IMG0001.dcm", frame(1))
+    cine = us_dicom(src / "DCIS" / "Roe_Jessamine_cine", np.stack([frame(2), frame(3), frame(4)]))  # no suffix
+    rgb = np.stack([frame(5), frame(6), frame(7)], axis=-1)
+    us_dicom(src / "DCIS" / "IMG0003.dcm", rgb, photometric="RGB", phi={**PHI, "PatientID": "MRN-0002-OTHER"})
+    ds_path = tmp_path / "out" / "ds"
+    report = ingest(src, "C", ds_path, layout="dicom")
+    assert report.added == 5  # 1 + 3 frames + 1
+
+    stored = every_stored_text_and_byte(tmp_path / "out")
+    secrets = [*PHI.values(), "MRN-0002-OTHER", "Roe", "Jessamine", "Hidden Lane", "Nowhere"]
+    import pydicom
+
+    for path in (single, cine):
+        d = pydicom.dcmread(path)
+        secrets += [d.SOPInstanceUID, d.StudyInstanceUID, d.SeriesInstanceUID]
+    for secret in secrets:
+        assert secret.encode() not in stored, f"{secret!r} found in the dataset folder"
+        assert secret.lower().encode() not in stored.lower()
+
+    rows = ImageDataset(ds_path).read_table().to_pylist()
+    pseudo = pseudonymizer_for(ds_path)
+    by_patient = {r["patient_id"] for r in rows}
+    assert by_patient == {pseudo.patient("MRN-4711-SECRET"), pseudo.patient("MRN-0002-OTHER")}
+    cine_rows = [r for r in rows if "#frame=" in r["source"]]
+    assert len(cine_rows) == 3 and len({r["case_id"] for r in cine_rows}) == 1  # frames of one file: one case
+    assert all("Roe" not in r["source"] for r in rows)  # a path carrying the patient's name is hashed
+    assert {r["source"] for r in rows if "#" not in r["source"]} >= {"dicom:upgrade/IMG0001.dcm"}
+
+
+def test_dicom_crop_spacing_and_gray(tmp_path):
+    src = tmp_path / "pacs"
+    pixels = frame(1)
+    us_dicom(src / "DCIS" / "a.dcm", pixels)
+    rgb = np.stack([frame(5), frame(6), frame(7)], axis=-1)
+    us_dicom(src / "upgrade" / "b.dcm", rgb, photometric="RGB", phi={"PatientID": "P2"})
+    us_dicom(src / "upgrade" / "c.dcm", frame(8), region=False, phi={"PatientID": "P3"})
+    ingest(src, "C", tmp_path / "ds", layout="dicom")
+    rows = {r["source"]: r for r in ImageDataset(tmp_path / "ds").read_table().to_pylist()}
+    a = rows["dicom:DCIS/a.dcm"]
+    h, w = REGION["y1"] - REGION["y0"] + 1, REGION["x1"] - REGION["x0"] + 1
+    assert (a["height"], a["width"]) == (h, w)
+    assert a["spacing_mm"] == pytest.approx(0.12)
+    img = np.asarray(Image.open(io.BytesIO(a["image"])))
+    assert np.array_equal(img, pixels[REGION["y0"]:REGION["y1"] + 1, REGION["x0"]:REGION["x1"] + 1])
+    b = np.asarray(Image.open(io.BytesIO(rows["dicom:upgrade/b.dcm"]["image"])))
+    expected = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))[REGION["y0"]:REGION["y1"] + 1, REGION["x0"]:REGION["x1"] + 1]
+    assert np.abs(b.astype(int) - expected).max() <= 1
+    c = rows["dicom:upgrade/c.dcm"]
+    assert (c["height"], c["width"]) == (50, 80) and c["spacing_mm"] is None  # no region: whole frame
+
+
+def test_dicom_frame_choice_and_csv_labels(tmp_path):
+    src = tmp_path / "pacs"
+    us_dicom(src / "cine.dcm", np.stack([frame(2), frame(3), frame(4)]))
+    with open(src / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file", "label", "age"], ["cine.dcm", "upgrade", "51"]])
+    report = ingest(src, "C", tmp_path / "ds", layout="dicom", clinical_csv=src / "labels.csv", frames="middle")
+    rows = ImageDataset(tmp_path / "ds").read_table().to_pylist()
+    assert report.added == 1 and len(rows) == 1 and rows[0]["label"] == 1 and rows[0]["age"] == 51
+    middle = np.asarray(Image.open(io.BytesIO(rows[0]["image"])))
+    assert np.array_equal(middle, frame(3)[REGION["y0"]:REGION["y1"] + 1, REGION["x0"]:REGION["x1"] + 1])
+
+
+def test_dicom_without_pixel_data_or_damaged_is_refused(tmp_path):
+    src = tmp_path / "pacs"
+    us_dicom(src / "DCIS" / "ok.dcm", frame(1))
+    us_dicom(src / "DCIS" / "report.dcm", None)
+    damaged = us_dicom(src / "DCIS" / "cut.dcm", frame(2), phi={"PatientID": "P9"})
+    damaged.write_bytes(damaged.read_bytes()[:-1500])
+    us_dicom(src / "DCIS" / "ct.dcm", frame(3), modality="CT", phi={"PatientID": "P8"})
+    ds_path = tmp_path / "ds"
+    with pytest.raises(IngestError) as err:
+        ingest(src, "C", ds_path, layout="dicom")
+    message = str(err.value)
+    assert "DCIS/report.dcm: has no pixel data" in message
+    assert "DCIS/cut.dcm" in message and "ct.dcm" in message and "not US or MG" in message
+    assert not ds_path.exists() and not (tmp_path / ".ds.salt").exists()
+    report = ingest(src, "C", ds_path, layout="dicom", quarantine=tmp_path / "q")
+    assert report.added == 1 and report.quarantined == 3
