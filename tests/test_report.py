@@ -65,14 +65,17 @@ def test_page_is_self_contained(built):
 def test_skipped_sections_are_said_never_silent(tmp_path):
     preds, _, inputs = simulate_report(tmp_path)
     inputs.skipped = {"synthetic": "the dataset has one modality only"}
-    preds = preds[~preds.model.isin(["combined", "deep_features"])]
+    preds = preds[preds.split != "test"]  # no external centers at all
     files = write_report(tmp_path / "run", preds, inputs, readers=None)
     page = files.index.read_text()
     assert "skipped: the dataset has one modality only" in page
     assert "skipped: no reader reads were provided" in page
+    assert "skipped: no external (&#x27;test&#x27;) predictions" in page
     metrics = json.loads(files.metrics.read_text())
-    assert metrics["skipped"] == {"readers": "no reader reads were provided",
+    assert metrics["skipped"] == {"external": "no external ('test') predictions",
+                                  "readers": "no reader reads were provided",
                                   "synthetic": "the dataset has one modality only"}
+    assert metrics["models"]["student_kd"]["external"] is None
     with pytest.raises(ValueError, match="unknown report section"):
         ReportInputs(skipped={"reader": "typo"})
 

@@ -40,6 +40,11 @@ def _cohort(predictions: pd.DataFrame, cohort: str) -> pd.DataFrame:
     return predictions[predictions.split == COHORT_SPLITS[cohort]]
 
 
+def _no_cases(ax, cohort: str) -> None:
+    ax.text(0.5, 0.5, f"no {cohort} cases", ha="center", va="center", transform=ax.transAxes, color="#777777")
+    ax.set_axis_off()
+
+
 def _roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Empirical ROC through every distinct threshold, from (0, 0) to (1, 1)."""
     order = np.argsort(-s, kind="mergesort")
@@ -73,6 +78,9 @@ def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], refer
     fig = Figure(figsize=(11, 5.2))
     for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
         part = _cohort(predictions, cohort)
+        if part.empty:
+            _no_cases(ax, cohort)
+            continue
         ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8, ls="--")
         for model in ordered_models(part.model.unique()):
             frame = part[part.model == model]
@@ -122,6 +130,10 @@ def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 
     for col, cohort in enumerate(COHORT_SPLITS):
         ax, hist_ax = axes[0, col], axes[1, col]
         part = _cohort(predictions, cohort)
+        if part.empty:
+            _no_cases(ax, cohort)
+            hist_ax.set_axis_off()
+            continue
         ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=0.8, ls="--", label="ideal")
         for model in ordered_models(part.model.unique()):
             frame = part[part.model == model]
@@ -156,6 +168,9 @@ def decision_figure(predictions: pd.DataFrame, reference: str, thresholds: Seque
     fig = Figure(figsize=(11, 4.8))
     for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
         part = _cohort(predictions, cohort)
+        if part.empty:
+            _no_cases(ax, cohort)
+            continue
         cases = part.drop_duplicates("case_id")
         treat_all = treat_all_net_benefit(cases.label, thresholds)
         ax.plot(thresholds, treat_all, color="#555555", lw=1.2, ls="--", label="treat all")

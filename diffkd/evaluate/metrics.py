@@ -247,8 +247,9 @@ class ThresholdRule:
         m, n = _check_both_classes(y)
         s = np.asarray(scores, dtype=float)
         candidates = np.unique(s)[::-1]  # descending: sensitivity grows along the array
-        sens = (s[y == 1][None, :] >= candidates[:, None]).sum(axis=1) / m
-        spec = (s[y == 0][None, :] < candidates[:, None]).sum(axis=1) / n
+        pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
+        sens = 1 - np.searchsorted(pos, candidates, side="left") / m  # share of positives >= t
+        spec = np.searchsorted(neg, candidates, side="left") / n  # share of negatives < t
         if self.method == "youden":
             j = sens + spec - 1
             best = np.flatnonzero(j >= j.max() - 1e-12)[-1]

@@ -50,7 +50,7 @@ PACKAGES = ("diffkd", "torch", "torchvision", "timm", "diffusers", "ray", "deeps
 
 # Sections a caller may mark as skipped, with the report heading each belongs to.
 SECTIONS = {
-    "discrimination": "Discrimination", "per_center": "Per-center performance", "calibration": "Calibration",
+    "external": "External validation", "discrimination": "Discrimination", "per_center": "Per-center performance", "calibration": "Calibration",
     "decision": "Clinical utility", "ablations": "Ablations", "baselines": "Seed-001 baselines",
     "readers": "Reader study", "efficiency": "Model size and speed", "synthetic": "Synthetic-data audit",
 }
@@ -313,9 +313,11 @@ def _discrimination_section(ctx: _Context) -> str:
     if ctx.caller_skipped("discrimination"):
         return _skipped(ctx.skipped["discrimination"])
     models = ordered_models(ctx.metrics["models"])
+    # internal rows always exist (thresholds are fitted on them); external ones may not
+    out = "" if (ctx.preds.split == "test").any() else ctx.skip("external", "no external ('test') predictions")
     points = (reader_operating_points(ctx.reads, cases_table(ctx.preds), ctx.config.level)
               if ctx.reads is not None else None)
-    out = _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options),
+    out += _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options),
                   "ROC curves, internal and external",
                   f"ROC curves. Shaded: pointwise 95% bootstrap band for <code>{_esc(ctx.reference)}</code>; circle: its "
                   "operating point at the threshold fixed on internal validation; filled markers: readers (square "
@@ -667,8 +669,13 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
         staging.commit()
     finally:
         staging.discard()
+    # stale leftovers of an earlier report would re-enter a rebuild
     if reads is None:
-        (report_dir / READERS_FILE).unlink(missing_ok=True)  # a stale copy would re-enter a rebuild
+        (report_dir / READERS_FILE).unlink(missing_ok=True)
+    current = {name for name, _ in ctx.grids}
+    for old in (report_dir / "grids").glob("*.png"):
+        if old.name not in current:
+            old.unlink()
     log.info("report written to %s", report_dir / "index.html")
     return ReportFiles(report_dir / "index.html", report_dir / "metrics.json", report_dir / "predictions.parquet")
 
