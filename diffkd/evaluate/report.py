@@ -588,7 +588,12 @@ def _read_grids(paths: Sequence[str]) -> list[tuple[str, bytes]]:
             raise FileNotFoundError(f"synthetic image grid {path} does not exist") from None
         if not data.startswith(b"\x89PNG\r\n\x1a\n"):
             raise ValueError(f"synthetic image grid {path} is not a PNG file")
-        grids.append((Path(path).name, data))
+        name, taken = Path(path).name, {n for n, _ in grids}
+        for k in range(2, len(paths) + 2):  # same file name from two folders: keep both
+            if name not in taken:
+                break
+            name = f"{Path(path).stem}_{k}.png"
+        grids.append((name, data))
     return grids
 
 
