@@ -1,0 +1,93 @@
+"""Patient-level, stratified, seeded splits; external centers test-only; the leakage guard."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffkd.data.splits import LeakageError, check_no_leakage, leave_one_center_out, make_splits
+
+
+def cohort(centers=("A", "B", "C"), patients=60, seed=0, synthetic_per_center=0) -> pd.DataFrame:
+    """1-3 images per patient, ~30% upgrade patients, optional synthetic rows."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for center in centers:
+        for p in range(patients):
+            label = int(rng.random() < 0.3)
+            for k in range(rng.integers(1, 4)):
+                rows.append(dict(case_id=f"{center}-{p}", patient_id=f"pid-{center}-{p}", center=center,
+                                 label=label, modality="us", synthetic=False))
+        for s in range(synthetic_per_center):
+            rows.append(dict(case_id=f"syn-{center}-{s}", patient_id=f"syn-{center}-{s}", center=center,
+                             label=s % 2, modality="us", synthetic=True))
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)  # order must not matter
+
+
+def test_patient_level_stratified_and_external_test_only():
+    df = cohort()
+    out = make_splits(df, external=["C"], val_fraction=0.25, seed=1)
+    assert list(out.columns) == ["case_id", "patient_id", "center", "label", "modality", "synthetic", "split"]
+    assert (out[out.center == "C"].split == "test").all()
+    assert set(out[out.center != "C"].split) == {"train", "val"}
+    assert out.groupby("patient_id").split.nunique().max() == 1
+    patients = out[out.center != "C"].drop_duplicates("patient_id")
+    for (center, label), group in patients.groupby(["center", "label"]):
+        n_val = (group.split == "val").sum()
+        assert n_val == int(len(group) * 0.25 + 0.5), (center, label)
+
+
+def test_deterministic_from_the_seed_and_independent_of_row_order():
+    df = cohort()
+    a = make_splits(df, ["C"], seed=3).set_index("case_id").split
+    b = make_splits(df.iloc[::-1], ["C"], seed=3).set_index("case_id").split
+    assert a.sort_index().equals(b.sort_index())
+    c = make_splits(df, ["C"], seed=4).set_index("case_id").split
+    assert not a.sort_index().equals(c.sort_index())
+
+
+def test_adding_a_center_keeps_everyone_elses_split():
+    small = make_splits(cohort(("A", "B")), [], seed=0)
+    big = make_splits(pd.concat([cohort(("A", "B")), cohort(("D",), seed=9)]), [], seed=0)
+    merged = small.merge(big, on=["case_id", "patient_id"], suffixes=("_small", "_big")).drop_duplicates("case_id")
+    assert (merged.split_small == merged.split_big).all()
+
+
+def test_synthetic_rows_train_only_and_dropped_for_external_centers():
+    df = cohort(synthetic_per_center=5)
+    out = make_splits(df, ["C"], seed=0)
+    synth = out[out.synthetic]
+    assert (synth.split == "train").all() and set(synth.center) == {"A", "B"}
+
+
+def test_bad_arguments():
+    df = cohort(("A", "B"))
+    with pytest.raises(ValueError, match="Z not in the dataset"):
+        make_splits(df, ["Z"])
+    with pytest.raises(ValueError, match="every center is external"):
+        make_splits(df, ["A", "B"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        make_splits(df, [], val_fraction=1.0)
+    with pytest.raises(ValueError, match="lacks column"):
+        make_splits(df.drop(columns=["patient_id"]), [])
+
+
+def test_leakage_guard_fails_loudly():
+    out = make_splits(cohort(), ["C"], seed=0)
+    check_no_leakage(out)
+    leaky = out.copy()
+    victim = leaky[leaky.split == "train"].patient_id.iloc[0]
+    leaky.loc[leaky.index[leaky.center == "C"][:1], "patient_id"] = victim  # same patient in the external center
+    with pytest.raises(LeakageError, match=f"{victim}: splits test, train"):
+        check_no_leakage(leaky)
+    synthetic_val = out.copy()
+    synthetic_val.loc[len(synthetic_val)] = ["syn-1", "syn-p1", "A", 1, "us", True, "val"]
+    with pytest.raises(LeakageError, match="synthetic"):
+        check_no_leakage(synthetic_val)
+
+
+def test_leave_one_center_out():
+    folds = leave_one_center_out(["B", "A", "C", "A"])
+    assert folds == [("A", ["B", "C"]), ("B", ["A", "C"]), ("C", ["A", "B"])]
+    with pytest.raises(ValueError, match="at least two"):
+        leave_one_center_out(["A"])
