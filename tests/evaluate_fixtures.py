@@ -64,7 +64,8 @@ def simulate_report(tmp_path, seed: int = 0):
 
     preds = simulate_predictions(seed=seed, models=tuple(m for m in MODEL_NOISE if m != "clinical"))
     rng = np.random.default_rng(seed)
-    cases = preds.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
+    columns = ["case_id", "patient_id", "center", "split", "label"]
+    cases = preds.drop_duplicates("case_id")[columns].reset_index(drop=True)
     # BI-RADS and palpability carry signal, age none; every level holds both outcomes (no separation)
     birads_shift = (rng.random(len(cases)) < 0.5) * cases.label.to_numpy() + rng.integers(0, 4, len(cases))
     cases["birads"] = np.array(["4a", "4b", "4c", "5"])[np.minimum(birads_shift, 3)]
@@ -87,5 +88,6 @@ def simulate_report(tmp_path, seed: int = 0):
                     "clinical": {"params": baselines.params["clinical"]}},
         synthetic={"fid": 38.5, "kid": 0.021, "conditional_accuracy": 0.79, "near_copies": 0, "tstr_auc": 0.68},
         synthetic_grids=grids, baselines=baselines.summary, config={"seed": seed, "student": {"arch": "resnet18"}},
-        flow=[{"center": "A", "step": "images received", "n": 130}, {"center": "A", "step": "excluded: no pathology", "n": 10}])
+        flow=[{"center": "A", "step": "images received", "n": 130},
+              {"center": "A", "step": "excluded: no pathology", "n": 10}])
     return preds, simulate_reads(preds), inputs

@@ -25,7 +25,8 @@ PROBE = """<script>
 window.__errors = [];
 window.addEventListener('error', function (e) {
   var t = e.target;
-  window.__errors.push(t && t !== window ? 'failed to load ' + String(t.src || t.href).slice(0, 80) : String(e.message));
+  window.__errors.push(t && t !== window ? 'failed to load ' + String(t.src || t.href).slice(0, 80)
+                                         : String(e.message));
 }, true);
 var originalError = console.error;
 console.error = function () {

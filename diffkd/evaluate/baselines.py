@@ -154,7 +154,8 @@ class ClinicalModel:
             fit = fit_logistic(self._with_intercept(design[cols]), y)
             rows.append({"variable": var, "p": likelihood_ratio_p(fit, null, len(cols)), "terms": len(cols)})
         self.univariate = pd.DataFrame(rows).sort_values("p").reset_index(drop=True)
-        screened = [v for v in self.encoder.variables if v in set(self.univariate.variable[self.univariate.p < self.screen_p])]
+        passed = set(self.univariate.variable[self.univariate.p < self.screen_p])
+        screened = [v for v in self.encoder.variables if v in passed]
         if not screened:
             screened = [self.univariate.variable.iloc[0]]
             self.notes.append(f"no variable reached p < {self.screen_p} alone; kept the strongest, {screened[0]}")

@@ -162,7 +162,8 @@ def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 
     return to_png(fig)
 
 
-def decision_figure(predictions: pd.DataFrame, reference: str, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> bytes:
+def decision_figure(predictions: pd.DataFrame, reference: str,
+                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> bytes:
     """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none."""
     colors = model_colors(predictions.model.unique())
     fig = Figure(figsize=(11, 4.8))

@@ -50,7 +50,8 @@ PACKAGES = ("diffkd", "torch", "torchvision", "timm", "diffusers", "ray", "deeps
 
 # Sections a caller may mark as skipped, with the report heading each belongs to.
 SECTIONS = {
-    "external": "External validation", "discrimination": "Discrimination", "per_center": "Per-center performance", "calibration": "Calibration",
+    "external": "External validation", "discrimination": "Discrimination", "per_center": "Per-center performance",
+    "calibration": "Calibration",
     "decision": "Clinical utility", "ablations": "Ablations", "baselines": "Seed-001 baselines",
     "readers": "Reader study", "efficiency": "Model size and speed", "synthetic": "Synthetic-data audit",
 }
@@ -319,7 +320,8 @@ def _discrimination_section(ctx: _Context) -> str:
               if ctx.reads is not None else None)
     out += _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options),
                   "ROC curves, internal and external",
-                  f"ROC curves. Shaded: pointwise 95% bootstrap band for <code>{_esc(ctx.reference)}</code>; circle: its "
+                  "ROC curves. Shaded: pointwise 95% bootstrap band for "
+                  f"<code>{_esc(ctx.reference)}</code>; circle: its "
                   "operating point at the threshold fixed on internal validation; filled markers: readers (square "
                   "senior, triangle junior) with Wilson 95% CIs. Legend: AUC (95% CI).")
     for cohort in ("internal", "external"):
@@ -353,7 +355,8 @@ def _per_center_section(ctx: _Context) -> str:
                   "AUC with 95% CI per center and model (internal centers: their validation cases).")
     headers = ["center", "role", "model", "cases", "upgrades", "AUC (95% CI)", "sensitivity", "specificity",
                "accuracy"]
-    every_model = _table(headers, [rows[i] for i in rows_sorted], range(3, 9), [rows_sorted.index(i) for i in highlight])
+    every_model = _table(headers, [rows[i] for i in rows_sorted], range(3, 9),
+                         [rows_sorted.index(i) for i in highlight])
     if not highlight:
         return out + every_model
     return (out + _table(headers, [rows[i] for i in rows_sorted if i in highlight], range(3, 9)) +
@@ -426,7 +429,8 @@ def _baseline_section(ctx: _Context) -> str:
     summary = ctx.inputs.baselines or {}
     clinical = summary.get("clinical")
     if clinical:
-        ors = [[f"<code>{_esc(r['term'])}</code>", _esc(r.get("reference") or ""), _ci(r["odds_ratio"], [r["lo"], r["hi"]], 2),
+        ors = [[f"<code>{_esc(r['term'])}</code>", _esc(r.get("reference") or ""),
+                _ci(r["odds_ratio"], [r["lo"], r["hi"]], 2),
                 _p(r["p"])] for r in clinical["odds_ratios"]]
         uni = [[_esc(r["variable"]), _num(r["terms"]), _p(r["p"])] for r in clinical["univariate"]]
         out += ("<h3>Clinical model: odds ratios (final multivariate model)</h3>" +
@@ -477,7 +481,8 @@ def _efficiency_section(ctx: _Context) -> str:
     for model in ordered_models(ctx.metrics["models"]):
         e = ctx.metrics["models"][model]
         if e["params"] is not None or e["latency_ms"] is not None:
-            rows.append([f"<code>{_esc(model)}</code>", _esc(ctx.inputs.model_info.get(model, {}).get("architecture", "")),
+            architecture = ctx.inputs.model_info.get(model, {}).get("architecture", "")
+            rows.append([f"<code>{_esc(model)}</code>", _esc(architecture),
                          _num(e["params"]), _num(e["latency_ms"], 2), _num((e.get("external") or {}).get("auc"))])
     if not rows:
         return ctx.skip("efficiency", "no parameter counts or latencies were provided")
@@ -529,7 +534,8 @@ def _reproducibility_section(ctx: _Context, predictions_sha256: str, versions: M
     out = _table(["package", "version"], [[_esc(k), _esc(v)] for k, v in versions.items()])
     out += (f"<p><code>predictions.parquet</code> sha256 <code>{predictions_sha256}</code>. Rebuild this page with "
             "<code>diffkd report --predictions report/predictions.parquet --out NEW_DIR</code>.</p>")
-    out += "<h3>Evaluation settings</h3><pre>" + _esc(yaml.safe_dump(dataclasses.asdict(ctx.config), sort_keys=False)) + "</pre>"
+    settings = yaml.safe_dump(dataclasses.asdict(ctx.config), sort_keys=False)
+    out += f"<h3>Evaluation settings</h3><pre>{_esc(settings)}</pre>"
     if ctx.inputs.config:
         out += "<h3>Experiment config</h3><pre>" + _esc(yaml.safe_dump(ctx.inputs.config, sort_keys=False)) + "</pre>"
     else:
