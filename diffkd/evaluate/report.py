@@ -62,7 +62,8 @@ class ReportInputs:
     """What the report needs beyond predictions; saved as report_inputs.json beside them."""
 
     title: str = "diffkd validation report"
-    dataset: dict = field(default_factory=dict)  # e.g. {"name", "modality", "external": [...], "path"}
+    # e.g. {"name", "modality", "external", "path"}; "intended_use" and "outcome" replace the default texts
+    dataset: dict = field(default_factory=dict)
     model_info: dict = field(default_factory=dict)  # model -> {"params", "latency_ms", "architecture", ...}
     synthetic: dict | None = None  # the synthetic-data audit: fid, kid, conditional_accuracy, near_copies, tstr_auc
     synthetic_grids: list[str] = field(default_factory=list)  # PNG paths of sample grids
@@ -213,7 +214,7 @@ class _Context:
 
 def _model_rows(ctx: _Context, cohort: str, models: Sequence[str]) -> tuple[list[list[str]], list[int]]:
     rows, highlight = [], []
-    for i, model in enumerate(models):
+    for model in models:
         m = ctx.metrics["models"][model].get(cohort)
         if not m:
             continue
@@ -240,8 +241,10 @@ def _summary_section(ctx: _Context) -> str:
                 f"<b>{_ci_inline(e['auc'], e['auc_ci'])}</b> on {_num(e['n'])} cases, with sensitivity "
                 f"{_num(e['sensitivity'])} and specificity {_num(e['specificity'])} at the threshold fixed on internal "
                 f"validation ({_num(ref['threshold'])}).</p>")
-    table = _table(_PERF_HEADERS, rows, numeric=range(1, 9), highlight=highlight) if rows else _skipped(
-        "no external ('test') predictions")
+    if not rows:
+        rows, highlight = _model_rows(ctx, "internal", models)
+        lead = "<p>There is no external cohort; the table shows internal validation.</p>"
+    table = _table(_PERF_HEADERS, rows, numeric=range(1, 9), highlight=highlight)
     return lead + table + (f'<p class="note">Sensitivity, specificity, PPV, NPV and accuracy at each model\'s own '
                            f"threshold fixed on internal validation ({_esc(ctx.config.threshold_rule.describe())}); "
                            "Wilson 95% CIs.</p>")
@@ -253,14 +256,14 @@ def _model_details_section(ctx: _Context) -> str:
         info = ctx.inputs.model_info.get(model, {})
         rows.append([f"<code>{_esc(model)}</code>", _esc(info.get("description") or MODEL_DESCRIPTIONS.get(model, "")),
                      _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"])])
-    ds = ctx.inputs.dataset
-    intended = (
-        "<p><b>Intended use.</b> Research use: estimate, before surgery, the probability that ductal carcinoma "
-        "in situ (DCIS) diagnosed at core biopsy is upgraded to invasive carcinoma at surgical excision, from "
-        f"the breast image{' and clinical data' if ctx.inputs.baselines else ''}. Not a medical device; not "
-        "validated prospectively.</p>"
-        "<p><b>Outcome.</b> <code>label</code> = 1 when surgery found invasive disease (upgrade), 0 when it "
-        "stayed DCIS; the positive class is the upgrade.</p>")
+    ds = dict(ctx.inputs.dataset)
+    intended_use = ds.pop("intended_use", (
+        "Research use: estimate, before surgery, the probability that ductal carcinoma in situ (DCIS) "
+        "diagnosed at core biopsy is upgraded to invasive carcinoma at surgical excision, from the breast "
+        "image. Not a medical device; not validated prospectively."))
+    outcome = ds.pop("outcome", ("label = 1 when surgery found invasive disease (upgrade), 0 when it stayed DCIS; "
+                                 "the positive class is the upgrade."))
+    intended = (f"<p><b>Intended use.</b> {_esc(intended_use)}</p><p><b>Outcome.</b> {_esc(outcome)}</p>")
     data = ""
     if ds:
         data = _table(["dataset", "value"], [[_esc(k), _esc(v)] for k, v in ds.items()])

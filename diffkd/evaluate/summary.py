@@ -132,15 +132,15 @@ def cohort_table(predictions: pd.DataFrame) -> pd.DataFrame:
     cases = cases_table(predictions)
     rows = []
     for center, frame in cases.groupby("center", sort=True):
-        role = "external" if (frame.split == "test").all() else ("internal" if not (frame.split == "test").any()
-                                                                  else "mixed")
+        external = frame.split == "test"
+        role = "external" if external.all() else ("mixed" if external.any() else "internal")
         row = {"center": center, "role": role, "patients": frame.patient_id.nunique(), "cases": len(frame),
                "positives": int(frame.label.sum()), "positive_rate": float(frame.label.mean())}
         row.update({f"n_{s}": int((frame.split == s).sum()) for s in SPLITS})
         rows.append(row)
     table = pd.DataFrame(rows)
-    return table.sort_values(["role", "center"], key=lambda c: c.map({"internal": 0, "mixed": 1, "external": 2})
-                             if c.name == "role" else c).reset_index(drop=True)
+    role_order = table.role.map({"internal": 0, "mixed": 1, "external": 2})
+    return table.iloc[np.lexsort((table.center, role_order))].reset_index(drop=True)
 
 
 def fit_thresholds(predictions: pd.DataFrame, rule: ThresholdRule) -> dict[str, float]:
