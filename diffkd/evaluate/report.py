@@ -38,7 +38,8 @@ from diffkd.config import from_dict
 from diffkd.evaluate import figures
 from diffkd.evaluate.readers import load_readers, reader_operating_points
 from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
-                                     cases_table, cohort_table, fit_thresholds, ordered_models, validate_predictions)
+                                     cases_table, cohort_table, fit_thresholds, jsonable, ordered_models,
+                                     validate_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -675,7 +676,7 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
         saved["synthetic_grids"] = [f"grids/{name}" for name, _ in ctx.grids]
         for name, png in ctx.grids:
             staging.write_bytes(f"grids/{name}", png)
-        staging.write_bytes(INPUTS_FILE, json.dumps(saved, indent=2, default=str).encode())
+        staging.write_bytes(INPUTS_FILE, json.dumps(jsonable(saved), indent=2, allow_nan=False).encode())
         if reads is not None:
             staging.write_bytes(READERS_FILE, reads.drop(columns="basis").assign(call=reads.call.astype(int))
                                 .to_csv(index=False).encode())

@@ -163,7 +163,7 @@ def _finite(value: float) -> float | None:
 
 
 def jsonable(obj):
-    """NaN/inf -> null, numpy scalars -> Python, tuples -> lists: strict JSON."""
+    """NaN/inf -> null, numpy scalars -> Python, tuples -> lists, other objects -> str: strict JSON."""
     if isinstance(obj, Mapping):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray)):
@@ -174,7 +174,9 @@ def jsonable(obj):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
         return _finite(float(obj))
-    return obj
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)  # paths, timestamps, enums in a caller's config
 
 
 def cohort_metrics(frame: pd.DataFrame, threshold: float, config: EvaluateConfig = EvaluateConfig()) -> dict:
