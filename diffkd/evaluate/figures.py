@@ -75,7 +75,7 @@ def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], refer
     bootstrap band and the fixed-threshold operating point for the reference model, reader points
     with Wilson 95% CIs."""
     colors = model_colors(predictions.model.unique())
-    fig = Figure(figsize=(11, 5.2))
+    fig = Figure(figsize=(12, 7.5))
     for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
         part = _cohort(predictions, cohort)
         if part.empty:
@@ -117,7 +117,8 @@ def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], refer
         ax.set_ylim(-0.01, 1.01)
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7, title="AUC (95% CI)", title_fontsize=7, framealpha=0.9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=7, title="AUC (95% CI)",
+                  title_fontsize=7, frameon=False)  # below the axes: reader points stay visible
     return to_png(fig)
 
 
