@@ -118,7 +118,9 @@ def save_checkpoint(local_dir: str, engine, state: LoopState, *, rank: int, worl
 
 def _write_checksums(local_dir: str, rank: int, world_size: int) -> None:
     files = {}
-    for root, _, names in os.walk(local_dir):
+    for root, dirs, names in os.walk(local_dir):
+        if root == local_dir and CHECKSUM_DIR in dirs:
+            dirs.remove(CHECKSUM_DIR)  # listings never list themselves
         for name in names:
             full = os.path.join(root, name)
             rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
