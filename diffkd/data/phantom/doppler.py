@@ -43,7 +43,7 @@ def add_flow(gray: np.ndarray, grid: BeamGrid, lesion: LesionView | None, vascul
         return list(zip(cx + p * np.cos(tilt) - q * np.sin(tilt), cy + p * np.sin(tilt) + q * np.cos(tilt)))
 
     def vessel(points: list[tuple[float, float]], mm: float) -> None:
-        level = int(rng.uniform(170, 255))
+        level = int(rng.uniform(150, 255))
         for p0, p1 in zip(points[:-1], points[1:]):  # intensity varies along the vessel (pulsatility)
             level = int(np.clip(level + rng.normal(0, 20), 120, 255))
             draw.line([p0, p1], fill=level, width=width_px(mm))
@@ -70,12 +70,14 @@ def add_flow(gray: np.ndarray, grid: BeamGrid, lesion: LesionView | None, vascul
             draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=int(rng.uniform(160, 255)))
     # background vessels in normal tissue and flash artefacts: present whatever the lesion
     x0, y0, x1, y1 = box
-    for _ in range(int(rng.poisson(1.2))):
-        y = rng.uniform(y0, y1)
-        xs = np.linspace(x0, x1, 9) if rng.random() < 0.5 else np.linspace(x1, x0, 9)
-        xs = xs[: int(rng.integers(3, 9))]
-        ys = y + np.cumsum(rng.normal(0, 0.4 / s, len(xs)))
-        vessel(list(zip(xs, ys)), rng.uniform(0.3, 0.7))
+    for _ in range(int(rng.poisson(1.0))):
+        steps = int(rng.integers(3, 7))
+        heading = rng.normal(0, 0.4) + rng.choice([0, np.pi])  # breast vessels run roughly along the skin
+        turns = heading + np.cumsum(rng.normal(0, 0.35, steps))
+        step_px = rng.uniform(0.8, 1.6) / s
+        xs = rng.uniform(x0, x1) + np.cumsum(step_px * np.cos(turns))
+        ys = rng.uniform(y0, y1) + np.cumsum(step_px * np.sin(turns))
+        vessel(list(zip(xs, ys)), rng.uniform(0.25, 0.5))
     for _ in range(int(rng.poisson(2.0))):
         x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
         draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=int(rng.uniform(90, 180)))

@@ -43,6 +43,8 @@ def contact_sheet(cohort_dir: str | Path, png: str | Path, per_label: int = 3, o
             tile = _tile(image_path, mask_path if outline_masks else None)
             sheet.paste(tile, (ci * TILE + (TILE - tile.width) // 2, y + HEADER + (TILE - tile.height) // 2))
             color = (120, 200, 255) if label == "DCIS" else (255, 150, 90)
+            box = draw.textbbox((ci * TILE + 4, y + HEADER + 2), label, font=font)
+            draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
             draw.text((ci * TILE + 4, y + HEADER + 2), label, fill=color, font=font)
     png.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(png)
