@@ -65,9 +65,11 @@ def test_page_is_self_contained(built):
 def test_skipped_sections_are_said_never_silent(tmp_path):
     preds, _, inputs = simulate_report(tmp_path)
     inputs.skipped = {"synthetic": "the dataset has one modality only"}
+    inputs.notes = ["no us_doppler images: the pairing-free student was not trained"]
     preds = preds[preds.split != "test"]  # no external centers at all
     files = write_report(tmp_path / "run", preds, inputs, readers=None)
     page = files.index.read_text()
+    assert "Skipped stage: no us_doppler images: the pairing-free student was not trained" in page
     assert "skipped: the dataset has one modality only" in page
     assert "skipped: no reader reads were provided" in page
     assert "skipped: no external (&#x27;test&#x27;) predictions" in page

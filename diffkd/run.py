@@ -1,0 +1,399 @@
+"""`diffkd run`: the whole DiffKD-DCIS pipeline on any ingested dataset.
+
+    splits -> diffusion -> synthesis -> synthetic audit -> teachers (real-only, real+synthetic)
+    -> KD search (Ray Tune, internal validation only) -> students (KD, KD from the real-only
+    teacher, plain, pairing-free group KD) -> seed-001 baselines -> report
+
+Each stage records its outputs in `OUT/run_state.json` (`diffkd.runstate`): rerunning the same
+command resumes after the last finished stage. Stages that need what a dataset lacks (a second
+modality, reader reads) are skipped with the reason written into the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from diffkd.config import ConfigError, from_dict, load_yaml, to_dict
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.schema import CLINICAL_COLUMNS
+from diffkd.evaluate.baselines import BaselineConfig
+from diffkd.evaluate.summary import EvaluateConfig
+from diffkd.runstate import RunState
+from diffkd.synth import AuditConfig, SynthConfig
+from diffkd.train.diffusion_task import DiffusionConfig
+from diffkd.train.loop import LoopConfig
+from diffkd.train.student import StudentConfig
+from diffkd.train.teacher import TeacherConfig
+
+log = logging.getLogger("diffkd.run")
+
+PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "model", "prob"]
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" = a private local instance; "auto" or host:port joins a cluster
+    num_cpus: int = 0  # logical CPUs of the local instance; 0 = max(4, cores)
+
+
+@dataclass
+class DiffusionStage:
+    enabled: bool = True
+    model: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=20))
+
+
+@dataclass
+class TuneStage:
+    enabled: bool = True
+    space: str = "tune_spaces/kd.yaml"  # relative paths are resolved against the config file, then the CWD
+    num_samples: int = 0  # 0 = the space's own count
+
+
+@dataclass
+class PairingFreeStage:
+    """Seed 002's setting: a teacher on the richer modality, a student on B-mode, no image pairs."""
+
+    enabled: bool = True
+    teacher_modality: str = "us_doppler"
+    student_modality: str = "us"
+
+
+@dataclass
+class BaselineStage:
+    enabled: bool = True
+    config: BaselineConfig = field(default_factory=BaselineConfig)
+    feature_model: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet101"))
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "diffkd"
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    diffusion: DiffusionStage = field(default_factory=DiffusionStage)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    synthetic_ratio: float = 0.5  # synthetic rows mixed into each training epoch, relative to real rows
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    tune: TuneStage = field(default_factory=TuneStage)
+    pairing_free: PairingFreeStage = field(default_factory=PairingFreeStage)
+    baselines: BaselineStage = field(default_factory=BaselineStage)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
+    cfg = from_dict(ExperimentConfig, load_yaml(path), where=str(path))
+    space = Path(cfg.tune.space)
+    if not space.is_absolute() and (Path(path).parent / space).exists():
+        cfg.tune.space = str((Path(path).parent / space).resolve())
+    elif not space.is_absolute() and (Path(path).parent.parent / space).exists():
+        cfg.tune.space = str((Path(path).parent.parent / space).resolve())  # configs/ beside tune_spaces/
+    return cfg
+
+
+def per_case(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per case and model: a case's images (views) are averaged into the case's probability."""
+    keys = ["model", "case_id", "patient_id", "center", "split", "label"]
+    return predictions.groupby(keys, as_index=False, sort=False)["prob"].mean()[PREDICTION_COLUMNS]
+
+
+def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: str | os.PathLike,
+                 readers_csv: str | None = None) -> dict:
+    """Run every stage; return metrics.json as a dict. `out` receives models/, tune/, audit/, report/."""
+    from diffkd import raycompat
+    from diffkd.data.splits import check_no_leakage, make_splits
+
+    out = Path(out)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    ds = ImageDataset(dataset)
+    if not ds.exists():
+        raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
+    raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
+    state = RunState.load(out)
+    say = _say
+
+    real = ds.metadata().to_pandas()
+    assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
+    check_no_leakage(assignments)
+    say(f"dataset {dataset}: {len(real)} images, {real['case_id'].nunique()} cases, centers "
+        f"{', '.join(sorted(real['center'].unique()))}; external: {', '.join(external) or 'none'}")
+    common = {"dataset": str(dataset), "external": list(external), "splits": to_dict(cfg.splits)}
+    skipped: dict[str, str] = {}  # report section -> why it has no content
+    notes: list[str] = []  # stages left out, for the report's limitations
+    model_dirs: dict[str, str] = {}
+    models = out / "models"
+
+    # ---- 1. diffusion, synthesis, audit ---------------------------------------------------------------
+    synthetic_block, grids = None, []
+    ratio = cfg.synthetic_ratio
+    if cfg.diffusion.enabled:
+        from diffkd.synth import audit, synthesize
+        from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+
+        diffusion_dir = str(models / "diffusion")
+        split = SplitSpec(external=list(external), val_fraction=cfg.splits.val_fraction, seed=cfg.splits.seed)
+        state.run("diffusion", {**common, "cfg": to_dict(cfg.diffusion)},
+                  lambda: _dir_result(train_diffusion(ds, diffusion_dir, cfg.diffusion.model,
+                                                      _loop(cfg.diffusion.loop, out, "diffusion"), split)))
+        state.run("synth", {**common, "cfg": to_dict(cfg.synth)},
+                  lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)))
+        audited = state.run("audit", {**common, "cfg": to_dict(cfg.audit)},
+                            lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, cfg=cfg.audit)})
+        synthetic_block = audited["summary"]
+        grids = [str(out / "audit" / "synthetic_grid.png"), str(out / "audit" / "synthetic_near_copies.png")]
+    else:
+        ratio = 0.0
+        skipped["synthetic"] = "the diffusion stage is disabled in the config (diffusion.enabled: false)"
+
+    # ---- 2. teachers ------------------------------------------------------------------------------------
+    from diffkd.train.teacher import train_teacher
+
+    student_modality = cfg.student.student_modality
+    teacher_cfg = _modality(cfg.teacher, student_modality)
+    teacher_variants = {"teacher": ratio}
+    if ratio > 0:
+        teacher_variants["teacher_real_only"] = 0.0
+    for name, mix in teacher_variants.items():
+        model_dirs[name] = str(models / name)
+        state.run(name, {**common, "cfg": to_dict(teacher_cfg), "ratio": mix},
+                  lambda name=name, mix=mix: _predictions_result(train_teacher(
+                      ds, assignments, _with_loop(teacher_cfg, out, name), model_dirs[name], synthetic_ratio=mix),
+                      name))
+
+    # ---- 3. KD search on internal validation, then the students ---------------------------------------
+    student_cfg = dataclasses.replace(cfg.student, teacher_dir=model_dirs["teacher"], mode="paired",
+                                      pipeline=dataclasses.replace(cfg.student.pipeline, synthetic_ratio=ratio))
+    if cfg.tune.enabled:
+        student_cfg = state.run("tune", {**common, "cfg": to_dict(cfg.tune), "student": to_dict(student_cfg)},
+                                lambda: _tune(ds, assignments, student_cfg, cfg.tune, out))["config"]
+        student_cfg = from_dict(StudentConfig, student_cfg, "tuned student")
+    else:
+        notes.append("tune.enabled is false: the student used the config's distillation settings, not a search")
+
+    from diffkd.train.student import plain_variant, train_student
+
+    students = {
+        "student_kd": student_cfg,
+        "student_plain": plain_variant(student_cfg, student_cfg.pipeline)[0],
+    }
+    if ratio > 0:
+        students["student_kd_real_only"] = dataclasses.replace(
+            student_cfg, teacher_dir=model_dirs["teacher_real_only"],
+            pipeline=dataclasses.replace(student_cfg.pipeline, synthetic_ratio=0.0))
+    modalities = set(real["modality"])
+    pf = cfg.pairing_free
+    if pf.enabled and {pf.teacher_modality, pf.student_modality} <= modalities:
+        model_dirs["teacher_" + pf.teacher_modality] = str(models / f"teacher_{pf.teacher_modality}")
+        name = "teacher_" + pf.teacher_modality
+        state.run(name, {**common, "cfg": to_dict(teacher_cfg), "modality": pf.teacher_modality},
+                  lambda: _predictions_result(train_teacher(
+                      ds, assignments, _with_loop(_modality(teacher_cfg, pf.teacher_modality), out, name),
+                      model_dirs[name], synthetic_ratio=0.0), name))
+        students["student_pairing_free"] = dataclasses.replace(
+            student_cfg, teacher_dir=model_dirs[name], mode="pairing_free", student_modality=pf.student_modality,
+            teacher_modality=pf.teacher_modality, pipeline=dataclasses.replace(student_cfg.pipeline,
+                                                                               synthetic_ratio=0.0))
+    elif pf.enabled:
+        notes.append(f"the dataset has no {pf.teacher_modality!r} images beside {pf.student_modality!r} "
+                                   f"(modalities: {', '.join(sorted(modalities))}): the pairing-free group KD "
+                                   "student was not trained")
+    for name, scfg in students.items():
+        model_dirs[name] = str(models / ("student" if name == "student_kd" else name))
+        state.run(name, {**common, "cfg": to_dict(scfg)},
+                  lambda name=name, scfg=scfg: _predictions_result(train_student(
+                      ds, assignments, _with_loop(scfg, out, name), model_dirs[name], model_name=name), name))
+
+    # ---- 4. seed-001 baselines ------------------------------------------------------------------------
+    baseline_summary = None
+    if cfg.baselines.enabled:
+        result = state.run("baselines", {**common, "cfg": to_dict(cfg.baselines)},
+                           lambda: _baselines(ds, assignments, cfg.baselines, out, student_modality))
+        baseline_summary = result["summary"]
+    else:
+        skipped["baselines"] = "baselines.enabled is false in the config"
+
+    # ---- 5. evaluation and report ---------------------------------------------------------------------
+    return state.run("report", {**common, "models": sorted(model_dirs), "readers": readers_csv,
+                                "evaluate": to_dict(cfg.evaluate)},
+                     lambda: _report(ds, out, model_dirs, cfg, synthetic_block, grids, baseline_summary,
+                                     readers_csv, skipped, notes, external))
+
+
+# ---- stage helpers ---------------------------------------------------------------------------------------
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _loop(loop: LoopConfig, out: Path, name: str) -> LoopConfig:
+    """Every stage's checkpoints live under OUT/checkpoints/<stage>; reruns resume them on purpose."""
+    run_dir = out / "checkpoints"
+    resume = (run_dir / name).exists()
+    return dataclasses.replace(loop, storage_path=str(run_dir.resolve()), run_name=name, resume=resume)
+
+
+def _with_loop(stage_cfg, out: Path, name: str):
+    return dataclasses.replace(stage_cfg, loop=_loop(stage_cfg.loop, out, name))
+
+
+def _modality(teacher: TeacherConfig, modality: str) -> TeacherConfig:
+    return dataclasses.replace(teacher, pipeline=dataclasses.replace(teacher.pipeline, modalities=(modality,)))
+
+
+def _dir_result(result) -> dict:
+    return {"model_dir": result.model_dir}
+
+
+def _predictions_result(result, name: str) -> dict:
+    path = os.path.join(result.model_dir, "predictions.parquet")
+    return {"model_dir": result.model_dir, "predictions": path, "metrics": result.metrics}
+
+
+def _tune(ds: ImageDataset, assignments: pd.DataFrame, student_cfg: StudentConfig, tune: TuneStage,
+          out: Path) -> dict:
+    from diffkd.tune import StageConfig, tune_student
+    from diffkd.tune_space import load_space
+
+    space = load_space(tune.space)
+    if tune.num_samples:
+        space = dataclasses.replace(space, num_samples=tune.num_samples)
+    stage = StageConfig(student=student_cfg, pipeline=student_cfg.pipeline, loop=student_cfg.loop)
+    search_dir = out / "tune"
+    outcome = tune_student(ds.uri, assignments, stage, space, str(search_dir), resume=(search_dir / "search").exists())
+    best = outcome.best_config
+    chosen = dataclasses.replace(best.student, pipeline=best.pipeline, loop=best.loop)
+    return {"config": to_dict(chosen), "best_params": outcome.best_params, "best_objective": outcome.best_objective,
+            "trial_epochs": outcome.trial_epochs, "files": outcome.files}
+
+
+def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage, out: Path,
+               modality: str) -> dict:
+    """Seed 001: clinical LR, in-domain ResNet101 features + mRMR + LASSO, and both combined."""
+    import torch
+
+    from diffkd.data.pipeline import load_arrays
+    from diffkd.evaluate.baselines import fit_baselines
+    from diffkd.models.classifiers import features, load_classifier
+    from diffkd.train.teacher import train_teacher
+
+    name = "deep_feature_model"
+    feature_dir = str(out / "models" / name)
+    fcfg = _with_loop(_modality(stage.feature_model, modality), out, name)
+    rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
+    train_teacher(ds, rows, fcfg, feature_dir, synthetic_ratio=0.0)
+    model = load_classifier(feature_dir).eval()
+    arrays = load_arrays(ds, rows["case_id"], fcfg.pipeline)
+    with torch.no_grad():
+        image = torch.from_numpy(arrays["image"])
+        feats = torch.cat([features(model, image[i:i + 64]) for i in range(0, len(image), 64)]).numpy()
+    per_image = pd.DataFrame({"case_id": arrays["case_id"]})
+    # a case's views are averaged into one feature vector, as its predictions are
+    frame = pd.DataFrame(feats).groupby(per_image["case_id"].to_numpy()).mean()
+    meta = ds.metadata().to_pandas().drop_duplicates("case_id").set_index("case_id")
+    cases = (rows.drop_duplicates("case_id").set_index("case_id")
+             .loc[frame.index, ["patient_id", "center", "split", "label"]].reset_index())
+    for column in CLINICAL_COLUMNS:
+        cases[column] = meta.loc[cases["case_id"], column].to_numpy()
+    result = fit_baselines(cases, frame.to_numpy(), list(CLINICAL_COLUMNS), stage.config)
+    path = out / "models" / "baselines_predictions.parquet"
+    result.predictions.to_parquet(path, index=False)
+    return {"predictions": str(path), "summary": result.summary, "params": result.params}
+
+
+def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, dict]:
+    """Parameters and CPU latency (batch 1) of every trained classifier, measured the same way."""
+    from diffkd.data.schema import ClinicalEncoding
+    from diffkd.models.classifiers import load_classifier, uses_clinical
+    from diffkd.models.footprint import count_parameters, latency_ms
+
+    info = {}
+    for name, path in model_dirs.items():
+        if name == "diffusion" or not os.path.exists(os.path.join(path, "config.json")):
+            continue
+        model = load_classifier(path).eval()
+        with open(os.path.join(path, "config.json")) as f:
+            arch = json.load(f).get("architecture", "")
+        size = cfg.student.pipeline.image_size if name.startswith("student") else cfg.teacher.pipeline.image_size
+        clinical = ClinicalEncoding().width if uses_clinical(model) else 0
+        info[name] = {"params": count_parameters(model), "architecture": arch,
+                      "latency_ms": latency_ms(model, size, 1, clinical)}
+    return info
+
+
+def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: ExperimentConfig, synthetic: dict | None,
+            grids: list[str], baseline_summary: dict | None, readers_csv: str | None, skipped: dict[str, str],
+            notes: list[str], external: list[str]) -> dict:
+    from diffkd.evaluate.report import ReportInputs, write_report
+    from diffkd.evaluate.summary import headline_table
+
+    for note in notes:
+        print(f"note: {note}")
+
+    frames = [pd.read_parquet(os.path.join(path, "predictions.parquet"))
+              for name, path in model_dirs.items() if name != "diffusion"]
+    baseline_path = out / "models" / "baselines_predictions.parquet"
+    if baseline_summary is not None and baseline_path.exists():
+        frames.append(pd.read_parquet(baseline_path))
+    predictions = per_case(pd.concat([f[PREDICTION_COLUMNS] for f in frames], ignore_index=True))
+    readers = None
+    if readers_csv:
+        readers = _pseudonymised_reads(ds, readers_csv)
+    else:
+        skipped["readers"] = "no reader CSV was given (diffkd run --readers CSV): no reader comparison"
+    model_info = _model_info(model_dirs, cfg)
+    inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
+                          dataset={"name": Path(ds.root).name, "path": str(ds.uri), "external": list(external)},
+                          model_info=model_info, synthetic=synthetic,
+                          synthetic_grids=[g for g in grids if os.path.exists(g)],
+                          baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
+                          evaluate=to_dict(cfg.evaluate))
+    files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
+    metrics = json.loads(Path(files.metrics).read_text())
+    print(headline_table(metrics))
+    print(f"report: {files.index}")
+    return {"report": str(files.index), "metrics": str(files.metrics)}
+
+
+def _pseudonymised_reads(ds: ImageDataset, readers_csv: str) -> pd.DataFrame:
+    """Reads name cases by the ids the hospital gave them; map them to the ids ingest stored.
+
+    Ingest keys a case's pseudonym by center and raw id, so each raw id is tried against every
+    center's pseudonym; reads matching no case of the dataset are dropped with a warning.
+    """
+    from diffkd.data.ingest import pseudonymizer_for
+
+    try:
+        reads = pd.read_csv(readers_csv, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ConfigError(f"readers file {readers_csv} does not exist") from None
+    if "case_id" not in reads.columns:
+        raise ConfigError(f"{readers_csv}: needs a case_id column (the case ids used at ingest)")
+    pseudo = pseudonymizer_for(ds)
+    known = set(ds.metadata().column("case_id").to_pylist())
+    centers = [reads["center"]] if "center" in reads.columns else None
+    mapped = []
+    for i, raw in enumerate(reads["case_id"]):
+        candidates = [centers[0].iloc[i]] if centers else ds.centers()
+        hits = [pseudo.case(c, raw) for c in candidates if pseudo.case(c, raw) in known]
+        mapped.append(hits[0] if len(hits) == 1 else None)
+    reads["case_id"] = mapped
+    unmatched = reads["case_id"].isna()
+    if unmatched.all():
+        raise ConfigError(f"{readers_csv}: none of its case ids match a case of the dataset; give the case ids "
+                          "used at ingest (the clinical CSV's case_id column)")
+    if unmatched.any():
+        log.warning("%s: %d read(s) name no case of the dataset; they are ignored", readers_csv, int(unmatched.sum()))
+    return reads[~unmatched].drop(columns=[c for c in ("center",) if c in reads.columns]).reset_index(drop=True)
