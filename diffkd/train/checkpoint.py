@@ -72,6 +72,7 @@ class LoopState:
     best_checkpoint: str | None = None  # directory name of the best epoch's checkpoint
     epochs_since_best: int = 0
     stopped_early: bool = False
+    restarts: list[dict] = field(default_factory=list)  # each resume: from which checkpoint, what was skipped
 
 
 def checkpoint_dir_name(epoch: int, nonce: str) -> str:

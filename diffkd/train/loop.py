@@ -101,6 +101,7 @@ class FitResult:
     best_checkpoint: str | None  # path within `filesystem`
     latest_checkpoint: str
     stopped_early: bool
+    restarts: list[dict]  # one entry per resume (worker failure or a resumed run), see LoopState
 
     def state_dict(self, which: str = "best") -> dict[str, torch.Tensor]:
         """Full model weights (ZeRO shards gathered) of the best or the latest checkpoint."""
@@ -205,7 +206,7 @@ def _fit_result(fs: pafs.FileSystem, run_path: str, name: str, latest: str, obje
         best_path = None  # only possible if someone deleted it; the latest weights remain
     return FitResult(run_name=name, run_path=run_path, filesystem=fs, history=state.history, objective=objective,
                      mode=mode, best_epoch=state.best_epoch, best_metrics=best_metrics, best_checkpoint=best_path,
-                     latest_checkpoint=latest, stopped_early=state.stopped_early)
+                     latest_checkpoint=latest, stopped_early=state.stopped_early, restarts=state.restarts)
 
 
 # ---- inside each Ray Train worker ---------------------------------------------------------------
@@ -394,7 +395,10 @@ def _restore(engine, rank: int, world: int, progress: Progress | None) -> ckpt.L
             f"resume with num_workers={meta['world_size']} and zero_stage={meta['zero_stage']}.")
     with ray.train.Checkpoint(path, filesystem=latest.filesystem).as_directory() as local:
         ckpt.load_into_engine(local, engine)
-    return ckpt.LoopState(**meta["state"])
+    state = ckpt.LoopState(**meta["state"])
+    state.restarts.append({"from": posixpath.basename(path), "epoch": state.epoch, "skipped": skipped,
+                           "at": time.time()})
+    return state
 
 
 # ---- predictions --------------------------------------------------------------------------------
