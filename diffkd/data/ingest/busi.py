@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from diffkd.data.ingest.common import (IMAGE_SUFFIXES, Discovery, IngestError, Loaded, Record, is_mask_name,
-                                       list_files, load_image_record, masks_beside)
+                                       list_files, load_image_record, MaskIndex)
 
 NAME = "busi"
 
@@ -30,7 +30,7 @@ def discover(src: Path, clinical_csv=None, label_map=None, **_) -> Discovery:
     if unmapped:
         raise IngestError(f"--label-map does not map class folder(s) {', '.join(unmapped)}; add e.g. "
                           f"{unmapped[0].lower()}=0, =1 or =skip")
-    present = set(files)
+    masks = MaskIndex(files)
     found = Discovery(records=[])
     for rel in files:
         parts = PurePosixPath(rel).parts
@@ -43,7 +43,7 @@ def discover(src: Path, clinical_csv=None, label_map=None, **_) -> Discovery:
         if target is None:
             found.skipped += 1
             continue
-        found.records.append(Record(file=rel, label=target, patient=rel, own_patient=True, masks=masks_beside(rel, present)))
+        found.records.append(Record(file=rel, label=target, patient=rel, own_patient=True, masks=masks.beside(rel)))
     if found.records:
         found.warnings.append("busi: no patient ids; each image is treated as its own patient")
     return found

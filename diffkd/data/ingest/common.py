@@ -505,15 +505,19 @@ def is_mask_name(rel: str) -> bool:
     return bool(MASK_NAME.match(path.stem)) or path.parent.name.lower() in ("mask", "masks")
 
 
-def masks_beside(rel: str, present: set[str]) -> tuple[str, ...]:
-    """`x_mask.png`, `x_mask_1.png`, ... next to `x.png` (any image suffix)."""
-    path = Path(rel)
-    found = []
-    for candidate in sorted(present):
-        c = Path(candidate)
-        if c.parent == path.parent and (m := MASK_NAME.match(c.stem)) and m.group("stem") == path.stem:
-            found.append(candidate)
-    return tuple(found)
+class MaskIndex:
+    """Finds `x_mask.png`, `x_mask_1.png`, ... beside `x.png` (any image suffix) in one dict look-up."""
+
+    def __init__(self, files: Iterable[str]):
+        self._by_image: dict[tuple[str, str], list[str]] = {}
+        for rel in files:
+            path = PurePosixPath(rel)
+            if m := MASK_NAME.match(path.stem):
+                self._by_image.setdefault((path.parent.as_posix(), m.group("stem")), []).append(rel)
+
+    def beside(self, rel: str) -> tuple[str, ...]:
+        path = PurePosixPath(rel)
+        return tuple(sorted(self._by_image.get((path.parent.as_posix(), path.stem), ())))
 
 
 # ---- images -----------------------------------------------------------------------------------
@@ -541,7 +545,9 @@ def to_storable(img: Image.Image, name: str) -> np.ndarray:
             raise ImageProblem(f"{name}: has transparent pixels ({mode}); diffkd does not guess a background. "
                                "Flatten it onto the background you intend (or remove the alpha channel) and re-run")
         return to_storable(img.convert("L" if mode.startswith("L") else "RGB"), name)
-    if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+    if mode == "RGB":
+        return np.asarray(img.convert("L"))
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         return np.asarray(img.convert("RGB").convert("L"))
     raise ImageProblem(f"{name}: image mode {mode!r} is not supported (float or unusual pixel format); "
                        "convert it to 8- or 16-bit gray or RGB PNG")
@@ -565,7 +571,8 @@ def encode_png(arr: np.ndarray) -> bytes:
     if arr.dtype not in (np.uint8, np.uint16) or arr.ndim != 2:
         raise ImageProblem(f"cannot store a {arr.ndim}-D {arr.dtype} image; expected 2-D uint8 or uint16")
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)  # uint16 -> 16-bit PNG
+    # zlib level 3: ~3x faster than the default 6 for ~8% larger files of speckled images
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=3)  # uint16 -> 16-bit PNG
     return buf.getvalue()
 
 

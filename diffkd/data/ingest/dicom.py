@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffkd.data.ingest.common import (Decoded, Discovery, ImageProblem, Loaded, Record, binarize_mask, encode_mask,
-                                       encode_png, find_clinical_csv, list_files, open_image, rgb_to_gray)
+from diffkd.data.ingest.common import (IMAGE_SUFFIXES, Decoded, Discovery, ImageProblem, Loaded, MaskIndex, Record,
+                                       binarize_mask, encode_mask, encode_png, find_clinical_csv, list_files,
+                                       open_image, rgb_to_gray)
 from diffkd.data.ingest.folder import from_csv, from_label_folders
 
 NAME = "dicom"
@@ -63,11 +64,13 @@ def is_dicom_file(path: Path) -> bool:
 def discover(src: Path, clinical_csv=None, label_map=None, frames: str = "all", **_) -> Discovery:
     if frames not in FRAME_CHOICES:
         raise ValueError(f"frames={frames!r}: choose one of {', '.join(FRAME_CHOICES)}")
-    files = [f for f in list_files(src) if is_dicom_file(src / f)]
+    everything = list_files(src)
+    files = [f for f in everything if is_dicom_file(src / f)]
+    masks = MaskIndex(f for f in everything if f.lower().endswith(IMAGE_SUFFIXES))
     csv_path = find_clinical_csv(src, clinical_csv)
     if csv_path is None:
-        return from_label_folders(files, set(files), label_map, own_patient=False)
-    return from_csv(csv_path, files, set(files), label_map, required=("file",))
+        return from_label_folders(files, masks, label_map, own_patient=False)
+    return from_csv(csv_path, files, masks, label_map, required=("file",))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from diffkd.data.ingest.common import (IMAGE_SUFFIXES, SKIP, Discovery, IngestError, Loaded, Record,
-                                       find_clinical_csv, is_mask_name, list_files, load_image_record, masks_beside,
+                                       find_clinical_csv, is_mask_name, list_files, load_image_record, MaskIndex,
                                        read_csv, record_from_csv, resolve_label)
 
 NAME = "folder"
@@ -35,20 +35,19 @@ def folder_label(rel: str, label_map) -> int | object | None:
 def discover(src: Path, clinical_csv=None, label_map=None, **_) -> Discovery:
     csv_path = find_clinical_csv(src, clinical_csv)
     files = list_files(src, IMAGE_SUFFIXES)
-    present = set(files)
     images = [f for f in files if not is_mask_name(f)]
     if csv_path is None:
-        return from_label_folders(images, present, label_map)
-    return from_csv(csv_path, images, present, label_map, required=("file", "patient_id"))
+        return from_label_folders(images, MaskIndex(files), label_map)
+    return from_csv(csv_path, images, MaskIndex(files), label_map, required=("file", "patient_id"))
 
 
-def from_label_folders(images: list[str], present: set[str], label_map, own_patient: bool = True) -> Discovery:
+def from_label_folders(images: list[str], masks: MaskIndex, label_map, own_patient: bool = True) -> Discovery:
     """Labels from each file's first folder; with `own_patient` every image is its own patient."""
     found = Discovery(records=[])
     for rel in images:
         parts = PurePosixPath(rel).parts
         rec = Record(file=rel, patient=rel if own_patient else None, own_patient=own_patient,
-                     masks=masks_beside(rel, present))
+                     masks=masks.beside(rel))
         if len(parts) < 2:
             found.problems.append(rec.problem("not in a label folder and there is no clinical CSV; put images "
                                               "under SRC/<label>/ or describe them with --clinical CSV"))
@@ -69,7 +68,7 @@ def from_label_folders(images: list[str], present: set[str], label_map, own_pati
     return found
 
 
-def from_csv(csv_path: Path, images: list[str], present: set[str], label_map,
+def from_csv(csv_path: Path, images: list[str], masks: MaskIndex, label_map,
              required: tuple[str, ...]) -> Discovery:
     table = read_csv(csv_path, required=required)
     found = Discovery(records=[], csv_path=csv_path, csv_header=table.header, csv_rows=dict(table.rows),
@@ -86,7 +85,7 @@ def from_csv(csv_path: Path, images: list[str], present: set[str], label_map,
             listed.add(rec.file)
             listed.update(rec.masks)
             if "mask" not in table.columns:
-                rec.masks = masks_beside(rec.file, present)
+                rec.masks = masks.beside(rec.file)
                 listed.update(rec.masks)
         if skipped:
             found.skipped += 1
