@@ -88,3 +88,11 @@ def test_grid_png(dataset, tmp_path):
     assert img.shape[1] > img.shape[0] > 300  # 3 rows (A, B, synthetic A) x 4 columns
     assert img.std() > 20  # images were drawn, not an empty canvas
     ds.delete_synthetic()
+
+
+def test_dataset_splits_reads_the_dataset(dataset):
+    from diffkd.data.splits import dataset_splits
+
+    splits = dataset_splits(dataset, external=["B"], seed=0)
+    assert len(splits) == 28 and set(splits[splits.center == "B"].split) == {"test"}
+    assert splits.groupby("patient_id").split.nunique().max() == 1

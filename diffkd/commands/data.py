@@ -61,6 +61,7 @@ def register(subparsers) -> None:
     grid.add_argument("--per-cell", type=int, default=4, metavar="N", help="images per center x label (default 4)")
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--no-synthetic", action="store_true", help="leave out synthetic rows")
+    grid.add_argument("--no-masks", action="store_true", help="do not outline lesion masks")
     grid.set_defaults(handler=run_grid)
 
 
@@ -94,6 +95,7 @@ def run_info(args) -> int:
 def run_grid(args) -> int:
     from diffkd.data.grid import make_grid
 
-    path = make_grid(args.dataset, args.out, per_cell=args.per_cell, seed=args.seed, synthetic=not args.no_synthetic)
+    path = make_grid(args.dataset, args.out, per_cell=args.per_cell, seed=args.seed, synthetic=not args.no_synthetic,
+                     masks=not args.no_masks)
     print(f"wrote {path}")
     return 0

@@ -18,20 +18,21 @@ from diffkd.data.schema import LABEL_NAMES
 
 
 def _sample(meta: pa.Table, per_cell: int, rng: np.random.Generator) -> dict[tuple[str, int], list[str]]:
-    df = meta.select(["case_id", "center", "label"]).to_pandas()
+    """(center, label) -> sampled image keys (sha256: a case may have several images)."""
+    df = meta.select(["sha256", "center", "label"]).to_pandas()
     out = {}
     for (center, label), part in df.groupby(["center", "label"], sort=True):
-        ids = sorted(part["case_id"])
-        out[(center, int(label))] = list(rng.choice(ids, size=min(per_cell, len(ids)), replace=False))
+        keys = sorted(part["sha256"])
+        out[(center, int(label))] = list(rng.choice(keys, size=min(per_cell, len(keys)), replace=False))
     return out
 
 
-def _read_rows(ds: ImageDataset, synthetic: bool, case_ids: list[str]) -> dict[str, dict]:
-    if not case_ids:
+def _read_rows(ds: ImageDataset, synthetic: bool, keys: list[str]) -> dict[str, dict]:
+    if not keys:
         return {}
-    tables = [pq.read_table(path, filesystem=ds.fs, columns=["case_id", "image", "mask"],
-                            filters=[("case_id", "in", case_ids)]) for path in ds.files(synthetic=synthetic)]
-    return {r["case_id"]: r for r in pa.concat_tables(tables).to_pylist()}
+    tables = [pq.read_table(path, filesystem=ds.fs, columns=["sha256", "image", "mask"],
+                            filters=[("sha256", "in", keys)]) for path in ds.files(synthetic=synthetic)]
+    return {r["sha256"]: r for r in pa.concat_tables(tables).to_pylist()}
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -44,7 +45,8 @@ def _decode(png: bytes) -> np.ndarray:
     return arr
 
 
-def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = True, cell_inches: float = 1.6) -> Path:
+def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = True, masks: bool = True,
+              cell_inches: float = 1.6) -> Path:
     """Write a PNG grid of sample images per center × label (+ synthetic rows); returns its path."""
     import matplotlib
 
@@ -57,9 +59,12 @@ def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = 
     if per_cell < 1:
         raise ValueError("--per-cell must be at least 1")
     rng = np.random.default_rng(seed)
-    groups = [(False, _sample(ds.metadata(), per_cell, rng))]
+    metas = {False: ds.metadata()}
     if synthetic and ds.centers(synthetic=True):
-        groups.append((True, _sample(ds.metadata(synthetic=True), per_cell, rng)))
+        metas[True] = ds.metadata(synthetic=True)
+    groups = [(synth, _sample(meta, per_cell, rng)) for synth, meta in metas.items()]
+    counts = {synth: meta.select(["center", "label"]).to_pandas().value_counts().to_dict()
+              for synth, meta in metas.items()}
     rows = [(synth, center) for synth, cells in groups for center in sorted({c for c, _ in cells})]
     labels = sorted(LABEL_NAMES)
     n_cols = per_cell * len(labels)
@@ -79,18 +84,21 @@ def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = 
                     spine.set_visible(False)
                 if r == 0 and k == 0:
                     ax.set_title(LABEL_NAMES[lab], loc="left", fontsize=11, fontweight="bold")
+                if k == 0:
+                    n = counts[synth].get((center, lab), 0)
+                    ax.set_xlabel(f"n={n}", loc="left", fontsize=7)
                 if li == 0 and k == 0:
                     ax.set_ylabel(f"{'synthetic ' if synth else ''}{center}", fontsize=10)
                 if k >= len(ids):
                     continue
                 row = data[ids[k]]
                 ax.imshow(_decode(row["image"]), cmap="gray", vmin=0, vmax=255, interpolation="lanczos")
-                if row["mask"] is not None:
+                if masks and row["mask"] is not None:
                     mask = _decode(row["mask"]) > 0
                     if mask.any():
                         ax.contour(mask, levels=[0.5], colors=["#ffb000"], linewidths=0.6)
-    fig.suptitle(f"{ds.uri}: {per_cell} sample(s) per center × label (seed {seed}); orange = lesion mask",
-                 fontsize=9)
+    fig.suptitle(f"{ds.uri}: {per_cell} sample(s) per center × label (seed {seed}); n = images in the cell"
+                 + ("; orange = lesion mask" if masks else ""), fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

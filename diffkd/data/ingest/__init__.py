@@ -85,7 +85,7 @@ class IngestReport:
                  (self.skipped, "left out by --label-map"), (self.quarantined, "quarantined")]
         if any(n for n, _ in extra):
             lines.append("  " + ", ".join(f"{n} {what}" for n, what in extra if n))
-        if self.quarantine_file:
+        if self.quarantined:
             lines.append(f"  rejected rows and reasons: {self.quarantine_file}")
         lines.append(f"  {'written to' if self.written else 'nothing changed in'} {self.dataset} "
                      f"in {self.seconds:.1f}s")
@@ -383,11 +383,11 @@ def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None,
     problems += _check_other_centers(cands, records, ds, center, keep)
 
     bad_records = {(p.line, p.file) for p in problems}
-    quarantine_file = None
+    if problems and quarantine is None:
+        raise IngestError(_format_problems(problems, src, center, len(bad_records)))
+    # written even when empty, so that a stale file from an earlier run cannot mislead
+    quarantine_file = _write_quarantine(Path(quarantine), center, problems, found) if quarantine else None
     if problems:
-        if quarantine is None:
-            raise IngestError(_format_problems(problems, src, center, len(bad_records)))
-        quarantine_file = _write_quarantine(Path(quarantine), center, problems, found)
         log.warning("%d row(s)/file(s) rejected; reasons in %s", len(bad_records), quarantine_file)
     rejected = {i for i, rec in enumerate(records) if (rec.line, rec.file) in bad_records}
     new_rows = [cands[i].row for i in keep if cands[i].index not in rejected]

@@ -24,6 +24,7 @@ Frames (`frames=`): "all" stores every frame of a multi-frame file as its own ro
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,13 +118,18 @@ def phi_fragments(ds) -> set[str]:
 
 
 def _read(path: Path, name: str):
+    """(dataset, file bytes)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ImageProblem(f"{name}: listed but not found; fix the path (relative to SRC) or add the file") from None
+    except OSError as err:
+        raise ImageProblem(f"{name}: cannot be read ({err.strerror})") from None
+    try:
+        return pydicom.dcmread(io.BytesIO(data)), data
     except InvalidDicomError as err:
         raise ImageProblem(f"{name}: not a DICOM file ({err}); remove it or use another layout") from None
     except Exception as err:  # pydicom raises many types for damaged files
@@ -169,8 +175,7 @@ def _pixels(ds, name: str) -> np.ndarray:
 
 def load(src: Path, rec: Record, frames: str = "all", **_) -> Loaded:
     name = rec.file
-    path = src / rec.file
-    ds = _read(path, name)
+    ds, data = _read(src / rec.file, name)
     modality = rec.modality or MODALITY_TAGS.get(str(ds.get("Modality", "")))
     if modality is None:
         raise ImageProblem(f"{name}: Modality {ds.get('Modality', '')!r} is not US or MG; give a modality "
@@ -195,7 +200,7 @@ def load(src: Path, rec: Record, frames: str = "all", **_) -> Loaded:
         if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
             log.warning("%s: BurnedInAnnotation is YES and there is no ultrasound region to crop to; "
                         "check the stored image for burned-in text", name)
-    digest = hashlib.sha256(path.read_bytes())
+    digest = hashlib.sha256(data)
     mask_png = None
     if rec.masks:
         merged = np.zeros((full_h, full_w), dtype=bool)
