@@ -114,8 +114,11 @@ def leave_one_center_out(centers: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 def dataset_splits(dataset, external: Sequence[str] = (), val_fraction: float = 0.2, seed: int = 0,
                    synthetic: bool = True) -> pd.DataFrame:
-    """`make_splits` over an ImageDataset's real (and, if asked, synthetic) rows."""
-    tables = [dataset.metadata().to_pandas()]
-    if synthetic and dataset.centers(synthetic=True):
-        tables.append(dataset.metadata(synthetic=True).to_pandas())
+    """`make_splits` over a dataset's (ImageDataset, path or URI) real and, if asked, synthetic rows."""
+    from diffkd.data.dataset import ImageDataset
+
+    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    tables = [ds.metadata().to_pandas()]
+    if synthetic and ds.centers(synthetic=True):
+        tables.append(ds.metadata(synthetic=True).to_pandas())
     return make_splits(pd.concat(tables, ignore_index=True), external, val_fraction, seed)
