@@ -1,0 +1,167 @@
+"""Image classifiers by timm name (teacher and student), saved in timm's own layout.
+
+    create_classifier("resnet50", in_chans=1)                    a timm model, trained from scratch
+    create_classifier("resnet18", clinical_dim=W)                + clinical fusion head (fusion.py)
+    save_classifier(model, dir)  /  load_classifier(dir)
+
+A saved classifier is a folder timm reads by itself::
+
+    model.safetensors   the timm model's state dict
+    config.json         timm's config: architecture, num_classes, model_args (in_chans, ...), pretrained_cfg
+    fusion_head.safetensors + fusion_head.json    only when the model fuses clinical attributes
+
+so ``cfg = json.load(open("config.json")); m = timm.create_model(cfg["architecture"], **cfg["model_args"]);
+m.load_state_dict(safetensors.torch.load_file("model.safetensors"))`` (or
+``timm.create_model("local-dir:DIR", pretrained=True)``) restores the image model with no diffkd code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffkd.data.schema import LABEL_NAMES, ClinicalEncoding
+from diffkd.models.fusion import ClinicalFusionClassifier, ClinicalFusionHead, FusionHeadConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FUSION_WEIGHTS = "fusion_head.safetensors"
+FUSION_CONFIG = "fusion_head.json"
+# pretrained_cfg entries timm copies from its ImageNet release of an architecture; untrue of weights trained here.
+_IMAGENET_PROVENANCE = ("tag", "license", "origin_url", "paper_ids", "hf_hub_id", "hf_hub_filename", "url",
+                        "test_input_size", "test_crop_pct", "pool_size")
+
+
+def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinical_dim: int = 0,
+                      drop_rate: float = 0.0, drop_path_rate: float = 0.0, fusion_hidden: int = 64,
+                      fusion_dropout: float = 0.1, column_dropout: float = 0.1, **timm_kwargs: Any) -> nn.Module:
+    """A timm classifier with random weights (no hub download); with `clinical_dim` > 0, a fusion classifier.
+
+    `clinical_dim` must be the width of `ClinicalEncoding` (the fusion head checks the feature names).
+    """
+    import timm
+
+    if drop_path_rate:
+        timm_kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                     drop_rate=drop_rate, **timm_kwargs)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        close = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:8]
+        raise ValueError(f"unknown timm architecture {arch!r}; similar names: {', '.join(close) or 'none'} "
+                         "(timm.list_models() lists all)") from None
+    if not clinical_dim:
+        return backbone
+    width = ClinicalEncoding().width
+    if clinical_dim != width:
+        raise ValueError(f"clinical_dim={clinical_dim}, but the clinical encoding has {width} features")
+    head = ClinicalFusionHead(FusionHeadConfig(embed_dim=backbone.num_features, num_classes=num_classes,
+                                               hidden=fusion_hidden, dropout=fusion_dropout,
+                                               column_dropout=column_dropout))
+    return ClinicalFusionClassifier(backbone, head)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def uses_clinical(model: nn.Module) -> bool:
+    return isinstance(unwrap(model), ClinicalFusionClassifier)
+
+
+def image_model(model: nn.Module) -> nn.Module:
+    """The timm model: the backbone of a fusion classifier, or the classifier itself."""
+    inner = unwrap(model)
+    return inner.backbone if isinstance(inner, ClinicalFusionClassifier) else inner
+
+
+def classify(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Logits for a batch of the task.py contract; passes `clinical` only to fusion classifiers."""
+    if uses_clinical(model):
+        return model(batch["image"], batch["clinical"])
+    return model(batch["image"])
+
+
+def features(model: nn.Module, x: torch.Tensor, pooled: bool = True) -> torch.Tensor:
+    """Image features for distillation: the pooled embedding [B, D] (pre-logits) or the last feature map [B, C, h, w]."""
+    backbone = image_model(model)
+    feature_map = backbone.forward_features(x)
+    return backbone.forward_head(feature_map, pre_logits=True) if pooled else feature_map
+
+
+def data_config(image_size: int, in_chans: int, mean: float, std: float) -> dict:
+    """timm's preprocessing description for config.json: fixed-size gray input, one normalisation per channel."""
+    return {"input_size": (in_chans, image_size, image_size), "mean": (mean,) * in_chans, "std": (std,) * in_chans,
+            "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def save_classifier(model: nn.Module, out_dir: str, preprocessing: dict | None = None) -> None:
+    """Write the classifier in timm's layout (see module doc) into `out_dir`.
+
+    Files are written into a temporary folder beside them and moved into place one by one, config
+    last, so a crash never leaves a half-written file; other files in `out_dir` are left alone.
+    """
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    inner = unwrap(model)
+    backbone = image_model(inner)
+    os.makedirs(out_dir, exist_ok=True)
+    staging = os.path.join(out_dir, f".saving-{secrets.token_hex(4)}")
+    try:
+        save_for_hf(backbone, staging, safe_serialization=True, data_config=preprocessing,
+                    model_config={"label_names": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]}
+                    if backbone.num_classes == len(LABEL_NAMES) else None)
+        config_path = os.path.join(staging, CONFIG)
+        with open(config_path) as f:
+            config = json.load(f)
+        for key in _IMAGENET_PROVENANCE:
+            config["pretrained_cfg"].pop(key, None)
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+        names = [WEIGHTS]
+        if isinstance(inner, ClinicalFusionClassifier):
+            save_file({k: v.contiguous() for k, v in inner.head.state_dict().items()},
+                      os.path.join(staging, FUSION_WEIGHTS))
+            with open(os.path.join(staging, FUSION_CONFIG), "w") as f:
+                json.dump(vars(inner.head.config), f, indent=2)
+            names += [FUSION_WEIGHTS, FUSION_CONFIG]
+        else:
+            for stale in (FUSION_WEIGHTS, FUSION_CONFIG):  # an earlier fusion model's head must not linger
+                if os.path.exists(os.path.join(out_dir, stale)):
+                    os.remove(os.path.join(out_dir, stale))
+        for name in [*names, CONFIG]:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_classifier(model_dir: str) -> nn.Module:
+    """A classifier saved by `save_classifier` (or any timm folder of the same layout), in eval mode."""
+    import timm
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(model_dir, CONFIG)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path} does not exist: {model_dir} is not a saved classifier") from None
+    args = dict(config.get("model_args") or {"num_classes": config["num_classes"]})
+    model = timm.create_model(config["architecture"], pretrained=False, **args)
+    model.load_state_dict(load_file(os.path.join(model_dir, WEIGHTS)))
+    head_config = os.path.join(model_dir, FUSION_CONFIG)
+    if os.path.exists(head_config):
+        with open(head_config) as f:
+            head = ClinicalFusionHead(FusionHeadConfig(**json.load(f)))
+        head.load_state_dict(load_file(os.path.join(model_dir, FUSION_WEIGHTS)))
+        model = ClinicalFusionClassifier(model, head)
+    return model.eval()

@@ -1,0 +1,254 @@
+"""Stage 2: the teacher, a timm classifier trained from scratch on real (+ synthetic) images.
+
+`teacher_loss` is the plain step (model, batch) -> StepOutput that tests call without Ray;
+`TeacherTask` adds evaluation (internal-validation AUC, the early-stopping objective) and export;
+`train_teacher` is the entry the pipeline calls: dataset + splits -> Ray datasets -> `fit` -> the best
+epoch saved as a timm folder -> per-case probabilities for train, internal validation and external.
+
+Class imbalance (upgrades are ~1 in 4): `class_weighting="balanced"` weights the cross-entropy by
+inverse class frequency of the real training rows, n / (2 n_c). Weighting keeps every image in every
+epoch (balanced sampling would drop or repeat rows); it shifts predicted probabilities upwards for
+the minority class, which is why the operating threshold is fixed later on internal data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkd.data.pipeline import PipelineConfig
+from diffkd.data.schema import ClinicalEncoding
+from diffkd.train.loop import FitResult, LoopConfig
+from diffkd.train.task import StepOutput, Task
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from diffkd.data.dataset import ImageDataset
+
+CLASS_WEIGHTINGS = ("balanced", "none")
+PREDICTIONS = "predictions.parquet"
+TRAINING_INFO = "training.json"
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "resnet50"  # any timm name; the paper uses a large CNN, the demo a small one
+    clinical: bool = False  # fuse the clinical attributes (fusion head beside the timm model)
+    drop_rate: float = 0.2  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth, for architectures that have it
+    class_weighting: str = "balanced"  # balanced | none (see module doc)
+    label_smoothing: float = 0.0
+    image_loss_weight: float = 0.5  # fusion only: weight of the image-only logits' own loss
+    fusion_hidden: int = 64
+    column_dropout: float = 0.1  # fusion only: chance to hide a clinical column while training
+    predict_batch_size: int = 64
+    predict_actors: int = 1  # Ray Data actors computing the per-case probabilities
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=30, patience=8, lr=1e-3))
+
+    def __post_init__(self) -> None:
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"teacher.class_weighting {self.class_weighting!r} must be one of "
+                             f"{', '.join(CLASS_WEIGHTINGS)}")
+        if not 0.0 <= self.image_loss_weight:
+            raise ValueError("teacher.image_loss_weight must be >= 0")
+
+
+def build_teacher(cfg: TeacherConfig) -> nn.Module:
+    from diffkd.models.classifiers import create_classifier
+
+    return create_classifier(cfg.arch, in_chans=cfg.pipeline.in_chans, num_classes=2,
+                             clinical_dim=ClinicalEncoding().width if cfg.clinical else 0,
+                             drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+                             fusion_hidden=cfg.fusion_hidden, column_dropout=cfg.column_dropout)
+
+
+def teacher_loss(model: nn.Module, batch: dict[str, Any], cfg: TeacherConfig,
+                 class_weights: torch.Tensor | None = None) -> StepOutput:
+    """Weighted cross-entropy on one batch; a fusion model also trains its image-only logits."""
+    labels = batch["label"]
+    if cfg.clinical:
+        logits, image_logits = model(batch["image"], batch["clinical"], return_image_logits=True)
+    else:
+        logits, image_logits = model(batch["image"]), None
+    weight = None if class_weights is None else class_weights.to(logits.device, logits.dtype)
+    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=cfg.label_smoothing)
+    if image_logits is not None and cfg.image_loss_weight:
+        loss = loss + cfg.image_loss_weight * F.cross_entropy(image_logits, labels, weight=weight,
+                                                               label_smoothing=cfg.label_smoothing)
+    accuracy = (logits.detach().argmax(1) == labels).float().mean()
+    return StepOutput(loss=loss, num_samples=int(labels.shape[0]), metrics={"accuracy": float(accuracy)})
+
+
+def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
+    """n / (2 n_c) per class: each class contributes equally to the loss."""
+    labels = [int(x) for x in labels]
+    counts = [labels.count(0), labels.count(1)]
+    if min(counts) == 0:
+        raise ValueError(f"the training split has {counts[0]} DCIS and {counts[1]} upgrade rows; "
+                         "a classifier needs both classes")
+    return tuple(len(labels) / (2 * c) for c in counts)
+
+
+def auc_or_nan(labels, probs) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else math.nan
+
+
+class TeacherTask(Task):
+    name = "teacher"
+    objective = "val_auc"
+    mode = "max"
+
+    def __init__(self, config: TeacherConfig, class_weights: tuple[float, float] | None = None):
+        self.config = config
+        self.class_weights = class_weights
+
+    def build_model(self) -> nn.Module:
+        return build_teacher(self.config)
+
+    def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        weights = None if self.class_weights is None else torch.tensor(self.class_weights)
+        return teacher_loss(model, batch, self.config, weights)
+
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        from diffkd.models.classifiers import classify
+
+        logits, labels = [], []
+        for batch in batches:
+            logits.append(classify(model, batch).float().cpu())
+            labels.append(batch["label"].cpu())
+        if not logits:
+            return {"val_loss": math.nan, "val_auc": math.nan}
+        logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+        probs = torch.softmax(logits_all, dim=1)[:, 1]
+        return {"val_loss": float(F.cross_entropy(logits_all, labels_all)),
+                "val_auc": auc_or_nan(labels_all.tolist(), probs.tolist())}
+
+    def export(self, model: nn.Module, out_dir: str) -> None:
+        from diffkd.models.classifiers import data_config, save_classifier
+
+        p = self.config.pipeline
+        save_classifier(model, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std))
+
+
+@dataclass
+class TeacherResult:
+    model_dir: str
+    fit: FitResult
+    predictions: "pd.DataFrame"  # case_id, patient_id, center, split, label, model, prob
+    metrics: dict  # {"internal": {"auc", "n"}, "external": {"auc", "n"}, "best_epoch": int}
+
+
+def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", synthetic_ratio: float) -> int:
+    """Rows of one training epoch (real + the synthetic share the pipeline mixes in): the LR schedule length."""
+    real = int(len(train_rows))
+    if synthetic_ratio <= 0:
+        return real
+    centers = set(train_rows["center"])
+    available = sum(e["rows"] for c, e in dataset.manifest.get("synthetic", {}).items() if c in centers)
+    return real + min(available, round(synthetic_ratio * real))
+
+
+def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cfg: TeacherConfig, out_dir: str,
+                  synthetic_ratio: float = 0.0, callbacks: list | None = None) -> TeacherResult:
+    """Train the teacher on the train split (+ synthetic rows at `synthetic_ratio`), select its epoch by
+    internal-validation AUC, save it to `out_dir` (timm folder), and predict every case.
+
+    `out_dir` receives model.safetensors + config.json (+ fusion head), predictions.parquet (one row
+    per real case of every split) and training.json (history, best epoch, AUCs, the run's location).
+    Checkpoints go to `cfg.loop.storage_path` under the run's name.
+    """
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.pipeline import check_can_feed, split_datasets, with_center_vocabulary
+    from diffkd.raycompat import init as ray_init
+    from diffkd.train.loop import fit
+
+    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
+    train_rows = real[real["split"] == "train"]
+    if not len(real[real["split"] == "val"]):
+        raise ValueError("the splits table has no internal-validation ('val') rows: the teacher selects its "
+                         "epoch on them; use a val_fraction > 0")
+    weights = balanced_class_weights(train_rows["label"]) if cfg.class_weighting == "balanced" else None
+
+    ray_init()
+    pipeline = dataclasses.replace(with_center_vocabulary(cfg.pipeline, ds), synthetic_ratio=synthetic_ratio)
+    cfg = dataclasses.replace(cfg, pipeline=pipeline)
+    check_can_feed(pipeline, cfg.loop.num_workers * cfg.loop.cpus_per_worker)
+    datasets = split_datasets(ds, real[real["split"].isin(("train", "val"))], pipeline)
+    loop = dataclasses.replace(cfg.loop, train_samples=cfg.loop.train_samples
+                               or expected_train_rows(ds, train_rows, synthetic_ratio))
+    task = TeacherTask(cfg, weights)
+    fitted = fit(task, datasets, loop, callbacks=callbacks)
+
+    task.export(fitted.load_model(task), out_dir)
+    predictions = predict_splits(ds, real, pipeline, out_dir, cfg)
+    metrics = _summary(predictions, fitted)
+    _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
+    _print_summary(metrics)
+    return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)
+
+
+def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipeline: PipelineConfig, model_dir: str,
+                   cfg: TeacherConfig, model_name: str = "teacher") -> "pd.DataFrame":
+    """Probabilities of every real case in `assignments` (no augmentation), with its split and identifiers."""
+    import pandas as pd
+
+    from diffkd.data.pipeline import make_dataset
+    from diffkd.train.loop import predict
+
+    frames = []
+    for split, rows in assignments.groupby("split", sort=False):
+        ray_ds = make_dataset(dataset, rows["case_id"], pipeline, train=False, centers=rows["center"].unique())
+        frames.append(predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors))
+    probs = pd.concat(frames, ignore_index=True)
+    keep = [c for c in ("case_id", "patient_id", "center", "split", "label") if c in assignments]
+    out = assignments[keep].merge(probs, on="case_id", how="inner", validate="one_to_one")
+    if len(out) != len(assignments):
+        missing = sorted(set(assignments["case_id"]) - set(out["case_id"]))[:5]
+        raise RuntimeError(f"predictions are missing for {len(assignments) - len(out)} case(s), e.g. {missing}")
+    out.insert(len(keep), "model", model_name)
+    return out.sort_values(["split", "case_id"]).reset_index(drop=True)
+
+
+def _summary(predictions: "pd.DataFrame", fitted: FitResult) -> dict:
+    metrics: dict[str, Any] = {"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
+                               "stopped_early": fitted.stopped_early}
+    for name, split in (("internal", "val"), ("external", "test"), ("train", "train")):
+        rows = predictions[predictions["split"] == split]
+        if len(rows):
+            metrics[name] = {"auc": auc_or_nan(rows["label"].tolist(), rows["prob"].tolist()), "n": int(len(rows))}
+    return metrics
+
+
+def _write_outputs(out_dir: str, predictions: "pd.DataFrame", fitted: FitResult, metrics: dict,
+                   cfg: TeacherConfig, synthetic_ratio: float) -> None:
+    from diffkd.config import to_dict
+
+    tmp = os.path.join(out_dir, f".{PREDICTIONS}.tmp")
+    predictions.to_parquet(tmp, index=False)
+    os.replace(tmp, os.path.join(out_dir, PREDICTIONS))
+    info = {"metrics": metrics, "history": fitted.history, "run_name": fitted.run_name, "run_path": fitted.run_path,
+            "best_checkpoint": fitted.best_checkpoint, "synthetic_ratio": synthetic_ratio, "config": to_dict(cfg)}
+    tmp = os.path.join(out_dir, f".{TRAINING_INFO}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out_dir, TRAINING_INFO))
+
+
+def _print_summary(metrics: dict) -> None:
+    parts = [f"[teacher] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
+    for name, label in (("internal", "internal-validation"), ("external", "external")):
+        if name in metrics:
+            parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
+    print("; ".join(parts), flush=True)
