@@ -1,0 +1,83 @@
+"""`diffkd tune`: Ray Tune search over the student stage (temperature, loss weights, learning rate)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+EPILOG = """\
+examples:
+  diffkd tune --space tune_spaces/kd.yaml --dataset out/data --external C --config configs/demo.yaml \\
+      --teacher out/models/teacher --out out/tune
+  diffkd tune kd ... --out out/tune                 # same: a bare name means tune_spaces/<name>.yaml
+  diffkd tune --space tune_spaces/kd.yaml ... --out out/tune --resume       # after an interruption
+  diffkd tune ... --out out/tune --final-out out/models/student            # then train the tuned student
+
+The objective is internal-validation AUC: trials get the train and val rows only, never the external
+centers. OUT receives trials.csv, curves.csv, objective_vs_params.png, learning_curves.png,
+best_config.yaml (feed it to `diffkd distill --config`) and the resumable Tune experiment OUT/search.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("tune", help="search distillation settings with Ray Tune (ASHA + Optuna)",
+                              description="Search the student stage's temperature, loss weights and learning rate "
+                                          "with Ray Tune; each trial is a Ray Train run of the stage.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("space_name", nargs="?", default=None, metavar="SPACE",
+                   help="a space in tune_spaces/ by name (e.g. kd); or use --space FILE")
+    p.add_argument("--space", default=None, metavar="FILE", help="search-space YAML")
+    p.add_argument("--dataset", required=True, help="dataset folder or URI")
+    p.add_argument("--external", default="", metavar="C1,C2", help="external (held-out) centers, never read")
+    p.add_argument("--config", required=True, help="YAML with student / pipeline / loop sections (the base)")
+    p.add_argument("--teacher", default=None, metavar="DIR", help="teacher folder (overrides student.teacher_dir)")
+    p.add_argument("--out", required=True, help="folder for the search and its results")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--samples", type=int, default=None, help="override the space's num_samples")
+    p.add_argument("--final-out", default=None, metavar="DIR",
+                   help="afterwards, train the student with the best config and export it here")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: a private local instance)")
+    p.set_defaults(handler=run)
+
+
+def space_path(args) -> str:
+    if bool(args.space) == bool(args.space_name):
+        raise ValueError("give the search space either by name (diffkd tune kd) or as --space FILE")
+    if args.space:
+        return args.space
+    path = os.path.join("tune_spaces", f"{args.space_name}.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no search space {path}; pass --space FILE")
+    return path
+
+
+def run(args) -> int:
+    import dataclasses
+
+    from diffkd.commands.student import load_stage, splits_for
+    from diffkd.raycompat import init as ray_init
+    from diffkd.train.student import train_student
+    from diffkd.tune import tune_student
+    from diffkd.tune_space import load_space
+
+    space = load_space(space_path(args))
+    if args.samples:
+        space = dataclasses.replace(space, num_samples=args.samples)
+    stage = load_stage(args.config)
+    if args.teacher:
+        stage = dataclasses.replace(stage, student=dataclasses.replace(stage.student, teacher_dir=args.teacher))
+    if not stage.student.teacher_dir:
+        raise ValueError("the search distils from a teacher: pass --teacher DIR or set student.teacher_dir")
+    ray_init(args.address)
+    dataset, splits = splits_for(args.dataset, args.external, args.val_fraction, args.split_seed)
+    outcome = tune_student(dataset.uri, splits, stage, space, args.out, resume=args.resume)
+    print(f"{outcome.num_trials} trials, {outcome.trial_epochs} trial-epochs; best {space.objective} "
+          f"{outcome.best_objective:.4f} with {outcome.best_params}")
+    for name, path in outcome.files.items():
+        print(f"  {name:<15} {path}")
+    if args.final_out:
+        best = outcome.best_config
+        result = train_student(dataset, splits, best.student, best.pipeline, best.loop, out_dir=args.final_out)
+        print(f"final student: internal val AUC {result.val_auc:.3f}; exported to {args.final_out}")
+    return 0

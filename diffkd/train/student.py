@@ -1,0 +1,553 @@
+"""Stage 3: distil the teacher into a small, fast timm student, through the shared loop.
+
+    train_student(dataset, splits, StudentConfig(arch=..., teacher_dir=..., pipeline=..., loop=...), out_dir)
+
+Two modes (`StudentConfig.mode`):
+
+- ``paired``: teacher and student see the same images (the student modality, B-mode).
+- ``pairing_free`` (PaGKD, seed 002): the teacher sees the rich modality (e.g. ``us_doppler``) of
+  *other patients*, the student sees B-mode. Both views travel in the one training stream and every
+  batch is split by modality; the group losses compare the student's class-c images with the
+  teacher's class-c images. Instance losses (logit, feature KD) need pairs: here they use random
+  same-class pairs, the baseline group KD is meant to beat.
+
+`distill_step` is the plain (model, teacher, batch) -> StepOutput function the task wraps; tests call
+it without Ray. With no teacher (`teacher_dir=""`) the stage trains a plain student on cross-entropy:
+that is `student_plain`, the no-KD control (`plain_variant`).
+
+The config nests its `pipeline` and `loop` sections like the teacher's, so a search space addresses
+everything a run needs by dotted path (`distill.temperature`, `loop.lr`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkd.data.pipeline import PipelineConfig
+from diffkd.data.schema import MODALITIES, ClinicalEncoding
+from diffkd.distill import FeatureKD, GroupDenseKD, GroupPrototypeKD, LogitKD
+from diffkd.train.loop import FitResult, LoopConfig
+from diffkd.train.task import StepOutput, Task
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from diffkd.data.dataset import ImageDataset
+
+log = logging.getLogger(__name__)
+
+MODES = ("paired", "pairing_free")
+CLASS_WEIGHTINGS = ("balanced", "none")
+TRAINING_INFO = "training.json"  # beside config.json: how the student was trained (as the teacher's)
+PREDICTIONS = "predictions.parquet"
+
+
+@dataclass
+class DistillConfig:
+    """The distillation objective: L = (1-α)·CE + α·T²·KL + w_f·L_feat + w_pro·L_pro + w_den·L_den."""
+
+    temperature: float = 4.0  # T of logit KD (Hinton; torchdistill/mdistiller default 4)
+    alpha: float = 0.9  # weight of the soft logit term against cross-entropy; 0 = no logit KD
+    feature_weight: float = 0.0  # instance feature KD (needs pairs; random same-class pairs when pairing-free)
+    feature_kind: str = "mse"  # mse (FitNets, with projector) | attention (attention transfer)
+    pro_weight: float = 0.0  # GKD-Pro, group prototypes
+    pro_queries: int = 8
+    pro_heads: int = 4
+    pro_distinct_weight: float = 0.1  # λ: keeps the shared queries lesion-aware (see GroupPrototypeKD)
+    den_weight: float = 0.0  # GKD-Den, group dense alignment
+    den_temperature: float = 0.1
+    den_warmup_epochs: int = 1  # GKD-Den is off for this many epochs
+
+    def __post_init__(self) -> None:
+        for name in ("alpha",):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"student.distill.{name} = {getattr(self, name)} must be in [0, 1]")
+        for name in ("feature_weight", "pro_weight", "den_weight", "pro_distinct_weight", "den_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"student.distill.{name} = {getattr(self, name)} must be >= 0")
+        if self.temperature <= 0 or self.den_temperature <= 0:
+            raise ValueError("student.distill temperatures must be > 0")
+        if self.feature_kind not in ("mse", "attention"):
+            raise ValueError(f"student.distill.feature_kind must be 'mse' or 'attention', got {self.feature_kind!r}")
+
+    @property
+    def uses_features(self) -> bool:
+        return self.feature_weight > 0 or self.pro_weight > 0 or self.den_weight > 0
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "mobilenetv3_small_100"  # any timm classifier; mobilenetv3 / efficientnet_lite / resnet18 class
+    teacher_dir: str = ""  # the teacher's saved folder; "" = plain student (cross-entropy only)
+    mode: str = "paired"  # paired | pairing_free
+    student_modality: str = "us"
+    teacher_modality: str = "us_doppler"  # what the teacher sees in pairing_free mode
+    clinical: bool = False  # fuse the clinical attributes (as the teacher's `clinical`)
+    drop_rate: float = 0.0
+    class_weighting: str = "balanced"  # cross-entropy weights, as the teacher's (teacher.py)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    predict_batch_size: int = 64
+    predict_actors: int = 1
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=30, patience=8, lr=1e-3))
+
+    def __post_init__(self) -> None:
+        from diffkd.config import from_dict
+
+        for name, cls in (("distill", DistillConfig), ("pipeline", PipelineConfig), ("loop", LoopConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, from_dict(cls, getattr(self, name), f"student.{name}"))
+        if self.mode not in MODES:
+            raise ValueError(f"student.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"student.class_weighting must be one of {', '.join(CLASS_WEIGHTINGS)}")
+        for name in ("student_modality", "teacher_modality"):
+            if getattr(self, name) not in MODALITIES:
+                raise ValueError(f"student.{name} {getattr(self, name)!r} is not one of {', '.join(MODALITIES)}")
+        if self.mode == "pairing_free":
+            if not self.teacher_dir:
+                raise ValueError("student.mode pairing_free distils from a teacher: set student.teacher_dir")
+            if self.student_modality == self.teacher_modality:
+                raise ValueError("pairing_free needs different student and teacher modalities "
+                                 f"(both are {self.student_modality!r})")
+
+    @property
+    def distills(self) -> bool:
+        return bool(self.teacher_dir)
+
+
+# ---- the model: the student plus the learnable parts of its losses ----------------------------------
+
+@dataclass
+class ClassifierOutput:
+    features: torch.Tensor  # last feature map [B, C, H, W]
+    logits: torch.Tensor  # [B, num_classes]
+
+
+def run_classifier(model: nn.Module, batch: dict[str, Any]) -> ClassifierOutput:
+    """One pass of a diffkd classifier giving both its last feature map and its logits.
+
+    The same logits as `classifiers.classify` (a test pins the two together), computed from the
+    pieces so that the backbone runs once: timm's forward_features / forward_head, and for a fusion
+    classifier its rule, image logits + fusion head(embedding, clinical).
+    """
+    from diffkd.models.classifiers import image_model, unwrap, uses_clinical
+
+    backbone = image_model(model)
+    feature_map = backbone.forward_features(batch["image"])
+    if not uses_clinical(model):
+        return ClassifierOutput(features=feature_map, logits=backbone.forward_head(feature_map))
+    embedding = backbone.forward_head(feature_map, pre_logits=True)
+    logits = backbone.get_classifier()(embedding) + unwrap(model).head(embedding, batch["clinical"])
+    return ClassifierOutput(features=feature_map, logits=logits)
+
+
+class DistillationModel(nn.Module):
+    """What the loop trains: the student and the projectors/queries of the losses that have them.
+
+    Only `.student` is exported; the loss modules exist for training.
+    """
+
+    def __init__(self, student: nn.Module, cfg: DistillConfig | None, student_channels: int,
+                 teacher_channels: int, class_weights: tuple[float, float] | None = None):
+        super().__init__()
+        self.student = student
+        # A buffer, not a parameter: moves with the model, never trained, not in the exported student.
+        self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights),
+                             persistent=False)
+        self.feature = self.prototype = self.dense = None
+        if cfg is None:
+            return
+        if cfg.feature_weight > 0:
+            self.feature = FeatureKD(student_channels, teacher_channels, kind=cfg.feature_kind)
+        if cfg.pro_weight > 0:
+            self.prototype = GroupPrototypeKD(student_channels, teacher_channels, num_queries=cfg.pro_queries,
+                                              num_heads=cfg.pro_heads, distinct_weight=cfg.pro_distinct_weight)
+        if cfg.den_weight > 0:
+            self.dense = GroupDenseKD(student_channels, teacher_channels, temperature=cfg.den_temperature)
+
+    def forward(self, student_view: dict[str, Any], teacher_view: dict[str, Any] | None = None,
+                teacher: nn.Module | None = None, cfg: DistillConfig | None = None,
+                paired: bool = True, dense_on: bool = False) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch. Runs inside DeepSpeed's forward, so mixed precision covers it all.
+
+        ``_anchor`` is a zero that touches every loss parameter: each of them gets a gradient on every
+        step and rank, even when a term is off (warm-up) or a batch lacks a group; ranks whose gradient
+        sets differ would stall the all-reduce.
+        """
+        out = run_classifier(self.student, student_view)
+        labels = student_view["label"]
+        terms = {"ce": F.cross_entropy(out.logits.float(), labels, weight=self.class_weights)}
+        loss_params = [p for m in (self.feature, self.prototype, self.dense) if m is not None for p in m.parameters()]
+        if loss_params:
+            terms["_anchor"] = sum(p.sum() for p in loss_params) * 0.0
+        if teacher is None or cfg is None:
+            return terms
+        with torch.no_grad():
+            taught = run_classifier(teacher, teacher_view)
+        t_labels = teacher_view["label"]
+        s_feats, t_feats = out.features.float(), taught.features.float()
+        if paired:
+            s_index = t_index = torch.arange(len(labels), device=labels.device)
+        else:
+            s_index, t_index = same_class_pairs(labels, t_labels)
+        if len(s_index) and cfg.alpha > 0:
+            terms["kd_logit"] = LogitKD(cfg.temperature, cfg.alpha).soft_loss(out.logits[s_index].float(),
+                                                                             taught.logits[t_index].float())
+        if len(s_index) and self.feature is not None:
+            terms["kd_feature"] = self.feature(s_feats[s_index], t_feats[t_index])
+        if self.prototype is not None:
+            terms["kd_pro"] = self.prototype(s_feats, labels, t_feats, t_labels)
+        if self.dense is not None and dense_on:
+            terms["kd_den"] = self.dense(s_feats, labels, t_feats, t_labels)
+        return terms
+
+
+def same_class_pairs(student_labels: torch.Tensor, teacher_labels: torch.Tensor,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random instance pairs for unpaired views: each student image gets a random teacher image of its class.
+
+    Student images whose class the teacher's batch lacks are left out.
+    """
+    s_index, t_index = [], []
+    for c in student_labels.unique().tolist():
+        candidates = (teacher_labels == c).nonzero().flatten()
+        if len(candidates) == 0:
+            continue
+        members = (student_labels == c).nonzero().flatten()
+        draw = torch.randint(len(candidates), (len(members),), generator=generator).to(candidates.device)
+        s_index.append(members)
+        t_index.append(candidates[draw])
+    if not s_index:
+        empty = torch.zeros(0, dtype=torch.long, device=student_labels.device)
+        return empty, empty
+    return torch.cat(s_index), torch.cat(t_index)
+
+
+def combine(terms: dict[str, torch.Tensor], cfg: DistillConfig | None) -> torch.Tensor:
+    """Weighted total of the loss terms (the equation in DistillConfig's docstring).
+
+    A term that is absent this step (no teacher rows, no same-class pair) simply drops out; α only
+    trades cross-entropy against the soft term when the soft term is there.
+    """
+    total = terms.get("_anchor", 0.0)
+    if cfg is None:
+        return total + terms["ce"]
+    alpha = cfg.alpha if "kd_logit" in terms else 0.0
+    total = total + (1.0 - alpha) * terms["ce"] + alpha * terms.get("kd_logit", 0.0)
+    for name, weight in (("kd_feature", cfg.feature_weight), ("kd_pro", cfg.pro_weight),
+                         ("kd_den", cfg.den_weight)):
+        if name in terms:
+            total = total + weight * terms[name]
+    return total
+
+
+def split_views(batch: dict[str, Any], cfg: StudentConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(student view, teacher view) of one batch: the same rows when paired, rows by modality otherwise."""
+    if cfg.mode == "paired" or not cfg.distills:
+        return batch, (batch if cfg.distills else None)
+    modality = batch["modality_idx"]
+    student_rows = modality == MODALITIES.index(cfg.student_modality)
+    teacher_rows = modality == MODALITIES.index(cfg.teacher_modality)
+    return take_rows(batch, student_rows), take_rows(batch, teacher_rows)
+
+
+def take_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    index = rows.nonzero().flatten()
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[index.to(value.device)]
+        else:
+            out[key] = [value[i] for i in index.tolist()]
+    return out
+
+
+def distill_step(model: nn.Module, teacher: nn.Module | None, batch: dict[str, Any], cfg: StudentConfig,
+                 epoch: int = 1) -> StepOutput:
+    """Loss of one training batch. `model` is a DistillationModel (or the DeepSpeed engine around one)."""
+    student_view, teacher_view = split_views(batch, cfg)
+    n = len(student_view["label"])
+    if n == 0:
+        raise ValueError(f"a training batch holds no {cfg.student_modality!r} rows for the student; "
+                         "raise the batch size or check the modalities of the training split")
+    distill = cfg.distill if cfg.distills else None
+    dense_on = distill is not None and epoch > distill.den_warmup_epochs
+    if distill is not None and len(teacher_view["label"]) == 0:
+        teacher_view = None  # a pairing-free batch without teacher rows: cross-entropy only this step
+    terms = model(student_view, teacher_view, teacher if teacher_view is not None else None, distill,
+                  paired=cfg.mode == "paired", dense_on=dense_on)
+    loss = combine(terms, distill)
+    metrics = {name: float(value.detach()) for name, value in terms.items() if not name.startswith("_")}
+    return StepOutput(loss=loss, num_samples=n, metrics=metrics)
+
+
+# ---- the task -------------------------------------------------------------------------------------
+
+def feature_channels(model: nn.Module, in_chans: int) -> int:
+    """Width of a classifier's last feature map, from a tiny dry run."""
+    from diffkd.models.classifiers import features
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        width = features(model, torch.zeros(1, in_chans, 64, 64), pooled=False).shape[1]
+    model.train(was_training)
+    return int(width)
+
+
+def load_teacher(teacher_dir: str) -> nn.Module:
+    from diffkd.models.classifiers import load_classifier
+
+    if not os.path.isdir(teacher_dir):
+        raise FileNotFoundError(f"student.teacher_dir {teacher_dir!r} is not a folder; train the teacher first "
+                                "(it writes model.safetensors + config.json there)")
+    return load_classifier(teacher_dir).eval().requires_grad_(False)
+
+
+class StudentTask(Task):
+    name = "student"
+    objective = "val_auc"
+    mode = "max"
+
+    def __init__(self, config: StudentConfig, class_weights: tuple[float, float] | None = None):
+        from diffkd.data.schema import ClinicalEncoding
+
+        self.config = config
+        self.class_weights = class_weights
+        self.clinical_dim = ClinicalEncoding().width if config.clinical else 0
+        self.teacher: nn.Module | None = None
+        self.teacher_channels = 0
+        self.epoch = 0
+        if config.distills:  # on the driver: a wrong folder fails here, not in a worker
+            self.teacher_channels = feature_channels(load_teacher(config.teacher_dir), config.pipeline.in_chans)
+
+    def build_student(self) -> nn.Module:
+        from diffkd.models.classifiers import create_classifier
+
+        return create_classifier(self.config.arch, in_chans=self.config.pipeline.in_chans, num_classes=2,
+                                 clinical_dim=self.clinical_dim, drop_rate=self.config.drop_rate)
+
+    def build_model(self) -> nn.Module:
+        student = self.build_student()
+        distill = self.config.distill if self.config.distills else None
+        return DistillationModel(student, distill, feature_channels(student, self.config.pipeline.in_chans),
+                                 self.teacher_channels, self.class_weights)
+
+    def setup(self, device: torch.device) -> None:
+        if self.config.distills:
+            self.teacher = load_teacher(self.config.teacher_dir).to(device)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        if self.epoch == 0 and self.config.distills and self.config.distill.den_weight > 0:
+            raise RuntimeError("StudentTask: the training loop never called on_epoch_start, so GKD-Den's warm-up "
+                               "cannot be followed; the loop must call task.on_epoch_start(epoch) every epoch")
+        return distill_step(model, self.teacher, batch, self.config, self.epoch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Internal-validation AUC and cross-entropy of the student alone (the objective Tune optimises)."""
+        from diffkd.train.teacher import auc_or_nan
+
+        student = unwrap(model).student
+        logits, labels = [], []
+        for batch in batches:
+            logits.append(run_classifier(student, batch).logits.float().cpu())
+            labels.append(batch["label"].cpu())
+        if not labels:
+            return {"val_auc": math.nan, "val_loss": math.nan}
+        logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+        probs = torch.softmax(logits_all, dim=1)[:, 1]
+        return {"val_auc": auc_or_nan(labels_all.tolist(), probs.tolist()),
+                "val_loss": float(F.cross_entropy(logits_all, labels_all))}
+
+    def export(self, model: nn.Module, out_dir: str) -> None:
+        export_student(unwrap(model).student, out_dir, self.config)
+
+
+def unwrap(model: nn.Module) -> DistillationModel:
+    while not isinstance(model, DistillationModel) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+class OnnxView(nn.Module):
+    """A classifier as a function of named tensors, (image[, clinical]) -> logits: what ONNX exports."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        from diffkd.models.classifiers import classify
+
+        return classify(self.model, {"image": image, "clinical": clinical})
+
+
+def export_student(student: nn.Module, out_dir: str, cfg: StudentConfig) -> float:
+    """Write the student as timm safetensors + config.json and as model.onnx; returns the ONNX parity gap.
+
+    The ONNX model takes ``image`` [B, C, H, W] (and ``clinical`` [B, W] for a fusion student) at
+    any batch size and returns logits; ONNX Runtime must match torch within 1e-4 or export fails.
+    """
+    from diffkd.models.classifiers import data_config, save_classifier, uses_clinical
+    from diffkd.models.export import ONNX_FILE, check_onnx_parity, export_onnx
+    from diffkd.models.footprint import example_inputs
+
+    p = cfg.pipeline
+    student = student.float().eval().cpu()
+    save_classifier(student, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std))
+    from diffkd.data.schema import ClinicalEncoding
+
+    clinical_dim = ClinicalEncoding().width if uses_clinical(student) else 0
+    view = OnnxView(student)
+    path = export_onnx(view, os.path.join(out_dir, ONNX_FILE), example_inputs(p.image_size, p.in_chans, clinical_dim, 2))
+    return check_onnx_parity(view, path, example_inputs(p.image_size, p.in_chans, clinical_dim, batch=3, seed=1))
+
+
+# ---- the stage, end to end ------------------------------------------------------------------------
+
+TRAINING_SPLITS = ("train", "val")  # what training reads; the external split is only ever predicted
+
+
+@dataclass
+class StudentResult:
+    fit: FitResult
+    model_dir: str | None  # the exported student (None when not exported)
+    val_auc: float  # internal validation AUC of the best epoch
+    params: int
+    predictions: "pd.DataFrame | None"  # per case of every split, when exported
+    metrics: dict
+
+
+def plain_variant(cfg: StudentConfig) -> StudentConfig:
+    """The `student_plain` control: the same architecture and inputs, no teacher, real images only."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, teacher_dir="", mode="paired",
+                               pipeline=dataclasses.replace(cfg.pipeline, synthetic_ratio=0.0))
+
+
+def _training_views(assignments: "pd.DataFrame", cfg: StudentConfig) -> dict[str, "pd.DataFrame"]:
+    missing = {"case_id", "center", "split", "modality", "label"} - set(assignments.columns)
+    if missing:
+        raise ValueError(f"student stage: the splits table lacks column(s) {sorted(missing)}")
+    rows = assignments[assignments["split"].isin(TRAINING_SPLITS)]
+    if "synthetic" in rows.columns:
+        rows = rows[~rows["synthetic"].astype(bool)]  # synthetic rows join through pipeline.synthetic_ratio
+    train_modalities = (cfg.student_modality, cfg.teacher_modality) if cfg.mode == "pairing_free" \
+        else (cfg.student_modality,)
+    views = {"train": rows[(rows["split"] == "train") & rows["modality"].isin(train_modalities)],
+             "val": rows[(rows["split"] == "val") & (rows["modality"] == cfg.student_modality)]}
+    for split, part in views.items():
+        if part.empty:
+            raise ValueError(f"student stage: no {split} rows of modality {cfg.student_modality!r}; "
+                             "check the dataset's modalities and the splits")
+    if cfg.mode == "pairing_free" and not (views["train"]["modality"] == cfg.teacher_modality).any():
+        raise ValueError(f"pairing_free: the train split has no {cfg.teacher_modality!r} rows for the teacher")
+    return views
+
+
+def student_datasets(dataset: "ImageDataset", assignments: "pd.DataFrame", cfg: StudentConfig) -> dict[str, Any]:
+    """Ray datasets "train" and "val" for the stage, from the train/val rows only.
+
+    "train": the student modality's rows, plus the teacher modality's when pairing-free (the step
+    splits every batch by modality); synthetic rows join at `pipeline.synthetic_ratio`. "val": the
+    student modality only. Test rows are never read.
+    """
+    import dataclasses
+
+    from diffkd.data.pipeline import make_dataset, with_center_vocabulary
+
+    pipeline = with_center_vocabulary(cfg.pipeline, dataset)
+    out = {}
+    for split, part in _training_views(assignments, cfg).items():
+        view = dataclasses.replace(pipeline, modalities=tuple(sorted(set(part["modality"]))))
+        out[split] = make_dataset(dataset, part["case_id"], view, train=split == "train",
+                                  centers=part["center"].unique())
+    return out
+
+
+def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cfg: StudentConfig,
+                  out_dir: str | None = None, callbacks: list | None = None,
+                  model_name: str = "student_kd") -> StudentResult:
+    """Train the student through the shared loop, selecting its epoch by internal-validation AUC.
+
+    `assignments` is the splits table (`diffkd.data.splits.make_splits`); training reads its train
+    and val rows only. With `out_dir` the best epoch is exported there (model.safetensors,
+    config.json, model.onnx) with `predictions.parquet` (every real case of every split, labelled
+    `model_name`; the external split is predicted here, after training, and nowhere else) and
+    `training.json`. `callbacks` go to Ray Train (Tune passes its TuneReportCallback).
+    """
+    import dataclasses
+
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.pipeline import check_can_feed, with_center_vocabulary
+    from diffkd.models.footprint import count_parameters
+    from diffkd.raycompat import init as ray_init
+    from diffkd.train.loop import fit
+    from diffkd.train.teacher import balanced_class_weights, expected_train_rows
+
+    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    views = _training_views(assignments, cfg)
+    student_rows = views["train"][views["train"]["modality"] == cfg.student_modality]
+    weights = balanced_class_weights(student_rows["label"]) if cfg.class_weighting == "balanced" else None
+    ray_init()
+    cfg = dataclasses.replace(cfg, pipeline=with_center_vocabulary(cfg.pipeline, ds))
+    check_can_feed(cfg.pipeline, cfg.loop.num_workers * cfg.loop.cpus_per_worker)
+    loop = dataclasses.replace(cfg.loop, train_samples=cfg.loop.train_samples
+                               or expected_train_rows(ds, views["train"], cfg.pipeline.synthetic_ratio))
+    task = StudentTask(cfg, weights)
+    fitted = fit(task, student_datasets(ds, assignments, cfg), loop, callbacks=callbacks)
+    model = fitted.load_model(task)
+    val_auc = float(fitted.best_metrics.get("val_auc", math.nan))
+    result = StudentResult(fit=fitted, model_dir=out_dir, val_auc=val_auc, params=count_parameters(model.student),
+                           predictions=None, metrics={})
+    if out_dir:
+        result.predictions, result.metrics = _export_and_predict(model.student, ds, assignments, cfg, fitted,
+                                                                  out_dir, model_name)
+    return result
+
+
+def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd.DataFrame", cfg: StudentConfig,
+                        fitted: FitResult, out_dir: str, model_name: str):
+    from diffkd.config import to_dict
+    from diffkd.models.footprint import count_parameters, latency_ms
+    from diffkd.train.teacher import _summary, predict_splits
+
+    onnx_gap = export_student(student, out_dir, cfg)
+    real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
+    real = real[real["modality"] == cfg.student_modality]  # the student reads its own modality only
+    predictions = predict_splits(ds, real, cfg.pipeline, out_dir, cfg, model_name=model_name)
+    metrics = _summary(predictions, fitted)
+    metrics.update(params=count_parameters(student), onnx_max_abs_diff=onnx_gap,
+                   latency_ms=latency_ms(student, cfg.pipeline.image_size, cfg.pipeline.in_chans,
+                                         ClinicalEncoding().width if cfg.clinical else 0))
+    tmp = os.path.join(out_dir, f".{PREDICTIONS}.tmp")
+    predictions.to_parquet(tmp, index=False)
+    os.replace(tmp, os.path.join(out_dir, PREDICTIONS))
+    info = {"model": model_name, "metrics": metrics, "history": fitted.history, "run_name": fitted.run_name,
+            "run_path": fitted.run_path, "config": to_dict(cfg)}
+    tmp = os.path.join(out_dir, f".{TRAINING_INFO}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out_dir, TRAINING_INFO))
+    parts = [f"[{model_name}] {cfg.arch}, {metrics['params']:,} parameters, best epoch {metrics['best_epoch']}"]
+    for name, label in (("internal", "internal-validation"), ("external", "external")):
+        if name in metrics:
+            parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
+    log.info("; ".join(parts))
+    return predictions, metrics

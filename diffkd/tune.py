@@ -1,0 +1,335 @@
+"""Ray Tune over the student stage: temperature and loss weights, ASHA + Optuna, internal AUC only.
+
+    tune_student(dataset, splits, StageConfig(...), load_space("tune_spaces/kd.yaml"), out_dir)
+
+Each trial is a driver function that runs the ordinary student stage (`train_student` -> the shared
+loop's TorchTrainer) with Tune's `TuneReportCallback`, the Train V2 way. The driver itself holds a
+sliver of a CPU; the Train workers and the Ray Data pipeline hold the real resources, and the number
+of trials in flight is sized so that every started trial can get them (a trial whose workers cannot
+be placed would wait forever: the deadlock REFERENCE.md records on 2 CPUs).
+
+The objective is the internal-validation metric the space names (`val_auc`). Trials are handed the
+train and val rows of the splits table and nothing else: the external centers never reach a trial.
+
+Outputs in `out_dir`: `trials.csv` (one row per trial), `curves.csv` (every epoch of every trial),
+`objective_vs_params.png`, `learning_curves.png`, `best_config.yaml` (the whole stage config with
+the best values, ready for the final student), and the Tune experiment `search/` that `resume=True`
+continues after an interruption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from diffkd.config import ConfigError, from_dict, to_dict
+from diffkd.tune_space import TuneSpace, apply_params, plain
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from diffkd.data.pipeline import PipelineConfig
+    from diffkd.train.loop import LoopConfig
+    from diffkd.train.student import StudentConfig
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "search"  # the Tune experiment's folder inside out_dir
+TRIAL_RUNS = "trial_runs"  # the trials' Ray Train runs (their checkpoints), inside out_dir
+DRIVER_CPUS = 0.01  # a trial's driver only waits on its TorchTrainer; {"CPU": 0} is refused by Ray
+BEST_CONFIG = "best_config.yaml"
+
+
+@dataclass
+class StageConfig:
+    """Everything one student-stage run needs; search-space paths point into these sections."""
+
+    student: "StudentConfig"
+    pipeline: "PipelineConfig"
+    loop: "LoopConfig"
+
+    def to_dict(self) -> dict[str, dict]:
+        return {"student": to_dict(self.student), "pipeline": to_dict(self.pipeline), "loop": to_dict(self.loop)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "stage config") -> "StageConfig":
+        from diffkd.data.pipeline import PipelineConfig
+        from diffkd.train.loop import LoopConfig
+        from diffkd.train.student import StudentConfig
+
+        unknown = sorted(set(data) - {"student", "pipeline", "loop"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; expected student, pipeline, loop")
+        return cls(student=from_dict(StudentConfig, data.get("student"), "student"),
+                   pipeline=from_dict(PipelineConfig, data.get("pipeline"), "pipeline"),
+                   loop=from_dict(LoopConfig, data.get("loop"), "loop"))
+
+
+@dataclass
+class TuneOutcome:
+    out_dir: str
+    experiment_path: str
+    best_params: dict[str, Any]
+    best_objective: float
+    best_config: StageConfig
+    num_trials: int
+    trial_epochs: int  # epochs run, summed over trials (what ASHA saves against a full-budget search)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def training_rows(assignments: "pd.DataFrame") -> "pd.DataFrame":
+    """The rows a search may see: train and internal validation. The external test split is cut here."""
+    if "split" not in assignments.columns:
+        raise ValueError("the splits table lacks its `split` column")
+    return assignments[assignments["split"].isin(("train", "val"))].reset_index(drop=True)
+
+
+# ---- resources -----------------------------------------------------------------------------------
+
+def trial_footprint(stage: StageConfig) -> dict[str, float]:
+    """What one running trial holds: its driver, its Train workers, its data pipeline's minimum."""
+    from diffkd.data.pipeline import required_cpus
+
+    loop = stage.loop
+    return {"CPU": DRIVER_CPUS + loop.num_workers * loop.cpus_per_worker + required_cpus(stage.pipeline),
+            "GPU": float(loop.num_workers if loop.use_gpu else 0)}
+
+
+def plan_concurrency(space: TuneSpace, stage: StageConfig, cluster: dict[str, float]) -> int:
+    """Trials in flight: as many as the cluster's CPUs (and GPUs) hold at one trial's footprint.
+
+    More would start trials whose workers can never be placed, so an explicit larger number is
+    lowered with a warning; a cluster that cannot hold even one trial is an error.
+    """
+    need = trial_footprint(stage)
+    fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
+    capacity = min(fits)
+    if capacity < 1:
+        raise ValueError(f"one trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (driver {DRIVER_CPUS}, "
+                         f"{stage.loop.num_workers} worker(s) x {stage.loop.cpus_per_worker:g} CPU, data pipeline), "
+                         f"the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
+                         "lower loop.num_workers / loop.cpus_per_worker")
+    wanted = space.num_samples if space.max_concurrent_trials == "auto" else int(space.max_concurrent_trials)
+    if wanted > capacity and space.max_concurrent_trials != "auto":
+        log.warning("max_concurrent_trials=%d but the cluster holds %d trial(s) at once; running %d",
+                    wanted, capacity, capacity)
+    return max(1, min(wanted, capacity, space.num_samples))
+
+
+# ---- one trial -----------------------------------------------------------------------------------
+
+def run_trial(params: dict[str, Any], *, dataset: str, assignments: "pd.DataFrame", base: dict[str, dict],
+              runs_dir: str) -> None:
+    """Tune's trainable: one student-stage run with `params` applied, metrics forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from diffkd.train.student import train_student
+
+    if (assignments["split"] == "test").any():  # training_rows() removed them; never let a trial see one
+        raise RuntimeError("a tuning trial was handed external test rows")
+    stage = StageConfig.from_dict(apply_params(base, params))
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"trial-{trial_id}"
+    loop = dataclasses.replace(stage.loop, storage_path=runs_dir, run_name=run_name, progress=False,
+                               resume=os.path.isdir(os.path.join(runs_dir, run_name)))  # a restored trial continues
+    train_student(dataset, assignments, stage.student, stage.pipeline, loop, out_dir=None,
+                  callbacks=[TuneReportCallback()])
+
+
+# ---- the search ----------------------------------------------------------------------------------
+
+def _searcher(space: TuneSpace):
+    if space.search.name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=space.search.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=space.search.seed)
+
+
+def _scheduler(space: TuneSpace, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler.name == "fifo":
+        return FIFOScheduler()
+    # time_attr "epoch" (reported by the loop), not Tune's iteration count: a resumed trial keeps its clock.
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(space.scheduler.grace_period, max_epochs),
+                         reduction_factor=space.scheduler.reduction_factor)
+
+
+def tune_student(dataset: str, assignments: "pd.DataFrame", stage: StageConfig, space: TuneSpace, out_dir: str,
+                 *, resume: bool = False) -> TuneOutcome:
+    """Search `space` over the student stage; write the results table, plots and best config to `out_dir`.
+
+    `resume=True` continues an interrupted search in `out_dir` (finished trials are kept, unfinished
+    ones continue from their last checkpoint); without it an existing search there is an error.
+    """
+    import ray
+    from ray import tune
+
+    from diffkd.raycompat import init as ray_init
+
+    base = stage.to_dict()
+    for name in space.params:  # a typo in the space fails now, not inside every trial
+        apply_params(base, {name: None}, where=space.source or "search space")
+    rows = training_rows(assignments)
+    out_dir = os.path.abspath(out_dir)
+    experiment = os.path.join(out_dir, EXPERIMENT)
+    runs_dir = os.path.join(out_dir, TRIAL_RUNS)
+    os.makedirs(runs_dir, exist_ok=True)
+    ray_init()
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, dataset=str(dataset), assignments=rows, base=base, runs_dir=runs_dir),
+        {"CPU": DRIVER_CPUS})
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise ValueError(f"nothing to resume: no search at {experiment}; run without --resume to start one")
+        log.info("resuming the search at %s", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        if os.path.exists(experiment):
+            raise ValueError(f"a search already exists at {experiment}; pass --resume to continue it, "
+                             "or choose another output folder")
+        concurrent = plan_concurrency(space, stage, ray.cluster_resources())
+        log.info("searching %d trial(s), %d at a time, objective %s (%s)", space.num_samples, concurrent,
+                 space.objective, space.mode)
+        tuner = tune.Tuner(
+            trainable, param_space=space.ray_param_space(),
+            tune_config=tune.TuneConfig(metric=space.objective, mode=space.mode, num_samples=space.num_samples,
+                                        max_concurrent_trials=concurrent, search_alg=_searcher(space),
+                                        scheduler=_scheduler(space, stage.loop.epochs)),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=out_dir,
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    grid = tuner.fit()
+    return summarize(grid, space, stage, out_dir, experiment)
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+def _trial_tables(grid, space: TuneSpace) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    import pandas as pd
+
+    trials, curves = [], []
+    for result in grid:
+        trial_id = os.path.basename(result.path).split("_")[1] if result.path else ""
+        history = result.metrics_dataframe
+        config = result.config or {}
+        row: dict[str, Any] = {"trial": trial_id, "error": str(result.error).splitlines()[0] if result.error else ""}
+        row.update({name: plain(config.get(name)) for name in space.params})
+        if history is not None and len(history) and space.objective in history:
+            values = history[space.objective].astype(float)
+            row[space.objective] = values.max() if space.mode == "max" else values.min()
+            row[f"last_{space.objective}"] = float(values.iloc[-1])
+            row["epochs"] = int(history["epoch"].max())
+            for _, epoch in history.iterrows():
+                curves.append({"trial": trial_id, "epoch": int(epoch["epoch"]),
+                               **{k: float(epoch[k]) for k in (space.objective, "val_loss", "loss") if k in epoch}})
+        else:
+            row.update({space.objective: math.nan, f"last_{space.objective}": math.nan, "epochs": 0})
+        trials.append(row)
+    table = pd.DataFrame(trials).sort_values(space.objective, ascending=space.mode == "min", na_position="last")
+    return table.reset_index(drop=True), pd.DataFrame(curves)
+
+
+def summarize(grid, space: TuneSpace, stage: StageConfig, out_dir: str, experiment: str) -> TuneOutcome:
+    """Write trials.csv, curves.csv, the plots and best_config.yaml; return the outcome."""
+    trials, curves = _trial_tables(grid, space)
+    finished = trials.dropna(subset=[space.objective])
+    if finished.empty:
+        errors = "; ".join(e for e in trials["error"] if e) or "no trial reported the objective"
+        raise RuntimeError(f"the search at {experiment} produced no result: {errors}")
+    best = finished.iloc[0]
+    best_params = {name: plain(best[name]) for name in space.params}
+    best_stage = StageConfig.from_dict(apply_params(stage.to_dict(), best_params))
+    files = {"trials": os.path.join(out_dir, "trials.csv"), "curves": os.path.join(out_dir, "curves.csv"),
+             "best_config": os.path.join(out_dir, BEST_CONFIG)}
+    _atomic_write(files["trials"], trials.to_csv(index=False))
+    _atomic_write(files["curves"], curves.to_csv(index=False))
+    header = (f"# best of {len(trials)} trial(s) of {space.source or 'the search'}: "
+              f"{space.objective} = {float(best[space.objective]):.4f} (internal validation)\n"
+              f"# tuned: {', '.join(f'{k}={v}' for k, v in best_params.items())}\n")
+    _atomic_write(files["best_config"], header + yaml.safe_dump(best_stage.to_dict(), sort_keys=False))
+    files.update(plot_search(trials, curves, space, out_dir))
+    return TuneOutcome(out_dir=out_dir, experiment_path=experiment, best_params=best_params,
+                       best_objective=float(best[space.objective]), best_config=best_stage,
+                       num_trials=len(trials), trial_epochs=int(trials["epochs"].sum()), files=files)
+
+
+def load_best_config(path: str) -> StageConfig:
+    """The stage config a search wrote (`best_config.yaml`), for the final student."""
+    from diffkd.config import load_yaml
+
+    return StageConfig.from_dict(load_yaml(path), path)
+
+
+def plot_search(trials: "pd.DataFrame", curves: "pd.DataFrame", space: TuneSpace, out_dir: str) -> dict[str, str]:
+    """The objective against each searched parameter, and every trial's learning curve (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(space.params)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ok = trials.dropna(subset=[space.objective])
+        values = ok[name]
+        if space.params[name].kind == "choice":
+            labels = sorted(set(map(str, values)))
+            ax.scatter([labels.index(str(v)) for v in values], ok[space.objective])
+            ax.set_xticks(range(len(labels)), labels)
+        else:
+            ax.scatter(values.astype(float), ok[space.objective], c=ok["epochs"], cmap="viridis")
+            if space.params[name].log_scale:
+                ax.set_xscale("log")
+        ax.set_xlabel(name.split(".")[-1])
+        ax.set_ylabel(space.objective)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{space.objective} (best epoch) against each parameter; colour = epochs run")
+    fig.tight_layout()
+    files = {"objective_plot": os.path.join(out_dir, "objective_vs_params.png")}
+    _save(fig, files["objective_plot"])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for trial, curve in curves.groupby("trial") if len(curves) else []:
+        ax.plot(curve["epoch"], curve[space.objective], marker="o", ms=3, label=str(trial))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{space.objective} (internal validation)")
+    ax.set_title("learning curves (trials stopped early by ASHA end early)")
+    ax.grid(alpha=0.3)
+    if 0 < curves["trial"].nunique() <= 12 if len(curves) else False:
+        ax.legend(fontsize=7, title="trial")
+    fig.tight_layout()
+    files["curves_plot"] = os.path.join(out_dir, "learning_curves.png")
+    _save(fig, files["curves_plot"])
+    return files
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=os.path.dirname(path))
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
