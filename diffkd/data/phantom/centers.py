@@ -60,7 +60,7 @@ class ScannerProfile:
         """The same scanner with images resampled so the longer side has `long_side` pixels (same mm)."""
         factor = long_side / max(max(self.rows), self.cols)
         return dataclasses.replace(
-            self, spacing_mm=self.spacing_mm / factor, rows=tuple(int(round(r * factor)) for r in self.rows),
+            self, spacing_mm=round(self.spacing_mm / factor, 5), rows=tuple(int(round(r * factor)) for r in self.rows),
             cols=int(round(self.cols * factor)), ui_margins=tuple(int(round(m * factor)) for m in self.ui_margins),
             smoothing_px=self.smoothing_px * factor)
 

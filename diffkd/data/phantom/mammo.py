@@ -98,7 +98,7 @@ def center_profiles(size: str = "paper", n_centers: int = DEFAULT_CENTERS, patie
         dcis = [max(1, int(round(int(c) * dcis_rate))) for c in counts]
         profiles = [dataclasses.replace(p, dcis=d, idc=int(c) - d) for p, c, d in zip(profiles, counts, dcis)]
     if size == "demo":
-        profiles = [dataclasses.replace(p, spacing_mm=p.spacing_mm * p.rows / 256, rows=256, cols=256,
+        profiles = [dataclasses.replace(p, spacing_mm=round(p.spacing_mm * p.rows / 256, 5), rows=256, cols=256,
                                         blur_px=p.blur_px * 256 / p.rows) for p in profiles]
     return profiles
 
