@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -359,3 +360,35 @@ def test_label_map_and_skip(tmp_path, ds_path):
     assert report.labels_added == {"DCIS": 1, "upgrade": 1} and report.skipped == 1
     with pytest.raises(IngestError, match="NAME=VALUE"):
         ingest(src, "A", ds_path, label_map="benign")
+
+
+def test_new_images_may_join_a_stored_case_only_with_the_same_values(tmp_path, ds_path):
+    first = _csv_source(tmp_path / "one", [_row("a.png", case_id="K", lesion_size_mm="13.1")], {"a.png": speckle(seed=1)})
+    ingest(first, "A", ds_path)
+    second = _csv_source(tmp_path / "two", [_row("b.png", case_id="K", lesion_size_mm="13.1")], {"b.png": speckle(seed=2)})
+    assert ingest(second, "A", ds_path).added == 1  # 13.1 stored as float32 still compares equal
+    third = _csv_source(tmp_path / "three", [_row("c.png", case_id="K", lesion_size_mm="13.2")],
+                        {"c.png": speckle(seed=3)})
+    with pytest.raises(IngestError, match="case id 'K' is already in the center with a different lesion_size_mm"):
+        ingest(third, "A", ds_path)
+
+
+def test_duplicates_are_found_by_pixels_not_by_encoding(tmp_path, ds_path):
+    pixels = speckle(seed=11)
+    src = tmp_path / "src"
+    save(src / "DCIS" / "a.png", pixels)
+    Image.fromarray(pixels).convert("RGB").save(src / "DCIS" / "a_copy.png", compress_level=1)
+    report = ingest(src, "A", ds_path)
+    assert report.added == 1 and report.duplicates == 1
+    # a center written by an older encoder: same pixels, other bytes -> re-ingest still finds them
+    ds = ImageDataset(ds_path)
+    table = ds.read_table(["A"])
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=9)
+    recoded = table.set_column(table.column_names.index("image"), "image", pa.array([buf.getvalue()]))
+    recoded = recoded.set_column(recoded.column_names.index("sha256"), "sha256",
+                                 pa.array([hashlib.sha256(buf.getvalue()).hexdigest()]))
+    ds.write_center("A", recoded)
+    before = snapshot(ds_path.parent)
+    again = ingest(src, "A", ds_path)
+    assert again.already_present == 1 and not again.written and snapshot(ds_path.parent) == before

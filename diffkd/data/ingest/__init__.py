@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from diffkd.data.dataset import ImageDataset, validate_center_name
 from diffkd.data.ingest import busi, dicom, folder
 from diffkd.data.ingest.common import (Discovery, IngestError, Loaded, Problem, Pseudonymizer, Record, SaltFile,
-                                       load_all, parse_label_map, salt_fingerprint)
-from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES, arrow_schema
+                                       load_all, parse_label_map, png_pixel_digest, salt_fingerprint)
+from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, LABEL_NAMES, arrow_schema
 
 __all__ = ["ingest", "IngestReport", "IngestError", "LAYOUTS", "default_salt_path", "pseudonymizer_for",
            "salt_fingerprint"]
@@ -144,6 +145,7 @@ class Candidate:
     """One row to store, with the record it came from (rejections remove whole records)."""
     index: int  # record index
     row: dict
+    pixels: str  # pixel digest (not stored)
 
 
 def _candidates(center: str, layout: str, records: list[Record], loaded: list[Loaded | None],
@@ -171,7 +173,9 @@ def _candidates(center: str, layout: str, records: list[Record], loaded: list[Lo
                        spacing_mm=spacing, synthetic=False, source=f"{layout}:{path}{suffix}",
                        sha256=hashlib.sha256(image.png).hexdigest())
             row.update({name: rec.clinical.get(name) for name in CLINICAL_COLUMNS})
-            out.append(Candidate(index, row))
+            for name in FLOAT_COLUMNS:  # as stored (float32), so that comparisons with stored rows hold
+                row[name] = None if row[name] is None else float(np.float32(row[name]))
+            out.append(Candidate(index, row, image.pixels))
     return out, problems, warnings
 
 
@@ -180,6 +184,7 @@ def _where(rec: Record) -> str:
 
 
 CASE_FIELDS = ("patient_id", "label", *CLINICAL_COLUMNS)  # what every image of one case must agree on
+FLOAT_COLUMNS = ("spacing_mm", *(c.name for c in CLINICAL_SCHEMA if c.kind == "float"))
 
 
 def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[Problem], set[int], list[str]]:
@@ -210,9 +215,9 @@ def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[P
                 problems.append(rec.problem(f"case id {rec.case!r} is also used by {_where(other)} with a different "
                                             f"{what}", "case_id", hint="images sharing a case id must agree on "
                                             "patient, label and clinical values: give distinct case ids or fix them"))
-    by_sha: dict[str, int] = {}
+    by_pixels: dict[str, int] = {}
     for i, c in enumerate(cands):
-        first = by_sha.setdefault(c.row["sha256"], i)
+        first = by_pixels.setdefault(c.pixels, i)
         if first == i:
             continue
         a, b = cands[first], c
@@ -232,17 +237,26 @@ def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.
                     ) -> tuple[list[Problem], set[int], set[int], list[str]]:
     """Against the center already stored: (problems, already present, duplicates under another id, warnings).
 
-    A new image may join a stored case only if it agrees with it on patient, label and clinical values.
+    A stored image is recognised by its bytes, or — when an earlier diffkd encoded it differently —
+    by its pixels (only the stored images of the same case ids are decoded for that). A new image
+    may join a stored case only if it agrees with it on patient, label and clinical values.
     """
     problems, present, dups, warnings = [], set(), set(), []
     if existing is None or existing.num_rows == 0:
         return problems, present, dups, warnings
     old = existing.select(["case_id", "sha256", *CASE_FIELDS]).to_pylist()
     by_sha = {r["sha256"]: r for r in old}
-    by_case = {r["case_id"]: r for r in old}
+    rows_of_case: dict[str, list[int]] = defaultdict(list)
+    for j, r in enumerate(old):
+        rows_of_case[r["case_id"]].append(j)
+    unmatched = {cands[i].row["case_id"] for i in keep if cands[i].row["sha256"] not in by_sha}
+    to_decode = sorted(j for case in unmatched for j in rows_of_case.get(case, ()))
+    stored = existing.column("image").take(to_decode).to_pylist() if to_decode else []
+    by_pixels = {png_pixel_digest(png): old[j] for j, png in zip(to_decode, stored)}
+    changed = 0
     for i in keep:
         row, rec = cands[i].row, records[cands[i].index]
-        known = by_sha.get(row["sha256"])
+        known = by_sha.get(row["sha256"]) or by_pixels.get(cands[i].pixels)
         if known is not None:
             if known["label"] != row["label"]:
                 problems.append(rec.problem(f"this image is already in the center with label "
@@ -250,17 +264,22 @@ def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.
                                             "label"))
             elif known["case_id"] == row["case_id"]:
                 present.add(i)
+                changed += any(known[f] != row[f] for f in CASE_FIELDS)
             else:
                 dups.add(i)
                 warnings.append(f"{_where(rec)}: the same image is already in the center under another case id; "
                                 "skipped")
             continue
-        case = by_case.get(row["case_id"])
+        case = old[rows_of_case[row["case_id"]][0]] if row["case_id"] in rows_of_case else None
         differ = [f for f in CASE_FIELDS if case is not None and case[f] != row[f]]
         if differ:
             what = "patient" if "patient_id" in differ else ", ".join(differ)
-            problems.append(rec.problem(f"case id {rec.case!r} is already in the center with a different {what}; "
-                                        "give a new case id, or rebuild the center with --replace", "case_id"))
+            problems.append(rec.problem(f"case id {rec.case!r} is already in the center with a different {what}",
+                                        "case_id", hint="give new images of a stored case the stored values, "
+                                        "give a new case id, or rebuild the center with --replace"))
+    if changed:
+        warnings.append(f"{changed} image(s) already in the center carry other patient or clinical values in this "
+                        "source; the stored values were kept (rebuild the center with --replace to apply them)")
     return problems, present, dups, warnings
 
 

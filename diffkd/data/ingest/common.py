@@ -115,12 +115,23 @@ class Record:
         return Problem(message, file=self.file, line=self.line, column=column, hint=hint)
 
 
+def pixel_digest(arr: np.ndarray) -> str:
+    """sha256 of the pixels themselves (dtype, shape, values): equal for equal images however encoded."""
+    arr = np.ascontiguousarray(arr)
+    return hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode() + arr.tobytes()).hexdigest()
+
+
+def png_pixel_digest(png: bytes) -> str:
+    return pixel_digest(np.asarray(Image.open(io.BytesIO(png))))
+
+
 @dataclass
 class Decoded:
     """One image to store, made from a record (a multi-frame DICOM gives several)."""
     png: bytes
     height: int
     width: int
+    pixels: str  # pixel_digest of the stored image: duplicates are found by pixels, not by encoding
     mask: bytes | None = None
     spacing_mm: float | None = None
     frame: int | None = None  # frame index when the file held several
@@ -654,7 +665,7 @@ def load_image_record(src: Path, rec: Record) -> Loaded:
                 single_mask_png = png_passthrough(mask_data)  # already a 0/255 gray PNG
         mask_png = single_mask_png or encode_mask(merged)
     png = (png_passthrough(data) if img.mode in ("L", "I;16", "I;16B") else None) or encode_png(arr)
-    return Loaded([Decoded(png, arr.shape[0], arr.shape[1], mask_png)], digest.hexdigest())
+    return Loaded([Decoded(png, arr.shape[0], arr.shape[1], pixel_digest(arr), mask_png)], digest.hexdigest())
 
 
 def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Sequence[Record],

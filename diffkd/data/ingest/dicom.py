@@ -33,7 +33,7 @@ import numpy as np
 
 from diffkd.data.ingest.common import (IMAGE_SUFFIXES, Decoded, Discovery, ImageProblem, Loaded, MaskIndex, Record,
                                        binarize_mask, encode_mask, encode_png, find_clinical_csv, list_files,
-                                       open_image, rgb_to_gray)
+                                       open_image, pixel_digest, rgb_to_gray)
 from diffkd.data.ingest.folder import from_csv, from_label_folders
 
 NAME = "dicom"
@@ -217,7 +217,7 @@ def load(src: Path, rec: Record, frames: str = "all", **_) -> Loaded:
     chosen = {"all": range(n), "middle": [n // 2], "first": [0]}[frames]
     patient = str(ds.get("PatientID", "") or "").strip() or None
     case = str(ds.get("SOPInstanceUID", "") or "").strip() or None
-    images = [Decoded(encode_png(arr[k]), arr.shape[1], arr.shape[2], mask_png, spacing,
+    images = [Decoded(encode_png(arr[k]), arr.shape[1], arr.shape[2], pixel_digest(arr[k]), mask_png, spacing,
                       frame=k if n > 1 else None, patient=patient, case=case, modality=modality) for k in chosen]
     fragments = phi_fragments(ds)
     hide = any(fragment in rec.file.lower() for fragment in fragments)
