@@ -27,7 +27,7 @@ REGION = dict(x0=10, y0=4, x1=69, y1=43, delta_cm=0.012)
 
 
 def us_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHROME2", region: bool = True,
-             modality: str = "US", phi: dict | None = None) -> Path:
+             modality: str = "US", phi: dict | None = None, bits: int | None = None) -> Path:
     """A minimal but valid ultrasound DICOM with PHI tags, regions (tissue + a Doppler strip) and pixels."""
     multi = pixels is not None and pixels.ndim == (4 if photometric == "RGB" else 3)
     meta = FileMetaDataset()
@@ -57,7 +57,7 @@ def us_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHRO
         doppler.PhysicalDeltaX = doppler.PhysicalDeltaY = 0.5
         ds.SequenceOfUltrasoundRegions = [doppler, tissue]
     if pixels is not None:
-        ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=8 * pixels.dtype.itemsize,
+        ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=bits or 8 * pixels.dtype.itemsize,
                           generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -165,3 +165,12 @@ def test_dicom_without_pixel_data_or_damaged_is_refused(tmp_path):
     assert not ds_path.exists() and not (tmp_path / ".ds.salt").exists()
     report = ingest(src, "C", ds_path, layout="dicom", quarantine=tmp_path / "q")
     assert report.added == 1 and report.quarantined == 3
+
+
+def test_dicom_12_bit_monochrome1_is_inverted_and_kept_16_bit(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 4096, (50, 80), dtype=np.uint16)
+    us_dicom(tmp_path / "pacs" / "upgrade" / "a.dcm", pixels, photometric="MONOCHROME1", region=False, bits=12)
+    ingest(tmp_path / "pacs", "C", tmp_path / "ds", layout="dicom")
+    row = ImageDataset(tmp_path / "ds").read_table().to_pylist()[0]
+    img = Image.open(io.BytesIO(row["image"]))
+    assert img.mode == "I;16" and np.array_equal(np.asarray(img), 4095 - pixels)
