@@ -56,7 +56,7 @@ def demo(args: argparse.Namespace) -> int:
     phantom, data = out / "phantom", out / "data"
     if not (phantom / "cohort.json").exists():
         _check(diffkd(["phantom", "--out", str(phantom), "--size", "demo", "--seed", str(args.seed),
-                       "--doppler-fraction", str(args.doppler_fraction),
+                       "--doppler-fraction", str(args.doppler_fraction), "--workers", "2",
                        "--preview", str(out / "phantom_preview.png")]), "phantom")
     centers = sorted(p.name for p in phantom.iterdir() if (p / "clinical.csv").exists())
     for center in centers:
