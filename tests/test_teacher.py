@@ -13,7 +13,6 @@ from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import ClinicalEncoding
 from diffkd.models.classifiers import (classify, create_classifier, data_config, features, load_classifier,
                                        save_classifier)
-from diffkd.train.loop import LoopConfig
 from diffkd.train.teacher import TeacherConfig, TeacherTask, balanced_class_weights, teacher_loss
 
 WIDTH = ClinicalEncoding().width
@@ -183,28 +182,42 @@ def test_bad_teacher_settings_are_clear():
 # ---- the stage through Ray Train -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_train_teacher_trains_selects_exports_and_predicts_every_case(ray_local, tmp_path):
+def test_diffkd_train_teacher_trains_selects_exports_and_predicts_every_case(ray_local, tmp_path):
+    import pandas as pd
+    import yaml
     from student_fixtures import splits, two_modality_dataset
 
-    from diffkd.train.teacher import train_teacher
+    from diffkd.cli import main
 
     ds = two_modality_dataset(tmp_path / "data", size=32)
     assignments = splits(ds)
-    cfg = config(clinical=True, loop=LoopConfig(num_workers=1, epochs=4, batch_size=8, lr=2e-3, patience=3,
-                                                cpus_per_worker=1.0, storage_path=str(tmp_path / "runs"),
-                                                progress_interval_s=1e9))
+    config = {"pipeline": {"image_size": 32},  # the shared section; the teacher's own block overrides it
+              "teacher": {"arch": "resnet18", "clinical": True, "pipeline": {"augment": False},
+                          "loop": {"epochs": 4, "batch_size": 8, "lr": 2e-3, "patience": 3,
+                                   "progress_interval_s": 1e9}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "teacher"
-    result = train_teacher(ds, assignments, cfg, str(out))
+    args = ["train", "teacher", "--config", str(tmp_path / "config.yaml"), "--dataset", str(tmp_path / "data"),
+            "--external", "C", "--val-fraction", "0.3", "--out", str(out), "--storage", str(tmp_path / "runs"),
+            "--run-name", "t1"]
+    assert main(args) == 0
 
     assert {"model.safetensors", "config.json", "fusion_head.safetensors", "predictions.parquet",
             "training.json"} <= set(os.listdir(out))
-    preds = result.predictions
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [1, 32, 32]
+    preds = pd.read_parquet(out / "predictions.parquet")
     assert sorted(preds["case_id"]) == sorted(assignments["case_id"])
     assert set(preds["split"]) == {"train", "val", "test"} and (preds["model"] == "teacher").all()
     assert preds["prob"].between(0, 1).all()
-    assert result.metrics["best_epoch"] == result.fit.best_epoch
-    assert result.metrics["internal"]["auc"] == pytest.approx(result.fit.best_metrics["val_auc"], abs=1e-6)
-    assert result.metrics["internal"]["n"] == int((assignments["split"] == "val").sum())
-    assert result.metrics["external"]["auc"] > 0.6  # lesions are visible: the teacher must beat chance
+    assert (preds.merge(assignments, on="case_id")["split_x"] == preds.merge(assignments, on="case_id")["split_y"]).all()
     info = json.loads((out / "training.json").read_text())
-    assert info["run_path"] == result.fit.run_path and len(info["history"]) == len(result.fit.history)
+    best = next(h for h in info["history"] if h["epoch"] == info["metrics"]["best_epoch"])
+    assert info["metrics"]["internal"]["auc"] == pytest.approx(best["val_auc"], abs=1e-6)  # the exported epoch
+    assert info["metrics"]["internal"]["n"] == int((assignments["split"] == "val").sum())
+    assert info["metrics"]["external"]["auc"] > 0.6  # lesions are visible: the teacher must beat chance
+
+    # the same name again without --resume is refused; with it, the finished run is picked up as it is
+    assert main(args) == 2
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "training.json").read_text())
+    assert again["history"] == info["history"] and again["metrics"]["best_epoch"] == info["metrics"]["best_epoch"]

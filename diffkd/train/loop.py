@@ -157,6 +157,10 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
     if cfg.max_steps_per_epoch:
         batches = min(batches, cfg.max_steps_per_epoch)
 
+    if cfg.progress:
+        action = "resuming" if cfg.resume else "starting"
+        print(f"[{task.name}] {action} run {name!r} in {storage.uri}; {cfg.num_workers} worker(s), ZeRO stage "
+              f"{cfg.zero_stage}, {batches} batches of {cfg.batch_size} per worker and epoch", flush=True)
     worker_config = {"task": task, "loop": cfg, "objective": objective, "mode": mode, "has_val": "val" in datasets,
                      "batches_per_epoch": batches,
                      "total_steps": optimizer_steps(cfg.epochs, batches, cfg.grad_accum_steps)}
