@@ -1,6 +1,6 @@
 """Ray Tune over the student stage: temperature and loss weights, ASHA + Optuna, internal AUC only.
 
-    tune_student(dataset, splits, StageConfig(...), load_space("tune_spaces/kd.yaml"), out_dir)
+    tune_student(dataset, splits, StudentConfig(...), load_space("tune_spaces/kd.yaml"), out_dir)
 
 Each trial is a driver function that runs the ordinary student stage (`train_student` -> the shared
 loop's TorchTrainer) with Tune's `TuneReportCallback`, the Train V2 way. The driver itself holds a
@@ -12,9 +12,10 @@ The objective is the internal-validation metric the space names (`val_auc`). Tri
 train and val rows of the splits table and nothing else: the external centers never reach a trial.
 
 Outputs in `out_dir`: `trials.csv` (one row per trial), `curves.csv` (every epoch of every trial),
-`objective_vs_params.png`, `learning_curves.png`, `best_config.yaml` (the whole stage config with
-the best values, ready for the final student), and the Tune experiment `search/` that `resume=True`
-continues after an interruption.
+`objective_vs_params.png`, `learning_curves.png`, `best_config.yaml` (the `student` section with
+the best values, ready for the final student: `diffkd distill --config best_config.yaml`), and the
+Tune experiment `search/` that `resume=True` continues after an interruption. Space paths are
+relative to the student section (`distill.temperature`, `loop.lr`, `pipeline.synthetic_ratio`).
 """
 from __future__ import annotations
 
@@ -34,8 +35,6 @@ from diffkd.tune_space import TuneSpace, apply_params, plain
 if TYPE_CHECKING:
     import pandas as pd
 
-    from diffkd.data.pipeline import PipelineConfig
-    from diffkd.train.loop import LoopConfig
     from diffkd.train.student import StudentConfig
 
 log = logging.getLogger(__name__)
@@ -47,38 +46,14 @@ BEST_CONFIG = "best_config.yaml"
 
 
 @dataclass
-class StageConfig:
-    """Everything one student-stage run needs; search-space paths point into these sections."""
-
-    student: "StudentConfig"
-    pipeline: "PipelineConfig"
-    loop: "LoopConfig"
-
-    def to_dict(self) -> dict[str, dict]:
-        return {"student": to_dict(self.student), "pipeline": to_dict(self.pipeline), "loop": to_dict(self.loop)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "stage config") -> "StageConfig":
-        from diffkd.data.pipeline import PipelineConfig
-        from diffkd.train.loop import LoopConfig
-        from diffkd.train.student import StudentConfig
-
-        unknown = sorted(set(data) - {"student", "pipeline", "loop"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown section(s) {unknown}; expected student, pipeline, loop")
-        return cls(student=from_dict(StudentConfig, data.get("student"), "student"),
-                   pipeline=from_dict(PipelineConfig, data.get("pipeline"), "pipeline"),
-                   loop=from_dict(LoopConfig, data.get("loop"), "loop"))
-
-
-@dataclass
 class TuneOutcome:
     out_dir: str
     experiment_path: str
     best_params: dict[str, Any]
     best_objective: float
-    best_config: StageConfig
+    best_config: "StudentConfig"
     num_trials: int
+    complete: bool  # False when the search was interrupted (resume it with resume=True)
     trial_epochs: int  # epochs run, summed over trials (what ASHA saves against a full-budget search)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -92,27 +67,33 @@ def training_rows(assignments: "pd.DataFrame") -> "pd.DataFrame":
 
 # ---- resources -----------------------------------------------------------------------------------
 
-def trial_footprint(stage: StageConfig) -> dict[str, float]:
+def student_from_dict(data: dict[str, Any], where: str = "student") -> "StudentConfig":
+    from diffkd.train.student import StudentConfig
+
+    return from_dict(StudentConfig, data, where)
+
+
+def trial_footprint(cfg: "StudentConfig") -> dict[str, float]:
     """What one running trial holds: its driver, its Train workers, its data pipeline's minimum."""
     from diffkd.data.pipeline import required_cpus
 
-    loop = stage.loop
-    return {"CPU": DRIVER_CPUS + loop.num_workers * loop.cpus_per_worker + required_cpus(stage.pipeline),
+    loop = cfg.loop
+    return {"CPU": DRIVER_CPUS + loop.num_workers * loop.cpus_per_worker + required_cpus(cfg.pipeline),
             "GPU": float(loop.num_workers if loop.use_gpu else 0)}
 
 
-def plan_concurrency(space: TuneSpace, stage: StageConfig, cluster: dict[str, float]) -> int:
+def plan_concurrency(space: TuneSpace, cfg: "StudentConfig", cluster: dict[str, float]) -> int:
     """Trials in flight: as many as the cluster's CPUs (and GPUs) hold at one trial's footprint.
 
     More would start trials whose workers can never be placed, so an explicit larger number is
     lowered with a warning; a cluster that cannot hold even one trial is an error.
     """
-    need = trial_footprint(stage)
+    need = trial_footprint(cfg)
     fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
     capacity = min(fits)
     if capacity < 1:
         raise ValueError(f"one trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (driver {DRIVER_CPUS}, "
-                         f"{stage.loop.num_workers} worker(s) x {stage.loop.cpus_per_worker:g} CPU, data pipeline), "
+                         f"{cfg.loop.num_workers} worker(s) x {cfg.loop.cpus_per_worker:g} CPU, data pipeline), "
                          f"the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
                          "lower loop.num_workers / loop.cpus_per_worker")
     wanted = space.num_samples if space.max_concurrent_trials == "auto" else int(space.max_concurrent_trials)
@@ -134,12 +115,11 @@ def run_trial(params: dict[str, Any], *, dataset: str, assignments: "pd.DataFram
 
     if (assignments["split"] == "test").any():  # training_rows() removed them; never let a trial see one
         raise RuntimeError("a tuning trial was handed external test rows")
-    stage = StageConfig.from_dict(apply_params(base, params))
-    trial_id = ray.tune.get_context().get_trial_id()
-    run_name = f"trial-{trial_id}"
-    loop = dataclasses.replace(stage.loop, storage_path=runs_dir, run_name=run_name, progress=False,
+    cfg = student_from_dict(apply_params(base, params))
+    run_name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    loop = dataclasses.replace(cfg.loop, storage_path=runs_dir, run_name=run_name, progress=False,
                                resume=os.path.isdir(os.path.join(runs_dir, run_name)))  # a restored trial continues
-    train_student(dataset, assignments, stage.student, stage.pipeline, loop, out_dir=None,
+    train_student(dataset, assignments, dataclasses.replace(cfg, loop=loop), out_dir=None,
                   callbacks=[TuneReportCallback()])
 
 
@@ -165,7 +145,7 @@ def _scheduler(space: TuneSpace, max_epochs: int):
                          reduction_factor=space.scheduler.reduction_factor)
 
 
-def tune_student(dataset: str, assignments: "pd.DataFrame", stage: StageConfig, space: TuneSpace, out_dir: str,
+def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig", space: TuneSpace, out_dir: str,
                  *, resume: bool = False) -> TuneOutcome:
     """Search `space` over the student stage; write the results table, plots and best config to `out_dir`.
 
@@ -177,7 +157,7 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", stage: StageConfig, 
 
     from diffkd.raycompat import init as ray_init
 
-    base = stage.to_dict()
+    base = to_dict(cfg)
     for name in space.params:  # a typo in the space fails now, not inside every trial
         apply_params(base, {name: None}, where=space.source or "search space")
     rows = training_rows(assignments)
@@ -199,18 +179,18 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", stage: StageConfig, 
         if os.path.exists(experiment):
             raise ValueError(f"a search already exists at {experiment}; pass --resume to continue it, "
                              "or choose another output folder")
-        concurrent = plan_concurrency(space, stage, ray.cluster_resources())
+        concurrent = plan_concurrency(space, cfg, ray.cluster_resources())
         log.info("searching %d trial(s), %d at a time, objective %s (%s)", space.num_samples, concurrent,
                  space.objective, space.mode)
         tuner = tune.Tuner(
             trainable, param_space=space.ray_param_space(),
             tune_config=tune.TuneConfig(metric=space.objective, mode=space.mode, num_samples=space.num_samples,
                                         max_concurrent_trials=concurrent, search_alg=_searcher(space),
-                                        scheduler=_scheduler(space, stage.loop.epochs)),
+                                        scheduler=_scheduler(space, cfg.loop.epochs)),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=out_dir,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
-    return summarize(grid, space, stage, out_dir, experiment)
+    return summarize(grid, space, base, out_dir, experiment)
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -240,7 +220,7 @@ def _trial_tables(grid, space: TuneSpace) -> tuple["pd.DataFrame", "pd.DataFrame
     return table.reset_index(drop=True), pd.DataFrame(curves)
 
 
-def summarize(grid, space: TuneSpace, stage: StageConfig, out_dir: str, experiment: str) -> TuneOutcome:
+def summarize(grid, space: TuneSpace, base: dict[str, Any], out_dir: str, experiment: str) -> TuneOutcome:
     """Write trials.csv, curves.csv, the plots and best_config.yaml; return the outcome."""
     trials, curves = _trial_tables(grid, space)
     finished = trials.dropna(subset=[space.objective])
@@ -249,7 +229,7 @@ def summarize(grid, space: TuneSpace, stage: StageConfig, out_dir: str, experime
         raise RuntimeError(f"the search at {experiment} produced no result: {errors}")
     best = finished.iloc[0]
     best_params = {name: plain(best[name]) for name in space.params}
-    best_stage = StageConfig.from_dict(apply_params(stage.to_dict(), best_params))
+    best_config = apply_params(base, best_params)
     files = {"trials": os.path.join(out_dir, "trials.csv"), "curves": os.path.join(out_dir, "curves.csv"),
              "best_config": os.path.join(out_dir, BEST_CONFIG)}
     _atomic_write(files["trials"], trials.to_csv(index=False))
@@ -257,18 +237,26 @@ def summarize(grid, space: TuneSpace, stage: StageConfig, out_dir: str, experime
     header = (f"# best of {len(trials)} trial(s) of {space.source or 'the search'}: "
               f"{space.objective} = {float(best[space.objective]):.4f} (internal validation)\n"
               f"# tuned: {', '.join(f'{k}={v}' for k, v in best_params.items())}\n")
-    _atomic_write(files["best_config"], header + yaml.safe_dump(best_stage.to_dict(), sort_keys=False))
+    _atomic_write(files["best_config"], header + yaml.safe_dump({"student": best_config}, sort_keys=False))
     files.update(plot_search(trials, curves, space, out_dir))
+    complete = len(trials) >= space.num_samples and not (trials["epochs"] == 0).any()
+    if not complete:
+        log.warning("the search stopped before every trial finished (%d of %d reported); continue it with "
+                    "resume=True (CLI: --resume)", int((trials["epochs"] > 0).sum()), space.num_samples)
     return TuneOutcome(out_dir=out_dir, experiment_path=experiment, best_params=best_params,
-                       best_objective=float(best[space.objective]), best_config=best_stage,
-                       num_trials=len(trials), trial_epochs=int(trials["epochs"].sum()), files=files)
+                       best_objective=float(best[space.objective]), best_config=student_from_dict(best_config),
+                       num_trials=len(trials), complete=complete, trial_epochs=int(trials["epochs"].sum()),
+                       files=files)
 
 
-def load_best_config(path: str) -> StageConfig:
-    """The stage config a search wrote (`best_config.yaml`), for the final student."""
+def load_best_config(path: str) -> "StudentConfig":
+    """The student config a search wrote (`best_config.yaml`), for the final student."""
     from diffkd.config import load_yaml
 
-    return StageConfig.from_dict(load_yaml(path), path)
+    data = load_yaml(path)
+    if "student" not in data:
+        raise ConfigError(f"{path} has no `student` section")
+    return student_from_dict(data["student"], f"{path}: student")
 
 
 def plot_search(trials: "pd.DataFrame", curves: "pd.DataFrame", space: TuneSpace, out_dir: str) -> dict[str, str]:

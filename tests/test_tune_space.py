@@ -18,13 +18,13 @@ def _write(tmp_path, text):
 def test_the_shipped_kd_space_loads_and_maps_to_ray():
     space = load_space(ROOT / "tune_spaces" / "kd.yaml")
     assert space.objective == "val_auc" and space.mode == "max"
-    assert space.params["student.distill.temperature"] == Distribution("loguniform", (1.0, 10.0))
-    assert {"student.distill.alpha", "loop.lr"} <= set(space.params)
+    assert space.params["distill.temperature"] == Distribution("loguniform", (1.0, 10.0))
+    assert {"distill.alpha", "distill.pro_weight", "loop.lr"} <= set(space.params)
     from ray.tune.search.sample import Float
 
     ray_space = space.ray_param_space()
-    assert isinstance(ray_space["student.distill.temperature"], Float)
-    assert 1.0 <= ray_space["student.distill.temperature"].sample() <= 10.0
+    assert isinstance(ray_space["distill.temperature"], Float)
+    assert 1.0 <= ray_space["distill.temperature"].sample() <= 10.0
 
 
 def test_an_external_objective_is_refused(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """\
-The config file holds the sections `student` (StudentConfig, with its `distill` block), `pipeline`
-(PipelineConfig) and `loop` (LoopConfig); other top-level sections are ignored, so the experiment
-config (configs/demo.yaml) and a search's best_config.yaml both work.
+The config file's `student` section is read (StudentConfig: arch, clinical, mode, its `distill`,
+`pipeline` and `loop` blocks); other top-level sections are ignored, so the experiment config
+(configs/demo.yaml) and a search's best_config.yaml both work.
 
 examples:
   diffkd distill --dataset out/data --external C --config configs/demo.yaml --teacher out/models/teacher \\
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="dataset folder or URI")
     p.add_argument("--external", default="", metavar="C1,C2", help="external (held-out) centers, never read")
-    p.add_argument("--config", required=True, help="YAML with student / pipeline / loop sections")
+    p.add_argument("--config", required=True, help="YAML with a `student` section")
     p.add_argument("--out", required=True, help="folder for the exported student")
     p.add_argument("--teacher", default=None, metavar="DIR", help="teacher folder (overrides student.teacher_dir)")
     p.add_argument("--mode", choices=("paired", "pairing_free"), default=None, help="overrides student.mode")
@@ -41,14 +41,15 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-def load_stage(path: str, where: str | None = None):
-    """StageConfig from the student / pipeline / loop sections of a YAML file (others ignored)."""
-    from diffkd.config import load_yaml
-    from diffkd.tune import StageConfig
+def load_student_config(path: str):
+    """The `student` section of a YAML config (other sections ignored) as a StudentConfig."""
+    from diffkd.config import ConfigError, load_yaml
+    from diffkd.tune import student_from_dict
 
     data = load_yaml(path)
-    return StageConfig.from_dict({k: v for k, v in data.items() if k in ("student", "pipeline", "loop")},
-                                 where or path)
+    if not isinstance(data.get("student"), dict):
+        raise ConfigError(f"{path} has no `student` section")
+    return student_from_dict(data["student"], f"{path}: student")
 
 
 def splits_for(dataset, external: str, val_fraction: float, seed: int):
@@ -66,21 +67,22 @@ def run(args) -> int:
     from diffkd.raycompat import init as ray_init
     from diffkd.train.student import plain_variant, train_student
 
-    stage = load_stage(args.config)
-    student, pipeline, loop = stage.student, stage.pipeline, stage.loop
+    student = load_student_config(args.config)
     if args.teacher:
         student = dataclasses.replace(student, teacher_dir=args.teacher)
     if args.mode:
         student = dataclasses.replace(student, mode=args.mode)
     if args.plain:
-        student, pipeline = plain_variant(student, pipeline)
+        student = plain_variant(student)
     elif not student.teacher_dir:
         raise ValueError("no teacher: pass --teacher DIR or set student.teacher_dir (or --plain for the control)")
-    loop = dataclasses.replace(loop, run_name=args.run_name or loop.run_name, resume=args.resume or loop.resume)
+    loop = dataclasses.replace(student.loop, run_name=args.run_name or student.loop.run_name,
+                               resume=args.resume or student.loop.resume)
+    student = dataclasses.replace(student, loop=loop)
     ray_init(args.address)
     dataset, splits = splits_for(args.dataset, args.external, args.val_fraction, args.split_seed)
-    result = train_student(dataset, splits, student, pipeline, loop, out_dir=args.out)
-    kind = "plain student" if args.plain else f"student ({student.mode} KD)"
-    print(f"{kind} {student.arch}: {result.params:,} parameters, internal val AUC {result.val_auc:.3f} "
+    name = "student_plain" if args.plain else "student_kd"
+    result = train_student(dataset, splits, student, out_dir=args.out, model_name=name)
+    print(f"{name} {student.arch}: {result.params:,} parameters, internal val AUC {result.val_auc:.3f} "
           f"(epoch {result.fit.best_epoch}); exported to {args.out}")
     return 0

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--space", default=None, metavar="FILE", help="search-space YAML")
     p.add_argument("--dataset", required=True, help="dataset folder or URI")
     p.add_argument("--external", default="", metavar="C1,C2", help="external (held-out) centers, never read")
-    p.add_argument("--config", required=True, help="YAML with student / pipeline / loop sections (the base)")
+    p.add_argument("--config", required=True, help="YAML whose `student` section is the base of every trial")
     p.add_argument("--teacher", default=None, metavar="DIR", help="teacher folder (overrides student.teacher_dir)")
     p.add_argument("--out", required=True, help="folder for the search and its results")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
@@ -55,7 +55,7 @@ def space_path(args) -> str:
 def run(args) -> int:
     import dataclasses
 
-    from diffkd.commands.student import load_stage, splits_for
+    from diffkd.commands.student import load_student_config, splits_for
     from diffkd.raycompat import init as ray_init
     from diffkd.train.student import train_student
     from diffkd.tune import tune_student
@@ -64,20 +64,22 @@ def run(args) -> int:
     space = load_space(space_path(args))
     if args.samples:
         space = dataclasses.replace(space, num_samples=args.samples)
-    stage = load_stage(args.config)
+    student = load_student_config(args.config)
     if args.teacher:
-        stage = dataclasses.replace(stage, student=dataclasses.replace(stage.student, teacher_dir=args.teacher))
-    if not stage.student.teacher_dir:
+        student = dataclasses.replace(student, teacher_dir=args.teacher)
+    if not student.teacher_dir:
         raise ValueError("the search distils from a teacher: pass --teacher DIR or set student.teacher_dir")
     ray_init(args.address)
     dataset, splits = splits_for(args.dataset, args.external, args.val_fraction, args.split_seed)
-    outcome = tune_student(dataset.uri, splits, stage, space, args.out, resume=args.resume)
+    outcome = tune_student(dataset.uri, splits, student, space, args.out, resume=args.resume)
     print(f"{outcome.num_trials} trials, {outcome.trial_epochs} trial-epochs; best {space.objective} "
           f"{outcome.best_objective:.4f} with {outcome.best_params}")
     for name, path in outcome.files.items():
         print(f"  {name:<15} {path}")
+    if not outcome.complete:
+        print(f"the search was interrupted; continue it with: diffkd tune ... --out {args.out} --resume")
+        return 1
     if args.final_out:
-        best = outcome.best_config
-        result = train_student(dataset, splits, best.student, best.pipeline, best.loop, out_dir=args.final_out)
+        result = train_student(dataset, splits, outcome.best_config, out_dir=args.final_out)
         print(f"final student: internal val AUC {result.val_auc:.3f}; exported to {args.final_out}")
     return 0

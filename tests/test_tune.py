@@ -1,0 +1,156 @@
+"""Ray Tune over the student stage: sizing, the test split kept out, results, a real search and its resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from diffkd.data.pipeline import PipelineConfig
+from diffkd.train.loop import LoopConfig
+from diffkd.train.student import DistillConfig, StudentConfig
+from diffkd.tune import (DRIVER_CPUS, load_best_config, plan_concurrency, plot_search, run_trial, training_rows,
+                         tune_student)
+from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _space(num_samples=4, concurrent="auto", scheduler="asha"):
+    return TuneSpace(params={"distill.temperature": Distribution("loguniform", (1.0, 8.0)),
+                             "distill.alpha": Distribution("uniform", (0.3, 0.9)),
+                             "loop.lr": Distribution("loguniform", (3e-4, 3e-3))},
+                     num_samples=num_samples, max_concurrent_trials=concurrent,
+                     scheduler=SchedulerSpec(scheduler, grace_period=1, reduction_factor=2),
+                     search=SearchSpec("optuna", seed=0), source="test space")
+
+
+def _student(teacher_dir="", runs="runs", **loop):
+    return StudentConfig(arch="mobilenetv3_small_050", teacher_dir=teacher_dir,
+                         distill=DistillConfig(feature_weight=0.5),
+                         pipeline=PipelineConfig(image_size=32, augment=False),
+                         loop=LoopConfig(**{"epochs": 2, "batch_size": 16, "shuffle_buffer": 0, "warmup_fraction": 0.25,
+                                            "storage_path": runs, **loop}))
+
+
+# ---- no Ray needed ---------------------------------------------------------------------------------
+
+def test_trials_in_flight_fit_the_cluster():
+    cfg = _student()  # 1 worker x 1 CPU + 0.75 CPU of data pipeline + the driver's sliver
+    assert plan_concurrency(_space(4), cfg, {"CPU": 4.0}) == 2  # 2 physical cores as 4 logical CPUs
+    assert plan_concurrency(_space(4, concurrent=8), cfg, {"CPU": 4.0}) == 2  # capped: more would deadlock
+    assert plan_concurrency(_space(3), cfg, {"CPU": 64.0}) == 3  # never more than there are trials
+    gpu = _student(use_gpu=True, cpus_per_worker=2)
+    assert plan_concurrency(_space(16), gpu, {"CPU": 64.0, "GPU": 8.0}) == 8  # every GPU busy
+    with pytest.raises(ValueError, match="one trial needs"):
+        plan_concurrency(_space(4), cfg, {"CPU": 1.5})
+    assert DRIVER_CPUS > 0  # {"CPU": 0} is refused by Ray ("empty head and zero worker bundles")
+
+
+def test_trials_never_receive_the_external_split():
+    table = pd.DataFrame({"case_id": ["a", "b", "c"], "split": ["train", "val", "test"]})
+    assert list(training_rows(table)["case_id"]) == ["a", "b"]
+    with pytest.raises(RuntimeError, match="external test rows"):
+        run_trial({}, dataset="ds", assignments=table, base={}, runs_dir="runs")
+
+
+def test_search_plots_are_written(tmp_path):
+    space = _space()
+    trials = pd.DataFrame({"trial": ["t1", "t2", "t3"], "distill.temperature": [1.5, 3.0, 6.0],
+                           "distill.alpha": [0.4, 0.6, 0.8], "loop.lr": [1e-3, 2e-3, 5e-4],
+                           "val_auc": [0.6, 0.7, float("nan")], "epochs": [1, 2, 0]})
+    curves = pd.DataFrame({"trial": ["t1", "t2", "t2"], "epoch": [1, 1, 2], "val_auc": [0.6, 0.65, 0.7]})
+    files = plot_search(trials, curves, space, str(tmp_path))
+    for path in files.values():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- real searches (slow) -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tune_data(tmp_path_factory):
+    import torch
+
+    from diffkd.models.classifiers import create_classifier, save_classifier
+    from student_fixtures import splits, two_modality_dataset
+
+    root = tmp_path_factory.mktemp("tune")
+    ds = two_modality_dataset(root / "ds", n_us=24, n_doppler=4)
+    torch.manual_seed(0)
+    teacher = str(root / "teacher")
+    save_classifier(create_classifier("resnet18", in_chans=1, num_classes=2), teacher)
+    return ds, splits(ds), teacher
+
+
+@pytest.mark.slow
+def test_a_four_trial_search_finishes_on_two_cpus_and_writes_its_best_config(tune_data, ray_local, tmp_path):
+    ds, table, teacher = tune_data
+    space = _space(4)
+    cfg = _student(teacher, runs=str(tmp_path / "unused"))
+    outcome = tune_student(ds.uri, table, cfg, space, str(tmp_path / "search"))
+
+    assert outcome.complete and outcome.num_trials == 4
+    trials = pd.read_csv(outcome.files["trials"])
+    assert len(trials) == 4 and trials["val_auc"].notna().all()
+    assert outcome.best_objective == trials["val_auc"].max()
+    assert 4 <= outcome.trial_epochs <= 8  # ASHA may stop trials after their grace epoch
+    best = load_best_config(outcome.files["best_config"])
+    for name, dist in space.params.items():
+        section, key = name.split(".")
+        value = getattr(getattr(best, section), key)
+        assert dist.contains(value) and value == pytest.approx(outcome.best_params[name])
+    assert best.teacher_dir == teacher and best.arch == cfg.arch  # the rest of the base config is kept
+    curves = pd.read_csv(outcome.files["curves"])
+    assert set(curves["trial"].astype(str)) == set(trials["trial"].astype(str))
+    for key in ("objective_plot", "curves_plot"):
+        assert Path(outcome.files[key]).stat().st_size > 1000
+    with pytest.raises(ValueError, match="pass --resume"):
+        tune_student(ds.uri, table, cfg, space, str(tmp_path / "search"))
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
+    """Ctrl-C a `diffkd tune` process once its first trial has reported, then finish it with --resume."""
+    ds, table, teacher = tune_data
+    config = tmp_path / "config.yaml"
+    cfg = _student(teacher, runs=str(tmp_path / "unused"))
+    from diffkd.config import to_dict
+
+    config.write_text(yaml.safe_dump({"student": to_dict(cfg)}))
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "num_samples": 4, "max_concurrent_trials": 1,
+        "scheduler": {"name": "fifo"}, "search": {"name": "optuna", "seed": 0},
+        "params": {"distill.temperature": {"loguniform": [1.0, 8.0]}, "loop.lr": {"loguniform": [3e-4, 3e-3]}}}))
+    out = tmp_path / "search"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": str(tmp_path / "rt")}
+    command = [sys.executable, "-m", "diffkd.cli", "tune", "--space", str(space_file), "--dataset", ds.uri,
+               "--external", "C", "--config", str(config), "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(p.stat().st_size > 0 for p in (out / "search").glob("*/result.json")):
+                break
+            time.sleep(2)
+        assert proc.poll() is None, f"the search ended before it could be interrupted:\n{proc.stdout.read()}"
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    interrupted = pd.read_csv(out / "trials.csv") if (out / "trials.csv").exists() else None
+    assert proc.returncode != 0, log
+    assert interrupted is None or (interrupted["epochs"] > 0).sum() < 4
+
+    from diffkd.tune_space import load_space
+
+    outcome = tune_student(ds.uri, table, cfg, load_space(str(space_file)), str(out), resume=True)
+    assert outcome.complete and outcome.num_trials == 4
+    trials = pd.read_csv(outcome.files["trials"])
+    assert (trials["epochs"] == 2).all()  # FIFO: every trial ran its full budget, across the interruption
+    assert Path(outcome.files["best_config"]).exists()
