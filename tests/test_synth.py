@@ -1,0 +1,150 @@
+"""Synthesis on Ray Data actors into the synthetic partition, resume, the audit, and use by the teacher."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from diffkd.data.schema import CLINICAL_COLUMNS, arrow_schema
+from diffkd.models.diffusion import DiffusionModelConfig, load_pipeline
+from diffkd.synth import (AuditConfig, SynthConfig, audit, cell_counts, condition_table, existing_case_ids,
+                          run_id_for, synthesize)
+from diffkd.train.diffusion_task import DiffusionConfig, SplitSpec, train_diffusion
+from diffkd.train.loop import LoopConfig
+from diffusion_fixtures import tiny_dataset
+
+TINY = DiffusionModelConfig(image_size=16, block_out_channels=(16, 32), condition_dim=32)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    """A tiny generator trained through the shared loop (Ray Train + DeepSpeed) on a two-center dataset."""
+    root = tmp_path_factory.mktemp("synth")
+    ds = tiny_dataset(root / "ds", per_center=24, size=32)
+    result = train_diffusion(ds, str(root / "models" / "diffusion"), DiffusionConfig(model=TINY),
+                             LoopConfig(epochs=3, batch_size=8, lr=2e-3, weight_decay=0.0, progress=False,
+                                        storage_path=str(root / "runs")),
+                             SplitSpec(val_fraction=0.25))
+    return ds, result
+
+
+def test_the_generator_trains_through_ray_train_and_deepspeed(trained):
+    ds, result = trained
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert all(np.isfinite(h["val_loss"]) for h in result.history)
+    info = json.loads(open(os.path.join(result.model_dir, "diffkd_training.json")).read())
+    assert info["split"]["val_fraction"] == 0.25 and info["train_rows"] == result.train_rows == 36
+    assert info["ema_steps"] > 0
+    pipe = load_pipeline(result.model_dir)
+    assert pipe.condition_encoder.centers == ["A", "B"] and pipe.unet.config.sample_size == 16
+
+
+def test_condition_tables_are_balanced_or_follow_the_real_mix():
+    import pandas as pd
+
+    rows = pd.DataFrame({"center": ["A"] * 6 + ["B"] * 2, "label": [0, 0, 0, 0, 1, 1, 0, 1],
+                         "modality": "us", "case_id": [f"c{i}" for i in range(8)],
+                         **{c: None for c in CLINICAL_COLUMNS}})
+    rows["age"] = [30.0 + i for i in range(8)]
+    balanced = cell_counts(rows, SynthConfig(per_cell=5), ["A", "B"])
+    assert balanced == {("A", 0): 5, ("A", 1): 5, ("B", 0): 5, ("B", 1): 5}
+    real = cell_counts(rows, SynthConfig(mode="real", total=16), ["A", "B"])
+    assert real == {("A", 0): 8, ("A", 1): 4, ("B", 0): 2, ("B", 1): 2} and sum(real.values()) == 16
+    table = condition_table(rows, SynthConfig(per_cell=5), "run1")
+    assert len(table) == 20 and table["case_id"].is_unique and table["patient_id"].is_unique
+    # Conditions come from real rows of the same cell, and a rebuild is identical (what resume relies on).
+    a0 = table[(table["center"] == "A") & (table["label"] == 0)]
+    assert set(a0["age"]) <= {30.0, 31.0, 32.0, 33.0}
+    assert table.equals(condition_table(rows.sample(frac=1, random_state=1), SynthConfig(per_cell=5), "run1"))
+    with pytest.raises(ValueError, match="have no rows the generator was trained on"):
+        condition_table(rows, SynthConfig(centers=["Z"]), "run1")
+
+
+def test_synthesis_resumes_after_an_interruption_without_duplicates(trained):
+    ds, result = trained
+    cfg = SynthConfig(per_cell=3, num_inference_steps=3, batch_size=2, num_actors=2, chunk_rows=2)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_chunk(done: int, total: int) -> None:
+        raise Interrupted(f"{done}/{total}")
+
+    with pytest.raises(Interrupted):
+        synthesize(ds, result.model_dir, cfg, progress=stop_after_first_chunk)
+    run_id = run_id_for(result.model_dir, cfg)
+    partial = existing_case_ids(ds, run_id)
+    assert 0 < len(partial) < 12
+
+    second = synthesize(ds, result.model_dir, cfg)
+    assert second.requested == 12 and second.existing == len(partial) and second.written == 12 - len(partial)
+    again = synthesize(ds, result.model_dir, cfg)
+    assert again.written == 0 and again.existing == 12
+
+    table = ds.read_table(synthetic=True)
+    assert table.num_rows == 12 and len(set(table.column("case_id").to_pylist())) == 12
+    assert table.schema.equals(arrow_schema())
+    rows = table.to_pylist()
+    for row in rows:
+        assert row["synthetic"] is True and row["source"] == run_id
+        assert row["patient_id"].startswith("synthetic-") and row["case_id"].startswith(f"synthetic-{run_id}-")
+        assert hashlib.sha256(row["image"]).hexdigest() == row["sha256"]
+        image = Image.open(io.BytesIO(row["image"]))
+        assert image.format == "PNG" and image.mode == "L" and image.size == (row["width"], row["height"]) == (16, 16)
+        assert row["age"] is not None and row["birads"] in ("4a", "4c")  # clinical values from the condition table
+    counts = {(r["center"], r["label"]) for r in rows}
+    assert counts == {("A", 0), ("A", 1), ("B", 0), ("B", 1)}
+    assert ds.manifest["synthetic"]["A"]["rows"] + ds.manifest["synthetic"]["B"]["rows"] == 12
+
+
+def test_the_teacher_pipeline_mixes_synthetic_rows(trained, ray_local):
+    from diffkd.data.pipeline import PipelineConfig, iter_shard_batches, make_dataset
+
+    ds, _ = trained
+    if not ds.centers(synthetic=True):
+        pytest.skip("needs the rows written by the resume test")
+    real_ids = ds.metadata().column("case_id").to_pylist()
+    stream = make_dataset(ds, real_ids, PipelineConfig(image_size=32, batch_size=8), train=True, synthetic_ratio=0.5)
+    batches = list(iter_shard_batches(stream, 8))
+    flags = np.concatenate([b["synthetic"].numpy() for b in batches])
+    assert flags.any() and (~flags).sum() == len(real_ids)
+    assert all(b["image"].shape[1:] == (1, 32, 32) for b in batches)
+
+
+def test_the_audit_flags_a_planted_copy(trained, tmp_path):
+    ds, result = trained
+    if not ds.centers(synthetic=True):
+        synthesize(ds, result.model_dir, SynthConfig(per_cell=3, num_inference_steps=3, num_actors=1))
+    # Plant an exact copy of a training image (center A) as if the generator had memorised it.
+    info = json.loads(open(os.path.join(result.model_dir, "diffkd_training.json")).read())
+    from diffkd.synth import generator_training_rows
+
+    victim_id = generator_training_rows(ds, result.model_dir)["case_id"].iloc[0]
+    victim = next(r for r in ds.read_table(["A", "B"]).to_pylist() if r["case_id"] == victim_id)
+    image = np.asarray(Image.open(io.BytesIO(victim["image"])).resize((16, 16), Image.Resampling.BILINEAR))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    planted = {**victim, "case_id": "synthetic-planted-0", "patient_id": "synthetic-planted", "image": buf.getvalue(),
+               "height": 16, "width": 16, "synthetic": True, "source": "planted",
+               "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    ds.write_synthetic(victim["center"], pa.Table.from_pylist([planted], schema=arrow_schema()), run_id="planted")
+    assert info["train_rows"] > 0
+
+    summary = audit(ds, str(tmp_path / "audit"), model_dir=result.model_dir,
+                    cfg=AuditConfig(epochs=2, batch_size=8, kid_subsets=5))
+    details = json.loads((tmp_path / "audit" / "synthetic_audit.json").read_text())
+    assert "synthetic-planted-0" in details["near_copies"]["flagged_case_ids"]
+    assert summary["near_copies"] >= 1 and summary["n_synthetic"] == 13
+    for key in ("fid", "fid_real_reference", "kid", "kid_real_reference", "conditional_accuracy",
+                "conditional_accuracy_real", "tstr_auc", "trtr_auc"):
+        assert isinstance(summary[key], float), key
+    assert summary["fid"] >= 0 and 0 <= summary["conditional_accuracy"] <= 1
+    for name in ("synthetic_grid.png", "synthetic_near_copies.png"):
+        assert Image.open(tmp_path / "audit" / name).format == "PNG"
