@@ -20,7 +20,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,9 @@ from torch import nn
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES
 from diffkd.train.task import StepOutput, Task
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +286,6 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     Uses the Ray instance this process is connected to (callers start or join one). `progress`
     is called as (rows written so far in this run, rows requested) after every written chunk.
     """
-    import ray
-
-    from ray.data import ActorPoolStrategy
-
     cfg = cfg or SynthConfig()
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     if not dataset.exists():
@@ -303,16 +302,8 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     written: dict[str, int] = {}
     if len(todo):
         masks = _condition_masks(dataset, todo, model_dir) if _has_mask_channel(model_dir) else None
-        blocks = [todo.iloc[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-        results = ray.data.from_pandas(blocks).map_batches(
-            ImageSampler, compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
-            batch_format="pandas", num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-            fn_constructor_kwargs=dict(model_dir=model_dir, sampler=cfg.sampler,
-                                       num_inference_steps=cfg.num_inference_steps,
-                                       guidance_scale=cfg.guidance_scale, masks=masks,
-                                       threads=max(1, int(cfg.cpus_per_actor))))
         pending: dict[str, list[pd.DataFrame]] = {}
-        for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
+        for batch in sample_stream(todo, model_dir, cfg, masks).iter_batches(batch_size=None, batch_format="pandas"):
             for center, rows in batch.groupby("center"):
                 pending.setdefault(center, []).append(rows)
                 if sum(map(len, pending[center])) >= cfg.chunk_rows:
@@ -323,6 +314,22 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
             _report(progress, len(done) + sum(written.values()), len(table), start, run_id)
     return SynthResult(run_id=run_id, requested=len(table), existing=len(table) - len(todo),
                        written=sum(written.values()), seconds=time.perf_counter() - start, per_center=written)
+
+
+def sample_stream(table: pd.DataFrame, model_dir: str, cfg: SynthConfig,
+                  masks: dict[str, np.ndarray] | None = None) -> "ray.data.Dataset":
+    """The condition table as a Ray dataset of finished rows, sampled by an actor pool of
+    `cfg.num_actors` (each loads the pipeline once). One block per batch, so every actor has work."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    blocks = [table.iloc[i:i + cfg.batch_size] for i in range(0, len(table), cfg.batch_size)]
+    return ray.data.from_pandas(blocks).map_batches(
+        ImageSampler, compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
+        batch_format="pandas", num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+        fn_constructor_kwargs=dict(model_dir=model_dir, sampler=cfg.sampler,
+                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                   masks=masks, threads=max(1, int(cfg.cpus_per_actor))))
 
 
 def _flush(dataset: ImageDataset, center: str, parts: list[pd.DataFrame], run_id: str) -> int:

@@ -139,3 +139,20 @@ def test_ema_state_lives_in_the_model_state_dict():
     keys = model.state_dict().keys()
     assert any(k.startswith("ema.") for k in keys) and "ema_steps" in keys
     assert all(not p.requires_grad for p in model.ema.parameters())
+
+
+def test_the_paper_size_example_config_parses():
+    from pathlib import Path
+
+    from diffkd.config import from_dict, load_yaml
+    from diffkd.synth import AuditConfig, SynthConfig
+    from diffkd.train.loop import LoopConfig
+
+    data = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "diffusion_example.yaml")
+    diffusion = from_dict(DiffusionConfig, data["diffusion"], "diffusion")
+    assert diffusion.model.image_size == 256 and diffusion.model.block_out_channels[-1] == 512
+    assert from_dict(LoopConfig, data["diffusion_loop"]).zero_stage == 2
+    assert from_dict(SynthConfig, data["synth"]).num_inference_steps == 50
+    assert from_dict(AuditConfig, data["audit"]).max_per_set == 2000
+    with pytest.raises(ValueError, match="divisible"):
+        DiffusionModelConfig(image_size=90, block_out_channels=(32, 64, 64))
