@@ -99,6 +99,18 @@ def test_pairing_free_views_split_by_modality_and_pairs_stay_in_class(batch):
     assert s.tolist() == [1, 2] and set(t.tolist()) <= {0, 1}
 
 
+def test_a_batch_without_student_rows_is_a_zero_step_that_still_touches_every_parameter(batch):
+    from diffkd.train.student import take_rows
+
+    cfg = StudentConfig(arch="mobilenetv3_small_050", teacher_dir="t", mode="pairing_free", distill=ALL_LOSSES)
+    model = _model(cfg)
+    doppler_only = take_rows(batch, batch["modality_idx"] == MODALITIES.index("us_doppler"))
+    out = distill_step(model, None, doppler_only, cfg, epoch=2)
+    assert out.num_samples == 0 and float(out.loss) == 0.0
+    out.loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
 def test_combine_weights_and_the_plain_variant():
     cfg = DistillConfig(alpha=0.25, feature_weight=2.0, pro_weight=0.5)
     terms = {"ce": torch.tensor(1.0), "kd_logit": torch.tensor(2.0), "kd_feature": torch.tensor(3.0),

@@ -276,9 +276,8 @@ def distill_step(model: nn.Module, teacher: nn.Module | None, batch: dict[str, A
     """Loss of one training batch. `model` is a DistillationModel (or the DeepSpeed engine around one)."""
     student_view, teacher_view = split_views(batch, cfg)
     n = len(student_view["label"])
-    if n == 0:
-        raise ValueError(f"a training batch holds no {cfg.student_modality!r} rows for the student; "
-                         "raise the batch size or check the modalities of the training split")
+    if n == 0:  # a pairing-free batch of teacher rows only: nothing to learn, but every rank must step
+        return StepOutput(loss=sum(p.sum() for p in model.parameters()) * 0.0, num_samples=0)
     distill = cfg.distill if cfg.distills else None
     dense_on = distill is not None and epoch > distill.den_warmup_epochs
     if distill is not None and len(teacher_view["label"]) == 0:
