@@ -315,10 +315,28 @@ class LocalCluster:
         raise LocalClusterError(f"head's dashboard did not answer at {url} within {timeout:.0f}s; "
                                 f"logs: {self.state.head.temp_dir}/session_latest/logs")
 
-    def wait_for_nodes(self, count: int, timeout: float) -> None:
+    def wait_for_nodes(self, count: int, timeout: float, start_retries: int = 2) -> None:
+        """Wait until `count` nodes are alive; a worker node that died while starting is started again.
+
+        On a saturated machine a raylet can give up waiting for its own agents; a second start
+        usually succeeds.
+        """
         deadline = time.monotonic() + timeout
         alive: list = []
+        retries = {node.name: start_retries for node in self.nodes}
         while time.monotonic() < deadline:
+            self._check_alive(self.state.head)
+            for node in self.nodes[1:]:
+                proc = self._popen.get(node.name)
+                if proc is not None and proc.poll() is not None:
+                    if retries[node.name] == 0:
+                        self._check_alive(node)  # raises with the node's output
+                    retries[node.name] -= 1
+                    log.warning("node %s exited while starting (code %s); starting it again",
+                                node.name, proc.returncode)
+                    _kill_node(node)
+                    shutil.rmtree(node.temp_dir, ignore_errors=True)
+                    self._start_node(node)
             try:
                 alive = self.alive_nodes()
                 if len(alive) >= count:
@@ -414,9 +432,16 @@ class LocalCluster:
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            # Agents start slowly on a saturated machine; the defaults make the raylet give up.
+            "RAY_agent_register_timeout_ms": env.get("RAY_agent_register_timeout_ms", "120000"),
+            "RAY_raylet_start_wait_time_s": env.get("RAY_raylet_start_wait_time_s", "120"),
         })
         for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(var, None)
+        # Nodes find the venv's ninja first on PATH; processes without the venv on PATH use the
+        # system's, and two ninja versions sharing one torch extension cache rebuild DeepSpeed's JIT
+        # ops (minutes each) every time the other one built last. Keep this environment's builds apart.
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         if self.auth_token:
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.auth_token)
         else:
@@ -495,7 +520,10 @@ def _kill_node(node: Node, timeout: float = 60) -> None:
 
 
 def teardown(state: ClusterState) -> None:
-    """Kill all nodes (workers first), remove namespaces, links, temp dirs and the registry entry."""
+    """Kill all nodes (workers first), remove namespaces, links, temp dirs and the registry entry.
+
+    With DIFFKD_KEEP_CLUSTER_LOGS=1 the nodes' temp dirs (Ray's logs) stay, for debugging.
+    """
     errors = []
     for node in reversed(state.nodes):
         try:
@@ -509,7 +537,10 @@ def teardown(state: ClusterState) -> None:
         subprocess.run(["ip", "link", "del", veth], capture_output=True)
     if state.bridge:
         subprocess.run(["ip", "link", "del", state.bridge], capture_output=True)
-    shutil.rmtree(state.root_dir, ignore_errors=True)
+    if os.environ.get("DIFFKD_KEEP_CLUSTER_LOGS") == "1":
+        log.warning("kept the logs of local cluster %s in %s", state.cluster_id, state.root_dir)
+    else:
+        shutil.rmtree(state.root_dir, ignore_errors=True)
     (REGISTRY / f"{state.cluster_id}.json").unlink(missing_ok=True)
     if errors:
         raise LocalClusterError("; ".join(errors))

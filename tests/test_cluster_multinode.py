@@ -14,9 +14,10 @@ import pytest
 from diffkd import jobs
 from diffkd.cli import main as cli
 
-pytestmark = pytest.mark.slow
+# DeepSpeed's first start on a node and 2 shared cores make these long; the limit only catches hangs.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-JOB_TIMEOUT_S = 600
+JOB_TIMEOUT_S = 1200
 EPOCHS = 6
 
 
@@ -135,7 +136,10 @@ def test_worker_node_loss_resumes_from_last_checkpoint(cluster, shared, referenc
     history = json.loads(out.read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     attempts = [h["attempt"] for h in history]
-    assert attempts[:2] == [0, 0] and attempts[-1] >= 1, attempts  # resumed, not restarted from scratch
+    # Resumed from a checkpoint, not from scratch: epoch 0 kept from the first attempt. (The resume
+    # point is the last checkpoint Ray Train had committed when the node died; a checkpoint still
+    # being reported then is not one.)
+    assert attempts[0] == 0 and attempts[-1] >= 1, attempts
     reference = reference_run["result"]["history"]
     for got, want in zip(history, reference):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7), (got, want)
