@@ -264,19 +264,17 @@ def _predictions_result(result, name: str) -> dict:
 
 def _tune(ds: ImageDataset, assignments: pd.DataFrame, student_cfg: StudentConfig, tune: TuneStage,
           out: Path) -> dict:
-    from diffkd.tune import StageConfig, tune_student
+    from diffkd.tune import EXPERIMENT, tune_student
     from diffkd.tune_space import load_space
 
     space = load_space(tune.space)
     if tune.num_samples:
         space = dataclasses.replace(space, num_samples=tune.num_samples)
-    stage = StageConfig(student=student_cfg, pipeline=student_cfg.pipeline, loop=student_cfg.loop)
     search_dir = out / "tune"
-    outcome = tune_student(ds.uri, assignments, stage, space, str(search_dir), resume=(search_dir / "search").exists())
-    best = outcome.best_config
-    chosen = dataclasses.replace(best.student, pipeline=best.pipeline, loop=best.loop)
-    return {"config": to_dict(chosen), "best_params": outcome.best_params, "best_objective": outcome.best_objective,
-            "trial_epochs": outcome.trial_epochs, "files": outcome.files}
+    outcome = tune_student(ds.uri, assignments, student_cfg, space, str(search_dir),
+                           resume=(search_dir / EXPERIMENT).exists())
+    return {"config": to_dict(outcome.best_config), "best_params": outcome.best_params,
+            "best_objective": outcome.best_objective, "trial_epochs": outcome.trial_epochs, "files": outcome.files}
 
 
 def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage, out: Path,
