@@ -40,13 +40,32 @@ def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_di
     log.info("started a local Ray instance with %s logical CPUs", logical_cpus)
 
 
+# Set by Ray's job supervisor for a submitted job's entrypoint (beside RAY_ADDRESS = the cluster's GCS).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Settings that size a private instance; a cluster being joined already has its own.
+LOCAL_ONLY_KWARGS = ("num_cpus", "num_gpus", "temp_dir")
+
+
+def submitted_job_address() -> str | None:
+    """The cluster this process runs on as a submitted job (`diffkd submit`), else None."""
+    if JOB_CONFIG_ENV in os.environ:
+        return os.environ.get("RAY_ADDRESS") or "auto"
+    return None
+
+
 def init(address: str | None = None, **kwargs) -> None:
-    """Join `address` ("auto", "ray://...", "host:port") when given, else start a private local instance."""
+    """Join `address` ("auto", "ray://...", "host:port") when given, or the cluster a submitted job runs
+    on; otherwise start a private local instance."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or submitted_job_address()
     if address:
-        ray.init(address=address, **kwargs)
+        ignored = sorted(k for k in kwargs if k in LOCAL_ONLY_KWARGS and kwargs[k] is not None)
+        if ignored:
+            log.info("joining the Ray cluster at %s: its own resources apply (ignoring %s)", address,
+                     ", ".join(ignored))
+        ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in LOCAL_ONLY_KWARGS})
     else:
         init_local(**kwargs)

@@ -152,6 +152,18 @@ def test_submit_follow_status_list(head, capsys):
     assert code == 0 and job_id in out
 
 
+def test_diffkd_code_in_a_job_joins_the_cluster_not_a_private_instance(head, capsys):
+    """raycompat.init() inside a submitted job must use the cluster the job runs on."""
+    script = ("from diffkd import raycompat; raycompat.init(num_cpus=7); import ray; "
+              "print('GCS', ray.get_runtime_context().gcs_address, 'CPUS', ray.cluster_resources()['CPU'])")
+    code, out, _ = run_cli(capsys, "submit", "--address", head.dashboard_url, "--token", TOKEN, "--",
+                           "python", "-c", script)
+    assert code == 0, out
+    _, gcs, _, cpus = next(line for line in out.splitlines() if line.startswith("GCS")).split()
+    # The head's GCS port and CPU count; a private instance would have its own port and 7 CPUs.
+    assert gcs.rsplit(":", 1)[1] == head.gcs_address.rsplit(":", 1)[1] and float(cpus) == head.head_cpus
+
+
 def test_failed_job_exits_nonzero(head, capsys, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)  # the token from the environment this time
     code, out, err = run_cli(capsys, "submit", "--address", head.dashboard_url, "--",
