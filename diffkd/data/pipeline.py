@@ -1,25 +1,28 @@
 """The Ray Data pipeline: Parquet rows of the dataset -> model-ready batches streamed to Ray Train workers.
 
-    read_parquet(files of the chosen centers, per-epoch file order)      [read tasks]
-      .filter(case_id in split, modality in cfg.modalities)              pushed down into the Parquet scan
-      .mix(synthetic rows, a fresh random subset per epoch)              training only, at cfg.synthetic_ratio
-      .map_batches(decode_batch)                                         [decode tasks] PNG -> letterbox -> augment
-    -> ray.train.get_dataset_shard("train") -> iter_shard_batches()      local shuffle buffer, torch tensors
+    read_parquet(files of the chosen centers, per-epoch file order)   \
+      .filter(case_id in split, modality in cfg.modalities)             > one fused task per file; the filter
+      .map_batches(decode_batch)                                        /  is pushed into the Parquet scan
+      .mix(the same over synthetic files, a fresh random subset each epoch)   training only, cfg.synthetic_ratio
+    -> ray.train.get_dataset_shard("train") -> iter_shard_batches()     local shuffle buffer, torch tensors
 
 The dataset is never materialised: every epoch re-runs the plan and streams blocks through the object
 store under Ray Data's backpressure, so memory stays flat as the dataset grows (bench/data_feed.py
 measures it). Nothing here is fitted to data: normalisation is a fixed rule and the clinical encoding
 uses fixed reference scales, so external centers are treated exactly like internal ones.
 
-Resource sizing (why it cannot deadlock next to Train workers on a 2-core machine): read tasks ask
-for `read_num_cpus` (0.25) and decode tasks for `decode_num_cpus` (0.5) logical CPUs, decode tasks
-are capped at `decode_concurrency` (2) in flight, so the whole pipeline progresses with
-`required_cpus(cfg)` = 0.75 logical CPUs left over by the Train workers. Ray Train V2 excludes its
-workers' resources from Ray Data's budget by itself; `check_can_feed` fails early, with the numbers,
-when a trainer would leave less than that (the case where the job would hang instead).
+Resource sizing (why it cannot deadlock next to Train workers on a 2-core machine): reading and
+decoding run fused, one task per Parquet file, each asking for `decode_num_cpus` (0.5) logical CPU,
+at most `decode_concurrency` (2) in flight per branch. So the data side claims at most 1 CPU (2 with
+synthetic rows) and makes progress with `required_cpus(cfg)` = 0.5 left over by the Train workers
+(tested: one Train worker holding all the other CPUs still gets its epochs). Files are listed on
+the driver (see `_driver_side_parquet_listing`), so no 1-CPU listing task has to fit either. Ray
+Train V2 excludes its workers' resources from Ray Data's budget by itself; `check_can_feed` fails
+early, with the numbers, where a sizing would hang instead.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import zlib
@@ -59,9 +62,8 @@ class PipelineConfig:
     shuffle_buffer: int = 256  # rows in the local shuffle buffer when iterating the train split
     norm_mean: float = 0.449  # fixed normalisation of [0, 1] intensities: the ImageNet gray mean/std
     norm_std: float = 0.226
-    read_num_cpus: float = 0.25
-    decode_num_cpus: float = 0.5
-    decode_concurrency: int = 2  # decode tasks in flight at most
+    decode_num_cpus: float = 0.5  # logical CPUs per read+decode task (one fused task per file)
+    decode_concurrency: int = 2  # such tasks in flight per branch (real, synthetic); also bounds Ray's worker processes
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -74,8 +76,8 @@ class PipelineConfig:
             raise ValueError(f"pipeline: in_chans must be 1 or 3, got {self.in_chans}")
         if self.synthetic_ratio < 0:
             raise ValueError(f"pipeline: synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
-        if self.batch_size < 1 or self.decode_concurrency < 1 or self.norm_std <= 0:
-            raise ValueError("pipeline: batch_size and decode_concurrency must be >= 1 and norm_std > 0")
+        if min(self.batch_size, self.decode_concurrency) < 1 or self.norm_std <= 0 or self.decode_num_cpus < 0:
+            raise ValueError("pipeline: batch_size and decode_concurrency must be >= 1, norm_std > 0, decode_num_cpus >= 0")
         unknown = sorted(set(self.modalities) - set(MODALITIES))
         if unknown:
             raise ValueError(f"pipeline: unknown modalities {unknown}; known: {', '.join(MODALITIES)}")
@@ -100,8 +102,8 @@ def with_center_vocabulary(cfg: PipelineConfig, dataset: ImageDataset) -> Pipeli
 
 
 def required_cpus(cfg: PipelineConfig) -> float:
-    """Logical CPUs Ray Data needs free (beside the Train workers) to make progress: one read + one decode task."""
-    return cfg.read_num_cpus + cfg.decode_num_cpus
+    """Logical CPUs Ray Data needs free beside the Train workers: one read+decode task."""
+    return cfg.decode_num_cpus
 
 
 def check_can_feed(cfg: PipelineConfig, train_cpus: float) -> None:
@@ -112,8 +114,8 @@ def check_can_feed(cfg: PipelineConfig, train_cpus: float) -> None:
     if total - train_cpus < required_cpus(cfg) - 1e-9:
         raise RuntimeError(
             f"the Ray cluster has {total:g} CPUs; Train workers take {train_cpus:g}, leaving "
-            f"{total - train_cpus:g}, but the data pipeline needs {required_cpus(cfg):g} (read_num_cpus "
-            f"{cfg.read_num_cpus:g} + decode_num_cpus {cfg.decode_num_cpus:g}) or it would hang waiting for a CPU. "
+            f"{total - train_cpus:g}, but the data pipeline needs {required_cpus(cfg):g} (decode_num_cpus) "
+            "or it would hang. "
             "Give the workers fewer CPUs (resources_per_worker), or start Ray with more logical CPUs.")
 
 
@@ -231,10 +233,18 @@ def _decode_in_ray(batch: dict[str, np.ndarray], cfg: PipelineConfig, train: boo
     return decode_batch(batch, cfg, rngs)
 
 
-def decode_memory_bytes(cfg: PipelineConfig) -> int:
-    """Scheduling hint for one decode task: a worker's baseline plus a batch of decoded source images and outputs."""
-    per_row = 4 * 2**20 + 4 * cfg.image_size ** 2 * (cfg.in_chans + 2)  # a ~1k x 1k float source + image/mask/scratch
-    return 200 * 2**20 + cfg.batch_size * per_row
+def block_bytes(cfg: PipelineConfig) -> int:
+    """Ray's target block size: one training batch of decoded rows (image + mask, float32).
+
+    Small blocks stream: a file's rows reach the trainer a batch at a time instead of all at once,
+    and what a task holds in memory stays the same whatever the file or dataset size.
+    """
+    return max(2**20, cfg.batch_size * 4 * cfg.image_size ** 2 * (cfg.in_chans + 1))
+
+
+def task_memory_bytes(cfg: PipelineConfig) -> int:
+    """Scheduling hint for one read+decode task: a worker's baseline, a PNG block, its decoded rows, scratch."""
+    return 300 * 2**20 + 4 * block_bytes(cfg)
 
 
 # ---- datasets -------------------------------------------------------------------------------------
@@ -244,12 +254,10 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     """A streaming Ray dataset of decoded rows for `case_ids` (None: every real row of `centers`).
 
     `centers` limits which partitions are read at all (default: every real center); training adds
-    synthetic rows of the same centers at `synthetic_ratio` (default `cfg.synthetic_ratio`) with a
-    fresh random subset each epoch, and shuffles file order per epoch. Row shuffling within the stream
-    happens when iterating (`iter_shard_batches`).
+    synthetic rows of the same centers at `synthetic_ratio` (default `cfg.synthetic_ratio`) synthetic
+    rows per real row in expectation, a fresh random subset each epoch, and shuffles file order per
+    epoch. Row shuffling within the stream happens when iterating (`iter_shard_batches`).
     """
-    import ray.data
-    from ray.data.datasource import FileShuffleConfig
     from ray.data.expressions import col, random
 
     cfg = with_center_vocabulary(cfg, dataset)
@@ -258,17 +266,10 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     files = dataset.files(centers)
     if not files:
         raise DatasetError(f"dataset {dataset.uri} has no real rows for centers {centers or 'any'}")
-    shuffle = FileShuffleConfig(seed=cfg.seed) if train else None  # reseeded every execution: a new order per epoch
-
-    def read(paths: list[str], predicate) -> "ray.data.Dataset":
-        ds = ray.data.read_parquet(paths, filesystem=dataset.fs, columns=list(READ_COLUMNS), partitioning=None,
-                                   shuffle=shuffle, num_cpus=cfg.read_num_cpus)
-        return ds if predicate is None else ds.filter(expr=predicate)
-
     modality = col("modality").is_in(list(cfg.modalities)) if cfg.modalities else None
     wanted = col("case_id").is_in(ids) if ids is not None else None
     predicate = wanted if modality is None else (modality if wanted is None else wanted & modality)
-    ds = read(files, predicate)
+    ds = _read_and_decode(dataset, files, predicate, cfg, train)
 
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
@@ -280,12 +281,61 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
                         ratio, centers or "all")
         else:
             keep = random(seed=cfg.seed) < wanted_synthetic / available  # a new subset each epoch
-            synthetic = read(dataset.files(centers, synthetic=True), keep if modality is None else keep & modality)
-            ds = ds.mix(synthetic, weights=[real_rows, wanted_synthetic])
+            synthetic = _read_and_decode(dataset, dataset.files(centers, synthetic=True),
+                                         keep if modality is None else keep & modality, cfg, train)
+            ds = ds.mix(synthetic, weights=[real_rows, wanted_synthetic])  # interleaved block by block
+    return ds
 
-    return ds.map_batches(
-        _decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=cfg.batch_size, batch_format="numpy",
-        num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency, memory=decode_memory_bytes(cfg))
+
+def _read_and_decode(dataset: ImageDataset, files: list[str], predicate, cfg: PipelineConfig,
+                     train: bool) -> "ray.data.Dataset":
+    """read_parquet -> filter -> map_batches(decode), which Ray fuses into ONE task per file.
+
+    Fusing matters on small machines: the PNG bytes never go through the object store and there is
+    one task per file instead of one per block (on the 2-core box: ~2x the images/s of a separate
+    read operator). Ray fuses only when both steps ask for the same resources and the decode step
+    takes whole blocks (batch_size=None; a batch size makes it bundle rows across reads instead),
+    and only when the read is not split further (override_num_blocks = number of files).
+    """
+    import ray.data
+    from ray.data.datasource import FileShuffleConfig
+
+    # identical resources and compute on all three steps: what fusion requires
+    resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
+    compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
+    shuffle = FileShuffleConfig(seed=cfg.seed) if train else None  # reseeded every execution: new order per epoch
+    with _driver_side_parquet_listing():
+        ds = ray.data.read_parquet(files, filesystem=dataset.fs, partitioning=None, shuffle=shuffle,
+                                   concurrency=cfg.decode_concurrency, override_num_blocks=len(files),
+                                   **resources).select_columns(list(READ_COLUMNS))
+    ds.context.target_max_block_size = block_bytes(cfg)
+    if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
+        ds = ds.filter(expr=predicate, compute=compute, **resources)
+    return ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=None,
+                          batch_format="numpy", compute=compute, **resources)
+
+
+@contextlib.contextmanager
+def _driver_side_parquet_listing():
+    """Build the read with Ray's V1 Parquet datasource, which lists our (known) files on the driver at plan time.
+
+    The V2 datasource (Ray 2.60's default) adds a ListFiles task per epoch that claims a whole CPU and,
+    in a fresh worker, imports fsspec's HTTP stack: measured 24 s of a 25 s epoch on the loaded 2-core
+    box, against 0.4 s for V1 on the same files. The flag is read only while `read_parquet` builds the
+    dataset, so flipping it for that call changes nothing else.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous = getattr(context, "use_datasource_v2", None)
+    if previous is None:
+        yield
+        return
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def _count_rows(dataset: ImageDataset, centers: list[str] | None, synthetic: bool) -> int:
@@ -317,8 +367,22 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """numpy batch -> torch tensors; identifier columns stay lists of str (the loop needs case_id for predictions)."""
     import torch
 
-    return {key: value.tolist() if key in STRING_KEYS or value.dtype == object else torch.from_numpy(value)
+    def tensor(value: np.ndarray) -> "torch.Tensor":
+        # Arrays viewing Ray's object store are read-only; a model writing into its input must not touch them.
+        return torch.from_numpy(value if value.flags.writeable else value.copy())
+
+    return {key: value.tolist() if key in STRING_KEYS or value.dtype == object else tensor(value)
             for key, value in batch.items()}
+
+
+def _torch_collate():
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return collate(batch)
+
+    return Collate()
 
 
 def iter_shard_batches(shard, batch_size: int, *, shuffle_buffer: int = 0, shuffle_seed: int | None = None,
@@ -329,7 +393,7 @@ def iter_shard_batches(shard, batch_size: int, *, shuffle_buffer: int = 0, shuff
     and a per-epoch `shuffle_seed` for training, 0 for evaluation (keeps the stream order).
     """
     yield from shard.iter_torch_batches(
-        batch_size=batch_size, collate_fn=collate, drop_last=drop_last, prefetch_batches=prefetch_batches,
+        batch_size=batch_size, collate_fn=_torch_collate(), drop_last=drop_last, prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
 

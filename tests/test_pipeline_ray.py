@@ -1,0 +1,148 @@
+"""The pipeline on a local Ray instance: filters, synthetic mixing, streaming plans, and the Ray Train hand-off."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffkd.data.pipeline import (PipelineConfig, check_can_feed, iter_shard_batches, load_arrays, make_dataset,
+                                  required_cpus, split_datasets)
+from diffkd.data.schema import ClinicalEncoding
+from pipeline_fixtures import build_dataset
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("piperay") / "ds")
+
+
+def cfg(**kw) -> PipelineConfig:
+    return PipelineConfig(image_size=SIZE, batch_size=8, **kw)
+
+
+def epoch_rows(ds, batch_size: int = 8, **kw) -> dict[str, list]:
+    rows: dict[str, list] = {"case_id": [], "synthetic": [], "center_idx": []}
+    for batch in iter_shard_batches(ds, batch_size, **kw):
+        for key in rows:
+            value = batch[key]
+            rows[key] += value if isinstance(value, list) else value.tolist()
+    return rows
+
+
+def test_filters_by_case_ids_centers_and_modality(ray_local, dataset):
+    ids = ["real-A-1", "real-A-2", "real-B-3", "real-C-100", "real-C-2"]
+    rows = epoch_rows(make_dataset(dataset, ids, cfg(modalities=("us",)), train=False))
+    assert sorted(rows["case_id"]) == ["real-A-1", "real-A-2", "real-B-3", "real-C-2"]  # C-100 is mammo
+    assert not any(rows["synthetic"])
+    by_center = epoch_rows(make_dataset(dataset, None, cfg(), train=False, centers=["C"]))
+    assert len(by_center["case_id"]) == 12 and set(by_center["center_idx"]) == {2}
+
+
+def test_training_mixes_synthetic_rows_at_the_ratio_and_only_for_training(ray_local, dataset):
+    ids = [f"real-A-{i}" for i in range(20)]
+    train = make_dataset(dataset, ids, cfg(synthetic_ratio=0.5), train=True, centers=["A"])
+    rows = epoch_rows(train, shuffle_buffer=16, shuffle_seed=0)
+    real = [c for c, s in zip(rows["case_id"], rows["synthetic"]) if not s]
+    synthetic = [c for c, s in zip(rows["case_id"], rows["synthetic"]) if s]
+    assert sorted(real) == sorted(ids)  # every real row exactly once
+    assert all(c.startswith("syn-A-") for c in synthetic)
+    # 10 expected (each of the 40 synthetic rows kept with p = 0.25); 1..22 leaves > 4 sigma each side
+    assert 1 <= len(synthetic) <= 22
+    val = make_dataset(dataset, ids, cfg(synthetic_ratio=0.5), train=False)
+    assert not any(epoch_rows(val)["synthetic"])
+
+
+def plan_text(ds) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ds.explain()
+    return out.getvalue()
+
+
+def test_the_plan_streams_and_never_materialises(ray_local, dataset):
+    ds = make_dataset(dataset, ["real-A-1", "real-B-2"], cfg(synthetic_ratio=1.0), train=True)
+    text = plan_text(ds)
+    physical = text.split("Physical Plan (Optimized)")[1]
+    assert "AllToAll" not in physical and "Materialize" not in physical
+    assert "Filter[Filter(col('case_id')" not in text.split("Logical Plan (Optimized)")[1]  # pushed into the read
+    # the check can fail: an all-to-all shuffle shows up in the same text
+    assert "AllToAll" in plan_text(ds.randomize_block_order()).split("Physical Plan (Optimized)")[1]
+
+
+def test_split_datasets_follow_the_assignments(ray_local, dataset):
+    assignments = pd.DataFrame({
+        "case_id": ["real-A-0", "real-A-1", "real-B-0", "real-C-0", "real-C-1"],
+        "center": ["A", "A", "B", "C", "C"],
+        "split": ["train", "train", "val", "test", "test"],
+    })
+    splits = split_datasets(dataset, assignments, cfg())
+    assert set(splits) == {"train", "val", "test"}
+    test_rows = {}
+    for batch in iter_shard_batches(splits["test"], 8):
+        test_rows.update(zip(batch["case_id"], batch["image"].numpy()))
+    assert sorted(test_rows) == ["real-C-0", "real-C-1"]
+    reference = load_arrays(dataset, ["real-C-0", "real-C-1"], cfg())  # evaluation: not augmented
+    np.testing.assert_array_equal(test_rows["real-C-0"], reference["image"][0])
+    assert set(split_datasets(dataset, assignments[assignments.split != "test"], cfg())) == {"train", "val"}
+
+
+def test_check_can_feed_refuses_sizings_that_would_hang(ray_local):
+    total = ray_local.cluster_resources()["CPU"]
+    check_can_feed(cfg(), train_cpus=total - required_cpus(cfg()))
+    with pytest.raises(RuntimeError, match="would hang"):
+        check_can_feed(cfg(), train_cpus=total - required_cpus(cfg()) / 2)
+
+
+def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local, dataset, tmp_path):
+    """One worker takes every CPU but what the pipeline needs; two epochs arrive, differently augmented."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def train_loop(config: dict) -> None:  # defined here: workers cannot import test modules
+        """A Ray Train worker: two epochs over its shard, recording shapes and each row's image sum per epoch."""
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        epochs, kinds = [], {}
+        for epoch in range(2):
+            sums = {}
+            for batch in iter_shard_batches(shard, 4, shuffle_buffer=8, shuffle_seed=epoch):
+                sums.update({cid: float(img.sum()) for cid, img in zip(batch["case_id"], batch["image"])})
+                kinds = {k: [list(v.shape), str(v.dtype)] if hasattr(v, "shape") else type(v).__name__
+                         for k, v in batch.items()}
+            epochs.append(sums)
+        with open(config["out"], "w") as f:
+            json.dump({"epochs": epochs, "kinds": kinds}, f)
+        ray.train.report({"rows": len(epochs[0])})
+
+    c = cfg()
+    ids = [f"real-A-{i}" for i in range(12)] + ["real-B-5"]
+    worker_cpus = ray_local.cluster_resources()["CPU"] - required_cpus(c)
+    check_can_feed(c, worker_cpus)
+    out = tmp_path / "worker.json"
+    TorchTrainer(
+        train_loop, train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": worker_cpus}),
+        datasets={"train": make_dataset(dataset, ids, c, train=True)},
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="handoff"),
+    ).fit()
+    record = json.loads(out.read_text())
+    first, second = record["epochs"]
+    assert sorted(first) == sorted(ids) and sorted(second) == sorted(ids)
+    kinds = record["kinds"]
+    assert kinds["image"][0][1:] == [1, SIZE, SIZE] and kinds["image"][1] == "torch.float32"
+    assert kinds["clinical"] == [[kinds["image"][0][0], ClinicalEncoding().width], "torch.float32"]
+    assert kinds["label"][1] == kinds["center_idx"][1] == "torch.int64" and kinds["synthetic"][1] == "torch.bool"
+    assert kinds["case_id"] == "list"
+    # epoch e on the worker is exactly load_arrays(train=True, epoch=e): augmentation keyed by (seed, epoch, case)
+    for epoch, seen in enumerate((first, second)):
+        reference = load_arrays(dataset, sorted(seen), c, train=True, epoch=epoch)
+        expected = dict(zip(reference["case_id"], reference["image"].reshape(len(seen), -1).sum(axis=1)))
+        assert all(abs(seen[k] - expected[k]) < 1e-2 for k in seen)
+    assert sum(abs(first[k] - second[k]) > 1e-3 for k in ids) == len(ids)  # every row augmented anew
