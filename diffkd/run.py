@@ -105,12 +105,6 @@ def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
     return cfg
 
 
-def per_case(predictions: pd.DataFrame) -> pd.DataFrame:
-    """One row per case and model: a case's images (views) are averaged into the case's probability."""
-    keys = ["model", "case_id", "patient_id", "center", "split", "label"]
-    return predictions.groupby(keys, as_index=False, sort=False)["prob"].mean()[PREDICTION_COLUMNS]
-
-
 def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: str | os.PathLike,
                  readers_csv: str | None = None) -> dict:
     """Run every stage; return metrics.json as a dict. `out` receives models/, tune/, audit/, report/."""
@@ -345,7 +339,7 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     baseline_path = out / "models" / "baselines_predictions.parquet"
     if baseline_summary is not None and baseline_path.exists():
         frames.append(pd.read_parquet(baseline_path))
-    predictions = per_case(pd.concat([f[PREDICTION_COLUMNS] for f in frames], ignore_index=True))
+    predictions = pd.concat([f[PREDICTION_COLUMNS] for f in frames], ignore_index=True)
     readers = None
     if readers_csv:
         readers = _pseudonymised_reads(ds, readers_csv)

@@ -201,22 +201,29 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 
 def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipeline: PipelineConfig, model_dir: str,
                    cfg: TeacherConfig, model_name: str = "teacher") -> "pd.DataFrame":
-    """Probabilities of every real case in `assignments` (no augmentation), with its split and identifiers."""
+    """Probability of every real case in `assignments` (no augmentation), with its split and identifiers.
+
+    One row per case: a case's images (its 1-3 views) are each scored and their probabilities
+    averaged. Only the modalities the model reads (`pipeline.modalities`) are predicted.
+    """
     import pandas as pd
 
     from diffkd.data.pipeline import make_dataset
     from diffkd.train.loop import predict
 
+    if pipeline.modalities and "modality" in assignments:
+        assignments = assignments[assignments["modality"].isin(pipeline.modalities)]
     frames = []
     for split, rows in assignments.groupby("split", sort=False):
         ray_ds = make_dataset(dataset, rows["case_id"], pipeline, train=False, centers=rows["center"].unique())
         frames.append(predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors))
-    probs = pd.concat(frames, ignore_index=True)
+    probs = pd.concat(frames, ignore_index=True).groupby("case_id", as_index=False)["prob"].mean()
     keep = [c for c in ("case_id", "patient_id", "center", "split", "label") if c in assignments]
-    out = assignments[keep].merge(probs, on="case_id", how="inner", validate="one_to_one")
-    if len(out) != len(assignments):
-        missing = sorted(set(assignments["case_id"]) - set(out["case_id"]))[:5]
-        raise RuntimeError(f"predictions are missing for {len(assignments) - len(out)} case(s), e.g. {missing}")
+    cases = assignments[keep].drop_duplicates("case_id")
+    out = cases.merge(probs, on="case_id", how="inner", validate="one_to_one")
+    if len(out) != len(cases):
+        missing = sorted(set(cases["case_id"]) - set(out["case_id"]))[:5]
+        raise RuntimeError(f"predictions are missing for {len(cases) - len(out)} case(s), e.g. {missing}")
     out.insert(len(keep), "model", model_name)
     return out.sort_values(["split", "case_id"]).reset_index(drop=True)
 
