@@ -211,8 +211,11 @@ def sampling_scheduler(config: Mapping[str, Any], sampler: str = "ddim"):
         # "trailing" spacing reaches the last training timestep, which matters at 20-50 steps.
         return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=False)
     if sampler == "dpm":
+        # Thresholding clips the data prediction to [-1, 1] as DDIM's clip_sample does: at the first
+        # steps of a cosine schedule alpha is ~0 and an unclipped x0 estimate explodes.
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       timestep_spacing="trailing")
+                                                       timestep_spacing="trailing", thresholding=True,
+                                                       sample_max_value=1.0)
     raise ValueError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
 
 
