@@ -13,8 +13,8 @@ import yaml
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.train.loop import LoopConfig
 from diffkd.train.student import DistillConfig, StudentConfig
-from diffkd.tune import (DRIVER_CPUS, load_best_config, plan_concurrency, plot_search, run_trial, training_rows,
-                         tune_student)
+from diffkd.tune import (DRIVER_CPUS, load_best_config, plan_concurrency, plot_search,
+                         remove_orphaned_placement_groups, run_trial, training_rows, tune_student)
 from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,36 @@ def test_search_plots_are_written(tmp_path):
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_placement_groups_of_dead_actors_are_removed_and_no_others(ray_local):
+    """What frees a stopped trial's CPUs: its Train controller (an actor) created the group, then died."""
+    ray = ray_local
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def create(self):
+            group = placement_group([{"CPU": 0.01}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    alive, doomed = Creator.remote(), Creator.remote()
+    alive_group, doomed_group = ray.get([alive.create.remote(), doomed.create.remote()])
+    driver_group = placement_group([{"CPU": 0.01}])  # what Tune reserves for a trial: created by the driver
+    ray.get(driver_group.ready())
+    ray.kill(doomed)
+    deadline = time.monotonic() + 60
+    while ray.util.placement_group_table()[doomed_group]["state"] != "REMOVED" and time.monotonic() < deadline:
+        remove_orphaned_placement_groups()
+        time.sleep(0.5)
+    table = ray.util.placement_group_table()
+    assert table[doomed_group]["state"] == "REMOVED"
+    assert table[alive_group]["state"] == "CREATED" and table[driver_group.id.hex()]["state"] == "CREATED"
+    removed, in_use = remove_orphaned_placement_groups()
+    assert removed == 0 and in_use >= 1  # the live actor's group is counted as in use
+    remove_placement_group(driver_group)
+    ray.kill(alive)
+
+
 # ---- real searches (slow) -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -86,7 +116,12 @@ def tune_data(tmp_path_factory):
     return ds, splits(ds), teacher
 
 
+def _live_placement_groups(ray) -> list[str]:
+    return [pg for pg, info in ray.util.placement_group_table().items() if info["state"] != "REMOVED"]
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_a_four_trial_search_finishes_on_two_cpus_and_writes_its_best_config(tune_data, ray_local, tmp_path):
     ds, table, teacher = tune_data
     space = _space(4)
@@ -110,9 +145,15 @@ def test_a_four_trial_search_finishes_on_two_cpus_and_writes_its_best_config(tun
         assert Path(outcome.files[key]).stat().st_size > 1000
     with pytest.raises(ValueError, match="pass --resume"):
         tune_student(ds.uri, table, cfg, space, str(tmp_path / "search"))
+    # Trials ASHA stopped must not keep their workers' CPUs reserved (the reaper removes their groups).
+    deadline = time.monotonic() + 60
+    while _live_placement_groups(ray_local) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not _live_placement_groups(ray_local)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
     """Ctrl-C a `diffkd tune` process once its first trial has reported, then finish it with --resume."""
     ds, table, teacher = tune_data
