@@ -1,7 +1,9 @@
 """ONNX export of a trained classifier, with an ONNX Runtime parity check against torch."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -35,7 +37,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, inputs: Mapping[str, 
     fd, tmp = tempfile.mkstemp(prefix=".onnx-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
-        with torch.no_grad():
+        # The exporter prints progress to stdout; keep stdout for what commands and benchmarks print.
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
             torch.onnx.export(model, tuple(inputs.values()), tmp, dynamo=True, external_data=False,
                               input_names=names, output_names=[OUTPUT_NAME], opset_version=opset,
                               dynamic_shapes=tuple({0: batch} for _ in names))
