@@ -157,26 +157,32 @@ def test_a_missing_rank_is_detected(saved, tmp_path):
         ckpt.verify_checkpoint(FS, path)
 
 
-def test_resume_skips_a_corrupt_latest_for_the_newest_good_one(saved, tmp_path):
+def test_resume_takes_the_newest_checkpoint_that_verifies(saved, tmp_path):
     run = tmp_path / "run"
+    assert ckpt.find_resumable(FS, str(run), required=False).path is None  # a new run: nothing yet
     copy_of(saved, run / "checkpoint_epoch0001_aa")
     copy_of(saved, run / "checkpoint_epoch0002_bb")
-    latest = copy_of(saved, run / "checkpoint_epoch0003_cc")
-    partial = copy_of(saved, run / "checkpoint_epoch0004_dd")  # newer than Ray's latest: an upload cut short
-    os.remove(os.path.join(latest, "deepspeed", "latest"))
-    point = ckpt.find_resumable(FS, str(run), latest)
-    assert os.path.basename(point.path) == "checkpoint_epoch0002_bb"
-    assert len(point.skipped) == 1 and "checkpoint_epoch0003_cc" in point.skipped[0]
-    assert "deepspeed/latest" in point.skipped[0] and "missing" in point.skipped[0]
-    assert partial not in point.path
+    corrupt = copy_of(saved, run / "checkpoint_epoch0003_cc")
+    partial = copy_of(saved, run / "checkpoint_epoch0004_dd")  # an upload its job's death cut short
+    os.remove(os.path.join(corrupt, "deepspeed", "latest"))
+    shutil.rmtree(os.path.join(partial, "checksums"))
+    point = ckpt.find_resumable(FS, str(run), required=True)
+    assert os.path.basename(point.path) == "checkpoint_epoch0002_bb" and point.meta["state"]["epoch"] == 1
+    assert [line.split(":")[0] for line in point.skipped] == ["checkpoint_epoch0004_dd", "checkpoint_epoch0003_cc"]
+    assert "rank 0 checksum file" in point.skipped[0] and "missing" in point.skipped[0]
+    assert "deepspeed/latest" in point.skipped[1] and "missing" in point.skipped[1]
 
-    for name in ("checkpoint_epoch0001_aa", "checkpoint_epoch0002_bb"):
+    complete = copy_of(saved, run / "checkpoint_epoch0005_ee")  # complete, though Ray never registered it
+    assert ckpt.find_resumable(FS, str(run), required=True).path == complete
+
+    for name in ("checkpoint_epoch0001_aa", "checkpoint_epoch0002_bb", "checkpoint_epoch0005_ee"):
         os.remove(os.path.join(run, name, ckpt.MODEL_WEIGHTS))
+    nothing = ckpt.find_resumable(FS, str(run), required=False)
+    assert nothing.path is None and len(nothing.skipped) == 5
     with pytest.raises(ckpt.CorruptCheckpointError, match="no checkpoint of run .* verifies") as err:
-        ckpt.find_resumable(FS, str(run), latest)
-    lines = str(err.value).splitlines()[1:]
-    assert [line.split(":")[0].strip() for line in lines] == \
-        ["checkpoint_epoch0003_cc", "checkpoint_epoch0002_bb", "checkpoint_epoch0001_aa"]
+        ckpt.find_resumable(FS, str(run), required=True)
+    assert [line.split(":")[0].strip() for line in str(err.value).splitlines()[1:]] == \
+        [f"checkpoint_epoch000{i}_{c}" for i, c in ((5, "ee"), (4, "dd"), (3, "cc"), (2, "bb"), (1, "aa"))]
 
 
 class _Payload:

@@ -85,3 +85,19 @@ def test_progress_beats_inside_long_epochs():
 @pytest.mark.parametrize("seconds, text", [(5, "5s"), (65, "1m05s"), (3725, "1h02m"), (-1, "0s")])
 def test_durations_read_like_a_clock(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_best_epoch_ties_go_to_the_later_epoch_but_only_gains_reset_patience():
+    from diffkd.train.checkpoint import LoopState
+    from diffkd.train.loop import _update_best
+
+    state = LoopState()
+    marks = [_update_best(state, {"epoch": e, "val_auc": v}, "val_auc", "max", f"ck{e}", patience=2)
+             for e, v in [(1, 0.70), (2, 0.80), (3, 0.80), (4, 0.75)]]
+    assert marks == [True, True, True, False]
+    assert (state.best_epoch, state.best_checkpoint, state.best_value) == (3, "ck3", 0.80)
+    assert state.epochs_since_best == 2 and state.stopped_early  # 3 tied, 4 fell: no gain for 2 epochs
+    nan_state = LoopState()
+    metrics = {"epoch": 1, "val_loss": float("nan")}
+    _update_best(nan_state, metrics, "val_loss", "min", "ck1", patience=0)
+    assert metrics["val_loss"] == float("inf") and not nan_state.stopped_early  # ranks last, never stops

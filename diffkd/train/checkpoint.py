@@ -11,8 +11,8 @@ One checkpoint is one directory that Ray Train assembles from every worker's fil
 
 Integrity: a checkpoint is usable only when every rank's checksum file is present and every file
 it lists has the recorded size and sha256, so a truncated upload, a missing shard or a flipped byte
-is detected before any of it is loaded. `find_resumable` then falls back to the newest older
-checkpoint that verifies and says why.
+is detected before any of it is loaded; `find_resumable` takes the newest checkpoint that verifies
+and names each newer one it skipped, with the reason.
 
 Safety: weights are read with safetensors, and DeepSpeed's `.pt` files only inside
 `weights_only_loads()`, which forces `torch.load(weights_only=True)` for every call, DeepSpeed's
@@ -186,36 +186,34 @@ def verify_checkpoint(fs: pafs.FileSystem, path: str) -> dict:
 
 @dataclass
 class ResumePoint:
-    path: str
-    meta: dict
-    state: LoopState
+    path: str | None  # None: no checkpoint verifies (and none was required)
+    meta: dict | None
     skipped: list[str]  # one line per newer checkpoint that failed verification, with the reason
 
 
-def find_resumable(fs: pafs.FileSystem, run_path: str, latest_path: str) -> ResumePoint:
-    """The newest checkpoint at or before `latest_path` (Ray's latest) that verifies.
+def find_resumable(fs: pafs.FileSystem, run_path: str, required: bool) -> ResumePoint:
+    """The newest checkpoint of the run that verifies (newest by epoch, then by time written).
 
-    Later directories than Ray's latest can only be uploads a crash cut short, so they are never
-    candidates; older ones are tried newest first.
+    A directory that verifies is complete, every rank's files included, so it is used even when Ray
+    Train had not registered it yet: Ray records a checkpoint some seconds after the workers upload
+    it, and a job that dies in between would otherwise redo that epoch, or, with nothing registered
+    yet, start over. Unfinished uploads fail verification and are skipped with their reason.
+    `required` (Ray handed out a checkpoint) makes "none verifies" an error instead of a fresh start.
     """
-    latest_name = posixpath.basename(latest_path.rstrip("/"))
-    latest_epoch = epoch_of(latest_name)
-    older = []
-    for info in fs.get_file_info(pafs.FileSelector(run_path)):
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True)):
         epoch = epoch_of(info.base_name)
-        if info.type == pafs.FileType.Directory and info.base_name != latest_name and epoch is not None \
-                and (latest_epoch is None or epoch < latest_epoch):
-            older.append((epoch, info.mtime_ns or 0, info.path))
-    candidates = [latest_path] + [p for _, _, p in sorted(older, reverse=True)]
+        if info.type == pafs.FileType.Directory and epoch is not None:
+            found.append((epoch, info.mtime_ns or 0, info.path))
     skipped = []
-    for path in candidates:
+    for _, _, path in sorted(found, reverse=True):
         try:
-            meta = verify_checkpoint(fs, path)
+            return ResumePoint(path, verify_checkpoint(fs, path), skipped)
         except CorruptCheckpointError as err:
             skipped.append(f"{posixpath.basename(path)}: {err}")
-            continue
-        return ResumePoint(path, meta, LoopState(**meta["state"]), skipped)
-    raise CorruptCheckpointError("no checkpoint of run " + run_path + " verifies:\n  " + "\n  ".join(skipped))
+    if required:
+        raise CorruptCheckpointError(f"no checkpoint of run {run_path} verifies:\n  " + "\n  ".join(skipped))
+    return ResumePoint(None, None, skipped)
 
 
 # ---- loading ------------------------------------------------------------------------------------

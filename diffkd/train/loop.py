@@ -98,14 +98,14 @@ class FitResult:
     mode: str
     best_epoch: int | None
     best_metrics: dict
-    best_checkpoint: str | None  # path within `filesystem`
+    best_checkpoint: str  # path within `filesystem`
     latest_checkpoint: str
     stopped_early: bool
     restarts: list[dict]  # one entry per resume (worker failure or a resumed run), see LoopState
 
     def state_dict(self, which: str = "best") -> dict[str, torch.Tensor]:
         """Full model weights (ZeRO shards gathered) of the best or the latest checkpoint."""
-        path = self.best_checkpoint if which == "best" and self.best_checkpoint else self.latest_checkpoint
+        path = self.best_checkpoint if which == "best" else self.latest_checkpoint
         return ckpt.load_weights(self.filesystem, path)
 
     def load_model(self, task: Task, which: str = "best") -> nn.Module:
@@ -188,9 +188,10 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
         raise TrainingError(f"training run {name!r} of stage {task.name} failed: {err}\n"
                             f"Its checkpoints are under {run_path}; continue it with run_name={name!r} and "
                             "resume=True (CLI: --run-name NAME --resume).") from err
-    if result.checkpoint is None:
+    newest = ckpt.find_resumable(fs, run_path, required=result.checkpoint is not None)
+    if newest.path is None:
         raise TrainingError(f"training run {name!r} finished without a checkpoint (epochs={cfg.epochs})")
-    return _fit_result(fs, run_path, name, result.checkpoint.path, objective, mode)
+    return _fit_result(fs, run_path, name, newest.path, objective, mode)
 
 
 def _check_run_name(fs: pafs.FileSystem, run_path: str, name: str, cfg: LoopConfig) -> None:
@@ -204,12 +205,15 @@ def _check_run_name(fs: pafs.FileSystem, run_path: str, name: str, cfg: LoopConf
 
 def _fit_result(fs: pafs.FileSystem, run_path: str, name: str, latest: str, objective: str, mode: str) -> FitResult:
     state = ckpt.LoopState(**ckpt.read_meta(fs, latest)["state"])
-    best_metrics = next((m for m in state.history if m["epoch"] == state.best_epoch), {})
-    best_path = posixpath.join(run_path, state.best_checkpoint) if state.best_checkpoint else None
-    if best_path and fs.get_file_info(best_path).type != pafs.FileType.Directory:
-        best_path = None  # only possible if someone deleted it; the latest weights remain
+    best_epoch = state.best_epoch
+    best_path = posixpath.join(run_path, state.best_checkpoint) if state.best_checkpoint else ""
+    if not best_path or fs.get_file_info(best_path).type != pafs.FileType.Directory:
+        print(f"warning: the best checkpoint of run {name!r} ({state.best_checkpoint}) is gone; "
+              f"the latest one (epoch {state.epoch}) stands in for it", flush=True)
+        best_epoch, best_path = state.epoch, latest
+    best_metrics = next((m for m in state.history if m["epoch"] == best_epoch), {})
     return FitResult(run_name=name, run_path=run_path, filesystem=fs, history=state.history, objective=objective,
-                     mode=mode, best_epoch=state.best_epoch, best_metrics=best_metrics, best_checkpoint=best_path,
+                     mode=mode, best_epoch=best_epoch, best_metrics=best_metrics, best_checkpoint=best_path,
                      latest_checkpoint=latest, stopped_early=state.stopped_early, restarts=state.restarts)
 
 
@@ -353,54 +357,64 @@ def _evaluate(task: Task, engine, shard, cfg: LoopConfig, device: torch.device) 
 
 def _update_best(state: ckpt.LoopState, metrics: dict, objective: str, mode: str, checkpoint_name: str,
                  patience: int) -> bool:
-    """Track the best epoch; an undefined objective (NaN, e.g. AUC of a one-class set) ranks last."""
+    """Track the best epoch and the early-stopping count; True when this epoch is (joint) best.
+
+    A tie moves the best to the later epoch, as Ray's checkpoint retention does (it drops the older
+    of equal scores first), but only a strict improvement resets patience. An undefined objective
+    (NaN, e.g. the AUC of a one-class set) ranks last.
+    """
     value = metrics.get(objective, math.nan)
     if isinstance(value, float) and math.isnan(value):
         metrics[objective] = value = -math.inf if mode == "max" else math.inf
-    better = state.best_value is None or (value > state.best_value if mode == "max" else value < state.best_value)
-    if better:
+    best = state.best_value
+    better = best is None or (value > best if mode == "max" else value < best)
+    state.epochs_since_best = 0 if better else state.epochs_since_best + 1
+    if better or value == best:
         state.best_value, state.best_epoch, state.best_checkpoint = value, metrics["epoch"], checkpoint_name
-        state.epochs_since_best = 0
-    else:
-        state.epochs_since_best += 1
     state.stopped_early = bool(patience) and state.epochs_since_best >= patience
-    return better
+    return better or value == best
 
 
 def _restore(engine, rank: int, world: int, progress: Progress | None) -> ckpt.LoopState:
-    """Load the newest checkpoint that verifies (all ranks agree on which); a fresh state when there is none."""
+    """Load the newest checkpoint of this run that verifies (all ranks load the same one, rank 0 picks);
+    a fresh state when the run has none yet."""
     import ray.train
     import torch.distributed as dist
 
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return ckpt.LoopState()
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
     choice: list = [None]
     if rank == 0:
-        storage = ray.train.get_context().get_storage()
         try:
-            point = ckpt.find_resumable(latest.filesystem, storage.experiment_fs_path, latest.path)
-            choice = [(point.path, point.meta, point.skipped, None)]
+            choice = [ckpt.find_resumable(fs, storage.experiment_fs_path,
+                                          required=ray.train.get_checkpoint() is not None)]
         except ckpt.CheckpointError as err:
-            choice = [(None, None, [], str(err))]
+            choice = [err]
     dist.broadcast_object_list(choice, src=0)
-    path, meta, skipped, error = choice[0]
-    if error:
-        raise ckpt.CorruptCheckpointError(error)
+    point = choice[0]
+    if isinstance(point, Exception):
+        raise point
     if progress:
-        for line in skipped:
+        for line in point.skipped:
             progress.message(f"checkpoint unusable, skipped: {line}")
-        progress.message(f"resuming from {posixpath.basename(path)} (epoch {meta['state']['epoch']})")
+    if point.path is None:
+        if point.skipped and progress:
+            progress.message("no usable checkpoint: starting from the first epoch")
+        return ckpt.LoopState()
+    meta = point.meta
+    if progress:
+        progress.message(f"resuming from {posixpath.basename(point.path)} (epoch {meta['state']['epoch']})")
     zero_stage = engine.zero_optimization_stage()
     if (meta["world_size"] != world or meta["zero_stage"] != zero_stage) and max(zero_stage, meta["zero_stage"]) > 0:
         raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by {meta['world_size']} worker(s) with ZeRO stage {meta['zero_stage']}; "
-            f"this job has {world} with stage {zero_stage}. Partitioned optimizer state needs the same layout: "
-            f"resume with num_workers={meta['world_size']} and zero_stage={meta['zero_stage']}.")
-    with ray.train.Checkpoint(path, filesystem=latest.filesystem).as_directory() as local:
+            f"checkpoint {point.path} was written by {meta['world_size']} worker(s) with ZeRO stage "
+            f"{meta['zero_stage']}; this job has {world} with stage {zero_stage}. Partitioned optimizer state "
+            f"needs the same layout: resume with num_workers={meta['world_size']} and "
+            f"zero_stage={meta['zero_stage']}.")
+    with ray.train.Checkpoint(point.path, filesystem=fs).as_directory() as local:
         ckpt.load_into_engine(local, engine)
     state = ckpt.LoopState(**meta["state"])
-    state.restarts.append({"from": posixpath.basename(path), "epoch": state.epoch, "skipped": skipped,
+    state.restarts.append({"from": posixpath.basename(point.path), "epoch": state.epoch, "skipped": point.skipped,
                            "at": time.time()})
     return state
 
