@@ -231,8 +231,7 @@ class LocalCluster:
             if mode == "netns":
                 self._make_network()
                 self.state.save()
-            self._start_node(self.state.head)
-            self.wait_for_head(timeout)
+            self._start_head(timeout)
             for node in self.state.nodes[1:]:
                 self._start_node(node)
             self.state.save()
@@ -298,6 +297,23 @@ class LocalCluster:
         resp = requests.get(url, params=params, headers=self._auth_headers(), timeout=10)
         resp.raise_for_status()
         return resp.json()["data"]["result"]["result"]
+
+    def _start_head(self, timeout: float, start_retries: int = 2) -> None:
+        """Start the head and wait for its dashboard; a head that died while starting is started again
+        (on a saturated machine its first GCS round trips can time out)."""
+        head = self.state.head
+        for retries_left in range(start_retries, -1, -1):
+            self._start_node(head)
+            try:
+                self.wait_for_head(timeout)
+                return
+            except LocalClusterError:
+                if retries_left == 0 or self._popen[head.name].poll() is None:
+                    raise
+                log.warning("the head exited while starting (code %s); starting it again",
+                            self._popen[head.name].returncode)
+                _kill_node(head)
+                shutil.rmtree(head.temp_dir, ignore_errors=True)
 
     def wait_for_head(self, timeout: float) -> None:
         import requests

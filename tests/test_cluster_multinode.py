@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -29,8 +30,19 @@ def cluster():
     if not namespaces_available():
         pytest.skip("network namespaces are not allowed here: the distinct-ports fallback gives Ray Train "
                     "a single node, so a 2-node test cannot run (needs root / CAP_NET_ADMIN)")
-    with LocalCluster(num_workers=2, head_cpus=0, worker_cpus=2) as local:
+    # 3 logical CPUs per worker node: a pipeline stage's 2-CPU Train worker fits once per node (so
+    # its 2 workers land on 2 nodes) and leaves a CPU there for the Ray Data decode tasks.
+    with LocalCluster(num_workers=2, head_cpus=0, worker_cpus=3) as local:
+        state = local.state
         yield local
+    # Teardown left nothing behind: no node processes, namespaces, links or temp dirs.
+    import subprocess
+
+    from diffkd.localcluster import _processes_under
+
+    assert not _processes_under(state.root_dir)
+    assert state.cluster_id not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert state.cluster_id not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="session")
@@ -39,22 +51,19 @@ def shared(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared")
 
 
-def submit(cluster, *command: str, capsys=None) -> str:
-    """`diffkd submit --no-wait -- <command>`; returns the job id it prints."""
-    argv = ["submit", "--address", cluster.dashboard_url, "--no-wait", "--", *command]
-    if capsys is None:
-        import contextlib
-        import io
+def submit(cluster, *command: str) -> str:
+    """`diffkd submit --no-wait [options] -- <command>`; leading `--x` options go before `--`; returns the job id."""
+    import contextlib
+    import io
 
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = cli(argv)
-        printed = out.getvalue()
-    else:
-        code = cli(argv)
-        printed = capsys.readouterr().out
-    assert code == 0, printed
-    return printed.strip().splitlines()[-1]
+    options = []
+    while command and command[0].startswith("--"):
+        options, command = options + list(command[:2]), command[2:]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli(["submit", "--address", cluster.dashboard_url, "--no-wait", *options, "--", *command])
+    assert code == 0, out.getvalue()
+    return out.getvalue().strip().splitlines()[-1]
 
 
 def wait_ok(cluster, job_id: str) -> str:
@@ -177,3 +186,92 @@ def test_shared_storage_visible_from_every_node(cluster, shared):
     job_id = submit(cluster, "python", "-c", script)
     logs = wait_ok(cluster, job_id)
     assert "NODES 3" in logs
+
+
+# ---- the pipeline's own stages as 2-node jobs ------------------------------------------------------
+# warmup_fraction: DeepSpeed's WarmupCosineLR refuses 0 warmup steps, which the loop's default
+# (0.05 of ~6 optimizer steps) rounds to.
+STAGE_CONFIG = """\
+teacher:
+  arch: resnet10t
+  clinical: false
+  predict_actors: 1
+  pipeline: {{image_size: 32, augment: false, batch_size: 8}}
+  loop: {{num_workers: 2, cpus_per_worker: 2.0, threads_per_worker: 1, epochs: 2, batch_size: 8,
+          warmup_fraction: 0.34, zero_stage: 2, patience: 0, keep_checkpoints: 2, max_failures: 1, storage_path: {runs}}}
+diffusion:
+  model: {{image_size: 32, block_out_channels: [16, 32], layers_per_block: 1, condition_dim: 32}}
+  val_timesteps: 2
+diffusion_loop: {{num_workers: 2, cpus_per_worker: 2.0, threads_per_worker: 1, epochs: 2, batch_size: 8,
+                 warmup_fraction: 0.34, zero_stage: 2, patience: 0, keep_checkpoints: 2, max_failures: 1, storage_path: {runs}}}
+"""
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(shared) -> dict:
+    """A small two-center phantom cohort ingested onto the shared storage, plus a stage config there."""
+    phantom, data = shared / "phantom", shared / "data"
+    assert cli(["phantom", "--out", str(phantom), "--size", "demo", "--centers", "2", "--patients", "40",
+                "--seed", "1"]) == 0
+    for center in sorted(p.name for p in phantom.iterdir() if (p / "clinical.csv").exists()):
+        assert cli(["ingest", str(phantom / center), "--center", center, "--dataset", str(data),
+                    "--clinical", str(phantom / center / "clinical.csv")]) == 0
+    config = shared / "stages.yaml"
+    config.write_text(STAGE_CONFIG.format(runs=shared / "runs"))
+    centers = sorted(json.loads((data / "manifest.json").read_text())["centers"])
+    return {"data": data, "config": config, "external": centers[-1]}
+
+
+def train_run_placement(cluster, run_name: str) -> set[tuple[str, int]]:
+    """(node IP, node rank) of the workers of a Train run's last attempt, from the dashboard's Train API
+    (jobs opt in with RAY_TRAIN_ENABLE_STATE_TRACKING=1)."""
+    import requests
+
+    runs = requests.get(f"{cluster.dashboard_url}/api/train/v2/runs/v1", timeout=30).json()["train_runs"]
+    attempts = [r["attempts"] for r in runs if r["name"] == run_name]
+    assert attempts, f"no Train run {run_name!r} in {[r['name'] for r in runs]}"
+    return {(w["node_ip"], w["node_rank"]) for w in attempts[-1][-1]["workers"]}
+
+
+def assert_two_nodes(cluster, run_name: str) -> None:
+    placement = train_run_placement(cluster, run_name)
+    assert {rank for _, rank in placement} == {0, 1}, placement
+    assert {ip for ip, _ in placement} == worker_ips(cluster), placement
+
+
+def submit_stage(cluster, *command: str) -> str:
+    return submit(cluster, "--env", "RAY_TRAIN_ENABLE_STATE_TRACKING=1", *command)
+
+
+def test_two_node_teacher_job(cluster, shared, phantom_dataset):
+    started = time.monotonic()
+    out, run_name = shared / "models" / "teacher", f"teacher-{uuid.uuid4().hex[:6]}"
+    job_id = submit_stage(cluster, "diffkd", "train", "teacher", "--config", str(phantom_dataset["config"]),
+                          "--dataset", str(phantom_dataset["data"]), "--external", phantom_dataset["external"],
+                          "--out", str(out), "--run-name", run_name)
+    wait_ok(cluster, job_id)
+    assert_two_nodes(cluster, run_name)
+    info = json.loads((out / "training.json").read_text())
+    assert info["metrics"]["epochs_run"] == 2 and len(info["history"]) == 2
+    assert info["metrics"]["external"]["n"] > 0
+    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())
+    import pandas as pd
+
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert set(predictions["split"]) == {"train", "val", "test"} and predictions["prob"].between(0, 1).all()
+    print(f"2-node teacher job: {time.monotonic() - started:.1f}s")
+
+
+def test_two_node_diffusion_job(cluster, shared, phantom_dataset):
+    started = time.monotonic()
+    out, run_name = shared / "models" / "diffusion", f"diffusion-{uuid.uuid4().hex[:6]}"
+    job_id = submit_stage(cluster, "diffkd", "diffusion", "train", "--config", str(phantom_dataset["config"]),
+                          "--dataset", str(phantom_dataset["data"]), "--external", phantom_dataset["external"],
+                          "--out", str(out), "--run-name", run_name)
+    logs = wait_ok(cluster, job_id)
+    assert_two_nodes(cluster, run_name)
+    assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
+    info = json.loads((out / "diffkd_training.json").read_text())
+    assert info  # what trained it: split spec and a digest of the training case ids
+    assert "best val_loss" in logs
+    print(f"2-node diffusion job: {time.monotonic() - started:.1f}s")
