@@ -264,8 +264,9 @@ def _trial_tables(grid, space: TuneSpace) -> tuple["pd.DataFrame", "pd.DataFrame
 
     trials, curves = [], []
     for result in grid:
-        trial_id = os.path.basename(result.path).split("_")[1] if result.path else ""
         history = result.metrics_dataframe
+        trial_id = str((result.metrics or {}).get("trial_id") or
+                       (history["trial_id"].iloc[-1] if history is not None and "trial_id" in history else ""))
         config = result.config or {}
         row: dict[str, Any] = {"trial": trial_id, "error": str(result.error).splitlines()[0] if result.error else ""}
         row.update({name: plain(config.get(name)) for name in space.params})
@@ -280,7 +281,9 @@ def _trial_tables(grid, space: TuneSpace) -> tuple["pd.DataFrame", "pd.DataFrame
         else:
             row.update({space.objective: math.nan, f"last_{space.objective}": math.nan, "epochs": 0})
         trials.append(row)
-    table = pd.DataFrame(trials).sort_values(space.objective, ascending=space.mode == "min", na_position="last")
+    # Ties on the best epoch's value (common on small validation sets) go to the trial that ended better.
+    order = [space.objective, f"last_{space.objective}"]
+    table = pd.DataFrame(trials).sort_values(order, ascending=space.mode == "min", na_position="last")
     return table.reset_index(drop=True), pd.DataFrame(curves)
 
 
@@ -332,41 +335,64 @@ def plot_search(trials: "pd.DataFrame", curves: "pd.DataFrame", space: TuneSpace
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
     names = list(space.params)
+    done = trials.dropna(subset=[space.objective])
+    best = done.iloc[0] if len(done) else None
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, 3.4 * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    points = None
     for ax, name in zip(axes.flat, names):
-        ok = trials.dropna(subset=[space.objective])
-        values = ok[name]
         if space.params[name].kind == "choice":
-            labels = sorted(set(map(str, values)))
-            ax.scatter([labels.index(str(v)) for v in values], ok[space.objective])
+            labels = [str(v) for v in space.params[name].args]
+            xs = [labels.index(str(v)) for v in done[name]]
             ax.set_xticks(range(len(labels)), labels)
+            best_x = labels.index(str(best[name])) if best is not None else None
         else:
-            ax.scatter(values.astype(float), ok[space.objective], c=ok["epochs"], cmap="viridis")
+            xs = done[name].astype(float)
+            best_x = float(best[name]) if best is not None else None
+            low, high = space.params[name].args[:2]
             if space.params[name].log_scale:
                 ax.set_xscale("log")
-        ax.set_xlabel(name.split(".")[-1])
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            margin = (high / low) ** 0.03 if space.params[name].log_scale else 0.03 * (high - low)
+            ax.set_xlim((low / margin, high * margin) if space.params[name].log_scale else (low - margin, high + margin))
+        points = ax.scatter(xs, done[space.objective], c=done["epochs"], cmap="viridis", vmin=0,
+                            vmax=max(1, int(trials["epochs"].max())))
+        if best is not None:
+            ax.scatter([best_x], [best[space.objective]], marker="*", s=220, facecolor="none", edgecolor="red",
+                       label="best")
+        ax.set_xlabel(f"{name} (searched range)")
         ax.set_ylabel(space.objective)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"{space.objective} (best epoch) against each parameter; colour = epochs run")
-    fig.tight_layout()
+    if points is not None:
+        fig.colorbar(points, ax=list(axes.flat), label="epochs run (ASHA stops weak trials early)",
+                     ticks=MaxNLocator(integer=True))
+    fig.suptitle(f"{space.objective} (internal validation, best epoch) against each searched parameter")
     files = {"objective_plot": os.path.join(out_dir, "objective_vs_params.png")}
     _save(fig, files["objective_plot"])
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for trial, curve in curves.groupby("trial") if len(curves) else []:
-        ax.plot(curve["epoch"], curve[space.objective], marker="o", ms=3, label=str(trial))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if len(curves):
+        for trial, curve in curves.groupby("trial", sort=False):
+            is_best = best is not None and str(trial) == str(best["trial"])
+            ax.plot(curve["epoch"], curve[space.objective], marker="o", ms=3, lw=2.5 if is_best else 1,
+                    color="red" if is_best else None, alpha=1.0 if is_best else 0.6,
+                    label=f"{trial} (best)" if is_best else str(trial))
+        if curves["trial"].nunique() <= 12:
+            ax.legend(fontsize=7, title="trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{space.objective} (internal validation)")
-    ax.set_title("learning curves (trials stopped early by ASHA end early)")
+    ax.set_title("learning curves of every trial")
     ax.grid(alpha=0.3)
-    if 0 < curves["trial"].nunique() <= 12 if len(curves) else False:
-        ax.legend(fontsize=7, title="trial")
     fig.tight_layout()
     files["curves_plot"] = os.path.join(out_dir, "learning_curves.png")
     _save(fig, files["curves_plot"])

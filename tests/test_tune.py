@@ -60,9 +60,9 @@ def test_trials_never_receive_the_external_split():
 
 def test_search_plots_are_written(tmp_path):
     space = _space()
-    trials = pd.DataFrame({"trial": ["t1", "t2", "t3"], "distill.temperature": [1.5, 3.0, 6.0],
-                           "distill.alpha": [0.4, 0.6, 0.8], "loop.lr": [1e-3, 2e-3, 5e-4],
-                           "val_auc": [0.6, 0.7, float("nan")], "epochs": [1, 2, 0]})
+    trials = pd.DataFrame({"trial": ["t2", "t1", "t3"], "distill.temperature": [3.0, 1.5, 6.0],
+                           "distill.alpha": [0.6, 0.4, 0.8], "loop.lr": [2e-3, 1e-3, 5e-4],
+                           "val_auc": [0.7, 0.6, float("nan")], "epochs": [2, 1, 0]})
     curves = pd.DataFrame({"trial": ["t1", "t2", "t2"], "epoch": [1, 1, 2], "val_auc": [0.6, 0.65, 0.7]})
     files = plot_search(trials, curves, space, str(tmp_path))
     for path in files.values():
@@ -140,6 +140,7 @@ def test_a_four_trial_search_finishes_on_two_cpus_and_writes_its_best_config(tun
         assert dist.contains(value) and value == pytest.approx(outcome.best_params[name])
     assert best.teacher_dir == teacher and best.arch == cfg.arch  # the rest of the base config is kept
     curves = pd.read_csv(outcome.files["curves"])
+    assert trials["trial"].nunique() == 4
     assert set(curves["trial"].astype(str)) == set(trials["trial"].astype(str))
     for key in ("objective_plot", "curves_plot"):
         assert Path(outcome.files[key]).stat().st_size > 1000
