@@ -65,7 +65,7 @@ def test_the_plain_step_trains_without_ray(batch):
 
 
 def test_v_prediction_targets_differ_from_epsilon(batch):
-    eps_cfg = tiny_config()
+    eps_cfg = tiny_config(model=DiffusionModelConfig(**{**TINY.__dict__, "prediction_type": "epsilon"}))
     v_cfg = tiny_config(model=DiffusionModelConfig(**{**TINY.__dict__, "prediction_type": "v_prediction"}))
     model = DiffusionTask(eps_cfg).build_model().model.eval()
     t = torch.full((16,), 900)

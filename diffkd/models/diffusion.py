@@ -45,7 +45,9 @@ class DiffusionModelConfig:
     attention: bool = False  # self-attention in the lowest-resolution blocks (paper size: True)
     mask_channel: bool = False  # lesion mask as an extra input channel (spatial conditioning)
     condition_dim: int = 128  # width of the condition encoder's hidden layer
-    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
+    # v: on the demo phantom (32 px, 200 steps of 16) v-prediction gave clean images with each center's
+    # geometry where epsilon-prediction left visible pixel noise at the same budget.
+    prediction_type: str = "v_prediction"  # or "epsilon"
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
 
