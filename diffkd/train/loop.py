@@ -220,11 +220,18 @@ def _fit_result(fs: pafs.FileSystem, run_path: str, name: str, latest: str, obje
 # ---- inside each Ray Train worker ---------------------------------------------------------------
 
 def _quiet_libraries() -> None:
+    import contextlib
     import logging
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # Ray Train logs every report at INFO under a logger named by its file path, outside the
+    # `ray.train` tree that LoggingConfig filters; the loop prints its own line per epoch.
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -428,6 +435,7 @@ def predict(model_dir: str, dataset: "ray.data.Dataset", batch_size: int = 64, n
     Runs as Ray Data `map_batches` over `num_actors` actors that each load the model once
     (`load_classifier`), so it scales with the cluster like the rest of the pipeline.
     """
+    dataset.context.enable_progress_bars = False
     result = dataset.map_batches(_ClassifierPredictor, fn_constructor_kwargs={"model_dir": model_dir},
                                  batch_size=batch_size, batch_format="numpy", concurrency=num_actors,
                                  num_cpus=cpus_per_actor)
