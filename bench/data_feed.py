@@ -269,8 +269,9 @@ def child(args) -> None:
     print(json.dumps(throughput_child(args, cfg) if args.child == "throughput" else memory_child(args, cfg)))
 
 
-def run_child(kind: str, root: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--root", root, "--epochs", str(args.epochs),
+def run_child(kind: str, root: str, args, script: str = os.path.abspath(__file__)) -> dict:
+    """Run `script --child kind` in a fresh process (its own process tree) and return its JSON line."""
+    cmd = [sys.executable, script, "--child", kind, "--root", root, "--epochs", str(args.epochs),
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
            "--shuffle-buffer", str(args.shuffle_buffer), "--workers", str(args.workers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

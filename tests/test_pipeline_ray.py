@@ -70,6 +70,9 @@ def test_the_plan_streams_and_never_materialises(ray_local, dataset):
     text = plan_text(ds)
     physical = text.split("Physical Plan (Optimized)")[1]
     assert "AllToAll" not in physical and "Materialize" not in physical
+    # read, filter and decode run as one task per file on each branch (no PNG bytes through the object store)
+    assert "ReadParquet->MapBatches(_decode_in_ray)" in physical
+    assert "ReadParquet->Filter(random()" in physical
     assert "Filter[Filter(col('case_id')" not in text.split("Logical Plan (Optimized)")[1]  # pushed into the read
     # the check can fail: an all-to-all shuffle shows up in the same text
     assert "AllToAll" in plan_text(ds.randomize_block_order()).split("Physical Plan (Optimized)")[1]

@@ -16,7 +16,7 @@ decoding run fused, one task per Parquet file, each asking for `decode_num_cpus`
 at most `decode_concurrency` (2) in flight per branch. So the data side claims at most 1 CPU (2 with
 synthetic rows) and makes progress with `required_cpus(cfg)` = 0.5 left over by the Train workers
 (tested: one Train worker holding all the other CPUs still gets its epochs). Files are listed on
-the driver (see `_driver_side_parquet_listing`), so no 1-CPU listing task has to fit either. Ray
+the driver (see `_read_settings`), so no 1-CPU listing task has to fit either. Ray
 Train V2 excludes its workers' resources from Ray Data's budget by itself; `check_can_feed` fails
 early, with the numbers, where a sizing would hang instead.
 """
@@ -57,7 +57,7 @@ class PipelineConfig:
     synthetic_ratio: float = 0.0  # synthetic rows per real row in each training epoch (0 = real only)
     modalities: tuple[str, ...] = ()  # keep only these modalities; empty = all
     centers: tuple[str, ...] = ()  # center vocabulary for center_idx; empty = the dataset's real centers
-    batch_size: int = 32  # rows per decode call, and the default training batch
+    batch_size: int = 32  # the training batch; Ray blocks hold one batch of decoded rows (see block_bytes)
     seed: int = 0
     shuffle_buffer: int = 256  # rows in the local shuffle buffer when iterating the train split
     norm_mean: float = 0.449  # fixed normalisation of [0, 1] intensities: the ImageNet gray mean/std
@@ -131,9 +131,8 @@ def _open_gray(data: bytes, what: str) -> tuple[Image.Image, float]:
     if image.mode == "L":
         return image, 255.0
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow cannot warp 16-bit images: resample in float, in [0, 1] already.
-        full = 65535.0 if image.mode.startswith("I;16") else float(max(np.asarray(image).max(), 1))
-        return Image.fromarray(np.asarray(image, dtype=np.float32) / np.float32(full), "F"), 1.0
+        # 16-bit PNG (older Pillow opens it as "I"). Pillow cannot warp it: resample in float, in [0, 1].
+        return Image.fromarray(np.asarray(image, dtype=np.float32) / np.float32(65535.0), "F"), 1.0
     if image.mode in ("RGB", "RGBA", "LA", "P", "1"):  # ingest stores gray; tolerate other producers
         return image.convert("L"), 255.0
     raise ValueError(f"{what} has image mode {image.mode!r}; diffkd reads 8- or 16-bit gray PNGs")
@@ -221,16 +220,19 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
     }
 
 
-def _decode_in_ray(batch: dict[str, np.ndarray], cfg: PipelineConfig, train: bool) -> dict[str, np.ndarray]:
-    """map_batches UDF: the per-row generators are keyed by Ray Data's execution index (= the epoch)."""
+def _decode_in_ray(block: dict[str, np.ndarray], cfg: PipelineConfig, train: bool) -> dict[str, np.ndarray]:
+    """map_batches UDF over a whole read block (about one batch of rows, see `block_bytes`).
+
+    The per-row generators are keyed by Ray Data's execution index, which is the epoch.
+    """
     rngs = None
     if train and cfg.augment:
         from ray.data.context import DataContext
 
         # Ray Data bumps this counter every time the plan executes (its own random() uses it the same way).
         epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
-        rngs = row_generators(batch["case_id"], cfg.seed, epoch)
-    return decode_batch(batch, cfg, rngs)
+        rngs = row_generators(block["case_id"], cfg.seed, epoch)
+    return decode_batch(block, cfg, rngs)
 
 
 def block_bytes(cfg: PipelineConfig) -> int:
@@ -244,7 +246,7 @@ def block_bytes(cfg: PipelineConfig) -> int:
 
 def task_memory_bytes(cfg: PipelineConfig) -> int:
     """Scheduling hint for one read+decode task: a worker's baseline, a PNG block, its decoded rows, scratch."""
-    return 300 * 2**20 + 4 * block_bytes(cfg)
+    return 350 * 2**20 + 4 * block_bytes(cfg)  # Ray measured ~300 MiB per task at 128 px, batch 32
 
 
 # ---- datasets -------------------------------------------------------------------------------------
@@ -304,11 +306,11 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], predicate, cfg: Pi
     resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
     shuffle = FileShuffleConfig(seed=cfg.seed) if train else None  # reseeded every execution: new order per epoch
-    with _driver_side_parquet_listing():
+    with _read_settings(cfg):
         ds = ray.data.read_parquet(files, filesystem=dataset.fs, partitioning=None, shuffle=shuffle,
                                    concurrency=cfg.decode_concurrency, override_num_blocks=len(files),
-                                   **resources).select_columns(list(READ_COLUMNS))
-    ds.context.target_max_block_size = block_bytes(cfg)
+                                   batch_readahead=2, **resources).select_columns(list(READ_COLUMNS))
+    ds.context.target_max_block_size = block_bytes(cfg)  # the dataset keeps its own copy of the context
     if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
         ds = ds.filter(expr=predicate, compute=compute, **resources)
     return ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=None,
@@ -316,26 +318,29 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], predicate, cfg: Pi
 
 
 @contextlib.contextmanager
-def _driver_side_parquet_listing():
-    """Build the read with Ray's V1 Parquet datasource, which lists our (known) files on the driver at plan time.
+def _read_settings(cfg: PipelineConfig):
+    """DataContext settings that `read_parquet` reads while it builds the dataset, set for that call only.
 
-    The V2 datasource (Ray 2.60's default) adds a ListFiles task per epoch that claims a whole CPU and,
-    in a fresh worker, imports fsspec's HTTP stack: measured 24 s of a 25 s epoch on the loaded 2-core
-    box, against 0.4 s for V1 on the same files. The flag is read only while `read_parquet` builds the
-    dataset, so flipping it for that call changes nothing else.
+    * `use_datasource_v2=False`: Ray's V1 Parquet datasource lists our (already known) files on the
+      driver. The V2 one (Ray 2.60's default) adds a ListFiles task per epoch that claims a whole CPU
+      and, in a fresh worker, imports fsspec's HTTP stack: 24 s of a 25 s epoch on the loaded 2-core
+      box, against 0.4 s for V1 on the same files.
+    * `target_max_block_size`: the reader sizes its Parquet batches from it. Left at Ray's 128 MiB,
+      a decode task pulled a whole file into memory at once, so its memory grew with the file
+      (+140 MiB per task at 10x the data).
     """
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    previous = getattr(context, "use_datasource_v2", None)
-    if previous is None:
-        yield
-        return
-    context.use_datasource_v2 = False
+    wanted = {"use_datasource_v2": False, "target_max_block_size": block_bytes(cfg)}
+    previous = {name: getattr(context, name) for name in wanted if hasattr(context, name)}
+    for name in previous:
+        setattr(context, name, wanted[name])
     try:
         yield
     finally:
-        context.use_datasource_v2 = previous
+        for name, value in previous.items():
+            setattr(context, name, value)
 
 
 def _count_rows(dataset: ImageDataset, centers: list[str] | None, synthetic: bool) -> int:
