@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("balanced", "real")
-CONDITION_COLUMNS = ("center", "label", "modality", *CLINICAL_COLUMNS)
 
 
 @dataclass
@@ -267,6 +266,13 @@ def existing_case_ids(dataset: ImageDataset, run_id: str) -> set[str]:
     return set(meta.loc[meta["source"] == run_id, "case_id"])
 
 
+def _other_runs(dataset: ImageDataset, run_id: str) -> dict[str, int]:
+    if not dataset.centers(synthetic=True):
+        return {}
+    sources = dataset.metadata(synthetic=True).column("source").to_pandas()
+    return {str(k): int(v) for k, v in sources[sources != run_id].value_counts().sort_index().items()}
+
+
 def to_rows(batch: pd.DataFrame, run_id: str) -> pa.Table:
     """Finished sampler output -> rows in the dataset schema."""
     from diffkd.data.dataset import conform
@@ -280,11 +286,13 @@ def to_rows(batch: pd.DataFrame, run_id: str) -> pa.Table:
 
 
 def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | None = None,
-               progress: Callable[[int, int], None] | None = None) -> SynthResult:
+               progress: Callable[[int, int], None] | None = None, replace: bool = False) -> SynthResult:
     """Generate the rows of `cfg`'s condition table that the dataset lacks, and write them.
 
     Uses the Ray instance this process is connected to (callers start or join one). `progress`
     is called as (rows written so far in this run, rows requested) after every written chunk.
+    Training mixes every synthetic row of the dataset, so rows of other runs (an older model,
+    other settings) are reported; `replace=True` deletes them first.
     """
     cfg = cfg or SynthConfig()
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
@@ -294,6 +302,13 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     train_rows = generator_training_rows(dataset, model_dir)
     run_id = run_id_for(model_dir, cfg)
     table = condition_table(train_rows, cfg, run_id)
+    others = _other_runs(dataset, run_id)
+    if others and replace:
+        log.info("synth: deleting %d synthetic rows of other runs (%s)", sum(others.values()), ", ".join(others))
+        dataset.delete_synthetic()
+    elif others:
+        log.warning("the dataset also holds %d synthetic rows of other runs (%s); training mixes all of them "
+                    "(rerun with --replace to keep only this run's rows)", sum(others.values()), ", ".join(others))
     done = existing_case_ids(dataset, run_id)
     todo = table[~table["case_id"].isin(done)]
     log.info("synth %s: %d rows requested, %d already written, %d to generate with %d actor(s)",
@@ -527,9 +542,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = np.real(covmean)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * covmean))
+    # A tiny ridge keeps the product's square root defined when a set has fewer images than features.
+    ridge = 1e-6 * np.eye(a.shape[1])
+    covmean = np.real(linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge)))
+    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * covmean)))
 
 
 def kernel_distance(a: np.ndarray, b: np.ndarray, subset_size: int = 100, subsets: int = 50, seed: int = 0) -> float:

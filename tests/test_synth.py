@@ -67,6 +67,20 @@ def test_condition_tables_are_balanced_or_follow_the_real_mix():
         condition_table(rows, SynthConfig(centers=["Z"]), "run1")
 
 
+def test_fid_and_kid_match_known_gaussian_shifts():
+    from diffkd.synth import frechet_distance, kernel_distance, nearest
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4000, 8)), rng.normal(size=(4000, 8))
+    shifted = b + np.array([1.0, 0, 0, 0, 0, 0, 0, 0])
+    assert frechet_distance(a, b) < 0.05
+    assert frechet_distance(a, shifted) == pytest.approx(1.0, abs=0.1)  # FID of N(0,I) vs N(e1,I) is |e1|^2
+    same, apart = kernel_distance(a, b, 200, 20), kernel_distance(a, shifted, 200, 20)
+    assert abs(same) < 0.02 < apart
+    dist, idx = nearest(np.array([[0.0, 0.0], [5.0, 5.0]]), np.array([[1.0, 0.0], [5.0, 4.0], [9.0, 9.0]]))
+    assert idx.tolist() == [0, 1] and dist.tolist() == pytest.approx([1.0, 1.0])
+
+
 def test_synthesis_resumes_after_an_interruption_without_duplicates(trained):
     ds, result = trained
     cfg = SynthConfig(per_cell=3, num_inference_steps=3, batch_size=2, num_actors=2, chunk_rows=2)

@@ -67,6 +67,8 @@ def register(subparsers) -> None:
     synth.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     synth.add_argument("--actors", type=int, default=None, help="sampling actors (model loaded once per actor)")
     synth.add_argument("--gpus-per-actor", type=float, default=None)
+    synth.add_argument("--replace", action="store_true",
+                       help="delete synthetic rows of other runs first (training mixes every synthetic row)")
     synth.add_argument("--address", default=None, help="Ray cluster to join (default: a private local instance)")
     synth.set_defaults(handler=run_synth)
     sub = synth.add_subparsers(dest="action", metavar="[audit]")
@@ -142,7 +144,7 @@ def run_synth(args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"  synth: {done}/{total} rows", file=sys.stderr, flush=True)
 
-    result = synthesize(args.dataset, args.model, cfg, progress=progress)
+    result = synthesize(args.dataset, args.model, cfg, progress=progress, replace=args.replace)
     per_center = ", ".join(f"{c} {n}" for c, n in sorted(result.per_center.items())) or "nothing new"
     print(f"synth run {result.run_id}: {result.requested} rows requested, {result.existing} already present, "
           f"{result.written} written ({per_center}) in {result.seconds:.1f} s "
