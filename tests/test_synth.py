@@ -162,3 +162,27 @@ def test_the_audit_flags_a_planted_copy(trained, tmp_path):
     assert summary["fid"] >= 0 and 0 <= summary["conditional_accuracy"] <= 1
     for name in ("synthetic_grid.png", "synthetic_near_copies.png"):
         assert Image.open(tmp_path / "audit" / name).format == "PNG"
+
+
+def test_a_mask_conditioned_model_samples_from_the_drawn_rows_masks(tmp_path):
+    import pandas as pd
+    import torch
+
+    from diffkd.models.diffusion import build_denoiser, save_pipeline, training_scheduler
+    from diffkd.synth import ImageSampler
+
+    model_cfg = DiffusionModelConfig(image_size=16, block_out_channels=(16, 32), condition_dim=32, mask_channel=True)
+    torch.manual_seed(0)
+    save_pipeline(build_denoiser(model_cfg, ["A"]), training_scheduler(model_cfg).config, tmp_path / "m")
+    lesion = np.zeros((16, 16), np.uint8)
+    lesion[4:10, 5:12] = 1
+    sampler = ImageSampler(str(tmp_path / "m"), None, 3, 2.0, masks={"real-1": lesion})
+    batch = pd.DataFrame({"center": ["A", "A"], "label": [1, 0], "modality": "us", "age": [50.0, None],
+                          "condition_case_id": ["real-1", "real-2"], "row_seed": [1, 2], "row": [0, 1]})
+    out = sampler(batch)
+    assert out["mask"].iloc[1] is None  # no known mask: none is invented
+    mask = np.asarray(Image.open(io.BytesIO(out["mask"].iloc[0])))
+    assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 255} and (mask > 0).sum() == lesion.sum()
+    # The mask channel reaches the UNet: another mask gives another image from the same noise.
+    other = ImageSampler(str(tmp_path / "m"), None, 3, 2.0, masks={"real-1": 1 - lesion})(batch)
+    assert out["image"].iloc[0] != other["image"].iloc[0] and out["image"].iloc[1] == other["image"].iloc[1]
