@@ -210,13 +210,15 @@ class LocalCluster:
         return self._require_state().nodes
 
     def __enter__(self) -> "LocalCluster":
-        self.start()
+        if self.state is None:  # `with LocalCluster(...).start(timeout=...)` is already up
+            self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self, timeout: float = 180) -> "LocalCluster":
+    def start(self, timeout: float = 300, start_retries: int = 3) -> "LocalCluster":
+        """Bring the cluster up; `timeout` per stage (head, then workers), `start_retries` per node."""
         cleanup_stale()
         mode = self._resolve_mode()
         cluster_id = "dk" + secrets.token_hex(2)
@@ -231,11 +233,11 @@ class LocalCluster:
             if mode == "netns":
                 self._make_network()
                 self.state.save()
-            self._start_head(timeout)
+            self._start_head(timeout, start_retries)
             for node in self.state.nodes[1:]:
                 self._start_node(node)
             self.state.save()
-            self.wait_for_nodes(len(self.state.nodes), timeout)
+            self.wait_for_nodes(len(self.state.nodes), timeout, start_retries)
         except BaseException:
             self.stop()
             raise
@@ -298,7 +300,7 @@ class LocalCluster:
         resp.raise_for_status()
         return resp.json()["data"]["result"]["result"]
 
-    def _start_head(self, timeout: float, start_retries: int = 2) -> None:
+    def _start_head(self, timeout: float, start_retries: int) -> None:
         """Start the head and wait for its dashboard; a head that died while starting is started again
         (on a saturated machine its first GCS round trips can time out)."""
         head = self.state.head
@@ -331,7 +333,7 @@ class LocalCluster:
         raise LocalClusterError(f"head's dashboard did not answer at {url} within {timeout:.0f}s; "
                                 f"logs: {self.state.head.temp_dir}/session_latest/logs")
 
-    def wait_for_nodes(self, count: int, timeout: float, start_retries: int = 2) -> None:
+    def wait_for_nodes(self, count: int, timeout: float, start_retries: int = 3) -> None:
         """Wait until `count` nodes are alive; a worker node that died while starting is started again.
 
         On a saturated machine a raylet can give up waiting for its own agents; a second start

@@ -32,7 +32,8 @@ def cluster():
                     "a single node, so a 2-node test cannot run (needs root / CAP_NET_ADMIN)")
     # 3 logical CPUs per worker node: a pipeline stage's 2-CPU Train worker fits once per node (so
     # its 2 workers land on 2 nodes) and leaves a CPU there for the Ray Data decode tasks.
-    with LocalCluster(num_workers=2, head_cpus=0, worker_cpus=3) as local:
+    local = LocalCluster(num_workers=2, head_cpus=0, worker_cpus=3)
+    with local.start(timeout=600, start_retries=5):  # patient: nodes start slowly on a saturated machine
         state = local.state
         yield local
     # Teardown left nothing behind: no node processes, namespaces, links or temp dirs.
