@@ -4,6 +4,8 @@ import tempfile
 
 import pytest
 
+import diffkd  # noqa: F401  (before any test imports timm: see diffkd/_torchvision_compat.py)
+
 # Keep CPU-bound libraries from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
