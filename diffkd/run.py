@@ -182,7 +182,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
     students = {
         "student_kd": student_cfg,
-        "student_plain": plain_variant(student_cfg, student_cfg.pipeline)[0],
+        "student_plain": plain_variant(student_cfg),
     }
     if ratio > 0:
         students["student_kd_real_only"] = dataclasses.replace(
