@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from diffkd import localcluster
 
 OWNER = """
@@ -19,6 +21,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # ~30 s: starts a real head
 def test_nodes_die_with_their_owner_and_stale_state_is_cleaned():
     owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True)
