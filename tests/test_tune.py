@@ -1,8 +1,10 @@
 """Ray Tune over the student stage: sizing, the test split kept out, results, a real search and its resume."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -169,7 +171,8 @@ def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
         "scheduler": {"name": "fifo"}, "search": {"name": "optuna", "seed": 0},
         "params": {"distill.temperature": {"loguniform": [1.0, 8.0]}, "loop.lr": {"loguniform": [3e-4, 3e-3]}}}))
     out = tmp_path / "search"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": str(tmp_path / "rt")}
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp}
     command = [sys.executable, "-m", "diffkd.cli", "tune", "--space", str(space_file), "--dataset", ds.uri,
                "--external", "C", "--config", str(config), "--out", str(out)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -185,6 +188,7 @@ def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     interrupted = pd.read_csv(out / "trials.csv") if (out / "trials.csv").exists() else None
     assert proc.returncode != 0, log
     assert interrupted is None or (interrupted["epochs"] > 0).sum() < 4
