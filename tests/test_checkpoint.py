@@ -28,7 +28,7 @@ def process_group():
     import torch.distributed as dist
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}
+           "WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -44,8 +44,10 @@ def process_group():
 def make_engine(zero_stage: int, seed: int = 0):
     import deepspeed
 
-    from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config
+    from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, prepare_deepspeed
     from diffkd.train.loop import LoopConfig
+
+    prepare_deepspeed(use_gpu=False)
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2))

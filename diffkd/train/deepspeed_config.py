@@ -8,6 +8,7 @@ compiled extension (and on CPU would force its CPU-offload optimizer), torch's r
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +74,21 @@ def deepspeed_config(cfg: "LoopConfig", world_size: int, use_gpu: bool, total_st
     if resolve_precision(cfg.precision, use_gpu) == "bf16":
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return config
+
+
+def prepare_deepspeed(use_gpu: bool) -> None:
+    """Process-wide DeepSpeed setup, before `deepspeed.initialize`.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce kernel when it
+    starts. Only DeepSpeed's inference all-reduce uses it (training reduces through torch.distributed),
+    and the first build took from one to eight minutes on a 2-core machine, so it is marked
+    unavailable here and never built.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    if not use_gpu:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def build_optimizer(model: nn.Module, cfg: "LoopConfig") -> torch.optim.Optimizer:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from diffkd.train import checkpoint as ckpt
-from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, optimizer_steps
+from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, optimizer_steps, prepare_deepspeed
 from diffkd.train.progress import Progress
 from diffkd.train.task import Task
 
@@ -223,7 +223,6 @@ def _quiet_libraries() -> None:
     import contextlib
     import logging
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     # Ray Train logs every report at INFO under a logger named by its file path, outside the
@@ -260,9 +259,10 @@ def _train_worker(config: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    _quiet_libraries()
     task: Task = config["task"]
     cfg: LoopConfig = config["loop"]
+    prepare_deepspeed(cfg.use_gpu)
+    _quiet_libraries()
     objective, mode = config["objective"], config["mode"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
