@@ -27,6 +27,18 @@ def test_the_shipped_kd_space_loads_and_maps_to_ray():
     assert 1.0 <= ray_space["distill.temperature"].sample() <= 10.0
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_names_real_student_config_fields(path):
+    from diffkd.config import to_dict
+    from diffkd.train.student import StudentConfig
+    from diffkd.tune import student_from_dict
+
+    space = load_space(path)
+    base = to_dict(StudentConfig())
+    sample = {name: dist.args[0] for name, dist in space.params.items()}  # the low end of each range
+    student_from_dict(apply_params(base, sample))  # every path exists and every value type fits
+
+
 def test_an_external_objective_is_refused(tmp_path):
     path = _write(tmp_path, "objective: test_auc\nparams:\n  loop.lr: {loguniform: [0.001, 0.01]}\n")
     with pytest.raises(ConfigError, match="not an internal-validation metric"):
