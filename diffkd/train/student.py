@@ -67,9 +67,8 @@ class DistillConfig:
     den_warmup_epochs: int = 1  # GKD-Den is off for this many epochs
 
     def __post_init__(self) -> None:
-        for name in ("alpha",):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"student.distill.{name} = {getattr(self, name)} must be in [0, 1]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"student.distill.alpha = {self.alpha} must be in [0, 1]")
         for name in ("feature_weight", "pro_weight", "den_weight", "pro_distinct_weight", "den_warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"student.distill.{name} = {getattr(self, name)} must be >= 0")
@@ -77,10 +76,6 @@ class DistillConfig:
             raise ValueError("student.distill temperatures must be > 0")
         if self.feature_kind not in ("mse", "attention"):
             raise ValueError(f"student.distill.feature_kind must be 'mse' or 'attention', got {self.feature_kind!r}")
-
-    @property
-    def uses_features(self) -> bool:
-        return self.feature_weight > 0 or self.pro_weight > 0 or self.den_weight > 0
 
 
 @dataclass
