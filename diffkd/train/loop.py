@@ -22,7 +22,6 @@ checkpoint (`max_failures`); a driver that dies is resumed by calling `fit` agai
 from __future__ import annotations
 
 import math
-import os
 import posixpath
 import secrets
 import tempfile
