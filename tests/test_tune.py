@@ -200,3 +200,18 @@ def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
     trials = pd.read_csv(outcome.files["trials"])
     assert (trials["epochs"] == 2).all()  # FIFO: every trial ran its full budget, across the interruption
     assert Path(outcome.files["best_config"]).exists()
+
+
+def test_cli_errors_are_clear_before_anything_starts(tmp_path, capsys):
+    from diffkd.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: {arch: resnet18}\n")
+    assert main(["distill", "--dataset", "ds", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "has no `student` section" in capsys.readouterr().err
+    config.write_text("student: {arch: mobilenetv3_small_050}\n")
+    assert main(["distill", "--dataset", "ds", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "pass --teacher DIR" in capsys.readouterr().err
+    assert main(["tune", "kd", "--space", "x.yaml", "--dataset", "ds", "--config", str(config),
+                 "--out", str(tmp_path / "t")]) == 2
+    assert "either by name" in capsys.readouterr().err
