@@ -172,9 +172,9 @@ class TorchFeed:
                                                   num_workers=workers, persistent_workers=True, prefetch_factor=4,
                                                   pin_memory=False)
 
-    def epoch_images(self, epoch: int) -> int:
+    def epoch_images(self, epoch: int) -> dict:
         self.epoch.value = epoch
-        return sum(len(batch["label"]) for batch in self.loader)
+        return count(self.loader)
 
 
 class RayFeed:
@@ -191,11 +191,20 @@ class RayFeed:
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.cfg, self.dataset = cfg, make_dataset(ImageDataset(root), None, cfg, train=True)
 
-    def epoch_images(self, epoch: int, shuffle_buffer: int = 0) -> int:
+    def epoch_images(self, epoch: int, shuffle_buffer: int = 0) -> dict:
         from diffkd.data.pipeline import iter_shard_batches
 
-        return sum(len(batch["label"]) for batch in iter_shard_batches(
-            self.dataset, self.cfg.batch_size, shuffle_buffer=shuffle_buffer, shuffle_seed=epoch))
+        return count(iter_shard_batches(self.dataset, self.cfg.batch_size, shuffle_buffer=shuffle_buffer,
+                                        shuffle_seed=epoch))
+
+
+def count(batches) -> dict:
+    """Images in an epoch, and how many distinct centers a batch holds on average (how well the stream mixes)."""
+    images, mixing = 0, []
+    for batch in batches:
+        images += len(batch["label"])
+        mixing.append(len(set(batch["center_idx"].tolist())))
+    return {"images": images, "centers_per_batch": sum(mixing) / max(len(mixing), 1)}
 
 
 def process_cpu(processes) -> float:
@@ -227,10 +236,10 @@ def cpu_groups() -> dict[str, list]:
 def timed_epoch(system: str, run) -> dict:
     before = {p.pid: process_cpu([p]) for p in cpu_groups()[system]}
     start = time.perf_counter()
-    images = run()
+    counted = run()
     seconds = time.perf_counter() - start
     cpu = sum(process_cpu([p]) - before.get(p.pid, 0.0) for p in cpu_groups()[system])
-    return {"images": images, "seconds": seconds, "cpu_seconds": cpu}
+    return {**counted, "seconds": seconds, "cpu_seconds": cpu}
 
 
 def throughput_child(args, cfg) -> dict:
@@ -258,7 +267,7 @@ def memory_child(args, cfg) -> dict:
             feed = TorchFeed(args.root, cfg, args.workers)
         else:
             feed = RayFeed(args.root, cfg)
-        images = feed.epoch_images(0)
+        images = feed.epoch_images(0)["images"]
     return {"images": images, "peak_rss": memory.peak_rss, "peak_pss": memory.peak_pss, "processes": memory.processes}
 
 
@@ -284,7 +293,8 @@ def run_child(kind: str, root: str, args, script: str = os.path.abspath(__file__
 
 def summarise(epochs: list[dict]) -> dict:
     return {"images_per_s": statistics.median(e["images"] / e["seconds"] for e in epochs),
-            "cpu_ms_per_image": statistics.median(1000 * e["cpu_seconds"] / e["images"] for e in epochs)}
+            "cpu_ms_per_image": statistics.median(1000 * e["cpu_seconds"] / e["images"] for e in epochs),
+            "centers_per_batch": statistics.mean(e["centers_per_batch"] for e in epochs)}
 
 
 def mib(n: float) -> float:
@@ -337,6 +347,9 @@ def main() -> None:
         "shuffle_buffer": args.shuffle_buffer,
         "ray_with_shuffle_buffer_images_per_s": round(shuffled["images_per_s"], 1),
         "shuffle_buffer_cost": round(1 - shuffled["images_per_s"] / ray["images_per_s"], 3),
+        "centers_per_batch": {"ray": round(ray["centers_per_batch"], 2),
+                              "ray_with_shuffle_buffer": round(shuffled["centers_per_batch"], 2),
+                              "dataloader": round(loader["centers_per_batch"], 2), "of": args.centers},
         "peak_rss_mib": {f"{system}_{scale}": mib(m["peak_rss"]) for (system, scale), m in memory.items()},
         "peak_pss_mib": {f"{system}_{scale}": mib(m["peak_pss"]) for (system, scale), m in memory.items()},
         "processes_at_peak": {f"{system}_{scale}": m["processes"] for (system, scale), m in memory.items()},

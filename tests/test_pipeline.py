@@ -149,6 +149,8 @@ def test_load_arrays_keeps_the_requested_order_and_filters(dataset):
     assert out["center_idx"].tolist() == [1, 0, 2]  # vocabulary: the dataset's sorted real centers
     mammo = load_arrays(dataset, None, cfg(modalities=("mammo",)), centers=["C"])
     assert len(mammo["case_id"]) == 4 and set(mammo["modality_idx"]) == {MODALITIES.index("mammo")}
+    none = load_arrays(dataset, None, cfg(modalities=("us_doppler",)), train=True)
+    assert none["image"].shape == (0, 1, SIZE, SIZE) and none["clinical"].shape == (0, ClinicalEncoding().width)
     with pytest.raises(DatasetError, match="real-X-1"):
         load_arrays(dataset, ["real-A-1", "real-X-1"], cfg())
     augmented = load_arrays(dataset, ids, cfg(), train=True, epoch=3)

@@ -80,12 +80,15 @@ def test_the_plan_streams_and_never_materialises(ray_local, dataset):
 
 def test_split_datasets_follow_the_assignments(ray_local, dataset):
     assignments = pd.DataFrame({
-        "case_id": ["real-A-0", "real-A-1", "real-B-0", "real-C-0", "real-C-1"],
-        "center": ["A", "A", "B", "C", "C"],
-        "split": ["train", "train", "val", "test", "test"],
+        "case_id": ["real-A-0", "real-A-1", "syn-A-3", "real-B-0", "real-C-0", "real-C-1"],
+        "center": ["A", "A", "A", "B", "C", "C"],
+        "split": ["train", "train", "train", "val", "test", "test"],
+        "synthetic": [False, False, True, False, False, False],
     })
     splits = split_datasets(dataset, assignments, cfg())
     assert set(splits) == {"train", "val", "test"}
+    # synthetic rows in the table come in through synthetic_ratio (0 here), not as cases
+    assert sorted(epoch_rows(splits["train"])["case_id"]) == ["real-A-0", "real-A-1"]
     test_rows = {}
     for batch in iter_shard_batches(splits["test"], 8):
         test_rows.update(zip(batch["case_id"], batch["image"].numpy()))

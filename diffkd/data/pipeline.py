@@ -181,7 +181,8 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
     """
     images, case_ids = batch["image"], [str(c) for c in batch["case_id"]]
     n, size = len(images), cfg.image_size
-    if rng is None or not cfg.augment:
+    augmenting = rng is not None and cfg.augment
+    if not augmenting:
         rngs, params = [None] * n, [AugmentParams.identity()] * n
     else:
         rngs = [rng] * n if isinstance(rng, np.random.Generator) else list(rng)
@@ -203,7 +204,7 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
             warped = place(mask, size, cfg.keep_aspect, params[i], Image.Resampling.BILINEAR)
             masks[i, 0] = np.asarray(warped) >= 128  # bilinear + threshold: smoother edges than nearest
 
-    if rngs[0] is not None:
+    if augmenting:
         apply_intensity(pixels, params, rngs)
     pixels -= np.float32(cfg.norm_mean)
     pixels *= np.float32(1.0 / cfg.norm_std)
@@ -253,7 +254,7 @@ def task_memory_bytes(cfg: PipelineConfig) -> int:
 
 def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: PipelineConfig, train: bool,
                  synthetic_ratio: float | None = None, centers: Iterable[str] | None = None) -> "ray.data.Dataset":
-    """A streaming Ray dataset of decoded rows for `case_ids` (None: every real row of `centers`).
+    """A streaming Ray dataset of decoded rows for the real cases `case_ids` (None: every real row of `centers`).
 
     `centers` limits which partitions are read at all (default: every real center); training adds
     synthetic rows of the same centers at `synthetic_ratio` (default `cfg.synthetic_ratio`) synthetic
@@ -351,11 +352,14 @@ def _count_rows(dataset: ImageDataset, centers: list[str] | None, synthetic: boo
 def split_datasets(dataset: ImageDataset, assignments: "pd.DataFrame", cfg: PipelineConfig) -> dict[str, "ray.data.Dataset"]:
     """{"train", "val", "test"} streaming datasets from a splits table (case_id, center, split), empty splits left out.
 
-    Only the train split is augmented, shuffled and mixed with synthetic rows.
+    Only the train split is augmented, shuffled and mixed with synthetic rows (at `cfg.synthetic_ratio`);
+    synthetic rows listed in the table are left to that mixing, not read as real cases.
     """
     missing = {"case_id", "center", "split"} - set(assignments.columns)
     if missing:
         raise ValueError(f"split_datasets: the assignments table lacks column(s) {sorted(missing)}")
+    if "synthetic" in assignments.columns:
+        assignments = assignments[~assignments["synthetic"].astype(bool)]
     cfg = with_center_vocabulary(cfg, dataset)
     out = {}
     for split in ("train", "val", "test"):
