@@ -1,4 +1,4 @@
-"""The data pipeline: decoding, augmentation, filters, streaming, and the Ray Data -> Ray Train hand-off."""
+"""The data pipeline without Ray: decoding, letterboxing, normalisation, augmentation, load_arrays."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,7 @@ from PIL import Image
 
 from diffkd.data.augment import AugmentConfig, AugmentParams, draw_params, place
 from diffkd.data.dataset import DatasetError, ImageDataset
-from diffkd.data.pipeline import (PipelineConfig, check_can_feed, decode_batch, iter_shard_batches, load_arrays,
-                                  make_dataset, required_cpus, row_generators, split_datasets)
+from diffkd.data.pipeline import PipelineConfig, decode_batch, load_arrays, row_generators
 from diffkd.data.schema import MODALITIES, ClinicalEncoding
 from pipeline_fixtures import build_dataset, depth_ramp
 
