@@ -132,6 +132,31 @@ def test_the_teacher_pipeline_mixes_synthetic_rows(trained, ray_local):
     assert all(b["image"].shape[1:] == (1, 32, 32) for b in batches)
 
 
+def test_near_copy_thresholds_come_from_real_pairs_and_flag_a_planted_copy():
+    from diffkd.data.pipeline import PipelineConfig
+    from diffkd.synth import AuditConfig, _near_copies
+
+    rng = np.random.default_rng(0)
+    pipe = PipelineConfig(image_size=16)
+
+    def images(n):  # smooth random blobs, in the pipeline's normalisation
+        base = rng.uniform(0, 1, (n, 1, 4, 4)).repeat(4, axis=2).repeat(4, axis=3)
+        return ((base + rng.normal(0, 0.02, base.shape) - pipe.norm_mean) / pipe.norm_std).astype(np.float32)
+
+    train, val, synth = images(60), images(30), images(20)
+    synth[7] = train[11]  # the generator "memorised" training image 11
+    feats = {name: rng.normal(size=(len(x), 16)).astype(np.float32) for name, x in
+             (("train", train), ("val", val), ("synth", synth))}
+    feats["synth"][7] = feats["train"][11]
+    arrays = lambda x: {"image": x, "case_id": np.array([f"c{i}" for i in range(len(x))], dtype=object)}  # noqa: E731
+    copies = _near_copies(arrays(train), arrays(val), arrays(synth), feats["train"], feats["val"], feats["synth"],
+                          pipe, AuditConfig(near_copy_quantile=0.05))
+    assert copies["flagged_case_ids"] == ["c7"] and copies["count"] == 1
+    assert copies["synthetic_pixel_index"][7] == 11 and copies["synthetic_pixel"][7] == pytest.approx(0, abs=1e-5)
+    assert 0 < copies["pixel_threshold"] <= np.median(copies["real_pixel"])
+
+
+@pytest.mark.slow
 def test_the_audit_flags_a_planted_copy(trained, tmp_path):
     ds, result = trained
     if not ds.centers(synthetic=True):
