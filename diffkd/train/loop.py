@@ -322,7 +322,7 @@ def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.devic
     task.on_epoch_start(epoch)
     sums: dict[str, float] = {"loss": 0.0}
     samples = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for batch in _batches(shard, cfg.batch_size, device, shuffle_buffer=cfg.shuffle_buffer,
                           seed=epoch_seed(cfg.seed, epoch, rank), drop_last=True, limit=batches_per_epoch):
         out = task.step(engine, batch)
@@ -338,16 +338,19 @@ def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.devic
             sums[key] = sums.get(key, 0.0) + float(value) * out.num_samples
         if progress:
             progress.step(out.num_samples, loss)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (sums, samples, seconds))
-    total = sum(s for _, s, _ in gathered)
+    dist.all_gather_object(gathered, (sums, samples, seconds, cpu_seconds))
+    total = sum(s for _, s, _, _ in gathered)
     if total == 0:
         raise RuntimeError(f"epoch {epoch}: no training batch reached the workers; the train shards hold fewer "
                            f"rows than batch_size={cfg.batch_size}")
-    keys = sorted({k for sums_, _, _ in gathered for k in sums_})
-    out_metrics = {k: sum(s.get(k, 0.0) for s, _, _ in gathered) / total for k in keys}
-    out_metrics["samples_per_s"] = total / max(t for _, _, t in gathered)
+    keys = sorted({k for sums_, _, _, _ in gathered for k in sums_})
+    out_metrics = {k: sum(s.get(k, 0.0) for s, _, _, _ in gathered) / total for k in keys}
+    out_metrics["samples_per_s"] = total / max(t for _, _, t, _ in gathered)
+    # CPU seconds the worker processes spent in the training phase (all their threads): what an epoch
+    # costs independent of how busy the machine is
+    out_metrics["train_cpu_s"] = sum(c for _, _, _, c in gathered)
     out_metrics["lr"] = float(engine.get_lr()[0])
     out_metrics["samples"] = total
     return out_metrics

@@ -9,6 +9,9 @@ import time
 from typing import TextIO
 
 
+_NOT_SHOWN = ("epoch", "samples_per_s", "global_step", "lr", "train_cpu_s")  # bookkeeping, in the history only
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     hours, rest = divmod(seconds, 3600)
@@ -73,7 +76,7 @@ class Progress:
         self._epoch_seconds.append(time.monotonic() - self._epoch_start)
         parts = [f"[{self.stage}] epoch {self._epoch}/{self.total_epochs}"]
         for key in sorted(metrics, key=lambda k: (k != "loss", not k.startswith("val_"), k)):
-            if key in ("epoch", "samples_per_s", "global_step", "lr") or not isinstance(metrics[key], (int, float)):
+            if key in _NOT_SHOWN or not isinstance(metrics[key], (int, float)):
                 continue
             mark = "*" if improved and key == objective else ""
             parts.append(f"{key} {_format_value(float(metrics[key]))}{mark}")
