@@ -32,7 +32,6 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -94,7 +93,6 @@ def prepare(workdir: str, args) -> tuple:
 
 def teacher(ds, splits, workdir: str, args) -> tuple[str, dict]:
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.train.loop import LoopConfig
     from diffkd.train.teacher import TeacherConfig, train_teacher
 
     out = os.path.join(workdir, "teacher")

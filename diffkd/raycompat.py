@@ -35,9 +35,25 @@ def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_di
         return
     configure_local_auth()
     logical_cpus = num_cpus or max(4, os.cpu_count() or 1)
+    runtime_env = {"worker_process_setup_hook": "diffkd.raycompat.quiet_dashboardless_warnings",
+                   **kwargs.pop("runtime_env", {})}
     ray.init(address="local", num_cpus=logical_cpus, num_gpus=num_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True, **kwargs)
+             _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True, runtime_env=runtime_env,
+             **kwargs)
     log.info("started a local Ray instance with %s logical CPUs", logical_cpus)
+
+
+# Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, whether a run's
+# controller is alive; the embedded instance has no dashboard, so the question fails every few seconds
+# with a warning. diffkd frees stopped runs' placement groups itself (`diffkd.tune`), so the warning
+# says nothing a user can act on.
+DASHBOARDLESS_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_dashboardless_warnings() -> None:
+    """Worker setup hook of the embedded instance: drop the warnings that only mean 'no dashboard'."""
+    for name in DASHBOARDLESS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # Set by Ray's job supervisor for a submitted job's entrypoint (beside RAY_ADDRESS = the cluster's GCS).

@@ -133,7 +133,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
     # ---- 1. diffusion, synthesis, audit ---------------------------------------------------------------
     synthetic_block, grids = None, []
-    ratio = cfg.synthetic_ratio
+    ratio, sources = cfg.synthetic_ratio, ()
     if cfg.diffusion.enabled:
         from diffkd.synth import audit, synthesize
         from diffkd.train.diffusion_task import SplitSpec, train_diffusion
@@ -143,8 +143,9 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
         state.run("diffusion", {**common, "cfg": to_dict(cfg.diffusion)},
                   lambda: _dir_result(train_diffusion(ds, diffusion_dir, cfg.diffusion.model,
                                                       _loop(cfg.diffusion.loop, out, "diffusion"), split)))
-        state.run("synth", {**common, "cfg": to_dict(cfg.synth)},
-                  lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)))
+        synthesized = state.run("synth", {**common, "cfg": to_dict(cfg.synth)},
+                                lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)))
+        sources = (synthesized["run_id"],)  # this run's images only, whatever else the dataset holds
         audited = state.run("audit", {**common, "cfg": to_dict(cfg.audit)},
                             lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, cfg=cfg.audit)})
         synthetic_block = audited["summary"]
@@ -157,7 +158,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     from diffkd.train.teacher import train_teacher
 
     student_modality = cfg.student.student_modality
-    teacher_cfg = _modality(cfg.teacher, student_modality)
+    teacher_cfg = _pipeline(cfg.teacher, modalities=(student_modality,), synthetic_sources=sources)
     teacher_variants = {"teacher": ratio}
     if ratio > 0:
         teacher_variants["teacher_real_only"] = 0.0
@@ -169,8 +170,8 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
                       name))
 
     # ---- 3. KD search on internal validation, then the students ---------------------------------------
-    student_cfg = dataclasses.replace(cfg.student, teacher_dir=model_dirs["teacher"], mode="paired",
-                                      pipeline=dataclasses.replace(cfg.student.pipeline, synthetic_ratio=ratio))
+    student_cfg = dataclasses.replace(_pipeline(cfg.student, synthetic_ratio=ratio, synthetic_sources=sources),
+                                      teacher_dir=model_dirs["teacher"], mode="paired")
     if cfg.tune.enabled:
         student_cfg = state.run("tune", {**common, "cfg": to_dict(cfg.tune), "student": to_dict(student_cfg)},
                                 lambda: _tune(ds, assignments, student_cfg, cfg.tune, out))["config"]
@@ -186,8 +187,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     }
     if ratio > 0:
         students["student_kd_real_only"] = dataclasses.replace(
-            student_cfg, teacher_dir=model_dirs["teacher_real_only"],
-            pipeline=dataclasses.replace(student_cfg.pipeline, synthetic_ratio=0.0))
+            _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=model_dirs["teacher_real_only"])
     modalities = set(real["modality"])
     pf = cfg.pairing_free
     if pf.enabled and {pf.teacher_modality, pf.student_modality} <= modalities:
@@ -195,12 +195,11 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
         name = "teacher_" + pf.teacher_modality
         state.run(name, {**common, "cfg": to_dict(teacher_cfg), "modality": pf.teacher_modality},
                   lambda: _predictions_result(train_teacher(
-                      ds, assignments, _with_loop(_modality(teacher_cfg, pf.teacher_modality), out, name),
+                      ds, assignments, _with_loop(_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)), out, name),
                       model_dirs[name], synthetic_ratio=0.0), name))
         students["student_pairing_free"] = dataclasses.replace(
-            student_cfg, teacher_dir=model_dirs[name], mode="pairing_free", student_modality=pf.student_modality,
-            teacher_modality=pf.teacher_modality, pipeline=dataclasses.replace(student_cfg.pipeline,
-                                                                               synthetic_ratio=0.0))
+            _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=model_dirs[name], mode="pairing_free",
+            student_modality=pf.student_modality, teacher_modality=pf.teacher_modality)
     elif pf.enabled:
         notes.append(f"the dataset has no {pf.teacher_modality!r} images beside {pf.student_modality!r} "
                                    f"(modalities: {', '.join(sorted(modalities))}): the pairing-free group KD "
@@ -243,8 +242,9 @@ def _with_loop(stage_cfg, out: Path, name: str):
     return dataclasses.replace(stage_cfg, loop=_loop(stage_cfg.loop, out, name))
 
 
-def _modality(teacher: TeacherConfig, modality: str) -> TeacherConfig:
-    return dataclasses.replace(teacher, pipeline=dataclasses.replace(teacher.pipeline, modalities=(modality,)))
+def _pipeline(stage_cfg, **changes):
+    """A stage config whose data pipeline differs in `changes` (modalities, synthetic mixing)."""
+    return dataclasses.replace(stage_cfg, pipeline=dataclasses.replace(stage_cfg.pipeline, **changes))
 
 
 def _dir_result(result) -> dict:
@@ -283,7 +283,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
 
     name = "deep_feature_model"
     feature_dir = str(out / "models" / name)
-    fcfg = _with_loop(_modality(stage.feature_model, modality), out, name)
+    fcfg = _with_loop(_pipeline(stage.feature_model, modalities=(modality,)), out, name)
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
     train_teacher(ds, rows, fcfg, feature_dir, synthetic_ratio=0.0)
     model = load_classifier(feature_dir).eval()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from diffkd.files import atomic_write_json
+
 STATE_FILE = "run_state.json"
 
 
@@ -58,7 +60,4 @@ class RunState:
         return result
 
     def _save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps({"stages": self.stages}, indent=2, default=str))
-        os.replace(tmp, self.out / STATE_FILE)
+        atomic_write_json(self.out / STATE_FILE, {"stages": self.stages})

@@ -31,6 +31,7 @@ from torch import nn
 
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES
+from diffkd.files import atomic_write_json, save_figure
 from diffkd.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
@@ -676,7 +677,7 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
                "runs": sorted(set(synth["source"])), "centers": centers, "figures": figures,
                "near_copies": {k: v for k, v in copies.items() if not isinstance(v, np.ndarray)},
                "explanation": AUDIT_EXPLANATION}
-    _atomic_json(os.path.join(out_dir, "synthetic_audit.json"), details)
+    atomic_write_json(os.path.join(out_dir, "synthetic_audit.json"), details)
     return summary
 
 
@@ -767,7 +768,7 @@ def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: i
     axes[0, per_cell].set_title("synthetic", loc="left", fontsize=9)
     fig.suptitle("Real vs synthetic images per center x label", fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_near_copies(copies: dict, real: dict, synth: dict, pipe_cfg, pairs: int, path: str) -> str:
@@ -799,26 +800,4 @@ def plot_near_copies(copies: dict, real: dict, synth: dict, pipe_cfg, pairs: int
             top.set_ylabel("synthetic", fontsize=8)
             bottom.set_ylabel("nearest\ntraining", fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, path)
-
-
-def _save_figure(fig, path: str) -> str:
-    plt = _figure()
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _atomic_json(path: str, content: dict) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return save_figure(fig, path)

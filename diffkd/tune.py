@@ -23,13 +23,13 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from diffkd.config import ConfigError, from_dict, to_dict
+from diffkd.files import atomic_write_text, save_figure
 from diffkd.tune_space import TuneSpace, apply_params, plain
 
 if TYPE_CHECKING:
@@ -73,8 +73,9 @@ def student_from_dict(data: dict[str, Any], where: str = "student") -> "StudentC
     return from_dict(StudentConfig, data, where)
 
 
-def trial_footprint(cfg: "StudentConfig") -> dict[str, float]:
-    """What one running trial holds: its driver, its Train workers, its data pipeline's minimum."""
+def trial_footprint(cfg) -> dict[str, float]:
+    """What one running trial of a stage (student, or teacher in leave-one-center-out) holds: its
+    driver, its Train workers, its data pipeline's minimum."""
     from diffkd.data.pipeline import required_cpus
 
     loop = cfg.loop
@@ -88,19 +89,24 @@ def plan_concurrency(space: TuneSpace, cfg: "StudentConfig", cluster: dict[str, 
     More would start trials whose workers can never be placed, so an explicit larger number is
     lowered with a warning; a cluster that cannot hold even one trial is an error.
     """
-    need = trial_footprint(cfg)
-    fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
-    capacity = min(fits)
-    if capacity < 1:
-        raise ValueError(f"one trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (driver {DRIVER_CPUS}, "
-                         f"{cfg.loop.num_workers} worker(s) x {cfg.loop.cpus_per_worker:g} CPU, data pipeline), "
-                         f"the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
-                         "lower loop.num_workers / loop.cpus_per_worker")
+    capacity = trials_that_fit(cfg, cluster)
     wanted = space.num_samples if space.max_concurrent_trials == "auto" else int(space.max_concurrent_trials)
     if wanted > capacity and space.max_concurrent_trials != "auto":
         log.warning("max_concurrent_trials=%d but the cluster holds %d trial(s) at once; running %d",
                     wanted, capacity, capacity)
     return max(1, min(wanted, capacity, space.num_samples))
+
+
+def trials_that_fit(cfg, cluster: dict[str, float]) -> int:
+    """Trials of the stage config `cfg` that the cluster's CPUs (and GPUs) hold at once; an error when none."""
+    need = trial_footprint(cfg)
+    capacity = min(math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0)
+    if capacity < 1:
+        raise ValueError(f"one trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (driver {DRIVER_CPUS}, "
+                         f"{cfg.loop.num_workers} worker(s) x {cfg.loop.cpus_per_worker:g} CPU, data pipeline), "
+                         f"the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
+                         "lower loop.num_workers / loop.cpus_per_worker")
+    return capacity
 
 
 # ---- one trial -----------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def remove_orphaned_placement_groups() -> tuple[int, int]:
     return removed, in_use
 
 
-def _sweeper_callback(interval_s: float = 5.0):
+def placement_group_sweeper(interval_s: float = 5.0):
     """A Tune callback that removes stopped trials' placement groups as the search runs."""
     import time
 
@@ -241,14 +247,14 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
             tune_config=tune.TuneConfig(metric=space.objective, mode=space.mode, num_samples=space.num_samples,
                                         max_concurrent_trials=concurrent, search_alg=_searcher(space),
                                         scheduler=_scheduler(space, cfg.loop.epochs)),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=out_dir, callbacks=[_sweeper_callback()],
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=out_dir, callbacks=[placement_group_sweeper()],
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
-    _settle_placement_groups()
+    settle_placement_groups()
     return summarize(grid, space, base, out_dir, experiment)
 
 
-def _settle_placement_groups(timeout_s: float = 30.0) -> None:
+def settle_placement_groups(timeout_s: float = 30.0) -> None:
     """After the search: give the last trials' actors time to die, then free what they held."""
     import time
 
@@ -302,12 +308,12 @@ def summarize(grid, space: TuneSpace, base: dict[str, Any], out_dir: str, experi
     best_config = apply_params(base, best_params)
     files = {"trials": os.path.join(out_dir, "trials.csv"), "curves": os.path.join(out_dir, "curves.csv"),
              "best_config": os.path.join(out_dir, BEST_CONFIG)}
-    _atomic_write(files["trials"], trials.to_csv(index=False))
-    _atomic_write(files["curves"], curves.to_csv(index=False))
+    atomic_write_text(files["trials"], trials.to_csv(index=False))
+    atomic_write_text(files["curves"], curves.to_csv(index=False))
     header = (f"# best of {len(trials)} trial(s) of {space.source or 'the search'}: "
               f"{space.objective} = {float(best[space.objective]):.4f} (internal validation)\n"
               f"# tuned: {', '.join(f'{k}={v}' for k, v in best_params.items())}\n")
-    _atomic_write(files["best_config"], header + yaml.safe_dump({"student": best_config}, sort_keys=False))
+    atomic_write_text(files["best_config"], header + yaml.safe_dump({"student": best_config}, sort_keys=False))
     files.update(plot_search(trials, curves, space, out_dir))
     complete = len(trials) >= space.num_samples and not (trials["epochs"] == 0).any()
     if not complete:
@@ -377,7 +383,7 @@ def plot_search(trials: "pd.DataFrame", curves: "pd.DataFrame", space: TuneSpace
                      ticks=MaxNLocator(integer=True))
     fig.suptitle(f"{space.objective} (internal validation, best epoch) against each searched parameter")
     files = {"objective_plot": os.path.join(out_dir, "objective_vs_params.png")}
-    _save(fig, files["objective_plot"])
+    save_figure(fig, files["objective_plot"])
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if len(curves):
@@ -395,22 +401,5 @@ def plot_search(trials: "pd.DataFrame", curves: "pd.DataFrame", space: TuneSpace
     ax.grid(alpha=0.3)
     fig.tight_layout()
     files["curves_plot"] = os.path.join(out_dir, "learning_curves.png")
-    _save(fig, files["curves_plot"])
+    save_figure(fig, files["curves_plot"])
     return files
-
-
-def _save(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

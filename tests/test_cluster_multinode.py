@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import time
 import uuid
 from pathlib import Path

@@ -58,6 +58,16 @@ def test_training_mixes_synthetic_rows_at_the_ratio_and_only_for_training(ray_lo
     assert not any(epoch_rows(val)["synthetic"])
 
 
+def test_training_mixes_only_the_chosen_generator_runs(ray_local, dataset):
+    # rows of another generator run in the same dataset stay out (each fixture row has its own source)
+    ids = [f"real-A-{i}" for i in range(20)]
+    chosen = cfg(synthetic_ratio=5.0, synthetic_sources=("test:3", "test:5"))  # 2 available: both kept
+    rows = epoch_rows(make_dataset(dataset, ids, chosen, train=True, centers=["A"]))
+    assert sorted(c for c, s in zip(rows["case_id"], rows["synthetic"]) if s) == ["syn-A-3", "syn-A-5"]
+    absent = cfg(synthetic_ratio=1.0, synthetic_sources=("no-such-run",))
+    assert not any(epoch_rows(make_dataset(dataset, ids, absent, train=True, centers=["A"]))["synthetic"])
+
+
 def plan_text(ds) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffkd import storage
-from diffkd.storage import Location, StorageError
+from diffkd.storage import StorageError
 
 
 def test_local_paths_become_absolute(tmp_path, monkeypatch):

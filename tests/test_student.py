@@ -162,7 +162,6 @@ def test_the_stage_reads_train_and_val_rows_only(data, ray_local):
 def test_pairing_free_student_trains_through_ray_train_with_every_loss_and_exports(
         data, teacher_dir, ray_local, tmp_path):
     from diffkd.models.export import onnx_session
-    from diffkd.train.loop import LoopConfig
     from diffkd.train.student import train_student
 
     ds, table = data

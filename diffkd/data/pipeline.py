@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What decode needs from a row; identifiers, hashes and provenance stay on disk.
-READ_COLUMNS = ("case_id", "center", "modality", "label", "synthetic", "image", "mask", *CLINICAL_COLUMNS)
+READ_COLUMNS = ("case_id", "center", "modality", "label", "synthetic", "source", "image", "mask", *CLINICAL_COLUMNS)
 STRING_KEYS = ("case_id",)  # batch keys that stay Python strings through collation
 
 
@@ -55,6 +55,8 @@ class PipelineConfig:
     augment: bool = True  # training augmentation on the train split (never on val/test)
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic_ratio: float = 0.0  # synthetic rows per real row in each training epoch (0 = real only)
+    # generator runs (the `source` of synthetic rows) that may be mixed in; empty = every run in the dataset
+    synthetic_sources: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ()  # keep only these modalities; empty = all
     centers: tuple[str, ...] = ()  # center vocabulary for center_idx; empty = the dataset's real centers
     batch_size: int = 32  # the training batch; Ray blocks hold one batch of decoded rows (see block_bytes)
@@ -67,6 +69,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
+        self.synthetic_sources = tuple(self.synthetic_sources)
         self.centers = tuple(self.centers)
         if isinstance(self.augmentation, dict):
             self.augmentation = AugmentConfig(**self.augmentation)
@@ -277,13 +280,15 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
         real_rows = len(ids) if ids is not None else _count_rows(dataset, centers, synthetic=False)
-        available = _count_rows(dataset, centers, synthetic=True)
+        available = count_synthetic_rows(dataset, centers, cfg.synthetic_sources)
         wanted_synthetic = min(available, round(ratio * real_rows))
         if wanted_synthetic == 0:
-            log.warning("synthetic_ratio=%s but no synthetic rows exist for centers %s; training on real rows only",
-                        ratio, centers or "all")
+            log.warning("synthetic_ratio=%s but no synthetic rows exist for centers %s (generator runs: %s); "
+                        "training on real rows only", ratio, centers or "all", ", ".join(cfg.synthetic_sources) or "any")
         else:
             keep = random(seed=cfg.seed) < wanted_synthetic / available  # a new subset each epoch
+            if cfg.synthetic_sources:
+                keep = keep & col("source").is_in(list(cfg.synthetic_sources))
             synthetic = _read_and_decode(dataset, dataset.files(centers, synthetic=True),
                                          keep if modality is None else keep & modality, cfg, train)
             ds = ds.mix(synthetic, weights=[real_rows, wanted_synthetic])  # interleaved block by block
@@ -347,6 +352,18 @@ def _read_settings(cfg: PipelineConfig):
 def _count_rows(dataset: ImageDataset, centers: list[str] | None, synthetic: bool) -> int:
     section = dataset.manifest["synthetic" if synthetic else "centers"]
     return sum(entry["rows"] for name, entry in section.items() if centers is None or name in centers)
+
+
+def count_synthetic_rows(dataset: ImageDataset, centers: Iterable[str] | None, sources: tuple[str, ...] = ()) -> int:
+    """Synthetic rows of `centers` written by the generator runs `sources` (all runs when empty)."""
+    if not sources:
+        return _count_rows(dataset, centers, synthetic=True)
+    generated = set(dataset.centers(synthetic=True))
+    present = sorted(generated if centers is None else generated & set(centers))
+    if not present:
+        return 0
+    runs = dataset.read_table(present, synthetic=True, columns=["source"]).column("source").to_pylist()
+    return sum(run in sources for run in runs)
 
 
 def split_datasets(dataset: ImageDataset, assignments: "pd.DataFrame", cfg: PipelineConfig) -> dict[str, "ray.data.Dataset"]:

@@ -20,7 +20,6 @@ everything a run needs by dotted path (`distill.temperature`, `loop.lr`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -46,8 +45,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("paired", "pairing_free")
 CLASS_WEIGHTINGS = ("balanced", "none")
-TRAINING_INFO = "training.json"  # beside config.json: how the student was trained (as the teacher's)
-PREDICTIONS = "predictions.parquet"
 
 
 @dataclass
@@ -503,7 +500,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     cfg = dataclasses.replace(cfg, pipeline=with_center_vocabulary(cfg.pipeline, ds))
     check_can_feed(cfg.pipeline, cfg.loop.num_workers * cfg.loop.cpus_per_worker)
     loop = dataclasses.replace(cfg.loop, train_samples=cfg.loop.train_samples
-                               or expected_train_rows(ds, views["train"], cfg.pipeline.synthetic_ratio))
+                               or expected_train_rows(ds, views["train"], cfg.pipeline))
     task = StudentTask(cfg, weights)
     fitted = fit(task, student_datasets(ds, assignments, cfg), loop, callbacks=callbacks)
     model = fitted.load_model(task)
@@ -520,7 +517,7 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
                         fitted: FitResult, out_dir: str, model_name: str):
     from diffkd.config import to_dict
     from diffkd.models.footprint import count_parameters, latency_ms
-    from diffkd.train.teacher import _summary, predict_splits
+    from diffkd.train.teacher import _summary, predict_splits, write_stage_outputs
 
     onnx_gap = export_student(student, out_dir, cfg)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
@@ -530,15 +527,9 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
     metrics.update(params=count_parameters(student), onnx_max_abs_diff=onnx_gap,
                    latency_ms=latency_ms(student, cfg.pipeline.image_size, cfg.pipeline.in_chans,
                                          ClinicalEncoding().width if cfg.clinical else 0))
-    tmp = os.path.join(out_dir, f".{PREDICTIONS}.tmp")
-    predictions.to_parquet(tmp, index=False)
-    os.replace(tmp, os.path.join(out_dir, PREDICTIONS))
-    info = {"model": model_name, "metrics": metrics, "history": fitted.history, "run_name": fitted.run_name,
-            "run_path": fitted.run_path, "config": to_dict(cfg)}
-    tmp = os.path.join(out_dir, f".{TRAINING_INFO}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(out_dir, TRAINING_INFO))
+    write_stage_outputs(out_dir, predictions, {
+        "model": model_name, "metrics": metrics, "history": fitted.history, "run_name": fitted.run_name,
+        "run_path": fitted.run_path, "config": to_dict(cfg)})
     parts = [f"[{model_name}] {cfg.arch}, {metrics['params']:,} parameters, best epoch {metrics['best_epoch']}"]
     for name, label in (("internal", "internal-validation"), ("external", "external")):
         if name in metrics:

@@ -13,7 +13,6 @@ the minority class, which is why the operating threshold is fixed later on inter
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -149,14 +148,15 @@ class TeacherResult:
     metrics: dict  # {"internal": {"auc", "n"}, "external": {"auc", "n"}, "best_epoch": int}
 
 
-def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", synthetic_ratio: float) -> int:
+def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pipeline: PipelineConfig) -> int:
     """Rows of one training epoch (real + the synthetic share the pipeline mixes in): the LR schedule length."""
+    from diffkd.data.pipeline import count_synthetic_rows
+
     real = int(len(train_rows))
-    if synthetic_ratio <= 0:
+    if pipeline.synthetic_ratio <= 0:
         return real
-    centers = set(train_rows["center"])
-    available = sum(e["rows"] for c, e in dataset.manifest.get("synthetic", {}).items() if c in centers)
-    return real + min(available, round(synthetic_ratio * real))
+    available = count_synthetic_rows(dataset, set(train_rows["center"]), pipeline.synthetic_sources)
+    return real + min(available, round(pipeline.synthetic_ratio * real))
 
 
 def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cfg: TeacherConfig, out_dir: str,
@@ -187,7 +187,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     check_can_feed(pipeline, cfg.loop.num_workers * cfg.loop.cpus_per_worker)
     datasets = split_datasets(ds, real[real["split"].isin(("train", "val"))], pipeline)
     loop = dataclasses.replace(cfg.loop, train_samples=cfg.loop.train_samples
-                               or expected_train_rows(ds, train_rows, synthetic_ratio))
+                               or expected_train_rows(ds, train_rows, pipeline))
     task = TeacherTask(cfg, weights)
     fitted = fit(task, datasets, loop, callbacks=callbacks)
 
@@ -242,15 +242,17 @@ def _write_outputs(out_dir: str, predictions: "pd.DataFrame", fitted: FitResult,
                    cfg: TeacherConfig, synthetic_ratio: float) -> None:
     from diffkd.config import to_dict
 
-    tmp = os.path.join(out_dir, f".{PREDICTIONS}.tmp")
-    predictions.to_parquet(tmp, index=False)
-    os.replace(tmp, os.path.join(out_dir, PREDICTIONS))
-    info = {"metrics": metrics, "history": fitted.history, "run_name": fitted.run_name, "run_path": fitted.run_path,
-            "best_checkpoint": fitted.best_checkpoint, "synthetic_ratio": synthetic_ratio, "config": to_dict(cfg)}
-    tmp = os.path.join(out_dir, f".{TRAINING_INFO}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(out_dir, TRAINING_INFO))
+    write_stage_outputs(out_dir, predictions, {
+        "metrics": metrics, "history": fitted.history, "run_name": fitted.run_name, "run_path": fitted.run_path,
+        "best_checkpoint": fitted.best_checkpoint, "synthetic_ratio": synthetic_ratio, "config": to_dict(cfg)})
+
+
+def write_stage_outputs(out_dir: str, predictions: "pd.DataFrame", info: dict) -> None:
+    """A classifier stage's predictions.parquet and training.json, each replaced whole."""
+    from diffkd.files import atomic_write_json, atomic_write_parquet
+
+    atomic_write_parquet(os.path.join(out_dir, PREDICTIONS), predictions)
+    atomic_write_json(os.path.join(out_dir, TRAINING_INFO), info, indent=1)
 
 
 def _print_summary(metrics: dict) -> None:
