@@ -7,8 +7,8 @@ image count) separates that from what the number of centers itself costs. Throug
 interleaved (load swings hit both alike); memory runs each dataset in a fresh process (see
 bench/data_feed.py for how memory is sampled). Targets: throughput 40/4 >= 0.9, memory 40/4 <= 1.2.
 
-`leave_one_center_out_timing` is where the leave-one-center-out wall time (2 parallel trials vs 1)
-plugs in; it needs the training stages and is filled in by their owner.
+Leave-one-center-out part: wall time of `diffkd loco` on the 4-center dataset (one small teacher per
+held-out center through Ray Tune + Ray Train) with 1 fold at a time vs 2 in parallel.
 
 Prints ONE JSON line.
 """
@@ -45,14 +45,32 @@ def throughput_child(args) -> dict:
     return {"epochs": epochs}
 
 
-def leave_one_center_out_timing(args, roots: dict[int, str]) -> dict:
-    """EXTENSION POINT (issue 8, lead): wall time of leave-one-center-out with 2 parallel trials vs 1.
+def leave_one_center_out_timing(args, root: str, out: str) -> dict:
+    """Wall time of `diffkd loco` on the few-center dataset, folds one at a time vs two at a time.
 
-    Expected to run one training trial per held-out center on the datasets in `roots` (centers ->
-    dataset path) and return e.g. {"loco_wall_s": {"parallel_1": s1, "parallel_2": s2}, "loco_speedup": s1 / s2}.
-    The data-pipeline part of this benchmark does not depend on it; until it is filled in it adds nothing.
+    Each fold is a small teacher (resnet18, 32 px, `--loco-epochs` epochs, one worker at one thread)
+    trained through Ray Tune + Ray Train exactly as `diffkd loco` runs it; both passes start from
+    nothing (their own output folders) in one Ray instance of 4 logical CPUs.
     """
-    return {}
+    import torch
+
+    from diffkd.data.pipeline import PipelineConfig
+    from diffkd.loco import leave_one_center_out
+    from diffkd.raycompat import init_local
+    from diffkd.train.loop import LoopConfig
+    from diffkd.train.teacher import TeacherConfig
+
+    torch.set_num_threads(1)
+    cfg = TeacherConfig(arch="resnet18", pipeline=PipelineConfig(image_size=32, batch_size=16, augment=False),
+                        loop=LoopConfig(epochs=args.loco_epochs, batch_size=16, cpus_per_worker=1.0, progress=False))
+    init_local(num_cpus=4)
+    walls = {}
+    for parallel in (1, 2):
+        outcome = leave_one_center_out(root, cfg, os.path.join(out, f"loco-{parallel}"), parallel=parallel)
+        walls[parallel] = outcome.wall_s
+    return {"loco_folds": args.few, "loco_epochs": args.loco_epochs,
+            "loco_wall_s": {"parallel_1": round(walls[1], 1), "parallel_2": round(walls[2], 1)},
+            "loco_speedup_2_vs_1": round(walls[1] / walls[2], 3)}
 
 
 def main() -> None:
@@ -64,6 +82,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="warm epochs per dataset (after one warm-up)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--loco-epochs", type=int, default=2, help="epochs of each leave-one-center-out fold")
+    parser.add_argument("--no-loco", action="store_true", help="skip the leave-one-center-out timing")
     parser.add_argument("--child", choices=["throughput"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--shuffle-buffer", type=int, default=0, help=argparse.SUPPRESS)
@@ -84,7 +104,7 @@ def main() -> None:
         speed = run_child("throughput", ",".join([*roots.values(), same_total]), args,
                           script=os.path.abspath(__file__))
         memory = {n: run_child("memory_ray", root, args) for n, root in roots.items()}
-        extra = leave_one_center_out_timing(args, roots)
+        extra = {} if args.no_loco else leave_one_center_out_timing(args, roots[args.few], tmp)
 
     def images_per_s(root: str) -> float:
         return statistics.median(e["images"] / e["seconds"] for e in speed["epochs"][root])

@@ -111,7 +111,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     from diffkd import raycompat
     from diffkd.data.splits import check_no_leakage, make_splits
 
-    out = Path(out)
+    out = Path(out).resolve()  # stages run in Ray workers and Tune trials with other working directories
     (out / "models").mkdir(parents=True, exist_ok=True)
     ds = ImageDataset(dataset)
     if not ds.exists():

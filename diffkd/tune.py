@@ -217,6 +217,12 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
 
     from diffkd.raycompat import init as ray_init
 
+    from diffkd.data.dataset import ImageDataset
+
+    # trials run in their own working directories: every local path they get must be absolute
+    dataset = ImageDataset(dataset).uri
+    if cfg.teacher_dir and "://" not in cfg.teacher_dir:
+        cfg = dataclasses.replace(cfg, teacher_dir=os.path.abspath(cfg.teacher_dir))
     base = to_dict(cfg)
     for name in space.params:  # a typo in the space fails now, not inside every trial
         apply_params(base, {name: None}, where=space.source or "search space")

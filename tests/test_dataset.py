@@ -112,3 +112,10 @@ def test_clinical_encoding_flags_missing_values_and_one_hots_categories():
     assert named["age"] == 0.0 and named["age_missing"] == 0.0
     assert named["birads=4c"] == 1.0 and named["birads=5"] == 0.0
     assert dict(zip(enc.names, empty))["age_missing"] == 1.0
+
+
+def test_a_local_dataset_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    # Ray workers and Tune trials run in other working directories: a relative name would point elsewhere there
+    monkeypatch.chdir(tmp_path)
+    assert ImageDataset("ds").uri == str(tmp_path / "ds")
+    assert ImageDataset("file:///data/ds").uri == "file:///data/ds"  # URIs stay as given

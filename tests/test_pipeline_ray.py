@@ -162,3 +162,18 @@ def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local,
         expected = dict(zip(reference["case_id"], reference["image"].reshape(len(seen), -1).sum(axis=1)))
         assert all(abs(seen[k] - expected[k]) < 1e-2 for k in seen)
     assert sum(abs(first[k] - second[k]) > 1e-3 for k in ids) == len(ids)  # every row augmented anew
+
+
+def test_a_center_ingested_while_an_epoch_streams_joins_the_next_dataset(ray_local, tmp_path):
+    from pipeline_fixtures import make_rows
+
+    live = build_dataset(tmp_path / "live")
+    stream = iter_shard_batches(make_dataset(live, None, cfg(), train=False), 4)
+    seen = list(next(stream)["case_id"])
+    live.write_center("D", make_rows("D", 6))  # a new hospital arrives mid-epoch
+    for batch in stream:
+        seen += batch["case_id"]
+    assert len(seen) == 24 + 16 + 12 and not any(c.startswith("real-D-") for c in seen)  # the epoch it began with
+    after = epoch_rows(make_dataset(live, None, cfg(), train=False))
+    assert sum(c.startswith("real-D-") for c in after["case_id"]) == 6
+    assert set(after["center_idx"]) == {0, 1, 2, 3}  # D has its own slot in the center vocabulary

@@ -62,7 +62,8 @@ class ImageDataset:
 
     def __init__(self, root, filesystem: pa.fs.FileSystem | None = None):
         self.fs, self.root = resolve(root, filesystem)
-        self.uri = root if isinstance(root, str) else self.root
+        # a URI as given; a local path made absolute (Tune trials and Ray workers run in other directories)
+        self.uri = root if isinstance(root, str) and "://" in root else self.root
 
     # ---- manifest -------------------------------------------------------------------------
     def exists(self) -> bool:
