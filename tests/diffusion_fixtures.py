@@ -16,6 +16,7 @@ from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import arrow_schema
 
 BACKGROUND = {"A": 0.25, "B": 0.65}
+NEW_CENTER_BACKGROUND = {"C": 0.45}  # a center added after the generator was trained
 
 
 def png(array: np.ndarray) -> bytes:
@@ -27,7 +28,7 @@ def png(array: np.ndarray) -> bytes:
 def draw(center: str, label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size] / size
     cy, cx = 0.5 + rng.uniform(-0.1, 0.1, 2)
-    image = np.full((size, size), BACKGROUND[center])
+    image = np.full((size, size), {**BACKGROUND, **NEW_CENTER_BACKGROUND}[center])
     if label:
         image[(yy - cy) ** 2 + (xx - cx) ** 2 < 0.2 ** 2] = 0.95
     else:

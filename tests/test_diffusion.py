@@ -156,3 +156,36 @@ def test_the_paper_size_example_config_parses():
     assert from_dict(AuditConfig, data["audit"]).max_per_set == 2000
     with pytest.raises(ValueError, match="divisible"):
         DiffusionModelConfig(image_size=90, block_out_channels=(32, 64, 64))
+
+
+def test_a_new_center_extends_the_vocabulary_and_only_its_row_trains(batch, tmp_path):
+    from diffkd.models.diffusion import with_new_centers
+
+    torch.manual_seed(0)
+    base = build_denoiser(TINY, ["A", "B"])
+    extended, rows = with_new_centers(base, ["A", "B", "C"])
+    encoder = extended.condition_encoder
+    assert encoder.centers == ["A", "B", "C"] and rows == [2]
+    assert (encoder.center_index("A"), encoder.center_unknown, encoder.center_null) == (0, 3, 4)
+    old, new = base.condition_encoder.center_embedding.weight, encoder.center_embedding.weight
+    assert torch.equal(new[:2], old[:2]) and torch.equal(new[3:], old[2:])  # known, UNKNOWN, NULL kept
+    assert torch.equal(new[2], old[2])  # C starts as UNKNOWN: what the model did for an unseen center
+
+    save_pipeline(base, training_scheduler(TINY).config, tmp_path / "base")
+    cfg = tiny_config(base_model=str(tmp_path / "base"))
+    cfg.centers = ["A", "B", "C"]
+    task = DiffusionTask(cfg)
+    model = task.build_model()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.condition_encoder.center_embedding.weight"]
+    table = model.model.condition_encoder.center_embedding.weight
+    before = table.detach().clone()
+    opt = torch.optim.AdamW([table], lr=1e-2, weight_decay=0.1)  # weight decay would shrink every row
+    c_batch = {**batch, "center_idx": torch.full_like(batch["center_idx"], 2)}
+    for _ in range(3):
+        out = task.step(model, c_batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        task.after_optimizer_step(model)
+    changed = (table.detach() != before).any(dim=1)
+    assert changed.tolist() == [False, False, True, False, False]

@@ -211,3 +211,31 @@ def test_a_mask_conditioned_model_samples_from_the_drawn_rows_masks(tmp_path):
     # The mask channel reaches the UNet: another mask gives another image from the same noise.
     other = ImageSampler(str(tmp_path / "m"), None, 3, 2.0, masks={"real-1": 1 - lesion})(batch)
     assert out["image"].iloc[0] != other["image"].iloc[0] and out["image"].iloc[1] == other["image"].iloc[1]
+
+
+def test_a_new_center_gets_its_own_embedding_and_synthetic_rows(trained, tmp_path):
+    import shutil
+
+    from diffkd.data.dataset import ImageDataset
+    from diffusion_fixtures import make_rows
+
+    ds, base = trained
+    shutil.copytree(ds.root, tmp_path / "ds")
+    grown = ImageDataset(tmp_path / "ds")
+    grown.write_center("C", make_rows("C", 16, size=32))
+    out = str(tmp_path / "diffusion_c")
+    result = train_diffusion(grown, out, DiffusionConfig(base_model=base.model_dir),
+                             LoopConfig(epochs=2, batch_size=8, lr=5e-3, weight_decay=0.0, progress=False,
+                                        storage_path=str(tmp_path / "runs")),
+                             SplitSpec(val_fraction=0.25))
+    info = json.loads(open(os.path.join(out, "diffkd_training.json")).read())
+    assert info["learnt_centers"] == ["C"] and len(result.history) == 2
+    before, after = load_pipeline(base.model_dir), load_pipeline(out)
+    assert after.condition_encoder.centers == ["A", "B", "C"]
+    for name, weight in before.unet.state_dict().items():  # the UNet is shared, untouched
+        assert np.array_equal(weight.numpy(), after.unet.state_dict()[name].numpy()), name
+    old, new = before.condition_encoder.center_embedding.weight, after.condition_encoder.center_embedding.weight
+    assert np.array_equal(new[:2].detach().numpy(), old[:2].detach().numpy())
+    assert not np.array_equal(new[2].detach().numpy(), old[2].detach().numpy())  # C moved off UNKNOWN
+    made = synthesize(grown, out, SynthConfig(per_cell=2, centers=["C"], num_inference_steps=4, num_actors=1))
+    assert made.per_center == {"C": 4}

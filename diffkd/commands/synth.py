@@ -11,6 +11,8 @@ batch_size, lr, num_workers, zero_stage, ...); other sections are ignored, so co
 examples:
   diffkd diffusion train --dataset out/data --external C --config configs/demo.yaml --out out/models/diffusion
   diffkd diffusion train ... --run-name diff1 --resume          # continue an interrupted run
+  diffkd diffusion train --dataset out/data --base-model out/models/diffusion --out out/models/diffusion_hospE
+                                                                # a newly ingested center gets its own embedding
 
 Only the internal training split is learnt from; the validation split gives val_loss, the external
 centers are never read. OUT becomes a diffusers pipeline folder (model_index.json, unet/, scheduler/,
@@ -45,6 +47,9 @@ def register(subparsers) -> None:
     _split_args(train)
     train.add_argument("--epochs", type=int, default=None, help="override diffusion_loop.epochs")
     train.add_argument("--image-size", type=int, default=None, help="override diffusion.model.image_size")
+    train.add_argument("--base-model", metavar="DIR", default=None,
+                       help="extend this trained pipeline to centers it does not know: only their center "
+                            "embeddings are trained, on their rows alone (its architecture and split apply)")
     train.add_argument("--run-name", default=None, help="name of the Ray Train run (to resume it later)")
     train.add_argument("--resume", action="store_true", help="continue the run called --run-name")
     train.add_argument("--address", default=None, help="Ray cluster to join (default: a private local instance)")
@@ -114,6 +119,8 @@ def run_train(args) -> int:
     loop = _section(args.config, "diffusion_loop", LoopConfig)
     if args.image_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_size=args.image_size))
+    if args.base_model:
+        config = dataclasses.replace(config, base_model=args.base_model)
     loop = dataclasses.replace(loop, epochs=args.epochs or loop.epochs, run_name=args.run_name or loop.run_name,
                                resume=args.resume or loop.resume)
     ray_init(args.address)

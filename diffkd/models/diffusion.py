@@ -202,6 +202,32 @@ def build_denoiser(cfg: DiffusionModelConfig, centers: Sequence[str],
     return ConditionalDenoiser(unet, encoder, cfg.mask_channel)
 
 
+def with_new_centers(denoiser: ConditionalDenoiser, centers: Sequence[str]) -> tuple[ConditionalDenoiser, list[int]]:
+    """`denoiser` whose center vocabulary also holds `centers` it did not know; returns it and the new rows.
+
+    Known centers keep their token ids (synthesis and the data pipeline index centers by position),
+    new ones are appended before UNKNOWN and NULL, and each new row starts as the UNKNOWN token's
+    embedding: what the model already produced for a center it never saw. The UNet is shared.
+    """
+    old = denoiser.condition_encoder
+    added = [c for c in dict.fromkeys(centers) if c not in old.centers]
+    encoder = ConditionEncoder(centers=old.centers + added, modalities=old.modalities,
+                               num_labels=old.config.num_labels, clinical_columns=old.config.clinical_columns,
+                               hidden_dim=old.config.hidden_dim, out_dim=old.config.out_dim)
+    state = old.state_dict()
+    table, known = state["center_embedding.weight"], len(old.centers)
+    unknown = table[known:known + 1]
+    state["center_embedding.weight"] = torch.cat([table[:known], unknown.repeat(len(added), 1), table[known:]])
+    encoder.load_state_dict(state)
+    return ConditionalDenoiser(denoiser.unet, encoder, denoiser.mask_channel), list(range(known, known + len(added)))
+
+
+def load_denoiser(model_dir: str | os.PathLike) -> ConditionalDenoiser:
+    """The trainable pair of a saved pipeline folder (to fine-tune it)."""
+    pipe = load_pipeline(model_dir)
+    return ConditionalDenoiser(pipe.unet, pipe.condition_encoder, pipe.mask_channel)
+
+
 def training_scheduler(cfg: DiffusionModelConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                          prediction_type=cfg.prediction_type, clip_sample=True, clip_sample_range=1.0)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.models.diffusion import (SAMPLERS, ConditionalDenoiser, DiffusionModelConfig, build_denoiser,
-                                     save_pipeline, training_scheduler)
+                                     load_denoiser, save_pipeline, training_scheduler, with_new_centers)
 from diffkd.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ class DiffusionConfig:
     norm_mean: float = 0.449  # the pipeline's fixed intensity normalisation, undone before noising
     norm_std: float = 0.226
     seed: int = 0
+    # A saved pipeline folder to extend instead of training from scratch: centers it does not know get
+    # their own embedding row, trained on their rows alone, and every other weight stays as it was.
+    base_model: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -185,13 +188,28 @@ class DiffusionTask(Task):
 
     def build_model(self) -> DenoiserWithEMA:
         torch.manual_seed(self.config.seed)
-        return DenoiserWithEMA(build_denoiser(self.config.model, self.config.centers))
+        if not self.config.base_model:
+            return DenoiserWithEMA(build_denoiser(self.config.model, self.config.centers))
+        denoiser, new_rows = with_new_centers(load_denoiser(self.config.base_model), self.config.centers)
+        denoiser.requires_grad_(False)
+        table = denoiser.condition_encoder.center_embedding.weight.requires_grad_(True)
+        # The optimizer updates the whole table; after each step every row but the new centers' is put back.
+        self._kept_rows = torch.ones(len(table), dtype=torch.bool)
+        self._kept_rows[new_rows] = False
+        self._kept_values = table.detach().clone()
+        return DenoiserWithEMA(denoiser)
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         return diffusion_loss(model, batch, self.scheduler, self.config, train=True)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        unwrap(model).update_ema(self.config.ema_decay)
+        denoiser = unwrap(model)
+        if self.config.base_model:
+            with torch.no_grad():
+                table = denoiser.model.condition_encoder.center_embedding.weight
+                kept = self._kept_rows.to(table.device)
+                table[kept] = self._kept_values.to(table)[kept]
+        denoiser.update_ema(self.config.ema_decay)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -275,6 +293,9 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
     config = config or DiffusionConfig()
     loop = loop or LoopConfig(epochs=20, lr=1e-3, weight_decay=0.0, batch_size=16)
     split = split or SplitSpec()
+    base_centers: list[str] = []
+    if config.base_model:
+        config, split, base_centers = _extension_of(config, split)
     if loop.zero_stage == 3:
         raise ValueError("diffusion: ZeRO stage 3 partitions the EMA copy's parameters; use zero_stage 0-2")
     meta = dataset.metadata().to_pandas()
@@ -282,23 +303,46 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
     if not ids["train"]:
         raise ValueError(f"dataset {dataset.uri} has no internal training rows after holding out {split.external}")
     train_meta = meta[meta["case_id"].isin(ids["train"])]
-    config = dataclasses.replace(config, centers=sorted(train_meta["center"].unique()))
+    trained_centers = sorted(train_meta["center"].unique())
+    # known centers keep their positions: token ids and the pipeline's center_idx both follow this order
+    config = dataclasses.replace(config, centers=base_centers + [c for c in trained_centers if c not in base_centers])
+    centers = [c for c in config.centers if c not in base_centers]  # what this run learns from
+    if not centers:
+        raise ValueError(f"the base model {config.base_model} already knows every training center "
+                         f"({', '.join(base_centers)}): ingest the new center first, or train from scratch")
     pipe_cfg = generator_pipeline_config(config, loop.batch_size)
-    centers = config.centers
-    datasets = {"train": make_dataset(dataset, ids["train"], pipe_cfg, train=True, centers=centers)}
-    if ids["val"]:
-        datasets["val"] = make_dataset(dataset, ids["val"], pipe_cfg, train=False, centers=centers)
-    log.info("diffusion: %d training rows from %d center(s) (%s), %d validation rows, %dpx",
-             len(ids["train"]), len(centers), ", ".join(centers), len(ids["val"]), config.model.image_size)
+    center_of = dict(zip(meta["case_id"], meta["center"]))
+    learn = {name: [c for c in ids[name] if center_of[c] in centers] for name in ("train", "val")}
+    datasets = {"train": make_dataset(dataset, learn["train"], pipe_cfg, train=True, centers=centers)}
+    if learn["val"]:
+        datasets["val"] = make_dataset(dataset, learn["val"], pipe_cfg, train=False, centers=centers)
+    log.info("diffusion: %d training rows from %d center(s) (%s), %d validation rows, %dpx%s",
+             len(learn["train"]), len(centers), ", ".join(centers), len(learn["val"]), config.model.image_size,
+             f"; only their center embeddings are trained on top of {config.base_model}" if base_centers else "")
     task = DiffusionTask(config)
-    result = fit(task, datasets, dataclasses.replace(loop, train_samples=loop.train_samples or len(ids["train"])))
+    result = fit(task, datasets, dataclasses.replace(loop, train_samples=loop.train_samples or len(learn["train"])))
     model = result.load_model(task, which="best")
     info = {
         "task": task.name, "run_name": result.run_name, "config": to_dict(config), "split": to_dict(split),
         "train_rows": len(ids["train"]), "train_case_ids_sha256": ids_digest(ids["train"]),
         "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "history": result.history,
-        "ema_steps": int(unwrap(model).ema_steps),
+        "ema_steps": int(unwrap(model).ema_steps), "learnt_centers": centers,
     }
     task.export(model, out_dir, info)
     return DiffusionResult(model_dir=out_dir, run_name=result.run_name, history=result.history,
                            best_metrics=result.best_metrics, train_rows=len(ids["train"]))
+
+
+def _extension_of(config: DiffusionConfig, split: SplitSpec) -> tuple[DiffusionConfig, SplitSpec, list[str]]:
+    """For `base_model`: its architecture and noise schedule, its split (the rows that trained the extended
+    model must stay one recomputable split), and the centers it knows."""
+    import dataclasses
+
+    from diffkd.config import from_dict
+    from diffkd.synth import training_info
+
+    base = training_info(config.base_model)
+    if dataclasses.asdict(split) != base["split"]:
+        log.info("extending %s: its split %s applies (not %s)", config.base_model, base["split"], dataclasses.asdict(split))
+    model = from_dict(DiffusionModelConfig, base["config"]["model"], f"{config.base_model}: model")
+    return dataclasses.replace(config, model=model), SplitSpec(**base["split"]), list(base["config"]["centers"])
