@@ -147,7 +147,8 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
                                 lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)))
         sources = (synthesized["run_id"],)  # this run's images only, whatever else the dataset holds
         audited = state.run("audit", {**common, "cfg": to_dict(cfg.audit)},
-                            lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, cfg=cfg.audit)})
+                            lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, run_ids=list(sources),
+                                                      cfg=cfg.audit)})
         synthetic_block = audited["summary"]
         grids = [str(out / "audit" / "synthetic_grid.png"), str(out / "audit" / "synthetic_near_copies.png")]
     else:

@@ -471,7 +471,7 @@ def load_synthetic_arrays(dataset: ImageDataset, cfg, run_ids: list[str] | None 
 
     if not dataset.centers(synthetic=True):
         raise DatasetError(f"dataset {dataset.uri} has no synthetic rows; run `diffkd synth` first")
-    table = dataset.read_table(synthetic=True, columns=[*READ_COLUMNS, "source"])
+    table = dataset.read_table(synthetic=True, columns=list(READ_COLUMNS))
     if run_ids:
         import pyarrow.compute as pc
 
