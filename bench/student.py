@@ -109,9 +109,8 @@ def teacher(ds, splits, workdir: str, args) -> tuple[str, dict]:
 def _loop(args, epochs: int, name: str, workdir: str, seed: int = 0, **kw):
     from diffkd.train.loop import LoopConfig
 
-    # warmup_fraction 0.1: DeepSpeed refuses a warm-up of 0 steps, which 5% of a short run rounds to.
     return LoopConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
-                      warmup_fraction=0.1, storage_path=os.path.join(workdir, "runs"),
+                      storage_path=os.path.join(workdir, "runs"),
                       run_name=f"{name}-{time.strftime('%H%M%S')}-{seed}", **kw)
 
 

@@ -25,6 +25,8 @@ def test_batch_arithmetic_zero_stage_and_schedule():
     assert params["total_num_steps"] == 200 and params["warmup_num_steps"] == 20 and params["cos_min_ratio"] == 0.02
     assert "torch_autocast" not in ds and "bf16" not in ds  # fp32 on CPU
     assert optimizer_steps(epochs=3, batches_per_epoch=10, grad_accum_steps=4) == 9
+    short = deepspeed_config(LoopConfig(warmup_fraction=0.05), world_size=1, use_gpu=False, total_steps=6)
+    assert short["scheduler"]["params"]["warmup_num_steps"] == 1  # 5% of 6 steps rounds to 0, which DeepSpeed refuses
 
 
 def test_bf16_on_gpu_means_autocast_and_bad_values_are_refused():

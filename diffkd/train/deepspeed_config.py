@@ -48,7 +48,9 @@ def deepspeed_config(cfg: "LoopConfig", world_size: int, use_gpu: bool, total_st
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3 (got {cfg.zero_stage})")
     if cfg.batch_size < 1 or cfg.grad_accum_steps < 1:
         raise ValueError("batch_size and grad_accum_steps must be at least 1")
-    warmup = int(round(cfg.warmup_fraction * total_steps))
+    # DeepSpeed's WarmupCosineLR divides by the warm-up length: at least one step, even when a short
+    # run's fraction rounds to zero
+    warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
     config: dict = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
