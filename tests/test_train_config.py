@@ -49,6 +49,12 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+def test_placement_strategy_is_one_of_rays():
+    assert LoopConfig(placement_strategy="SPREAD").placement_strategy == "SPREAD"
+    with pytest.raises(ValueError, match="placement_strategy 'spread' must be one of PACK, SPREAD"):
+        LoopConfig(placement_strategy="spread")
+
+
 def test_loop_config_from_yaml_rejects_typos():
     cfg = from_dict(LoopConfig, {"num_workers": 2, "zero_stage": 2, "cpus_per_worker": 0.5})
     assert cfg.num_workers == 2 and cfg.cpus_per_worker == 0.5

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     import ray.data
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for the worker group
+
+
 @dataclass
 class LoopConfig:
     # workers
@@ -51,6 +54,9 @@ class LoopConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # logical CPUs a worker reserves (fractions allowed)
     threads_per_worker: int = 1  # torch intra-op threads per worker; 0 keeps torch's default
+    # PACK fills a node before the next (fast intra-node all-reduce); SPREAD puts workers on different
+    # nodes (one node's loss costs fewer workers); STRICT_* refuse to run otherwise
+    placement_strategy: str = "PACK"
     # optimisation
     epochs: int = 10
     batch_size: int = 32  # per worker and micro-step
@@ -77,6 +83,11 @@ class LoopConfig:
     seed: int = 0
     progress: bool = True
     progress_interval_s: float = 30.0  # heartbeat inside long epochs
+
+    def __post_init__(self) -> None:
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"loop.placement_strategy {self.placement_strategy!r} must be one of "
+                             f"{', '.join(PLACEMENT_STRATEGIES)}")
 
 
 class RunExistsError(ValueError):
@@ -168,7 +179,8 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
         _train_worker,
         train_loop_config=worker_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
