@@ -167,8 +167,8 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
         model_dirs[name] = str(models / name)
         state.run(name, {**common, "cfg": to_dict(teacher_cfg), "ratio": mix},
                   lambda name=name, mix=mix: _predictions_result(train_teacher(
-                      ds, assignments, _with_loop(teacher_cfg, out, name), model_dirs[name], synthetic_ratio=mix),
-                      name))
+                      ds, assignments, _with_loop(teacher_cfg, out, name), model_dirs[name], synthetic_ratio=mix,
+                      model_name=name)))
 
     # ---- 3. KD search on internal validation, then the students ---------------------------------------
     student_cfg = dataclasses.replace(_pipeline(cfg.student, synthetic_ratio=ratio, synthetic_sources=sources),
@@ -197,7 +197,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
         state.run(name, {**common, "cfg": to_dict(teacher_cfg), "modality": pf.teacher_modality},
                   lambda: _predictions_result(train_teacher(
                       ds, assignments, _with_loop(_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)), out, name),
-                      model_dirs[name], synthetic_ratio=0.0), name))
+                      model_dirs[name], synthetic_ratio=0.0, model_name=name)))
         students["student_pairing_free"] = dataclasses.replace(
             _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=model_dirs[name], mode="pairing_free",
             student_modality=pf.student_modality, teacher_modality=pf.teacher_modality)
@@ -209,7 +209,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
         model_dirs[name] = str(models / ("student" if name == "student_kd" else name))
         state.run(name, {**common, "cfg": to_dict(scfg)},
                   lambda name=name, scfg=scfg: _predictions_result(train_student(
-                      ds, assignments, _with_loop(scfg, out, name), model_dirs[name], model_name=name), name))
+                      ds, assignments, _with_loop(scfg, out, name), model_dirs[name], model_name=name)))
 
     # ---- 4. seed-001 baselines ------------------------------------------------------------------------
     baseline_summary = None
@@ -252,7 +252,7 @@ def _dir_result(result) -> dict:
     return {"model_dir": result.model_dir}
 
 
-def _predictions_result(result, name: str) -> dict:
+def _predictions_result(result) -> dict:
     path = os.path.join(result.model_dir, "predictions.parquet")
     return {"model_dir": result.model_dir, "predictions": path, "metrics": result.metrics}
 
@@ -286,7 +286,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
     feature_dir = str(out / "models" / name)
     fcfg = _with_loop(_pipeline(stage.feature_model, modalities=(modality,)), out, name)
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
-    train_teacher(ds, rows, fcfg, feature_dir, synthetic_ratio=0.0)
+    train_teacher(ds, rows, fcfg, feature_dir, synthetic_ratio=0.0, model_name=name)
     model = load_classifier(feature_dir).eval()
     arrays = load_arrays(ds, rows["case_id"], fcfg.pipeline)
     with torch.no_grad():
@@ -335,7 +335,8 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     for note in notes:
         print(f"note: {note}")
 
-    frames = [pd.read_parquet(os.path.join(path, "predictions.parquet"))
+    # each stage's predictions under the stage's name, whatever name the folder's file carries
+    frames = [pd.read_parquet(os.path.join(path, "predictions.parquet")).assign(model=name)
               for name, path in model_dirs.items() if name != "diffusion"]
     baseline_path = out / "models" / "baselines_predictions.parquet"
     if baseline_summary is not None and baseline_path.exists():

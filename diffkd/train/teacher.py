@@ -160,7 +160,8 @@ def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pip
 
 
 def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cfg: TeacherConfig, out_dir: str,
-                  synthetic_ratio: float = 0.0, callbacks: list | None = None) -> TeacherResult:
+                  synthetic_ratio: float = 0.0, callbacks: list | None = None,
+                  model_name: str = "teacher") -> TeacherResult:
     """Train the teacher on the train split (+ synthetic rows at `synthetic_ratio`), select its epoch by
     internal-validation AUC, save it to `out_dir` (timm folder), and predict every case.
 
@@ -192,7 +193,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     fitted = fit(task, datasets, loop, callbacks=callbacks)
 
     task.export(fitted.load_model(task), out_dir)
-    predictions = predict_splits(ds, real, pipeline, out_dir, cfg)
+    predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
     metrics = _summary(predictions, fitted)
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
     _print_summary(metrics)
@@ -206,18 +207,17 @@ def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipelin
     One row per case: a case's images (its 1-3 views) are each scored and their probabilities
     averaged. Only the modalities the model reads (`pipeline.modalities`) are predicted.
     """
-    import pandas as pd
 
     from diffkd.data.pipeline import make_dataset
     from diffkd.train.loop import predict
 
     if pipeline.modalities and "modality" in assignments:
         assignments = assignments[assignments["modality"].isin(pipeline.modalities)]
-    frames = []
-    for split, rows in assignments.groupby("split", sort=False):
-        ray_ds = make_dataset(dataset, rows["case_id"], pipeline, train=False, centers=rows["center"].unique())
-        frames.append(predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors))
-    probs = pd.concat(frames, ignore_index=True).groupby("case_id", as_index=False)["prob"].mean()
+    # every split in one pass: each Ray Data execution costs seconds of start-up on a small machine
+    ray_ds = make_dataset(dataset, assignments["case_id"], pipeline, train=False,
+                          centers=assignments["center"].unique())
+    scored = predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors)
+    probs = scored.groupby("case_id", as_index=False)["prob"].mean()
     keep = [c for c in ("case_id", "patient_id", "center", "split", "label") if c in assignments]
     cases = assignments[keep].drop_duplicates("case_id")
     out = cases.merge(probs, on="case_id", how="inner", validate="one_to_one")
