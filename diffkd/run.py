@@ -332,9 +332,6 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     from diffkd.evaluate.report import ReportInputs, write_report
     from diffkd.evaluate.summary import headline_table
 
-    for note in notes:
-        print(f"note: {note}")
-
     # each stage's predictions under the stage's name, whatever name the folder's file carries
     frames = [pd.read_parquet(os.path.join(path, "predictions.parquet")).assign(model=name)
               for name, path in model_dirs.items() if name != "diffusion"]
@@ -345,8 +342,17 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     readers = None
     if readers_csv:
         readers = _pseudonymised_reads(ds, readers_csv)
+        reference = cfg.evaluate.reference  # readers are compared with this model, on the cases it scored
+        unscored = ~readers["case_id"].isin(set(predictions.loc[predictions["model"] == reference, "case_id"]))
+        if unscored.any():
+            notes.append(f"{int(unscored.sum())} reader read(s) of {readers.loc[unscored, 'case_id'].nunique()} "
+                         f"case(s) that {reference} did not score (imaged only in a modality it does not read) "
+                         "are left out of the reader comparison")
+            readers = readers[~unscored].reset_index(drop=True)
     else:
         skipped["readers"] = "no reader CSV was given (diffkd run --readers CSV): no reader comparison"
+    for note in notes:
+        print(f"note: {note}")
     model_info = _model_info(model_dirs, cfg)
     inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
                           dataset={"name": Path(ds.root).name, "path": str(ds.uri), "external": list(external)},
