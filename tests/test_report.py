@@ -69,7 +69,7 @@ def test_skipped_sections_are_said_never_silent(tmp_path):
     preds = preds[preds.split != "test"]  # no external centers at all
     files = write_report(tmp_path / "run", preds, inputs, readers=None)
     page = files.index.read_text()
-    assert "Skipped stage: no us_doppler images: the pairing-free student was not trained" in page
+    assert "No us_doppler images: the pairing-free student was not trained" in page
     assert "skipped: the dataset has one modality only" in page
     assert "skipped: no reader reads were provided" in page
     assert "skipped: no external (&#x27;test&#x27;) predictions" in page

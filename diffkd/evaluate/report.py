@@ -71,7 +71,7 @@ class ReportInputs:
     baselines: dict | None = None  # baselines.BaselineResult.summary
     flow: list[dict] = field(default_factory=list)  # cohort flow rows: {"center", "step", "n"}
     skipped: dict = field(default_factory=dict)  # section key (SECTIONS) -> reason
-    notes: list = field(default_factory=list)  # pipeline stages left out (and why), listed under limitations
+    notes: list = field(default_factory=list)  # stages left out (and why) and data set aside, listed under limitations
     config: dict | None = None  # the experiment config as run
     evaluate: dict = field(default_factory=dict)  # EvaluateConfig fields
 
@@ -524,7 +524,7 @@ def _synthetic_section(ctx: _Context) -> str:
 
 def _limitations_section(ctx: _Context) -> str:
     items = [f"<b>{_esc(SECTIONS[k])}</b> skipped: {_esc(v)}" for k, v in ctx.skipped.items()]
-    items += [f"Skipped stage: {_esc(note)}" for note in ctx.inputs.notes]
+    items += [_esc(note[:1].upper() + note[1:]) for note in ctx.inputs.notes]  # stages left out and data set aside
     ref = ctx.metrics["models"].get(ctx.reference, {})
     ext = ref.get("external") or {}
     if ext.get("n_pos") is not None and ext["n_pos"] < 100:

@@ -33,6 +33,9 @@ MODEL_DESCRIPTIONS = {
     "teacher_real_only": "teacher trained on real images only",
     "student_kd_real_only": "student distilled from the real-only teacher",
     "student_plain": "student trained alone on real images (no KD, no synthesis)",
+    "student_pairing_free": "B-mode student distilled by group-level KD (GKD-Pro + GKD-Den) from the Doppler "
+                            "teacher, with no image pairs (seed 002)",
+    "teacher_us_doppler": "teacher trained on Doppler images only (the pairing-free student's teacher)",
     "clinical": "seed 001 clinical model: univariate screening, then multivariate logistic regression",
     "deep_features": "seed 001 deep-feature model: ResNet101 features, mRMR, LASSO logistic regression",
     "combined": "seed 001 combined model: selected deep features + clinical variables",
