@@ -225,7 +225,8 @@ def test_a_new_center_gets_its_own_embedding_and_synthetic_rows(trained, tmp_pat
     grown.write_center("C", make_rows("C", 16, size=32))
     out = str(tmp_path / "diffusion_c")
     result = train_diffusion(grown, out, DiffusionConfig(base_model=base.model_dir),
-                             LoopConfig(epochs=2, batch_size=8, lr=5e-3, weight_decay=0.0, progress=False,
+                             # 3 steps per epoch: the first (warm-up) step has lr 0, and the best epoch is exported
+                             LoopConfig(epochs=2, batch_size=4, lr=5e-3, weight_decay=0.0, progress=False,
                                         storage_path=str(tmp_path / "runs")),
                              SplitSpec(val_fraction=0.25))
     info = json.loads(open(os.path.join(out, "diffkd_training.json")).read())
