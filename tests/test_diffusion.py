@@ -158,6 +158,18 @@ def test_the_paper_size_example_config_parses():
         DiffusionModelConfig(image_size=90, block_out_channels=(32, 64, 64))
 
 
+def test_diffusion_train_reads_both_config_layouts():
+    from pathlib import Path
+
+    from diffkd.commands.synth import _diffusion_sections
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    model, loop = _diffusion_sections(str(configs / "diffusion_example.yaml"))  # diffusion + diffusion_loop
+    assert model.model.image_size == 256 and loop.zero_stage == 2
+    model, loop = _diffusion_sections(str(configs / "demo.yaml"))  # diffkd run's {enabled, model, loop}
+    assert model.model.image_size == 32 and loop.epochs == 10
+
+
 def test_a_new_center_extends_the_vocabulary_and_only_its_row_trains(batch, tmp_path):
     from diffkd.models.diffusion import with_new_centers
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 DIFFUSION_EPILOG = """\
-The config file's `diffusion` section fills DiffusionConfig (with its `model` block: image_size,
-block_out_channels, prediction_type, ...) and `diffusion_loop` the training loop (LoopConfig: epochs,
-batch_size, lr, num_workers, zero_stage, ...); other sections are ignored, so configs/demo.yaml works.
+The config file's `diffusion` section is read as `diffkd run` reads it ({enabled, model: DiffusionConfig,
+loop: LoopConfig}, as in configs/demo.yaml), or as a DiffusionConfig itself (with its `model` block:
+image_size, block_out_channels, prediction_type, ...) beside a `diffusion_loop` section for the loop
+(LoopConfig: epochs, batch_size, lr, num_workers, zero_stage, ...). Other sections are ignored.
 
 examples:
   diffkd diffusion train --dataset out/data --external C --config configs/demo.yaml --out out/models/diffusion
@@ -112,11 +113,9 @@ def run_train(args) -> int:
     import dataclasses
 
     from diffkd.raycompat import init as ray_init
-    from diffkd.train.diffusion_task import DiffusionConfig, SplitSpec, train_diffusion
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.diffusion_task import SplitSpec, train_diffusion
 
-    config = _section(args.config, "diffusion", DiffusionConfig)
-    loop = _section(args.config, "diffusion_loop", LoopConfig)
+    config, loop = _diffusion_sections(args.config)
     if args.image_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_size=args.image_size))
     if args.base_model:
@@ -130,6 +129,24 @@ def run_train(args) -> int:
     print(f"diffusion: {result.train_rows} training rows, best val_loss {best.get('val_loss', float('nan')):.4f} "
           f"(epoch {best.get('epoch')}); pipeline written to {result.model_dir}")
     return 0
+
+
+def _diffusion_sections(path: str | None):
+    """(DiffusionConfig, LoopConfig) from a config file in either layout: `diffkd run`'s
+    `diffusion: {enabled, model: <DiffusionConfig>, loop: <LoopConfig>}`, or a `diffusion` section that
+    is itself a DiffusionConfig beside a `diffusion_loop` section."""
+    from diffkd.config import from_dict, load_yaml
+    from diffkd.run import DiffusionStage
+    from diffkd.train.diffusion_task import DiffusionConfig
+    from diffkd.train.loop import LoopConfig
+
+    data = load_yaml(path) if path else {}
+    section = data.get("diffusion") or {}
+    if isinstance(section, dict) and ("loop" in section or "enabled" in section):
+        stage = from_dict(DiffusionStage, section, "diffusion")
+        return stage.model, stage.loop
+    return (from_dict(DiffusionConfig, section, "diffusion"),
+            from_dict(LoopConfig, data.get("diffusion_loop") or {}, "diffusion_loop"))
 
 
 def run_synth(args) -> int:
