@@ -620,14 +620,19 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return encode_png(np.where(mask, 255, 0).astype(np.uint8))
 
 
-def open_image(path: Path, name: str) -> tuple[Image.Image, bytes]:
-    """Decode a whole image file (truncation shows here, not later); returns the image and the file bytes."""
+def read_listed_file(path: Path, name: str) -> bytes:
+    """The bytes of a file the source lists; a missing or unreadable one is an ImageProblem naming it."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageProblem(f"{name}: listed but not found; fix the path (relative to SRC) or add the file") from None
     except OSError as err:
         raise ImageProblem(f"{name}: cannot be read ({err.strerror})") from None
+
+
+def open_image(path: Path, name: str) -> tuple[Image.Image, bytes]:
+    """Decode a whole image file (truncation shows here, not later); returns the image and the file bytes."""
+    data = read_listed_file(path, name)
     try:
         img = Image.open(io.BytesIO(data))
         if getattr(img, "n_frames", 1) > 1:

@@ -33,7 +33,7 @@ import numpy as np
 
 from diffkd.data.ingest.common import (IMAGE_SUFFIXES, Decoded, Discovery, ImageProblem, Loaded, MaskIndex, Record,
                                        binarize_mask, encode_mask, encode_png, find_clinical_csv, list_files,
-                                       open_image, pixel_digest, rgb_to_gray)
+                                       open_image, pixel_digest, read_listed_file, rgb_to_gray)
 from diffkd.data.ingest.folder import from_csv, from_label_folders
 
 NAME = "dicom"
@@ -122,12 +122,7 @@ def _read(path: Path, name: str):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageProblem(f"{name}: listed but not found; fix the path (relative to SRC) or add the file") from None
-    except OSError as err:
-        raise ImageProblem(f"{name}: cannot be read ({err.strerror})") from None
+    data = read_listed_file(path, name)
     try:
         return pydicom.dcmread(io.BytesIO(data)), data
     except InvalidDicomError as err:
