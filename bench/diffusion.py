@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -27,6 +27,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train_overhead import plain_torch  # noqa: E402  the same plain loop, side by side with fit()
 
 
 def condition_table(n: int, centers: list[str], seed: int = 0):
@@ -64,38 +68,6 @@ def training_rows(n: int, image_size: int, num_centers: int, seed: int = 0) -> l
              "label": np.int64(rng.integers(0, 2)), "center_idx": np.int64(rng.integers(0, num_centers)),
              "modality_idx": np.int64(0), "clinical": rng.normal(0, 1, width).astype(np.float32),
              "mask": np.zeros((1, image_size, image_size), np.float32)} for _ in range(n)]
-
-
-def training_plain(task, rows: list[dict], loop, epochs: int) -> float:
-    """The loop's work without Ray or DeepSpeed: same step, optimizer, clipping, schedule and EMA update."""
-    from diffkd.train.deepspeed_config import build_optimizer
-
-    torch.set_num_threads(1)
-    torch.manual_seed(loop.seed)
-    model = task.build_model().train()
-    optimizer = build_optimizer(model, loop)
-    steps_per_epoch = len(rows) // loop.batch_size
-    total = epochs * steps_per_epoch
-    warmup = max(1, int(loop.warmup_fraction * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
-        loop.min_lr_ratio + (1 - loop.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
-    stacked = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-    rates = []
-    for _ in range(epochs):
-        order = torch.randperm(len(rows))
-        start, samples = time.perf_counter(), 0
-        for step in range(steps_per_epoch):
-            idx = order[step * loop.batch_size:(step + 1) * loop.batch_size]
-            out = task.step(model, {k: v[idx] for k, v in stacked.items()})
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-            optimizer.step()
-            schedule.step()
-            task.after_optimizer_step(model)
-            samples += out.num_samples
-        rates.append(samples / (time.perf_counter() - start))
-    return statistics.mean(rates[1:])
 
 
 def training_through_loop(task, rows: list[dict], loop) -> float:
@@ -146,7 +118,7 @@ def main() -> None:
                           threads_per_worker=1, zero_stage=0, shuffle_buffer=0, max_failures=0, progress=False,
                           storage_path=os.path.join(workdir, "runs"), run_name="bench", keep_checkpoints=2)
         rows = training_rows(args.steps * args.batch_size, args.image_size, len(centers))
-        plain_training = training_plain(task, rows, loop, args.epochs)
+        plain_training = statistics.mean(plain_torch(task, rows, loop, args.epochs)[0])
         loop_training = training_through_loop(task, rows, loop)
     finally:
         import ray

@@ -40,8 +40,8 @@ def make_rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
 
 
 def plain_torch(task, rows: list[dict], cfg, epochs: int) -> tuple[list[float], list[float]]:
-    """The same step in a plain torch loop (AdamW, clipping, warmup + cosine LR): samples per wall-clock second
-    and per CPU second of each epoch after the first."""
+    """The same step in a plain single-process torch loop (AdamW, clipping, warmup + cosine LR, the task's
+    after-step hook): samples per wall-clock second and per CPU second of each epoch after the first."""
     from diffkd.train.deepspeed_config import build_optimizer
 
     torch.set_num_threads(1)
@@ -53,8 +53,8 @@ def plain_torch(task, rows: list[dict], cfg, epochs: int) -> tuple[list[float], 
     warmup = max(1, int(cfg.warmup_fraction * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / total)))))
-    images = torch.from_numpy(np.stack([r["image"] for r in rows]))
-    labels = torch.from_numpy(np.stack([r["label"] for r in rows]))
+    tensors = {k: torch.from_numpy(np.stack([r[k] for r in rows]))
+               for k, v in rows[0].items() if isinstance(v, (np.ndarray, np.generic))}  # ids stay out
     rates, cpu_rates = [], []
     for _ in range(epochs):
         order = torch.randperm(len(rows))
@@ -62,12 +62,13 @@ def plain_torch(task, rows: list[dict], cfg, epochs: int) -> tuple[list[float], 
         samples = 0
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            out = task.step(model, {"image": images[idx], "label": labels[idx]})
+            out = task.step(model, {k: v[idx] for k, v in tensors.items()})
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             schedule.step()
+            task.after_optimizer_step(model)
             samples += out.num_samples
         rates.append(samples / (time.perf_counter() - start))
         cpu_rates.append(samples / (time.process_time() - cpu_start))
