@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ def run_fold(params: dict[str, Any], *, dataset: str, teacher: dict, out_dir: st
         assignments = dataset_splits(dataset, [center], val_fraction=val_fraction, seed=seed, synthetic=False)
         train_teacher(dataset, assignments, dataclasses.replace(cfg, loop=loop), target)
         atomic_write_json(os.path.join(target, FOLD_INFO), {"key": key, "held_out": center})
-    row = fold_row(center, target)
+    row = fold_row(center, fold_predictions(out_dir, center))
     ray.tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
 
@@ -97,13 +98,17 @@ def fold_is_current(folder: str, key: str) -> bool:
         return json.load(f).get("key") == key
 
 
-def fold_row(center: str, folder: str) -> dict[str, Any]:
-    """The held-out center's external AUC (DeLong 95% CI) and the fold's internal-validation AUC."""
+def fold_predictions(out_dir: str, center: str) -> "pd.DataFrame":
     import pandas as pd
 
-    from diffkd.evaluate.metrics import auc, auc_delong_ci
+    return pd.read_parquet(os.path.join(fold_dir(out_dir, center), PREDICTIONS))
 
-    preds = pd.read_parquet(os.path.join(folder, PREDICTIONS))
+
+def fold_row(center: str, preds: "pd.DataFrame") -> dict[str, Any]:
+    """The held-out center's external AUC (DeLong 95% CI) and the fold's internal-validation AUC."""
+    from diffkd.evaluate.metrics import auc_delong_ci
+    from diffkd.train.teacher import auc_or_nan
+
     external = preds[preds["split"] == "test"]
     internal = preds[preds["split"] == "val"]
     row: dict[str, Any] = {"held_out": center, "cases": len(external), "upgrades": int(external["label"].sum())}
@@ -112,7 +117,7 @@ def fold_row(center: str, folder: str) -> dict[str, Any]:
         row.update(external_auc=estimate.auc, ci_low=estimate.ci[0], ci_high=estimate.ci[1])
     else:  # a center with one class has no AUC; say so in the table instead of failing the job
         row.update(external_auc=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
-    row["internal_auc"] = auc(internal["label"], internal["prob"]) if internal["label"].nunique() == 2 else float("nan")
+    row["internal_auc"] = auc_or_nan(internal["label"].tolist(), internal["prob"].tolist())
     return row
 
 
@@ -169,9 +174,9 @@ def summarize(out_dir: str, centers: list[str]) -> "pd.DataFrame":
 
     from diffkd.evaluate.metrics import auc_delong_ci
 
-    rows = [fold_row(center, fold_dir(out_dir, center)) for center in centers]
-    pooled = pd.concat([pd.read_parquet(os.path.join(fold_dir(out_dir, c), PREDICTIONS)).query("split == 'test'")
-                        for c in centers], ignore_index=True)
+    folds = {center: fold_predictions(out_dir, center) for center in centers}
+    rows = [fold_row(center, preds) for center, preds in folds.items()]
+    pooled = pd.concat([preds[preds["split"] == "test"] for preds in folds.values()], ignore_index=True)
     estimate = auc_delong_ci(pooled["label"], pooled["prob"])
     rows.append({"held_out": "pooled", "cases": len(pooled), "upgrades": int(pooled["label"].sum()),
                  "external_auc": estimate.auc, "ci_low": estimate.ci[0], "ci_high": estimate.ci[1],
@@ -182,9 +187,9 @@ def summarize(out_dir: str, centers: list[str]) -> "pd.DataFrame":
 def format_table(table: "pd.DataFrame") -> str:
     lines = [f"{'held-out center':<16} {'cases':>5} {'upgr.':>5}  {'external AUC (95% CI)':<22} {'internal AUC':>12}"]
     for _, r in table.iterrows():
-        ext = "n/a (one class)" if r["external_auc"] != r["external_auc"] else (
+        ext = "n/a (one class)" if math.isnan(r["external_auc"]) else (
             f"{r['external_auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})")
-        internal = "" if r["internal_auc"] != r["internal_auc"] else f"{r['internal_auc']:.3f}"
+        internal = "" if math.isnan(r["internal_auc"]) else f"{r['internal_auc']:.3f}"
         lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['upgrades']:>5}  {ext:<22} {internal:>12}")
     return "\n".join(lines)
 

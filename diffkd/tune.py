@@ -215,9 +215,8 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
     import ray
     from ray import tune
 
-    from diffkd.raycompat import init as ray_init
-
     from diffkd.data.dataset import ImageDataset
+    from diffkd.raycompat import init as ray_init
 
     # trials run in their own working directories: every local path they get must be absolute
     dataset = ImageDataset(dataset).uri

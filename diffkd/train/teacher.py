@@ -207,7 +207,6 @@ def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipelin
     One row per case: a case's images (its 1-3 views) are each scored and their probabilities
     averaged. Only the modalities the model reads (`pipeline.modalities`) are predicted.
     """
-
     from diffkd.data.pipeline import make_dataset
     from diffkd.train.loop import predict
 
