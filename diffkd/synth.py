@@ -20,7 +20,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -600,6 +600,33 @@ def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
 
 
+def label_recovery(train_labels: np.ndarray, train_probs: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                   real_labels: np.ndarray, real_probs: np.ndarray) -> dict[str, Any]:
+    """How well a real-trained label classifier recovers the conditioned labels, beside real images.
+
+    Balanced accuracy, not plain accuracy: synthetic sets are often label-balanced while the real ones
+    are not, and a classifier that calls every case DCIS would otherwise score the real prevalence on
+    real images and 0.5 on a balanced synthetic set whatever the images show. The threshold is fixed
+    once, by Youden's index on the classifier's real training images, and applied to both sets.
+    """
+    from diffkd.evaluate.metrics import ThresholdRule, auc_delong_ci
+
+    def balanced_accuracy(y: np.ndarray, p: np.ndarray) -> float:
+        called = p >= threshold
+        return float(np.mean([(called[y == k] == bool(k)).mean() for k in (0, 1) if (y == k).any()]))
+
+    threshold = (ThresholdRule("youden").fit(train_labels, train_probs) if len(np.unique(train_labels)) == 2
+                 else 0.5)
+    out: dict[str, Any] = {"conditional_accuracy": balanced_accuracy(labels, probs),
+                           "conditional_accuracy_real": balanced_accuracy(real_labels, real_probs),
+                           "conditional_auc": float("nan"), "conditional_auc_ci": [float("nan")] * 2,
+                           "label_threshold": threshold}
+    if len(np.unique(labels)) == 2:
+        estimate = auc_delong_ci(labels, probs)
+        out["conditional_auc"], out["conditional_auc_ci"] = estimate.auc, list(estimate.ci)
+    return out
+
+
 def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = None, split=None,
           run_ids: list[str] | None = None, cfg: AuditConfig | None = None) -> dict:
     """Judge the synthetic rows against the real ones; write JSON + PNGs to `out_dir`.
@@ -637,7 +664,7 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
         encoder = train_audit_classifier(real_train, len(centers), cfg, storage, "real").eval()
         tstr_model = train_audit_classifier(synth, len(centers), cfg, storage, "synthetic").eval()
 
-    f_train, _, _ = _encode(encoder, real_train["image"])
+    f_train, p_train, _ = _encode(encoder, real_train["image"])
     f_val, p_val, c_val = _encode(encoder, real_val["image"])
     f_syn, p_syn, c_syn = _encode(encoder, synth["image"])
     _, p_tstr, _ = _encode(tstr_model, real_val["image"])
@@ -655,8 +682,7 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
         "fid_real_reference": frechet_distance(val_n, f_train),
         "kid": kernel_distance(syn_n, f_train, **kid_kw),
         "kid_real_reference": kernel_distance(val_n, f_train, **kid_kw),
-        "conditional_accuracy": float(((p_syn > 0.5) == synth["label"]).mean()),
-        "conditional_accuracy_real": float(((p_val > 0.5) == real_val["label"]).mean()),
+        **label_recovery(real_train["label"], p_train, synth["label"], p_syn, real_val["label"], p_val),
         "center_accuracy": float((c_syn[in_vocab] == synth["center_idx"][in_vocab]).mean()) if in_vocab.any()
         else float("nan"),
         "center_accuracy_real": float((c_val == real_val["center_idx"]).mean()),
@@ -686,8 +712,12 @@ AUDIT_EXPLANATION = {
            "(an encoder trained here on real images for label and center); fid_real_reference is the same "
            "distance for equally many real validation images: a synthetic set as real as real data scores near it.",
     "kid": "Kernel (MMD², cubic polynomial) distance in the same feature space; unbiased, so small sets compare fairly.",
-    "conditional_accuracy": "accuracy with which the real-trained classifier recovers the label each synthetic image "
-                            "was conditioned on; conditional_accuracy_real is its accuracy on real validation images.",
+    "conditional_accuracy": "balanced accuracy (mean recall of the two labels) with which the real-trained classifier "
+                            "recovers the label each synthetic image was conditioned on, at the threshold fixed by "
+                            "Youden's index on its real training images (label_threshold); conditional_accuracy_real "
+                            "is the same on real validation images.",
+    "conditional_auc": "AUC (DeLong 95% CI) of that classifier's score for the conditioned label on synthetic "
+                       "images; compare with trtr_auc, the same on real validation images.",
     "center_accuracy": "the same for the conditioned center.",
     "near_copies": "synthetic images whose nearest training image is closer, in pixel space and in feature space, "
                    "than the near_copy_quantile of real validation images' distances to their nearest training image.",

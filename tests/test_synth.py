@@ -14,7 +14,7 @@ from PIL import Image
 from diffkd.data.schema import CLINICAL_COLUMNS, arrow_schema
 from diffkd.models.diffusion import DiffusionModelConfig, load_pipeline
 from diffkd.synth import (AuditConfig, SynthConfig, audit, cell_counts, condition_table, existing_case_ids,
-                          run_id_for, synthesize)
+                          label_recovery, run_id_for, synthesize)
 from diffkd.train.diffusion_task import DiffusionConfig, SplitSpec, train_diffusion
 from diffkd.train.loop import LoopConfig
 from diffusion_fixtures import tiny_dataset
@@ -156,6 +156,24 @@ def test_near_copy_thresholds_come_from_real_pairs_and_flag_a_planted_copy():
     assert 0 < copies["pixel_threshold"] <= np.median(copies["real_pixel"])
 
 
+def test_label_recovery_is_balanced_so_a_majority_guesser_scores_half_on_both_sets():
+    rng = np.random.default_rng(0)
+    train_y = (rng.random(200) < 0.25).astype(int)  # real prevalence of upgrades
+    real_y = (rng.random(100) < 0.25).astype(int)
+    synth_y = np.repeat([0, 1], 50)  # a label-balanced synthetic set
+    # A classifier that learnt nothing but the prevalence: every score low, in no order.
+    guess = label_recovery(train_y, rng.random(200) * 0.3, synth_y, rng.random(100) * 0.3, real_y,
+                           rng.random(100) * 0.3)
+    assert guess["conditional_accuracy"] == pytest.approx(0.5, abs=0.1)
+    assert guess["conditional_accuracy_real"] == pytest.approx(0.5, abs=0.15)
+    assert guess["conditional_auc_ci"][0] < 0.5 < guess["conditional_auc_ci"][1]
+    # One whose score follows the label: the threshold fixed on the real training set carries over.
+    score = lambda y: 0.2 + 0.5 * y + 0.05 * rng.random(len(y))  # noqa: E731
+    follows = label_recovery(train_y, score(train_y), synth_y, score(synth_y), real_y, score(real_y))
+    assert follows["conditional_accuracy"] == 1.0 and follows["conditional_accuracy_real"] == 1.0
+    assert follows["conditional_auc"] == 1.0 and 0.25 < follows["label_threshold"] <= 0.75
+
+
 @pytest.mark.slow
 def test_the_audit_flags_a_planted_copy(trained, tmp_path):
     ds, result = trained
@@ -182,7 +200,7 @@ def test_the_audit_flags_a_planted_copy(trained, tmp_path):
     assert "synthetic-planted-0" in details["near_copies"]["flagged_case_ids"]
     assert summary["near_copies"] >= 1 and summary["n_synthetic"] == 13
     for key in ("fid", "fid_real_reference", "kid", "kid_real_reference", "conditional_accuracy",
-                "conditional_accuracy_real", "tstr_auc", "trtr_auc"):
+                "conditional_accuracy_real", "conditional_auc", "tstr_auc", "trtr_auc"):
         assert isinstance(summary[key], float), key
     assert summary["fid"] >= 0 and 0 <= summary["conditional_accuracy"] <= 1
     for name in ("synthetic_grid.png", "synthetic_near_copies.png"):

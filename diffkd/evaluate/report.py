@@ -508,11 +508,23 @@ def _synthetic_section(ctx: _Context) -> str:
     if not audit:
         return ctx.skip("synthetic", "no synthetic-data audit was provided")
     labels = {"fid": "FID (lower is closer to real)", "kid": "KID (lower is closer to real)",
-              "conditional_accuracy": "conditional accuracy (a classifier trained on real images recovers the "
-                                      "requested label)", "near_copies": "near copies of training images",
+              "conditional_accuracy": "conditional balanced accuracy (a classifier trained on real images "
+                                      "recovers the requested label)",
+              "conditional_accuracy_real": "the same classifier's balanced accuracy on real validation images",
+              "conditional_auc": "conditional AUC (that classifier's score for the requested label)",
+              "conditional_auc_ci": "conditional AUC, 95% CI (DeLong)",
+              "trtr_auc": "the same classifier's AUC on real validation images",
+              "near_copies": "near copies of training images",
               "tstr_auc": "TSTR AUC (train on synthetic, test on real)"}
-    rows = [[_esc(labels.get(k, k)), _esc(_num(v, 4) if isinstance(v, float) else v)] for k, v in audit.items()
-            if not isinstance(v, (dict, list))]
+
+    def value(v) -> str:
+        if isinstance(v, float):
+            return _num(v, 4)
+        if isinstance(v, list):  # an interval
+            return " to ".join(_num(x, 3) for x in v)
+        return str(v)
+
+    rows = [[_esc(labels.get(k, k)), _esc(value(v))] for k, v in audit.items() if not isinstance(v, dict)]
     out = _table(["measure", "value"], rows, [1])
     if ctx.grids:
         out += '<div class="grid">' + "".join(
