@@ -135,7 +135,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     synthetic_block, grids = None, []
     ratio, sources = cfg.synthetic_ratio, ()
     if cfg.diffusion.enabled:
-        from diffkd.synth import audit, synthesize
+        from diffkd.synth import audit, synthesize, with_synthesis_sampling
         from diffkd.train.diffusion_task import SplitSpec, train_diffusion
 
         diffusion_dir = str(models / "diffusion")
@@ -148,9 +148,10 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
         sources = (synthesized["run_id"],)  # this run's images only, whatever else the dataset holds
         audited = state.run("audit", {**common, "cfg": to_dict(cfg.audit)},
                             lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, run_ids=list(sources),
-                                                      cfg=cfg.audit)})
+                                                      cfg=with_synthesis_sampling(cfg.audit, cfg.synth))})
         synthetic_block = audited["summary"]
-        grids = [str(out / "audit" / "synthetic_grid.png"), str(out / "audit" / "synthetic_near_copies.png")]
+        grids = [str(out / "audit" / name)
+                 for name in ("synthetic_grid.png", "synthetic_label_pairs.png", "synthetic_near_copies.png")]
     else:
         ratio = 0.0
         skipped["synthetic"] = "the diffusion stage is disabled in the config (diffusion.enabled: false)"

@@ -395,9 +395,12 @@ class AuditConfig:
     closest_pairs: int = 8  # synthetic/training pairs shown in the near-copy figure
     kid_subset_size: int = 100
     kid_subsets: int = 50
+    # Label pairs: the generator draws each of `label_pairs` conditions twice, as DCIS and as upgrade, with
+    # the same noise, mask, center and clinical values; the real-trained classifier scores both. 0 = off.
+    label_pairs: int = 32
+    pair_steps: int | None = None  # None: as the synthesis run sampled (`with_synthesis_sampling`)
+    pair_guidance: float | None = None
     seed: int = 0
-
-
     storage_path: str | None = None  # where the audit classifiers' training runs go (None: a temporary folder)
 
     def __post_init__(self) -> None:
@@ -405,6 +408,17 @@ class AuditConfig:
             raise ValueError(f"audit near_copy_quantile {self.near_copy_quantile} must be in [0, 0.5)")
         if self.epochs < 1 or self.batch_size < 1 or self.max_per_set < 2:
             raise ValueError("audit epochs and batch_size must be >= 1 and max_per_set >= 2")
+        if self.label_pairs < 0 or (self.pair_steps is not None and self.pair_steps < 1):
+            raise ValueError("audit label_pairs must be >= 0 and pair_steps >= 1")
+
+
+def with_synthesis_sampling(cfg: AuditConfig, synth: SynthConfig) -> AuditConfig:
+    """The audit's label pairs sampled as `synth` sampled the synthetic rows, where the audit names no other."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg, pair_steps=cfg.pair_steps or synth.num_inference_steps,
+        pair_guidance=synth.guidance_scale if cfg.pair_guidance is None else cfg.pair_guidance)
 
 
 class AuditEncoder(nn.Module):
@@ -594,6 +608,14 @@ def _unit(normalised: np.ndarray, pipe_cfg) -> np.ndarray:
     return np.clip(normalised * pipe_cfg.norm_std + pipe_cfg.norm_mean, 0.0, 1.0).astype(np.float32)
 
 
+def _normalised(unit_images: np.ndarray, pipe_cfg) -> np.ndarray:
+    """[N, 1, h, w] in [0, 1] -> the audit's size and the pipeline's normalisation (the inverse of `_unit`)."""
+    x = torch.from_numpy(np.ascontiguousarray(unit_images, dtype=np.float32))
+    if x.shape[-1] != pipe_cfg.image_size:
+        x = F.interpolate(x, size=(pipe_cfg.image_size,) * 2, mode="bilinear", align_corners=False)
+    return ((x - pipe_cfg.norm_mean) / pipe_cfg.norm_std).numpy()
+
+
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -625,6 +647,58 @@ def label_recovery(train_labels: np.ndarray, train_probs: np.ndarray, labels: np
         estimate = auc_delong_ci(labels, probs)
         out["conditional_auc"], out["conditional_auc_ci"] = estimate.auc, list(estimate.ci)
     return out
+
+
+@dataclass
+class LabelPairs:
+    """Images generated from the same conditions, mask and noise, once per label."""
+
+    rows: pd.DataFrame  # the real training rows whose conditions were drawn
+    dcis: np.ndarray  # [N, 1, H, W] in [0, 1]
+    upgrade: np.ndarray
+    masks: np.ndarray  # [N, H, W] the lesion mask both images were conditioned on (zeros: none)
+
+
+def generate_label_pairs(dataset: ImageDataset, model_dir: str, cfg: AuditConfig) -> LabelPairs:
+    """Draw `cfg.label_pairs` training rows (spread over centers and labels) and generate each twice."""
+    from diffkd.models.diffusion import load_pipeline
+
+    rows = generator_training_rows(dataset, model_dir).sort_values("case_id")
+    rng = np.random.default_rng(cfg.seed)
+    # round-robin over center x label cells so that every cell is represented even in a few pairs
+    cells = [cell.iloc[rng.permutation(len(cell))] for _, cell in rows.groupby(["center", "label"])]
+    order = [cell.iloc[k] for k in range(max(map(len, cells))) for cell in cells if k < len(cell)]
+    drawn = pd.DataFrame(order[: cfg.label_pairs]).reset_index(drop=True)
+    cfg = with_synthesis_sampling(cfg, SynthConfig())  # defaults where neither names them
+    pipe = load_pipeline(model_dir)
+    size = pipe.unet.config.sample_size
+    masks = np.zeros((len(drawn), size, size), np.uint8)
+    if pipe.mask_channel:
+        known = _condition_masks(dataset, drawn.rename(columns={"case_id": "condition_case_id"}), model_dir)
+        for i, cid in enumerate(drawn["case_id"]):
+            masks[i] = known.get(cid, masks[i])
+    mask_tensor = torch.from_numpy(masks[:, None].astype(np.float32)) if pipe.mask_channel else None
+    records = drawn.to_dict("records")
+    images = {}
+    for label in (0, 1):
+        generators = [torch.Generator().manual_seed(_stable_seed(cfg.seed, "pair", i)) for i in range(len(records))]
+        out = pipe([{**r, "label": label} for r in records], masks=mask_tensor, num_inference_steps=cfg.pair_steps,
+                   guidance_scale=cfg.pair_guidance, generator=generators, output_type="pt")
+        images[label] = out.images.float().numpy()
+    return LabelPairs(drawn, images[0], images[1], masks)
+
+
+def label_effect(p_dcis: np.ndarray, p_upgrade: np.ndarray) -> dict[str, Any]:
+    """Paired difference of the classifier's upgrade probability (upgrade-conditioned minus DCIS-conditioned
+    image of the same pair): mean with a 95% t interval, and the share of pairs where it is positive."""
+    from scipy import stats
+
+    diff = np.asarray(p_upgrade, float) - np.asarray(p_dcis, float)
+    n = len(diff)
+    mean = float(diff.mean()) if n else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return {"label_effect": mean, "label_effect_ci": [mean - half, mean + half],
+            "label_effect_positive_share": float((diff > 0).mean()) if n else float("nan"), "label_pairs": n}
 
 
 def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = None, split=None,
@@ -675,6 +749,13 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
     syn_n, val_n = f_syn[rng.choice(len(f_syn), n, replace=False)], f_val[rng.choice(len(f_val), n, replace=False)]
     kid_kw = dict(subset_size=cfg.kid_subset_size, subsets=cfg.kid_subsets, seed=cfg.seed)
 
+    pairs = None
+    if model_dir is not None and cfg.label_pairs:
+        log.info("audit: generating %d label pairs", cfg.label_pairs)
+        pairs = generate_label_pairs(dataset, model_dir, cfg)
+        scored = {label: _encode(encoder, _normalised(images, pipe_cfg))[1]
+                  for label, images in ((0, pairs.dcis), (1, pairs.upgrade))}
+
     copies = _near_copies(real_train, real_val, synth, f_train, f_val, f_syn, pipe_cfg, cfg)
     in_vocab = synth["center_idx"] < len(centers)
     summary = {
@@ -686,6 +767,7 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
         "center_accuracy": float((c_syn[in_vocab] == synth["center_idx"][in_vocab]).mean()) if in_vocab.any()
         else float("nan"),
         "center_accuracy_real": float((c_val == real_val["center_idx"]).mean()),
+        **(label_effect(scored[0], scored[1]) if pairs is not None else {}),
         "near_copies": copies["count"],
         "tstr_auc": _auc(real_val["label"], p_tstr),
         "trtr_auc": _auc(real_val["label"], p_val),
@@ -699,6 +781,9 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
                "near_copies": os.path.join(out_dir, "synthetic_near_copies.png")}
     plot_grid(real_train, synth, centers, pipe_cfg, cfg.grid_per_cell, figures["grid"], cfg.seed)
     plot_near_copies(copies, real_train, synth, pipe_cfg, cfg.closest_pairs, figures["near_copies"])
+    if pairs is not None:
+        figures["label_pairs"] = plot_label_pairs(pairs, scored, cfg.grid_per_cell,
+                                                  os.path.join(out_dir, "synthetic_label_pairs.png"))
     details = {"summary": summary, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                "runs": sorted(set(synth["source"])), "centers": centers, "figures": figures,
                "near_copies": {k: v for k, v in copies.items() if not isinstance(v, np.ndarray)},
@@ -718,6 +803,11 @@ AUDIT_EXPLANATION = {
                             "is the same on real validation images.",
     "conditional_auc": "AUC (DeLong 95% CI) of that classifier's score for the conditioned label on synthetic "
                        "images; compare with trtr_auc, the same on real validation images.",
+    "label_effect": "the generator draws label_pairs conditions twice, as DCIS and as upgrade, with the same noise, "
+                    "lesion mask, center and clinical values; label_effect is the mean rise of the real-trained "
+                    "classifier's upgrade probability from the DCIS to the upgrade image (95% t interval), and "
+                    "label_effect_positive_share the share of pairs where it rose. It isolates what the label "
+                    "condition itself draws from what the mask and clinical values already carry.",
     "center_accuracy": "the same for the conditioned center.",
     "near_copies": "synthetic images whose nearest training image is closer, in pixel space and in feature space, "
                    "than the near_copy_quantile of real validation images' distances to their nearest training image.",
@@ -775,12 +865,14 @@ def _figure():
 
 
 def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: int, path: str, seed: int) -> str:
-    """One row per center x label: real training images on the left, synthetic ones on the right."""
+    """One row per center x label: real training images on the left, synthetic ones on the right (with the
+    outline of the lesion mask each was conditioned on, for a mask-conditioned generator)."""
     plt = _figure()
     cells = [(ci, c, lbl) for ci, c in enumerate(centers) for lbl in LABEL_NAMES]
     fig, axes = plt.subplots(len(cells), 2 * per_cell, figsize=(2 * per_cell * 0.9, len(cells) * 1.0 + 0.6),
                              squeeze=False)
     rng = np.random.default_rng(seed)
+    outlined = "mask" in synth and bool(synth["mask"].any())  # a mask-conditioned generator
     for row, (ci, center, label) in enumerate(cells):
         for half, arrays in enumerate((real, synth)):
             pick = np.flatnonzero((arrays["center_idx"] == ci) & (arrays["label"] == label))
@@ -791,12 +883,46 @@ def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: i
                 ax.set_yticks([])
                 if k < len(pick):
                     ax.imshow(_unit(arrays["image"][pick[k]], pipe_cfg)[0], cmap="gray", vmin=0, vmax=1)
+                    if half and outlined:  # where the generator was told the lesion is
+                        ax.contour(arrays["mask"][pick[k], 0], levels=[0.5], colors="tab:red", linewidths=0.5)
                 else:
                     ax.axis("off")  # fewer images than columns in this cell
         axes[row, 0].set_ylabel(f"{center}\n{LABEL_NAMES[label]}", rotation=0, ha="right", va="center", fontsize=8)
     axes[0, 0].set_title("real (training)", loc="left", fontsize=9)
-    axes[0, per_cell].set_title("synthetic", loc="left", fontsize=9)
+    axes[0, per_cell].set_title("synthetic (red: the lesion mask it was conditioned on)" if outlined else "synthetic",
+                                loc="left", fontsize=9)
     fig.suptitle("Real vs synthetic images per center x label", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_label_pairs(pairs: LabelPairs, scored: dict[int, np.ndarray], per_cell: int, path: str) -> str:
+    """Two rows per center (DCIS above, upgrade below, same noise and mask), the classifier's upgrade
+    probability over each image."""
+    plt = _figure()
+    centers = sorted(pairs.rows["center"].unique())
+    fig, axes = plt.subplots(2 * len(centers), per_cell, figsize=(per_cell * 1.1, 2 * len(centers) * 1.1 + 0.6),
+                             squeeze=False)
+    for ci, center in enumerate(centers):
+        shown = np.flatnonzero(pairs.rows["center"].to_numpy() == center)[:per_cell]
+        for k in range(per_cell):
+            for label, images in ((0, pairs.dcis), (1, pairs.upgrade)):
+                ax = axes[2 * ci + label, k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k >= len(shown):
+                    ax.axis("off")
+                    continue
+                i = shown[k]
+                ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=1)
+                if pairs.masks[i].any():
+                    ax.contour(pairs.masks[i], levels=[0.5], colors="tab:red", linewidths=0.5)
+                ax.set_title(f"p={scored[label][i]:.2f}", fontsize=7)
+            axes[2 * ci, 0].set_ylabel(f"{center}\n{LABEL_NAMES[0]}", rotation=0, ha="right", va="center", fontsize=8)
+            axes[2 * ci + 1, 0].set_ylabel(f"{center}\n{LABEL_NAMES[1]}", rotation=0, ha="right", va="center",
+                                           fontsize=8)
+    fig.suptitle("The same noise, mask and clinical values, conditioned on each label\n"
+                 "(p: the real-trained classifier's upgrade probability)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from diffkd.data.schema import CLINICAL_COLUMNS, arrow_schema
 from diffkd.models.diffusion import DiffusionModelConfig, load_pipeline
 from diffkd.synth import (AuditConfig, SynthConfig, audit, cell_counts, condition_table, existing_case_ids,
-                          label_recovery, run_id_for, synthesize)
+                          generate_label_pairs, label_effect, label_recovery, run_id_for, synthesize)
 from diffkd.train.diffusion_task import DiffusionConfig, SplitSpec, train_diffusion
 from diffkd.train.loop import LoopConfig
 from diffusion_fixtures import tiny_dataset
@@ -174,6 +174,38 @@ def test_label_recovery_is_balanced_so_a_majority_guesser_scores_half_on_both_se
     assert follows["conditional_auc"] == 1.0 and 0.25 < follows["label_threshold"] <= 0.75
 
 
+def test_label_effect_is_the_paired_rise_with_a_t_interval():
+    out = label_effect(np.array([0.2, 0.3, 0.1, 0.4]), np.array([0.3, 0.5, 0.1, 0.5]))
+    assert out["label_effect"] == pytest.approx(0.1) and out["label_pairs"] == 4
+    assert out["label_effect_positive_share"] == 0.75  # the tie does not count as a rise
+    lo, hi = out["label_effect_ci"]
+    assert lo < 0.1 < hi and hi - 0.1 == pytest.approx(0.1 - lo)
+
+
+def test_label_pairs_differ_only_by_the_label(trained, tmp_path):
+    import shutil
+
+    import torch
+
+    ds, result = trained
+    cfg = AuditConfig(label_pairs=4, pair_steps=2, pair_guidance=2.0)
+    pairs = generate_label_pairs(ds, result.model_dir, cfg)
+    cells = set(zip(pairs.rows["center"], pairs.rows["label"]))
+    assert len(pairs.rows) == 4 and len(cells) == 4  # 2 centers x 2 labels: every cell once
+    assert pairs.dcis.shape == pairs.upgrade.shape == (4, 1, 16, 16)
+    assert not np.allclose(pairs.dcis, pairs.upgrade)
+    # Give both labels the same embedding: then nothing else differs, so the images are identical.
+    same = tmp_path / "same_label"
+    shutil.copytree(result.model_dir, same)
+    pipe = load_pipeline(same)
+    with torch.no_grad():
+        table = pipe.condition_encoder.label_embedding.weight
+        table[1] = table[0]
+    pipe.save_pretrained(same, safe_serialization=True)
+    tied = generate_label_pairs(ds, str(same), cfg)
+    np.testing.assert_array_equal(tied.dcis, tied.upgrade)
+
+
 @pytest.mark.slow
 def test_the_audit_flags_a_planted_copy(trained, tmp_path):
     ds, result = trained
@@ -203,7 +235,8 @@ def test_the_audit_flags_a_planted_copy(trained, tmp_path):
                 "conditional_accuracy_real", "conditional_auc", "tstr_auc", "trtr_auc"):
         assert isinstance(summary[key], float), key
     assert summary["fid"] >= 0 and 0 <= summary["conditional_accuracy"] <= 1
-    for name in ("synthetic_grid.png", "synthetic_near_copies.png"):
+    assert summary["label_pairs"] == AuditConfig().label_pairs and -1 <= summary["label_effect"] <= 1
+    for name in ("synthetic_grid.png", "synthetic_near_copies.png", "synthetic_label_pairs.png"):
         assert Image.open(tmp_path / "audit" / name).format == "PNG"
 
 

@@ -87,7 +87,8 @@ def register(subparsers) -> None:
                        help="the generator: its saved split says which real rows it learnt from (recommended)")
     audit.add_argument("--run", action="append", default=None, metavar="RUN_ID",
                        help="audit only this synthesis run (repeatable; default: every synthetic row)")
-    audit.add_argument("--config", default=None, help="YAML whose `audit` section fills AuditConfig")
+    audit.add_argument("--config", default=None,
+                       help="YAML whose `audit` section fills AuditConfig (label pairs sample as its `synth` section)")
     _split_args(audit, " (used without --model)")
     audit.add_argument("--address", default=None, help="Ray cluster to join (default: a private local instance)")
     audit.set_defaults(handler=run_audit)
@@ -180,13 +181,14 @@ def run_audit(args) -> int:
     import json
 
     from diffkd.raycompat import init as ray_init
-    from diffkd.synth import AuditConfig, audit
+    from diffkd.synth import AuditConfig, SynthConfig, audit, with_synthesis_sampling
     from diffkd.train.diffusion_task import SplitSpec
 
-    cfg = _section(args.config, "audit", AuditConfig)
+    cfg = with_synthesis_sampling(_section(args.config, "audit", AuditConfig), _section(args.config, "synth", SynthConfig))
     ray_init(args.address)
     summary = audit(args.dataset, args.out, model_dir=args.model, run_ids=args.run,
                     split=SplitSpec(_names(args.external), args.val_fraction, args.split_seed), cfg=cfg)
     print(json.dumps(summary, indent=2))
-    print(f"audit written to {args.out}/synthetic_audit.json (+ synthetic_grid.png, synthetic_near_copies.png)")
+    print(f"audit written to {args.out}/synthetic_audit.json (+ synthetic_grid.png, synthetic_near_copies.png"
+          f"{', synthetic_label_pairs.png' if 'label_effect' in summary else ''})")
     return 0
