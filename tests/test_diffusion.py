@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from diffkd.data.pipeline import load_arrays
 from diffkd.models.diffusion import (ConditionalDiffusionPipeline, DiffusionModelConfig, build_denoiser,
@@ -167,7 +168,9 @@ def test_diffusion_train_reads_both_config_layouts():
     model, loop = _diffusion_sections(str(configs / "diffusion_example.yaml"))  # diffusion + diffusion_loop
     assert model.model.image_size == 256 and loop.zero_stage == 2
     model, loop = _diffusion_sections(str(configs / "demo.yaml"))  # diffkd run's {enabled, model, loop}
-    assert model.model.image_size == 32 and loop.epochs == 10
+    section = yaml.safe_load((configs / "demo.yaml").read_text())["diffusion"]
+    assert model.model.image_size == section["model"]["model"]["image_size"] != DiffusionModelConfig().image_size
+    assert loop.epochs == section["loop"]["epochs"] and loop.batch_size == section["loop"]["batch_size"]
 
 
 def test_a_new_center_extends_the_vocabulary_and_only_its_row_trains(batch, tmp_path):

@@ -74,6 +74,7 @@ def test_comparisons_pair_cases_by_id(predictions):
     others = set(predictions.model) - {"student_kd"}
     assert {a for a, b in pairs if b == "student_kd"} == others
     assert ("deep_features", "clinical") in pairs and ("combined", "deep_features") in pairs
+    assert ("teacher", "teacher_real_only") in pairs  # synthetic data for the teacher, tested directly
     ext = predictions[predictions.split == "test"]
     a = ext[ext.model == "teacher"].set_index("case_id").sort_index()
     b = ext[ext.model == "student_kd"].set_index("case_id").sort_index()

@@ -416,6 +416,10 @@ def _ablation_section(ctx: _Context) -> str:
     out = _table(_PERF_HEADERS, rows, range(1, 9), highlight)
     out += ("<h3>Against the full pipeline, same external cases</h3>" +
             _table(_CMP_HEADERS, _comparison_rows(ctx, present, ctx.reference), range(2, 7)))
+    synthetic = _comparison_rows(ctx, ["teacher"], "teacher_real_only")
+    if synthetic:
+        out += ("<h3>The teacher with against without synthetic images, same external cases</h3>" +
+                _table(_CMP_HEADERS, synthetic, range(2, 7)))
     if missing:
         out += _skipped(f"ablation(s) without predictions: {', '.join(missing)}")
     return out

@@ -44,6 +44,8 @@ ABLATIONS = ("teacher_real_only", "teacher", "student_plain", "student_kd_real_o
 BASELINES = ("clinical", "deep_features", "combined")
 # Seed 001 compares its three models with each other as well.
 SEED001_PAIRS = (("combined", "deep_features"), ("combined", "clinical"), ("deep_features", "clinical"))
+SYNTHETIC_PAIRS = (("teacher", "teacher_real_only"),)  # does synthetic data help the teacher?
+EXTRA_PAIRS = SEED001_PAIRS + SYNTHETIC_PAIRS
 
 
 class PredictionsError(ValueError):
@@ -216,7 +218,7 @@ def _comparison(preds: pd.DataFrame, a: str, b: str, split: str, level: float) -
 
 
 def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
-                extra_pairs: Sequence[tuple[str, str]] = SEED001_PAIRS, level: float = 0.95) -> list[dict]:
+                extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, level: float = 0.95) -> list[dict]:
     """DeLong p of each model vs `reference` on the same external cases, then `extra_pairs` present."""
     models = ordered_models(preds.model.unique())
     pairs = [(m, reference) for m in models if m != reference and reference in models]
@@ -235,7 +237,7 @@ def _internal_vs_external(frame: pd.DataFrame, level: float) -> dict | None:
 def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping] | None = None,
                   synthetic: Mapping | None = None, readers: pd.DataFrame | None = None,
                   baselines: Mapping | None = None, config: EvaluateConfig = EvaluateConfig(),
-                  extra_pairs: Sequence[tuple[str, str]] = SEED001_PAIRS) -> dict:
+                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
     model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
