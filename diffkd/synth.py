@@ -796,11 +796,12 @@ AUDIT_EXPLANATION = {
     "fid": "Fréchet distance between synthetic and real training images in the audit encoder's feature space "
            "(an encoder trained here on real images for label and center); fid_real_reference is the same "
            "distance for equally many real validation images: a synthetic set as real as real data scores near it.",
-    "kid": "Kernel (MMD², cubic polynomial) distance in the same feature space; unbiased, so small sets compare fairly.",
-    "conditional_accuracy": "balanced accuracy (mean recall of the two labels) with which the real-trained classifier "
-                            "recovers the label each synthetic image was conditioned on, at the threshold fixed by "
-                            "Youden's index on its real training images (label_threshold); conditional_accuracy_real "
-                            "is the same on real validation images.",
+    "kid": "Kernel (MMD², cubic polynomial) distance in the same feature space; unbiased, so small sets compare "
+           "fairly.",
+    "conditional_accuracy": "balanced accuracy (mean recall of the two labels) with which the real-trained "
+                            "classifier recovers the label each synthetic image was conditioned on, at the threshold "
+                            "fixed by Youden's index on its real training images (label_threshold); "
+                            "conditional_accuracy_real is the same on real validation images.",
     "conditional_auc": "AUC (DeLong 95% CI) of that classifier's score for the conditioned label on synthetic "
                        "images; compare with trtr_auc, the same on real validation images.",
     "label_effect": "the generator draws label_pairs conditions twice, as DCIS and as upgrade, with the same noise, "

@@ -184,7 +184,8 @@ def run_audit(args) -> int:
     from diffkd.synth import AuditConfig, SynthConfig, audit, with_synthesis_sampling
     from diffkd.train.diffusion_task import SplitSpec
 
-    cfg = with_synthesis_sampling(_section(args.config, "audit", AuditConfig), _section(args.config, "synth", SynthConfig))
+    cfg = with_synthesis_sampling(_section(args.config, "audit", AuditConfig),
+                                  _section(args.config, "synth", SynthConfig))
     ray_init(args.address)
     summary = audit(args.dataset, args.out, model_dir=args.model, run_ids=args.run,
                     split=SplitSpec(_names(args.external), args.val_fraction, args.split_seed), cfg=cfg)
