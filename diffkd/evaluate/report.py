@@ -518,6 +518,12 @@ def _synthetic_section(ctx: _Context) -> str:
               "conditional_auc": "conditional AUC (that classifier's score for the requested label)",
               "conditional_auc_ci": "conditional AUC, 95% CI (DeLong)",
               "trtr_auc": "the same classifier's AUC on real validation images",
+              "label_threshold": "that classifier's threshold (Youden, real training images)",
+              "label_effect": "label pairs: mean rise of that classifier's upgrade probability from the "
+                              "DCIS- to the upgrade-conditioned image (same noise, mask, conditions)",
+              "label_effect_ci": "label pairs: 95% CI of that rise",
+              "label_effect_positive_share": "label pairs: share of pairs where it rose",
+              "label_pairs": "label pairs generated",
               "near_copies": "near copies of training images",
               "tstr_auc": "TSTR AUC (train on synthetic, test on real)"}
 
