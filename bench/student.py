@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -129,7 +128,7 @@ def student_run(ds, splits, cfg, workdir: str, name: str) -> "object":
 
 def compare(ds, splits, make_a, make_b, names: tuple[str, str], seeds: list[int], workdir: str) -> dict:
     """External AUC of a minus b per seed (DeLong CI of the paired difference), then across seeds."""
-    from diffkd.evaluate.metrics import delong_test
+    from diffkd.evaluate.metrics import delong_test, mean_t_ci
 
     per_seed = []
     for seed in seeds:
@@ -142,15 +141,8 @@ def compare(ds, splits, make_a, make_b, names: tuple[str, str], seeds: list[int]
         per_seed.append({"seed": seed, f"auc_{names[0]}": test.auc_a, f"auc_{names[1]}": test.auc_b,
                          "diff": test.difference, "diff_ci95": list(test.ci), "p_delong": test.p, "n": test.n})
     diffs = [r["diff"] for r in per_seed]
-    mean = statistics.fmean(diffs)
-    if len(diffs) > 1:
-        from scipy import stats
-
-        half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        ci = [mean - half, mean + half]
-    else:
-        ci = [math.nan, math.nan]
-    return {"a": names[0], "b": names[1], "per_seed": per_seed, "mean_diff": mean, "mean_diff_ci95_t": ci,
+    mean, ci = mean_t_ci(diffs)
+    return {"a": names[0], "b": names[1], "per_seed": per_seed, "mean_diff": mean, "mean_diff_ci95_t": list(ci),
             "seeds_a_better": sum(d > 0 for d in diffs)}
 
 

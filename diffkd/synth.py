@@ -691,14 +691,13 @@ def generate_label_pairs(dataset: ImageDataset, model_dir: str, cfg: AuditConfig
 def label_effect(p_dcis: np.ndarray, p_upgrade: np.ndarray) -> dict[str, Any]:
     """Paired difference of the classifier's upgrade probability (upgrade-conditioned minus DCIS-conditioned
     image of the same pair): mean with a 95% t interval, and the share of pairs where it is positive."""
-    from scipy import stats
+    from diffkd.evaluate.metrics import mean_t_ci
 
     diff = np.asarray(p_upgrade, float) - np.asarray(p_dcis, float)
-    n = len(diff)
-    mean = float(diff.mean()) if n else float("nan")
-    half = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return {"label_effect": mean, "label_effect_ci": [mean - half, mean + half],
-            "label_effect_positive_share": float((diff > 0).mean()) if n else float("nan"), "label_pairs": n}
+    mean, ci = mean_t_ci(diff)
+    return {"label_effect": mean, "label_effect_ci": list(ci),
+            "label_effect_positive_share": float((diff > 0).mean()) if len(diff) else float("nan"),
+            "label_pairs": len(diff)}
 
 
 def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = None, split=None,
@@ -873,7 +872,7 @@ def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: i
     fig, axes = plt.subplots(len(cells), 2 * per_cell, figsize=(2 * per_cell * 0.9, len(cells) * 1.0 + 0.6),
                              squeeze=False)
     rng = np.random.default_rng(seed)
-    outlined = "mask" in synth and bool(synth["mask"].any())  # a mask-conditioned generator
+    outlined = bool(synth["mask"].any())  # a mask-conditioned generator
     for row, (ci, center, label) in enumerate(cells):
         for half, arrays in enumerate((real, synth)):
             pick = np.flatnonzero((arrays["center_idx"] == ci) & (arrays["label"] == label))

@@ -11,7 +11,8 @@ from diffkd.evaluate.calibration import brier_score, calibration, reliability_cu
 from diffkd.evaluate.decision import decision_curve, net_benefit
 from diffkd.evaluate.logistic import fit_logistic
 from diffkd.evaluate.metrics import (OperatingPoint, ThresholdRule, _weighted_aucs, auc, auc_delong_ci,
-                                     bootstrap_auc_ci, delong, delong_test, unpaired_auc_test, wilson_ci)
+                                     bootstrap_auc_ci, delong, delong_test, mean_t_ci, unpaired_auc_test,
+                                     wilson_ci)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,6 +127,15 @@ def test_bootstrap_ci_is_clustered_by_patient():
     assert bootstrap_auc_ci(y, s, n_boot=1000, seed=7).ci == bootstrap_auc_ci(y, s, n_boot=1000, seed=7).ci
     with pytest.raises(ValueError, match="at least 1000"):
         bootstrap_auc_ci(y, s, n_boot=200)
+
+
+def test_mean_t_ci_is_the_student_t_interval():
+    values = [0.12, -0.03, 0.30, 0.08]
+    mean, ci = mean_t_ci(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values)) and ci == pytest.approx(expected)
+    assert np.isnan(mean_t_ci([0.2])[1]).all()  # no spread from one value
+    assert np.isnan(mean_t_ci([])[0])
 
 
 def test_wilson_hand_values():

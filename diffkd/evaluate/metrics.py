@@ -263,6 +263,18 @@ class ThresholdRule:
         return f"highest threshold reaching sensitivity >= {self.target_sensitivity:g} on internal validation"
 
 
+def mean_t_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """Mean with its Student-t interval (e.g. a paired difference over pairs or seeds); (nan, nan) below 2 values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return math.nan, (math.nan, math.nan)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, (math.nan, math.nan)
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean, (mean - half, mean + half)
+
+
 def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion; (nan, nan) when n == 0."""
     if n == 0:
