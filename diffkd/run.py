@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffkd.ablate import AblationConfig
 from diffkd.config import ConfigError, from_dict, load_yaml, to_dict
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
@@ -93,6 +94,7 @@ class ExperimentConfig:
     pairing_free: PairingFreeStage = field(default_factory=PairingFreeStage)
     baselines: BaselineStage = field(default_factory=BaselineStage)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # diffkd ablate only
 
 
 def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
@@ -125,7 +127,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     check_no_leakage(assignments)
     say(f"dataset {dataset}: {len(real)} images, {real['case_id'].nunique()} cases, centers "
         f"{', '.join(sorted(real['center'].unique()))}; external: {', '.join(external) or 'none'}")
-    common = {"dataset": str(dataset), "external": list(external), "splits": to_dict(cfg.splits)}
+    common = stage_inputs(dataset, external, cfg)
     skipped: dict[str, str] = {}  # report section -> why it has no content
     notes: list[str] = []  # stages left out, for the report's limitations
     model_dirs: dict[str, str] = {}
@@ -135,17 +137,10 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     synthetic_block, grids = None, []
     ratio, sources = cfg.synthetic_ratio, ()
     if cfg.diffusion.enabled:
-        from diffkd.synth import audit, synthesize, with_synthesis_sampling
-        from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+        from diffkd.synth import audit, with_synthesis_sampling
 
-        diffusion_dir = str(models / "diffusion")
-        split = SplitSpec(external=list(external), val_fraction=cfg.splits.val_fraction, seed=cfg.splits.seed)
-        state.run("diffusion", {**common, "cfg": to_dict(cfg.diffusion)},
-                  lambda: _dir_result(train_diffusion(ds, diffusion_dir, cfg.diffusion.model,
-                                                      _loop(cfg.diffusion.loop, out, "diffusion"), split)))
-        synthesized = state.run("synth", {**common, "cfg": to_dict(cfg.synth)},
-                                lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)))
-        sources = (synthesized["run_id"],)  # this run's images only, whatever else the dataset holds
+        diffusion_dir, run_id = generator_stage(ds, external, cfg, out, state, common)
+        sources = (run_id,)  # this run's images only, whatever else the dataset holds
         audited = state.run("audit", {**common, "cfg": to_dict(cfg.audit)},
                             lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, run_ids=list(sources),
                                                       cfg=with_synthesis_sampling(cfg.audit, cfg.synth))})
@@ -229,6 +224,32 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
 
 # ---- stage helpers ---------------------------------------------------------------------------------------
+def stage_inputs(dataset: str | os.PathLike, external: list[str], cfg: ExperimentConfig) -> dict:
+    """What every stage's fingerprint in run_state.json starts from."""
+    return {"dataset": str(dataset), "external": list(external), "splits": to_dict(cfg.splits)}
+
+
+def generator_stage(ds: ImageDataset, external: list[str], cfg: ExperimentConfig, out: Path, state: RunState,
+                    common: dict, suffix: str = "") -> tuple[str, str]:
+    """Stage 1: the diffusion model (trained on the internal train split) and its synthetic rows.
+
+    Returns (the model folder, the synthesis run id that names its rows). `common` is `stage_inputs`;
+    `suffix` keeps several generators of one output folder apart (diffkd ablate --per-seed-generators).
+    """
+    from diffkd.synth import synthesize
+    from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+
+    name = "diffusion" + suffix
+    diffusion_dir = str(out / "models" / name)
+    split = SplitSpec(external=list(external), val_fraction=cfg.splits.val_fraction, seed=cfg.splits.seed)
+    state.run(name, {**common, "cfg": to_dict(cfg.diffusion)},
+              lambda: _dir_result(train_diffusion(ds, diffusion_dir, cfg.diffusion.model,
+                                                  _loop(cfg.diffusion.loop, out, name), split)))
+    synthesized = state.run("synth" + suffix, {**common, "cfg": to_dict(cfg.synth)},
+                            lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)))
+    return diffusion_dir, synthesized["run_id"]
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
