@@ -54,6 +54,13 @@ class DDPEngine:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self._forward(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # what DeepSpeed's engine does too: the model's own attributes show through the wrapper
+        module = self.__dict__.get("module")
+        if module is None:
+            raise AttributeError(name)
+        return getattr(module, name)
+
     def train(self, mode: bool = True) -> "DDPEngine":
         self.module.train(mode)
         return self

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from diffkd.train import checkpoint as ckpt
-from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, optimizer_steps, prepare_deepspeed
+from diffkd.train.deepspeed_config import build_engine, optimizer_steps, prepare_deepspeed
 from diffkd.train.progress import Progress
 from diffkd.train.task import Task
 
@@ -281,24 +281,6 @@ def _batches(shard, batch_size: int, device: torch.device, *, shuffle_buffer: in
         yield to_device(batch, device)
 
 
-def _build_engine(model: nn.Module, cfg: LoopConfig, world: int, total_steps: int, device: torch.device):
-    """The DeepSpeed engine, or with `engine: ddp` plain DDP behind the same methods."""
-    import deepspeed
-
-    ds_config = deepspeed_config(cfg, world, cfg.use_gpu, total_steps)
-    optimizer = build_optimizer(model, cfg)
-    if cfg.engine == "ddp":
-        from diffkd.train.ddp_engine import DDPEngine
-
-        return DDPEngine(model, optimizer, ds_config, world, device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False, config=ds_config)
-    if world == 1 and engine.zero_optimization_stage() == 0:
-        # Alone, there is nothing to average: DeepSpeed would still flatten every gradient, all-reduce it
-        # over a group of one and copy it back after each backward pass.
-        engine.enable_backward_allreduce = False
-    return engine
-
-
 def _train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -316,7 +298,7 @@ def _train_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
-    engine = _build_engine(task.build_model(), cfg, world, config["total_steps"], device)
+    engine = build_engine(task.build_model(), cfg, world, config["total_steps"], device)
     task.setup(device)
     progress = Progress(task.name, cfg.epochs, config["batches_per_epoch"], cfg.progress_interval_s) \
         if rank == 0 and cfg.progress else None
@@ -352,10 +334,13 @@ def _train_worker(config: dict) -> None:
             if state.stopped_early:
                 progress.message(f"stopping early: {objective} has not improved for {cfg.patience} epochs "
                                  f"(best {state.best_value:.4f} at epoch {state.best_epoch})")
-        with tempfile.TemporaryDirectory(prefix="diffkd-ckpt-") as local:
-            ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task.name)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                             checkpoint_dir_name=name)
+        local = tempfile.mkdtemp(prefix="diffkd-ckpt-")
+        ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task.name)
+        # Uploaded (copied to storage_path, then deleted here) in Ray's background thread while the next
+        # epoch trains: the copy and report's barrier stay off the critical path. A failed upload
+        # raises in the training thread; a half-uploaded checkpoint fails its checksums on resume.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
 def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.device, epoch: int, rank: int,
