@@ -32,7 +32,7 @@ def trajectory(engine_name: str, steps: int = 12) -> tuple[list[float], list[flo
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     cfg = LoopConfig(engine=engine_name, lr=0.05, grad_clip=0.5, grad_accum_steps=2, warmup_fraction=0.3)
-    engine = build_engine(model, cfg, world=1, total_steps=steps // 2, device=torch.device("cpu"))
+    engine = build_engine(model, cfg, world_size=1, total_steps=steps // 2, device=torch.device("cpu"))
     data = torch.Generator().manual_seed(1)
     losses, lrs = [], []
     for _ in range(steps):

@@ -103,7 +103,7 @@ def test_a_cached_set_decodes_once_and_yields_the_streamed_epochs(ray_local, dat
                 got.update({cid: (img.numpy(), m.numpy()) for cid, img, m in
                             zip(batch["case_id"], batch["image"], batch["mask"])})
             rows[name] = got
-        assert sorted(rows["cached"]) == ids
+        assert sorted(rows["cached"]) == sorted(ids)
         for cid in ids:
             np.testing.assert_array_equal(rows["cached"][cid][0], rows["streamed"][cid][0])
             np.testing.assert_array_equal(rows["cached"][cid][1], rows["streamed"][cid][1])
