@@ -16,7 +16,8 @@ Outputs in `out_dir`: `trials.csv` (one row per trial), `curves.csv` (every epoc
 `objective_vs_params.png`, `learning_curves.png`, `best_config.yaml` (the `student` section with
 the best values, ready for the final student: `diffkd distill --config best_config.yaml`), and the
 Tune experiment `search/` that `resume=True` continues after an interruption. Space paths are
-relative to the student section (`distill.temperature`, `loop.lr`, `pipeline.synthetic_ratio`).
+relative to the student section (`distill.terms.logit.temperature`, `loop.lr`,
+`pipeline.synthetic_ratio`).
 """
 from __future__ import annotations
 
@@ -69,19 +70,25 @@ def training_rows(assignments: "pd.DataFrame") -> "pd.DataFrame":
 def arm_space(space: TuneSpace, cfg: "StudentConfig") -> TuneSpace:
     """`space` restricted to the parameters that apply to the arm `cfg`: fields of its config that it uses.
 
-    Distillation settings apply only to arms that distil, and only to the terms an arm has (a path
-    that names no field of its config is left out). Every arm searched this way gets the same number
-    of trials; an arm left with no parameter would get none, so that is an error.
+    Distillation settings apply only to arms that distil, and only to the terms an arm has switched on
+    (weight > 0: searching a term's weight must not switch on a loss the arm's config leaves off, as
+    instance KD in the pairing-free arm). Other paths apply when they name a field of the arm's
+    config. Every arm searched this way gets the same number of trials; an arm left with no parameter
+    would get none, so that is an error.
     """
     base = to_dict(cfg)
     kept = {}
     for name, dist in space.params.items():
-        if name.startswith("distill.") and not cfg.distills:
-            continue
-        try:
-            apply_params(base, {name: None})
-        except ConfigError:
-            continue
+        keys = name.split(".")
+        if keys[0] == "distill":
+            terms = cfg.distill.terms if cfg.distills else {}
+            if len(keys) < 3 or keys[1] != "terms" or not terms.get(keys[2], {}).get("weight", 0) > 0:
+                continue
+        else:
+            try:
+                apply_params(base, {name: None})
+            except ConfigError:
+                continue
         kept[name] = dist
     if not kept:
         raise ConfigError(f"{space.source or 'the search space'}: none of its parameters ({', '.join(space.params)}) "
