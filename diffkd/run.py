@@ -28,7 +28,7 @@ from diffkd.runstate import RunState
 from diffkd.synth import AuditConfig, SynthConfig
 from diffkd.train.diffusion_task import DiffusionConfig
 from diffkd.train.loop import LoopConfig
-from diffkd.train.student import StudentConfig
+from diffkd.train.student import DistillConfig, StudentConfig
 from diffkd.train.teacher import TeacherConfig
 
 log = logging.getLogger("diffkd.run")
@@ -71,13 +71,23 @@ class TuneStage:
     num_samples: int = 0  # 0 = the space's own count
 
 
+def _group_terms() -> DistillConfig:
+    return DistillConfig({"gkd_pro": {"weight": 1.0}, "gkd_den": {"weight": 1.0}})
+
+
 @dataclass
 class PairingFreeStage:
-    """Seed 002's setting: a teacher on the richer modality, a student on B-mode, no image pairs."""
+    """Seed 002's setting (PaGKD): a teacher on the richer modality, a student on B-mode, no image pairs.
+
+    The student distils through its own `distill.terms`, by default GKD-Pro + GKD-Den only (GKD-Den
+    after its warm-up), never the `student` section's paired terms: logit or feature KD (which would
+    need pairs, and so run on random same-class pairs) only where this section names them.
+    """
 
     enabled: bool = True
     teacher_modality: str = "us_doppler"
     student_modality: str = "us"
+    distill: DistillConfig = field(default_factory=_group_terms)
 
 
 @dataclass
@@ -202,9 +212,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
                   lambda: _predictions_result(train_teacher(
                       ds, assignments, _with_loop(_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)), out, name),
                       model_dirs[name], synthetic_ratio=0.0, model_name=name)))
-        students["student_pairing_free"] = dataclasses.replace(
-            _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=model_dirs[name], mode="pairing_free",
-            student_modality=pf.student_modality, teacher_modality=pf.teacher_modality)
+        students["student_pairing_free"] = pairing_free_student(student_cfg, pf, model_dirs[name])
     elif pf.enabled:
         notes.append(f"the dataset has no {pf.teacher_modality!r} images beside {pf.student_modality!r} "
                                    f"(modalities: {', '.join(sorted(modalities))}): the pairing-free group KD "
@@ -244,6 +252,14 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
 
 # ---- stage helpers ---------------------------------------------------------------------------------------
+def pairing_free_student(student_cfg: StudentConfig, pf: PairingFreeStage, teacher_dir: str) -> StudentConfig:
+    """The `student_pairing_free` arm: the student section's architecture, data and loop (real images only),
+    the pairing-free section's modalities and distillation terms."""
+    return dataclasses.replace(_pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=teacher_dir,
+                               mode="pairing_free", student_modality=pf.student_modality,
+                               teacher_modality=pf.teacher_modality, distill=pf.distill)
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
