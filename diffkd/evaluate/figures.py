@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from diffkd.evaluate.calibration import calibration, reliability_curve
-from diffkd.evaluate.decision import DEFAULT_THRESHOLDS, net_benefit, treat_all_net_benefit
+from diffkd.evaluate.decision import DEFAULT_THRESHOLDS, net_benefit, recalibrated, treat_all_net_benefit
 from diffkd.evaluate.metrics import CIOptions, OperatingPoint, auc_with_ci
 from diffkd.evaluate.summary import COHORT_SPLITS, ordered_models
 
@@ -165,11 +165,16 @@ def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 
 
 def decision_figure(predictions: pd.DataFrame, reference: str,
                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> bytes:
-    """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none."""
+    """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none, of each
+    model's risks recalibrated on its internal validation predictions (decision.recalibrated)."""
     colors = model_colors(predictions.model.unique())
-    fig = Figure(figsize=(11, 4.8))
+    risks, _ = recalibrated(predictions)
+    fig = Figure(figsize=(11, 5.2))
+    fig.suptitle("Risks recalibrated on internal validation (logistic recalibration per model) before net benefit",
+                 fontsize=10)
+    titles = {"internal": "Internal (where the recalibration was fitted)", "external": "External"}
     for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
-        part = _cohort(predictions, cohort)
+        part = _cohort(risks, cohort)
         if part.empty:
             _no_cases(ax, cohort)
             continue
@@ -186,7 +191,7 @@ def decision_figure(predictions: pd.DataFrame, reference: str,
             ax.plot(thresholds, nb, color=colors[model], lw=2.2 if main else 1, label=model, zorder=3 if main else 2)
         ax.set_ylim(-0.05, top * 1.15)
         ax.set_xlim(min(thresholds), max(thresholds))
-        ax.set_title(f"{cohort.capitalize()}: decision curve")
+        ax.set_title(f"{titles[cohort]}: decision curve", fontsize=10)
         ax.set_xlabel("threshold probability")
         ax.set_ylabel("net benefit")
         ax.grid(alpha=0.3)

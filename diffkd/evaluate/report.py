@@ -308,7 +308,7 @@ def _methods_section(ctx: _Context) -> str:
         "Calibration: intercept (calibration-in-the-large, slope fixed at 1) and slope by logistic recalibration "
         "of the outcome on logit(p); Brier score; reliability curves over quantile bins with Wilson CIs.",
         "Clinical utility: decision-curve net benefit over threshold probabilities of 5–40%, against treating all "
-        "and treating none.",
+        "and treating none, on risks recalibrated on internal validation (logistic recalibration per model).",
         "Readers: each reader's calls against the reference model's at its fixed threshold on the cases both read; "
         "McNemar test on the positives (sensitivity) and on the negatives (specificity), exact mid-p below 25 "
         "discordant pairs, continuity-corrected chi-square otherwise.",
@@ -389,9 +389,18 @@ def _calibration_section(ctx: _Context) -> str:
 def _decision_section(ctx: _Context) -> str:
     if ctx.caller_skipped("decision"):
         return _skipped(ctx.skipped["decision"])
+    rows = [[f"<code>{_esc(m)}</code>", _num(r["intercept"]), _num(r["slope"]), _num(r["n"])]
+            for m, r in ((m, ctx.metrics["models"][m].get("recalibration")) for m in ordered_models(ctx.metrics["models"]))
+            if r]
     return _figure(figures.decision_figure(ctx.preds, ctx.reference), "decision curves",
-                   "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t. A model is useful where its "
-                   "curve lies above both treat-all and treat-none.")
+                   "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t, computed on each model's "
+                   "probabilities <b>recalibrated on internal validation</b>: logit(risk) = a + b·logit(p), fitted "
+                   "on the model's internal validation predictions (Firth-penalised) and applied unchanged to the "
+                   "external cohort. Models trained with class weights or rebalancing synthetic rows do not output "
+                   "risks; recalibration makes the threshold probability mean what it says. The internal panel is "
+                   "in-sample for the recalibration. A model is useful where its curve lies above both treat-all "
+                   "and treat-none.") + _table(["model", "recalibration a", "recalibration b", "validation cases"],
+                                               rows, [1, 2, 3])
 
 
 def _comparison_rows(ctx: _Context, models: Sequence[str], against: str | None = None) -> list[list[str]]:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from diffkd.evaluate.calibration import calibration
+from diffkd.evaluate.decision import recalibrated
 from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, independent_auc_test,
                                      paired_auc_test)
 from diffkd.evaluate.readers import compare_readers, reader_operating_points
@@ -265,6 +266,7 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
     """
     preds = validate_predictions(predictions)
     thresholds = fit_thresholds(preds, config.threshold_rule)
+    _, recalibrations = recalibrated(preds)
     model_info = model_info or {}
     models: dict = {}
     for model in ordered_models(preds.model.unique()):
@@ -284,6 +286,10 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
         entry["threshold"] = thresholds[model]
         entry["internal_vs_external"] = _internal_vs_external(frame, config.ci_options)
+        if model in recalibrations:  # what the decision curves apply to this model's probabilities
+            r = recalibrations[model]
+            entry["recalibration"] = {"intercept": r.intercept, "slope": r.slope, "n": r.n,
+                                      "fitted_on": "internal validation"}
         models[model] = entry
 
     out = {
