@@ -200,7 +200,8 @@ def decision_figure(predictions: pd.DataFrame, reference: str,
 
 
 def forest_figure(metrics: Mapping) -> bytes:
-    """AUC with 95% CI per model, one panel per center (internal centers on validation cases)."""
+    """AUC with 95% CI per model, one panel per center (internal centers on validation cases), with the
+    synthetic cohort's Bayes and image-visible AUCs as vertical lines where metrics hold "ceilings"."""
     models = ordered_models(metrics["models"])
     centers = sorted({c for m in models for c in metrics["models"][m]["per_center"]})
     colors = model_colors(models)
@@ -208,6 +209,8 @@ def forest_figure(metrics: Mapping) -> bytes:
     axes = np.atleast_1d(fig.subplots(1, len(centers), sharey=True, squeeze=False)[0])
     lows = [m["auc_ci"][0] for e in metrics["models"].values() for m in e["per_center"].values()
             if m.get("auc") is not None]
+    lows += [c[k] for c in metrics.get("ceilings", {}).values() for k in ("bayes_auc", "visible_auc")
+             if c.get(k) is not None]
     x_min = min([0.3, *lows]) - 0.02
     for ax, center in zip(axes, centers):
         for row, model in enumerate(models):
@@ -219,6 +222,12 @@ def forest_figure(metrics: Mapping) -> bytes:
                         ms=5, capsize=2)
         split = next((metrics["models"][m]["per_center"][center].get("split") for m in models
                       if center in metrics["models"][m]["per_center"]), "")
+        ceiling = metrics.get("ceilings", {}).get(center, {})
+        for key, style, label in (("bayes_auc", "-", "Bayes AUC"), ("visible_auc", "--", "image-visible AUC")):
+            if ceiling.get(key) is not None:
+                ax.axvline(ceiling[key], color="#2b7a3d", lw=1.2, ls=style, label=label)
+        if ceiling and ax is axes[0]:
+            ax.legend(fontsize=7, loc="lower left")
         ax.set_title(f"{center} ({'external' if split == 'test' else 'internal'})", fontsize=9)
         ax.axvline(0.5, color="#bbbbbb", lw=0.8, ls="--")
         ax.set_xlim(x_min, 1.01)
