@@ -298,7 +298,7 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     cfg = cfg or SynthConfig()
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     if not dataset.exists():
-        raise DatasetError(f"dataset {dataset.uri} does not exist (no manifest.json); run `diffkd ingest` first")
+        raise DatasetError(f"dataset {dataset.uri} does not exist (no _manifest.json); run `diffkd ingest` first")
     model_dir = os.fspath(model_dir)
     train_rows = generator_training_rows(dataset, model_dir)
     run_id = run_id_for(model_dir, cfg)
