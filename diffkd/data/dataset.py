@@ -51,7 +51,6 @@ from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, SCHEMA_VER
 log = logging.getLogger("diffkd.data")
 
 MANIFEST = "_manifest.json"
-LOCK_FILE = "_manifest.lock"
 SYNTHETIC_DIR = "_synthetic"
 LEGACY_MANIFEST = "manifest.json"  # before the leading underscore
 LEGACY_SYNTHETIC_DIR = "synthetic"
@@ -87,8 +86,9 @@ def partitioning() -> pds.Partitioning:
 class _WriteLock:
     """An exclusive lock on one dataset, across processes (flock) and threads; re-entrant in a thread.
 
-    A local dataset is locked through `DS/_manifest.lock`. Object stores have no file locks: there the
-    lock file lives in the local temporary directory, which orders the writers of one machine only.
+    A local dataset is locked through `DS/../.<DS name>.lock`, beside the dataset rather than in it, so
+    that a refused first ingest leaves no dataset folder behind. Object stores have no file locks:
+    there the lock file lives in the local temporary directory, which orders one machine's writers only.
     """
 
     _registry: dict[str, "_WriteLock"] = {}
@@ -223,7 +223,8 @@ class ImageDataset:
         centers) hold it across the read and the write; the write methods below take it themselves.
         """
         if self.fs.type_name == "local":
-            path = self._path(LOCK_FILE)
+            parent, name = os.path.split(self.root.rstrip("/"))
+            path = os.path.join(parent, f".{name}.lock")
         else:
             key = hashlib.sha256(str(self.uri).encode()).hexdigest()[:24]
             path = os.path.join(tempfile.gettempdir(), f"diffkd-dataset-{key}.lock")

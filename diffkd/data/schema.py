@@ -17,11 +17,11 @@ SCHEMA_VERSION = 1
 # invasive at surgery (the positive class).
 NUM_LABELS = 2
 DEFAULT_LABEL_NAMES = ("DCIS", "upgrade")
-LABEL_NAMES = dict(enumerate(DEFAULT_LABEL_NAMES))
-# Spellings a user's CSV may carry for the label, lower-cased.
-LABEL_ALIASES = {
-    "0": 0, "dcis": 0, "pure dcis": 0, "stays dcis": 0, "non-upgrade": 0, "no": 0, "negative": 0,
-    "1": 1, "upgrade": 1, "upgraded": 1, "idc": 1, "invasive": 1, "yes": 1, "positive": 1,
+# Spellings a user's CSV may carry for the label, lower-cased: any dataset's, then the DCIS study's.
+GENERIC_LABEL_ALIASES = {"0": 0, "negative": 0, "1": 1, "positive": 1}
+DCIS_LABEL_ALIASES = {
+    "dcis": 0, "pure dcis": 0, "stays dcis": 0, "non-upgrade": 0, "no": 0,
+    "upgrade": 1, "upgraded": 1, "idc": 1, "invasive": 1, "yes": 1,
 }
 MODALITIES = ("us", "us_doppler", "mammo")
 
@@ -100,15 +100,26 @@ def check_label_names(names) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def parse_label(value: object) -> int:
+def label_aliases(names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> dict[str, int]:
+    """Lower-cased label spellings -> 0/1 for a dataset whose outcomes are `names`: the names, 0/1,
+    negative/positive, and the DCIS study's spellings when the names are the default ones."""
+    aliases = dict(GENERIC_LABEL_ALIASES)
+    if tuple(names) == DEFAULT_LABEL_NAMES:
+        aliases.update(DCIS_LABEL_ALIASES)
+    aliases.update({names[0].lower(): 0, names[1].lower(): 1})
+    return aliases
+
+
+def parse_label(value: object, names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> int:
+    """A label cell or folder name -> 0/1, for a dataset whose outcomes are `names` (label 0, label 1)."""
     key = str(value).strip().lower()
     if key.endswith(".0"):
         key = key[:-2]
-    if key not in LABEL_ALIASES:
-        raise ValueError(
-            f"label {value!r} is not recognised; use DCIS/upgrade or 0/1 (accepted: {', '.join(sorted(LABEL_ALIASES))})"
-        )
-    return LABEL_ALIASES[key]
+    aliases = label_aliases(names)
+    if key not in aliases:
+        raise ValueError(f"label {value!r} is not recognised; use {names[0]}/{names[1]} or 0/1 "
+                         f"(accepted: {', '.join(sorted(aliases))})")
+    return aliases[key]
 
 
 BASE_FIELDS: tuple[pa.Field, ...] = (
