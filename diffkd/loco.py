@@ -11,7 +11,7 @@ whose training sets it joins, are trained again; folds whose inputs did not chan
 interrupted job continues where it stopped.
 
 Outputs in `out_dir`: `folds/<center>/` (the fold's teacher, predictions.parquet, training.json),
-`loco.csv` (one row per held-out center: cases, upgrades, external AUC with its DeLong 95% CI,
+`loco.csv` (one row per held-out center: cases, positives (label 1), external AUC with its DeLong 95% CI,
 internal-validation AUC), `loco_auc.png` (the same as a forest plot, with the pooled AUC over every
 fold's external cases), and one Tune experiment per call (`experiment-<time>/`).
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from diffkd.config import from_dict, to_dict
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.files import atomic_write_json
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def fold_row(center: str, preds: "pd.DataFrame") -> dict[str, Any]:
 
     external = preds[preds["split"] == "test"]
     internal = preds[preds["split"] == "val"]
-    row: dict[str, Any] = {"held_out": center, "cases": len(external), "upgrades": int(external["label"].sum())}
+    row: dict[str, Any] = {"held_out": center, "cases": len(external), "positives": int(external["label"].sum())}
     if external["label"].nunique() == 2:
         estimate = auc_delong_ci(external["label"], external["prob"])
         row.update(external_auc=estimate.auc, ci_low=estimate.ci[0], ci_high=estimate.ci[1])
@@ -178,19 +179,22 @@ def summarize(out_dir: str, centers: list[str]) -> "pd.DataFrame":
     rows = [fold_row(center, preds) for center, preds in folds.items()]
     pooled = pd.concat([preds[preds["split"] == "test"] for preds in folds.values()], ignore_index=True)
     estimate = auc_delong_ci(pooled["label"], pooled["prob"])
-    rows.append({"held_out": "pooled", "cases": len(pooled), "upgrades": int(pooled["label"].sum()),
+    rows.append({"held_out": "pooled", "cases": len(pooled), "positives": int(pooled["label"].sum()),
                  "external_auc": estimate.auc, "ci_low": estimate.ci[0], "ci_high": estimate.ci[1],
                  "internal_auc": float("nan")})
     return pd.DataFrame(rows)
 
 
-def format_table(table: "pd.DataFrame") -> str:
-    lines = [f"{'held-out center':<16} {'cases':>5} {'upgr.':>5}  {'external AUC (95% CI)':<22} {'internal AUC':>12}"]
+def format_table(table: "pd.DataFrame", positive_name: str = DEFAULT_LABEL_NAMES[1]) -> str:
+    """The LOCO table for a terminal; `positive_name` heads the count of label-1 cases (the dataset's name)."""
+    width = max(5, len(positive_name))
+    lines = [f"{'held-out center':<16} {'cases':>5} {positive_name:>{width}}  {'external AUC (95% CI)':<22} "
+             f"{'internal AUC':>12}"]
     for _, r in table.iterrows():
         ext = "n/a (one class)" if math.isnan(r["external_auc"]) else (
             f"{r['external_auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})")
         internal = "" if math.isnan(r["internal_auc"]) else f"{r['internal_auc']:.3f}"
-        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['upgrades']:>5}  {ext:<22} {internal:>12}")
+        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['positives']:>{width}}  {ext:<22} {internal:>12}")
     return "\n".join(lines)
 
 

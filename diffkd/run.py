@@ -360,7 +360,7 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
-                          evaluate=to_dict(cfg.evaluate))
+                          evaluate=to_dict(cfg.evaluate), label_names=list(ds.label_names))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     metrics = json.loads(Path(files.metrics).read_text())
     print(headline_table(metrics))

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
 
 def run_loco(args) -> int:
     from diffkd.commands.train import load_teacher_config
+    from diffkd.data.dataset import ImageDataset
     from diffkd.loco import format_table, leave_one_center_out
     from diffkd.raycompat import init as ray_init
 
@@ -45,7 +46,7 @@ def run_loco(args) -> int:
     ray_init(args.address)
     outcome = leave_one_center_out(args.dataset, cfg, args.out, parallel=args.parallel,
                                    val_fraction=args.val_fraction, seed=args.split_seed)
-    print(format_table(outcome.table))
+    print(format_table(outcome.table, ImageDataset(args.dataset).label_names[1]))
     print(f"{len(outcome.table) - 1} folds, {outcome.parallel} at a time, {outcome.wall_s:.0f} s; "
           f"table {outcome.files['table']}, plot {outcome.files['plot']}")
     return 0
