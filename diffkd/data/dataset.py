@@ -288,12 +288,19 @@ class ImageDataset:
         self._write_partition(validate_center_name(center), table, synthetic=False, sources=sources or [],
                               label_names=label_names)
 
-    def write_synthetic(self, center: str, table: pa.Table, run_id: str) -> None:
-        """Add one generator run's rows for `center` to the synthetic tree (existing runs are kept)."""
-        self._write_partition(validate_center_name(center), table, synthetic=True, run_id=run_id)
+    def write_synthetic(self, center: str, table: pa.Table, run_id: str, generator: dict | None = None) -> None:
+        """Add one generator run's rows for `center` to the synthetic tree (existing runs are kept).
+
+        `generator` (recorded with the run in the manifest) says which split trained the generator,
+        so that training stages can refuse rows of a generator that saw their validation or external
+        patients (`diffkd.data.splits.check_synthetic_split`).
+        """
+        self._write_partition(validate_center_name(center), table, synthetic=True, run_id=run_id,
+                              generator=generator)
 
     def _write_partition(self, center: str, table: pa.Table, synthetic: bool, sources: list[dict] | None = None,
-                         run_id: str | None = None, label_names: tuple[str, str] | None = None) -> None:
+                         run_id: str | None = None, generator: dict | None = None,
+                         label_names: tuple[str, str] | None = None) -> None:
         table = conform(table)
         if table.num_rows == 0:
             raise DatasetError(f"refusing to write an empty partition for center {center!r}")
@@ -309,7 +316,7 @@ class ImageDataset:
             section = manifest["synthetic" if synthetic else "centers"]
             part_dir = self._partition_dir(center, synthetic)
             if synthetic:
-                self._add_synthetic_run(section, center, part_dir, stored, run_id)
+                self._add_synthetic_run(section, center, part_dir, stored, run_id, generator)
                 self._write_manifest(manifest)
                 return
             # A new directory, renamed over the old one: readers never see a mix of old and new files.
@@ -338,7 +345,8 @@ class ImageDataset:
             if had_old:
                 self.fs.delete_dir(retired)
 
-    def _add_synthetic_run(self, section: dict, center: str, part_dir: str, stored: pa.Table, run_id: str) -> None:
+    def _add_synthetic_run(self, section: dict, center: str, part_dir: str, stored: pa.Table, run_id: str,
+                           generator: dict | None) -> None:
         name = f"part-{run_id}.parquet"
         entry = section.setdefault(center, {"files": [], "rows": 0, "runs": []})
         if name in entry["files"]:
@@ -346,7 +354,8 @@ class ImageDataset:
         self.fs.create_dir(self._path(part_dir), recursive=True)
         self._atomic_write_table(part_dir, name, stored)
         entry["files"].append(name)
-        entry["runs"].append({"run_id": run_id, "rows": stored.num_rows, "written": _now()})
+        entry["runs"].append({"run_id": run_id, "rows": stored.num_rows, "written": _now(),
+                              **({"generator": generator} if generator else {})})
         entry["rows"] += stored.num_rows
         entry["labels"] = _merge_counts(entry.get("labels", {}), _counts(stored, "label"))
 
