@@ -1,14 +1,15 @@
 """The student stage, measured side by side in one run; prints one JSON line.
 
 1. footprint: parameters of teacher and student; CPU latency per image at batch 1 and 32 (one
-   thread), teacher in torch vs student in torch and in ONNX Runtime. Targets: >= 10x fewer
-   parameters, >= 5x faster.
+   thread), both models in torch and both in ONNX Runtime, so every speed-up compares like with
+   like (same runtime, same batch). Targets: >= 10x fewer parameters, >= 5x faster.
 2. kd_effect: external AUC of student_kd (paired logit KD, T=4, alpha=0.9) minus student_plain (same
    architecture, no teacher, no synthetic images), per seed with the DeLong CI of the paired
    difference, and over seeds (mean, t-interval). No diffusion here: this isolates distillation.
-3. pairing_free: teacher on us_doppler, student on B-mode of other patients. Group KD (GKD-Pro +
-   GKD-Den, no instance terms) minus instance KD on random same-class pairs (logit + feature KD),
-   external AUC, same statistics.
+3. pairing_free: one teacher trained on us_doppler only, students on B-mode of other patients. Group
+   KD (GKD-Pro + GKD-Den, no instance terms) minus instance feature KD on random same-class pairs, with
+   the same total KD weight and the same cross-entropy weight (1: neither arm blends a logit term into
+   cross-entropy's share), external AUC, same statistics.
 4. asha: the same search (tune_spaces/kd.yaml's parameters, Optuna, same seed and trial count) with
    ASHA vs FIFO (every trial its full budget): best internal-validation AUC and total trial-epochs.
 
@@ -33,6 +34,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(f"[bench/student] {msg}", file=sys.stderr, flush=True)
@@ -42,29 +46,25 @@ def log(msg: str) -> None:
 
 def footprint(teacher_arch: str, student_arch: str, image_size: int, repeats: int) -> dict:
     from diffkd.models.classifiers import create_classifier
-    from diffkd.models.export import export_onnx, onnx_session
-    from diffkd.models.footprint import count_parameters, example_inputs, onnx_latency_ms, torch_latency_ms
+    from diffkd.models.footprint import count_parameters, latency_table
 
     torch.set_num_threads(1)
-    teacher = create_classifier(teacher_arch, in_chans=1).eval()
-    student = create_classifier(student_arch, in_chans=1).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        session = onnx_session(export_onnx(student, os.path.join(tmp, "model.onnx"), example_inputs(image_size)),
-                               threads=1)
-        out: dict = {"teacher_arch": teacher_arch, "student_arch": student_arch, "image_size": image_size,
-                     "threads": 1, "params_teacher": count_parameters(teacher),
-                     "params_student": count_parameters(student)}
-        for batch in (1, 32):
-            inputs = example_inputs(image_size, batch=batch)
-            reps = repeats if batch == 1 else max(3, repeats // 4)
-            t = torch_latency_ms(teacher, inputs, reps) / batch
-            s = torch_latency_ms(student, inputs, reps) / batch
-            o = onnx_latency_ms(session, inputs, reps) / batch
-            out[f"ms_per_image_b{batch}"] = {"teacher_torch": t, "student_torch": s, "student_onnx": o}
-            out[f"speedup_b{batch}"] = {"student_torch": t / s, "student_onnx": t / o}
+    models = {"teacher": create_classifier(teacher_arch, in_chans=1).eval(),
+              "student": create_classifier(student_arch, in_chans=1).eval()}
+    out: dict = {"teacher_arch": teacher_arch, "student_arch": student_arch, "image_size": image_size,
+                 "threads": 1, "params_teacher": count_parameters(models["teacher"]),
+                 "params_student": count_parameters(models["student"])}
+    table = {name: latency_table(model, image_size, repeats=repeats) for name, model in models.items()}
+    for batch in (1, 32):
+        key = f"b{batch}"
+        out[f"ms_per_image_{key}"] = {f"{name}_{runtime}": table[name][runtime][key]
+                                      for name in models for runtime in ("torch", "onnx")}
+        # like with like: teacher and student in the same runtime at the same batch
+        out[f"speedup_{key}"] = {runtime: table["teacher"][runtime][key] / table["student"][runtime][key]
+                                 for runtime in ("torch", "onnx")}
     out["param_ratio"] = out["params_teacher"] / out["params_student"]
     out["targets_met"] = {"params_10x": out["param_ratio"] >= 10,
-                          "speed_5x_b1": max(out["speedup_b1"].values()) >= 5}
+                          "speed_5x_b1": min(out["speedup_b1"].values()) >= 5}
     return out
 
 
@@ -77,7 +77,7 @@ def prepare(workdir: str, args) -> tuple:
     from diffkd.data.splits import make_splits
 
     data = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data, "manifest.json")):
+    if not ImageDataset(data).exists():
         cohort = os.path.join(workdir, "phantom")
         log(f"phantom: {args.patients or 'demo'} patients, Doppler share {args.doppler_fraction}")
         summary = generate_cohort(cohort, size="demo", patients=args.patients, centers=args.centers,
@@ -90,17 +90,19 @@ def prepare(workdir: str, args) -> tuple:
     return ds, splits
 
 
-def teacher(ds, splits, workdir: str, args) -> tuple[str, dict]:
+def teacher(ds, splits, workdir: str, args, modality: str) -> tuple[str, dict]:
+    """The teacher of one modality (as `diffkd run` trains them): B-mode for paired KD, Doppler for pairing-free."""
     from diffkd.data.pipeline import PipelineConfig
     from diffkd.train.teacher import TeacherConfig, train_teacher
 
-    out = os.path.join(workdir, "teacher")
+    out = os.path.join(workdir, f"teacher_{modality}")
     info_path = os.path.join(out, "training.json")
     if not os.path.exists(info_path):
-        log(f"teacher {args.teacher_arch}: every modality, {args.teacher_epochs} epochs")
-        cfg = TeacherConfig(arch=args.teacher_arch, pipeline=PipelineConfig(image_size=args.image_size),
-                            loop=_loop(args, args.teacher_epochs, "teacher", workdir, patience=0))
-        train_teacher(ds, splits, cfg, out)
+        log(f"teacher {args.teacher_arch}: {modality} only, {args.teacher_epochs} epochs")
+        cfg = TeacherConfig(arch=args.teacher_arch, pipeline=PipelineConfig(image_size=args.image_size,
+                                                                           modalities=(modality,)),
+                            loop=_loop(args, args.teacher_epochs, f"teacher-{modality}", workdir, patience=0))
+        train_teacher(ds, splits, cfg, out, model_name=f"teacher_{modality}")
     with open(info_path) as f:
         return out, json.load(f)["metrics"]
 
@@ -209,11 +211,11 @@ def main() -> int:
     if "footprint" in parts:
         result["footprint"] = footprint(args.teacher_arch, args.student_arch, args.latency_size, args.repeats)
         log(f"footprint: {result['footprint']['param_ratio']:.1f}x fewer parameters, "
-            f"{result['footprint']['speedup_b1']['student_torch']:.1f}x faster (torch, batch 1)")
+            f"{result['footprint']['speedup_b1']['torch']:.1f}x faster (torch, batch 1)")
     if parts & {"kd", "pairing_free", "asha"}:
         init_local(num_cpus=max(4, os.cpu_count() or 1))
         ds, splits = prepare(workdir, args)
-        teacher_dir, teacher_metrics = teacher(ds, splits, workdir, args)
+        teacher_dir, teacher_metrics = teacher(ds, splits, workdir, args, "us")
         result["teacher"] = {"arch": args.teacher_arch, **teacher_metrics}
         result["data"] = {"cases": {s: int((splits["split"] == s).sum()) for s in ("train", "val", "test")},
                           "modalities": splits["modality"].value_counts().to_dict(),
@@ -222,24 +224,27 @@ def main() -> int:
         seeds = list(range(args.seeds))
 
         def student(seed: int, **kw) -> StudentConfig:
-            return StudentConfig(arch=args.student_arch, teacher_dir=teacher_dir, pipeline=pipeline,
-                                 loop=_loop(args, args.student_epochs, "student", workdir, seed), **kw)
+            return StudentConfig(arch=args.student_arch, **{"teacher_dir": teacher_dir, **kw}, pipeline=pipeline,
+                                 loop=_loop(args, args.student_epochs, "student", workdir, seed))
 
         if "kd" in parts:
             result["kd_effect"] = compare(
-                ds, splits, lambda s: student(s, distill=DistillConfig(temperature=4.0, alpha=0.9)),
+                ds, splits, lambda s: student(s, distill=DistillConfig({"logit": {"weight": 0.9, "temperature": 4.0}})),
                 lambda s: plain_variant(student(s)), ("student_kd", "student_plain"), seeds, workdir)
         if "pairing_free" in parts:
-            group = DistillConfig(alpha=0.0, pro_weight=1.0, den_weight=0.5, den_warmup_epochs=1)
-            instance = DistillConfig(alpha=0.9, temperature=4.0, feature_weight=1.0)
+            doppler_dir, doppler_metrics = teacher(ds, splits, workdir, args, "us_doppler")
+            result["teacher_us_doppler"] = {"arch": args.teacher_arch, **doppler_metrics}
+            # the same teacher, cross-entropy weight (1) and total KD weight (1.5) in both arms
+            group = DistillConfig({"gkd_pro": {"weight": 1.0}, "gkd_den": {"weight": 0.5, "warmup_epochs": 1}})
+            instance = DistillConfig({"feature": {"weight": 1.5}})
             result["pairing_free"] = compare(
-                ds, splits, lambda s: student(s, mode="pairing_free", distill=group),
-                lambda s: student(s, mode="pairing_free", distill=instance),
+                ds, splits, lambda s: student(s, teacher_dir=doppler_dir, mode="pairing_free", distill=group),
+                lambda s: student(s, teacher_dir=doppler_dir, mode="pairing_free", distill=instance),
                 ("group_kd", "instance_kd_random_pairs"), seeds, workdir)
         if "asha" in parts:
             result["asha"] = asha_vs_fifo(ds, splits, student(0), workdir, args)
     result["seconds"] = time.perf_counter() - started
-    print(json.dumps(result, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    emit(result)
     return 0
 
 

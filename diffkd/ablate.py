@@ -136,6 +136,7 @@ def teacher_setup(cfg: "ExperimentConfig", kind: str, seed: int, sources: tuple[
 
 def student_setup(cfg: "ExperimentConfig", arm: str, seed: int, sources: tuple[str, ...], teacher_dir: str):
     """The StudentConfig of a student arm, as `diffkd run` builds its students."""
+    from diffkd.run import pairing_free_student
     from diffkd.train.student import plain_variant
 
     kd = dataclasses.replace(
@@ -150,9 +151,7 @@ def student_setup(cfg: "ExperimentConfig", arm: str, seed: int, sources: tuple[s
     if arm == "neither":
         return plain_variant(kd)
     if arm == "pairing_free":
-        pf = cfg.pairing_free
-        return dataclasses.replace(_with_pipeline(kd, synthetic_ratio=0.0), mode="pairing_free",
-                                   student_modality=pf.student_modality, teacher_modality=pf.teacher_modality)
+        return pairing_free_student(kd, cfg.pairing_free, teacher_dir)
     raise ValueError(f"{arm!r} is not a student arm")
 
 
@@ -407,14 +406,12 @@ def _groups(predictions: "pd.DataFrame") -> list[tuple[str, "pd.DataFrame"]]:
 
 
 def _auc_row(rows: "pd.DataFrame") -> dict[str, float]:
-    """AUC with a 95% CI: DeLong, or a patient-clustered bootstrap where a patient has several cases."""
-    from diffkd.evaluate.metrics import auc_delong_ci, bootstrap_auc_ci
+    """AUC with a 95% CI: DeLong, or the patient-clustered bootstrap where a patient has several cases."""
+    from diffkd.evaluate.metrics import auc_with_ci
 
     if rows["label"].nunique() < 2:
         return {"auc": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    repeated = rows["patient_id"].nunique() < len(rows)
-    estimate = (bootstrap_auc_ci(rows["label"], rows["prob"], groups=rows["patient_id"]) if repeated
-                else auc_delong_ci(rows["label"], rows["prob"]))
+    estimate = auc_with_ci(rows["label"], rows["prob"], groups=rows["patient_id"])
     return {"auc": estimate.auc, "ci_low": estimate.ci[0], "ci_high": estimate.ci[1]}
 
 

@@ -43,7 +43,7 @@ teacher:
   loop: {epochs: 1, batch_size: 16, warmup_fraction: 0.5, cpus_per_worker: 1.0}
 student:
   arch: mobilenetv3_small_050
-  distill: {temperature: 4.0, alpha: 0.7}
+  distill: {terms: {logit: {weight: 0.7, temperature: 4.0}}}
   pipeline: {image_size: 32, batch_size: 16}
   loop: {epochs: 1, batch_size: 16, warmup_fraction: 0.5, cpus_per_worker: 1.0}
 tune: {enabled: false}

@@ -14,7 +14,8 @@ interaction its variance is sigma_c^2 + sigma_s^2/K + sigma_cs^2/K (per-case ter
 by N), estimated as
 
     V_case  = bootstrap variance of D over patients resampled with replacement (within has-an-upgrade
-              strata; a patient's cases travel together), every seed's scores kept: sigma_c^2 + sigma_cs^2/K
+              strata, a patient's cases together: metrics._cluster_bootstrap_weights), every seed's
+              scores kept:                                                      sigma_c^2 + sigma_cs^2/K
     V_k     = the same bootstrap's variance of d_k alone (one seed):          sigma_c^2 + sigma_cs^2
     s^2     = the variance of d_k over seeds on the observed cases:            sigma_s^2 + sigma_cs^2
     Var(D)  = V_case + max(0, s^2/K - (mean_k V_k - V_case)/(K-1))
@@ -34,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from diffkd.evaluate.metrics import _weighted_aucs, binary_labels
+from diffkd.evaluate.metrics import _cluster_bootstrap_weights, _weighted_aucs, binary_labels
 
 POWER = 0.80
 LEVEL = 0.95
@@ -72,30 +73,6 @@ class PooledEstimate:
     @property
     def between_seed_sd(self) -> float:
         return float(np.std(self.per_seed, ddof=1)) if len(self.per_seed) > 1 else math.nan
-
-
-def cluster_draws(labels: np.ndarray, clusters: Sequence | None, strata: Sequence | None, n_boot: int,
-                  rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, N) case multiplicities: clusters resampled with replacement within (stratum, has-a-positive).
-
-    A cluster drawn k times gives each of its cases weight k, so every replicate keeps each stratum's
-    count of positive and negative clusters and holds both classes.
-    """
-    n = len(labels)
-    ids = np.arange(n) if clusters is None else np.asarray(clusters)
-    if len(ids) != n:
-        raise ValueError(f"{len(ids)} patient ids for {n} cases; give one per case")
-    _, first_case, cluster_of_case = np.unique(ids, return_index=True, return_inverse=True)
-    positive = np.zeros(len(first_case), dtype=bool)
-    np.logical_or.at(positive, cluster_of_case, labels == 1)
-    case_stratum = np.zeros(n, dtype=int) if strata is None else np.unique(np.asarray(strata), return_inverse=True)[1]
-    cluster_stratum = case_stratum[first_case] * 2 + positive
-    counts = np.zeros((n_boot, len(first_case)))
-    for stratum in np.unique(cluster_stratum):
-        members = np.flatnonzero(cluster_stratum == stratum)
-        draws = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
-        np.add.at(counts, (np.repeat(np.arange(n_boot), len(members)), draws.ravel()), 1)
-    return counts[:, cluster_of_case]
 
 
 def per_seed_replicates(labels: np.ndarray, scores: np.ndarray, reference: np.ndarray | None,
@@ -159,7 +136,7 @@ def pooled_auc_difference(labels: Sequence, scores: Sequence, reference: Sequenc
     if n_boot < 1000:
         raise ValueError(f"n_boot={n_boot}: use at least 1000 bootstrap replicates for a 95% CI")
     y, s, r = _check_inputs(labels, scores, reference)
-    weights = cluster_draws(y, patients, strata, n_boot, np.random.default_rng(seed))
+    weights = _cluster_bootstrap_weights(y, patients, strata, n_boot, seed)
     replicates = per_seed_replicates(y, s, r, weights)
     replicates = replicates[:, np.isfinite(replicates).all(axis=0)]
     per_seed = _observed(y, s, r)

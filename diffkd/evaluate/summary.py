@@ -16,10 +16,13 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate.calibration import calibration
-from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, delong_test,
-                                     unpaired_auc_test)
+from diffkd.evaluate.decision import recalibrated
+from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, independent_auc_test,
+                                     paired_auc_test)
 from diffkd.evaluate.readers import compare_readers, reader_operating_points
+from diffkd.evaluate.truth import center_ceilings
 
 COLUMNS = ("case_id", "patient_id", "center", "split", "label", "model", "prob")
 SPLITS = ("train", "val", "test")
@@ -58,7 +61,9 @@ class EvaluateConfig:
 
     threshold: str = "youden"  # "youden" | "sensitivity"
     target_sensitivity: float = 0.9
-    ci_method: str = "delong"  # "delong" | "bootstrap" (stratified, patient-clustered)
+    # "auto": DeLong where every patient has one case, else "bootstrap" (label-stratified, patient-clustered);
+    # the same rule picks the paired test of two AUCs
+    ci_method: str = "auto"
     n_boot: int = 2000
     seed: int = 0
     level: float = 0.95
@@ -68,7 +73,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         _ = self.threshold_rule, self.ci_options  # constructing them validates the fields
-        if self.ci_method == "bootstrap" and self.n_boot < 1000:
+        if self.ci_method in ("auto", "bootstrap") and self.n_boot < 1000:
             raise ValueError(f"n_boot={self.n_boot}: use at least 1000 bootstrap replicates")
 
     @property
@@ -202,51 +207,72 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, config: EvaluateConfig
     return out
 
 
-def _comparison(preds: pd.DataFrame, a: str, b: str, split: str, level: float) -> dict:
+def _comparison(preds: pd.DataFrame, a: str, b: str, split: str, options: CIOptions) -> dict:
     pa = preds[(preds.model == a) & (preds.split == split)].set_index("case_id")
     pb = preds[(preds.model == b) & (preds.split == split)].set_index("case_id")
     common = pa.index.intersection(pb.index)
     entry: dict = {"a": a, "b": b, "cohort": {v: k for k, v in COHORT_SPLITS.items()}[split], "n": len(common)}
     y = pa.label.reindex(common).to_numpy()
     if len(common) == 0 or y.min() == y.max():
-        entry.update(p_delong=None, note="no shared cases with both classes")
+        entry.update(p=None, p_delong=None, method=None, note="no shared cases with both classes")
         return entry
-    test = delong_test(y, pa.prob.reindex(common).to_numpy(), pb.prob.reindex(common).to_numpy(), level)
-    entry.update(p_delong=test.p, auc_a=test.auc_a, auc_b=test.auc_b, difference=test.difference,
-                 difference_ci=list(test.ci), z=test.z)
+    test = paired_auc_test(y, pa.prob.reindex(common).to_numpy(), pb.prob.reindex(common).to_numpy(), options,
+                           groups=pa.patient_id.reindex(common).to_numpy(), strata=pa.center.reindex(common).to_numpy())
+    # p_delong (the older key) is only filled when DeLong was the test
+    entry.update(p=test.p, method=test.method, p_delong=test.p if test.method == "delong" else None,
+                 auc_a=test.auc_a, auc_b=test.auc_b, difference=test.difference, difference_ci=list(test.ci), z=test.z)
     return entry
 
 
 def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
-                extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, level: float = 0.95) -> list[dict]:
-    """DeLong p of each model vs `reference` on the same external cases, then `extra_pairs` present."""
+                extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, options: CIOptions = CIOptions()) -> list[dict]:
+    """Paired test (DeLong, or the patient-clustered bootstrap where a patient has several cases; see
+    CIOptions) of each model vs `reference` on the same external cases, then `extra_pairs` present."""
     models = ordered_models(preds.model.unique())
     pairs = [(m, reference) for m in models if m != reference and reference in models]
     pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and (a, b) not in pairs]
-    return [_comparison(preds, a, b, "test", level) for a, b in pairs]
+    return [_comparison(preds, a, b, "test", options) for a, b in pairs]
 
 
-def _internal_vs_external(frame: pd.DataFrame, level: float) -> dict | None:
+def _internal_vs_external(frame: pd.DataFrame, options: CIOptions) -> dict | None:
     internal, external = frame[frame.split == "val"], frame[frame.split == "test"]
     if any(c.label.nunique() < 2 for c in (internal, external)):
         return None
-    t = unpaired_auc_test(internal.label, internal.prob, external.label, external.prob, level)
-    return {"p": t.p, "difference": t.difference, "difference_ci": list(t.ci)}
+    a, b = (auc_with_ci(c.label.to_numpy(), c.prob.to_numpy(), options, groups=c.patient_id.to_numpy(),
+                        strata=c.center.to_numpy()) for c in (internal, external))
+    t = independent_auc_test(a, b, len(internal) + len(external), options.level)
+    return {"p": t.p, "difference": t.difference, "difference_ci": list(t.ci), "method": t.method}
+
+
+def describe_ci_method(config: EvaluateConfig) -> str:
+    bootstrap = (f"label-stratified patient-clustered bootstrap ({config.n_boot} replicates, seed {config.seed}; "
+                 "percentile CI; paired differences: z from the replicates' SD)")
+    if config.ci_method == "delong":
+        return "DeLong (cases treated as independent)"
+    if config.ci_method == "bootstrap":
+        return bootstrap
+    return (f"DeLong where every patient of the cohort has one case, else a {bootstrap}; each entry's "
+            "auc_ci_method (comparisons: method) says which")
 
 
 def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping] | None = None,
                   synthetic: Mapping | None = None, readers: pd.DataFrame | None = None,
                   baselines: Mapping | None = None, config: EvaluateConfig = EvaluateConfig(),
-                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS) -> dict:
+                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, truth: pd.DataFrame | None = None,
+                  label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
-    model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
+    model_info: {model: {"params": int, "latency_ms": float, "latency": {runtime: {"b1": ms, ...}}}}
+    (latency optional: ms per image in torch and ONNX Runtime by batch size); synthetic: the synthetic-data audit
     (fid, kid, conditional_accuracy, near_copies, tstr_auc); readers: `readers.load_readers(...)`
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
-    of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through.
+    of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
+    synthetic cohort's truth (`truth.load_truth(...)`), giving per center the Bayes and image-visible
+    AUCs under "ceilings"; label_names: the dataset's outcome names (label 0, label 1 = positive).
     """
     preds = validate_predictions(predictions)
     thresholds = fit_thresholds(preds, config.threshold_rule)
+    _, recalibrations = recalibrated(preds)
     model_info = model_info or {}
     models: dict = {}
     for model in ordered_models(preds.model.unique()):
@@ -264,20 +290,28 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         info = model_info.get(model, {})
         entry["params"] = int(info["params"]) if info.get("params") is not None else None
         entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
+        if info.get("latency"):  # ms per image by runtime and batch: {"torch": {"b1": .., "b32": ..}, "onnx": {..}}
+            entry["latency"] = {runtime: {k: float(v) for k, v in by_batch.items()}
+                                for runtime, by_batch in info["latency"].items()}
         entry["threshold"] = thresholds[model]
-        entry["internal_vs_external"] = _internal_vs_external(frame, config.level)
+        entry["internal_vs_external"] = _internal_vs_external(frame, config.ci_options)
+        if model in recalibrations:  # what the decision curves apply to this model's probabilities
+            r = recalibrations[model]
+            entry["recalibration"] = {"intercept": r.intercept, "slope": r.slope, "n": r.n,
+                                      "fitted_on": "internal validation"}
         models[model] = entry
 
     out = {
+        "label_names": {"0": label_names[0], "1": label_names[1]},  # what label 0 / 1 (positive) mean
         "models": models,
-        "comparisons": comparisons(preds, config.reference, extra_pairs, config.level),
+        "comparisons": comparisons(preds, config.reference, extra_pairs, config.ci_options),
         "synthetic": dict(synthetic) if synthetic else {"skipped": "no synthetic-data audit was provided"},
         "evaluation": {
             "internal": "split == 'val' (patient-level split of the training centers)",
             "external": "split == 'test' (held-out centers)",
             "threshold_rule": config.threshold_rule.describe(),
-            "auc_ci": ("DeLong" if config.ci_method == "delong" else
-                       f"stratified patient-clustered bootstrap, {config.n_boot} replicates, seed {config.seed}"),
+            "auc_ci": describe_ci_method(config),
+            "patients_with_several_cases": int((cases_table(preds).groupby("patient_id").size() > 1).sum()),
             "level": config.level,
             "reference": config.reference,
             "cohorts": cohort_table(preds).to_dict("records"),
@@ -292,6 +326,8 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         }
     if baselines:
         out["baselines"] = dict(baselines)
+    if truth is not None:
+        out["ceilings"] = center_ceilings(preds, truth, config.reference, config.ci_options)
     return jsonable(out)
 
 

@@ -1,4 +1,4 @@
-"""Stage 2: the teacher, a timm classifier trained from scratch on real (+ synthetic) images.
+"""Stage 2: the teacher, a timm classifier (from scratch or `pretrained` weights) on real (+ synthetic) images.
 
 `teacher_loss` is the plain step (model, batch) -> StepOutput that tests call without Ray;
 `TeacherTask` adds evaluation (internal-validation AUC, the early-stopping objective) and export;
@@ -40,6 +40,8 @@ TRAINING_INFO = "training.json"
 @dataclass
 class TeacherConfig:
     arch: str = "resnet50"  # any timm name; the paper uses a large CNN, the demo a small one
+    # "" = random weights; a local weights file or timm folder, or hf-hub:<org>/<name> (models/classifiers.py)
+    pretrained: str = ""
     clinical: bool = False  # fuse the clinical attributes (fusion head beside the timm model)
     drop_rate: float = 0.2  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, for architectures that have it
@@ -67,7 +69,8 @@ def build_teacher(cfg: TeacherConfig) -> nn.Module:
     return create_classifier(cfg.arch, in_chans=cfg.pipeline.in_chans, num_classes=2,
                              clinical_dim=ClinicalEncoding().width if cfg.clinical else 0,
                              drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
-                             fusion_hidden=cfg.fusion_hidden, column_dropout=cfg.column_dropout)
+                             fusion_hidden=cfg.fusion_hidden, column_dropout=cfg.column_dropout,
+                             pretrained=cfg.pretrained)
 
 
 def teacher_loss(model: nn.Module, batch: dict[str, Any], cfg: TeacherConfig,
@@ -92,7 +95,7 @@ def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
     labels = [int(x) for x in labels]
     counts = [labels.count(0), labels.count(1)]
     if min(counts) == 0:
-        raise ValueError(f"the training split has {counts[0]} DCIS and {counts[1]} upgrade rows; "
+        raise ValueError(f"the training split has {counts[0]} rows of label 0 and {counts[1]} of label 1; "
                          "a classifier needs both classes")
     return tuple(len(labels) / (2 * c) for c in counts)
 
@@ -101,6 +104,35 @@ def auc_or_nan(labels, probs) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else math.nan
+
+
+def per_case(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> "pd.DataFrame":
+    """One row per case (case_id, label, prob): the mean probability of the case's images.
+
+    The one rule that turns image scores into case scores, used by the saved predictions (and so
+    the report) and by validation (early stopping, the search): selection and reporting share a unit.
+    """
+    import pandas as pd
+
+    images = pd.DataFrame({"case_id": [str(c) for c in case_ids], "label": [int(x) for x in labels],
+                           "prob": [float(x) for x in probs]})
+    return images.groupby("case_id", as_index=False, sort=True).agg(label=("label", "first"), prob=("prob", "mean"))
+
+
+def case_auc(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> float:
+    """AUC over cases (see `per_case`); NaN when the cases hold one class."""
+    cases = per_case(case_ids, labels, probs)
+    return auc_or_nan(cases["label"].tolist(), cases["prob"].tolist())
+
+
+def validation_metrics(logits: list[torch.Tensor], labels: list[torch.Tensor], case_ids: list[str]) -> dict[str, float]:
+    """`val_auc` per case (as the report scores) and `val_loss` per image, from a pass over validation."""
+    if not logits:
+        return {"val_loss": math.nan, "val_auc": math.nan}
+    logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+    probs = torch.softmax(logits_all, dim=1)[:, 1]
+    return {"val_loss": float(F.cross_entropy(logits_all, labels_all)),
+            "val_auc": case_auc(case_ids, labels_all.tolist(), probs.tolist())}
 
 
 class TeacherTask(Task):
@@ -122,16 +154,12 @@ class TeacherTask(Task):
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         from diffkd.models.classifiers import classify
 
-        logits, labels = [], []
+        logits, labels, case_ids = [], [], []
         for batch in batches:
             logits.append(classify(model, batch).float().cpu())
             labels.append(batch["label"].cpu())
-        if not logits:
-            return {"val_loss": math.nan, "val_auc": math.nan}
-        logits_all, labels_all = torch.cat(logits), torch.cat(labels)
-        probs = torch.softmax(logits_all, dim=1)[:, 1]
-        return {"val_loss": float(F.cross_entropy(logits_all, labels_all)),
-                "val_auc": auc_or_nan(labels_all.tolist(), probs.tolist())}
+            case_ids.extend(batch["case_id"])
+        return validation_metrics(logits, labels, case_ids)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         from diffkd.models.classifiers import data_config, save_classifier
@@ -159,6 +187,39 @@ def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pip
     return real + min(available, round(pipeline.synthetic_ratio * real))
 
 
+def rows_read(rows: "pd.DataFrame", pipeline: PipelineConfig) -> "pd.DataFrame":
+    """The rows of `rows` a stage with `pipeline` actually reads: its modalities only (all when none are set)."""
+    if pipeline.modalities and "modality" in rows:
+        return rows[rows["modality"].isin(pipeline.modalities)]
+    return rows
+
+
+@dataclass
+class TrainingPlan:
+    """What the teacher's schedule and loss are sized from: the rows it trains on, and nothing else."""
+
+    train_rows: "pd.DataFrame"  # real training rows of the modalities the teacher reads
+    class_weights: tuple[float, float] | None
+    train_samples: int  # rows of one epoch (real + synthetic share): the LR schedule's length
+
+
+def plan_training(dataset: "ImageDataset", assignments: "pd.DataFrame", cfg: TeacherConfig) -> TrainingPlan:
+    """Size the LR schedule and class weights from the real train rows of `cfg.pipeline.modalities`.
+
+    The pipeline streams only those modalities; sizing from every modality's rows (a B-mode teacher on a
+    B-mode + Doppler dataset) would stretch the cosine schedule past the steps the loop takes.
+    """
+    real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
+    train_rows = rows_read(real[real["split"] == "train"], cfg.pipeline)
+    if not len(rows_read(real[real["split"] == "val"], cfg.pipeline)):
+        raise ValueError("the splits table has no internal-validation ('val') rows of the modalities "
+                         f"{', '.join(cfg.pipeline.modalities) or 'any'}: the teacher selects its epoch on them; "
+                         "use a val_fraction > 0")
+    weights = balanced_class_weights(train_rows["label"]) if cfg.class_weighting == "balanced" else None
+    samples = cfg.loop.train_samples or expected_train_rows(dataset, train_rows, cfg.pipeline)
+    return TrainingPlan(train_rows=train_rows, class_weights=weights, train_samples=samples)
+
+
 def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cfg: TeacherConfig, out_dir: str,
                   synthetic_ratio: float = 0.0, callbacks: list | None = None,
                   model_name: str = "teacher") -> TeacherResult:
@@ -171,30 +232,30 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     """
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import check_can_feed, split_datasets, with_center_vocabulary
+    from diffkd.data.splits import check_synthetic_split
+    from diffkd.models.classifiers import initialised_from
     from diffkd.raycompat import init as ray_init
     from diffkd.train.loop import fit
 
     ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
-    train_rows = real[real["split"] == "train"]
-    if not len(real[real["split"] == "val"]):
-        raise ValueError("the splits table has no internal-validation ('val') rows: the teacher selects its "
-                         "epoch on them; use a val_fraction > 0")
-    weights = balanced_class_weights(train_rows["label"]) if cfg.class_weighting == "balanced" else None
-
-    ray_init()
     pipeline = dataclasses.replace(with_center_vocabulary(cfg.pipeline, ds), synthetic_ratio=synthetic_ratio)
     cfg = dataclasses.replace(cfg, pipeline=pipeline)
+    plan = plan_training(ds, real, cfg)
+    if synthetic_ratio > 0:
+        check_synthetic_split(ds, real, pipeline.synthetic_sources)
+
+    ray_init()
     check_can_feed(pipeline, cfg.loop.num_workers * cfg.loop.cpus_per_worker)
-    datasets = split_datasets(ds, real[real["split"].isin(("train", "val"))], pipeline)
-    loop = dataclasses.replace(cfg.loop, train_samples=cfg.loop.train_samples
-                               or expected_train_rows(ds, train_rows, pipeline))
-    task = TeacherTask(cfg, weights)
+    # only the modalities it reads: the pipeline sizes the synthetic share from these cases
+    datasets = split_datasets(ds, rows_read(real[real["split"].isin(("train", "val"))], pipeline), pipeline)
+    loop = dataclasses.replace(cfg.loop, train_samples=plan.train_samples)
+    task = TeacherTask(cfg, plan.class_weights)
     fitted = fit(task, datasets, loop, callbacks=callbacks)
 
     task.export(fitted.load_model(task), out_dir)
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
-    metrics = _summary(predictions, fitted)
+    metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained)}
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
     _print_summary(metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)
@@ -216,7 +277,7 @@ def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipelin
     ray_ds = make_dataset(dataset, assignments["case_id"], pipeline, train=False,
                           centers=assignments["center"].unique())
     scored = predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors)
-    probs = scored.groupby("case_id", as_index=False)["prob"].mean()
+    probs = scored.groupby("case_id", as_index=False)["prob"].mean()  # the rule of `per_case`
     keep = [c for c in ("case_id", "patient_id", "center", "split", "label") if c in assignments]
     cases = assignments[keep].drop_duplicates("case_id")
     out = cases.merge(probs, on="case_id", how="inner", validate="one_to_one")
