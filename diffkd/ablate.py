@@ -76,7 +76,8 @@ class AblationConfig:
     seeds: int = 3
     per_seed_generators: bool = False  # one diffusion model + synthesis per seed instead of one shared
     parallel: int = 0  # trials at once; 0 = as many as the cluster holds
-    n_boot: int = 2000  # hierarchical bootstrap replicates
+    n_boot: int = 2000  # bootstrap replicates of the pooled CIs (diffkd.evaluate.pooled)
+    target_half_width: float = 0.04  # the summary says how many seeds would bring a difference's CI to +/- this
     time_budget_min: float = 0.0  # stop starting trials after this long (0 = none); a rerun finishes them
 
     def __post_init__(self) -> None:
@@ -376,7 +377,7 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     if len(finished) < len(trials):
         notes.append(f"{len(trials) - len(finished)} of {len(trials)} trial(s) did not finish "
                      "(failed or past the time budget); rerun the same command to finish them")
-    table, summary = summarize(str(out), finished, settings.n_boot)
+    table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width)
     outcome = AblationOutcome(out_dir=str(out), table=table, summary=summary, arms=arms, seeds=seeds,
                               parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes)
     outcome.files = write_outputs(outcome, settings)
@@ -421,8 +422,12 @@ def score_matrix(rows: "pd.DataFrame", arm: str, seeds: list[int], cases: list[s
     return wide.loc[seeds, cases].to_numpy()
 
 
-def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000) -> tuple["pd.DataFrame", "pd.DataFrame"]:
-    """ablation.csv (one row per arm x seed x center) and the pooled summary (one row per arm x center)."""
+def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
+              target_half_width: float = 0.04) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """ablation.csv (one row per arm x seed x center) and the pooled summary (one row per arm x center).
+
+    `seeds_for_target`: seeds that would bring the difference's CI to +/- `target_half_width` on the
+    same external cases (NaN: the cases alone are wider, more seeds cannot get there)."""
     import pandas as pd
 
     from diffkd.evaluate.pooled import pooled_auc_difference
@@ -453,7 +458,7 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000) ->
                    "auc_between_seed_sd": pooled.between_seed_sd}
             if arm != REFERENCE_ARM and REFERENCE_ARM in set(group["arm"]):
                 paired = set(group.loc[group["arm"] == REFERENCE_ARM, "seed"]) & set(seeds)
-                row.update(_difference(group, arm, sorted(paired), n_boot))
+                row.update(_difference(group, arm, sorted(paired), n_boot, target_half_width))
             summary.append(row)
     return table, pd.DataFrame(summary)
 
@@ -473,9 +478,10 @@ def _case_columns(group: "pd.DataFrame", cases: list[str]) -> tuple[list[int], l
     return first["label"].astype(int).tolist(), first["patient_id"].astype(str).tolist(), first["center"].tolist()
 
 
-def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int) -> dict[str, float]:
+def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
+                target_half_width: float) -> dict[str, float]:
     """The arm minus `full`, paired by seed and case, pooled over seeds (diffkd.evaluate.pooled)."""
-    from diffkd.evaluate.pooled import pooled_auc_difference
+    from diffkd.evaluate.pooled import pooled_auc_difference, seeds_for_half_width
 
     cases = _shared_cases(group, [arm, REFERENCE_ARM], seeds)
     if not seeds or not cases:
@@ -488,22 +494,25 @@ def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int) 
                                  strata=strata, n_boot=n_boot)
     return {"paired_seeds": diff.seeds, "diff_vs_full": diff.estimate, "diff_ci_low": diff.ci[0],
             "diff_ci_high": diff.ci[1], "diff_se": diff.se, "p": diff.p, "mdd_80": diff.mdd,
-            "diff_between_seed_sd": diff.between_seed_sd}
+            "diff_between_seed_sd": diff.between_seed_sd,
+            "seeds_for_target": seeds_for_half_width(diff, target_half_width) or math.nan}
 
 
-def format_summary(summary: "pd.DataFrame") -> str:
+def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> str:
+    target = f"K +/-{target_half_width:g}"
     lines = [f"{'arm':<13} {'center':<13} {'seeds':>5} {'cases':>5}  {'mean ext. AUC (95% CI)':<24} "
-             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6}"]
+             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6} {target:>9}"]
     for _, r in summary.iterrows():
         auc_text = f"{r['mean_auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
         diff = r.get("diff_vs_full", math.nan)
         if isinstance(diff, float) and not math.isnan(diff):
             diff_text = f"{diff:+.3f} ({r['diff_ci_low']:+.3f} to {r['diff_ci_high']:+.3f})"
             p_text, mdd_text = f"{r['p']:.3f}", f"{r['mdd_80']:.3f}"
+            needed = "more cases" if math.isnan(r["seeds_for_target"]) else f"{int(r['seeds_for_target'])}"
         else:
-            diff_text, p_text, mdd_text = "reference" if r["arm"] == REFERENCE_ARM else "", "", ""
+            diff_text, p_text, mdd_text, needed = "reference" if r["arm"] == REFERENCE_ARM else "", "", "", ""
         lines.append(f"{r['arm']:<13} {r['center']:<13} {r['seeds']:>5} {r['cases']:>5}  {auc_text:<24} "
-                     f"{diff_text:<26} {p_text:>6} {mdd_text:>6}")
+                     f"{diff_text:<26} {p_text:>6} {mdd_text:>6} {needed:>9}")
     return "\n".join(lines)
 
 

@@ -68,7 +68,7 @@ def run_ablate(args) -> int:
     outcome = ablate(args.dataset, _external(args.external), cfg, args.out, settings)
     for note in outcome.notes:
         print(f"note: {note}")
-    print(format_summary(outcome.summary))
+    print(format_summary(outcome.summary, settings.target_half_width))
     print(f"{len(outcome.table)} trial row(s), {outcome.parallel} trial(s) at a time, {outcome.wall_s:.0f} s; "
           f"table {outcome.files['table']}, summary {outcome.files['summary']}, plot {outcome.files['plot']}")
     for failure in outcome.failed:
