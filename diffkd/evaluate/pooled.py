@@ -58,7 +58,7 @@ class PooledEstimate:
 
     estimate: float
     se: float
-    ci: tuple[float, float]  # estimate +/- z SE
+    ci: tuple[float, float]  # estimate +/- z SE, clipped to the range of an AUC (or of a difference)
     p: float  # two-sided, against 0 (meaningful for differences)
     mdd: float  # minimum detectable difference at 80% power, two-sided 5% level
     per_seed: tuple[float, ...]  # the per-seed values whose mean is `estimate`
@@ -149,7 +149,9 @@ def pooled_auc_difference(labels: Sequence, scores: Sequence, reference: Sequenc
     else:
         p = float(2 * stats.norm.sf(abs(estimate) / se))
     n_patients = len(y) if patients is None else len(np.unique(np.asarray(patients)))
-    return PooledEstimate(estimate=estimate, se=se, ci=(estimate - z * se, estimate + z * se), p=p,
+    low, high = estimate - z * se, estimate + z * se
+    bound = 0.0 if reference is None else -1.0  # an AUC lies in [0, 1], a difference of two in [-1, 1]
+    return PooledEstimate(estimate=estimate, se=se, ci=(max(low, bound), min(high, 1.0)), p=p,
                           mdd=minimum_detectable_difference(se, level), per_seed=tuple(float(v) for v in per_seed),
                           seeds=len(s), cases=len(y), patients=n_patients, n_boot=n_boot, parts=parts)
 
