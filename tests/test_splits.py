@@ -163,3 +163,16 @@ def test_synthetic_rows_without_a_recorded_generator_split_are_refused(tmp_path)
     with pytest.raises(LeakageError, match="legacy.*not recorded"):
         check_synthetic_split(ds, current)
     check_synthetic_split(ds, current[current["center"] != "A"])  # centers it does not train on are not mixed
+
+
+def test_the_split_fingerprint_matches_the_generators_record_when_cases_have_several_images():
+    """A generator records the digest of its training rows' case ids; a case with two views is two rows."""
+    from diffkd.data.splits import fingerprint_of_digest, split_fingerprint
+    from diffkd.train.diffusion_task import SplitSpec, ids_digest, split_case_ids
+
+    rows = [{"case_id": f"c{i}", "patient_id": f"p{i}", "center": "A" if i < 16 else "B", "label": i % 2,
+             "modality": "us", "synthetic": False} for i in range(24) for _ in range(1 + i % 3)]  # 1-3 views
+    meta = pd.DataFrame(rows)
+    spec = SplitSpec(external=["B"], val_fraction=0.25, seed=0)
+    recorded = fingerprint_of_digest(ids_digest(split_case_ids(meta, spec)["train"]))
+    assert split_fingerprint(make_splits(meta, external=["B"], val_fraction=0.25, seed=0)) == recorded

@@ -130,11 +130,12 @@ def fingerprint_of_digest(train_ids_sha256: str) -> str:
 
 
 def split_fingerprint(assignments: pd.DataFrame) -> str:
-    """Fingerprint of a splits table: its real training case ids, hashed as a generator records its own split."""
+    """Fingerprint of a splits table: its real training case ids, hashed as a generator records its own split
+    (one id per training row: a case with several images counts once per image, as in `split_case_ids`)."""
     from diffkd.train.diffusion_task import ids_digest
 
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
-    return fingerprint_of_digest(ids_digest(set(real.loc[real["split"] == "train", "case_id"].astype(str))))
+    return fingerprint_of_digest(ids_digest(real.loc[real["split"] == "train", "case_id"].astype(str)))
 
 
 def check_synthetic_split(dataset, assignments: pd.DataFrame, sources: Sequence[str] = ()) -> None:
