@@ -335,33 +335,63 @@ def _validation_note(assignments: pd.DataFrame, modality: str, searched: bool) -
 
 def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage, out: Path,
                modality: str) -> dict:
-    """Seed 001: clinical LR, in-domain ResNet101 features + mRMR + LASSO, and both combined."""
+    """Seed 001: clinical LR, CNN features + mRMR + LASSO, and both combined.
+
+    The feature extractor is frozen when `feature_model.pretrained` names weights; otherwise it is
+    trained from scratch and cross-fitted (diffkd.evaluate.baselines.cross_fitted_features): mRMR and the LASSO
+    never select on features of images their extractor was trained on.
+    """
+    import numpy as np
     import torch
 
     from diffkd.data.pipeline import load_arrays
-    from diffkd.evaluate.baselines import fit_baselines
+    from diffkd.evaluate.baselines import DeepFeatures, cross_fitted_features, fit_baselines
     from diffkd.models.classifiers import features, load_classifier
-    from diffkd.train.teacher import train_teacher
 
-    name = "deep_feature_model"
-    feature_dir = str(out / "models" / name)
-    fcfg = _with_loop(_pipeline(stage.feature_model, modalities=(modality,)), out, name)
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
-    train_teacher(ds, rows, fcfg, feature_dir, synthetic_ratio=0.0, model_name=name)
-    model = load_classifier(feature_dir).eval()
-    arrays = load_arrays(ds, rows["case_id"], fcfg.pipeline)
-    with torch.no_grad():
-        image = torch.from_numpy(arrays["image"])
-        feats = torch.cat([features(model, image[i:i + 64]) for i in range(0, len(image), 64)]).numpy()
-    per_image = pd.DataFrame({"case_id": arrays["case_id"]})
-    # a case's views are averaged into one feature vector, as its predictions are
-    frame = pd.DataFrame(feats).groupby(per_image["case_id"].to_numpy()).mean()
+    cases = rows.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
     meta = ds.metadata().to_pandas().drop_duplicates("case_id").set_index("case_id")
-    cases = (rows.drop_duplicates("case_id").set_index("case_id")
-             .loc[frame.index, ["patient_id", "center", "split", "label"]].reset_index())
     for column in CLINICAL_COLUMNS:
         cases[column] = meta.loc[cases["case_id"], column].to_numpy()
-    result = fit_baselines(cases, frame.to_numpy(), list(CLINICAL_COLUMNS), stage.config)
+    fcfg = _pipeline(stage.feature_model, modalities=(modality,))
+    arrays = load_arrays(ds, cases["case_id"], fcfg.pipeline)  # every case's images, decoded once
+    image = torch.from_numpy(arrays["image"])
+
+    def case_features(model) -> np.ndarray:
+        """Penultimate features of every case, its views averaged (as its predictions are), in `cases` order."""
+        model.eval()
+        with torch.no_grad():
+            feats = torch.cat([features(model, image[i:i + 64]) for i in range(0, len(image), 64)]).numpy()
+        return pd.DataFrame(feats).groupby(arrays["case_id"]).mean().loc[cases["case_id"]].to_numpy()
+
+    arch = stage.feature_model.arch
+    pretrained = getattr(stage.feature_model, "pretrained", "")
+    if pretrained:
+        from diffkd.models.classifiers import create_classifier
+
+        model = create_classifier(arch, in_chans=fcfg.pipeline.in_chans, pretrained=pretrained)
+        deep = DeepFeatures.frozen(case_features(model), f"frozen pretrained {arch} ({pretrained}), not trained "
+                                                         "here: features of every case from weights that saw none")
+    else:
+        from diffkd.train.teacher import train_teacher
+
+        k = stage.config.feature_folds
+
+        def fit_and_extract(fold: int, fitted: np.ndarray) -> np.ndarray:
+            name = f"deep_feature_model_fold{fold}"
+            model_dir = str(out / "models" / name)
+            # the extractor trains on `fitted` training cases only; validation rows still stop it early
+            keep = set(cases.loc[fitted | (cases["split"] != "train").to_numpy(), "case_id"])
+            train_teacher(ds, rows[rows["case_id"].isin(keep)], _with_loop(fcfg, out, name), model_dir,
+                          synthetic_ratio=0.0, model_name=name)
+            return case_features(load_classifier(model_dir))
+
+        deep = cross_fitted_features(cases, k, stage.config.seed, fit_and_extract, (
+            f"{arch} trained from scratch, cross-fitted over {k} folds of training patients (patient-grouped, "
+            f"label-stratified): each training case's features come from the extractor that did not train on its "
+            f"fold, and mRMR + LASSO are fitted on those; internal-validation and external cases are scored "
+            f"through all {k} extractors, probabilities averaged"))
+    result = fit_baselines(cases, deep, list(CLINICAL_COLUMNS), stage.config)
     path = out / "models" / "baselines_predictions.parquet"
     result.predictions.to_parquet(path, index=False)
     return {"predictions": str(path), "summary": result.summary, "params": result.params}

@@ -486,7 +486,9 @@ def _baseline_section(ctx: _Context) -> str:
         out += '<p class="note">Clinical model details (odds ratios) were not provided.</p>'
     deep = summary.get("deep_features")
     if deep:
-        out += (f"<h3>Deep-feature model</h3><p>{_num(deep['n_features'])} penultimate CNN features → mRMR kept "
+        how = deep.get("features") or "not recorded (an older run)"
+        out += (f"<h3>Deep-feature model</h3><p><b>How the features were made:</b> {_esc(how)}.</p>"
+                f"<p>{_num(deep['n_features'])} penultimate CNN features → mRMR kept "
                 f"{_num(deep['n_mrmr'])} → LASSO (C = {_num(deep['lasso_c'])}, one-SE rule) kept "
                 f"{len(deep['selected'])}: <code>{_esc(', '.join(map(str, deep['selected'])))}</code>.</p>")
     combined = summary.get("combined")

@@ -39,7 +39,8 @@ MODEL_DESCRIPTIONS = {
                             "teacher, with no image pairs (seed 002)",
     "teacher_us_doppler": "teacher trained on Doppler images only (the pairing-free student's teacher)",
     "clinical": "seed 001 clinical model: univariate screening, then multivariate logistic regression",
-    "deep_features": "seed 001 deep-feature model: ResNet101 features, mRMR, LASSO logistic regression",
+    "deep_features": "seed 001 deep-feature model: CNN features (cross-fitted or frozen pretrained extractor), "
+                     "mRMR, LASSO logistic regression",
     "combined": "seed 001 combined model: selected deep features + clinical variables",
 }
 ABLATIONS = ("teacher_real_only", "teacher", "student_plain", "student_kd_real_only", "student_kd")
