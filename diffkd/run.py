@@ -417,6 +417,20 @@ def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, 
     return info
 
 
+def _initialised_from(out: Path, model_dirs: dict[str, str]) -> dict[str, str]:
+    """Each trained model's start ("scratch" or its weights), as its stage recorded it."""
+    from diffkd.train.diffusion_task import TRAINING_INFO as GENERATOR_INFO
+    from diffkd.train.teacher import TRAINING_INFO
+
+    found = {}
+    for name, path in [*model_dirs.items(), ("deep_feature_model", str(out / "models" / "deep_feature_model"))]:
+        if os.path.exists(os.path.join(path, GENERATOR_INFO)):
+            found[name] = json.loads(Path(path, GENERATOR_INFO).read_text()).get("initialised_from")
+        elif os.path.exists(os.path.join(path, TRAINING_INFO)):
+            found[name] = json.loads(Path(path, TRAINING_INFO).read_text())["metrics"].get("initialised_from")
+    return {name: start for name, start in found.items() if start}
+
+
 def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: ExperimentConfig, synthetic: dict | None,
             grids: list[str], baseline_summary: dict | None, readers_csv: str | None, skipped: dict[str, str],
             notes: list[str], external: list[str], truth: str | None = None) -> dict:
@@ -445,7 +459,7 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     for note in notes:
         print(f"note: {note}")
     model_info = _model_info(model_dirs, cfg)
-    inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
+    inputs = ReportInputs(initialised_from=_initialised_from(out, model_dirs),title=f"diffkd validation report: {cfg.name}",
                           dataset={"name": Path(ds.root).name, "path": str(ds.uri), "external": list(external)},
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],

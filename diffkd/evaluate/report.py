@@ -75,6 +75,8 @@ class ReportInputs:
     notes: list = field(default_factory=list)  # stages left out (and why) and data set aside, listed under limitations
     config: dict | None = None  # the experiment config as run
     evaluate: dict = field(default_factory=dict)  # EvaluateConfig fields
+    # model (classifiers, the generator, the feature model) -> "scratch" or the weights it started from
+    initialised_from: dict = field(default_factory=dict)
     # a synthetic cohort's truth.csv (the phantom's): per-center Bayes and image-visible AUC ceilings.
     # Its case ids are mapped to the stored ones with the salt of dataset["path"].
     truth: str | None = None
@@ -261,7 +263,8 @@ def _model_details_section(ctx: _Context) -> str:
     for model in ordered_models(ctx.metrics["models"]):
         info = ctx.inputs.model_info.get(model, {})
         rows.append([f"<code>{_esc(model)}</code>", _esc(info.get("description") or MODEL_DESCRIPTIONS.get(model, "")),
-                     _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"])])
+                     _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"]),
+                     _esc(ctx.inputs.initialised_from.get(model, ""))])
     ds = dict(ctx.inputs.dataset)
     intended_use = ds.pop("intended_use", (
         "Research use: estimate, before surgery, the probability that ductal carcinoma in situ (DCIS) "
@@ -273,7 +276,11 @@ def _model_details_section(ctx: _Context) -> str:
     data = ""
     if ds:
         data = _table(["dataset", "value"], [[_esc(k), _esc(v)] for k, v in ds.items()])
-    return intended + data + _table(["model", "what it is", "architecture", "parameters"], rows, numeric=[3])
+    listed = set(ordered_models(ctx.metrics["models"]))
+    others = "".join(f'<p class="note"><code>{_esc(m)}</code> started from: {_esc(source)}</p>'
+                     for m, source in ctx.inputs.initialised_from.items() if m not in listed)
+    return intended + data + _table(["model", "what it is", "architecture", "parameters", "initialised from"], rows,
+                                    numeric=[3]) + others
 
 
 def _data_section(ctx: _Context) -> str:
@@ -733,6 +740,7 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
         digest = hashlib.sha256(parquet_tmp.read_bytes()).hexdigest()
         page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
         metrics["skipped"] = dict(ctx.skipped)
+        metrics["initialised_from"] = dict(inputs.initialised_from)
         metrics["predictions_sha256"] = digest
         staging.write_bytes("metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
         saved = dataclasses.asdict(inputs)
