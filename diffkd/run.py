@@ -346,7 +346,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
 
     from diffkd.data.pipeline import load_arrays
     from diffkd.evaluate.baselines import DeepFeatures, cross_fitted_features, fit_baselines
-    from diffkd.models.classifiers import features, load_classifier
+    from diffkd.models.classifiers import features, initialised_from, load_classifier
 
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
     cases = rows.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
@@ -365,7 +365,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
         return pd.DataFrame(feats).groupby(arrays["case_id"]).mean().loc[cases["case_id"]].to_numpy()
 
     arch = stage.feature_model.arch
-    pretrained = getattr(stage.feature_model, "pretrained", "")
+    pretrained = stage.feature_model.pretrained
     if pretrained:
         from diffkd.models.classifiers import create_classifier
 
@@ -392,6 +392,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
             f"fold, and mRMR + LASSO are fitted on those; internal-validation and external cases are scored "
             f"through all {k} extractors, probabilities averaged"))
     result = fit_baselines(cases, deep, list(CLINICAL_COLUMNS), stage.config)
+    result.summary["deep_features"]["initialised_from"] = initialised_from(pretrained)
     path = out / "models" / "baselines_predictions.parquet"
     result.predictions.to_parquet(path, index=False)
     return {"predictions": str(path), "summary": result.summary, "params": result.params}
@@ -417,17 +418,19 @@ def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, 
     return info
 
 
-def _initialised_from(out: Path, model_dirs: dict[str, str]) -> dict[str, str]:
-    """Each trained model's start ("scratch" or its weights), as its stage recorded it."""
+def _initialised_from(model_dirs: dict[str, str], baseline_summary: dict | None) -> dict[str, str]:
+    """Each trained model's start ("scratch" or its weights), as its stage recorded it; the deep-feature
+    model's is its extractor's (a frozen pretrained one, or cross-fitted from scratch)."""
     from diffkd.train.diffusion_task import TRAINING_INFO as GENERATOR_INFO
     from diffkd.train.teacher import TRAINING_INFO
 
     found = {}
-    for name, path in [*model_dirs.items(), ("deep_feature_model", str(out / "models" / "deep_feature_model"))]:
+    for name, path in model_dirs.items():
         if os.path.exists(os.path.join(path, GENERATOR_INFO)):
             found[name] = json.loads(Path(path, GENERATOR_INFO).read_text()).get("initialised_from")
         elif os.path.exists(os.path.join(path, TRAINING_INFO)):
             found[name] = json.loads(Path(path, TRAINING_INFO).read_text())["metrics"].get("initialised_from")
+    found["deep_features"] = ((baseline_summary or {}).get("deep_features") or {}).get("initialised_from")
     return {name: start for name, start in found.items() if start}
 
 
@@ -459,7 +462,8 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     for note in notes:
         print(f"note: {note}")
     model_info = _model_info(model_dirs, cfg)
-    inputs = ReportInputs(initialised_from=_initialised_from(out, model_dirs),title=f"diffkd validation report: {cfg.name}",
+    inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
+                          initialised_from=_initialised_from(model_dirs, baseline_summary),
                           dataset={"name": Path(ds.root).name, "path": str(ds.uri), "external": list(external)},
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
