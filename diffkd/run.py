@@ -394,6 +394,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
     result = fit_baselines(cases, deep, list(CLINICAL_COLUMNS), stage.config)
     result.summary["deep_features"]["initialised_from"] = initialised_from(pretrained)
     path = out / "models" / "baselines_predictions.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)  # a frozen extractor trains nothing that would make it
     result.predictions.to_parquet(path, index=False)
     return {"predictions": str(path), "summary": result.summary, "params": result.params}
 

@@ -184,3 +184,42 @@ def test_extractor_folds_split_patients_and_keep_the_upgrade_rate():
     assert rates.max() - rates.min() < 0.12
     with pytest.raises(ValueError, match="feature_folds"):
         extractor_folds(cases, 500)
+
+
+def test_a_pretrained_feature_model_is_used_frozen_and_nothing_trains(tmp_path, monkeypatch):
+    """`baselines.feature_model.pretrained`: features of every case straight from those weights; no
+    extractor is trained on the cohort, and the report learns where the weights came from."""
+    from pathlib import Path
+
+    import torch
+
+    import diffkd.train.teacher
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.ingest import ingest
+    from diffkd.data.phantom import generate_cohort
+    from diffkd.data.pipeline import PipelineConfig
+    from diffkd.data.splits import make_splits
+    from diffkd.evaluate.baselines import BaselineConfig
+    from diffkd.models.classifiers import create_classifier, save_classifier
+    from diffkd.run import BaselineStage, _baselines
+    from diffkd.train.teacher import TeacherConfig
+
+    generate_cohort(tmp_path / "phantom", size="demo", centers=2, patients=60, seed=5)
+    for center in ("center1", "center2"):
+        ingest(tmp_path / "phantom" / center, center, tmp_path / "data",
+               clinical_csv=tmp_path / "phantom" / center / "clinical.csv")
+    ds = ImageDataset(tmp_path / "data")
+    assignments = make_splits(ds.metadata().to_pandas(), ["center2"], 0.25, 0)
+    torch.manual_seed(0)
+    save_classifier(create_classifier("resnet18", in_chans=1), str(tmp_path / "weights"))
+    monkeypatch.setattr(diffkd.train.teacher, "train_teacher",
+                        lambda *a, **k: pytest.fail("a frozen pretrained extractor must not be trained"))
+    stage = BaselineStage(config=BaselineConfig(n_mrmr=8),
+                          feature_model=TeacherConfig(arch="resnet18", pretrained=str(tmp_path / "weights"),
+                                                      pipeline=PipelineConfig(image_size=32)))
+    out = _baselines(ds, assignments, stage, tmp_path / "run", "us")
+    deep = out["summary"]["deep_features"]
+    assert deep["extractors"] == 1 and deep["features"].startswith("frozen pretrained resnet18")
+    assert deep["initialised_from"] == str((tmp_path / "weights").resolve())
+    preds = pd.read_parquet(Path(out["predictions"]))
+    assert set(preds.model) == {"clinical", "deep_features", "combined"} and preds.prob.between(0, 1).all()
