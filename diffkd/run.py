@@ -141,7 +141,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     (out / "models").mkdir(parents=True, exist_ok=True)
     ds = ImageDataset(dataset)
     if not ds.exists():
-        raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
+        raise ConfigError(f"{dataset} is not a diffkd dataset (no _manifest.json): run `diffkd ingest` first")
     raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
     state = RunState.load(out)
     say = _say
@@ -469,7 +469,7 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
-                          evaluate=to_dict(cfg.evaluate), truth=truth)
+                          evaluate=to_dict(cfg.evaluate), truth=truth, label_names=list(ds.label_names))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     metrics = json.loads(Path(files.metrics).read_text())
     print(headline_table(metrics))
