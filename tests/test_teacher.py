@@ -59,7 +59,7 @@ def test_the_step_is_a_plain_function_and_a_few_steps_lower_the_loss():
 
 def test_class_weights_balance_the_classes_and_need_both():
     assert balanced_class_weights([0, 0, 0, 1]) == pytest.approx((4 / 6, 4 / 2))
-    with pytest.raises(ValueError, match="3 DCIS and 0 upgrade"):
+    with pytest.raises(ValueError, match="3 rows of label 0 and 0 of label 1"):
         balanced_class_weights([0, 0, 0])
     # the weights enter the loss: a weighted mean of the per-case losses
     torch.manual_seed(0)
