@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate.calibration import calibration
 from diffkd.evaluate.decision import recalibrated
 from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, independent_auc_test,
@@ -39,7 +40,8 @@ MODEL_DESCRIPTIONS = {
                             "teacher, with no image pairs (seed 002)",
     "teacher_us_doppler": "teacher trained on Doppler images only (the pairing-free student's teacher)",
     "clinical": "seed 001 clinical model: univariate screening, then multivariate logistic regression",
-    "deep_features": "seed 001 deep-feature model: ResNet101 features, mRMR, LASSO logistic regression",
+    "deep_features": "seed 001 deep-feature model: CNN features (cross-fitted or frozen pretrained extractor), "
+                     "mRMR, LASSO logistic regression",
     "combined": "seed 001 combined model: selected deep features + clinical variables",
 }
 ABLATIONS = ("teacher_real_only", "teacher", "student_plain", "student_kd_real_only", "student_kd")
@@ -257,15 +259,17 @@ def describe_ci_method(config: EvaluateConfig) -> str:
 def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping] | None = None,
                   synthetic: Mapping | None = None, readers: pd.DataFrame | None = None,
                   baselines: Mapping | None = None, config: EvaluateConfig = EvaluateConfig(),
-                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, truth: pd.DataFrame | None = None) -> dict:
+                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, truth: pd.DataFrame | None = None,
+                  label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
-    model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
+    model_info: {model: {"params": int, "latency_ms": float, "latency": {runtime: {"b1": ms, ...}}}}
+    (latency optional: ms per image in torch and ONNX Runtime by batch size); synthetic: the synthetic-data audit
     (fid, kid, conditional_accuracy, near_copies, tstr_auc); readers: `readers.load_readers(...)`
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
     of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
     synthetic cohort's truth (`truth.load_truth(...)`), giving per center the Bayes and image-visible
-    AUCs under "ceilings".
+    AUCs under "ceilings"; label_names: the dataset's outcome names (label 0, label 1 = positive).
     """
     preds = validate_predictions(predictions)
     thresholds = fit_thresholds(preds, config.threshold_rule)
@@ -287,6 +291,9 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         info = model_info.get(model, {})
         entry["params"] = int(info["params"]) if info.get("params") is not None else None
         entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
+        if info.get("latency"):  # ms per image by runtime and batch: {"torch": {"b1": .., "b32": ..}, "onnx": {..}}
+            entry["latency"] = {runtime: {k: float(v) for k, v in by_batch.items()}
+                                for runtime, by_batch in info["latency"].items()}
         entry["threshold"] = thresholds[model]
         entry["internal_vs_external"] = _internal_vs_external(frame, config.ci_options)
         if model in recalibrations:  # what the decision curves apply to this model's probabilities
@@ -296,6 +303,7 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         models[model] = entry
 
     out = {
+        "label_names": {"0": label_names[0], "1": label_names[1]},  # what label 0 / 1 (positive) mean
         "models": models,
         "comparisons": comparisons(preds, config.reference, extra_pairs, config.ci_options),
         "synthetic": dict(synthetic) if synthetic else {"skipped": "no synthetic-data audit was provided"},
