@@ -231,7 +231,7 @@ def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
     CIOptions) of each model vs `reference` on the same external cases, then `extra_pairs` present."""
     models = ordered_models(preds.model.unique())
     pairs = [(m, reference) for m in models if m != reference and reference in models]
-    pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and (a, b) not in pairs]
+    pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and not {(a, b), (b, a)} & set(pairs)]
     return [_comparison(preds, a, b, "test", options) for a, b in pairs]
 
 
