@@ -357,7 +357,7 @@ def _discrimination_section(ctx: _Context) -> str:
     out += _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options,
                                       label_names=ctx.inputs.label_names),
                   "ROC curves, internal and external",
-                  "ROC curves. Shaded: pointwise 95% bootstrap band for "
+                  "ROC curves. Shaded: pointwise 95% bootstrap band (patients resampled) for "
                   f"<code>{_esc(ctx.reference)}</code>; circle: its "
                   "operating point at the threshold fixed on internal validation; filled markers: readers (square "
                   "senior, triangle junior) with Wilson 95% CIs. Legend: AUC (95% CI).")
