@@ -260,6 +260,12 @@ def _summary_section(ctx: _Context) -> str:
                 f"<b>{_ci_inline(e['auc'], e['auc_ci'])}</b> on {_num(e['n'])} cases, with sensitivity "
                 f"{_num(e['sensitivity'])} and specificity {_num(e['specificity'])} at the threshold fixed on internal "
                 f"validation ({_num(ref['threshold'])}).</p>")
+        external = [(c, e) for c, e in ctx.metrics.get("ceilings", {}).items()
+                    if e.get("split") == "test" and e.get("visible_auc") is not None]
+        if external:
+            lead += ("<p>What the synthetic cohort allows there (its truth file): " + "; ".join(
+                f"{_esc(c)}: image-visible AUC {_num(e['visible_auc'])}, Bayes AUC {_num(e['bayes_auc'])}"
+                for c, e in external) + ' (see <a href="#per-center">per-center performance</a>).</p>')
     if not rows:
         rows, highlight = _model_rows(ctx, "internal", models)
         lead = "<p>There is no external cohort; the table shows internal validation.</p>"
