@@ -181,7 +181,10 @@ def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
     parts: dict[str, Any] = {"data": plan.data_key, "arm": arm, "splits": to_dict(cfg.splits),
                              "teacher": _teacher_key(plan, cfg, kind, seed) if kind else None}
     if arm != "teacher":
-        parts["student"] = to_dict(student_setup(cfg, arm, seed, plan.sources[seed], ""))
+        student = to_dict(student_setup(cfg, arm, seed, plan.sources[seed], ""))
+        if not kind:  # a plain student has no distillation terms: changing them leaves it current
+            student.pop("distill")
+        parts["student"] = student
     return fingerprint(parts)
 
 

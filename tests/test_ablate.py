@@ -79,6 +79,10 @@ def test_a_trial_is_stale_when_its_seed_config_or_teacher_changes():
     cfg.teacher.loop.lr *= 2  # the teacher it distils from changed
     assert trial_key(plan, cfg, "full", 0) != base
     assert trial_key(plan, cfg, "neither", 0) == trial_key(plan, ExperimentConfig(), "neither", 0)
+    other_terms = ExperimentConfig()
+    other_terms.student.distill.terms["logit"]["weight"] = 0.3  # a plain student has no distillation terms
+    assert trial_key(plan, other_terms, "neither", 0) == trial_key(plan, ExperimentConfig(), "neither", 0)
+    assert trial_key(plan, other_terms, "no_synthesis", 0) != trial_key(plan, ExperimentConfig(), "no_synthesis", 0)
 
 
 def test_arms_a_dataset_cannot_train_are_left_out_with_a_note():
