@@ -126,6 +126,10 @@ class ClinicalEncoder:
 # Clinical model
 
 
+class NoClinicalVariable(ValueError):
+    """No clinical column has values that vary in the training rows."""
+
+
 @dataclass
 class ClinicalModel:
     screen_p: float = 0.1
@@ -144,7 +148,7 @@ class ClinicalModel:
         self.encoder.fit(frame, columns)
         self.notes += [f"{v} left out: {why}" for v, why in self.encoder.dropped.items()]
         if not self.encoder.variables:
-            raise ValueError(f"no usable clinical variable among {', '.join(columns)}")
+            raise NoClinicalVariable(f"no usable clinical variable among {', '.join(columns) or 'no columns'}")
         design = self.encoder.transform(frame)
         null = fit_logistic(np.ones((len(y), 1)), y)
 
@@ -421,6 +425,8 @@ def fit_baselines(cases: pd.DataFrame, features: np.ndarray | None, clinical_col
 
     cases: one row per case with CASE_COLUMNS and the clinical columns; features: (len(cases), d)
     penultimate CNN features aligned with `cases` rows, or None to fit the clinical model only.
+    With no usable clinical variable (none given, or none varies in training) only the deep-feature
+    model is fitted, and `summary["skipped"]` says why the clinical and combined models are not.
     """
     missing = [c for c in (*CASE_COLUMNS, *clinical_columns) if c not in cases.columns]
     if missing:
@@ -432,18 +438,29 @@ def fit_baselines(cases: pd.DataFrame, features: np.ndarray | None, clinical_col
     if train.sum() == 0:
         raise ValueError("no training rows (split == 'train') to fit the baselines on")
 
-    clinical = ClinicalModel(config.screen_p, config.keep_p).fit(cases[train], y[train], clinical_columns)
-    probs = {"clinical": clinical.predict_proba(cases)}
-    summary: dict = {"clinical": clinical.summary()}
-    params = {"clinical": clinical.n_params}
+    probs, summary, params = {}, {}, {}
+    try:
+        clinical = ClinicalModel(config.screen_p, config.keep_p).fit(cases[train], y[train], clinical_columns)
+    except NoClinicalVariable as err:
+        if features is None:
+            raise
+        clinical = None  # the deep-feature model needs no clinical data; the other two are left out
+        summary["skipped"] = {"clinical": str(err), "combined": f"{err} (it combines the clinical model)"}
+    if clinical is not None:
+        probs["clinical"] = clinical.predict_proba(cases)
+        summary["clinical"] = clinical.summary()
+        params["clinical"] = clinical.n_params
     if features is not None:
         features = np.asarray(features, dtype=float)
         deep = DeepFeatureModel(config.n_mrmr, config.seed).fit(features[train], y[train])
-        combined = CombinedModel(config.seed).fit(deep, clinical, features[train], cases[train], y[train])
         probs["deep_features"] = deep.predict_proba(features)
-        probs["combined"] = combined.predict_proba(deep, clinical, features, cases)
-        summary.update(deep_features=deep.summary(), combined=combined.summary())
-        params.update(deep_features=deep.n_params, combined=combined.n_params)
+        summary["deep_features"] = deep.summary()
+        params["deep_features"] = deep.n_params
+        if clinical is not None:
+            combined = CombinedModel(config.seed).fit(deep, clinical, features[train], cases[train], y[train])
+            probs["combined"] = combined.predict_proba(deep, clinical, features, cases)
+            summary["combined"] = combined.summary()
+            params["combined"] = combined.n_params
 
     base = cases.loc[:, list(CASE_COLUMNS)].reset_index(drop=True)
     frames = [base.assign(model=name, prob=p) for name, p in probs.items()]

@@ -259,4 +259,4 @@ def _print_summary(metrics: dict) -> None:
     for name, label in (("internal", "internal-validation"), ("external", "external")):
         if name in metrics:
             parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
-    print("; ".join(parts), flush=True)
+    log.info("; ".join(parts))
