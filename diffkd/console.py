@@ -28,6 +28,7 @@ from typing import Callable, Iterator, TextIO
 WORKER_TAG = "[diffkd] "  # a worker's line meant for the console
 WORKER_STATUS_TAG = "[diffkd status] "  # the same, a transient status (a terminal redraws it in place)
 RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray's driver gives its worker-output printer
+RAY_COLOR_ENV = "RAY_COLOR_PREFIX"  # "0": Ray prefixes worker lines without terminal colour codes
 
 _lock = threading.RLock()
 _active: "Console | None" = None
@@ -173,7 +174,9 @@ def capture(logs_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Cons
     state = _Capture(logs, verbose)
     console = active()
     previous_stream = console.stream if console is not None else None
+    colors = os.environ.get(RAY_COLOR_ENV)
     if not verbose:
+        os.environ.setdefault(RAY_COLOR_ENV, "0")  # plain text in the log files (read as Ray prints)
         _flush_std()
         state.saved_fds = (os.dup(1), os.dup(2))
         console = configure(verbose=False, stream=open(os.dup(state.saved_fds[0]), "w", buffering=1,
@@ -195,6 +198,8 @@ def capture(logs_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Cons
             console.stream.close()
             configure(verbose=False, stream=previous_stream)
         _capture = None
+        if colors is None:
+            os.environ.pop(RAY_COLOR_ENV, None)
         attach_ray_workers()  # worker lines print as Ray prints them again
 
 

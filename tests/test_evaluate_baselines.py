@@ -121,3 +121,18 @@ def test_fit_baselines_uses_training_labels_only():
     assert first.summary["clinical"]["odds_ratios"]
     with pytest.raises(ValueError, match="align"):
         fit_baselines(cases, x[:10], columns)
+
+
+def test_without_clinical_values_only_the_deep_feature_model_is_fitted():
+    """A dataset without clinical data (e.g. BUSI): the clinical and combined models are skipped, with why."""
+    x, y = planted_features(n=120, p=130)
+    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(120)], "patient_id": [f"p{i}" for i in range(120)],
+                          "center": "A", "split": np.where(np.arange(120) < 90, "train", "val"), "label": y,
+                          "age": np.nan, "birads": None})
+    result = fit_baselines(cases, x, ["age", "birads"])
+    assert set(result.predictions.model) == {"deep_features"} and set(result.params) == {"deep_features"}
+    assert set(result.summary["skipped"]) == {"clinical", "combined"}
+    assert "no usable clinical variable among age, birads" in result.summary["skipped"]["clinical"]
+    assert "deep_features" in result.summary
+    with pytest.raises(ValueError, match="no usable clinical variable"):  # nothing left to fit
+        fit_baselines(cases, None, ["age", "birads"])

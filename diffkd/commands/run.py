@@ -49,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
         cfg.ray.address = args.address
     logs = Path(args.out) / "logs"
     with console.capture(logs, verbose=args.verbose):
-        result = run_pipeline(args.dataset, _external(args.external), cfg, args.out, readers_csv=args.readers)
+        try:
+            result = run_pipeline(args.dataset, _external(args.external), cfg, args.out, readers_csv=args.readers)
+        finally:
+            _shutdown_ray()  # while captured: Ray's goodbye lines belong in the log too
     print(headline_table(json.loads(Path(result["metrics"]).read_text())))
     print(f"report: {result['report']}")
     print(f"logs: {logs}/ (one file per stage: Ray, DeepSpeed, Parquet and torch messages)")
@@ -58,6 +61,15 @@ def run(args: argparse.Namespace) -> int:
               "the others. Rerun the same command to retry them (finished stages are kept).")
         return 1
     return 0
+
+
+def _shutdown_ray() -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -172,7 +172,7 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
 
     if cfg.progress:
         action = "resuming" if cfg.resume else "starting"
-        log.info("[%s] %s run %r in %s; %d worker(s), ZeRO stage %d, %d batches of %d per worker and epoch",
+        log.debug("[%s] %s run %r in %s; %d worker(s), ZeRO stage %d, %d batches of %d per worker and epoch",
                  task.name, action, name, storage.uri, cfg.num_workers, cfg.zero_stage, batches, cfg.batch_size)
     worker_config = {"task": task, "loop": cfg, "objective": objective, "mode": mode, "has_val": "val" in datasets,
                      "batches_per_epoch": batches,
