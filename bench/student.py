@@ -227,11 +227,11 @@ def main() -> int:
 
         if "kd" in parts:
             result["kd_effect"] = compare(
-                ds, splits, lambda s: student(s, distill=DistillConfig(temperature=4.0, alpha=0.9)),
+                ds, splits, lambda s: student(s, distill=DistillConfig({"logit": {"weight": 0.9, "temperature": 4.0}})),
                 lambda s: plain_variant(student(s)), ("student_kd", "student_plain"), seeds, workdir)
         if "pairing_free" in parts:
-            group = DistillConfig(alpha=0.0, pro_weight=1.0, den_weight=0.5, den_warmup_epochs=1)
-            instance = DistillConfig(alpha=0.9, temperature=4.0, feature_weight=1.0)
+            group = DistillConfig({"gkd_pro": {"weight": 1.0}, "gkd_den": {"weight": 0.5, "warmup_epochs": 1}})
+            instance = DistillConfig({"logit": {"weight": 0.9, "temperature": 4.0}, "feature": {"weight": 1.0}})
             result["pairing_free"] = compare(
                 ds, splits, lambda s: student(s, mode="pairing_free", distill=group),
                 lambda s: student(s, mode="pairing_free", distill=instance),

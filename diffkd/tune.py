@@ -15,7 +15,8 @@ Outputs in `out_dir`: `trials.csv` (one row per trial), `curves.csv` (every epoc
 `objective_vs_params.png`, `learning_curves.png`, `best_config.yaml` (the `student` section with
 the best values, ready for the final student: `diffkd distill --config best_config.yaml`), and the
 Tune experiment `search/` that `resume=True` continues after an interruption. Space paths are
-relative to the student section (`distill.temperature`, `loop.lr`, `pipeline.synthetic_ratio`).
+relative to the student section (`distill.terms.logit.temperature`, `loop.lr`,
+`pipeline.synthetic_ratio`).
 """
 from __future__ import annotations
 

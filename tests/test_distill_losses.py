@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from diffkd.distill import (LOSSES, PAIRING_FREE, FeatureKD, GroupDenseKD, GroupPrototypeKD, LogitKD,
-                            build_loss)
+from diffkd.distill import (LOSSES, PAIRING_FREE, DistillBatch, FeatureKD, FeatureLoss, FeatureWidths,
+                            GroupDenseKD, GroupPrototypeKD, LogitKD, build_loss, register_loss)
 
 
 def _feats(b, c, h=3, w=3, seed=0):
@@ -194,9 +195,69 @@ def test_gkd_den_invariant_to_order_of_images_within_groups():
 # ---------------------------------------------------------------- registry
 
 def test_registry_builds_every_loss_and_names_pairing_free_ones():
-    assert PAIRING_FREE <= set(LOSSES)
+    assert set(LOSSES) == {"logit", "feature", "gkd_pro", "gkd_den"}
+    assert PAIRING_FREE == {"gkd_pro", "gkd_den"}
     assert isinstance(build_loss("logit", temperature=3.0), LogitKD)
-    assert isinstance(build_loss("gkd_den", student_channels=4, teacher_channels=8), GroupDenseKD)
+    den = build_loss("gkd_den", FeatureWidths(student=4, teacher=8), temperature=0.2)
+    assert isinstance(den, GroupDenseKD) and den.projector.conv.weight.shape[:2] == (8, 4)
     with pytest.raises(ValueError, match="unknown distillation loss 'dkd'"):
         build_loss("dkd")
+    with pytest.raises(ValueError, match="pass widths"):
+        build_loss("feature")
     assert math.isclose(build_loss("logit", temperature=3.0).temperature, 3.0)
+
+
+def test_every_registered_loss_computes_its_term_from_one_batch():
+    s_feats, t_feats = _feats(4, 6, seed=1), _feats(4, 16, seed=2)
+    batch = DistillBatch(student_logits=torch.randn(4, 2), teacher_logits=torch.randn(4, 2),
+                         student_features=s_feats, teacher_features=t_feats, student_labels=_labels(0, 1, 0, 1),
+                         teacher_labels=_labels(1, 0, 1, 0), pairs=(torch.arange(4), torch.arange(4)))
+    for name in LOSSES:
+        value = build_loss(name, FeatureWidths(6, 16)).term(batch)
+        assert value.dim() == 0 and torch.isfinite(value), name
+    unpaired = DistillBatch(**{**batch.__dict__, "pairs": (torch.zeros(0, dtype=torch.long),) * 2})
+    for name, cls in LOSSES.items():  # instance losses sit out a step without pairs; group losses do not need them
+        assert (build_loss(name, FeatureWidths(6, 16)).term(unpaired) is None) == cls.needs_pairs, name
+
+
+def test_a_loss_in_a_new_module_is_usable_from_a_config_by_its_name(monkeypatch):
+    """The whole cost of a new loss: the class with its decorator; the config names it, the student builds it."""
+    from diffkd.train.student import DistillConfig, DistillationModel, combine
+
+    monkeypatch.setattr("diffkd.distill.registry.LOSSES", dict(LOSSES))  # the registration is undone afterwards
+
+    @register_loss("mean_gap")
+    class MeanFeatureGap(FeatureLoss):
+        """|mean student activation - mean teacher activation|·scale: no pairs, no parameters."""
+
+        def __init__(self, student_channels: int, teacher_channels: int, scale: float = 1.0):
+            super().__init__()
+            self.scale = scale
+
+        def term(self, batch: DistillBatch) -> torch.Tensor:
+            return self.scale * (batch.student_features.mean() - batch.teacher_features.mean()).abs()
+
+    from diffkd.distill import registry
+
+    assert registry.LOSSES["mean_gap"] is MeanFeatureGap and "mean_gap" not in LOSSES
+    cfg = DistillConfig({"logit": {"weight": 0.5}, "mean_gap": {"weight": 2.0, "scale": 3.0}})
+    with pytest.raises(ValueError, match="unknown option.*margin.*takes: weight, warmup_epochs, scale"):
+        DistillConfig({"mean_gap": {"weight": 1.0, "margin": 1.0}})
+    model = DistillationModel(nn.Identity(), cfg, student_channels=6, teacher_channels=16)
+    assert isinstance(model.losses["mean_gap"], MeanFeatureGap) and model.losses["mean_gap"].scale == 3.0
+    batch = DistillBatch(student_logits=torch.zeros(2, 2), teacher_logits=torch.zeros(2, 2),
+                         student_features=torch.full((2, 6, 1, 1), 1.0), teacher_features=torch.zeros(2, 16, 1, 1),
+                         student_labels=_labels(0, 1), teacher_labels=_labels(0, 1), pairs=(torch.arange(2),) * 2)
+    gap = model.losses["mean_gap"].term(batch)
+    assert math.isclose(float(gap), 3.0)
+    terms = {"ce": torch.tensor(1.0), "kd_logit": torch.tensor(0.0), "kd_mean_gap": gap}
+    assert math.isclose(float(combine(terms, cfg)), 0.5 * 1.0 + 2.0 * 3.0)
+
+
+def test_registering_a_second_loss_under_a_taken_name_fails():
+    with pytest.raises(ValueError, match="'logit' is already registered by diffkd.distill.logit.LogitKD"):
+        @register_loss("logit")
+        class Impostor(FeatureLoss):
+            pass
+    with pytest.raises(TypeError, match="not a DistillLoss subclass"):
+        register_loss("plain")(nn.MSELoss)

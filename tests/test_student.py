@@ -15,8 +15,9 @@ from diffkd.train.student import (DistillConfig, DistillationModel, StudentConfi
                                   split_views, student_datasets)
 from student_fixtures import splits, two_modality_dataset
 
-ALL_LOSSES = DistillConfig(alpha=0.7, feature_weight=1.0, pro_weight=1.0, den_weight=1.0, den_warmup_epochs=1,
-                           pro_queries=4, pro_heads=2)
+ALL_LOSSES = DistillConfig({"logit": {"weight": 0.7}, "feature": {"weight": 1.0},
+                            "gkd_pro": {"weight": 1.0, "num_queries": 4, "num_heads": 2},
+                            "gkd_den": {"weight": 1.0, "warmup_epochs": 1}})
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,10 @@ def test_step_runs_every_loss_without_ray_and_den_waits_for_its_warmup(batch, te
     model = _model(cfg)
     teacher = load_classifier(teacher_dir).eval()
     during_warmup = distill_step(model, teacher, batch, cfg, epoch=1)
-    assert {"ce", "kd_logit", "kd_feature", "kd_pro"} <= set(during_warmup.metrics)
-    assert "kd_den" not in during_warmup.metrics
+    assert {"ce", "kd_logit", "kd_feature", "kd_gkd_pro"} <= set(during_warmup.metrics)
+    assert "kd_gkd_den" not in during_warmup.metrics
     out = distill_step(model, teacher, batch, cfg, epoch=2)
-    assert "kd_den" in out.metrics and torch.isfinite(out.loss)
+    assert "kd_gkd_den" in out.metrics and torch.isfinite(out.loss)
     expected_rows = len(batch["label"]) if mode == "paired" else \
         int((batch["modality_idx"] == MODALITIES.index("us")).sum())
     assert out.num_samples == expected_rows
@@ -112,11 +113,15 @@ def test_a_batch_without_student_rows_is_a_zero_step_that_still_touches_every_pa
 
 
 def test_combine_weights_and_the_plain_variant():
-    cfg = DistillConfig(alpha=0.25, feature_weight=2.0, pro_weight=0.5)
+    cfg = DistillConfig({"logit": {"weight": 0.25}, "feature": {"weight": 2.0}, "gkd_pro": {"weight": 0.5},
+                         "gkd_den": {"weight": 0.0}})
     terms = {"ce": torch.tensor(1.0), "kd_logit": torch.tensor(2.0), "kd_feature": torch.tensor(3.0),
-             "kd_pro": torch.tensor(4.0)}
+             "kd_gkd_pro": torch.tensor(4.0), "kd_gkd_den": torch.tensor(100.0)}
+    assert cfg.active_terms() == ["logit", "feature", "gkd_pro"]  # weight 0 = off
     assert math.isclose(float(combine(terms, cfg)), 0.75 * 1 + 0.25 * 2 + 2 * 3 + 0.5 * 4)
     assert math.isclose(float(combine({"ce": torch.tensor(1.5)}, cfg)), 1.5)  # no teacher rows: CE alone
+    no_pairs = {"ce": torch.tensor(1.0), "kd_gkd_pro": torch.tensor(4.0)}  # logit absent: CE takes its share back
+    assert math.isclose(float(combine(no_pairs, cfg)), 1.0 + 0.5 * 4)
     student = plain_variant(StudentConfig(teacher_dir="t", mode="pairing_free", arch="resnet18",
                                           pipeline=PipelineConfig(synthetic_ratio=1.0)))
     assert not student.distills and student.mode == "paired" and student.pipeline.synthetic_ratio == 0.0
@@ -137,8 +142,14 @@ def test_one_pass_gives_the_same_logits_as_classify(batch):
 def test_bad_configs_are_clear():
     with pytest.raises(ValueError, match="pairing_free distils from a teacher"):
         StudentConfig(mode="pairing_free")
-    with pytest.raises(ValueError, match="alpha"):
-        DistillConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="sum to 1.5 > 1"):
+        DistillConfig({"logit": {"weight": 1.5}})
+    with pytest.raises(ValueError, match="unknown distillation loss 'dkd'"):
+        DistillConfig({"dkd": {"weight": 1.0}})
+    with pytest.raises(ValueError, match=r"terms.gkd_pro: unknown option\(s\) queries"):
+        DistillConfig({"gkd_pro": {"weight": 1.0, "queries": 4}})
+    with pytest.raises(ValueError, match="must be a mapping with a `weight`"):
+        DistillConfig({"feature": {"kind": "mse"}})
     with pytest.raises(ValueError, match="student.mode"):
         StudentConfig(mode="unpaired")
     with pytest.raises(FileNotFoundError, match="train the teacher first"):
@@ -173,8 +184,8 @@ def test_pairing_free_student_trains_through_ray_train_with_every_loss_and_expor
 
     history = result.fit.history
     assert [h["epoch"] for h in history] == [1, 2]
-    assert {"ce", "kd_logit", "kd_feature", "kd_pro"} <= set(history[0]) and "kd_den" not in history[0]
-    assert "kd_den" in history[1]  # switched on after the 1-epoch warm-up
+    assert {"ce", "kd_logit", "kd_feature", "kd_gkd_pro"} <= set(history[0]) and "kd_gkd_den" not in history[0]
+    assert "kd_gkd_den" in history[1]  # switched on after the 1-epoch warm-up
     assert all(math.isfinite(h["loss"]) for h in history)
     assert 0.0 <= result.val_auc <= 1.0
     assert {"model.safetensors", "config.json", "model.onnx", "predictions.parquet"} <= set(os.listdir(out_dir))

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _space(num_samples=4, concurrent="auto", scheduler="asha"):
-    return TuneSpace(params={"distill.temperature": Distribution("loguniform", (1.0, 8.0)),
-                             "distill.alpha": Distribution("uniform", (0.3, 0.9)),
+    return TuneSpace(params={"distill.terms.logit.temperature": Distribution("loguniform", (1.0, 8.0)),
+                             "distill.terms.logit.weight": Distribution("uniform", (0.3, 0.9)),
                              "loop.lr": Distribution("loguniform", (3e-4, 3e-3))},
                      num_samples=num_samples, max_concurrent_trials=concurrent,
                      scheduler=SchedulerSpec(scheduler, grace_period=1, reduction_factor=2),
@@ -33,7 +33,7 @@ def _space(num_samples=4, concurrent="auto", scheduler="asha"):
 
 def _student(teacher_dir="", runs="runs", **loop):
     return StudentConfig(arch="mobilenetv3_small_050", teacher_dir=teacher_dir,
-                         distill=DistillConfig(feature_weight=0.5),
+                         distill=DistillConfig({"logit": {"weight": 0.9}, "feature": {"weight": 0.5}}),
                          pipeline=PipelineConfig(image_size=32, augment=False),
                          loop=LoopConfig(**{"epochs": 2, "batch_size": 16, "shuffle_buffer": 0, "warmup_fraction": 0.25,
                                             "storage_path": runs, **loop}))
@@ -62,8 +62,8 @@ def test_trials_never_receive_the_external_split():
 
 def test_search_plots_are_written(tmp_path):
     space = _space()
-    trials = pd.DataFrame({"trial": ["t2", "t1", "t3"], "distill.temperature": [3.0, 1.5, 6.0],
-                           "distill.alpha": [0.6, 0.4, 0.8], "loop.lr": [2e-3, 1e-3, 5e-4],
+    trials = pd.DataFrame({"trial": ["t2", "t1", "t3"], "distill.terms.logit.temperature": [3.0, 1.5, 6.0],
+                           "distill.terms.logit.weight": [0.6, 0.4, 0.8], "loop.lr": [2e-3, 1e-3, 5e-4],
                            "val_auc": [0.7, 0.6, float("nan")], "epochs": [2, 1, 0]})
     curves = pd.DataFrame({"trial": ["t1", "t2", "t2"], "epoch": [1, 1, 2], "val_auc": [0.6, 0.65, 0.7]})
     files = plot_search(trials, curves, space, str(tmp_path))
@@ -169,7 +169,7 @@ def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
     space_file.write_text(yaml.safe_dump({
         "num_samples": 4, "max_concurrent_trials": 1,
         "scheduler": {"name": "fifo"}, "search": {"name": "optuna", "seed": 0},
-        "params": {"distill.temperature": {"loguniform": [1.0, 8.0]}, "loop.lr": {"loguniform": [3e-4, 3e-3]}}}))
+        "params": {"distill.terms.logit.temperature": {"loguniform": [1.0, 8.0]}, "loop.lr": {"loguniform": [3e-4, 3e-3]}}}))
     out = tmp_path / "search"
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp}

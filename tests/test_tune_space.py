@@ -18,25 +18,37 @@ def _write(tmp_path, text):
 def test_the_shipped_kd_space_loads_and_maps_to_ray():
     space = load_space(ROOT / "tune_spaces" / "kd.yaml")
     assert space.objective == "val_auc" and space.mode == "max"
-    assert space.params["distill.temperature"] == Distribution("loguniform", (1.0, 10.0))
-    assert {"distill.alpha", "distill.pro_weight", "loop.lr"} <= set(space.params)
+    assert space.params["distill.terms.logit.temperature"] == Distribution("loguniform", (1.0, 10.0))
+    assert {"distill.terms.logit.weight", "distill.terms.gkd_pro.weight", "loop.lr"} <= set(space.params)
     from ray.tune.search.sample import Float
 
     ray_space = space.ray_param_space()
-    assert isinstance(ray_space["distill.temperature"], Float)
-    assert 1.0 <= ray_space["distill.temperature"].sample() <= 10.0
+    assert isinstance(ray_space["distill.terms.logit.temperature"], Float)
+    assert 1.0 <= ray_space["distill.terms.logit.temperature"].sample() <= 10.0
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_space_names_real_student_config_fields(path):
+@pytest.mark.parametrize("config", [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "paper.yaml"],
+                         ids=lambda p: p.name)
+def test_every_shipped_space_names_real_fields_of_the_student_it_searches(config):
     from diffkd.config import to_dict
-    from diffkd.train.student import StudentConfig
+    from diffkd.run import load_experiment
     from diffkd.tune import student_from_dict
 
-    space = load_space(path)
-    base = to_dict(StudentConfig())
-    sample = {name: dist.args[0] for name, dist in space.params.items()}  # the low end of each range
-    student_from_dict(apply_params(base, sample))  # every path exists and every value type fits
+    experiment = load_experiment(config)
+    space = load_space(ROOT / experiment.tune.space)
+    base = to_dict(experiment.student)
+    for end in (0, 1):  # the low and the high end of each range
+        sample = {name: dist.args[end] for name, dist in space.params.items()}
+        student_from_dict(apply_params(base, sample))  # every path exists and every value type fits
+
+
+def test_a_space_in_the_old_flat_distill_layout_is_read_with_a_warning_naming_the_new_paths(tmp_path):
+    from diffkd.config import LayoutDeprecationWarning
+
+    old = "params:\n  distill.alpha: {uniform: [0.3, 0.9]}\n  distill.den_weight: {uniform: [0.0, 1.0]}\n"
+    with pytest.warns(LayoutDeprecationWarning, match="'distill.terms.logit.weight'"):
+        space = load_space(_write(tmp_path, old))
+    assert set(space.params) == {"distill.terms.logit.weight", "distill.terms.gkd_den.weight"}
 
 
 def test_an_external_objective_is_refused(tmp_path):

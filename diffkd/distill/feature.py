@@ -5,14 +5,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from diffkd.distill.common import Projector, activation_map, check_feature_map, tokens
+from diffkd.distill.registry import DistillBatch, FeatureLoss, register_loss
 
 FeatureKind = Literal["mse", "attention"]
 
 
-class FeatureKD(nn.Module):
+@register_loss("feature")
+class FeatureKD(FeatureLoss):
     r"""Match the student's last feature map to the teacher's, image by image.
 
     ``kind="mse"`` (FitNets): a 1×1 projector P maps the student's width to the teacher's, the map
@@ -28,6 +29,8 @@ class FeatureKD(nn.Module):
     Both are zero when the (projected) student map equals the teacher's. Both need image-level
     pairs: in pairing-free mode they run on random same-class pairs, the baseline group KD beats.
     """
+
+    needs_pairs = True
 
     def __init__(self, student_channels: int, teacher_channels: int, kind: FeatureKind = "mse"):
         super().__init__()
@@ -54,3 +57,9 @@ class FeatureKD(nn.Module):
         a_s = F.normalize(activation_map(student_feats), dim=1)
         a_t = F.normalize(activation_map(teacher_feats), dim=1)
         return (a_s - a_t).pow(2).sum(dim=1).mean()
+
+    def term(self, batch: DistillBatch) -> torch.Tensor | None:
+        if not batch.has_pairs:
+            return None
+        s_index, t_index = batch.pairs
+        return self(batch.student_features[s_index], batch.teacher_features[t_index])

@@ -17,9 +17,11 @@ from torch import nn
 
 from diffkd.distill.common import (Projector, activation_map, check_feature_map, check_labels,
                                    shared_classes, tokens)
+from diffkd.distill.registry import DistillBatch, FeatureLoss, register_loss
 
 
-class GroupPrototypeKD(nn.Module):
+@register_loss("gkd_pro")
+class GroupPrototypeKD(FeatureLoss):
     r"""GKD-Pro: learnable lesion-aware queries, shared by both modalities, pool each class group
     into prototypes; the student's prototypes are pulled onto the teacher's.
 
@@ -100,8 +102,12 @@ class GroupPrototypeKD(nn.Module):
         parts = self.terms(student_feats, student_labels, teacher_feats, teacher_labels)
         return parts["align"] + self.distinct_weight * parts["distinct"]
 
+    def term(self, batch: DistillBatch) -> torch.Tensor:
+        return self(batch.student_features, batch.student_labels, batch.teacher_features, batch.teacher_labels)
 
-class GroupDenseKD(nn.Module):
+
+@register_loss("gkd_den")
+class GroupDenseKD(FeatureLoss):
     r"""GKD-Den: every student token attends to the teacher tokens of its own class group, guided by
     activation-derived relation maps, and is aligned by cosine to what it attends to.
 
@@ -124,6 +130,8 @@ class GroupDenseKD(nn.Module):
     softmax still mixes neighbours; it tends to zero as τ → 0). The task switches it on after a
     warm-up of ``warmup_epochs`` (PaGKD: dense alignment is meaningful once features have formed).
     """
+
+    default_warmup_epochs = 1
 
     def __init__(self, student_channels: int, teacher_channels: int, temperature: float = 0.1):
         super().__init__()
@@ -158,3 +166,6 @@ class GroupDenseKD(nn.Module):
         if not losses:
             return s_tokens.sum() * 0.0
         return torch.stack(losses).mean()
+
+    def term(self, batch: DistillBatch) -> torch.Tensor:
+        return self(batch.student_features, batch.student_labels, batch.teacher_features, batch.teacher_labels)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from diffkd.distill.registry import DistillBatch, DistillLoss, register_loss
 
 
-class LogitKD(nn.Module):
+@register_loss("logit")
+class LogitKD(DistillLoss):
     r"""Cross-entropy on the labels blended with temperature-softened teacher matching.
 
     .. math::
@@ -15,8 +17,14 @@ class LogitKD(nn.Module):
 
     The T² factor keeps the soft term's gradient scale independent of T (its gradients shrink as
     1/T²). In a 2-class task this is already all of DKD: DKD's non-target term is identically zero
-    there (REFERENCE.md), so no decoupled variant is offered.
+    there (docs/design.md), so no decoupled variant is offered.
+
+    As a registered term (``distill.terms.logit``) its weight is α: it blends with cross-entropy,
+    and only the soft term is computed here (the student stage computes the class-weighted CE).
     """
+
+    needs_pairs = True
+    blends_with_ce = True
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
         super().__init__()
@@ -42,3 +50,9 @@ class LogitKD(nn.Module):
                 labels: torch.Tensor) -> torch.Tensor:
         hard = F.cross_entropy(student_logits, labels)
         return (1.0 - self.alpha) * hard + self.alpha * self.soft_loss(student_logits, teacher_logits)
+
+    def term(self, batch: DistillBatch) -> torch.Tensor | None:
+        if not batch.has_pairs:
+            return None
+        s_index, t_index = batch.pairs
+        return self.soft_loss(batch.student_logits[s_index], batch.teacher_logits[t_index])

@@ -16,10 +16,11 @@ it without Ray. With no teacher (`teacher_dir=""`) the stage trains a plain stud
 that is `student_plain`, the no-KD control (`plain_variant`).
 
 The config nests its `pipeline` and `loop` sections like the teacher's, so a search space addresses
-everything a run needs by dotted path (`distill.temperature`, `loop.lr`).
+everything a run needs by dotted path (`distill.terms.logit.temperature`, `loop.lr`).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from torch import nn
 
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import MODALITIES, ClinicalEncoding
-from diffkd.distill import FeatureKD, GroupDenseKD, GroupPrototypeKD, LogitKD
+from diffkd.distill import DistillBatch, FeatureWidths, build_loss
 from diffkd.train.loop import FitResult, LoopConfig
 from diffkd.train.task import StepOutput, Task
 
@@ -47,32 +48,76 @@ MODES = ("paired", "pairing_free")
 CLASS_WEIGHTINGS = ("balanced", "none")
 
 
+DEFAULT_TERMS = {"logit": {"weight": 0.9, "temperature": 4.0}}  # Hinton KD, torchdistill/mdistiller's T
+
+
 @dataclass
 class DistillConfig:
-    """The distillation objective: L = (1-α)·CE + α·T²·KL + w_f·L_feat + w_pro·L_pro + w_den·L_den."""
+    """The distillation objective: the weighted sum of the named terms (see `diffkd.distill`).
 
-    temperature: float = 4.0  # T of logit KD (Hinton; torchdistill/mdistiller default 4)
-    alpha: float = 0.9  # weight of the soft logit term against cross-entropy; 0 = no logit KD
-    feature_weight: float = 0.0  # instance feature KD (needs pairs; random same-class pairs when pairing-free)
-    feature_kind: str = "mse"  # mse (FitNets, with projector) | attention (attention transfer)
-    pro_weight: float = 0.0  # GKD-Pro, group prototypes
-    pro_queries: int = 8
-    pro_heads: int = 4
-    pro_distinct_weight: float = 0.1  # λ: keeps the shared queries lesion-aware (see GroupPrototypeKD)
-    den_weight: float = 0.0  # GKD-Den, group dense alignment
-    den_temperature: float = 0.1
-    den_warmup_epochs: int = 1  # GKD-Den is off for this many epochs
+    ``terms`` maps a registered loss name to ``{weight: w, warmup_epochs: e, <the loss's options>}``:
+    L = (1 - Σ w_b)·CE + Σ w_b·L_b + Σ w·L over the terms that are on, where the b terms blend with
+    cross-entropy (logit KD, whose weight is α). Weight 0 switches a term off.
+    """
+
+    terms: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_TERMS))
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"student.distill.alpha = {self.alpha} must be in [0, 1]")
-        for name in ("feature_weight", "pro_weight", "den_weight", "pro_distinct_weight", "den_warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"student.distill.{name} = {getattr(self, name)} must be >= 0")
-        if self.temperature <= 0 or self.den_temperature <= 0:
-            raise ValueError("student.distill temperatures must be > 0")
-        if self.feature_kind not in ("mse", "attention"):
-            raise ValueError(f"student.distill.feature_kind must be 'mse' or 'attention', got {self.feature_kind!r}")
+        from diffkd.distill import check_loss_options, loss_class
+
+        if not isinstance(self.terms, dict):
+            raise ValueError(f"student.distill.terms must be a mapping of loss name to options, got {self.terms!r}")
+        blended = 0.0
+        for name, options in self.terms.items():
+            where = f"student.distill.terms.{name}"
+            try:
+                cls = loss_class(name)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            if not isinstance(options, dict) or "weight" not in options:
+                raise ValueError(f"{where} must be a mapping with a `weight`, e.g. {{weight: 0.5}}; got {options!r}")
+            weight, warmup = options["weight"], options.get("warmup_epochs", 0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"{where}.weight = {weight!r} must be a number >= 0")
+            if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+                raise ValueError(f"{where}.warmup_epochs = {warmup!r} must be an integer >= 0")
+            check_loss_options(name, self.options(name), where)
+            if cls.blends_with_ce:
+                blended += weight
+        if blended > 1.0:
+            raise ValueError(f"student.distill.terms: the weights of the terms that share cross-entropy's budget "
+                             f"sum to {blended:g} > 1 (each takes its weight from CE's, as Hinton's alpha)")
+
+    @classmethod
+    def upgrade_layout(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        """Read the flat layout of earlier releases (`temperature`, `alpha`, `pro_weight`, ...) with a warning."""
+        from diffkd.config import FLAT_DISTILL_KEYS, deprecated_layout, flat_distill_to_terms
+
+        if not set(data) & set(FLAT_DISTILL_KEYS):
+            return data
+        if "terms" in data:
+            raise ValueError(f"{where}: mixes `terms` with the old flat keys "
+                             f"{', '.join(sorted(set(data) & set(FLAT_DISTILL_KEYS)))}; use `terms` only")
+        terms = flat_distill_to_terms(data, where)
+        deprecated_layout(f"{where}: the flat layout ({', '.join(data)}) is deprecated and will not be read in "
+                          f"the next release; write it as `terms: {terms}`")
+        return {"terms": terms}
+
+    def weight(self, name: str) -> float:
+        return float(self.terms[name]["weight"]) if name in self.terms else 0.0
+
+    def warmup_epochs(self, name: str) -> int:
+        from diffkd.distill import loss_class
+
+        return int(self.terms[name].get("warmup_epochs", loss_class(name).default_warmup_epochs))
+
+    def options(self, name: str) -> dict[str, Any]:
+        """The loss's own keyword arguments: the term's entries other than weight and warmup_epochs."""
+        return {k: v for k, v in self.terms[name].items() if k not in ("weight", "warmup_epochs")}
+
+    def active_terms(self) -> list[str]:
+        """Names of the terms that are on (weight > 0), in config order."""
+        return [name for name in self.terms if self.weight(name) > 0]
 
 
 @dataclass
@@ -143,9 +188,9 @@ def run_classifier(model: nn.Module, batch: dict[str, Any]) -> ClassifierOutput:
 
 
 class DistillationModel(nn.Module):
-    """What the loop trains: the student and the projectors/queries of the losses that have them.
+    """What the loop trains: the student and the loss modules of the configured terms (`.losses`).
 
-    Only `.student` is exported; the loss modules exist for training.
+    Only `.student` is exported; the loss modules (projectors, queries) exist for training.
     """
 
     def __init__(self, student: nn.Module, cfg: DistillConfig | None, student_channels: int,
@@ -155,51 +200,44 @@ class DistillationModel(nn.Module):
         # A buffer, not a parameter: moves with the model, never trained, not in the exported student.
         self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights),
                              persistent=False)
-        self.feature = self.prototype = self.dense = None
-        if cfg is None:
-            return
-        if cfg.feature_weight > 0:
-            self.feature = FeatureKD(student_channels, teacher_channels, kind=cfg.feature_kind)
-        if cfg.pro_weight > 0:
-            self.prototype = GroupPrototypeKD(student_channels, teacher_channels, num_queries=cfg.pro_queries,
-                                              num_heads=cfg.pro_heads, distinct_weight=cfg.pro_distinct_weight)
-        if cfg.den_weight > 0:
-            self.dense = GroupDenseKD(student_channels, teacher_channels, temperature=cfg.den_temperature)
+        widths = FeatureWidths(student_channels, teacher_channels)
+        names = cfg.active_terms() if cfg is not None else []
+        self.losses = nn.ModuleDict({name: build_loss(name, widths, **cfg.options(name)) for name in names})
 
     def forward(self, student_view: dict[str, Any], teacher_view: dict[str, Any] | None = None,
-                teacher: nn.Module | None = None, cfg: DistillConfig | None = None,
-                paired: bool = True, dense_on: bool = False) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch. Runs inside DeepSpeed's forward, so mixed precision covers it all.
+                teacher: nn.Module | None = None, paired: bool = True,
+                active: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch: ``ce`` and ``kd_<name>`` for each `active` term (default: all of them).
 
-        ``_anchor`` is a zero that touches every loss parameter: each of them gets a gradient on every
-        step and rank, even when a term is off (warm-up) or a batch lacks a group; ranks whose gradient
-        sets differ would stall the all-reduce.
+        Runs inside DeepSpeed's forward, so mixed precision covers it all. ``_anchor`` is a zero that
+        touches every loss parameter: each of them gets a gradient on every step and rank, even when a
+        term is off (warm-up) or a batch lacks a group; ranks whose gradient sets differ would stall
+        the all-reduce.
         """
         out = run_classifier(self.student, student_view)
         labels = student_view["label"]
         terms = {"ce": F.cross_entropy(out.logits.float(), labels, weight=self.class_weights)}
-        loss_params = [p for m in (self.feature, self.prototype, self.dense) if m is not None for p in m.parameters()]
+        loss_params = list(self.losses.parameters())
         if loss_params:
             terms["_anchor"] = sum(p.sum() for p in loss_params) * 0.0
-        if teacher is None or cfg is None:
+        if teacher is None:
             return terms
         with torch.no_grad():
             taught = run_classifier(teacher, teacher_view)
         t_labels = teacher_view["label"]
-        s_feats, t_feats = out.features.float(), taught.features.float()
         if paired:
-            s_index = t_index = torch.arange(len(labels), device=labels.device)
+            pairs = (torch.arange(len(labels), device=labels.device),) * 2
         else:
-            s_index, t_index = same_class_pairs(labels, t_labels)
-        if len(s_index) and cfg.alpha > 0:
-            terms["kd_logit"] = LogitKD(cfg.temperature, cfg.alpha).soft_loss(out.logits[s_index].float(),
-                                                                             taught.logits[t_index].float())
-        if len(s_index) and self.feature is not None:
-            terms["kd_feature"] = self.feature(s_feats[s_index], t_feats[t_index])
-        if self.prototype is not None:
-            terms["kd_pro"] = self.prototype(s_feats, labels, t_feats, t_labels)
-        if self.dense is not None and dense_on:
-            terms["kd_den"] = self.dense(s_feats, labels, t_feats, t_labels)
+            pairs = same_class_pairs(labels, t_labels)
+        batch = DistillBatch(student_logits=out.logits.float(), teacher_logits=taught.logits.float(),
+                             student_features=out.features.float(), teacher_features=taught.features.float(),
+                             student_labels=labels, teacher_labels=t_labels, pairs=pairs)
+        active = set(self.losses) if active is None else set(active)
+        for name, loss in self.losses.items():
+            if name in active:
+                value = loss.term(batch)
+                if value is not None:
+                    terms[f"kd_{name}"] = value
         return terms
 
 
@@ -227,18 +265,19 @@ def same_class_pairs(student_labels: torch.Tensor, teacher_labels: torch.Tensor,
 def combine(terms: dict[str, torch.Tensor], cfg: DistillConfig | None) -> torch.Tensor:
     """Weighted total of the loss terms (the equation in DistillConfig's docstring).
 
-    A term that is absent this step (no teacher rows, no same-class pair) simply drops out; α only
-    trades cross-entropy against the soft term when the soft term is there.
+    A term that is absent this step (warm-up, no teacher rows, no same-class pair) simply drops out;
+    a term that blends with cross-entropy only takes CE's share when it is there.
     """
+    from diffkd.distill import loss_class
+
     total = terms.get("_anchor", 0.0)
     if cfg is None:
         return total + terms["ce"]
-    alpha = cfg.alpha if "kd_logit" in terms else 0.0
-    total = total + (1.0 - alpha) * terms["ce"] + alpha * terms.get("kd_logit", 0.0)
-    for name, weight in (("kd_feature", cfg.feature_weight), ("kd_pro", cfg.pro_weight),
-                         ("kd_den", cfg.den_weight)):
-        if name in terms:
-            total = total + weight * terms[name]
+    present = [name for name in cfg.active_terms() if f"kd_{name}" in terms]
+    blended = [name for name in present if loss_class(name).blends_with_ce]
+    total = total + (1.0 - sum(cfg.weight(name) for name in blended)) * terms["ce"]
+    for name in blended + [name for name in present if name not in blended]:
+        total = total + cfg.weight(name) * terms[f"kd_{name}"]
     return total
 
 
@@ -271,11 +310,12 @@ def distill_step(model: nn.Module, teacher: nn.Module | None, batch: dict[str, A
     if n == 0:  # a pairing-free batch of teacher rows only: nothing to learn, but every rank must step
         return StepOutput(loss=sum(p.sum() for p in model.parameters()) * 0.0, num_samples=0)
     distill = cfg.distill if cfg.distills else None
-    dense_on = distill is not None and epoch > distill.den_warmup_epochs
     if distill is not None and len(teacher_view["label"]) == 0:
         teacher_view = None  # a pairing-free batch without teacher rows: cross-entropy only this step
-    terms = model(student_view, teacher_view, teacher if teacher_view is not None else None, distill,
-                  paired=cfg.mode == "paired", dense_on=dense_on)
+    active = [] if distill is None else [name for name in distill.active_terms()
+                                         if epoch > distill.warmup_epochs(name)]
+    terms = model(student_view, teacher_view, teacher if teacher_view is not None and distill else None,
+                  paired=cfg.mode == "paired", active=active)
     loss = combine(terms, distill)
     metrics = {name: float(value.detach()) for name, value in terms.items() if not name.startswith("_")}
     return StepOutput(loss=loss, num_samples=n, metrics=metrics)
@@ -341,8 +381,10 @@ class StudentTask(Task):
         self.epoch = epoch
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        if self.epoch == 0 and self.config.distills and self.config.distill.den_weight > 0:
-            raise RuntimeError("StudentTask: the training loop never called on_epoch_start, so GKD-Den's warm-up "
+        distill = self.config.distill
+        if self.epoch == 0 and self.config.distills and any(distill.warmup_epochs(name) > 0
+                                                            for name in distill.active_terms()):
+            raise RuntimeError("StudentTask: the training loop never called on_epoch_start, so the terms' warm-up "
                                "cannot be followed; the loop must call task.on_epoch_start(epoch) every epoch")
         return distill_step(model, self.teacher, batch, self.config, self.epoch)
 
