@@ -223,6 +223,8 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
             synthetic_block = audited["summary"]
             grids = [str(out / "audit" / name)
                      for name in ("synthetic_grid.png", "synthetic_label_pairs.png", "synthetic_near_copies.png")]
+        else:
+            skipped["synthetic"] = f"the synthetic-data audit {state.failed['audit']}"
     else:
         ratio = 0.0
         skipped["synthetic"] = ("the diffusion stage is disabled in the config (diffusion.enabled: false)"
