@@ -80,3 +80,18 @@ def test_a_captured_run_files_library_output_per_stage_and_shows_diffkd_lines(tm
     run = (logs / "run.log").read_text()
     assert "INFO diffkd.run: [teacher] starting" in run and "[teacher] done" in run
     assert "Parquet" not in run
+
+
+def test_training_progress_lines_are_marked_for_the_console():
+    from diffkd.train.progress import Progress
+
+    written = io.StringIO()
+    progress = Progress("teacher", total_epochs=2, batches_per_epoch=4, interval_s=0.0, out=written)
+    progress.start_epoch(1)
+    progress.step(8, 0.7)  # interval 0: a heartbeat at every step
+    progress.end_epoch({"loss": 0.7, "val_auc": 0.61, "samples_per_s": 40.0}, improved=True, objective="val_auc")
+    kept, shown = console.split_worker_lines(written.getvalue().splitlines())
+    (heartbeat, transient), (epoch, permanent) = shown
+    assert transient and heartbeat.startswith("[teacher] epoch 1/2  [#####...............] step 1/4  loss 0.7000")
+    assert not permanent and epoch.startswith("[teacher] epoch 1/2  loss 0.7000  val_auc 0.6100*")
+    assert "40.0 samples/s" in epoch and "ETA" in epoch

@@ -27,6 +27,12 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar: `[#######.............]`."""
+    done = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
 def _format_value(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
 
@@ -68,7 +74,7 @@ class Progress:
         steps = f"step {self._batches}"
         left = ""
         if self.batches_per_epoch:
-            steps += f"/{self.batches_per_epoch}"
+            steps = f"{bar(self._batches / self.batches_per_epoch)} {steps}/{self.batches_per_epoch}"
             remaining = max(0, self.batches_per_epoch - self._batches) * elapsed / max(1, self._batches)
             left = f"  epoch ends in {format_duration(remaining)}"
         loss = self._loss_sum / max(1, self._batches)
