@@ -63,13 +63,13 @@ def busi_folders(phantom: Path, out: Path) -> list[Path]:
     with open(phantom / "center1" / "clinical.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["modality"] == "us"]
     folders = [out / "busi_a", out / "busi_b"]
-    counts: dict[tuple[Path, str], int] = {}
+    counts: dict[str, int] = {}  # BUSI numbers each class's files once: a split by number keeps names unique
     for i, row in enumerate(rows):
         src = folders[0] if i < len(rows) * 0.6 else folders[1]
         cls = "benign" if row["label"] == "DCIS" else "malignant"
         if i % 11 == 5:
             cls = "normal"  # BUSI's third class, left out by the label map
-        n = counts[src, cls] = counts.get((src, cls), 0) + 1
+        n = counts[cls] = counts.get(cls, 0) + 1
         image = Image.open(phantom / "center1" / row["file"]).convert("L")
         mask = Image.open(phantom / "center1" / row["mask"]).convert("L") if row["mask"] else \
             Image.new("L", image.size)
@@ -89,8 +89,9 @@ def busi_folders(phantom: Path, out: Path) -> list[Path]:
         else:
             mask.save(f"{stem}_mask.png")
     # BUSI's known defect: one image filed under both classes
-    (folders[0] / "malignant" / "malignant (99).png").write_bytes((folders[0] / "benign" / "benign (1).png").read_bytes())
-    (folders[0] / "malignant" / "malignant (99)_mask.png").write_bytes(
+    (folders[0] / "malignant" / "malignant (999).png").write_bytes(
+        (folders[0] / "benign" / "benign (1).png").read_bytes())
+    (folders[0] / "malignant" / "malignant (999)_mask.png").write_bytes(
         (folders[0] / "benign" / "benign (1)_mask.png").read_bytes())
     return folders
 
@@ -98,7 +99,7 @@ def busi_folders(phantom: Path, out: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def busi_dataset(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("busi")
-    generate_cohort(work / "phantom", size="demo", centers=1, patients=70, seed=3)
+    generate_cohort(work / "phantom", size="demo", centers=1, patients=40, seed=3)
     dataset = work / "ds"
     for center, folder in zip(("A", "B"), busi_folders(work / "phantom", work)):
         assert diffkd(["ingest", str(folder), "--center", center, "--dataset", str(dataset), "--layout", "busi",
