@@ -52,6 +52,6 @@ def test_a_broken_search_space_fails_before_training(tmp_path):
     ds = ImageDataset(tmp_path / "ds")
     ds.write_center("A", make_rows("A", 12))
     cfg = load_experiment(CONFIGS / "demo.yaml")
-    cfg.tune.space = str(tmp_path / "missing.yaml")
+    cfg.tune.enabled, cfg.tune.space = True, str(tmp_path / "missing.yaml")
     with pytest.raises((FileNotFoundError, ValueError), match="missing.yaml"):
         plan_stages(ds, make_splits(ds.metadata().to_pandas(), [], 0.25, 0), cfg, None)
