@@ -176,16 +176,21 @@ def plan_stages(ds: ImageDataset, assignments: pd.DataFrame, cfg: ExperimentConf
 
 
 def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: str | os.PathLike,
-                 readers_csv: str | None = None) -> dict:
+                 readers_csv: str | None = None, truth: str | None = None) -> dict:
     """Run every stage the dataset supports; return {"report", "metrics", "failed"}.
 
     `out` receives models/, tune/, audit/, report/. A stage that fails is recorded in "failed" (and
     in the report); the stages that do not read its outputs still run, and rerunning resumes.
+    truth: a synthetic cohort's truth.csv, handed to the report stage only (per-center ceilings).
     """
     from diffkd import raycompat
     from diffkd.data.splits import check_no_leakage, make_splits
 
     out = Path(out).resolve()  # stages run in Ray workers and Tune trials with other working directories
+    if truth is not None:  # checked now, read only by the report: no training stage gets the path
+        truth = str(Path(truth).resolve())
+        if not os.path.isfile(truth):
+            raise ConfigError(f"truth file {truth} does not exist (the phantom writes it as OUT/truth.csv)")
     (out / "models").mkdir(parents=True, exist_ok=True)
     ds = ImageDataset(dataset)
     if not ds.exists():
@@ -339,9 +344,9 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     finished = [name for name in (*model_dirs, "audit", "baselines") if name in state.stages
                 and name not in state.failed]
     report = state.run("report", {**common, "models": sorted(model_dirs), "readers": readers_csv,
-                                  "evaluate": to_dict(cfg.evaluate)},
+                                  "evaluate": to_dict(cfg.evaluate), "truth": truth},
                        lambda: _report(ds, out, model_dirs, cfg, synthetic_block, grids, baseline_summary,
-                                       readers_csv, skipped, notes, external),
+                                       readers_csv, skipped, notes, external, truth),
                        after=finished)
     return {**report, "failed": dict(state.failed)}
 
@@ -476,9 +481,23 @@ def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, 
     return info
 
 
+def _initialised_from(out: Path, model_dirs: dict[str, str]) -> dict[str, str]:
+    """Each trained model's start ("scratch" or its weights), as its stage recorded it."""
+    from diffkd.train.diffusion_task import TRAINING_INFO as GENERATOR_INFO
+    from diffkd.train.teacher import TRAINING_INFO
+
+    found = {}
+    for name, path in [*model_dirs.items(), ("deep_feature_model", str(out / "models" / "deep_feature_model"))]:
+        if os.path.exists(os.path.join(path, GENERATOR_INFO)):
+            found[name] = json.loads(Path(path, GENERATOR_INFO).read_text()).get("initialised_from")
+        elif os.path.exists(os.path.join(path, TRAINING_INFO)):
+            found[name] = json.loads(Path(path, TRAINING_INFO).read_text())["metrics"].get("initialised_from")
+    return {name: start for name, start in found.items() if start}
+
+
 def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: ExperimentConfig, synthetic: dict | None,
             grids: list[str], baseline_summary: dict | None, readers_csv: str | None, skipped: dict[str, str],
-            notes: list[str], external: list[str]) -> dict:
+            notes: list[str], external: list[str], truth: str | None = None) -> dict:
     from diffkd.evaluate.report import ReportInputs, write_report
 
     # each stage's predictions under the stage's name, whatever name the folder's file carries
@@ -502,12 +521,12 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     else:
         skipped["readers"] = "no reader CSV was given (diffkd run --readers CSV): no reader comparison"
     model_info = _model_info(model_dirs, cfg)
-    inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
+    inputs = ReportInputs(initialised_from=_initialised_from(out, model_dirs),title=f"diffkd validation report: {cfg.name}",
                           dataset={"name": Path(ds.root).name, "path": str(ds.uri), "external": list(external)},
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
-                          evaluate=to_dict(cfg.evaluate))
+                          evaluate=to_dict(cfg.evaluate), truth=truth)
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     return {"report": str(files.index), "metrics": str(files.metrics)}
 

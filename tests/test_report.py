@@ -39,6 +39,8 @@ def test_metrics_json_agrees_with_predictions_parquet(built):
             part = preds[(preds.model == model) & (preds.center == center) & (preds.split != "train")]
             assert m["auc"] == pytest.approx(roc_auc_score(part.label, part.prob), abs=1e-12)
     assert metrics["models"]["student_kd"]["params"] == 1_100_000
+    assert metrics["initialised_from"] == {"teacher": "/weights/resnet50", "student_kd": "scratch",
+                                           "diffusion": "scratch"}
     assert metrics["synthetic"]["fid"] == 38.5
     assert metrics["baselines"]["clinical"]["odds_ratios"]
 
@@ -60,6 +62,8 @@ def test_page_is_self_contained(built):
     odds_ratios = json.loads(files.metrics.read_text())["baselines"]["clinical"]["odds_ratios"]
     assert "odds ratios" in page and all(f"<code>{r['term']}</code>" in page for r in odds_ratios)
     assert "scikit-learn" in page and "student:" in page  # package versions and the config
+    assert ">initialised from<" in page and "/weights/resnet50" in page  # each model's start
+    assert "<code>diffusion</code> started from: scratch" in page  # models outside the performance table too
 
 
 def test_skipped_sections_are_said_never_silent(tmp_path):

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from diffkd.evaluate.calibration import calibration, reliability_curve
-from diffkd.evaluate.decision import DEFAULT_THRESHOLDS, net_benefit, treat_all_net_benefit
+from diffkd.evaluate.decision import DEFAULT_THRESHOLDS, net_benefit, recalibrated, treat_all_net_benefit
 from diffkd.evaluate.metrics import CIOptions, OperatingPoint, auc_with_ci
 from diffkd.evaluate.summary import COHORT_SPLITS, ordered_models
 
@@ -165,11 +165,16 @@ def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 
 
 def decision_figure(predictions: pd.DataFrame, reference: str,
                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> bytes:
-    """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none."""
+    """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none, of each
+    model's risks recalibrated on its internal validation predictions (decision.recalibrated)."""
     colors = model_colors(predictions.model.unique())
-    fig = Figure(figsize=(11, 4.8))
+    risks, _ = recalibrated(predictions)
+    fig = Figure(figsize=(11, 5.2))
+    fig.suptitle("Risks recalibrated on internal validation (logistic recalibration per model) before net benefit",
+                 fontsize=10)
+    titles = {"internal": "Internal (where the recalibration was fitted)", "external": "External"}
     for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
-        part = _cohort(predictions, cohort)
+        part = _cohort(risks, cohort)
         if part.empty:
             _no_cases(ax, cohort)
             continue
@@ -186,7 +191,7 @@ def decision_figure(predictions: pd.DataFrame, reference: str,
             ax.plot(thresholds, nb, color=colors[model], lw=2.2 if main else 1, label=model, zorder=3 if main else 2)
         ax.set_ylim(-0.05, top * 1.15)
         ax.set_xlim(min(thresholds), max(thresholds))
-        ax.set_title(f"{cohort.capitalize()}: decision curve")
+        ax.set_title(f"{titles[cohort]}: decision curve", fontsize=10)
         ax.set_xlabel("threshold probability")
         ax.set_ylabel("net benefit")
         ax.grid(alpha=0.3)
@@ -195,7 +200,8 @@ def decision_figure(predictions: pd.DataFrame, reference: str,
 
 
 def forest_figure(metrics: Mapping) -> bytes:
-    """AUC with 95% CI per model, one panel per center (internal centers on validation cases)."""
+    """AUC with 95% CI per model, one panel per center (internal centers on validation cases), with the
+    synthetic cohort's Bayes and image-visible AUCs as vertical lines where metrics hold "ceilings"."""
     models = ordered_models(metrics["models"])
     centers = sorted({c for m in models for c in metrics["models"][m]["per_center"]})
     colors = model_colors(models)
@@ -203,6 +209,8 @@ def forest_figure(metrics: Mapping) -> bytes:
     axes = np.atleast_1d(fig.subplots(1, len(centers), sharey=True, squeeze=False)[0])
     lows = [m["auc_ci"][0] for e in metrics["models"].values() for m in e["per_center"].values()
             if m.get("auc") is not None]
+    lows += [c[k] for c in metrics.get("ceilings", {}).values() for k in ("bayes_auc", "visible_auc")
+             if c.get(k) is not None]
     x_min = min([0.3, *lows]) - 0.02
     for ax, center in zip(axes, centers):
         for row, model in enumerate(models):
@@ -214,6 +222,12 @@ def forest_figure(metrics: Mapping) -> bytes:
                         ms=5, capsize=2)
         split = next((metrics["models"][m]["per_center"][center].get("split") for m in models
                       if center in metrics["models"][m]["per_center"]), "")
+        ceiling = metrics.get("ceilings", {}).get(center, {})
+        for key, style, label in (("bayes_auc", "-", "Bayes AUC"), ("visible_auc", "--", "image-visible AUC")):
+            if ceiling.get(key) is not None:
+                ax.axvline(ceiling[key], color="#2b7a3d", lw=1.2, ls=style, label=label)
+        if ceiling and ax is axes[0]:
+            ax.legend(fontsize=7, loc="lower left")
         ax.set_title(f"{center} ({'external' if split == 'test' else 'internal'})", fontsize=9)
         ax.axvline(0.5, color="#bbbbbb", lw=0.8, ls="--")
         ax.set_xlim(x_min, 1.01)

@@ -37,6 +37,7 @@ import yaml
 from diffkd.config import from_dict
 from diffkd.evaluate import figures
 from diffkd.evaluate.readers import load_readers, reader_operating_points
+from diffkd.evaluate.truth import load_truth
 from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
                                      cases_table, cohort_table, fit_thresholds, jsonable, ordered_models,
                                      validate_predictions)
@@ -74,6 +75,11 @@ class ReportInputs:
     notes: list = field(default_factory=list)  # stages left out (and why) and data set aside, listed under limitations
     config: dict | None = None  # the experiment config as run
     evaluate: dict = field(default_factory=dict)  # EvaluateConfig fields
+    # model (classifiers, the generator, the feature model) -> "scratch" or the weights it started from
+    initialised_from: dict = field(default_factory=dict)
+    # a synthetic cohort's truth.csv (the phantom's): per-center Bayes and image-visible AUC ceilings.
+    # Its case ids are mapped to the stored ones with the salt of dataset["path"].
+    truth: str | None = None
 
     def __post_init__(self):
         unknown = sorted(set(self.skipped) - set(SECTIONS))
@@ -257,7 +263,8 @@ def _model_details_section(ctx: _Context) -> str:
     for model in ordered_models(ctx.metrics["models"]):
         info = ctx.inputs.model_info.get(model, {})
         rows.append([f"<code>{_esc(model)}</code>", _esc(info.get("description") or MODEL_DESCRIPTIONS.get(model, "")),
-                     _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"])])
+                     _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"]),
+                     _esc(ctx.inputs.initialised_from.get(model, ""))])
     ds = dict(ctx.inputs.dataset)
     intended_use = ds.pop("intended_use", (
         "Research use: estimate, before surgery, the probability that ductal carcinoma in situ (DCIS) "
@@ -269,7 +276,11 @@ def _model_details_section(ctx: _Context) -> str:
     data = ""
     if ds:
         data = _table(["dataset", "value"], [[_esc(k), _esc(v)] for k, v in ds.items()])
-    return intended + data + _table(["model", "what it is", "architecture", "parameters"], rows, numeric=[3])
+    listed = set(ordered_models(ctx.metrics["models"]))
+    others = "".join(f'<p class="note"><code>{_esc(m)}</code> started from: {_esc(source)}</p>'
+                     for m, source in ctx.inputs.initialised_from.items() if m not in listed)
+    return intended + data + _table(["model", "what it is", "architecture", "parameters", "initialised from"], rows,
+                                    numeric=[3]) + others
 
 
 def _data_section(ctx: _Context) -> str:
@@ -308,7 +319,7 @@ def _methods_section(ctx: _Context) -> str:
         "Calibration: intercept (calibration-in-the-large, slope fixed at 1) and slope by logistic recalibration "
         "of the outcome on logit(p); Brier score; reliability curves over quantile bins with Wilson CIs.",
         "Clinical utility: decision-curve net benefit over threshold probabilities of 5–40%, against treating all "
-        "and treating none.",
+        "and treating none, on risks recalibrated on internal validation (logistic recalibration per model).",
         "Readers: each reader's calls against the reference model's at its fixed threshold on the cases both read; "
         "McNemar test on the positives (sensitivity) and on the negatives (specificity), exact mid-p below 25 "
         "discordant pairs, continuity-corrected chi-square otherwise.",
@@ -359,8 +370,25 @@ def _per_center_section(ctx: _Context) -> str:
                          _ci(m["auc"], m["auc_ci"]), _ci(m["sensitivity"], m.get("sensitivity_ci")),
                          _ci(m["specificity"], m.get("specificity_ci")), _ci(m["accuracy"], m.get("accuracy_ci"))])
     rows_sorted = sorted(range(len(rows)), key=lambda i: (rows[i][1] == "external", rows[i][0]))
-    out = _figure(figures.forest_figure(ctx.metrics), "per-center AUC forest plot",
-                  "AUC with 95% CI per center and model (internal centers: their validation cases).")
+    caption = "AUC with 95% CI per center and model (internal centers: their validation cases)."
+    ceilings = ctx.metrics.get("ceilings")
+    if ceilings:
+        caption += (" Vertical lines: the synthetic cohort's ceilings on the same cases, the Bayes AUC of the "
+                    "generator's own upgrade probability (solid) and the AUC of the image-visible score (dashed).")
+    out = _figure(figures.forest_figure(ctx.metrics), "per-center AUC forest plot", caption)
+    if ceilings:
+        ref_auc = {c: m.get("auc") for c, m in ctx.metrics["models"].get(ctx.reference, {}).get("per_center", {}).items()}
+        crow = [[_esc(c), _num(e["n"]), _num(e["n_pos"]), _ci(e.get("bayes_auc"), e.get("bayes_auc_ci")),
+                 _ci(e.get("visible_auc"), e.get("visible_auc_ci")), _num(ref_auc.get(c)), _esc(e["cases_of"])]
+                for c, e in ceilings.items()]
+        out += ("<h3>What the data allow: the synthetic cohort's ceilings</h3>" +
+                _table(["center", "cases", "upgrades", "Bayes AUC (label probability)",
+                        "image-visible AUC (visible score)", f"AUC {_esc(ctx.reference)}", "cases of"], crow,
+                       range(1, 6)) +
+                '<p class="note">From the phantom\'s truth file, read by the report only. The Bayes AUC scores '
+                "each case by the probability that generated its label: no model can beat it but by chance. The "
+                "image-visible AUC scores it by the part of that evidence the images show: an image-only model "
+                "near it has learnt what there is to learn.</p>")
     headers = ["center", "role", "model", "cases", "upgrades", "AUC (95% CI)", "sensitivity", "specificity",
                "accuracy"]
     every_model = _table(headers, [rows[i] for i in rows_sorted], range(3, 9),
@@ -389,9 +417,18 @@ def _calibration_section(ctx: _Context) -> str:
 def _decision_section(ctx: _Context) -> str:
     if ctx.caller_skipped("decision"):
         return _skipped(ctx.skipped["decision"])
+    rows = [[f"<code>{_esc(m)}</code>", _num(r["intercept"]), _num(r["slope"]), _num(r["n"])]
+            for m, r in ((m, ctx.metrics["models"][m].get("recalibration")) for m in ordered_models(ctx.metrics["models"]))
+            if r]
     return _figure(figures.decision_figure(ctx.preds, ctx.reference), "decision curves",
-                   "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t. A model is useful where its "
-                   "curve lies above both treat-all and treat-none.")
+                   "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t, computed on each model's "
+                   "probabilities <b>recalibrated on internal validation</b>: logit(risk) = a + b·logit(p), fitted "
+                   "on the model's internal validation predictions (Firth-penalised) and applied unchanged to the "
+                   "external cohort. Models trained with class weights or rebalancing synthetic rows do not output "
+                   "risks; recalibration makes the threshold probability mean what it says. The internal panel is "
+                   "in-sample for the recalibration. A model is useful where its curve lies above both treat-all "
+                   "and treat-none.") + _table(["model", "recalibration a", "recalibration b", "validation cases"],
+                                               rows, [1, 2, 3])
 
 
 def _comparison_rows(ctx: _Context, models: Sequence[str], against: str | None = None) -> list[list[str]]:
@@ -687,8 +724,11 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
     if readers is not None:
         reads = load_readers(readers, birads_positive_from=config.birads_positive_from,
                              probability_threshold=config.reader_probability_threshold)
+    truth = None
+    if inputs.truth:  # the one place truth is read: training stages never see it
+        truth = load_truth(inputs.truth, preds.case_id.unique(), inputs.dataset.get("path"))
     metrics = build_metrics(preds, model_info=inputs.model_info, synthetic=inputs.synthetic, readers=reads,
-                            baselines=inputs.baselines, config=config)
+                            baselines=inputs.baselines, config=config, truth=truth)
     ctx = _Context(preds=preds, metrics=metrics, inputs=inputs, config=config,
                    thresholds=fit_thresholds(preds, config.threshold_rule), reads=reads,
                    grids=_read_grids(inputs.synthetic_grids))
@@ -701,6 +741,7 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
         digest = hashlib.sha256(parquet_tmp.read_bytes()).hexdigest()
         page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
         metrics["skipped"] = dict(ctx.skipped)
+        metrics["initialised_from"] = dict(inputs.initialised_from)
         metrics["predictions_sha256"] = digest
         staging.write_bytes("metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
         saved = dataclasses.asdict(inputs)
@@ -728,9 +769,11 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
 
 def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLike,
                    inputs_path: str | os.PathLike | None = None, readers_path: str | os.PathLike | None = None,
-                   config: EvaluateConfig | None = None, title: str | None = None) -> ReportFiles:
+                   config: EvaluateConfig | None = None, title: str | None = None, truth: str | None = None,
+                   dataset: str | None = None) -> ReportFiles:
     """Rebuild a report from a predictions.parquet and, by default, the report_inputs.json and readers.csv
-    found beside it (what `write_report` leaves)."""
+    found beside it (what `write_report` leaves). `truth` and `dataset` replace the stored truth file
+    and the dataset its case ids are mapped with."""
     predictions_path = Path(predictions_path)
     try:
         preds = pd.read_parquet(predictions_path)
@@ -744,6 +787,10 @@ def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLi
     inputs = ReportInputs.load(inputs_path) if inputs_path else ReportInputs()
     if title:
         inputs.title = title
+    if truth:
+        inputs.truth = str(Path(truth).resolve())
+    if dataset:
+        inputs.dataset = {**inputs.dataset, "path": str(dataset)}
     if readers_path is None and (beside / READERS_FILE).exists():
         readers_path = beside / READERS_FILE
     # copy grids out first: they may live in the very directory being rewritten
