@@ -220,15 +220,19 @@ def pool_folds(rows: list[dict[str, Any]]) -> tuple["pd.DataFrame", dict]:
     return pd.DataFrame([*rows, pooled_row]), info
 
 
-def format_table(table: "pd.DataFrame", pooled: dict | None = None) -> str:
-    lines = [f"{'held-out center':<16} {'cases':>5} {'upgr.':>5}  {'external AUC (95% CI)':<22} {'internal AUC':>12}"
-             f" {'RE weight':>9}"]
+def format_table(table: "pd.DataFrame", pooled: dict | None = None, positive_name: str = "upgr.") -> str:
+    """The LOCO table for a terminal; `positive_name` (the dataset's name of label 1) heads the
+    column counting label-1 cases (the `upgrades` column of loco.csv)."""
+    width = max(5, len(positive_name))
+    lines = [f"{'held-out center':<16} {'cases':>5} {positive_name:>{width}}  {'external AUC (95% CI)':<22} "
+             f"{'internal AUC':>12} {'RE weight':>9}"]
     for _, r in table.iterrows():
         ext = ("n/a (one class)" if r["held_out"] != "pooled" else "n/a") if math.isnan(r["external_auc"]) else (
             f"{r['external_auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})")
         internal = "" if math.isnan(r["internal_auc"]) else f"{r['internal_auc']:.3f}"
         weight = "" if math.isnan(r["weight"]) or r["held_out"] == "pooled" else f"{100 * r['weight']:.0f}%"
-        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['upgrades']:>5}  {ext:<22} {internal:>12} {weight:>9}")
+        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['upgrades']:>{width}}  {ext:<22} {internal:>12} "
+                     f"{weight:>9}")
     if pooled and "tau2" in pooled:
         lines.append(f"pooled: random effects (DerSimonian-Laird, logit AUC) over {pooled['k']} fold(s); "
                      f"I^2 = {100 * pooled['i2']:.0f}%, tau^2 = {pooled['tau2']:.4f}, "

@@ -194,7 +194,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     (out / "models").mkdir(parents=True, exist_ok=True)
     ds = ImageDataset(dataset)
     if not ds.exists():
-        raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
+        raise ConfigError(f"{dataset} is not a diffkd dataset (no _manifest.json): run `diffkd ingest` first")
     real = ds.metadata().to_pandas()
     assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
     check_no_leakage(assignments)
@@ -526,7 +526,7 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
-                          evaluate=to_dict(cfg.evaluate), truth=truth)
+                          evaluate=to_dict(cfg.evaluate), truth=truth, label_names=list(ds.label_names))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     return {"report": str(files.index), "metrics": str(files.metrics)}
 

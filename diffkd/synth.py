@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.data.dataset import DatasetError, ImageDataset
-from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES
+from diffkd.data.schema import CLINICAL_COLUMNS, NUM_LABELS
 from diffkd.files import atomic_write_json, save_figure
 from diffkd.train.task import StepOutput, Task
 
@@ -156,10 +156,10 @@ def cell_counts(train_rows: pd.DataFrame, cfg: SynthConfig, centers: list[str]) 
     """Rows to generate per (center, label) cell that has real training rows to draw conditions from."""
     real = train_rows[train_rows["center"].isin(centers)].groupby(["center", "label"]).size()
     cells = {(c, int(lbl)): int(n) for (c, lbl), n in real.items()}
-    empty = [(c, lbl) for c in centers for lbl in LABEL_NAMES if (c, lbl) not in cells]
+    empty = [(c, lbl) for c in centers for lbl in range(NUM_LABELS) if (c, lbl) not in cells]
     if empty:
         log.warning("no training rows for %s: those cells get no synthetic rows",
-                    ", ".join(f"{c}/{LABEL_NAMES[lbl]}" for c, lbl in empty))
+                    ", ".join(f"{c}/label {lbl}" for c, lbl in empty))
     if cfg.mode == "balanced":
         return {cell: cfg.per_cell for cell in sorted(cells)}
     total_real = sum(cells.values())
@@ -298,7 +298,7 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     cfg = cfg or SynthConfig()
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     if not dataset.exists():
-        raise DatasetError(f"dataset {dataset.uri} does not exist (no manifest.json); run `diffkd ingest` first")
+        raise DatasetError(f"dataset {dataset.uri} does not exist (no _manifest.json); run `diffkd ingest` first")
     model_dir = os.fspath(model_dir)
     train_rows = generator_training_rows(dataset, model_dir)
     run_id = run_id_for(model_dir, cfg)
@@ -450,7 +450,7 @@ class AuditEncoder(nn.Module):
             if i < 3:
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
-        self.label_head = nn.Linear(feature_dim, len(LABEL_NAMES))
+        self.label_head = nn.Linear(feature_dim, NUM_LABELS)
         self.center_head = nn.Linear(feature_dim, num_centers)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
@@ -790,11 +790,12 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
     os.makedirs(out_dir, exist_ok=True)
     figures = {"grid": os.path.join(out_dir, "synthetic_grid.png"),
                "near_copies": os.path.join(out_dir, "synthetic_near_copies.png")}
-    plot_grid(real_train, synth, centers, pipe_cfg, cfg.grid_per_cell, figures["grid"], cfg.seed)
+    names = dataset.label_names
+    plot_grid(real_train, synth, centers, pipe_cfg, cfg.grid_per_cell, figures["grid"], cfg.seed, names)
     plot_near_copies(copies, real_train, synth, pipe_cfg, cfg.closest_pairs, figures["near_copies"])
     if pairs is not None:
         figures["label_pairs"] = plot_label_pairs(pairs, scored, cfg.grid_per_cell,
-                                                  os.path.join(out_dir, "synthetic_label_pairs.png"))
+                                                  os.path.join(out_dir, "synthetic_label_pairs.png"), names)
     details = {"summary": summary, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                "runs": sorted(set(synth["source"])), "centers": centers, "figures": figures,
                "near_copies": {k: v for k, v in copies.items() if not isinstance(v, np.ndarray)},
@@ -876,11 +877,12 @@ def _figure():
     return plt
 
 
-def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: int, path: str, seed: int) -> str:
+def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: int, path: str, seed: int,
+              label_names: tuple[str, str]) -> str:
     """One row per center x label: real training images on the left, synthetic ones on the right (with the
     outline of the lesion mask each was conditioned on, for a mask-conditioned generator)."""
     plt = _figure()
-    cells = [(ci, c, lbl) for ci, c in enumerate(centers) for lbl in LABEL_NAMES]
+    cells = [(ci, c, lbl) for ci, c in enumerate(centers) for lbl in range(len(label_names))]
     fig, axes = plt.subplots(len(cells), 2 * per_cell, figsize=(2 * per_cell * 0.9, len(cells) * 1.0 + 0.6),
                              squeeze=False)
     rng = np.random.default_rng(seed)
@@ -899,7 +901,7 @@ def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: i
                         ax.contour(arrays["mask"][pick[k], 0], levels=[0.5], colors="tab:red", linewidths=0.5)
                 else:
                     ax.axis("off")  # fewer images than columns in this cell
-        axes[row, 0].set_ylabel(f"{center}\n{LABEL_NAMES[label]}", rotation=0, ha="right", va="center", fontsize=8)
+        axes[row, 0].set_ylabel(f"{center}\n{label_names[label]}", rotation=0, ha="right", va="center", fontsize=8)
     axes[0, 0].set_title("real (training)", loc="left", fontsize=9)
     axes[0, per_cell].set_title("synthetic (red: the lesion mask it was conditioned on)" if outlined else "synthetic",
                                 loc="left", fontsize=9)
@@ -908,9 +910,10 @@ def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: i
     return save_figure(fig, path)
 
 
-def plot_label_pairs(pairs: LabelPairs, scored: dict[int, np.ndarray], per_cell: int, path: str) -> str:
-    """Two rows per center (DCIS above, upgrade below, same noise and mask), the classifier's upgrade
-    probability over each image."""
+def plot_label_pairs(pairs: LabelPairs, scored: dict[int, np.ndarray], per_cell: int, path: str,
+                     label_names: tuple[str, str]) -> str:
+    """Two rows per center (label 0 above, label 1 below, same noise and mask), the classifier's
+    probability of label 1 over each image."""
     plt = _figure()
     centers = sorted(pairs.rows["center"].unique())
     fig, axes = plt.subplots(2 * len(centers), per_cell, figsize=(per_cell * 1.1, 2 * len(centers) * 1.1 + 0.6),
@@ -930,11 +933,11 @@ def plot_label_pairs(pairs: LabelPairs, scored: dict[int, np.ndarray], per_cell:
                 if pairs.masks[i].any():
                     ax.contour(pairs.masks[i], levels=[0.5], colors="tab:red", linewidths=0.5)
                 ax.set_title(f"p={scored[label][i]:.2f}", fontsize=7)
-            axes[2 * ci, 0].set_ylabel(f"{center}\n{LABEL_NAMES[0]}", rotation=0, ha="right", va="center", fontsize=8)
-            axes[2 * ci + 1, 0].set_ylabel(f"{center}\n{LABEL_NAMES[1]}", rotation=0, ha="right", va="center",
-                                           fontsize=8)
+            for label, name in enumerate(label_names):
+                axes[2 * ci + label, 0].set_ylabel(f"{center}\n{name}", rotation=0, ha="right", va="center",
+                                                   fontsize=8)
     fig.suptitle("The same noise, mask and clinical values, conditioned on each label\n"
-                 "(p: the real-trained classifier's upgrade probability)", fontsize=9)
+                 f"(p: the real-trained classifier's probability of {label_names[1]})", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -121,3 +121,20 @@ def _parquet(tmp_path, frame):
     path = tmp_path / "bad.parquet"
     frame.to_parquet(path)
     return path
+
+
+def test_the_report_and_metrics_use_the_datasets_outcome_names(built, tmp_path):
+    """A dataset of benign/malignant images: no page text or metrics.json calls them DCIS or upgrade."""
+    preds, _, inputs = simulate_report(tmp_path)
+    inputs.label_names = ["benign", "malignant"]
+    inputs.synthetic = dict(inputs.synthetic or {}, label_effect=0.2)
+    files = write_report(tmp_path / "run", preds, inputs)
+    metrics = json.loads(files.metrics.read_text())
+    assert metrics["label_names"] == {"0": "benign", "1": "malignant"}
+    page = files.index.read_text()
+    text = re.sub(r'src="data:[^"]+"', "", page)  # the text, without the figures' bytes
+    assert "malignant rate" in text and "<th class=\"num\">malignant</th>" in text
+    assert "probability of malignant (rather than benign)" in text
+    assert "from the benign- to the malignant-conditioned image" in text
+    assert not re.search(r"upgrade|DCIS", text)
+    assert json.loads(built[2].metrics.read_text())["label_names"] == {"0": "DCIS", "1": "upgrade"}  # the default

@@ -4,7 +4,8 @@ The folder is made from the phantom's images the way the public BUSI dataset is 
 folders, `<class> (N).png` saved as RGB, `_mask.png` and `_mask_1.png` files, mixed image sizes, a
 `normal` class the label map skips, one image filed under both classes, and no clinical CSV. Every
 stage is enabled in a tiny config; the run must finish, say up front which stages the data cannot
-support, keep the library chatter in OUT/logs/, and write a report that names the skipped parts.
+support, keep the library chatter in OUT/logs/, and write a report that names the skipped parts and
+calls the outcomes by the dataset's names (benign / malignant).
 """
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ def busi_dataset(tmp_path_factory) -> Path:
     dataset = work / "ds"
     for center, folder in zip(("A", "B"), busi_folders(work / "phantom", work)):
         assert diffkd(["ingest", str(folder), "--center", center, "--dataset", str(dataset), "--layout", "busi",
-                       "--label-map", LABEL_MAP, "--quarantine", str(work / "quarantine")]) == 0
+                       "--label-names", "benign,malignant", "--label-map", LABEL_MAP,
+                       "--quarantine", str(work / "quarantine")]) == 0
     assert list((work / "quarantine").glob("rejected-A.csv")), "the cross-class duplicate was not set aside"
     return dataset
 
@@ -141,3 +143,6 @@ def test_busi_layout_runs_end_to_end_and_says_what_it_skipped(busi_dataset, tmp_
     assert "clinical model skipped: no usable clinical variable" in report
     assert "pairing-free group KD student was not trained" in report
     assert "no reader CSV was given" in report
+    # the dataset's outcome names, not the phantom's DCIS/upgrade
+    assert metrics["label_names"] == {"0": "benign", "1": "malignant"}
+    assert "malignant" in report and "upgrade" not in report

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate.calibration import calibration
 from diffkd.evaluate.decision import recalibrated
 from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, independent_auc_test,
@@ -257,7 +258,8 @@ def describe_ci_method(config: EvaluateConfig) -> str:
 def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping] | None = None,
                   synthetic: Mapping | None = None, readers: pd.DataFrame | None = None,
                   baselines: Mapping | None = None, config: EvaluateConfig = EvaluateConfig(),
-                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, truth: pd.DataFrame | None = None) -> dict:
+                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, truth: pd.DataFrame | None = None,
+                  label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
     model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
@@ -265,7 +267,7 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
     of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
     synthetic cohort's truth (`truth.load_truth(...)`), giving per center the Bayes and image-visible
-    AUCs under "ceilings".
+    AUCs under "ceilings"; label_names: the dataset's outcome names (label 0, label 1 = positive).
     """
     preds = validate_predictions(predictions)
     thresholds = fit_thresholds(preds, config.threshold_rule)
@@ -296,6 +298,7 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         models[model] = entry
 
     out = {
+        "label_names": {"0": label_names[0], "1": label_names[1]},  # what label 0 / 1 (positive) mean
         "models": models,
         "comparisons": comparisons(preds, config.reference, extra_pairs, config.ci_options),
         "synthetic": dict(synthetic) if synthetic else {"skipped": "no synthetic-data audit was provided"},

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkd.data.schema import LABEL_NAMES, ClinicalEncoding
+from diffkd.data.schema import DEFAULT_LABEL_NAMES, NUM_LABELS, ClinicalEncoding
 from diffkd.models.fusion import ClinicalFusionClassifier, ClinicalFusionHead, FusionHeadConfig
 
 WEIGHTS = "model.safetensors"
@@ -183,8 +183,10 @@ def data_config(image_size: int, in_chans: int, mean: float, std: float) -> dict
             "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
 
 
-def save_classifier(model: nn.Module, out_dir: str, preprocessing: dict | None = None) -> None:
-    """Write the classifier in timm's layout (see module doc) into `out_dir`.
+def save_classifier(model: nn.Module, out_dir: str, preprocessing: dict | None = None,
+                    label_names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> None:
+    """Write the classifier in timm's layout (see module doc) into `out_dir`; `label_names` name its
+    two outputs (the dataset's outcome names).
 
     Files are written into a temporary folder beside them and moved into place one by one, config
     last, so a crash never leaves a half-written file; other files in `out_dir` are left alone.
@@ -198,8 +200,7 @@ def save_classifier(model: nn.Module, out_dir: str, preprocessing: dict | None =
     staging = os.path.join(out_dir, f".saving-{secrets.token_hex(4)}")
     try:
         save_for_hf(backbone, staging, safe_serialization=True, data_config=preprocessing,
-                    model_config={"label_names": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]}
-                    if backbone.num_classes == len(LABEL_NAMES) else None)
+                    model_config={"label_names": list(label_names)} if backbone.num_classes == NUM_LABELS else None)
         config_path = os.path.join(staging, CONFIG)
         with open(config_path) as f:
             config = json.load(f)

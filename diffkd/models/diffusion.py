@@ -29,7 +29,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES, MODALITIES, ClinicalEncoding
+from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, NUM_LABELS, ClinicalEncoding
 
 SAMPLERS = ("ddim", "dpm")
 
@@ -76,7 +76,7 @@ class ConditionEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, centers: Sequence[str] = (), modalities: Sequence[str] = MODALITIES,
-                 num_labels: int = len(LABEL_NAMES), clinical_columns: Sequence[str] = CLINICAL_COLUMNS,
+                 num_labels: int = NUM_LABELS, clinical_columns: Sequence[str] = CLINICAL_COLUMNS,
                  hidden_dim: int = 128, out_dim: int = 128):
         super().__init__()
         self.centers = list(centers)

@@ -98,7 +98,7 @@ def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
     labels = [int(x) for x in labels]
     counts = [labels.count(0), labels.count(1)]
     if min(counts) == 0:
-        raise ValueError(f"the training split has {counts[0]} DCIS and {counts[1]} upgrade rows; "
+        raise ValueError(f"the training split has {counts[0]} rows of label 0 and {counts[1]} of label 1; "
                          "a classifier needs both classes")
     return tuple(len(labels) / (2 * c) for c in counts)
 
