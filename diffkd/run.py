@@ -172,6 +172,8 @@ def plan_stages(ds: ImageDataset, assignments: pd.DataFrame, cfg: ExperimentConf
                 "the clinical and combined models are not fitted; the deep-feature model still runs")
     if not readers_csv:
         plan.skipped["reader comparison"] = "no reader CSV was given (diffkd run --readers CSV)"
+    else:
+        _pseudonymised_reads(ds, readers_csv)  # a missing file or unknown case ids fail now, not at the report
     return plan
 
 

@@ -32,10 +32,10 @@ def plan_for(tmp_path, transform=lambda t: t, readers=None):
 
 
 def test_a_dataset_with_masks_and_clinical_values_keeps_those_stages(tmp_path):
-    plan = plan_for(tmp_path, readers="reads.csv")
+    plan = plan_for(tmp_path, readers=None)
     assert plan.diffusion and plan.mask_conditioning and plan.clinical_baselines
     assert not plan.pairing_free  # B-mode only: no Doppler teacher
-    assert set(plan.skipped) == {"student_pairing_free"}
+    assert set(plan.skipped) == {"student_pairing_free", "reader comparison"}
     assert "no 'us_doppler' images" in plan.skipped["student_pairing_free"]
 
 
@@ -46,6 +46,15 @@ def test_no_clinical_values_no_masks_no_readers_are_each_named(tmp_path):
     assert set(plan.skipped) == {"student_pairing_free", "clinical and combined baselines", "reader comparison"}
     assert "deep-feature model still runs" in plan.skipped["clinical and combined baselines"]
     assert any("without mask conditioning" in change for change in plan.changes)
+
+
+def test_an_unreadable_reader_csv_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="readers file .*missing.csv does not exist"):
+        plan_for(tmp_path, readers=str(tmp_path / "missing.csv"))
+    reads = tmp_path / "reads.csv"
+    reads.write_text("reader,experience,case,probability\nr1,5,c1,0.4\n")
+    with pytest.raises(ValueError, match="needs a case_id column"):
+        plan_for(tmp_path / "again", readers=str(reads))
 
 
 def test_a_broken_search_space_fails_before_training(tmp_path):
