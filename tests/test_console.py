@@ -49,9 +49,10 @@ CAPTURED_RUN = textwrap.dedent("""
     import logging, os, sys, warnings
     from diffkd import console
 
-    console.configure()
+    verbose = sys.argv[2:] == ["-v"]
+    console.configure(verbose=verbose)
     log = logging.getLogger("diffkd.run")
-    with console.capture(sys.argv[1]):
+    with console.capture(sys.argv[1], verbose=verbose):
         log.info("[teacher] starting")
         with console.stage("teacher"):
             print("Parquet dataset sampling: 100%")            # a library's print
@@ -95,3 +96,14 @@ def test_training_progress_lines_are_marked_for_the_console():
     assert transient and heartbeat.startswith("[teacher] epoch 1/2  [#####...............] step 1/4  loss 0.7000")
     assert not permanent and epoch.startswith("[teacher] epoch 1/2  loss 0.7000  val_auc 0.6100*")
     assert "40.0 samples/s" in epoch and "ETA" in epoch
+
+
+def test_verbose_keeps_everything_on_the_console_and_diffkd_records_in_the_log(tmp_path):
+    logs = tmp_path / "logs"
+    proc = subprocess.run([sys.executable, "-c", CAPTURED_RUN, str(logs), "-v"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Parquet dataset sampling" in proc.stdout and "PreemptionWatcher" in proc.stderr
+    assert "Progress bars disabled" in proc.stderr and "the best checkpoint is gone" in proc.stderr
+    teacher = (logs / "teacher.log").read_text()
+    assert "WARNING diffkd.run: the best checkpoint is gone" in teacher and "Parquet" not in teacher
