@@ -464,10 +464,12 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
 
 
 def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, dict]:
-    """Parameters and CPU latency (batch 1) of every trained classifier, measured the same way."""
+    """Parameters and CPU latency of every trained classifier, measured the same way: torch and ONNX
+    Runtime at batch 1 and 32, one thread (a stage's own ONNX export is reused where it wrote one)."""
     from diffkd.data.schema import ClinicalEncoding
     from diffkd.models.classifiers import load_classifier, uses_clinical
-    from diffkd.models.footprint import count_parameters, latency_ms
+    from diffkd.models.export import ONNX_FILE
+    from diffkd.models.footprint import count_parameters, latency_table
 
     info = {}
     for name, path in model_dirs.items():
@@ -478,8 +480,11 @@ def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, 
             arch = json.load(f).get("architecture", "")
         size = cfg.student.pipeline.image_size if name.startswith("student") else cfg.teacher.pipeline.image_size
         clinical = ClinicalEncoding().width if uses_clinical(model) else 0
+        exported = os.path.join(path, ONNX_FILE)
+        latency = latency_table(model, size, 1, clinical, repeats=10,
+                                onnx_path=exported if os.path.exists(exported) else None)
         info[name] = {"params": count_parameters(model), "architecture": arch,
-                      "latency_ms": latency_ms(model, size, 1, clinical)}
+                      "latency_ms": latency["torch"]["b1"], "latency": latency}
     return info
 
 

@@ -262,7 +262,8 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
                   label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
-    model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
+    model_info: {model: {"params": int, "latency_ms": float, "latency": {runtime: {"b1": ms, ...}}}}
+    (latency optional: ms per image in torch and ONNX Runtime by batch size); synthetic: the synthetic-data audit
     (fid, kid, conditional_accuracy, near_copies, tstr_auc); readers: `readers.load_readers(...)`
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
     of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
@@ -289,6 +290,9 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         info = model_info.get(model, {})
         entry["params"] = int(info["params"]) if info.get("params") is not None else None
         entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
+        if info.get("latency"):  # ms per image by runtime and batch: {"torch": {"b1": .., "b32": ..}, "onnx": {..}}
+            entry["latency"] = {runtime: {k: float(v) for k, v in by_batch.items()}
+                                for runtime, by_batch in info["latency"].items()}
         entry["threshold"] = thresholds[model]
         entry["internal_vs_external"] = _internal_vs_external(frame, config.ci_options)
         if model in recalibrations:  # what the decision curves apply to this model's probabilities
