@@ -181,6 +181,7 @@ def capture(logs_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Cons
         state.saved_fds = (os.dup(1), os.dup(2))
         console = configure(verbose=False, stream=open(os.dup(state.saved_fds[0]), "w", buffering=1,
                                                         encoding="utf-8", errors="replace"))
+        logging.getLogger("diffkd").setLevel(logging.DEBUG)  # the logs get diffkd's details; the console INFO up
     _capture = state
     try:
         switch_stage("run")
