@@ -61,6 +61,7 @@ CAPTURED_RUN = textwrap.dedent("""
             warnings.warn("RayDeprecationWarning: exclude_resources", DeprecationWarning)
             log.warning("the best checkpoint is gone")
             log.warning("the best checkpoint is gone")
+            log.debug("caching 28 rows")
         log.info("[teacher] done")
     print("final table")
 """)
@@ -76,7 +77,7 @@ def test_a_captured_run_files_library_output_per_stage_and_shows_diffkd_lines(tm
     assert proc.stderr == ""
     teacher = (logs / "teacher.log").read_text()
     for line in ("Parquet dataset sampling", "PreemptionWatcher", "Progress bars disabled", "RayDeprecationWarning",
-                 "WARNING diffkd.run: the best checkpoint is gone"):
+                 "WARNING diffkd.run: the best checkpoint is gone", "DEBUG diffkd.run: caching 28 rows"):
         assert line in teacher
     run = (logs / "run.log").read_text()
     assert "INFO diffkd.run: [teacher] starting" in run and "[teacher] done" in run
