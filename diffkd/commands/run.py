@@ -78,7 +78,10 @@ def _shutdown_ray() -> None:
 
 def demo(args: argparse.Namespace) -> int:
     """Exactly the commands a user runs: `diffkd phantom`, `diffkd ingest` per center, `diffkd run`."""
-    from diffkd.cli import main as diffkd
+    from diffkd.cli import main
+
+    def diffkd(argv: list[str]) -> int:  # each step as its own command, with the demo's -v
+        return main(["-v", *argv] if args.verbose else argv)
 
     started = time.monotonic()
     out = Path(args.out)
