@@ -50,7 +50,7 @@ tune: {enabled: true, space: SPACE, num_samples: 1}
 pairing_free: {enabled: true, teacher_modality: us_doppler, student_modality: us}
 baselines:
   enabled: true
-  config: {n_mrmr: 4}
+  config: {n_mrmr: 4, feature_folds: 2}
   feature_model:
     arch: resnet18
     pipeline: {image_size: 32, batch_size: 8}
