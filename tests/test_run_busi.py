@@ -110,14 +110,41 @@ def busi_dataset(tmp_path_factory) -> Path:
     return dataset
 
 
-def test_busi_layout_runs_end_to_end_and_says_what_it_skipped(busi_dataset, tmp_path):
-    config = tmp_path / "tiny.yaml"
+def tiny_config(folder: Path) -> Path:
+    config = folder / "tiny.yaml"
     config.write_text(TINY_CONFIG.replace("SPACE", str(ROOT / "tune_spaces" / "kd_demo.yaml")))
+    return config
+
+
+def test_busi_folder_ingests_and_the_run_plan_names_what_it_cannot_support(busi_dataset, tmp_path):
+    """The fast half (default suite): the ingested folder and the checks `diffkd run` makes before training."""
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.splits import make_splits
+    from diffkd.run import load_experiment, plan_stages
+
+    ds = ImageDataset(busi_dataset)
+    assert tuple(ds.label_names) == ("benign", "malignant")
+    meta = ds.metadata().to_pandas()
+    assert sorted(meta["center"].unique()) == ["A", "B"] and set(meta["modality"]) == {"us"}
+    assert not meta["source"].str.contains("normal").any()  # the label map's skip
+    masks = ds.read_table(columns=["mask"]).column("mask").to_pylist()
+    assert all(masks)  # every kept image has its lesion mask (the _mask_1 halves merged in)
+    plan = plan_stages(ds, make_splits(meta, ["B"], 0.3, 0), load_experiment(tiny_config(tmp_path)), None)
+    assert plan.mask_conditioning and not plan.clinical_baselines and not plan.pairing_free
+    assert set(plan.skipped) == {"student_pairing_free", "clinical and combined baselines", "reader comparison"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_busi_layout_runs_end_to_end_and_says_what_it_skipped(busi_dataset, tmp_path):
+    """The whole run: 13 Ray Train jobs (generator, audit classifiers, teachers, one search trial per student
+    arm, students, cross-fitted feature extractors), several minutes on 2 cores, so in `make test-slow`."""
+    config = tiny_config(tmp_path)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "diffkd.cli", "run", "--dataset", str(busi_dataset),
                            "--external", "B", "--config", str(config), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=2300)
     console = proc.stdout
     assert proc.returncode == 0, console + proc.stderr[-3000:]
     # said up front, before anything trained
