@@ -311,7 +311,7 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     from diffkd.config import ConfigError
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import check_no_leakage, make_splits
-    from diffkd.run import generator_stage, stage_inputs
+    from diffkd.run import generator_stage, plan_stages, stage_inputs
     from diffkd.runstate import RunState
     from diffkd.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trials_that_fit
 
@@ -338,16 +338,25 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     if cfg.diffusion.enabled and any(arm in SYNTHETIC_ARMS for arm in arms):
         state = RunState.load(out)
         common = stage_inputs(dataset, external, cfg)
+        masks = plan_stages(ds, assignments, cfg, None).mask_conditioning
+
+        def generator(stage_cfg: "ExperimentConfig", suffix: str = "") -> tuple[str, ...]:
+            synthesized = generator_stage(ds, external, stage_cfg, out, state, common, masks, suffix)[1]
+            if synthesized is None:
+                raise RuntimeError(f"the shared generator stage failed ({'; '.join(state.failed.values())}); "
+                                   "rerun the same command to retry it")
+            return (synthesized["run_id"],)
+
         if settings.per_seed_generators:
             for seed in seeds:
                 diffusion = dataclasses.replace(cfg.diffusion, model=dataclasses.replace(cfg.diffusion.model, seed=seed),
                                                 loop=dataclasses.replace(cfg.diffusion.loop, seed=seed))
-                per_seed = dataclasses.replace(cfg, diffusion=diffusion, synth=dataclasses.replace(cfg.synth, seed=seed))
-                sources[seed] = (generator_stage(ds, external, per_seed, out, state, common, f"-s{seed}")[1],)
+                sources[seed] = generator(dataclasses.replace(cfg, diffusion=diffusion,
+                                                              synth=dataclasses.replace(cfg.synth, seed=seed)), f"-s{seed}")
             notes.append(f"one diffusion model and synthesis per seed ({len(seeds)} generators)")
         else:
-            run_id = generator_stage(ds, external, cfg, out, state, common)[1]
-            sources = {seed: (run_id,) for seed in seeds}
+            shared = generator(cfg)
+            sources = {seed: shared for seed in seeds}
             notes.append("the diffusion model and synthesis ran once and serve every seed: seeds vary the "
                          "teachers' and students' initial weights, augmentation and data order, not the generator")
     notes.append("no hyperparameter search in any arm: every arm trains with the config's settings")

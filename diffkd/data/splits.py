@@ -1,4 +1,4 @@
-"""Train / val / test assignment: computed from the dataset, never stored (DESIGN.md, "The dataset").
+"""Train / val / test assignment: computed from the dataset, never stored, so it cannot drift from the data.
 
 - External centers are whole centers and go to `test` only.
 - Internal centers are split by patient: all images of a patient land on the same side. Patients are
@@ -130,12 +130,11 @@ def fingerprint_of_digest(train_ids_sha256: str) -> str:
 
 
 def split_fingerprint(assignments: pd.DataFrame) -> str:
-    """Fingerprint of a splits table: its real training case ids, hashed as a generator records its own split
-    (one id per training row: a case with several images counts once per image, as in `split_case_ids`)."""
+    """Fingerprint of a splits table: its real training case ids, hashed as a generator records its own split."""
     from diffkd.train.diffusion_task import ids_digest
 
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
-    return fingerprint_of_digest(ids_digest(real.loc[real["split"] == "train", "case_id"].astype(str)))
+    return fingerprint_of_digest(ids_digest(set(real.loc[real["split"] == "train", "case_id"].astype(str))))
 
 
 def check_synthetic_split(dataset, assignments: pd.DataFrame, sources: Sequence[str] = ()) -> None:
