@@ -189,8 +189,9 @@ def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pip
     real = int(len(train_rows))
     if pipeline.synthetic_ratio <= 0:
         return real
-    available = count_synthetic_rows(dataset, set(train_rows["center"]), pipeline.synthetic_sources)
-    return real + min(available, round(pipeline.synthetic_ratio * real))
+    available = count_synthetic_rows(dataset, set(train_rows["center"]), pipeline.synthetic_sources,
+                                     pipeline.modalities)
+    return real + min(available, round(pipeline.synthetic_ratio * real))  # as `make_dataset` mixes them
 
 
 def rows_read(rows: "pd.DataFrame", pipeline: PipelineConfig) -> "pd.DataFrame":
