@@ -264,7 +264,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
     metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained)}
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
-    _log_summary(metrics)
+    _log_summary(model_name, metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)
 
 
@@ -322,8 +322,8 @@ def write_stage_outputs(out_dir: str, predictions: "pd.DataFrame", info: dict) -
     atomic_write_json(os.path.join(out_dir, TRAINING_INFO), info, indent=1)
 
 
-def _log_summary(metrics: dict) -> None:
-    parts = [f"[teacher] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
+def _log_summary(model_name: str, metrics: dict) -> None:
+    parts = [f"[{model_name}] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
     for name, label in (("internal", "internal-validation"), ("external", "external")):
         if name in metrics:
             parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
