@@ -515,6 +515,9 @@ def _baseline_section(ctx: _Context) -> str:
                 f"model; p &lt; {clinical['keep_p']} there is kept)</summary>" +
                 _table(["variable", "terms", "p (likelihood ratio)"], uni, [1, 2]) + "</details>")
         out += "".join(f'<p class="note">{_esc(n)}</p>' for n in clinical.get("notes", []))
+    elif "clinical" in summary.get("skipped", {}):
+        out += "".join(f'<p class="skipped">{_esc(model)} model skipped: {_esc(why)}</p>'
+                       for model, why in summary["skipped"].items())
     else:
         out += '<p class="note">Clinical model details (odds ratios) were not provided.</p>'
     deep = summary.get("deep_features")
