@@ -467,7 +467,8 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
     from diffkd.models.classifiers import features, initialised_from, load_classifier
 
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
-    cases = rows.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
+    cases = (rows.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]]
+             .reset_index(drop=True))
     meta = ds.metadata().to_pandas().drop_duplicates("case_id").set_index("case_id")
     for column in CLINICAL_COLUMNS:
         cases[column] = meta.loc[cases["case_id"], column].to_numpy()
