@@ -42,6 +42,22 @@ def emit(result: dict) -> None:
     os.replace(tmp, os.path.join(folder, f"{result['bench']}.json"))
 
 
+def start_ray(temp_dir: str, num_cpus: int = 4) -> None:
+    """A private local Ray instance; one retry, because on an overloaded machine the raylet can miss
+    Ray's fixed 30 s start-up wait."""
+    import ray
+
+    from diffkd.raycompat import init_local
+
+    try:
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir)
+    except Exception as err:  # Ray raises a bare Exception for this
+        if "timed out during startup" not in str(err):
+            raise
+        ray.shutdown()
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir + "-retry")
+
+
 def pipeline_dataset(rows: list[dict], batch_size: int):
     """A Ray dataset of `rows` in blocks of one batch, as the Parquet pipeline makes them (`block_bytes`).
 
