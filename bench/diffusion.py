@@ -166,6 +166,7 @@ def main() -> None:
         "train_epoch_overhead_ratio": round(epoch_overhead, 3), "train_epoch_overhead_target": 0.90,
         "meets_train_epoch_overhead_target": epoch_overhead >= 0.90,
         "train_overhead_ratio": round(inner["ray_deepspeed_1w"] / inner["plain_torch"], 3),
+        "train_inner_loop_samples_per_cpu_s": {n: round(mean(r["inner_per_cpu_s"]), 2) for n, r in training.items()},
         "train_attribution_vs_plain_torch": {n: round(v / whole["plain_torch"], 3) for n, v in whole.items()},
         "train_data_wait_s": loop_row["data_wait_s"], "train_first_batch_s": loop_row["first_batch_s"],
         "train_step_loop_s": loop_row["train_s"], "threads_per_process": 1,

@@ -113,6 +113,11 @@ def main() -> None:
                                       / (inner["ddp_2proc"] / inner["ddp_1proc"]), 3),
         # attribution, each relative to plain torch (whole epochs)
         "attribution_vs_plain_torch": {n: round(v / whole["plain_torch"], 3) for n, v in whole.items()},
+        # per CPU second of the training processes (Ray Data's and Ray's own processes not counted): the
+        # work each row adds per sample, much less sensitive than wall time to other load on the machine
+        "inner_loop_samples_per_cpu_s": {n: round(mean(r["inner_per_cpu_s"]), 2) for n, r in rows.items()},
+        "cpu_overhead_ratio": round(mean(rows["ray_deepspeed_1w"]["inner_per_cpu_s"])
+                                    / mean(rows["plain_torch"]["inner_per_cpu_s"]), 3),
         "per_epoch": {n: {"whole": rounded(r["whole"]), "inner": rounded(r["inner"])} for n, r in rows.items()},
         "ray_data_wait_s": {n: r["data_wait_s"] for n, r in rows.items() if "data_wait_s" in r},
         "ray_first_batch_s": {n: r["first_batch_s"] for n, r in rows.items() if "first_batch_s" in r},
