@@ -397,8 +397,8 @@ def cache_decision(dataset: ImageDataset, case_ids: Sequence[str] | None, center
 
         budget = int(cfg.cache_fraction * ray.cluster_resources().get("object_store_memory", 0))
     cached = cfg.cache == "always" or decoded <= budget
-    log.info("%s %d rows: %.0f MiB decoded, cache budget %.0f MiB", "caching" if cached else "streaming",
-             meta.num_rows, decoded / 2**20, budget / 2**20)
+    log.debug("%s %d rows: %.0f MiB decoded, cache budget %.0f MiB", "caching" if cached else "streaming",
+              meta.num_rows, decoded / 2**20, budget / 2**20)
     return CacheDecision(cached, decoded, budget)
 
 

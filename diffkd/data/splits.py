@@ -1,4 +1,4 @@
-"""Train / val / test assignment: computed from the dataset, never stored (DESIGN.md, "The dataset").
+"""Train / val / test assignment: computed from the dataset, never stored, so it cannot drift from the data.
 
 - External centers are whole centers and go to `test` only.
 - Internal centers are split by patient: all images of a patient land on the same side. Patients are

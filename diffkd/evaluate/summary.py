@@ -40,7 +40,8 @@ MODEL_DESCRIPTIONS = {
                             "teacher, with no image pairs (seed 002)",
     "teacher_us_doppler": "teacher trained on Doppler images only (the pairing-free student's teacher)",
     "clinical": "seed 001 clinical model: univariate screening, then multivariate logistic regression",
-    "deep_features": "seed 001 deep-feature model: ResNet101 features, mRMR, LASSO logistic regression",
+    "deep_features": "seed 001 deep-feature model: CNN features (cross-fitted or frozen pretrained extractor), "
+                     "mRMR, LASSO logistic regression",
     "combined": "seed 001 combined model: selected deep features + clinical variables",
 }
 ABLATIONS = ("teacher_real_only", "teacher", "student_plain", "student_kd_real_only", "student_kd")
@@ -230,7 +231,7 @@ def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
     CIOptions) of each model vs `reference` on the same external cases, then `extra_pairs` present."""
     models = ordered_models(preds.model.unique())
     pairs = [(m, reference) for m in models if m != reference and reference in models]
-    pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and (a, b) not in pairs]
+    pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and not {(a, b), (b, a)} & set(pairs)]
     return [_comparison(preds, a, b, "test", options) for a, b in pairs]
 
 

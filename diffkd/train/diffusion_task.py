@@ -268,7 +268,8 @@ def split_case_ids(meta: "pd.DataFrame", split: SplitSpec) -> dict[str, list[str
 
 
 def ids_digest(case_ids: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(case_ids)).encode()).hexdigest()
+    """Digest of a set of case ids: a case imaged several times counts once (split tables list images)."""
+    return hashlib.sha256("\n".join(sorted(set(case_ids))).encode()).hexdigest()
 
 
 def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "PipelineConfig":

@@ -13,6 +13,7 @@ the minority class, which is why the operating threshold is fixed later on inter
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.data.schema import ClinicalEncoding
+from diffkd.data.schema import DEFAULT_LABEL_NAMES, ClinicalEncoding
 from diffkd.train.loop import FitResult, LoopConfig
 from diffkd.train.task import StepOutput, Task
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -140,9 +143,11 @@ class TeacherTask(Task):
     objective = "val_auc"
     mode = "max"
 
-    def __init__(self, config: TeacherConfig, class_weights: tuple[float, float] | None = None):
+    def __init__(self, config: TeacherConfig, class_weights: tuple[float, float] | None = None,
+                 label_names: tuple[str, str] = DEFAULT_LABEL_NAMES):
         self.config = config
         self.class_weights = class_weights
+        self.label_names = label_names  # the dataset's outcome names, written into the exported config.json
 
     def build_model(self) -> nn.Module:
         return build_teacher(self.config)
@@ -165,7 +170,8 @@ class TeacherTask(Task):
         from diffkd.models.classifiers import data_config, save_classifier
 
         p = self.config.pipeline
-        save_classifier(model, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std))
+        save_classifier(model, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std),
+                        label_names=self.label_names)
 
 
 @dataclass
@@ -250,14 +256,14 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     # only the modalities it reads: the pipeline sizes the synthetic share from these cases
     datasets = split_datasets(ds, rows_read(real[real["split"].isin(("train", "val"))], pipeline), pipeline)
     loop = dataclasses.replace(cfg.loop, train_samples=plan.train_samples)
-    task = TeacherTask(cfg, plan.class_weights)
+    task = TeacherTask(cfg, plan.class_weights, label_names=ds.label_names)
     fitted = fit(task, datasets, loop, callbacks=callbacks)
 
     task.export(fitted.load_model(task), out_dir)
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
     metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained)}
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
-    _print_summary(metrics)
+    _log_summary(metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)
 
 
@@ -315,9 +321,9 @@ def write_stage_outputs(out_dir: str, predictions: "pd.DataFrame", info: dict) -
     atomic_write_json(os.path.join(out_dir, TRAINING_INFO), info, indent=1)
 
 
-def _print_summary(metrics: dict) -> None:
+def _log_summary(metrics: dict) -> None:
     parts = [f"[teacher] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
     for name, label in (("internal", "internal-validation"), ("external", "external")):
         if name in metrics:
             parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
-    print("; ".join(parts), flush=True)
+    log.info("; ".join(parts))
