@@ -175,7 +175,7 @@ def remove_orphaned_placement_groups() -> tuple[int, int]:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
         removed += 1
     if removed:
-        log.info("removed %d placement group(s) left by stopped trials", removed)
+        log.debug("removed %d placement group(s) left by stopped trials", removed)
     return removed, in_use
 
 

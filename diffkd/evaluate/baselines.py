@@ -443,7 +443,8 @@ class DeepFeatures:
         if not self.matrices:
             raise ValueError("DeepFeatures needs at least one extractor's features")
         n = len(self.matrices[0])
-        if any(m.shape != self.matrices[0].shape for m in self.matrices) or self.fitted_on.shape != (len(self.matrices), n):
+        shapes_differ = any(m.shape != self.matrices[0].shape for m in self.matrices)
+        if shapes_differ or self.fitted_on.shape != (len(self.matrices), n):
             raise ValueError(f"DeepFeatures: {len(self.matrices)} feature matrices of shapes "
                              f"{[m.shape for m in self.matrices]} and fitted_on of shape {self.fitted_on.shape}; "
                              "every extractor needs one row per case and one fitted_on row")

@@ -190,7 +190,7 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
     if cfg.progress:
         action = "resuming" if cfg.resume else "starting"
         log.debug("[%s] %s run %r in %s; %d worker(s), ZeRO stage %d, %d batches of %d per worker and epoch",
-                 task.name, action, name, storage.uri, cfg.num_workers, cfg.zero_stage, batches, cfg.batch_size)
+                  task.name, action, name, storage.uri, cfg.num_workers, cfg.zero_stage, batches, cfg.batch_size)
     worker_config = {"task": task, "loop": cfg, "objective": objective, "mode": mode, "has_val": "val" in datasets,
                      "batches_per_epoch": batches,
                      "total_steps": optimizer_steps(cfg.epochs, batches, cfg.grad_accum_steps)}
@@ -303,7 +303,8 @@ def _train_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     engine = build_engine(task.build_model(), cfg, world, config["total_steps"], device)
     task.setup(device)
-    progress = Progress(task.name, cfg.epochs, config["batches_per_epoch"], cfg.progress_interval_s) \
+    # lines carry the run's name when the caller chose one (`diffkd run`: the stage, e.g. teacher_real_only)
+    progress = Progress(cfg.run_name or task.name, cfg.epochs, config["batches_per_epoch"], cfg.progress_interval_s) \
         if rank == 0 and cfg.progress else None
     state = _restore(engine, rank, world, progress)
 

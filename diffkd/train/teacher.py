@@ -189,8 +189,9 @@ def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pip
     real = int(len(train_rows))
     if pipeline.synthetic_ratio <= 0:
         return real
-    available = count_synthetic_rows(dataset, set(train_rows["center"]), pipeline.synthetic_sources)
-    return real + min(available, round(pipeline.synthetic_ratio * real))
+    available = count_synthetic_rows(dataset, set(train_rows["center"]), pipeline.synthetic_sources,
+                                     pipeline.modalities)
+    return real + min(available, round(pipeline.synthetic_ratio * real))  # as `make_dataset` mixes them
 
 
 def rows_read(rows: "pd.DataFrame", pipeline: PipelineConfig) -> "pd.DataFrame":
@@ -263,7 +264,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
     metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained)}
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
-    _log_summary(metrics)
+    _log_summary(model_name, metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)
 
 
@@ -321,8 +322,8 @@ def write_stage_outputs(out_dir: str, predictions: "pd.DataFrame", info: dict) -
     atomic_write_json(os.path.join(out_dir, TRAINING_INFO), info, indent=1)
 
 
-def _log_summary(metrics: dict) -> None:
-    parts = [f"[teacher] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
+def _log_summary(model_name: str, metrics: dict) -> None:
+    parts = [f"[{model_name}] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
     for name, label in (("internal", "internal-validation"), ("external", "external")):
         if name in metrics:
             parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
