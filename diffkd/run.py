@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffkd.ablate import AblationConfig
 from diffkd.config import ConfigError, from_dict, load_yaml, to_dict
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
@@ -112,6 +113,7 @@ class ExperimentConfig:
     pairing_free: PairingFreeStage = field(default_factory=PairingFreeStage)
     baselines: BaselineStage = field(default_factory=BaselineStage)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # diffkd ablate only
 
 
 def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
@@ -210,7 +212,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
     raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
     state = RunState.load(out)
-    common = {"dataset": str(dataset), "external": list(external), "splits": to_dict(cfg.splits)}
+    common = stage_inputs(dataset, external, cfg)
     skipped: dict[str, str] = {}  # report section -> why it has no content
     notes: list[str] = [*plan.changes]  # stages left out, for the report's limitations
     model_dirs: dict[str, str] = {}
@@ -225,20 +227,9 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     ratio, sources = cfg.synthetic_ratio, ()
     synthesized = None
     if plan.diffusion:
-        from diffkd.synth import audit, synthesize, with_synthesis_sampling
-        from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+        from diffkd.synth import audit, with_synthesis_sampling
 
-        diffusion_dir = str(models / "diffusion")
-        split = SplitSpec(external=list(external), val_fraction=cfg.splits.val_fraction, seed=cfg.splits.seed)
-        diffusion_cfg = cfg.diffusion if plan.mask_conditioning else dataclasses.replace(
-            cfg.diffusion, model=dataclasses.replace(
-                cfg.diffusion.model, model=dataclasses.replace(cfg.diffusion.model.model, mask_channel=False)))
-        state.try_run("diffusion", {**common, "cfg": to_dict(diffusion_cfg)},
-                      lambda: _dir_result(train_diffusion(ds, diffusion_dir, diffusion_cfg.model,
-                                                          _loop(diffusion_cfg.loop, out, "diffusion"), split)))
-        synthesized = state.try_run("synth", {**common, "cfg": to_dict(cfg.synth)},
-                                    lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)),
-                                    after=["diffusion"])
+        diffusion_dir, synthesized = generator_stage(ds, external, cfg, out, state, common, plan.mask_conditioning)
     if synthesized is not None:
         sources = (synthesized["run_id"],)  # this run's images only, whatever else the dataset holds
         audited = state.try_run("audit", {**common, "cfg": to_dict(cfg.audit)},
@@ -351,6 +342,37 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
                                        readers_csv, skipped, notes, external, truth),
                        after=finished)
     return {**report, "failed": dict(state.failed)}
+
+
+def stage_inputs(dataset: str | os.PathLike, external: list[str], cfg: ExperimentConfig) -> dict:
+    """What every stage's key in run_state.json starts from."""
+    return {"dataset": str(dataset), "external": list(external), "splits": to_dict(cfg.splits)}
+
+
+def generator_stage(ds: ImageDataset, external: list[str], cfg: ExperimentConfig, out: Path, state: RunState,
+                    common: dict, mask_conditioning: bool = True, suffix: str = "") -> tuple[str, dict | None]:
+    """Stage 1: the diffusion model (trained on the internal train split) and its synthetic rows.
+
+    Returns (the model folder, synthesize()'s result as a dict, with the `run_id` that names the rows;
+    None when either step failed, recorded in `state.failed`). `common` is `stage_inputs`;
+    `mask_conditioning` False trains without the mask channel (no training image has a mask);
+    `suffix` keeps several generators of one output folder apart (diffkd ablate --per-seed-generators).
+    """
+    from diffkd.synth import synthesize
+    from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+
+    name = "diffusion" + suffix
+    diffusion_dir = str(out / "models" / name)
+    split = SplitSpec(external=list(external), val_fraction=cfg.splits.val_fraction, seed=cfg.splits.seed)
+    diffusion_cfg = cfg.diffusion if mask_conditioning else dataclasses.replace(
+        cfg.diffusion, model=dataclasses.replace(
+            cfg.diffusion.model, model=dataclasses.replace(cfg.diffusion.model.model, mask_channel=False)))
+    state.try_run(name, {**common, "cfg": to_dict(diffusion_cfg)},
+                  lambda: _dir_result(train_diffusion(ds, diffusion_dir, diffusion_cfg.model,
+                                                      _loop(diffusion_cfg.loop, out, name), split)))
+    synthesized = state.try_run("synth" + suffix, {**common, "cfg": to_dict(cfg.synth)},
+                                lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)), after=[name])
+    return diffusion_dir, synthesized
 
 
 def _why_not(state: RunState, *stages: str) -> str:

@@ -9,7 +9,7 @@ from diffkd.run import load_experiment
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "evidence.yaml"])
 def test_shipped_experiment_configs_load(name):
     cfg = load_experiment(CONFIGS / name)
     assert Path(cfg.tune.space).exists()
