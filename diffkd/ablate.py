@@ -458,7 +458,7 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
     """ablation.csv (one row per arm x seed x center) and the pooled summary (one row per arm x center).
 
     `seeds_for_target`: seeds that would bring the difference's CI to +/- `target_half_width` on the
-    same external cases (NaN: the cases alone are wider, more seeds cannot get there)."""
+    same external cases ("more cases": the cases alone are wider; "unknown (one seed)")."""
     import pandas as pd
 
     from diffkd.evaluate.pooled import pooled_auc_difference
@@ -515,7 +515,7 @@ def _case_columns(group: "pd.DataFrame", cases: list[str]) -> tuple[list[int], l
 def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
                 target_half_width: float) -> dict[str, float]:
     """The arm minus `full`, paired by seed and case, pooled over seeds (diffkd.evaluate.pooled)."""
-    from diffkd.evaluate.pooled import pooled_auc_difference, seeds_for_half_width
+    from diffkd.evaluate.pooled import pooled_auc_difference
 
     cases = _shared_cases(group, [arm, REFERENCE_ARM], seeds)
     if not seeds or not cases:
@@ -529,24 +529,34 @@ def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
     return {"paired_seeds": diff.seeds, "diff_vs_full": diff.estimate, "diff_ci_low": diff.ci[0],
             "diff_ci_high": diff.ci[1], "diff_se": diff.se, "p": diff.p, "mdd_80": diff.mdd,
             "diff_between_seed_sd": diff.between_seed_sd,
-            "seeds_for_target": seeds_for_half_width(diff, target_half_width) or math.nan}
+            "seeds_for_target": _seeds_needed(diff, target_half_width)}
+
+
+def _seeds_needed(diff, target_half_width: float) -> str:
+    """Seeds that would bring the CI to +/- the target on these cases, as a table cell."""
+    from diffkd.evaluate.pooled import seeds_for_half_width
+
+    if diff.seeds < 2:  # one seed: the seed part of the variance is unknown
+        return "unknown (one seed)"
+    needed = seeds_for_half_width(diff, target_half_width)
+    return "more cases" if needed is None else str(needed)
 
 
 def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> str:
-    target = f"K +/-{target_half_width:g}"
+    target = f"K for +/-{target_half_width:g}"
     lines = [f"{'arm':<13} {'center':<13} {'seeds':>5} {'cases':>5}  {'mean ext. AUC (95% CI)':<24} "
-             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6} {target:>9}"]
+             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6}  {target}"]
     for _, r in summary.iterrows():
         auc_text = f"{r['mean_auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
         diff = r.get("diff_vs_full", math.nan)
         if isinstance(diff, float) and not math.isnan(diff):
             diff_text = f"{diff:+.3f} ({r['diff_ci_low']:+.3f} to {r['diff_ci_high']:+.3f})"
             p_text, mdd_text = f"{r['p']:.3f}", f"{r['mdd_80']:.3f}"
-            needed = "more cases" if math.isnan(r["seeds_for_target"]) else f"{int(r['seeds_for_target'])}"
+            needed = str(r["seeds_for_target"])
         else:
             diff_text, p_text, mdd_text, needed = "reference" if r["arm"] == REFERENCE_ARM else "", "", "", ""
         lines.append(f"{r['arm']:<13} {r['center']:<13} {r['seeds']:>5} {r['cases']:>5}  {auc_text:<24} "
-                     f"{diff_text:<26} {p_text:>6} {mdd_text:>6} {needed:>9}")
+                     f"{diff_text:<26} {p_text:>6} {mdd_text:>6}  {needed}")
     return "\n".join(lines)
 
 
