@@ -302,18 +302,18 @@ def data_key(ds) -> str:
 
 
 def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
-           settings: AblationConfig | None = None) -> AblationOutcome:
-    """Train every arm x seed (one Tune trial each) and write the tables and the forest plot."""
-    import ray
-    from ray import tune
+           settings: AblationConfig | None = None, train: bool = True) -> AblationOutcome:
+    """Train every arm x seed (one Tune trial each) and write the tables and the forest plot.
 
+    `train=False` trains nothing: the tables and plot are written from the trials that have finished
+    with the current settings (e.g. while a long ablation runs elsewhere, or after a time budget).
+    """
     from diffkd import raycompat
     from diffkd.config import ConfigError
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import check_no_leakage, make_splits
     from diffkd.run import generator_stage, plan_stages, stage_inputs
     from diffkd.runstate import RunState
-    from diffkd.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trials_that_fit
 
     settings = settings or cfg.ablation
     start = time.perf_counter()
@@ -324,7 +324,8 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
         raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
     if not external:
         raise ConfigError("an ablation compares arms on external centers: give --external")
-    raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
+    if train:
+        raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
     real = ds.metadata().to_pandas()
     assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
     check_no_leakage(assignments)
@@ -338,9 +339,13 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     if cfg.diffusion.enabled and any(arm in SYNTHETIC_ARMS for arm in arms):
         state = RunState.load(out)
         common = stage_inputs(dataset, external, cfg)
-        masks = plan_stages(ds, assignments, cfg, None).mask_conditioning
+        masks = plan_stages(ds, assignments, cfg, None).mask_conditioning if train else True
 
         def generator(stage_cfg: "ExperimentConfig", suffix: str = "") -> tuple[str, ...]:
+            if not train:  # the generator run the trials read, as the shared stage recorded it
+                if "synth" + suffix not in state.stages:
+                    raise ConfigError(f"{out} holds no finished generator stage (synth{suffix}): nothing to report")
+                return (state.stages["synth" + suffix]["result"]["run_id"],)
             synthesized = generator_stage(ds, external, stage_cfg, out, state, common, masks, suffix)[1]
             if synthesized is None:
                 raise RuntimeError(f"the shared generator stage failed ({'; '.join(state.failed.values())}); "
@@ -364,37 +369,50 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     plan = Plan(dataset=str(ds.uri), assignments=assignments, experiment=to_dict(cfg), sources=sources,
                 data_key=data_key(ds), out_dir=str(out))
     trials = ordered_trials(arms, seeds)
+    concurrent, failed = 0, []
+    if train:
+        concurrent, failed = _run_trials(plan, trials, settings, cfg, str(out))
+    finished = [t for t in trials if is_current(trial_dir(str(out), t["arm"], t["seed"]),
+                                                trial_key(plan, cfg, t["arm"], t["seed"]))]
+    if len(finished) < len(trials):
+        notes.append(f"{len(trials) - len(finished)} of {len(trials)} trial(s) did not finish "
+                     "(failed, past the time budget or not run); rerun the same command to finish them")
+    table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width)
+    outcome = AblationOutcome(out_dir=str(out), table=table, summary=summary, arms=arms, seeds=seeds,
+                              parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes)
+    outcome.files = write_outputs(outcome, settings)
+    return outcome
+
+
+def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConfig, cfg: "ExperimentConfig",
+                out: str) -> tuple[int, list[str]]:
+    """The Tune job: one trial per arm x seed; returns (trials at once, the failed trials' errors)."""
+    import ray
+    from ray import tune
+
+    from diffkd.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trials_that_fit
+
     capacity = min(trials_that_fit(cfg.teacher, ray.cluster_resources()),
                    trials_that_fit(cfg.student, ray.cluster_resources()))
     concurrent = min(settings.parallel or capacity, capacity, len(trials))
     if settings.parallel > capacity:
         log.warning("parallel=%d but the cluster holds %d trial(s) at once; running %d", settings.parallel,
                     capacity, capacity)
-    print(f"ablation: {len(arms)} arm(s) x {len(seeds)} seed(s) = {len(trials)} trials, {concurrent} at a time",
-          flush=True)
+    print(f"ablation: {len(trials)} trials (arm x seed), {concurrent} at a time", flush=True)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": DRIVER_CPUS})
     # A new Tune experiment per call: current trials return at once, the rest (re)train.
     tuner = tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent,
                                     time_budget_s=settings.time_budget_min * 60 or None),
-        run_config=tune.RunConfig(name=f"{EXPERIMENT}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(out),
+        run_config=tune.RunConfig(name=f"{EXPERIMENT}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out,
                                   callbacks=[placement_group_sweeper()],
                                   failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
     settle_placement_groups()
     failed = [f"{r.config['trial']['arm']}-s{r.config['trial']['seed']}: {str(r.error).splitlines()[0]}"
               for r in grid if r.error]
-    finished = [t for t in trials if is_current(trial_dir(str(out), t["arm"], t["seed"]),
-                                                trial_key(plan, cfg, t["arm"], t["seed"]))]
-    if len(finished) < len(trials):
-        notes.append(f"{len(trials) - len(finished)} of {len(trials)} trial(s) did not finish "
-                     "(failed or past the time budget); rerun the same command to finish them")
-    table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width)
-    outcome = AblationOutcome(out_dir=str(out), table=table, summary=summary, arms=arms, seeds=seeds,
-                              parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes)
-    outcome.files = write_outputs(outcome, settings)
-    return outcome
+    return concurrent, failed
 
 
 # ---- tables ---------------------------------------------------------------------------------------
@@ -440,7 +458,7 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
     """ablation.csv (one row per arm x seed x center) and the pooled summary (one row per arm x center).
 
     `seeds_for_target`: seeds that would bring the difference's CI to +/- `target_half_width` on the
-    same external cases (NaN: the cases alone are wider, more seeds cannot get there)."""
+    same external cases ("more cases": the cases alone are wider; "unknown (one seed)")."""
     import pandas as pd
 
     from diffkd.evaluate.pooled import pooled_auc_difference
@@ -462,9 +480,9 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
             cases = _shared_cases(group, [arm], seeds)
             if not cases or group.set_index("case_id").loc[cases, "label"].groupby(level=0).first().nunique() < 2:
                 continue
-            labels, patients, strata = _case_columns(group, cases)
+            labels, patients = _case_columns(group, cases)
             pooled = pooled_auc_difference(labels, score_matrix(group, arm, seeds, cases), patients=patients,
-                                           strata=strata, n_boot=n_boot)
+                                           n_boot=n_boot)
             row = {"arm": arm, "center": center, "seeds": len(seeds), "cases": len(cases),
                    "patients": pooled.patients, "upgrades": int(sum(labels)), "mean_auc": pooled.estimate,
                    "auc_ci_low": pooled.ci[0], "auc_ci_high": pooled.ci[1],
@@ -486,46 +504,59 @@ def _shared_cases(group: "pd.DataFrame", arms: list[str], seeds: list[int]) -> l
     return sorted(cases or ())
 
 
-def _case_columns(group: "pd.DataFrame", cases: list[str]) -> tuple[list[int], list[str], list[str]]:
+def _case_columns(group: "pd.DataFrame", cases: list[str]) -> tuple[list[int], list[str]]:
+    """Labels and patient ids of `cases`. Patients are resampled within label strata only, not within
+    centers: fixing each center's share of upgrades would leave out the variation a pooled AUC over
+    several centers has from it (about half the SE on the evidence run's two centers)."""
     first = group.drop_duplicates("case_id").set_index("case_id").loc[cases]
-    return first["label"].astype(int).tolist(), first["patient_id"].astype(str).tolist(), first["center"].tolist()
+    return first["label"].astype(int).tolist(), first["patient_id"].astype(str).tolist()
 
 
 def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
                 target_half_width: float) -> dict[str, float]:
     """The arm minus `full`, paired by seed and case, pooled over seeds (diffkd.evaluate.pooled)."""
-    from diffkd.evaluate.pooled import pooled_auc_difference, seeds_for_half_width
+    from diffkd.evaluate.pooled import pooled_auc_difference
 
     cases = _shared_cases(group, [arm, REFERENCE_ARM], seeds)
     if not seeds or not cases:
         return {}
-    labels, patients, strata = _case_columns(group, cases)
+    labels, patients = _case_columns(group, cases)
     if len(set(labels)) < 2:
         return {}
     diff = pooled_auc_difference(labels, score_matrix(group, arm, seeds, cases),
                                  score_matrix(group, REFERENCE_ARM, seeds, cases), patients=patients,
-                                 strata=strata, n_boot=n_boot)
+                                 n_boot=n_boot)
     return {"paired_seeds": diff.seeds, "diff_vs_full": diff.estimate, "diff_ci_low": diff.ci[0],
             "diff_ci_high": diff.ci[1], "diff_se": diff.se, "p": diff.p, "mdd_80": diff.mdd,
             "diff_between_seed_sd": diff.between_seed_sd,
-            "seeds_for_target": seeds_for_half_width(diff, target_half_width) or math.nan}
+            "seeds_for_target": _seeds_needed(diff, target_half_width)}
+
+
+def _seeds_needed(diff, target_half_width: float) -> str:
+    """Seeds that would bring the CI to +/- the target on these cases, as a table cell."""
+    from diffkd.evaluate.pooled import seeds_for_half_width
+
+    if diff.seeds < 2:  # one seed: the seed part of the variance is unknown
+        return "unknown (one seed)"
+    needed = seeds_for_half_width(diff, target_half_width)
+    return "more cases" if needed is None else str(needed)
 
 
 def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> str:
-    target = f"K +/-{target_half_width:g}"
+    target = f"K for +/-{target_half_width:g}"
     lines = [f"{'arm':<13} {'center':<13} {'seeds':>5} {'cases':>5}  {'mean ext. AUC (95% CI)':<24} "
-             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6} {target:>9}"]
+             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6}  {target}"]
     for _, r in summary.iterrows():
         auc_text = f"{r['mean_auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
         diff = r.get("diff_vs_full", math.nan)
         if isinstance(diff, float) and not math.isnan(diff):
             diff_text = f"{diff:+.3f} ({r['diff_ci_low']:+.3f} to {r['diff_ci_high']:+.3f})"
             p_text, mdd_text = f"{r['p']:.3f}", f"{r['mdd_80']:.3f}"
-            needed = "more cases" if math.isnan(r["seeds_for_target"]) else f"{int(r['seeds_for_target'])}"
+            needed = str(r["seeds_for_target"])
         else:
             diff_text, p_text, mdd_text, needed = "reference" if r["arm"] == REFERENCE_ARM else "", "", "", ""
         lines.append(f"{r['arm']:<13} {r['center']:<13} {r['seeds']:>5} {r['cases']:>5}  {auc_text:<24} "
-                     f"{diff_text:<26} {p_text:>6} {mdd_text:>6} {needed:>9}")
+                     f"{diff_text:<26} {p_text:>6} {mdd_text:>6}  {needed}")
     return "\n".join(lines)
 
 
@@ -557,6 +588,11 @@ def plot_forest(table: "pd.DataFrame", summary: "pd.DataFrame", path: str) -> st
 
     from diffkd.files import save_figure
 
+    if summary.empty:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no finished trial yet: rerun the command to train them", ha="center", va="center")
+        return save_figure(fig, path)
     shown = summary.iloc[::-1].reset_index(drop=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.5 * max(len(shown), 1) + 1.6), sharey=True)
     for y, row in shown.iterrows():

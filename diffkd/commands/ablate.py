@@ -19,7 +19,8 @@ hyperparameter search. Every model is scored on the same external cases.
 examples:
   diffkd ablate --dataset out/data --external center4 --config configs/evidence.yaml --seeds 5 --out out/ablation
   diffkd ablate ... --arms full,neither --seeds 2          # two arms only
-  diffkd ablate ... --time-budget-min 40                   # start no trial after 40 min; rerun to finish
+  diffkd ablate ... --time-budget-min 40                   # stop the job after 40 min; rerun to finish
+  diffkd ablate ... --report-only                          # tables from the trials finished so far
 
 Rerunning the same command keeps finished trials and trains only missing or stale ones.
 OUT receives ablation.csv (arm, seed, center, external AUC and 95% CI), ablation_summary.csv and
@@ -46,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--parallel", type=int, default=None, help="trials at once (default 0: as many as fit)")
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="start no trial after this many minutes (0: no limit); rerunning finishes the rest")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables and plot from the trials finished so far")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: the config's ray.address)")
     p.set_defaults(handler=run_ablate)
 
@@ -65,7 +68,7 @@ def run_ablate(args) -> int:
                "arms": [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None}
     settings = AblationConfig(**{**dataclasses.asdict(cfg.ablation),
                                  **{k: v for k, v in changes.items() if v is not None}})
-    outcome = ablate(args.dataset, _external(args.external), cfg, args.out, settings)
+    outcome = ablate(args.dataset, _external(args.external), cfg, args.out, settings, train=not args.report_only)
     for note in outcome.notes:
         print(f"note: {note}")
     print(format_summary(outcome.summary, settings.target_half_width))
