@@ -1,6 +1,6 @@
 """Stage 1 throughput, measured side by side in one run; prints one JSON line.
 
-1. sampling: images/s of the synthesis actor pool (`diffkd.synth.sample_stream`: Ray Data
+1. sampling: images/s of the synthesis actor pool (`diffkd.synth.sampling.sample_stream`: Ray Data
    `map_batches` over an ActorPoolStrategy, the pipeline loaded once per actor) with 2 actors vs 1
    (target >= 1.8x), and the same `ImageSampler` called in a plain in-process loop. End to end:
    actor start-up and model loading are inside the timed window, as they are for a user.
@@ -43,7 +43,7 @@ def condition_table(n: int, centers: list[str], seed: int = 0):
 
 
 def sampling_with_actors(table, model_dir: str, cfg) -> float:
-    from diffkd.synth import sample_stream
+    from diffkd.synth.sampling import sample_stream
 
     start = time.perf_counter()
     rows = sum(len(b["row"]) for b in sample_stream(table, model_dir, cfg).iter_batches(batch_size=None))
@@ -51,7 +51,7 @@ def sampling_with_actors(table, model_dir: str, cfg) -> float:
 
 
 def sampling_plain(table, model_dir: str, cfg) -> float:
-    from diffkd.synth import ImageSampler
+    from diffkd.synth.sampling import ImageSampler
 
     start = time.perf_counter()
     sampler = ImageSampler(model_dir, cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale, threads=1)
@@ -95,7 +95,7 @@ def main() -> None:
     from diffkd.raycompat import init_local
     from diffkd.synth import SynthConfig
     from diffkd.train.diffusion_task import DiffusionConfig, DiffusionTask
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
     centers = ["A", "B", "C"]
     model_cfg = DiffusionModelConfig(image_size=args.image_size,

@@ -98,7 +98,7 @@ def main() -> None:
 
     from diffkd.data.pipeline import PipelineConfig
     from diffkd.raycompat import init_local
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
     from diffkd.train.teacher import TeacherConfig, TeacherTask
 
     workdir = tempfile.mkdtemp(prefix="dkb", dir="/tmp")  # short: Ray's socket paths are length-limited

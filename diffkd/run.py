@@ -22,24 +22,19 @@ import pandas as pd
 from diffkd.config import ConfigError, from_dict, load_yaml, to_dict
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
+from diffkd.data.splits import SplitConfig
 from diffkd.evaluate.baselines import BaselineConfig
 from diffkd.evaluate.summary import EvaluateConfig
 from diffkd.runstate import RunState
 from diffkd.synth import AuditConfig, SynthConfig
 from diffkd.train.diffusion_task import DiffusionConfig
-from diffkd.train.loop import LoopConfig
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import StudentConfig
 from diffkd.train.teacher import TeacherConfig
 
 log = logging.getLogger("diffkd.run")
 
 PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "model", "prob"]
-
-
-@dataclass
-class SplitConfig:
-    val_fraction: float = 0.2
-    seed: int = 0
 
 
 @dataclass
@@ -121,11 +116,16 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     say = _say
 
     real = ds.metadata().to_pandas()
-    assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
+    external = list(external) or list(cfg.splits.external)  # --external wins over the config's
+    split = dataclasses.replace(cfg.splits, external=external)
+    assignments = make_splits(real, split.external, split.val_fraction, split.seed)
     check_no_leakage(assignments)
     say(f"dataset {dataset}: {len(real)} images, {real['case_id'].nunique()} cases, centers "
         f"{', '.join(sorted(real['center'].unique()))}; external: {', '.join(external) or 'none'}")
-    common = {"dataset": str(dataset), "external": list(external), "splits": to_dict(cfg.splits)}
+    # What every stage's result depends on; written as before SplitConfig held `external`, so that runs
+    # started by earlier releases still resume.
+    common = {"dataset": str(dataset), "external": external,
+              "splits": {"val_fraction": split.val_fraction, "seed": split.seed}}
     skipped: dict[str, str] = {}  # report section -> why it has no content
     notes: list[str] = []  # stages left out, for the report's limitations
     model_dirs: dict[str, str] = {}
@@ -136,10 +136,9 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     ratio, sources = cfg.synthetic_ratio, ()
     if cfg.diffusion.enabled:
         from diffkd.synth import audit, synthesize, with_synthesis_sampling
-        from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+        from diffkd.train.diffusion_task import train_diffusion
 
         diffusion_dir = str(models / "diffusion")
-        split = SplitSpec(external=list(external), val_fraction=cfg.splits.val_fraction, seed=cfg.splits.seed)
         state.run("diffusion", {**common, "cfg": to_dict(cfg.diffusion)},
                   lambda: _dir_result(train_diffusion(ds, diffusion_dir, cfg.diffusion.model,
                                                       _loop(cfg.diffusion.loop, out, "diffusion"), split)))

@@ -45,7 +45,7 @@ def make_engine(zero_stage: int, seed: int = 0):
     import deepspeed
 
     from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, prepare_deepspeed
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
     prepare_deepspeed(use_gpu=False)
 

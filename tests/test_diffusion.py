@@ -12,7 +12,8 @@ import yaml
 from diffkd.data.pipeline import load_arrays
 from diffkd.models.diffusion import (ConditionalDiffusionPipeline, DiffusionModelConfig, build_denoiser,
                                      load_pipeline, save_pipeline, training_scheduler)
-from diffkd.train.diffusion_task import (TRAINING_INFO, DenoiserWithEMA, DiffusionConfig, DiffusionTask,
+from diffkd.models.diffusion import TRAINING_INFO
+from diffkd.train.diffusion_task import (DenoiserWithEMA, DiffusionConfig, DiffusionTask,
                                          diffusion_loss, generator_pipeline_config, to_model_range)
 from diffusion_fixtures import tiny_dataset
 
@@ -147,7 +148,7 @@ def test_the_paper_size_example_config_parses():
 
     from diffkd.config import from_dict, load_yaml
     from diffkd.synth import AuditConfig, SynthConfig
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
     data = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "diffusion_example.yaml")
     diffusion = from_dict(DiffusionConfig, data["diffusion"], "diffusion")

@@ -12,7 +12,7 @@ from diffkd.config import to_dict
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.loco import (FOLD_INFO, PREDICTIONS, fold_dir, fold_is_current, fold_key, format_table, summarize,
                          write_outputs)
-from diffkd.train.loop import LoopConfig
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.teacher import TeacherConfig
 from pipeline_fixtures import build_dataset, make_rows
 

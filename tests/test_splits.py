@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffkd.data.splits import LeakageError, check_no_leakage, leave_one_center_out, make_splits
+from diffkd.data.splits import (LeakageError, SplitConfig, check_no_leakage, ids_digest, leave_one_center_out,
+                                make_splits, split_case_ids)
 
 
 def cohort(centers=("A", "B", "C"), patients=60, seed=0, synthetic_per_center=0) -> pd.DataFrame:
@@ -91,3 +92,16 @@ def test_leave_one_center_out():
     assert folds == [("A", ["B", "C"]), ("B", ["A", "C"]), ("C", ["A", "B"])]
     with pytest.raises(ValueError, match="at least two"):
         leave_one_center_out(["A"])
+
+
+def test_a_split_config_gives_the_case_ids_of_make_splits_and_an_order_free_digest():
+    df = cohort()
+    split = SplitConfig(external=["C"], val_fraction=0.25, seed=1)
+    ids = split_case_ids(df, split)
+    table = make_splits(df, external=["C"], val_fraction=0.25, seed=1)
+    for name in ("train", "val", "test"):
+        assert ids[name] == sorted(table.loc[table.split == name, "case_id"])
+    assert ids_digest(ids["train"]) == ids_digest(reversed(ids["train"]))
+    assert ids_digest(ids["train"]) != ids_digest(ids["train"][1:])
+    with pytest.raises(ValueError, match="external center.*Z are not in the dataset; it has A, B, C"):
+        split_case_ids(df, SplitConfig(external=["Z"]))

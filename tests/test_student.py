@@ -9,7 +9,7 @@ import torch
 from diffkd.data.pipeline import PipelineConfig, collate, load_arrays
 from diffkd.data.schema import MODALITIES, ClinicalEncoding
 from diffkd.models.classifiers import create_classifier, save_classifier
-from diffkd.train.loop import LoopConfig
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import (DistillConfig, DistillationModel, StudentConfig, StudentTask, combine,
                                   distill_step, feature_channels, plain_variant, run_classifier, same_class_pairs,
                                   split_views, student_datasets)

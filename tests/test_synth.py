@@ -13,10 +13,12 @@ from PIL import Image
 
 from diffkd.data.schema import CLINICAL_COLUMNS, arrow_schema
 from diffkd.models.diffusion import DiffusionModelConfig, load_pipeline
-from diffkd.synth import (AuditConfig, SynthConfig, audit, cell_counts, condition_table, existing_case_ids,
-                          generate_label_pairs, label_effect, label_recovery, run_id_for, synthesize)
-from diffkd.train.diffusion_task import DiffusionConfig, SplitSpec, train_diffusion
-from diffkd.train.loop import LoopConfig
+from diffkd.synth.audit import AuditConfig, audit, generate_label_pairs
+from diffkd.synth.sampling import SynthConfig, cell_counts, condition_table, existing_case_ids, run_id_for, synthesize
+from diffkd.synth.stats import label_effect, label_recovery
+from diffkd.data.splits import SplitConfig
+from diffkd.train.diffusion_task import DiffusionConfig, train_diffusion
+from diffkd.train.loop_config import LoopConfig
 from diffusion_fixtures import tiny_dataset
 
 TINY = DiffusionModelConfig(image_size=16, block_out_channels=(16, 32), condition_dim=32)
@@ -30,7 +32,7 @@ def trained(ray_local, tmp_path_factory):
     result = train_diffusion(ds, str(root / "models" / "diffusion"), DiffusionConfig(model=TINY),
                              LoopConfig(epochs=3, batch_size=8, lr=2e-3, weight_decay=0.0, progress=False,
                                         storage_path=str(root / "runs")),
-                             SplitSpec(val_fraction=0.25))
+                             SplitConfig(val_fraction=0.25))
     return ds, result
 
 
@@ -68,7 +70,7 @@ def test_condition_tables_are_balanced_or_follow_the_real_mix():
 
 
 def test_fid_and_kid_match_known_gaussian_shifts():
-    from diffkd.synth import frechet_distance, kernel_distance, nearest
+    from diffkd.synth.stats import frechet_distance, kernel_distance, nearest
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4000, 8)), rng.normal(size=(4000, 8))
@@ -134,7 +136,7 @@ def test_the_teacher_pipeline_mixes_synthetic_rows(trained, ray_local):
 
 def test_near_copy_thresholds_come_from_real_pairs_and_flag_a_planted_copy():
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.synth import AuditConfig, _near_copies
+    from diffkd.synth.stats import near_copies
 
     rng = np.random.default_rng(0)
     pipe = PipelineConfig(image_size=16)
@@ -149,8 +151,8 @@ def test_near_copy_thresholds_come_from_real_pairs_and_flag_a_planted_copy():
              (("train", train), ("val", val), ("synth", synth))}
     feats["synth"][7] = feats["train"][11]
     arrays = lambda x: {"image": x, "case_id": np.array([f"c{i}" for i in range(len(x))], dtype=object)}  # noqa: E731
-    copies = _near_copies(arrays(train), arrays(val), arrays(synth), feats["train"], feats["val"], feats["synth"],
-                          pipe, AuditConfig(near_copy_quantile=0.05))
+    copies = near_copies(arrays(train), arrays(val), arrays(synth), feats["train"], feats["val"], feats["synth"],
+                         pipe, quantile=0.05)
     assert copies["flagged_case_ids"] == ["c7"] and copies["count"] == 1
     assert copies["synthetic_pixel_index"][7] == 11 and copies["synthetic_pixel"][7] == pytest.approx(0, abs=1e-5)
     assert 0 < copies["pixel_threshold"] <= np.median(copies["real_pixel"])
@@ -213,7 +215,7 @@ def test_the_audit_flags_a_planted_copy(trained, tmp_path):
         synthesize(ds, result.model_dir, SynthConfig(per_cell=3, num_inference_steps=3, num_actors=1))
     # Plant an exact copy of a training image (center A) as if the generator had memorised it.
     info = json.loads(open(os.path.join(result.model_dir, "diffkd_training.json")).read())
-    from diffkd.synth import generator_training_rows
+    from diffkd.synth.sampling import generator_training_rows
 
     victim_id = generator_training_rows(ds, result.model_dir)["case_id"].iloc[0]
     victim = next(r for r in ds.read_table(["A", "B"]).to_pylist() if r["case_id"] == victim_id)
@@ -245,7 +247,7 @@ def test_a_mask_conditioned_model_samples_from_the_drawn_rows_masks(tmp_path):
     import torch
 
     from diffkd.models.diffusion import build_denoiser, save_pipeline, training_scheduler
-    from diffkd.synth import ImageSampler
+    from diffkd.synth.sampling import ImageSampler
 
     model_cfg = DiffusionModelConfig(image_size=16, block_out_channels=(16, 32), condition_dim=32, mask_channel=True)
     torch.manual_seed(0)
@@ -279,7 +281,7 @@ def test_a_new_center_gets_its_own_embedding_and_synthetic_rows(trained, tmp_pat
                              # 3 steps per epoch: the first (warm-up) step has lr 0, and the best epoch is exported
                              LoopConfig(epochs=2, batch_size=4, lr=5e-3, weight_decay=0.0, progress=False,
                                         storage_path=str(tmp_path / "runs")),
-                             SplitSpec(val_fraction=0.25))
+                             SplitConfig(val_fraction=0.25))
     info = json.loads(open(os.path.join(out, "diffkd_training.json")).read())
     assert info["learnt_centers"] == ["C"] and len(result.history) == 2
     before, after = load_pipeline(base.model_dir), load_pipeline(out)

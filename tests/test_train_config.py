@@ -9,7 +9,8 @@ from torch import nn
 
 from diffkd.config import ConfigError, from_dict
 from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, optimizer_steps, resolve_precision
-from diffkd.train.loop import LoopConfig, epoch_seed
+from diffkd.train.loop import epoch_seed
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.progress import Progress, format_duration
 
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 import ray.cloudpickle
-from diffkd.train.loop import FitResult, LoopConfig, RunExistsError, fit
+from diffkd.train.loop import FitResult, RunExistsError, fit
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.train.loop import LoopConfig
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import DistillConfig, StudentConfig
 from diffkd.tune import (DRIVER_CPUS, load_best_config, plan_concurrency, plot_search,
                          remove_orphaned_placement_groups, run_trial, training_rows, tune_student)

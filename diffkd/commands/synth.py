@@ -114,7 +114,8 @@ def run_train(args) -> int:
     import dataclasses
 
     from diffkd.raycompat import init as ray_init
-    from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+    from diffkd.data.splits import SplitConfig
+    from diffkd.train.diffusion_task import train_diffusion
 
     config, loop = _diffusion_sections(args.config)
     if args.image_size:
@@ -125,7 +126,7 @@ def run_train(args) -> int:
                                resume=args.resume or loop.resume)
     ray_init(args.address)
     result = train_diffusion(args.dataset, args.out, config, loop,
-                             SplitSpec(_names(args.external), args.val_fraction, args.split_seed))
+                             SplitConfig(_names(args.external), args.val_fraction, args.split_seed))
     best = result.best_metrics
     print(f"diffusion: {result.train_rows} training rows, best val_loss {best.get('val_loss', float('nan')):.4f} "
           f"(epoch {best.get('epoch')}); pipeline written to {result.model_dir}")
@@ -139,7 +140,7 @@ def _diffusion_sections(path: str | None):
     from diffkd.config import from_dict, load_yaml
     from diffkd.run import DiffusionStage
     from diffkd.train.diffusion_task import DiffusionConfig
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
     data = load_yaml(path) if path else {}
     section = data.get("diffusion") or {}
@@ -182,13 +183,13 @@ def run_audit(args) -> int:
 
     from diffkd.raycompat import init as ray_init
     from diffkd.synth import AuditConfig, SynthConfig, audit, with_synthesis_sampling
-    from diffkd.train.diffusion_task import SplitSpec
+    from diffkd.data.splits import SplitConfig
 
     cfg = with_synthesis_sampling(_section(args.config, "audit", AuditConfig),
                                   _section(args.config, "synth", SynthConfig))
     ray_init(args.address)
     summary = audit(args.dataset, args.out, model_dir=args.model, run_ids=args.run,
-                    split=SplitSpec(_names(args.external), args.val_fraction, args.split_seed), cfg=cfg)
+                    split=SplitConfig(_names(args.external), args.val_fraction, args.split_seed), cfg=cfg)
     print(json.dumps(summary, indent=2))
     print(f"audit written to {args.out}/synthetic_audit.json (+ synthetic_grid.png, synthetic_near_copies.png"
           f"{', synthetic_label_pairs.png' if 'label_effect' in summary else ''})")

@@ -11,7 +11,6 @@ the generator never saw, and no external test image leaks into the teacher throu
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
@@ -20,29 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkd.models.diffusion import (SAMPLERS, ConditionalDenoiser, DiffusionModelConfig, build_denoiser,
-                                     load_denoiser, save_pipeline, training_scheduler, with_new_centers)
+from diffkd.data.splits import SplitConfig, ids_digest, split_case_ids
+from diffkd.models.diffusion import (SAMPLERS, TRAINING_INFO, ConditionalDenoiser, DiffusionModelConfig,
+                                     build_denoiser, load_denoiser, save_pipeline, training_info, training_scheduler,
+                                     with_new_centers)
 from diffkd.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
-
-TRAINING_INFO = "diffkd_training.json"  # beside model_index.json: what the model was trained on
-
-
-@dataclass
-class SplitSpec:
-    """How the patient-level split is recomputed (splits are never stored, DESIGN.md)."""
-
-    external: list[str] = field(default_factory=list)  # whole centers held out for external testing
-    val_fraction: float = 0.2
-    seed: int = 0
 
 
 @dataclass
@@ -245,22 +233,6 @@ class DiffusionResult:
     train_rows: int
 
 
-def split_case_ids(meta: "pd.DataFrame", split: SplitSpec) -> dict[str, list[str]]:
-    """{"train", "val", "test"} case ids of the real rows, recomputed from the split spec."""
-    from diffkd.data.splits import make_splits
-
-    unknown = sorted(set(split.external) - set(meta["center"]))
-    if unknown:
-        raise ValueError(f"external center(s) {', '.join(unknown)} are not in the dataset; "
-                         f"it has {', '.join(sorted(meta['center'].unique()))}")
-    table = make_splits(meta, external=list(split.external), val_fraction=split.val_fraction, seed=split.seed)
-    return {name: sorted(table.loc[table["split"] == name, "case_id"]) for name in ("train", "val", "test")}
-
-
-def ids_digest(case_ids: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(case_ids)).encode()).hexdigest()
-
-
 def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "PipelineConfig":
     """The data pipeline as the generator sees it: model-sized images, flips only, no synthetic rows."""
     from diffkd.data.augment import AugmentConfig
@@ -275,7 +247,7 @@ def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "Pipe
 
 
 def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: DiffusionConfig | None = None,
-                    loop: "LoopConfig | None" = None, split: SplitSpec | None = None) -> DiffusionResult:
+                    loop: "LoopConfig | None" = None, split: SplitConfig | None = None) -> DiffusionResult:
     """Train the conditional generator on the internal training split and write the pipeline folder.
 
     `out_dir` receives `model_index.json`, `unet/`, `scheduler/`, `condition_encoder/` and
@@ -287,12 +259,13 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
     from diffkd.config import to_dict
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import make_dataset
-    from diffkd.train.loop import LoopConfig, fit
+    from diffkd.train.loop import fit
+    from diffkd.train.loop_config import LoopConfig
 
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     config = config or DiffusionConfig()
     loop = loop or LoopConfig(epochs=20, lr=1e-3, weight_decay=0.0, batch_size=16)
-    split = split or SplitSpec()
+    split = split or SplitConfig()
     base_centers: list[str] = []
     if config.base_model:
         config, split, base_centers = _extension_of(config, split)
@@ -333,16 +306,15 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
                            best_metrics=result.best_metrics, train_rows=len(ids["train"]))
 
 
-def _extension_of(config: DiffusionConfig, split: SplitSpec) -> tuple[DiffusionConfig, SplitSpec, list[str]]:
+def _extension_of(config: DiffusionConfig, split: SplitConfig) -> tuple[DiffusionConfig, SplitConfig, list[str]]:
     """For `base_model`: its architecture and noise schedule, its split (the rows that trained the extended
     model must stay one recomputable split), and the centers it knows."""
     import dataclasses
 
     from diffkd.config import from_dict
-    from diffkd.synth import training_info
 
     base = training_info(config.base_model)
     if dataclasses.asdict(split) != base["split"]:
         log.info("extending %s: its split %s applies (not %s)", config.base_model, base["split"], dataclasses.asdict(split))
     model = from_dict(DiffusionModelConfig, base["config"]["model"], f"{config.base_model}: model")
-    return dataclasses.replace(config, model=model), SplitSpec(**base["split"]), list(base["config"]["centers"])
+    return dataclasses.replace(config, model=model), SplitConfig(**base["split"]), list(base["config"]["centers"])
