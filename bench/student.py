@@ -6,9 +6,10 @@
 2. kd_effect: external AUC of student_kd (paired logit KD, T=4, alpha=0.9) minus student_plain (same
    architecture, no teacher, no synthetic images), per seed with the DeLong CI of the paired
    difference, and over seeds (mean, t-interval). No diffusion here: this isolates distillation.
-3. pairing_free: teacher on us_doppler, student on B-mode of other patients. Group KD (GKD-Pro +
-   GKD-Den, no instance terms) minus instance KD on random same-class pairs (logit + feature KD),
-   external AUC, same statistics.
+3. pairing_free: one teacher trained on us_doppler only, students on B-mode of other patients. Group
+   KD (GKD-Pro + GKD-Den, no instance terms) minus instance feature KD on random same-class pairs, with
+   the same total KD weight and the same cross-entropy weight (1: neither arm blends a logit term into
+   cross-entropy's share), external AUC, same statistics.
 4. asha: the same search (tune_spaces/kd.yaml's parameters, Optuna, same seed and trial count) with
    ASHA vs FIFO (every trial its full budget): best internal-validation AUC and total trial-epochs.
 
@@ -90,17 +91,19 @@ def prepare(workdir: str, args) -> tuple:
     return ds, splits
 
 
-def teacher(ds, splits, workdir: str, args) -> tuple[str, dict]:
+def teacher(ds, splits, workdir: str, args, modality: str) -> tuple[str, dict]:
+    """The teacher of one modality (as `diffkd run` trains them): B-mode for paired KD, Doppler for pairing-free."""
     from diffkd.data.pipeline import PipelineConfig
     from diffkd.train.teacher import TeacherConfig, train_teacher
 
-    out = os.path.join(workdir, "teacher")
+    out = os.path.join(workdir, f"teacher_{modality}")
     info_path = os.path.join(out, "training.json")
     if not os.path.exists(info_path):
-        log(f"teacher {args.teacher_arch}: every modality, {args.teacher_epochs} epochs")
-        cfg = TeacherConfig(arch=args.teacher_arch, pipeline=PipelineConfig(image_size=args.image_size),
-                            loop=_loop(args, args.teacher_epochs, "teacher", workdir, patience=0))
-        train_teacher(ds, splits, cfg, out)
+        log(f"teacher {args.teacher_arch}: {modality} only, {args.teacher_epochs} epochs")
+        cfg = TeacherConfig(arch=args.teacher_arch, pipeline=PipelineConfig(image_size=args.image_size,
+                                                                           modalities=(modality,)),
+                            loop=_loop(args, args.teacher_epochs, f"teacher-{modality}", workdir, patience=0))
+        train_teacher(ds, splits, cfg, out, model_name=f"teacher_{modality}")
     with open(info_path) as f:
         return out, json.load(f)["metrics"]
 
@@ -213,7 +216,7 @@ def main() -> int:
     if parts & {"kd", "pairing_free", "asha"}:
         init_local(num_cpus=max(4, os.cpu_count() or 1))
         ds, splits = prepare(workdir, args)
-        teacher_dir, teacher_metrics = teacher(ds, splits, workdir, args)
+        teacher_dir, teacher_metrics = teacher(ds, splits, workdir, args, "us")
         result["teacher"] = {"arch": args.teacher_arch, **teacher_metrics}
         result["data"] = {"cases": {s: int((splits["split"] == s).sum()) for s in ("train", "val", "test")},
                           "modalities": splits["modality"].value_counts().to_dict(),
@@ -222,19 +225,22 @@ def main() -> int:
         seeds = list(range(args.seeds))
 
         def student(seed: int, **kw) -> StudentConfig:
-            return StudentConfig(arch=args.student_arch, teacher_dir=teacher_dir, pipeline=pipeline,
-                                 loop=_loop(args, args.student_epochs, "student", workdir, seed), **kw)
+            return StudentConfig(arch=args.student_arch, **{"teacher_dir": teacher_dir, **kw}, pipeline=pipeline,
+                                 loop=_loop(args, args.student_epochs, "student", workdir, seed))
 
         if "kd" in parts:
             result["kd_effect"] = compare(
                 ds, splits, lambda s: student(s, distill=DistillConfig({"logit": {"weight": 0.9, "temperature": 4.0}})),
                 lambda s: plain_variant(student(s)), ("student_kd", "student_plain"), seeds, workdir)
         if "pairing_free" in parts:
+            doppler_dir, doppler_metrics = teacher(ds, splits, workdir, args, "us_doppler")
+            result["teacher_us_doppler"] = {"arch": args.teacher_arch, **doppler_metrics}
+            # the same teacher, cross-entropy weight (1) and total KD weight (1.5) in both arms
             group = DistillConfig({"gkd_pro": {"weight": 1.0}, "gkd_den": {"weight": 0.5, "warmup_epochs": 1}})
-            instance = DistillConfig({"logit": {"weight": 0.9, "temperature": 4.0}, "feature": {"weight": 1.0}})
+            instance = DistillConfig({"feature": {"weight": 1.5}})
             result["pairing_free"] = compare(
-                ds, splits, lambda s: student(s, mode="pairing_free", distill=group),
-                lambda s: student(s, mode="pairing_free", distill=instance),
+                ds, splits, lambda s: student(s, teacher_dir=doppler_dir, mode="pairing_free", distill=group),
+                lambda s: student(s, teacher_dir=doppler_dir, mode="pairing_free", distill=instance),
                 ("group_kd", "instance_kd_random_pairs"), seeds, workdir)
         if "asha" in parts:
             result["asha"] = asha_vs_fifo(ds, splits, student(0), workdir, args)

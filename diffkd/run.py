@@ -29,7 +29,7 @@ from diffkd.runstate import RunState
 from diffkd.synth import AuditConfig, SynthConfig
 from diffkd.train.diffusion_task import DiffusionConfig
 from diffkd.train.loop_config import LoopConfig
-from diffkd.train.student import StudentConfig
+from diffkd.train.student import DistillConfig, StudentConfig
 from diffkd.train.teacher import TeacherConfig
 
 log = logging.getLogger("diffkd.run")
@@ -52,18 +52,37 @@ class DiffusionStage:
 
 @dataclass
 class TuneStage:
+    """The hyperparameter search: every student arm or none, with the same budget.
+
+    When enabled, each student arm (student_kd, student_plain, student_kd_real_only,
+    student_pairing_free) gets its own search of `space` with the same number of trials, over the
+    space's parameters that apply to it (distillation settings only to arms that distil, and only the
+    terms an arm has). An arm that the space gives nothing to search is an error: it would get a
+    smaller budget than the others. Teachers are not searched. The report states the budget.
+    """
+
     enabled: bool = True
     space: str = "tune_spaces/kd.yaml"  # relative paths are resolved against the config file, then the CWD
     num_samples: int = 0  # 0 = the space's own count
 
 
+def _group_terms() -> DistillConfig:
+    return DistillConfig({"gkd_pro": {"weight": 1.0}, "gkd_den": {"weight": 1.0}})
+
+
 @dataclass
 class PairingFreeStage:
-    """Seed 002's setting: a teacher on the richer modality, a student on B-mode, no image pairs."""
+    """Seed 002's setting (PaGKD): a teacher on the richer modality, a student on B-mode, no image pairs.
+
+    The student distils through its own `distill.terms`, by default GKD-Pro + GKD-Den only (GKD-Den
+    after its warm-up), never the `student` section's paired terms: logit or feature KD (which would
+    need pairs, and so run on random same-class pairs) only where this section names them.
+    """
 
     enabled: bool = True
     teacher_modality: str = "us_doppler"
     student_modality: str = "us"
+    distill: DistillConfig = field(default_factory=_group_terms)
 
 
 @dataclass
@@ -170,15 +189,9 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
                       ds, assignments, _with_loop(teacher_cfg, out, name), model_dirs[name], synthetic_ratio=mix,
                       model_name=name)))
 
-    # ---- 3. KD search on internal validation, then the students ---------------------------------------
+    # ---- 3. the students, each searched with the same budget (or none is) on internal validation -------
     student_cfg = dataclasses.replace(_pipeline(cfg.student, synthetic_ratio=ratio, synthetic_sources=sources),
                                       teacher_dir=model_dirs["teacher"], mode="paired")
-    if cfg.tune.enabled:
-        student_cfg = state.run("tune", {**common, "cfg": to_dict(cfg.tune), "student": to_dict(student_cfg)},
-                                lambda: _tune(ds, assignments, student_cfg, cfg.tune, out))["config"]
-        student_cfg = from_dict(StudentConfig, student_cfg, "tuned student")
-    else:
-        notes.append("tune.enabled is false: the student used the config's distillation settings, not a search")
 
     from diffkd.train.student import plain_variant, train_student
 
@@ -198,13 +211,23 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
                   lambda: _predictions_result(train_teacher(
                       ds, assignments, _with_loop(_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)), out, name),
                       model_dirs[name], synthetic_ratio=0.0, model_name=name)))
-        students["student_pairing_free"] = dataclasses.replace(
-            _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=model_dirs[name], mode="pairing_free",
-            student_modality=pf.student_modality, teacher_modality=pf.teacher_modality)
+        students["student_pairing_free"] = pairing_free_student(student_cfg, pf, model_dirs[name])
     elif pf.enabled:
         notes.append(f"the dataset has no {pf.teacher_modality!r} images beside {pf.student_modality!r} "
                                    f"(modalities: {', '.join(sorted(modalities))}): the pairing-free group KD "
                                    "student was not trained")
+    searches: dict[str, dict] = {}
+    if cfg.tune.enabled:
+        for name in list(students):
+            searched = state.run(f"tune_{name}", {**common, "cfg": to_dict(cfg.tune), "student": to_dict(students[name])},
+                                 lambda name=name: _tune(ds, assignments, students[name], cfg.tune, out / "tune" / name))
+            students[name] = from_dict(StudentConfig, searched["config"], f"searched {name}")
+            searches[name] = searched
+        notes.append(_search_note(searches))
+    else:
+        notes.append("no hyperparameter search (tune.enabled: false): every student arm trained with the config's "
+                     "settings, the same (zero) search budget for each")
+    notes.append(_validation_note(assignments, student_modality, searched=bool(searches)))
     for name, scfg in students.items():
         model_dirs[name] = str(models / ("student" if name == "student_kd" else name))
         state.run(name, {**common, "cfg": to_dict(scfg)},
@@ -228,6 +251,14 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
 
 # ---- stage helpers ---------------------------------------------------------------------------------------
+def pairing_free_student(student_cfg: StudentConfig, pf: PairingFreeStage, teacher_dir: str) -> StudentConfig:
+    """The `student_pairing_free` arm: the student section's architecture, data and loop (real images only),
+    the pairing-free section's modalities and distillation terms."""
+    return dataclasses.replace(_pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=teacher_dir,
+                               mode="pairing_free", student_modality=pf.student_modality,
+                               teacher_modality=pf.teacher_modality, distill=pf.distill)
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -258,18 +289,40 @@ def _predictions_result(result) -> dict:
 
 
 def _tune(ds: ImageDataset, assignments: pd.DataFrame, student_cfg: StudentConfig, tune: TuneStage,
-          out: Path) -> dict:
-    from diffkd.tune import EXPERIMENT, tune_student
+          search_dir: Path) -> dict:
+    """One arm's search: the configured space, restricted to the parameters that apply to the arm."""
+    from diffkd.tune import EXPERIMENT, arm_space, tune_student
     from diffkd.tune_space import load_space
 
     space = load_space(tune.space)
     if tune.num_samples:
         space = dataclasses.replace(space, num_samples=tune.num_samples)
-    search_dir = out / "tune"
+    space = arm_space(space, student_cfg)
     outcome = tune_student(ds.uri, assignments, student_cfg, space, str(search_dir),
                            resume=(search_dir / EXPERIMENT).exists())
     return {"config": to_dict(outcome.best_config), "best_params": outcome.best_params,
-            "best_objective": outcome.best_objective, "trial_epochs": outcome.trial_epochs, "files": outcome.files}
+            "best_objective": outcome.best_objective, "trials": outcome.num_trials,
+            "trial_epochs": outcome.trial_epochs, "space": space.source, "files": outcome.files}
+
+
+def _search_note(searches: dict[str, dict]) -> str:
+    """The search budget, arm by arm, for the report."""
+    parts = [f"{name}: {s['trials']} trials over {', '.join(s['best_params'])} ({s['trial_epochs']} epochs run)"
+             for name, s in searches.items()]
+    space = next(iter(searches.values()))["space"] if searches else ""
+    return (f"hyperparameter search: every student arm was searched with the same number of trials of {space} "
+            f"(internal-validation AUC per case; teachers were not searched): {'; '.join(parts)}")
+
+
+def _validation_note(assignments: pd.DataFrame, modality: str, searched: bool) -> str:
+    """One internal-validation split serves several choices; say which, so internal AUCs are read as optimistic."""
+    val = assignments[(assignments["split"] == "val") & (assignments["modality"] == modality)
+                      & ~assignments["synthetic"].astype(bool)]
+    uses = ["each model's epoch (early stopping)", *(["the search's settings"] if searched else []),
+            "each model's operating threshold"]
+    return (f"the one internal-validation split ({val['case_id'].nunique()} {modality} cases) chose "
+            f"{', '.join(uses[:-1])} and {uses[-1]}: internal-validation figures are optimistic, "
+            "the external centers are the unbiased estimate")
 
 
 def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage, out: Path,

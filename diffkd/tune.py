@@ -8,8 +8,9 @@ sliver of a CPU; the Train workers and the Ray Data pipeline hold the real resou
 of trials in flight is sized so that every started trial can get them (a trial whose workers cannot
 be placed would wait forever: the deadlock REFERENCE.md records on 2 CPUs).
 
-The objective is the internal-validation metric the space names (`val_auc`). Trials are handed the
-train and val rows of the splits table and nothing else: the external centers never reach a trial.
+The objective is the internal-validation metric the space names (`val_auc`, per case as the report
+scores). Trials are handed the train and val rows of the splits table and nothing else: the external
+centers never reach a trial.
 
 Outputs in `out_dir`: `trials.csv` (one row per trial), `curves.csv` (every epoch of every trial),
 `objective_vs_params.png`, `learning_curves.png`, `best_config.yaml` (the `student` section with
@@ -64,6 +65,36 @@ def training_rows(assignments: "pd.DataFrame") -> "pd.DataFrame":
     if "split" not in assignments.columns:
         raise ValueError("the splits table lacks its `split` column")
     return assignments[assignments["split"].isin(("train", "val"))].reset_index(drop=True)
+
+
+def arm_space(space: TuneSpace, cfg: "StudentConfig") -> TuneSpace:
+    """`space` restricted to the parameters that apply to the arm `cfg`: fields of its config that it uses.
+
+    Distillation settings apply only to arms that distil, and only to the terms an arm has switched on
+    (weight > 0: searching a term's weight must not switch on a loss the arm's config leaves off, as
+    instance KD in the pairing-free arm). Other paths apply when they name a field of the arm's
+    config. Every arm searched this way gets the same number of trials; an arm left with no parameter
+    would get none, so that is an error.
+    """
+    base = to_dict(cfg)
+    kept = {}
+    for name, dist in space.params.items():
+        keys = name.split(".")
+        if keys[0] == "distill":
+            terms = cfg.distill.terms if cfg.distills else {}
+            if len(keys) < 3 or keys[1] != "terms" or not terms.get(keys[2], {}).get("weight", 0) > 0:
+                continue
+        else:
+            try:
+                apply_params(base, {name: None})
+            except ConfigError:
+                continue
+        kept[name] = dist
+    if not kept:
+        raise ConfigError(f"{space.source or 'the search space'}: none of its parameters ({', '.join(space.params)}) "
+                          f"applies to this arm ({'distils' if cfg.distills else 'no teacher'}, mode {cfg.mode}); "
+                          "add one every arm uses (e.g. loop.lr) so each arm gets the same search budget")
+    return dataclasses.replace(space, params=kept)
 
 
 # ---- resources -----------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from sklearn.metrics import roc_auc_score
 from diffkd.evaluate.calibration import brier_score, calibration, reliability_curve
 from diffkd.evaluate.decision import decision_curve, net_benefit
 from diffkd.evaluate.logistic import fit_logistic
-from diffkd.evaluate.metrics import (OperatingPoint, ThresholdRule, _weighted_aucs, auc, auc_delong_ci,
-                                     bootstrap_auc_ci, delong, delong_test, mean_t_ci, unpaired_auc_test,
-                                     wilson_ci)
+from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, _weighted_aucs, auc, auc_delong_ci,
+                                     auc_with_ci, bootstrap_auc_ci, clustered_bootstrap_auc,
+                                     clustered_bootstrap_auc_difference, delong, delong_test, has_repeated_clusters,
+                                     mean_t_ci, paired_auc_test, unpaired_auc_test, wilson_ci)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,3 +222,72 @@ def test_net_benefit_hand_case():
     curve = decision_curve(y, p, [0.25])
     assert curve.treat_all[0] == pytest.approx(0.5 - 0.5 / 3)
     assert curve.treat_none[0] == 0
+
+
+def _exact_cluster_bootstrap(y, a, b, clusters):
+    """Every equally likely label-stratified cluster resample, enumerated: the bootstrap distribution
+    of AUC(a) - AUC(b) that the Monte Carlo sampler approximates."""
+    import itertools
+
+    ids = sorted(set(clusters))
+    members = {c: [i for i, k in enumerate(clusters) if k == c] for c in ids}
+    pos = [c for c in ids if any(y[i] == 1 for i in members[c])]
+    neg = [c for c in ids if c not in pos]
+    y, a, b = np.asarray(y), np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+    def pair_auc(idx, s):  # the share of (positive, negative) pairs ranked right, ties halved
+        yy, ss = y[idx], s[idx]
+        return float(np.mean([[psi(p, n) for n in ss[yy == 0]] for p in ss[yy == 1]]))
+
+    diffs = []
+    for draw_pos in itertools.product(pos, repeat=len(pos)):
+        for draw_neg in itertools.product(neg, repeat=len(neg)):
+            idx = np.array([i for c in (*draw_pos, *draw_neg) for i in members[c]])
+            diffs.append(pair_auc(idx, a) - pair_auc(idx, b))
+    return np.array(diffs)
+
+
+def test_clustered_paired_bootstrap_matches_the_enumerated_bootstrap():
+    # 7 patients, 3 with an upgrade; some patients hold two or three cases
+    clusters = [0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 6, 6]
+    y = [1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    a = [0.9, 0.3, 0.7, 0.8, 0.6, 0.5, 0.2, 0.4, 0.1, 0.65, 0.35, 0.3]
+    b = [0.5, 0.6, 0.4, 0.9, 0.2, 0.3, 0.45, 0.1, 0.7, 0.8, 0.15, 0.5]
+    exact = _exact_cluster_bootstrap(y, a, b, clusters)
+    test = clustered_bootstrap_auc_difference(y, a, b, clusters, n_boot=40000, seed=1)
+    assert test.method == "bootstrap" and test.n == len(y)
+    assert test.difference == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    se = exact.std(ddof=0)
+    assert test.z == pytest.approx(test.difference / se, rel=0.03)
+    assert test.p == pytest.approx(2 * stats.norm.sf(abs(test.difference / se)), abs=0.01)
+    lo, hi = np.quantile(exact, [0.025, 0.975])
+    assert test.ci[0] == pytest.approx(lo, abs=0.03) and test.ci[1] == pytest.approx(hi, abs=0.03)
+    # the single-score version resamples the same way: its SD matches the enumerated AUC(a) spread
+    one = clustered_bootstrap_auc(y, a, clusters, n_boot=20000, seed=2)
+    assert one.method == "bootstrap" and one.auc == pytest.approx(roc_auc_score(y, a))
+
+
+def test_paired_bootstrap_keeps_the_pairing():
+    rng = np.random.default_rng(8)
+    y = (rng.random(90) < 0.4).astype(int)
+    s = y + rng.normal(0, 1, 90)
+    patients = np.repeat(np.arange(45), 2)
+    # a monotone transform ranks every resample the same way: no difference in any replicate
+    same = clustered_bootstrap_auc_difference(y, s, np.exp(s), patients, n_boot=1000)
+    assert same.p == 1.0 and same.ci == (0.0, 0.0)
+    with pytest.raises(ValueError, match="at least 1000"):
+        clustered_bootstrap_auc_difference(y, s, s, patients, n_boot=500)
+
+
+def test_auto_takes_delong_for_one_case_per_patient_and_the_bootstrap_otherwise():
+    rng = np.random.default_rng(9)
+    y = (rng.random(60) < 0.4).astype(int)
+    a, b = y + rng.normal(0, 1, 60), y + rng.normal(0, 1.5, 60)
+    singles, pairs = np.arange(60), np.repeat(np.arange(30), 2)
+    options = CIOptions("auto", n_boot=1000)
+    assert auc_with_ci(y, a, options, groups=singles) == auc_delong_ci(y, a)
+    assert paired_auc_test(y, a, b, options, groups=singles) == delong_test(y, a, b)
+    clustered = paired_auc_test(y, a, b, options, groups=pairs)
+    assert clustered == clustered_bootstrap_auc_difference(y, a, b, pairs, n_boot=1000)
+    assert auc_with_ci(y, a, options, groups=pairs).method == "bootstrap"
+    assert has_repeated_clusters(pairs) and not has_repeated_clusters(singles) and not has_repeated_clusters(None)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from evaluate_fixtures import simulate_predictions, simulate_reads
 
-from diffkd.evaluate.metrics import OperatingPoint, ThresholdRule, delong_test
+from diffkd.evaluate.metrics import OperatingPoint, ThresholdRule, clustered_bootstrap_auc_difference, delong_test
 from diffkd.evaluate.readers import load_readers
 from diffkd.evaluate.summary import EvaluateConfig, PredictionsError, build_metrics, validate_predictions
 
@@ -78,9 +78,31 @@ def test_comparisons_pair_cases_by_id(predictions):
     ext = predictions[predictions.split == "test"]
     a = ext[ext.model == "teacher"].set_index("case_id").sort_index()
     b = ext[ext.model == "student_kd"].set_index("case_id").sort_index()
-    expected = delong_test(a.label, a.prob, b.prob)
-    assert pairs[("teacher", "student_kd")]["p_delong"] == pytest.approx(expected.p, rel=1e-12)
-    assert pairs[("teacher", "student_kd")]["n"] == len(a)
+    # some patients hold two cases: the default ("auto") takes the patient-clustered paired bootstrap
+    assert a.patient_id.duplicated().any()
+    expected = clustered_bootstrap_auc_difference(a.label, a.prob, b.prob, a.patient_id, n_boot=2000, seed=0,
+                                                  strata=a.center)
+    entry = pairs[("teacher", "student_kd")]
+    assert entry["method"] == "bootstrap" and entry["p_delong"] is None
+    assert entry["p"] == pytest.approx(expected.p, rel=1e-12) and entry["difference_ci"] == list(expected.ci)
+    assert entry["n"] == len(a)
+    # asked for DeLong, DeLong it is
+    delong_pairs = {(c["a"], c["b"]): c for c in build_metrics(shuffled, config=EvaluateConfig(ci_method="delong"))
+                    ["comparisons"]}
+    assert delong_pairs[("teacher", "student_kd")]["p_delong"] == pytest.approx(
+        delong_test(a.label, a.prob, b.prob).p, rel=1e-12)
+
+
+def test_one_case_per_patient_gets_delong_and_metrics_say_so(predictions):
+    one_each = predictions.assign(patient_id=predictions.case_id)
+    metrics = build_metrics(one_each[one_each.model.isin(["student_kd", "teacher"])])
+    assert metrics["evaluation"]["patients_with_several_cases"] == 0
+    assert metrics["models"]["student_kd"]["external"]["auc_ci_method"] == "delong"
+    assert {c["method"] for c in metrics["comparisons"]} == {"delong"}
+    clustered = build_metrics(predictions[predictions.model.isin(["student_kd", "teacher"])])
+    assert clustered["evaluation"]["patients_with_several_cases"] > 0
+    assert clustered["models"]["student_kd"]["external"]["auc_ci_method"] == "bootstrap"
+    assert clustered["models"]["student_kd"]["internal_vs_external"]["method"] == "bootstrap"
 
 
 def test_bootstrap_option_and_internal_vs_external(predictions):

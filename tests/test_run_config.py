@@ -45,3 +45,32 @@ def test_the_old_flat_distill_layout_is_read_as_the_same_terms_with_a_warning(tm
     old.write_text("student: {distill: {alpha: 0.5, terms: {logit: {weight: 0.5}}}}\n")
     with pytest.raises(ValueError, match="mixes `terms` with the old flat keys alpha"):
         load_experiment(old)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+def test_the_pairing_free_arm_is_group_kd_only_with_gkd_den_on(name):
+    """PaGKD means no image pairs: the pairing-free student takes its own section's terms (GKD-Pro + GKD-Den),
+    never the paired student's logit / feature KD, and GKD-Den is on after its warm-up."""
+    from diffkd.distill import PAIRING_FREE
+    from diffkd.run import PairingFreeStage, pairing_free_student
+
+    cfg = load_experiment(CONFIGS / name)
+    arm = pairing_free_student(cfg.student, cfg.pairing_free, "teacher_dir")
+    assert set(cfg.student.distill.active_terms()) - PAIRING_FREE  # the paired student does have paired terms
+    assert set(arm.distill.active_terms()) == {"gkd_pro", "gkd_den"} <= PAIRING_FREE
+    assert arm.distill.warmup_epochs("gkd_den") < arm.loop.epochs  # GKD-Den trains in some epochs
+    assert arm.mode == "pairing_free" and arm.pipeline.synthetic_ratio == 0.0
+    assert (arm.teacher_modality, arm.student_modality) == (cfg.pairing_free.teacher_modality,
+                                                            cfg.pairing_free.student_modality)
+    assert set(PairingFreeStage().distill.active_terms()) == {"gkd_pro", "gkd_den"}  # the default too
+
+
+def test_instance_kd_in_the_pairing_free_arm_only_where_its_own_section_names_it(tmp_path):
+    from diffkd.run import pairing_free_student
+
+    text = (CONFIGS / "demo.yaml").read_text().replace(
+        "gkd_den: {weight: 0.5, warmup_epochs: 1}}", "gkd_den: {weight: 0.5, warmup_epochs: 1}, feature: {weight: 0.3}}")
+    (tmp_path / "x.yaml").write_text(text)
+    cfg = load_experiment(tmp_path / "x.yaml")
+    assert pairing_free_student(cfg.student, cfg.pairing_free, "t").distill.active_terms() == ["gkd_pro", "gkd_den",
+                                                                                                "feature"]

@@ -13,6 +13,7 @@ from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import ClinicalEncoding
 from diffkd.models.classifiers import (classify, create_classifier, data_config, features, load_classifier,
                                        save_classifier)
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.teacher import TeacherConfig, TeacherTask, balanced_class_weights, teacher_loss
 
 WIDTH = ClinicalEncoding().width
@@ -31,7 +32,7 @@ def image_batch(n: int = 32, seed: int = 0) -> dict:
     images = torch.randn(n, 1, 32, 32, generator=g) * 0.3
     images[labels == 1, :, 10:20, 10:20] += 1.5
     clinical = torch.tensor([ClinicalEncoding().encode_row({})] * n, dtype=torch.float32)
-    return {"image": images, "label": labels, "clinical": clinical}
+    return {"image": images, "label": labels, "clinical": clinical, "case_id": [f"c{seed}-{i}" for i in range(n)]}
 
 
 def fit_steps(model, batch, cfg, steps: int, weights=None) -> list[float]:
@@ -125,6 +126,23 @@ def test_evaluate_reports_auc_and_loss_and_nan_for_one_class():
     one_class = [dict(b, label=torch.zeros_like(b["label"])) for b in batches]
     with torch.no_grad():
         assert np.isnan(task.evaluate(model, one_class)["val_auc"])
+
+
+def test_validation_scores_cases_as_the_report_does_not_images():
+    """A case's images are averaged before the AUC: the unit early stopping and the search select on is the
+    report's unit (`predict_splits`)."""
+    from sklearn.metrics import roc_auc_score
+
+    from diffkd.train.teacher import validation_metrics
+
+    # case a (upgrade): images 0.9 and 0.1 -> 0.5; case b (DCIS): 0.6 and 0.6 -> 0.6; case c (upgrade): 0.7
+    probs = torch.tensor([0.9, 0.1, 0.6, 0.6, 0.7])
+    logits = torch.stack([torch.zeros(5), torch.log(probs / (1 - probs))], dim=1)
+    labels = torch.tensor([1, 1, 0, 0, 1])
+    metrics = validation_metrics([logits[:3], logits[3:]], [labels[:3], labels[3:]], ["a", "a", "b", "b", "c"])
+    assert metrics["val_auc"] == pytest.approx(roc_auc_score([1, 0, 1], [0.5, 0.6, 0.7]))  # 0.5 per case
+    assert roc_auc_score(labels, probs) == pytest.approx(2 / 3)  # what a per-image AUC would have said
+    assert metrics["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "test_convnext"])
@@ -221,3 +239,26 @@ def test_diffkd_train_teacher_trains_selects_exports_and_predicts_every_case(ray
     assert main([*args, "--resume"]) == 0
     again = json.loads((out / "training.json").read_text())
     assert again["history"] == info["history"] and again["metrics"]["best_epoch"] == info["metrics"]["best_epoch"]
+
+
+def test_the_schedule_and_class_weights_come_from_the_modality_the_teacher_trains_on(tmp_path):
+    """A B-mode teacher on a B-mode + Doppler dataset: one epoch is its B-mode rows, not every modality's
+    (sized from all rows, the cosine schedule of the demo's teacher ended at ~0.35 of its peak LR)."""
+    from student_fixtures import splits, two_modality_dataset
+
+    from diffkd.train.teacher import plan_training
+
+    ds = two_modality_dataset(tmp_path / "data", n_us=24, n_doppler=16, size=16)
+    assignments = splits(ds)
+    train = assignments[assignments["split"] == "train"]
+    for modality in ("us", "us_doppler"):
+        cfg = config(pipeline=PipelineConfig(image_size=16, modalities=(modality,)))
+        plan = plan_training(ds, assignments, cfg)
+        own = train[train["modality"] == modality]
+        assert plan.train_samples == len(own) < len(train)
+        assert set(plan.train_rows["modality"]) == {modality}
+        assert plan.class_weights == pytest.approx(balanced_class_weights(own["label"]))
+    every = plan_training(ds, assignments, config(pipeline=PipelineConfig(image_size=16)))
+    assert every.train_samples == len(train)  # no modality set: the teacher reads them all
+    explicit = config(pipeline=PipelineConfig(image_size=16, modalities=("us",)), loop=LoopConfig(train_samples=7))
+    assert plan_training(ds, assignments, explicit).train_samples == 7

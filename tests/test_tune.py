@@ -15,7 +15,7 @@ import yaml
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import DistillConfig, StudentConfig
-from diffkd.tune import (DRIVER_CPUS, load_best_config, plan_concurrency, plot_search,
+from diffkd.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
                          remove_orphaned_placement_groups, run_trial, training_rows, tune_student)
 from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace
 
@@ -51,6 +51,23 @@ def test_trials_in_flight_fit_the_cluster():
     with pytest.raises(ValueError, match="one trial needs"):
         plan_concurrency(_space(4), cfg, {"CPU": 1.5})
     assert DRIVER_CPUS > 0  # {"CPU": 0} is refused by Ray ("empty head and zero worker bundles")
+
+
+def test_each_arm_searches_the_parameters_that_apply_to_it_with_the_same_trials():
+    from diffkd.config import ConfigError
+
+    space = _space(num_samples=5)
+    kd = arm_space(space, _student(teacher_dir="teacher"))
+    plain = arm_space(space, _student())  # no teacher: the distillation settings mean nothing to it
+    assert list(kd.params) == ["distill.terms.logit.temperature", "distill.terms.logit.weight", "loop.lr"]
+    assert list(plain.params) == ["loop.lr"]
+    assert kd.num_samples == plain.num_samples == 5  # the same budget
+    kd_only = TuneSpace(params={"distill.terms.logit.weight": Distribution("uniform", (0.3, 0.9))}, source="kd only")
+    with pytest.raises(ConfigError, match="kd only.*loop.lr"):
+        arm_space(kd_only, _student())  # the plain arm would get no search while the KD arm gets one
+    no_logit = _student(teacher_dir="teacher")
+    no_logit.distill = DistillConfig({"gkd_pro": {"weight": 0.5}})
+    assert list(arm_space(space, no_logit).params) == ["loop.lr"]  # a term it does not have is not searched
 
 
 def test_trials_never_receive_the_external_split():

@@ -36,8 +36,9 @@ def register(subparsers) -> None:
                         help="how the threshold is fixed on internal validation (default youden)")
     parser.add_argument("--target-sensitivity", type=float, default=None,
                         help="with --threshold sensitivity: the sensitivity to reach (default 0.9)")
-    parser.add_argument("--ci", choices=("delong", "bootstrap"), default=None, dest="ci_method",
-                        help="AUC confidence intervals (default delong)")
+    parser.add_argument("--ci", choices=("auto", "delong", "bootstrap"), default=None, dest="ci_method",
+                        help="AUC confidence intervals and paired tests (default auto: DeLong where every patient "
+                             "has one case, else the patient-clustered bootstrap)")
     parser.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates (>= 1000; default 2000)")
     parser.add_argument("--seed", type=int, default=None, help="bootstrap seed (default 0)")
     parser.add_argument("--title", default=None, help="page title")

@@ -134,12 +134,18 @@ class ImageDataset:
         """Replace center `center`'s real partition with `table` and record it in the manifest."""
         self._write_partition(validate_center_name(center), table, synthetic=False, sources=sources or [])
 
-    def write_synthetic(self, center: str, table: pa.Table, run_id: str) -> None:
-        """Add one generator run's rows for `center` to the synthetic tree (existing runs are kept)."""
-        self._write_partition(validate_center_name(center), table, synthetic=True, run_id=run_id)
+    def write_synthetic(self, center: str, table: pa.Table, run_id: str, generator: dict | None = None) -> None:
+        """Add one generator run's rows for `center` to the synthetic tree (existing runs are kept).
+
+        `generator` (recorded with the run in the manifest) says which split trained the generator,
+        so that training stages can refuse rows of a generator that saw their validation or external
+        patients (`diffkd.data.splits.check_synthetic_split`).
+        """
+        self._write_partition(validate_center_name(center), table, synthetic=True, run_id=run_id,
+                              generator=generator)
 
     def _write_partition(self, center: str, table: pa.Table, synthetic: bool, sources: list[dict] | None = None,
-                         run_id: str | None = None) -> None:
+                         run_id: str | None = None, generator: dict | None = None) -> None:
         table = conform(table)
         if table.num_rows == 0:
             raise DatasetError(f"refusing to write an empty partition for center {center!r}")
@@ -157,7 +163,8 @@ class ImageDataset:
             self.fs.create_dir(self._path(part_dir), recursive=True)
             self._atomic_write_table(posixpath.join(part_dir, name), table)
             entry["files"].append(name)
-            entry["runs"].append({"run_id": run_id, "rows": table.num_rows, "written": _now()})
+            entry["runs"].append({"run_id": run_id, "rows": table.num_rows, "written": _now(),
+                                  **({"generator": generator} if generator else {})})
             entry["rows"] += table.num_rows
             entry["labels"] = _merge_counts(entry.get("labels", {}), _counts(table, "label"))
         else:

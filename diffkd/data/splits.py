@@ -150,3 +150,57 @@ def split_case_ids(meta: pd.DataFrame, split: SplitConfig) -> dict[str, list[str
 def ids_digest(case_ids: Iterable[str]) -> str:
     """sha256 of a set of case ids (order-free): tells whether today's split still matches a saved one."""
     return hashlib.sha256("\n".join(sorted(case_ids)).encode()).hexdigest()
+
+
+def fingerprint_of_digest(train_ids_sha256: str) -> str:
+    """The short form of a split's fingerprint (the sha256 of its sorted training case ids) shown to users."""
+    return train_ids_sha256[:12]
+
+
+def split_fingerprint(assignments: pd.DataFrame) -> str:
+    """Fingerprint of a splits table: its real training case ids, hashed as a generator records its own split."""
+    real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
+    return fingerprint_of_digest(ids_digest(set(real.loc[real["split"] == "train", "case_id"].astype(str))))
+
+
+def check_synthetic_split(dataset, assignments: pd.DataFrame, sources: Sequence[str] = ()) -> None:
+    """Refuse synthetic rows whose generator was not trained on this split.
+
+    A training stage mixes synthetic rows of its training centers (of the generator runs `sources`;
+    every run when empty). A generator trained on another split may have learnt from patients that are
+    validation or external here, and its images would carry them into training. Rows of a run that
+    recorded no split (written before diffkd recorded one) are refused too: nothing shows they are safe.
+    """
+    from diffkd.data.dataset import ImageDataset
+
+    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    current = split_fingerprint(assignments)
+    centers = set(assignments.loc[assignments["split"] == "train", "center"])
+    wrong: dict[str, dict] = {}  # generator run -> what it recorded and where its rows are
+    for center, entry in ds.manifest["synthetic"].items():
+        if center not in centers:
+            continue
+        for run in entry.get("runs", []):
+            generator = run.get("generator") or {}
+            source = generator.get("source") or run["run_id"]
+            if sources and source not in sources or generator.get("split_fingerprint") == current:
+                continue
+            seen = wrong.setdefault(source, {"generator": generator, "rows": 0, "centers": set()})
+            seen["rows"] += int(run.get("rows", 0))
+            seen["centers"].add(center)
+    if not wrong:
+        return
+    lines = []
+    for source, seen in sorted(wrong.items()):
+        generator = seen["generator"]
+        trained = (f"a generator trained on split {generator['split_fingerprint']} ({generator.get('split')})"
+                   if generator.get("split_fingerprint") else "a generator whose training split was not recorded")
+        lines.append(f"run {source}: {seen['rows']} row(s) in center(s) {', '.join(sorted(seen['centers']))}, "
+                     f"from {trained}")
+    raise LeakageError(
+        f"synthetic rows of dataset {ds.uri} do not come from a generator trained on this split "
+        f"(fingerprint {current}, its training case ids):\n  " + "\n  ".join(lines) + "\n"
+        "Such a generator may have learnt from this split's validation or external patients. Train with the "
+        "same --external/--val-fraction/--split-seed as the generator, name this split's runs in "
+        "pipeline.synthetic_sources, synthesize with a generator trained on this split, or set the synthetic "
+        "ratio to 0.")

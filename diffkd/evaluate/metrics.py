@@ -1,9 +1,10 @@
 """Discrimination and operating-point statistics.
 
-- AUC with a 95% CI by DeLong (the fast midrank algorithm of Sun & Xu 2014) or by a stratified,
-  patient-clustered bootstrap;
-- the DeLong test for two correlated AUCs on the same cases, and the unpaired z test for AUCs from
-  two independent cohorts (e.g. internal vs external);
+- AUC with a 95% CI by DeLong (the fast midrank algorithm of Sun & Xu 2014) or by a label-stratified,
+  patient-clustered bootstrap; `CIOptions(method="auto")` takes DeLong when every patient has one
+  case and the clustered bootstrap otherwise;
+- the DeLong test for two correlated AUCs on the same cases, its patient-clustered paired bootstrap
+  counterpart, and the unpaired z test for AUCs from two independent cohorts (e.g. internal vs external);
 - a decision threshold fitted on internal validation data (Youden, or a target sensitivity), to be
   applied unchanged elsewhere;
 - sensitivity, specificity, PPV, NPV and accuracy with Wilson score intervals.
@@ -12,6 +13,7 @@ All functions return p values, never log10(p).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -115,6 +117,7 @@ class AUCTest:
     z: float
     p: float
     n: int  # cases (paired) or total cases of both cohorts (unpaired)
+    method: str = "delong"  # "delong" | "bootstrap" (patient-clustered)
 
 
 def _z_test(a: float, b: float, var: float, level: float, n: int) -> AUCTest:
@@ -144,6 +147,13 @@ def unpaired_auc_test(labels_a: Sequence, scores_a: Sequence, labels_b: Sequence
     return _z_test(float(da.aucs[0]), float(db.aucs[0]), var, level, len(labels_a) + len(labels_b))
 
 
+def independent_auc_test(a: AUCEstimate, b: AUCEstimate, n: int, level: float = 0.95) -> AUCTest:
+    """z test of AUC(a) = AUC(b) for two independent cohorts from each AUC's own standard error
+    (DeLong or clustered bootstrap); `n` is the total number of cases, for the record."""
+    test = _z_test(a.auc, b.auc, a.se ** 2 + b.se ** 2, level, n)
+    return dataclasses.replace(test, method=a.method if a.method == b.method else f"{a.method}+{b.method}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Bootstrap
 
@@ -162,21 +172,20 @@ def _weighted_aucs(y: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np
         return (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (total_pos * total_neg)
 
 
-def bootstrap_auc_ci(labels: Sequence, scores: Sequence, groups: Sequence | None = None,
-                     strata: Sequence | None = None, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> AUCEstimate:
-    """Percentile CI from a stratified, cluster (patient) bootstrap.
+def _cluster_bootstrap_weights(y: np.ndarray, groups: Sequence | None, strata: Sequence | None, n_boot: int,
+                               seed: int) -> np.ndarray:
+    """(n_boot, N) case multiplicities of a stratified cluster bootstrap.
 
-    Patients (`groups`; each case its own cluster when None) are resampled with replacement within
-    strata; a patient's stratum is its `strata` value (e.g. center; the first case's) combined with
-    whether any of its cases is positive, so every replicate holds both classes.
+    Clusters (`groups`; each case its own cluster when None) are resampled with replacement within
+    strata; a cluster's stratum is its `strata` value (the first case's) combined with whether any of
+    its cases is positive, so every replicate holds both classes and as many positive clusters as the
+    data. A cluster drawn k times contributes each of its cases k times.
     """
     if n_boot < 1000:
         raise ValueError(f"n_boot={n_boot}: use at least 1000 bootstrap replicates for a 95% CI")
-    y = binary_labels(labels)
-    _check_both_classes(y)
-    s = np.asarray(scores, dtype=float)
     cluster_ids = np.arange(len(y)) if groups is None else np.asarray(groups)
+    if len(cluster_ids) != len(y):
+        raise ValueError(f"{len(cluster_ids)} cluster ids for {len(y)} cases; give one per case")
     _, first_case, cluster_of_case = np.unique(cluster_ids, return_index=True, return_inverse=True)
     n_clusters = len(first_case)
     cluster_pos = np.zeros(n_clusters, dtype=bool)
@@ -192,32 +201,110 @@ def bootstrap_auc_ci(labels: Sequence, scores: Sequence, groups: Sequence | None
         draws = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
         rows = np.repeat(np.arange(n_boot), len(members))
         np.add.at(counts, (rows, draws.ravel()), 1)
-    replicates = _weighted_aucs(y, s, counts[:, cluster_of_case])
-    replicates = replicates[np.isfinite(replicates)]
+    return counts[:, cluster_of_case]
+
+
+def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
     alpha = (1 - level) / 2
     lo, hi = np.quantile(replicates, [alpha, 1 - alpha])
-    return AUCEstimate(auc(y, s), (float(lo), float(hi)), float(np.std(replicates, ddof=1)), "bootstrap")
+    return float(lo), float(hi)
+
+
+def bootstrap_auc_ci(labels: Sequence, scores: Sequence, groups: Sequence | None = None,
+                     strata: Sequence | None = None, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> AUCEstimate:
+    """Percentile CI from a label-stratified, cluster (patient) bootstrap (see _cluster_bootstrap_weights)."""
+    y = binary_labels(labels)
+    _check_both_classes(y)
+    s = np.asarray(scores, dtype=float)
+    replicates = _weighted_aucs(y, s, _cluster_bootstrap_weights(y, groups, strata, n_boot, seed))
+    replicates = replicates[np.isfinite(replicates)]
+    return AUCEstimate(auc(y, s), _percentile_ci(replicates, level), float(np.std(replicates, ddof=1)), "bootstrap")
+
+
+def clustered_bootstrap_auc(labels: Sequence, probs: Sequence, clusters: Sequence, n_boot: int = 2000,
+                            seed: int = 0, level: float = 0.95) -> AUCEstimate:
+    """AUC with a percentile CI from a patient-clustered, label-stratified bootstrap."""
+    return bootstrap_auc_ci(labels, probs, groups=clusters, n_boot=n_boot, seed=seed, level=level)
+
+
+def clustered_bootstrap_auc_difference(labels: Sequence, probs_a: Sequence, probs_b: Sequence,
+                                       clusters: Sequence | None, n_boot: int = 2000, seed: int = 0,
+                                       level: float = 0.95, strata: Sequence | None = None) -> AUCTest:
+    """Paired AUC(a) - AUC(b) on the same cases, resampling clusters (patients) as in clustered_bootstrap_auc.
+
+    Both scores are evaluated on the same resampled clusters, so the pairing is kept. The CI is the
+    percentile interval of the replicate differences; z = difference / SD of the replicates and p is
+    two-sided from the normal distribution (pROC's `roc.test(method = "bootstrap")`).
+    """
+    y = binary_labels(labels)
+    _check_both_classes(y)
+    a, b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
+    if not len(a) == len(b) == len(y):
+        raise ValueError(f"{len(y)} labels, {len(a)} scores a, {len(b)} scores b: they must align case by case")
+    weights = _cluster_bootstrap_weights(y, clusters, strata, n_boot, seed)
+    replicates = _weighted_aucs(y, a, weights) - _weighted_aucs(y, b, weights)
+    replicates = replicates[np.isfinite(replicates)]
+    auc_a, auc_b = auc(y, a), auc(y, b)
+    diff = auc_a - auc_b
+    se = float(np.std(replicates, ddof=1))
+    if se <= 1e-15:  # the same ranking in every replicate: no evidence of a difference
+        return AUCTest(auc_a, auc_b, diff, (diff, diff), 0.0, 1.0 if abs(diff) < 1e-12 else 0.0, len(y),
+                       "bootstrap")
+    z = diff / se
+    return AUCTest(auc_a, auc_b, diff, _percentile_ci(replicates, level), z, float(2 * stats.norm.sf(abs(z))),
+                   len(y), "bootstrap")
+
+
+def has_repeated_clusters(clusters: Sequence | None) -> bool:
+    """True when some cluster (patient) holds more than one case."""
+    if clusters is None:
+        return False
+    ids = np.asarray(clusters)
+    return len(np.unique(ids)) < len(ids)
+
+
+CI_METHODS = ("auto", "delong", "bootstrap")
 
 
 @dataclass(frozen=True)
 class CIOptions:
-    """How AUC confidence intervals are computed."""
+    """How AUC confidence intervals and paired AUC tests are computed.
 
-    method: Literal["delong", "bootstrap"] = "delong"
+    `auto`: DeLong when every patient has one case, else the patient-clustered bootstrap (DeLong
+    treats cases as independent, which a patient's several lesions or exams are not).
+    """
+
+    method: Literal["auto", "delong", "bootstrap"] = "auto"
     n_boot: int = 2000
     seed: int = 0
     level: float = 0.95
 
     def __post_init__(self):
-        if self.method not in ("delong", "bootstrap"):
-            raise ValueError(f"CI method must be 'delong' or 'bootstrap', got {self.method!r}")
+        if self.method not in CI_METHODS:
+            raise ValueError(f"CI method must be one of {', '.join(CI_METHODS)}, got {self.method!r}")
+
+    def method_for(self, groups: Sequence | None) -> str:
+        """"delong" or "bootstrap" for cases clustered by `groups` (patients)."""
+        if self.method != "auto":
+            return self.method
+        return "bootstrap" if has_repeated_clusters(groups) else "delong"
 
 
 def auc_with_ci(labels: Sequence, scores: Sequence, options: CIOptions = CIOptions(),
                 groups: Sequence | None = None, strata: Sequence | None = None) -> AUCEstimate:
-    if options.method == "bootstrap":
+    if options.method_for(groups) == "bootstrap":
         return bootstrap_auc_ci(labels, scores, groups, strata, options.n_boot, options.seed, options.level)
     return auc_delong_ci(labels, scores, options.level)
+
+
+def paired_auc_test(labels: Sequence, scores_a: Sequence, scores_b: Sequence, options: CIOptions = CIOptions(),
+                    groups: Sequence | None = None, strata: Sequence | None = None) -> AUCTest:
+    """AUC(a) - AUC(b) on the same cases: DeLong, or the patient-clustered paired bootstrap (options.method_for)."""
+    if options.method_for(groups) == "bootstrap":
+        return clustered_bootstrap_auc_difference(labels, scores_a, scores_b, groups, options.n_boot, options.seed,
+                                                  options.level, strata)
+    return delong_test(labels, scores_a, scores_b, options.level)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -299,9 +299,12 @@ def _methods_section(ctx: _Context) -> str:
         f"Decision threshold: {_esc(ev['threshold_rule'])}, then applied unchanged to the external cohort and to "
         "every center (a case is positive when its probability is at or above the threshold).",
         "Sensitivity, specificity, PPV, NPV and accuracy: Wilson score 95% CIs.",
-        f"Comparisons: DeLong test for two correlated AUCs on the same external cases (each model against "
-        f"<code>{_esc(ctx.reference)}</code>, and the seed-001 models against each other); internal vs external "
-        "AUC of one model: unpaired z test with DeLong variances. Two-sided p values, not adjusted for multiplicity.",
+        f"Comparisons: paired test of two AUCs on the same external cases (each model against "
+        f"<code>{_esc(ctx.reference)}</code>, and the seed-001 models against each other): DeLong where every "
+        "patient has one case, else the patient-clustered paired bootstrap (each row names its test); internal "
+        "vs external AUC of one model: unpaired z test with each AUC's standard error from the same method. "
+        f"Patients with more than one case: {_num(ev.get('patients_with_several_cases'))}. Two-sided p values, "
+        "not adjusted for multiplicity.",
         "Calibration: intercept (calibration-in-the-large, slope fixed at 1) and slope by logistic recalibration "
         "of the outcome on logit(p); Brier score; reliability curves over quantile bins with Wilson CIs.",
         "Clinical utility: decision-curve net benefit over threshold probabilities of 5–40%, against treating all "
@@ -397,11 +400,12 @@ def _comparison_rows(ctx: _Context, models: Sequence[str], against: str | None =
         if c["a"] in models and (against is None or c["b"] == against):
             rows.append([f"<code>{_esc(c['a'])}</code>", f"<code>{_esc(c['b'])}</code>", _num(c["n"]),
                          _num(c.get("auc_a")), _num(c.get("auc_b")),
-                         _ci(c.get("difference"), c.get("difference_ci")), _p(c.get("p_delong"))])
+                         _ci(c.get("difference"), c.get("difference_ci")), _p(c.get("p")),
+                         _esc({"delong": "DeLong", "bootstrap": "clustered bootstrap"}.get(c.get("method"), "–"))])
     return rows
 
 
-_CMP_HEADERS = ["model", "vs", "cases", "AUC model", "AUC vs", "difference (95% CI)", "p (DeLong)"]
+_CMP_HEADERS = ["model", "vs", "cases", "AUC model", "AUC vs", "difference (95% CI)", "p", "test"]
 
 
 def _ablation_section(ctx: _Context) -> str:
@@ -434,7 +438,7 @@ def _baseline_section(ctx: _Context) -> str:
     rows, highlight = _model_rows(ctx, "external", [*present, ctx.reference] if ctx.reference in ctx.metrics["models"]
                                   else present)
     out = _table(_PERF_HEADERS, rows, range(1, 9), highlight)
-    out += "<h3>Comparisons (DeLong, external)</h3>" + _table(_CMP_HEADERS, _comparison_rows(ctx, present), range(2, 7))
+    out += "<h3>Comparisons (paired, external)</h3>" + _table(_CMP_HEADERS, _comparison_rows(ctx, present), range(2, 7))
     summary = ctx.inputs.baselines or {}
     clinical = summary.get("clinical")
     if clinical:

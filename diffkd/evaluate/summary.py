@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from diffkd.evaluate.calibration import calibration
-from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, delong_test,
-                                     unpaired_auc_test)
+from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, independent_auc_test,
+                                     paired_auc_test)
 from diffkd.evaluate.readers import compare_readers, reader_operating_points
 
 COLUMNS = ("case_id", "patient_id", "center", "split", "label", "model", "prob")
@@ -58,7 +58,9 @@ class EvaluateConfig:
 
     threshold: str = "youden"  # "youden" | "sensitivity"
     target_sensitivity: float = 0.9
-    ci_method: str = "delong"  # "delong" | "bootstrap" (stratified, patient-clustered)
+    # "auto": DeLong where every patient has one case, else "bootstrap" (label-stratified, patient-clustered);
+    # the same rule picks the paired test of two AUCs
+    ci_method: str = "auto"
     n_boot: int = 2000
     seed: int = 0
     level: float = 0.95
@@ -68,7 +70,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         _ = self.threshold_rule, self.ci_options  # constructing them validates the fields
-        if self.ci_method == "bootstrap" and self.n_boot < 1000:
+        if self.ci_method in ("auto", "bootstrap") and self.n_boot < 1000:
             raise ValueError(f"n_boot={self.n_boot}: use at least 1000 bootstrap replicates")
 
     @property
@@ -202,36 +204,52 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, config: EvaluateConfig
     return out
 
 
-def _comparison(preds: pd.DataFrame, a: str, b: str, split: str, level: float) -> dict:
+def _comparison(preds: pd.DataFrame, a: str, b: str, split: str, options: CIOptions) -> dict:
     pa = preds[(preds.model == a) & (preds.split == split)].set_index("case_id")
     pb = preds[(preds.model == b) & (preds.split == split)].set_index("case_id")
     common = pa.index.intersection(pb.index)
     entry: dict = {"a": a, "b": b, "cohort": {v: k for k, v in COHORT_SPLITS.items()}[split], "n": len(common)}
     y = pa.label.reindex(common).to_numpy()
     if len(common) == 0 or y.min() == y.max():
-        entry.update(p_delong=None, note="no shared cases with both classes")
+        entry.update(p=None, p_delong=None, method=None, note="no shared cases with both classes")
         return entry
-    test = delong_test(y, pa.prob.reindex(common).to_numpy(), pb.prob.reindex(common).to_numpy(), level)
-    entry.update(p_delong=test.p, auc_a=test.auc_a, auc_b=test.auc_b, difference=test.difference,
-                 difference_ci=list(test.ci), z=test.z)
+    test = paired_auc_test(y, pa.prob.reindex(common).to_numpy(), pb.prob.reindex(common).to_numpy(), options,
+                           groups=pa.patient_id.reindex(common).to_numpy(), strata=pa.center.reindex(common).to_numpy())
+    # p_delong (the older key) is only filled when DeLong was the test
+    entry.update(p=test.p, method=test.method, p_delong=test.p if test.method == "delong" else None,
+                 auc_a=test.auc_a, auc_b=test.auc_b, difference=test.difference, difference_ci=list(test.ci), z=test.z)
     return entry
 
 
 def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
-                extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, level: float = 0.95) -> list[dict]:
-    """DeLong p of each model vs `reference` on the same external cases, then `extra_pairs` present."""
+                extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, options: CIOptions = CIOptions()) -> list[dict]:
+    """Paired test (DeLong, or the patient-clustered bootstrap where a patient has several cases; see
+    CIOptions) of each model vs `reference` on the same external cases, then `extra_pairs` present."""
     models = ordered_models(preds.model.unique())
     pairs = [(m, reference) for m in models if m != reference and reference in models]
     pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and (a, b) not in pairs]
-    return [_comparison(preds, a, b, "test", level) for a, b in pairs]
+    return [_comparison(preds, a, b, "test", options) for a, b in pairs]
 
 
-def _internal_vs_external(frame: pd.DataFrame, level: float) -> dict | None:
+def _internal_vs_external(frame: pd.DataFrame, options: CIOptions) -> dict | None:
     internal, external = frame[frame.split == "val"], frame[frame.split == "test"]
     if any(c.label.nunique() < 2 for c in (internal, external)):
         return None
-    t = unpaired_auc_test(internal.label, internal.prob, external.label, external.prob, level)
-    return {"p": t.p, "difference": t.difference, "difference_ci": list(t.ci)}
+    a, b = (auc_with_ci(c.label.to_numpy(), c.prob.to_numpy(), options, groups=c.patient_id.to_numpy(),
+                        strata=c.center.to_numpy()) for c in (internal, external))
+    t = independent_auc_test(a, b, len(internal) + len(external), options.level)
+    return {"p": t.p, "difference": t.difference, "difference_ci": list(t.ci), "method": t.method}
+
+
+def describe_ci_method(config: EvaluateConfig) -> str:
+    bootstrap = (f"label-stratified patient-clustered bootstrap ({config.n_boot} replicates, seed {config.seed}; "
+                 "percentile CI; paired differences: z from the replicates' SD)")
+    if config.ci_method == "delong":
+        return "DeLong (cases treated as independent)"
+    if config.ci_method == "bootstrap":
+        return bootstrap
+    return (f"DeLong where every patient of the cohort has one case, else a {bootstrap}; each entry's "
+            "auc_ci_method (comparisons: method) says which")
 
 
 def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping] | None = None,
@@ -265,19 +283,19 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         entry["params"] = int(info["params"]) if info.get("params") is not None else None
         entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
         entry["threshold"] = thresholds[model]
-        entry["internal_vs_external"] = _internal_vs_external(frame, config.level)
+        entry["internal_vs_external"] = _internal_vs_external(frame, config.ci_options)
         models[model] = entry
 
     out = {
         "models": models,
-        "comparisons": comparisons(preds, config.reference, extra_pairs, config.level),
+        "comparisons": comparisons(preds, config.reference, extra_pairs, config.ci_options),
         "synthetic": dict(synthetic) if synthetic else {"skipped": "no synthetic-data audit was provided"},
         "evaluation": {
             "internal": "split == 'val' (patient-level split of the training centers)",
             "external": "split == 'test' (held-out centers)",
             "threshold_rule": config.threshold_rule.describe(),
-            "auc_ci": ("DeLong" if config.ci_method == "delong" else
-                       f"stratified patient-clustered bootstrap, {config.n_boot} replicates, seed {config.seed}"),
+            "auc_ci": describe_ci_method(config),
+            "patients_with_several_cases": int((cases_table(preds).groupby("patient_id").size() > 1).sum()),
             "level": config.level,
             "reference": config.reference,
             "cohorts": cohort_table(preds).to_dict("records"),

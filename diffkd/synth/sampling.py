@@ -25,7 +25,7 @@ import torch
 
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES
-from diffkd.data.splits import SplitConfig, ids_digest, split_case_ids
+from diffkd.data.splits import SplitConfig, fingerprint_of_digest, ids_digest, split_case_ids
 from diffkd.models.diffusion import model_fingerprint, training_info
 
 if TYPE_CHECKING:
@@ -267,6 +267,7 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     model_dir = os.fspath(model_dir)
     train_rows = generator_training_rows(dataset, model_dir)
     run_id = run_id_for(model_dir, cfg)
+    provenance = generator_provenance(model_dir, run_id)
     table = condition_table(train_rows, cfg, run_id)
     others = _other_runs(dataset, run_id)
     if others and replace:
@@ -288,10 +289,11 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
             for center, rows in batch.groupby("center"):
                 pending.setdefault(center, []).append(rows)
                 if sum(map(len, pending[center])) >= cfg.chunk_rows:
-                    written[center] = written.get(center, 0) + _flush(dataset, center, pending.pop(center), run_id)
+                    chunk = pending.pop(center)
+                    written[center] = written.get(center, 0) + _flush(dataset, center, chunk, run_id, provenance)
                     _report(progress, len(done) + sum(written.values()), len(table), start, run_id)
         for center in sorted(pending):
-            written[center] = written.get(center, 0) + _flush(dataset, center, pending[center], run_id)
+            written[center] = written.get(center, 0) + _flush(dataset, center, pending[center], run_id, provenance)
             _report(progress, len(done) + sum(written.values()), len(table), start, run_id)
     return SynthResult(run_id=run_id, requested=len(table), existing=len(table) - len(todo),
                        written=sum(written.values()), seconds=time.perf_counter() - start, per_center=written)
@@ -313,9 +315,17 @@ def sample_stream(table: pd.DataFrame, model_dir: str, cfg: SynthConfig,
                                    masks=masks, threads=max(1, int(cfg.cpus_per_actor))))
 
 
-def _flush(dataset: ImageDataset, center: str, parts: list[pd.DataFrame], run_id: str) -> int:
+def generator_provenance(model_dir: str, run_id: str) -> dict:
+    """What the dataset records with a synthesis run: its source id and the split that trained the generator."""
+    info = training_info(model_dir)
+    return {"source": run_id, "split": info["split"],
+            "split_fingerprint": fingerprint_of_digest(info["train_case_ids_sha256"])}
+
+
+def _flush(dataset: ImageDataset, center: str, parts: list[pd.DataFrame], run_id: str, generator: dict) -> int:
     rows = pd.concat(parts, ignore_index=True).sort_values("row")
-    dataset.write_synthetic(center, to_rows(rows, run_id), run_id=f"{run_id}-{uuid.uuid4().hex[:8]}")
+    dataset.write_synthetic(center, to_rows(rows, run_id), run_id=f"{run_id}-{uuid.uuid4().hex[:8]}",
+                            generator=generator)
     return len(rows)
 
 

@@ -391,20 +391,16 @@ class StudentTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Internal-validation AUC and cross-entropy of the student alone (the objective Tune optimises)."""
-        from diffkd.train.teacher import auc_or_nan
+        """Internal-validation AUC per case and cross-entropy of the student alone (the objective Tune optimises)."""
+        from diffkd.train.teacher import validation_metrics
 
         student = unwrap(model).student
-        logits, labels = [], []
+        logits, labels, case_ids = [], [], []
         for batch in batches:
             logits.append(run_classifier(student, batch).logits.float().cpu())
             labels.append(batch["label"].cpu())
-        if not labels:
-            return {"val_auc": math.nan, "val_loss": math.nan}
-        logits_all, labels_all = torch.cat(logits), torch.cat(labels)
-        probs = torch.softmax(logits_all, dim=1)[:, 1]
-        return {"val_auc": auc_or_nan(labels_all.tolist(), probs.tolist()),
-                "val_loss": float(F.cross_entropy(logits_all, labels_all))}
+            case_ids.extend(batch["case_id"])
+        return validation_metrics(logits, labels, case_ids)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         export_student(unwrap(model).student, out_dir, self.config)
@@ -530,6 +526,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import check_can_feed, with_center_vocabulary
+    from diffkd.data.splits import check_synthetic_split
     from diffkd.models.footprint import count_parameters
     from diffkd.raycompat import init as ray_init
     from diffkd.train.loop import fit
@@ -537,6 +534,8 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 
     ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     views = _training_views(assignments, cfg)
+    if cfg.pipeline.synthetic_ratio > 0:
+        check_synthetic_split(ds, assignments, cfg.pipeline.synthetic_sources)
     student_rows = views["train"][views["train"]["modality"] == cfg.student_modality]
     weights = balanced_class_weights(student_rows["label"]) if cfg.class_weighting == "balanced" else None
     ray_init()

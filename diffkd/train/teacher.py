@@ -104,6 +104,35 @@ def auc_or_nan(labels, probs) -> float:
     return float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else math.nan
 
 
+def per_case(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> "pd.DataFrame":
+    """One row per case (case_id, label, prob): the mean probability of the case's images.
+
+    The one rule that turns image scores into case scores, used by the saved predictions (and so
+    the report) and by validation (early stopping, the search): selection and reporting share a unit.
+    """
+    import pandas as pd
+
+    images = pd.DataFrame({"case_id": [str(c) for c in case_ids], "label": [int(x) for x in labels],
+                           "prob": [float(x) for x in probs]})
+    return images.groupby("case_id", as_index=False, sort=True).agg(label=("label", "first"), prob=("prob", "mean"))
+
+
+def case_auc(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> float:
+    """AUC over cases (see `per_case`); NaN when the cases hold one class."""
+    cases = per_case(case_ids, labels, probs)
+    return auc_or_nan(cases["label"].tolist(), cases["prob"].tolist())
+
+
+def validation_metrics(logits: list[torch.Tensor], labels: list[torch.Tensor], case_ids: list[str]) -> dict[str, float]:
+    """`val_auc` per case (as the report scores) and `val_loss` per image, from a pass over validation."""
+    if not logits:
+        return {"val_loss": math.nan, "val_auc": math.nan}
+    logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+    probs = torch.softmax(logits_all, dim=1)[:, 1]
+    return {"val_loss": float(F.cross_entropy(logits_all, labels_all)),
+            "val_auc": case_auc(case_ids, labels_all.tolist(), probs.tolist())}
+
+
 class TeacherTask(Task):
     name = "teacher"
     objective = "val_auc"
@@ -123,16 +152,12 @@ class TeacherTask(Task):
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         from diffkd.models.classifiers import classify
 
-        logits, labels = [], []
+        logits, labels, case_ids = [], [], []
         for batch in batches:
             logits.append(classify(model, batch).float().cpu())
             labels.append(batch["label"].cpu())
-        if not logits:
-            return {"val_loss": math.nan, "val_auc": math.nan}
-        logits_all, labels_all = torch.cat(logits), torch.cat(labels)
-        probs = torch.softmax(logits_all, dim=1)[:, 1]
-        return {"val_loss": float(F.cross_entropy(logits_all, labels_all)),
-                "val_auc": auc_or_nan(labels_all.tolist(), probs.tolist())}
+            case_ids.extend(batch["case_id"])
+        return validation_metrics(logits, labels, case_ids)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         from diffkd.models.classifiers import data_config, save_classifier
@@ -160,6 +185,39 @@ def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pip
     return real + min(available, round(pipeline.synthetic_ratio * real))
 
 
+def rows_read(rows: "pd.DataFrame", pipeline: PipelineConfig) -> "pd.DataFrame":
+    """The rows of `rows` a stage with `pipeline` actually reads: its modalities only (all when none are set)."""
+    if pipeline.modalities and "modality" in rows:
+        return rows[rows["modality"].isin(pipeline.modalities)]
+    return rows
+
+
+@dataclass
+class TrainingPlan:
+    """What the teacher's schedule and loss are sized from: the rows it trains on, and nothing else."""
+
+    train_rows: "pd.DataFrame"  # real training rows of the modalities the teacher reads
+    class_weights: tuple[float, float] | None
+    train_samples: int  # rows of one epoch (real + synthetic share): the LR schedule's length
+
+
+def plan_training(dataset: "ImageDataset", assignments: "pd.DataFrame", cfg: TeacherConfig) -> TrainingPlan:
+    """Size the LR schedule and class weights from the real train rows of `cfg.pipeline.modalities`.
+
+    The pipeline streams only those modalities; sizing from every modality's rows (a B-mode teacher on a
+    B-mode + Doppler dataset) would stretch the cosine schedule past the steps the loop takes.
+    """
+    real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
+    train_rows = rows_read(real[real["split"] == "train"], cfg.pipeline)
+    if not len(rows_read(real[real["split"] == "val"], cfg.pipeline)):
+        raise ValueError("the splits table has no internal-validation ('val') rows of the modalities "
+                         f"{', '.join(cfg.pipeline.modalities) or 'any'}: the teacher selects its epoch on them; "
+                         "use a val_fraction > 0")
+    weights = balanced_class_weights(train_rows["label"]) if cfg.class_weighting == "balanced" else None
+    samples = cfg.loop.train_samples or expected_train_rows(dataset, train_rows, cfg.pipeline)
+    return TrainingPlan(train_rows=train_rows, class_weights=weights, train_samples=samples)
+
+
 def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cfg: TeacherConfig, out_dir: str,
                   synthetic_ratio: float = 0.0, callbacks: list | None = None,
                   model_name: str = "teacher") -> TeacherResult:
@@ -172,25 +230,24 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     """
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import check_can_feed, split_datasets, with_center_vocabulary
+    from diffkd.data.splits import check_synthetic_split
     from diffkd.raycompat import init as ray_init
     from diffkd.train.loop import fit
 
     ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
-    train_rows = real[real["split"] == "train"]
-    if not len(real[real["split"] == "val"]):
-        raise ValueError("the splits table has no internal-validation ('val') rows: the teacher selects its "
-                         "epoch on them; use a val_fraction > 0")
-    weights = balanced_class_weights(train_rows["label"]) if cfg.class_weighting == "balanced" else None
-
-    ray_init()
     pipeline = dataclasses.replace(with_center_vocabulary(cfg.pipeline, ds), synthetic_ratio=synthetic_ratio)
     cfg = dataclasses.replace(cfg, pipeline=pipeline)
+    plan = plan_training(ds, real, cfg)
+    if synthetic_ratio > 0:
+        check_synthetic_split(ds, real, pipeline.synthetic_sources)
+
+    ray_init()
     check_can_feed(pipeline, cfg.loop.num_workers * cfg.loop.cpus_per_worker)
-    datasets = split_datasets(ds, real[real["split"].isin(("train", "val"))], pipeline)
-    loop = dataclasses.replace(cfg.loop, train_samples=cfg.loop.train_samples
-                               or expected_train_rows(ds, train_rows, pipeline))
-    task = TeacherTask(cfg, weights)
+    # only the modalities it reads: the pipeline sizes the synthetic share from these cases
+    datasets = split_datasets(ds, rows_read(real[real["split"].isin(("train", "val"))], pipeline), pipeline)
+    loop = dataclasses.replace(cfg.loop, train_samples=plan.train_samples)
+    task = TeacherTask(cfg, plan.class_weights)
     fitted = fit(task, datasets, loop, callbacks=callbacks)
 
     task.export(fitted.load_model(task), out_dir)
@@ -217,7 +274,7 @@ def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipelin
     ray_ds = make_dataset(dataset, assignments["case_id"], pipeline, train=False,
                           centers=assignments["center"].unique())
     scored = predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors)
-    probs = scored.groupby("case_id", as_index=False)["prob"].mean()
+    probs = scored.groupby("case_id", as_index=False)["prob"].mean()  # the rule of `per_case`
     keep = [c for c in ("case_id", "patient_id", "center", "split", "label") if c in assignments]
     cases = assignments[keep].drop_duplicates("case_id")
     out = cases.merge(probs, on="case_id", how="inner", validate="one_to_one")
