@@ -137,7 +137,7 @@ class ParquetRowGroups(torch.utils.data.IterableDataset):
         from diffkd.data.dataset import ImageDataset
 
         self.dataset, self.cfg, self.epoch = ImageDataset(root), cfg, epoch_counter
-        self.units = [(path, rg) for path in self.dataset.files()
+        self.units = [(center, path, rg) for center in self.dataset.centers() for path in self.dataset.files([center])
                       for rg in range(pq.ParquetFile(path, filesystem=self.dataset.fs).num_row_groups)]
 
     def __iter__(self):
@@ -151,13 +151,15 @@ class ParquetRowGroups(torch.utils.data.IterableDataset):
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.units))
         files = {}
         for k in order[worker::workers]:
-            path, rg = self.units[k]
+            center, path, rg = self.units[k]
             if path not in files:
                 files[path] = pq.ParquetFile(path, filesystem=self.dataset.fs)
-            table = files[path].read_row_group(rg, columns=list(READ_COLUMNS))
+            # the files do not carry the center (their partition directory does)
+            table = files[path].read_row_group(rg, columns=[c for c in READ_COLUMNS if c != "center"])
             for start in range(0, table.num_rows, self.cfg.batch_size):
                 chunk = table.slice(start, self.cfg.batch_size)
                 rows = {n: chunk.column(n).to_numpy(zero_copy_only=False) for n in chunk.column_names}
+                rows["center"] = np.full(chunk.num_rows, center, dtype=object)
                 yield collate(decode_batch(rows, self.cfg, row_generators(rows["case_id"], self.cfg.seed, epoch)))
 
 

@@ -78,7 +78,7 @@ def prepare(workdir: str, args) -> tuple:
     from diffkd.data.splits import make_splits
 
     data = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data, "manifest.json")):
+    if not ImageDataset(data).exists():
         cohort = os.path.join(workdir, "phantom")
         log(f"phantom: {args.patients or 'demo'} patients, Doppler share {args.doppler_fraction}")
         summary = generate_cohort(cohort, size="demo", patients=args.patients, centers=args.centers,

@@ -11,9 +11,16 @@ whose training sets it joins, are trained again; folds whose inputs did not chan
 interrupted job continues where it stopped.
 
 Outputs in `out_dir`: `folds/<center>/` (the fold's teacher, predictions.parquet, training.json),
-`loco.csv` (one row per held-out center: cases, upgrades, external AUC with its DeLong 95% CI,
-internal-validation AUC), `loco_auc.png` (the same as a forest plot, with the pooled AUC over every
-fold's external cases), and one Tune experiment per call (`experiment-<time>/`).
+`loco.csv` (one row per held-out center: cases, upgrades, external AUC with its 95% CI, internal-
+validation AUC, random-effects weight; then the pooled row), `loco_pooled.json` (the pooled AUC and
+its heterogeneity), `loco_auc.png` (the same as a forest plot), and one Tune experiment per call
+(`experiment-<time>/`).
+
+Each fold is a different model scored on a different center, so the folds' scores are not pooled
+into one ROC curve: the pooled AUC is a random-effects meta-analysis of the folds' AUCs
+(DerSimonian-Laird on logit AUC, each fold's variance from its own CI method: DeLong, or the
+patient-clustered bootstrap where a patient has several cases), with tau^2 and I^2 for how much the
+centers differ.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ FOLD_INFO = "fold.json"  # what the fold was trained on; a fold whose inputs cha
 class LocoOutcome:
     out_dir: str
     table: "pd.DataFrame"  # one row per held-out center, then a pooled row
+    pooled: dict  # the random-effects pooled AUC and its heterogeneity (loco_pooled.json)
     parallel: int  # trials that were allowed to run at once
     wall_s: float
     files: dict[str, str] = field(default_factory=dict)
@@ -105,18 +113,23 @@ def fold_predictions(out_dir: str, center: str) -> "pd.DataFrame":
 
 
 def fold_row(center: str, preds: "pd.DataFrame") -> dict[str, Any]:
-    """The held-out center's external AUC (DeLong 95% CI) and the fold's internal-validation AUC."""
-    from diffkd.evaluate.metrics import auc_delong_ci
+    """The held-out center's external AUC (95% CI, standard error; DeLong, or the patient-clustered
+    bootstrap where a patient has several cases) and the fold's internal-validation AUC."""
+    from diffkd.evaluate.metrics import CIOptions, auc_with_ci
     from diffkd.train.teacher import auc_or_nan
 
     external = preds[preds["split"] == "test"]
     internal = preds[preds["split"] == "val"]
     row: dict[str, Any] = {"held_out": center, "cases": len(external), "upgrades": int(external["label"].sum())}
     if external["label"].nunique() == 2:
-        estimate = auc_delong_ci(external["label"], external["prob"])
-        row.update(external_auc=estimate.auc, ci_low=estimate.ci[0], ci_high=estimate.ci[1])
+        patients = external["patient_id"].to_numpy() if "patient_id" in external.columns else None
+        estimate = auc_with_ci(external["label"].to_numpy(), external["prob"].to_numpy(), CIOptions("auto"),
+                               groups=patients)
+        row.update(external_auc=estimate.auc, ci_low=estimate.ci[0], ci_high=estimate.ci[1], se=estimate.se,
+                   ci_method=estimate.method)
     else:  # a center with one class has no AUC; say so in the table instead of failing the job
-        row.update(external_auc=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
+        row.update(external_auc=float("nan"), ci_low=float("nan"), ci_high=float("nan"), se=float("nan"),
+                   ci_method="")
     row["internal_auc"] = auc_or_nan(internal["label"].tolist(), internal["prob"].tolist())
     return row
 
@@ -162,60 +175,107 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
     failed = [str(r.error).splitlines()[0] for r in grid if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} fold(s) failed: {'; '.join(failed)}; rerun the same command to retry them")
-    table = summarize(out_dir, centers)
-    files = write_outputs(out_dir, table)
-    return LocoOutcome(out_dir=out_dir, table=table, parallel=concurrent, wall_s=time.perf_counter() - start,
-                       files=files)
+    table, pooled = summarize(out_dir, centers)
+    files = write_outputs(out_dir, table, pooled)
+    return LocoOutcome(out_dir=out_dir, table=table, pooled=pooled, parallel=concurrent,
+                       wall_s=time.perf_counter() - start, files=files)
 
 
-def summarize(out_dir: str, centers: list[str]) -> "pd.DataFrame":
-    """One row per held-out center and a pooled row over every fold's external cases."""
+def summarize(out_dir: str, centers: list[str]) -> tuple["pd.DataFrame", dict]:
+    """One row per held-out center and a random-effects pooled row; the pooling details as a dict."""
+    rows = [fold_row(center, fold_predictions(out_dir, center)) for center in centers]
+    return pool_folds(rows)
+
+
+def pool_folds(rows: list[dict[str, Any]]) -> tuple["pd.DataFrame", dict]:
+    """DerSimonian-Laird pooling of the folds' external AUCs (logit scale). Folds without an AUC (one
+    class) or with an AUC of exactly 0 or 1 (no finite logit, zero variance) stay out, named."""
     import pandas as pd
 
-    from diffkd.evaluate.metrics import auc_delong_ci
+    from diffkd.evaluate.metrics import pooled_auc
 
-    folds = {center: fold_predictions(out_dir, center) for center in centers}
-    rows = [fold_row(center, preds) for center, preds in folds.items()]
-    pooled = pd.concat([preds[preds["split"] == "test"] for preds in folds.values()], ignore_index=True)
-    estimate = auc_delong_ci(pooled["label"], pooled["prob"])
-    rows.append({"held_out": "pooled", "cases": len(pooled), "upgrades": int(pooled["label"].sum()),
-                 "external_auc": estimate.auc, "ci_low": estimate.ci[0], "ci_high": estimate.ci[1],
-                 "internal_auc": float("nan")})
-    return pd.DataFrame(rows)
+    usable = [r for r in rows if 0 < r["external_auc"] < 1 and r["se"] > 0]  # NaN compares False: left out
+    left_out = [r["held_out"] for r in rows if r not in usable]
+    for r in rows:
+        r["weight"] = float("nan")
+    pooled_row = {"held_out": "pooled", "cases": sum(r["cases"] for r in usable),
+                  "upgrades": sum(r["upgrades"] for r in usable), "external_auc": float("nan"),
+                  "ci_low": float("nan"), "ci_high": float("nan"), "se": float("nan"),
+                  "ci_method": "random effects (DerSimonian-Laird, logit AUC)", "internal_auc": float("nan"),
+                  "weight": float("nan")}
+    info: dict[str, Any] = {"method": "random effects, DerSimonian-Laird, on logit AUC; each fold's variance from "
+                                      "its own AUC standard error (delta method)",
+                            "folds": [r["held_out"] for r in usable], "left_out": left_out}
+    if usable:
+        pooled = pooled_auc([r["external_auc"] for r in usable], [r["se"] for r in usable])
+        for r, w in zip(usable, pooled.weights):
+            r["weight"] = w
+        pooled_row.update(external_auc=pooled.auc, ci_low=pooled.ci[0], ci_high=pooled.ci[1], weight=1.0)
+        info.update(auc=pooled.auc, ci=list(pooled.ci), logit=pooled.logit, se_logit=pooled.se_logit,
+                    tau2=pooled.tau2, i2=pooled.i2, q=pooled.q, p_heterogeneity=pooled.p_heterogeneity, k=pooled.k)
+    else:
+        info["note"] = "no fold has an external AUC strictly between 0 and 1: nothing to pool"
+    if left_out:
+        log.warning("left out of the pooled AUC: %s (one class, or an AUC of 0 or 1)", ", ".join(left_out))
+    return pd.DataFrame([*rows, pooled_row]), info
 
 
-def format_table(table: "pd.DataFrame") -> str:
-    lines = [f"{'held-out center':<16} {'cases':>5} {'upgr.':>5}  {'external AUC (95% CI)':<22} {'internal AUC':>12}"]
+def format_table(table: "pd.DataFrame", pooled: dict | None = None, positive_name: str = "upgr.") -> str:
+    """The LOCO table for a terminal; `positive_name` (the dataset's name of label 1) heads the
+    column counting label-1 cases (the `upgrades` column of loco.csv)."""
+    width = max(5, len(positive_name))
+    lines = [f"{'held-out center':<16} {'cases':>5} {positive_name:>{width}}  {'external AUC (95% CI)':<22} "
+             f"{'internal AUC':>12} {'RE weight':>9}"]
     for _, r in table.iterrows():
-        ext = "n/a (one class)" if math.isnan(r["external_auc"]) else (
+        ext = ("n/a (one class)" if r["held_out"] != "pooled" else "n/a") if math.isnan(r["external_auc"]) else (
             f"{r['external_auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})")
         internal = "" if math.isnan(r["internal_auc"]) else f"{r['internal_auc']:.3f}"
-        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['upgrades']:>5}  {ext:<22} {internal:>12}")
+        weight = "" if math.isnan(r["weight"]) or r["held_out"] == "pooled" else f"{100 * r['weight']:.0f}%"
+        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['upgrades']:>{width}}  {ext:<22} {internal:>12} "
+                     f"{weight:>9}")
+    if pooled and "tau2" in pooled:
+        lines.append(f"pooled: random effects (DerSimonian-Laird, logit AUC) over {pooled['k']} fold(s); "
+                     f"I^2 = {100 * pooled['i2']:.0f}%, tau^2 = {pooled['tau2']:.4f}, "
+                     f"heterogeneity p = {pooled['p_heterogeneity']:.3g}")
+    if pooled and pooled.get("left_out"):
+        lines.append(f"left out of the pooled AUC (one class, or AUC 0 or 1): {', '.join(pooled['left_out'])}")
     return "\n".join(lines)
 
 
-def write_outputs(out_dir: str, table: "pd.DataFrame") -> dict[str, str]:
+def write_outputs(out_dir: str, table: "pd.DataFrame", pooled: dict) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffkd.evaluate.summary import jsonable
     from diffkd.files import atomic_write_text, save_figure
 
-    files = {"table": os.path.join(out_dir, "loco.csv"), "plot": os.path.join(out_dir, "loco_auc.png")}
+    files = {"table": os.path.join(out_dir, "loco.csv"), "pooled": os.path.join(out_dir, "loco_pooled.json"),
+             "plot": os.path.join(out_dir, "loco_auc.png")}
     atomic_write_text(files["table"], table.to_csv(index=False))
+    atomic_write_json(files["pooled"], jsonable(pooled))
     shown = table.dropna(subset=["external_auc"]).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(shown) + 1.4))
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(shown) + 1.6))
     y = range(len(shown))
     for position, (_, row) in zip(y, shown.iterrows()):
-        ax.errorbar(row["external_auc"], position, fmt="o", capsize=3,
-                    xerr=[[row["external_auc"] - row["ci_low"]], [row["ci_high"] - row["external_auc"]]],
-                    color="black" if row["held_out"] == "pooled" else "tab:blue")
+        if row["held_out"] == "pooled":  # the meta-analytic diamond spans the pooled CI
+            ax.fill([row["ci_low"], row["external_auc"], row["ci_high"], row["external_auc"]],
+                    [position, position + 0.3, position, position - 0.3], color="black")
+            continue
+        size = 4 + 10 * math.sqrt(row["weight"]) if math.isfinite(row["weight"]) else 4
+        ax.errorbar(row["external_auc"], position, fmt="s", ms=size, capsize=3, color="tab:blue",
+                    xerr=[[row["external_auc"] - row["ci_low"]], [row["ci_high"] - row["external_auc"]]])
     ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set_yticks(list(y), [f"{c} (n={n})" for c, n in zip(shown["held_out"], shown["cases"])])
+    labels = [f"random-effects pooled (k={pooled.get('k', 0)})" if c == "pooled" else f"{c} (n={n})"
+              for c, n in zip(shown["held_out"], shown["cases"])]
+    ax.set_yticks(list(y), labels)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("AUC on the held-out center (DeLong 95% CI)")
-    ax.set_title("Leave-one-center-out")
+    ax.set_xlabel("AUC on the held-out center (95% CI)\nmarker size: random-effects weight")
+    title = "Leave-one-center-out"
+    if "tau2" in pooled:
+        title += f"\nDerSimonian-Laird on logit AUC: I² = {100 * pooled['i2']:.0f}%, τ² = {pooled['tau2']:.3f}"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, files["plot"])
     return files

@@ -120,16 +120,23 @@ def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
 
 
 def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: str | os.PathLike,
-                 readers_csv: str | None = None) -> dict:
-    """Run every stage; return metrics.json as a dict. `out` receives models/, tune/, audit/, report/."""
+                 readers_csv: str | None = None, truth: str | None = None) -> dict:
+    """Run every stage; return metrics.json as a dict. `out` receives models/, tune/, audit/, report/.
+
+    truth: a synthetic cohort's truth.csv, handed to the report stage only (per-center ceilings).
+    """
     from diffkd import raycompat
     from diffkd.data.splits import check_no_leakage, make_splits
 
     out = Path(out).resolve()  # stages run in Ray workers and Tune trials with other working directories
+    if truth is not None:  # checked now, read only by the report: no training stage gets the path
+        truth = str(Path(truth).resolve())
+        if not os.path.isfile(truth):
+            raise ConfigError(f"truth file {truth} does not exist (the phantom writes it as OUT/truth.csv)")
     (out / "models").mkdir(parents=True, exist_ok=True)
     ds = ImageDataset(dataset)
     if not ds.exists():
-        raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
+        raise ConfigError(f"{dataset} is not a diffkd dataset (no _manifest.json): run `diffkd ingest` first")
     raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
     state = RunState.load(out)
     say = _say
@@ -245,9 +252,9 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
     # ---- 5. evaluation and report ---------------------------------------------------------------------
     return state.run("report", {**common, "models": sorted(model_dirs), "readers": readers_csv,
-                                "evaluate": to_dict(cfg.evaluate)},
+                                "evaluate": to_dict(cfg.evaluate), "truth": truth},
                      lambda: _report(ds, out, model_dirs, cfg, synthetic_block, grids, baseline_summary,
-                                     readers_csv, skipped, notes, external))
+                                     readers_csv, skipped, notes, external, truth))
 
 
 # ---- stage helpers ---------------------------------------------------------------------------------------
@@ -379,9 +386,23 @@ def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, 
     return info
 
 
+def _initialised_from(out: Path, model_dirs: dict[str, str]) -> dict[str, str]:
+    """Each trained model's start ("scratch" or its weights), as its stage recorded it."""
+    from diffkd.models.diffusion import TRAINING_INFO as GENERATOR_INFO
+    from diffkd.train.teacher import TRAINING_INFO
+
+    found = {}
+    for name, path in [*model_dirs.items(), ("deep_feature_model", str(out / "models" / "deep_feature_model"))]:
+        if os.path.exists(os.path.join(path, GENERATOR_INFO)):
+            found[name] = json.loads(Path(path, GENERATOR_INFO).read_text()).get("initialised_from")
+        elif os.path.exists(os.path.join(path, TRAINING_INFO)):
+            found[name] = json.loads(Path(path, TRAINING_INFO).read_text())["metrics"].get("initialised_from")
+    return {name: start for name, start in found.items() if start}
+
+
 def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: ExperimentConfig, synthetic: dict | None,
             grids: list[str], baseline_summary: dict | None, readers_csv: str | None, skipped: dict[str, str],
-            notes: list[str], external: list[str]) -> dict:
+            notes: list[str], external: list[str], truth: str | None = None) -> dict:
     from diffkd.evaluate.report import ReportInputs, write_report
     from diffkd.evaluate.summary import headline_table
 
@@ -407,12 +428,12 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     for note in notes:
         print(f"note: {note}")
     model_info = _model_info(model_dirs, cfg)
-    inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
+    inputs = ReportInputs(initialised_from=_initialised_from(out, model_dirs),title=f"diffkd validation report: {cfg.name}",
                           dataset={"name": Path(ds.root).name, "path": str(ds.uri), "external": list(external)},
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
-                          evaluate=to_dict(cfg.evaluate))
+                          evaluate=to_dict(cfg.evaluate), truth=truth, label_names=list(ds.label_names))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     metrics = json.loads(Path(files.metrics).read_text())
     print(headline_table(metrics))

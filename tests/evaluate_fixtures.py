@@ -88,6 +88,7 @@ def simulate_report(tmp_path, seed: int = 0):
                     "clinical": {"params": baselines.params["clinical"]}},
         synthetic={"fid": 38.5, "kid": 0.021, "conditional_accuracy": 0.79, "near_copies": 0, "tstr_auc": 0.68},
         synthetic_grids=grids, baselines=baselines.summary, config={"seed": seed, "student": {"arch": "resnet18"}},
+        initialised_from={"teacher": "/weights/resnet50", "student_kd": "scratch", "diffusion": "scratch"},
         flow=[{"center": "A", "step": "images received", "n": 130},
               {"center": "A", "step": "excluded: no pathology", "n": 10}])
     return preds, simulate_reads(preds), inputs

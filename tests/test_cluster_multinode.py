@@ -218,7 +218,7 @@ def phantom_dataset(shared) -> dict:
                     "--clinical", str(phantom / center / "clinical.csv")]) == 0
     config = shared / "stages.yaml"
     config.write_text(STAGE_CONFIG.format(runs=shared / "runs"))
-    centers = sorted(json.loads((data / "manifest.json").read_text())["centers"])
+    centers = sorted(json.loads((data / "_manifest.json").read_text())["centers"])
     return {"data": data, "config": config, "external": centers[-1]}
 
 

@@ -54,7 +54,7 @@ def test_synthetic_rows_live_in_their_own_tree(tmp_path):
     ds.write_synthetic("A", synth, run_id="run1")
     assert ds.read_table().num_rows == 2
     assert ds.read_table(synthetic=True).num_rows == 3
-    assert all("/synthetic/" in p for p in ds.files(synthetic=True))
+    assert all("/_synthetic/center=A/" in p for p in ds.files(synthetic=True))
     with pytest.raises(DatasetError, match="already written"):
         ds.write_synthetic("A", synth, run_id="run1")
     ds.delete_synthetic()
@@ -77,8 +77,8 @@ def test_bad_tables_are_refused_with_the_field_named(tmp_path):
 def test_a_corrupt_manifest_is_reported_with_its_path(tmp_path):
     ds = ImageDataset(tmp_path / "ds")
     ds.write_center("A", rows("A", 1))
-    (tmp_path / "ds" / "manifest.json").write_text("{not json")
-    with pytest.raises(DatasetError, match="manifest.json"):
+    (tmp_path / "ds" / "_manifest.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="_manifest.json"):
         ds.centers()
 
 
@@ -99,7 +99,7 @@ def test_unknown_birads_and_labels_are_errors_that_list_the_accepted_values():
     with pytest.raises(ValueError, match="4a"):
         normalize_birads("7")
     assert parse_label("Upgrade") == 1 and parse_label("DCIS") == 0 and parse_label(0.0) == 0
-    with pytest.raises(ValueError, match="DCIS/upgrade"):
+    with pytest.raises(ValueError, match="DCIS/upgrade or 0/1"):
         parse_label("maybe")
 
 
@@ -119,3 +119,137 @@ def test_a_local_dataset_is_named_by_its_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert ImageDataset("ds").uri == str(tmp_path / "ds")
     assert ImageDataset("file:///data/ds").uri == "file:///data/ds"  # URIs stay as given
+
+
+def _with_synthetic(tmp_path) -> ImageDataset:
+    ds = ImageDataset(tmp_path / "ds")
+    ds.write_center("A", rows("A", 3))
+    ds.write_center("B", rows("B", 2))
+    synth = rows("A", 4, start=100)
+    ds.write_synthetic("A", synth.set_column(synth.column_names.index("synthetic"), "synthetic",
+                                             pa.array([True] * 4)), run_id="run1")
+    return ds
+
+
+ECOSYSTEM_READS = """
+import json, sys
+import pandas as pd, pyarrow.dataset as pds
+ds = sys.argv[1]
+frame = pd.read_parquet(ds)
+table = pds.dataset(ds, partitioning="hive").to_table()
+out = {"pandas": [list(frame.columns).count("center"), sorted(frame["center"].astype(str)),
+                  bool(frame["synthetic"].any())],
+       "pyarrow": [table.column_names.count("center"), sorted(table.column("center").to_pylist()),
+                   any(table.column("synthetic").to_pylist())]}
+try:
+    import duckdb
+except ImportError:
+    duckdb = None
+if duckdb is not None:
+    rel = duckdb.sql(f"select center, synthetic from read_parquet('{ds}/**/*.parquet', hive_partitioning=true)")
+    got = rel.fetchall()
+    out["duckdb"] = [rel.columns.count("center"), sorted(c for c, s in got if not s), sum(s for _, s in got)]
+print(json.dumps(out))
+"""
+
+
+def test_the_ecosystems_readers_open_the_dataset_with_no_options(tmp_path):
+    """pandas, pyarrow (and DuckDB when installed) read the real rows, one string `center` column,
+    in a fresh interpreter (no diffkd import); synthetic rows stay out of a plain read."""
+    import json
+    import subprocess
+    import sys
+
+    ds = _with_synthetic(tmp_path)
+    assert sorted(os.listdir(ds.root)) == ["_manifest.json", "_synthetic", "center=A", "center=B"]
+    result = subprocess.run([sys.executable, "-c", ECOSYSTEM_READS, ds.root], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout)
+    real = ["A", "A", "A", "B", "B"]
+    assert got["pandas"] == [1, real, False]
+    assert got["pyarrow"] == [1, real, False]
+    if "duckdb" in got:  # its glob descends into _synthetic/: those rows say so in their `synthetic` column
+        assert got["duckdb"] == [1, real, 4]
+
+
+def test_the_files_hold_the_center_only_in_their_path(tmp_path):
+    import pyarrow.parquet as pq
+
+    ds = _with_synthetic(tmp_path)
+    for path in ds.files() + ds.files(synthetic=True):
+        assert "center" not in pq.read_schema(path).names
+    assert ds.read_table(["B"]).column("center").to_pylist() == ["B", "B"]
+    assert ds.read_table(synthetic=True).column("center").to_pylist() == ["A"] * 4
+    assert ds.read_table().schema == arrow_schema()
+
+
+def _make_legacy(ds: ImageDataset) -> None:
+    """Turn a dataset into what diffkd wrote before the layout change: manifest.json, synthetic/,
+    files that carry their center."""
+    import pyarrow.parquet as pq
+
+    root = ds.root
+    for center in ds.centers():
+        for path in ds.files([center]) + ds.files([center], synthetic=True):
+            table = pq.read_table(path)
+            pq.write_table(table.append_column("center", pa.array([center] * table.num_rows)), path)
+    os.rename(os.path.join(root, "_synthetic"), os.path.join(root, "synthetic"))
+    os.rename(os.path.join(root, "_manifest.json"), os.path.join(root, "manifest.json"))
+
+
+def test_a_dataset_in_the_old_layout_opens_and_is_converted_on_its_next_write(tmp_path):
+    import pyarrow.parquet as pq
+
+    ds = _with_synthetic(tmp_path)
+    before = ds.read_table().sort_by("case_id")
+    _make_legacy(ds)
+    old = ImageDataset(tmp_path / "ds")
+    assert old.exists() and old.centers() == ["A", "B"] and old.label_names == ("DCIS", "upgrade")
+    assert old.read_table().sort_by("case_id").equals(before)
+    assert old.read_table(synthetic=True).num_rows == 4
+    assert all("/synthetic/center=A/" in p for p in old.files(synthetic=True))
+
+    old.write_center("C", rows("C", 2))
+    names = sorted(os.listdir(ds.root))
+    assert "manifest.json" not in names and "synthetic" not in names
+    assert {"_manifest.json", "_synthetic", "center=C"} <= set(names)
+    for path in old.files() + old.files(synthetic=True):
+        assert "center" not in pq.read_schema(path).names, path
+    assert old.read_table(["A", "B"]).sort_by("case_id").equals(before)
+    assert old.read_table(synthetic=True).num_rows == 4
+    assert old.manifest["centers"]["A"]["rows"] == 3
+
+
+def test_writers_of_one_dataset_wait_for_each_other(tmp_path, caplog):
+    """A second process holding the lock makes a write wait (with a message) until it lets go."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    ds = ImageDataset(tmp_path / "ds")
+    ds.write_center("A", rows("A", 1))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(1.5)"), str(tmp_path / ".ds.lock")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="diffkd.data"):
+        ds.write_center("B", rows("B", 1))
+    waited = time.monotonic() - started
+    holder.wait(timeout=30)
+    assert waited > 0.5, waited
+    assert "another process is writing" in caplog.text
+    assert ds.centers() == ["A", "B"]
+    # re-entrant within a thread, exclusive between threads
+    order = []
+    with ds.lock():
+        with ds.lock():
+            worker = threading.Thread(target=lambda: ds.write_center("C", rows("C", 1)) or order.append("C"))
+            worker.start()
+            time.sleep(0.3)
+            order.append("holder")
+    worker.join(timeout=30)
+    assert order == ["holder", "C"] and ds.centers() == ["A", "B", "C"]

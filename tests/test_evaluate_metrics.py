@@ -7,8 +7,8 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from diffkd.evaluate.calibration import brier_score, calibration, reliability_curve
-from diffkd.evaluate.decision import decision_curve, net_benefit
+from diffkd.evaluate.calibration import Recalibration, brier_score, calibration, reliability_curve
+from diffkd.evaluate.decision import decision_curve, net_benefit, recalibrated
 from diffkd.evaluate.logistic import fit_logistic
 from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, _weighted_aucs, auc, auc_delong_ci,
                                      auc_with_ci, bootstrap_auc_ci, clustered_bootstrap_auc,
@@ -222,6 +222,31 @@ def test_net_benefit_hand_case():
     curve = decision_curve(y, p, [0.25])
     assert curve.treat_all[0] == pytest.approx(0.5 - 0.5 / 3)
     assert curve.treat_none[0] == 0
+
+
+def test_decision_curves_read_risks_recalibrated_on_internal_validation():
+    import pandas as pd
+
+    rng = np.random.default_rng(11)
+    n = 4000
+    risk = rng.uniform(0.02, 0.6, n)
+    y = (rng.random(n) < risk).astype(int)
+    inflated = 1 / (1 + np.exp(-(np.log(risk / (1 - risk)) + 1.5)))  # class-weighted training: risks too high
+    split = np.where(np.arange(n) < n // 2, "val", "test")
+    preds = pd.DataFrame({"case_id": np.arange(n).astype(str), "model": "m", "split": split, "label": y,
+                          "prob": inflated})
+    fixed, fits = recalibrated(preds)
+    assert fits["m"].intercept == pytest.approx(-1.5, abs=0.2) and fits["m"].slope == pytest.approx(1.0, abs=0.1)
+    test = (split == "test")
+    # the external rows get the map fitted on validation, not one refitted on themselves
+    expected = fits["m"].apply(inflated[test])
+    np.testing.assert_allclose(fixed.prob[test], expected)
+    assert fits["m"] == Recalibration.fit(y[~test], inflated[~test])
+    # read as risks, the raw scores overtreat: recalibrated net benefit tracks the true risks' benefit
+    t = [0.2, 0.3]
+    truth = net_benefit(y[test], risk[test], t)
+    assert np.abs(net_benefit(y[test], fixed.prob[test], t) - truth).max() < 0.015
+    assert np.abs(net_benefit(y[test], inflated[test], t) - truth).max() > 0.03
 
 
 def _exact_cluster_bootstrap(y, a, b, clusters):

@@ -392,3 +392,88 @@ def test_duplicates_are_found_by_pixels_not_by_encoding(tmp_path, ds_path):
     before = snapshot(ds_path.parent)
     again = ingest(src, "A", ds_path)
     assert again.already_present == 1 and not again.written and snapshot(ds_path.parent) == before
+
+
+def test_a_dataset_names_its_own_outcomes(tmp_path, ds_path, capsys):
+    """--label-names is stored in the manifest, read from label folders and cells, used by the summary
+    and `data info`; another ingest naming other outcomes is refused with both pairs named."""
+    src = tmp_path / "src"
+    for label, seed in (("benign", 1), ("Malignant", 2), ("0", 3), ("1", 4)):
+        save(src / label / f"img{seed}.png", speckle(seed=seed))
+    assert cli_main(["ingest", str(src), "--center", "A", "--dataset", str(ds_path),
+                     "--label-names", "benign,malignant"]) == 0
+    out = capsys.readouterr().out
+    assert "(benign 2, malignant 2)" in out and "DCIS" not in out and "upgrade" not in out
+    ds = ImageDataset(ds_path)
+    assert ds.label_names == ("benign", "malignant")
+    assert ds.manifest["label_vocabulary"] == {"0": "benign", "1": "malignant"}
+
+    other = tmp_path / "other"
+    save(other / "DCIS" / "x.png", speckle(seed=5))
+    before = snapshot(ds_path.parent)
+    with pytest.raises(IngestError, match=r"names its outcomes benign,malignant .* says DCIS,upgrade"):
+        ingest(other, "B", ds_path, label_names="DCIS,upgrade")
+    with pytest.raises(IngestError, match=r"label folder 'DCIS'.*accepted values: 0, 1, benign, malignant"):
+        ingest(other, "B", ds_path)  # the dataset's names apply; DCIS means nothing here
+    assert snapshot(ds_path.parent) == before
+    save(other / "malignant" / "y.png", speckle(seed=6))
+    (other / "DCIS" / "x.png").unlink()
+    assert ingest(other, "B", ds_path).labels_added == {"malignant": 1}  # no --label-names: the dataset's
+
+    assert cli_main(["data", "info", str(ds_path)]) == 0
+    info = capsys.readouterr().out
+    assert "benign (n=2)" in info and "malignant (n=3)" in info and "malignant %" in info and "DCIS" not in info
+    with pytest.raises(IngestError, match="two different names"):
+        ingest(other, "C", tmp_path / "ds2", label_names="same,Same")
+
+
+def test_a_dataset_without_names_reads_as_dcis_upgrade(tmp_path, ds_path):
+    import json
+
+    src = make_source(tmp_path / "src")
+    ingest(src, "A", ds_path)
+    manifest_path = ds_path / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["label_vocabulary"]  # as written before datasets named their outcomes
+    manifest_path.write_text(json.dumps(manifest))
+    assert ImageDataset(ds_path).label_names == ("DCIS", "upgrade")
+    with pytest.raises(IngestError, match="names its outcomes DCIS,upgrade"):
+        ingest(make_source(tmp_path / "src2", patients=("MRN-9",), prefix="q", seed=9), "B", ds_path,
+               label_names="no,yes")
+
+
+CONCURRENT_INGEST = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from diffkd.data.ingest import ingest
+print(ingest(sys.argv[1], sys.argv[2], sys.argv[3], workers=1).summary(), flush=True)
+"""
+
+
+def test_two_ingests_into_one_dataset_at_once_keep_both_centers(tmp_path, ds_path):
+    """Two processes ingest different centers into one new dataset at the same moment: the write lock
+    makes one wait for the other, so neither manifest entry (nor the shared salt) is lost."""
+    import subprocess
+    import sys
+
+    sources = {c: make_source(tmp_path / c, patients=[f"{c}-{i}" for i in range(12)], per_patient=3,
+                              prefix=c, seed=i) for i, c in enumerate(("A", "B"))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_INGEST, str(src), c, str(ds_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c, src in sources.items()]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+        assert "36 image(s) added" in out
+    ds = ImageDataset(ds_path)
+    assert ds.centers() == ["A", "B"]
+    assert {c: e["rows"] for c, e in ds.manifest["centers"].items()} == {"A": 36, "B": 36}
+    table = ds.read_table(columns=["center", "patient_id"]).to_pylist()
+    assert sorted({r["center"] for r in table}) == ["A", "B"] and len(table) == 72
+    assert len({r["patient_id"] for r in table}) == 24
+    salts = {s["salt_fingerprint"] for e in ds.manifest["centers"].values() for s in e["sources"]}
+    assert len(salts) == 1  # the second ingest used the salt the first one created
+    waited = [err for _, err in outputs if "another process is writing" in err]
+    print("lock waits reported:", len(waited))

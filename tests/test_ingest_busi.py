@@ -55,3 +55,24 @@ def test_busi_needs_a_complete_label_map(tmp_path):
     with pytest.raises(IngestError, match="does not map class folder.*normal"):
         ingest(src, "busi", tmp_path / "ds", layout="busi", label_map="benign=0,malignant=1")
     assert not (tmp_path / "ds").exists()
+
+
+def test_copies_of_one_image_with_different_labels_are_all_set_aside(tmp_path):
+    """BUSI's known defect: one image filed under two classes. Nothing says which label is right, so
+    --quarantine sets both copies aside (with the reason) and the summary counts them."""
+    src = busi_tree(tmp_path / "busi")
+    (src / "benign" / "benign (4).png").write_bytes((src / "malignant" / "malignant (2).png").read_bytes())
+    with pytest.raises(IngestError, match=r"benign/benign \(4\).png.*malignant/malignant \(2\).png"):
+        ingest(src, "busi", tmp_path / "ds", layout="busi", label_map="benign=0,malignant=1,normal=skip")
+    report = ingest(src, "busi", tmp_path / "ds", layout="busi", label_map="benign=0,malignant=1,normal=skip",
+                    label_names="benign,malignant", quarantine=tmp_path / "q")
+    assert report.quarantined == 2 and report.conflicting == 2
+    assert report.labels_added == {"benign": 2, "malignant": 1}
+    stored = {r["source"] for r in ImageDataset(tmp_path / "ds").metadata().to_pylist()}
+    assert "busi:benign/benign (4).png" not in stored and "busi:malignant/malignant (2).png" not in stored
+    rejected = (tmp_path / "q" / "rejected-busi.csv").read_text()
+    assert "benign/benign (4).png" in rejected and "malignant/malignant (2).png" in rejected
+    assert rejected.count("with a different label") == 2
+    summary = report.summary()
+    assert "2 quarantined, 2 of them copies of one image with different labels" in summary
+    assert "(benign 2, malignant 1)" in summary

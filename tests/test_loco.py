@@ -2,16 +2,20 @@
 through Ray Tune with folds in parallel and a center added afterwards."""
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 from diffkd.config import to_dict
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.loco import (FOLD_INFO, PREDICTIONS, fold_dir, fold_is_current, fold_key, format_table, summarize,
-                         write_outputs)
+from diffkd.loco import (FOLD_INFO, PREDICTIONS, fold_dir, fold_is_current, fold_key, fold_predictions, format_table,
+                         summarize, write_outputs)
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.teacher import TeacherConfig
 from pipeline_fixtures import build_dataset, make_rows
@@ -48,23 +52,67 @@ def write_fold(out: str, center: str, labels, probs, val_labels=(0, 1), val_prob
     frame.to_parquet(os.path.join(fold_dir(out, center), PREDICTIONS), index=False)
 
 
-def test_the_summary_has_a_row_per_center_a_pooled_row_and_a_forest_plot(tmp_path):
+def hand_dersimonian_laird(aucs, ses):
+    """DerSimonian & Laird (1986) on logit AUC, written out step by step."""
+    y = [math.log(a / (1 - a)) for a in aucs]
+    v = [(se / (a * (1 - a))) ** 2 for a, se in zip(aucs, ses)]
+    w = [1 / vi for vi in v]
+    fixed = sum(wi * yi for wi, yi in zip(w, y)) / sum(w)
+    q = sum(wi * (yi - fixed) ** 2 for wi, yi in zip(w, y))
+    tau2 = max(0.0, (q - (len(y) - 1)) / (sum(w) - sum(wi * wi for wi in w) / sum(w)))
+    w_star = [1 / (vi + tau2) for vi in v]
+    mean = sum(wi * yi for wi, yi in zip(w_star, y)) / sum(w_star)
+    se = math.sqrt(1 / sum(w_star))
+    expit = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    z = stats.norm.ppf(0.975)
+    return expit(mean), (expit(mean - z * se), expit(mean + z * se)), tau2, q
+
+
+def test_the_pooled_auc_is_a_random_effects_meta_analysis_of_the_folds(tmp_path):
     out = str(tmp_path)
     rng = np.random.default_rng(0)
     labels = np.arange(40) % 2
-    write_fold(out, "A", labels, labels * 0.5 + rng.random(40) * 0.6)  # informative
-    write_fold(out, "B", labels, rng.random(40))  # chance
-    write_fold(out, "C", [0, 0, 0], [0.1, 0.2, 0.3])  # one class: no AUC
-    table = summarize(out, ["A", "B", "C"])
+    # each fold's model scores on its own scale: A in [0, 0.16], B in [0.84, 1]. Pooling the scores into
+    # one ROC would rank every B case above every A case; the folds' own AUCs are what is pooled.
+    write_fold(out, "A", labels, 0.1 * (labels * 0.5 + rng.random(40) * 0.6))  # informative
+    write_fold(out, "B", labels, 0.84 + 0.16 * rng.random(40))  # chance
+    write_fold(out, "C", [0, 0, 0], [0.1, 0.2, 0.3])  # one class: no AUC, left out of the pooling
+    table, pooled = summarize(out, ["A", "B", "C"])
     assert list(table["held_out"]) == ["A", "B", "C", "pooled"]
     a, b = table.iloc[0], table.iloc[1]
     assert a["external_auc"] > 0.8 and a["ci_low"] < a["external_auc"] < a["ci_high"]
     assert b["ci_low"] < 0.7 and a["internal_auc"] == 1.0
-    assert np.isnan(table.iloc[2]["external_auc"]) and table.iloc[3]["cases"] == 83
-    text = format_table(table)
-    assert "n/a (one class)" in text and "pooled" in text
-    files = write_outputs(out, table)
+    assert a["ci_method"] == "delong"  # one case per patient (no patient ids: each case its own)
+    assert np.isnan(table.iloc[2]["external_auc"]) and pooled["left_out"] == ["C"]
+
+    expected_auc, expected_ci, tau2, q = hand_dersimonian_laird([a["external_auc"], b["external_auc"]],
+                                                                [a["se"], b["se"]])
+    row = table.iloc[3]
+    assert row["external_auc"] == pytest.approx(expected_auc, rel=1e-12)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(expected_ci, rel=1e-12)
+    assert pooled["tau2"] == pytest.approx(tau2, rel=1e-12) and pooled["q"] == pytest.approx(q, rel=1e-12)
+    assert pooled["tau2"] > 0 and pooled["i2"] == pytest.approx((q - 1) / q)  # A and B disagree beyond chance
+    assert row["cases"] == 80 and a["weight"] + b["weight"] == pytest.approx(1.0)
+    scores_pooled = pd.concat([fold_predictions(out, c) for c in "AB"])
+    scores_pooled = scores_pooled[scores_pooled["split"] == "test"]
+    assert abs(roc_auc_score(scores_pooled["label"], scores_pooled["prob"]) - row["external_auc"]) > 0.05
+
+    text = format_table(table, pooled)
+    assert "n/a (one class)" in text and "DerSimonian-Laird" in text and "left out" in text
+    files = write_outputs(out, table, pooled)
     assert pd.read_csv(files["table"]).shape[0] == 4 and os.path.getsize(files["plot"]) > 1000
+    assert json.loads(open(files["pooled"]).read())["auc"] == pytest.approx(expected_auc)
+
+
+def test_identical_folds_pool_without_heterogeneity():
+    from diffkd.evaluate.metrics import pooled_auc
+
+    pooled = pooled_auc([0.7, 0.7, 0.7], [0.05, 0.05, 0.05])
+    assert pooled.tau2 == 0.0 and pooled.i2 == 0.0 and pooled.auc == pytest.approx(0.7)
+    # three equal studies: the logit SE shrinks by sqrt(3)
+    assert pooled.se_logit == pytest.approx(0.05 / (0.7 * 0.3) / math.sqrt(3))
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        pooled_auc([1.0, 0.7], [0.0, 0.05])
 
 
 @pytest.mark.slow

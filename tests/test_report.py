@@ -39,6 +39,8 @@ def test_metrics_json_agrees_with_predictions_parquet(built):
             part = preds[(preds.model == model) & (preds.center == center) & (preds.split != "train")]
             assert m["auc"] == pytest.approx(roc_auc_score(part.label, part.prob), abs=1e-12)
     assert metrics["models"]["student_kd"]["params"] == 1_100_000
+    assert metrics["initialised_from"] == {"teacher": "/weights/resnet50", "student_kd": "scratch",
+                                           "diffusion": "scratch"}
     assert metrics["synthetic"]["fid"] == 38.5
     assert metrics["baselines"]["clinical"]["odds_ratios"]
 
@@ -60,6 +62,8 @@ def test_page_is_self_contained(built):
     odds_ratios = json.loads(files.metrics.read_text())["baselines"]["clinical"]["odds_ratios"]
     assert "odds ratios" in page and all(f"<code>{r['term']}</code>" in page for r in odds_ratios)
     assert "scikit-learn" in page and "student:" in page  # package versions and the config
+    assert ">initialised from<" in page and "/weights/resnet50" in page  # each model's start
+    assert "<code>diffusion</code> started from: scratch" in page  # models outside the performance table too
 
 
 def test_skipped_sections_are_said_never_silent(tmp_path):
@@ -117,3 +121,20 @@ def _parquet(tmp_path, frame):
     path = tmp_path / "bad.parquet"
     frame.to_parquet(path)
     return path
+
+
+def test_the_report_and_metrics_use_the_datasets_outcome_names(built, tmp_path):
+    """A dataset of benign/malignant images: no page text or metrics.json calls them DCIS or upgrade."""
+    preds, _, inputs = simulate_report(tmp_path)
+    inputs.label_names = ["benign", "malignant"]
+    inputs.synthetic = dict(inputs.synthetic or {}, label_effect=0.2)
+    files = write_report(tmp_path / "run", preds, inputs)
+    metrics = json.loads(files.metrics.read_text())
+    assert metrics["label_names"] == {"0": "benign", "1": "malignant"}
+    page = files.index.read_text()
+    text = re.sub(r'src="data:[^"]+"', "", page)  # the text, without the figures' bytes
+    assert "malignant rate" in text and "<th class=\"num\">malignant</th>" in text
+    assert "probability of malignant (rather than benign)" in text
+    assert "from the benign- to the malignant-conditioned image" in text
+    assert not re.search(r"upgrade|DCIS", text)
+    assert json.loads(built[2].metrics.read_text())["label_names"] == {"0": "DCIS", "1": "upgrade"}  # the default

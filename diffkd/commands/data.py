@@ -6,7 +6,8 @@ import argparse
 INGEST_EPILOG = """\
 layouts:
   folder  SRC/<label>/<images>, or any tree described by a CSV (--clinical, or SRC/clinical.csv):
-          one row per image; columns file (relative to SRC), patient_id, label (DCIS/upgrade or 0/1),
+          one row per image; columns file (relative to SRC), patient_id, label (one of the
+          --label-names, or 0/1),
           optional case_id, mask, modality, spacing_mm and clinical columns (age, lesion_size_mm,
           birads, lesion_type, palpable, ...; headers matched case-insensitively, common aliases accepted)
   busi    SRC/<class>/<name>.png with <name>_mask.png (+ _mask_1.png, OR-merged); needs --label-map
@@ -16,7 +17,7 @@ layouts:
 examples:
   diffkd ingest exports/hospital_a --center A --dataset data/ds --clinical exports/hospital_a.csv
   diffkd ingest Dataset_BUSI_with_GT --center busi --dataset data/ds --layout busi \\
-      --label-map benign=0,malignant=1,normal=skip
+      --label-names benign,malignant --label-map benign=0,malignant=1,normal=skip
   diffkd ingest pacs_export --center C --dataset data/ds --layout dicom --clinical labels.csv --quarantine rejected/
 
 Patient and case ids are stored as salted HMAC-SHA256 pseudonyms. The salt lives in a file outside the
@@ -36,6 +37,10 @@ def register(subparsers) -> None:
     ing.add_argument("--clinical", default=None, metavar="CSV",
                      help="clinical CSV, one row per image (default: SRC/clinical.csv when present)")
     ing.add_argument("--layout", default="folder", choices=("folder", "busi", "dicom"))
+    ing.add_argument("--label-names", default=None, metavar="NEG,POS",
+                     help="names of the two outcomes, label 0 then label 1 (the positive class), e.g. "
+                          "benign,malignant; stored in the dataset and used by every output (default: the "
+                          "dataset's names; DCIS,upgrade for a new dataset)")
     ing.add_argument("--label-map", default=None, metavar="MAP",
                      help="label names to 0/1/skip, e.g. benign=0,malignant=1,normal=skip (required for busi)")
     ing.add_argument("--quarantine", default=None, metavar="DIR",
@@ -80,7 +85,7 @@ def run_ingest(args) -> int:
 
     report = ingest(args.src, args.center, args.dataset, layout=args.layout, clinical_csv=args.clinical,
                     quarantine=args.quarantine, label_map=args.label_map, salt=args.salt_file,
-                    replace=args.replace, frames=args.frames, workers=args.workers)
+                    replace=args.replace, frames=args.frames, workers=args.workers, label_names=args.label_names)
     print(report.summary())
     return 0
 

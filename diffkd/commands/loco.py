@@ -15,7 +15,8 @@ examples:
 
 Rerunning the same command keeps folds whose inputs did not change, resumes unfinished ones, and
 trains a fold for a center ingested since (the other folds train again: their training set grew).
-OUT receives loco.csv, loco_auc.png (forest plot with the pooled AUC) and folds/<center>/.
+OUT receives loco.csv, loco_pooled.json (the random-effects pooled AUC: DerSimonian-Laird on logit AUC,
+with I^2 and tau^2), loco_auc.png (forest plot with the pooled diamond) and folds/<center>/.
 """
 
 
@@ -36,6 +37,7 @@ def register(subparsers) -> None:
 
 def run_loco(args) -> int:
     from diffkd.commands.train import load_teacher_config
+    from diffkd.data.dataset import ImageDataset
     from diffkd.loco import format_table, leave_one_center_out
     from diffkd.raycompat import init as ray_init
 
@@ -45,7 +47,7 @@ def run_loco(args) -> int:
     ray_init(args.address)
     outcome = leave_one_center_out(args.dataset, cfg, args.out, parallel=args.parallel,
                                    val_fraction=args.val_fraction, seed=args.split_seed)
-    print(format_table(outcome.table))
+    print(format_table(outcome.table, outcome.pooled, positive_name=ImageDataset(args.dataset).label_names[1]))
     print(f"{len(outcome.table) - 1} folds, {outcome.parallel} at a time, {outcome.wall_s:.0f} s; "
-          f"table {outcome.files['table']}, plot {outcome.files['plot']}")
+          f"table {outcome.files['table']}, pooled {outcome.files['pooled']}, plot {outcome.files['plot']}")
     return 0

@@ -8,6 +8,8 @@ EPILOG = """\
 examples:
   diffkd report --predictions runs/exp1/report/predictions.parquet --out runs/exp1_rebuilt
   diffkd report --predictions preds.parquet --out out --readers reads.csv --ci bootstrap --n-boot 2000
+  diffkd report --predictions demo_out/report/predictions.parquet --out rebuilt \
+      --truth demo_out/phantom/truth.csv --dataset demo_out/data     # the phantom's ceilings per center
 
 By default the report_inputs.json (model sizes, synthetic audit and grids, config, skipped sections)
 and readers.csv found beside the predictions are used, so a report folder rebuilds itself. Flags
@@ -41,6 +43,12 @@ def register(subparsers) -> None:
                              "has one case, else the patient-clustered bootstrap)")
     parser.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates (>= 1000; default 2000)")
     parser.add_argument("--seed", type=int, default=None, help="bootstrap seed (default 0)")
+    parser.add_argument("--truth", default=None,
+                        help="a synthetic cohort's truth.csv (the phantom's): per-center Bayes and image-visible AUC "
+                             "ceilings beside every model's AUC (default: the one the stored inputs name, if any)")
+    parser.add_argument("--dataset", default=None,
+                        help="the dataset the truth's cases were ingested into, to map the phantom's case ids to "
+                             "the stored pseudonyms (default: the dataset path in the stored inputs)")
     parser.add_argument("--title", default=None, help="page title")
     parser.set_defaults(handler=run_report)
 
@@ -61,7 +69,8 @@ def run_report(args: argparse.Namespace) -> int:
                                                          "ci_method", "n_boot", "seed")
                  if getattr(args, name) is not None}
     config = from_dict(EvaluateConfig, {**stored, **overrides}, "evaluate")
-    files = rebuild_report(predictions, args.out, inputs_path, args.readers, config, title=args.title)
+    files = rebuild_report(predictions, args.out, inputs_path, args.readers, config, title=args.title,
+                           truth=args.truth, dataset=args.dataset)
     print(f"report: {files.index}")
     print(headline_table(json.loads(files.metrics.read_text())))
     return 0

@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--readers", default=None, help="reader study CSV (reader, experience, case_id, call|birads|probability)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: the config's ray.address, else a "
                                                    "private local instance)")
+    p.add_argument("--truth", default=None,
+                   help="a synthetic cohort's truth.csv (the phantom's): the report shows each center's Bayes and "
+                        "image-visible AUC beside the models'. Read by the report only, never by training")
     p.set_defaults(handler=run)
 
     d = subparsers.add_parser("demo", help="phantom -> ingest -> run with configs/demo.yaml",
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.config)
     if args.address:
         cfg.ray.address = args.address
-    run_pipeline(args.dataset, _external(args.external), cfg, args.out, readers_csv=args.readers)
+    run_pipeline(args.dataset, _external(args.external), cfg, args.out, readers_csv=args.readers, truth=args.truth)
     return 0
 
 
@@ -65,7 +68,8 @@ def demo(args: argparse.Namespace) -> int:
     external = centers[-1:]  # the last center never trains anything: it is the external validation cohort
     _check(diffkd(["data", "info", str(data), "--external", ",".join(external)]), "data info")
     _check(diffkd(["run", "--dataset", str(data), "--external", ",".join(external), "--config", args.config,
-                   "--out", str(out), "--readers", str(phantom / "readers.csv")]), "run")
+                   "--out", str(out), "--readers", str(phantom / "readers.csv"),
+                   "--truth", str(phantom / "truth.csv")]), "run")
     print(f"demo finished in {(time.monotonic() - started) / 60:.1f} min; report: {out / 'report' / 'index.html'}")
     return 0
 

@@ -1,39 +1,64 @@
 """The Parquet dataset on disk: hive partitions by center plus an atomically updated manifest.
 
-Layout (DESIGN.md)::
+Layout::
 
-    DS/manifest.json
+    DS/_manifest.json
     DS/center=<C>/part-<digest>.parquet               real rows, one partition per center
-    DS/synthetic/center=<C>/part-<run_id>.parquet      generated rows, their own partition tree
+    DS/_synthetic/center=<C>/part-<run_id>.parquet    generated rows, their own partition tree
+
+The center is stored once, in the partition path (the files carry every other column), so the
+ecosystem's readers open the dataset with no options: ``pd.read_parquet(DS)``,
+``pyarrow.dataset.dataset(DS, partitioning="hive")`` and DuckDB's
+``read_parquet('DS/**/*.parquet', hive_partitioning=true)`` each return one string ``center``
+column. Names starting with ``_`` or ``.`` are skipped by pandas and pyarrow (like Spark's
+``_SUCCESS``), so a plain read of DS returns the real rows only; a glob that does descend into
+``_synthetic`` still tells those rows apart by their ``synthetic`` column.
 
 Adding or replacing a center writes only that center's partition directory and then the manifest;
 no other center's files are touched. Writes go to a temporary name first and are renamed into
-place, so a crash leaves either the old or the new partition, never half of one.
+place, so a crash leaves either the old or the new partition, never half of one. Every
+read-modify-write of the manifest holds the dataset's write lock (`ImageDataset.lock`), so
+concurrent writers (two ingests of different centers, say) wait for each other instead of losing
+an entry.
+
+Datasets written before this layout (``manifest.json``, a ``center`` column inside the files, a
+``synthetic/`` tree) are read as they are and converted on their next write (`_migrate_legacy`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import os
 import posixpath
+import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.dataset as pds
 import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
 
-from diffkd.data.schema import CLINICAL_SCHEMA, LABEL_NAMES, SCHEMA_VERSION, arrow_schema
+from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, SCHEMA_VERSION, arrow_schema,
+                                check_label_names, stored_schema)
 
-MANIFEST = "manifest.json"
-SYNTHETIC_DIR = "synthetic"
+log = logging.getLogger("diffkd.data")
+
+MANIFEST = "_manifest.json"
+SYNTHETIC_DIR = "_synthetic"
+LEGACY_MANIFEST = "manifest.json"  # before the leading underscore
+LEGACY_SYNTHETIC_DIR = "synthetic"
+PARTITION_KEY = "center"
 
 
 def resolve(root, filesystem: pa.fs.FileSystem | None = None) -> tuple[pa.fs.FileSystem, str]:
     """(filesystem, path) for a local path, a URI pyarrow understands (file://, s3://, gs://), or a given filesystem."""
-    import os
-
     if filesystem is not None:
         return filesystem, str(root)
     root = os.fspath(root)
@@ -46,15 +71,70 @@ class DatasetError(ValueError):
     """The dataset on disk is missing, malformed, or does not match the schema."""
 
 
-def _partition_dir(center: str, synthetic: bool) -> str:
-    return posixpath.join(SYNTHETIC_DIR, f"center={center}") if synthetic else f"center={center}"
-
-
 def validate_center_name(center: str) -> str:
-    if not center or any(ch in center for ch in "/\\=\0") or center.startswith(".") or center == SYNTHETIC_DIR:
+    if not center or any(ch in center for ch in "/\\=\0") or center.startswith(".") or center == LEGACY_SYNTHETIC_DIR:
         raise DatasetError(f"center name {center!r} is not usable as a partition name: "
                            "use letters, digits, '-' or '_' (no '/', '=' or leading '.')")
     return center
+
+
+def partitioning() -> pds.Partitioning:
+    """The hive partitioning of a diffkd dataset: `center=<C>` directories, the center read as a string."""
+    return pds.partitioning(pa.schema([pa.field(PARTITION_KEY, pa.string())]), flavor="hive")
+
+
+class _WriteLock:
+    """An exclusive lock on one dataset, across processes (flock) and threads; re-entrant in a thread.
+
+    A local dataset is locked through `DS/../.<DS name>.lock`, beside the dataset rather than in it, so
+    that a refused first ingest leaves no dataset folder behind. Object stores have no file locks:
+    there the lock file lives in the local temporary directory, which orders one machine's writers only.
+    """
+
+    _registry: dict[str, "_WriteLock"] = {}
+    _registry_guard = threading.Lock()
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what = path, what
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @classmethod
+    def for_path(cls, path: str, what: str) -> "_WriteLock":
+        with cls._registry_guard:
+            return cls._registry.setdefault(path, cls(path, what))
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        import fcntl
+
+        with self._thread_lock:
+            if self._depth == 0:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.warning("another process is writing %s; waiting for it to finish (lock %s)",
+                                self.what, self.path)
+                    started = time.monotonic()
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    log.warning("the other writer of %s finished after %.1fs; continuing", self.what,
+                                time.monotonic() - started)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fd = fd
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fd, self._fd = self._fd, None
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
 
 
 class ImageDataset:
@@ -66,21 +146,29 @@ class ImageDataset:
         self.uri = root if isinstance(root, str) and "://" in root else self.root
 
     # ---- manifest -------------------------------------------------------------------------
+    def _manifest_file(self) -> str | None:
+        """The manifest's name on disk: the current one, else a legacy `manifest.json`, else None."""
+        for name in (MANIFEST, LEGACY_MANIFEST):
+            if self.fs.get_file_info(self._path(name)).type == pa.fs.FileType.File:
+                return name
+        return None
+
     def exists(self) -> bool:
-        return self.fs.get_file_info(self._path(MANIFEST)).type == pa.fs.FileType.File
+        return self._manifest_file() is not None
 
     @property
     def manifest(self) -> dict:
-        if not self.exists():
+        name = self._manifest_file()
+        if name is None:
             return self._empty_manifest()
-        with self.fs.open_input_stream(self._path(MANIFEST)) as f:
+        with self.fs.open_input_stream(self._path(name)) as f:
             try:
                 manifest = json.loads(f.read())
             except json.JSONDecodeError as err:
-                raise DatasetError(f"{self._path(MANIFEST)} is not valid JSON ({err}); restore it from backup "
+                raise DatasetError(f"{self._path(name)} is not valid JSON ({err}); restore it from backup "
                                    "or re-run ingest into a new dataset") from err
         if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise DatasetError(f"{self._path(MANIFEST)} has schema_version {manifest.get('schema_version')}, "
+            raise DatasetError(f"{self._path(name)} has schema_version {manifest.get('schema_version')}, "
                                f"this diffkd reads version {SCHEMA_VERSION}")
         return manifest
 
@@ -89,22 +177,76 @@ class ImageDataset:
             "schema_version": SCHEMA_VERSION,
             "created": _now(),
             "updated": _now(),
-            "label_vocabulary": {str(k): v for k, v in LABEL_NAMES.items()},
             "clinical_schema": [asdict(c) for c in CLINICAL_SCHEMA],
             "centers": {},
             "synthetic": {},
         }
 
+    @property
+    def label_names(self) -> tuple[str, str]:
+        """(name of label 0, name of label 1): the user's outcome names, DCIS/upgrade when none were given."""
+        vocabulary = self.manifest.get("label_vocabulary")
+        if not vocabulary:
+            return DEFAULT_LABEL_NAMES
+        return str(vocabulary["0"]), str(vocabulary["1"])
+
+    def claim_label_names(self, names: tuple[str, str] | None) -> tuple[str, str]:
+        """The dataset's outcome names after a writer that means `names` (None: whatever the dataset has).
+
+        A new dataset takes `names` (default DCIS/upgrade); an existing one must already use them,
+        because its stored 0/1 labels mean what its names say. Call under `lock()` before writing.
+        """
+        if names is None:
+            return self.label_names
+        names = check_label_names(names)
+        if self.exists() and self.centers() and self.label_names != names:
+            raise DatasetError(
+                f"dataset {self.uri} names its outcomes {','.join(self.label_names)} (label 0, label 1), "
+                f"but this ingest says {','.join(names)}: ingest into this dataset with "
+                f"--label-names {','.join(self.label_names)}, or into a new dataset")
+        return names
+
     def _write_manifest(self, manifest: dict) -> None:
         manifest["updated"] = _now()
         self._atomic_write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        if self.fs.get_file_info(self._path(LEGACY_MANIFEST)).type == pa.fs.FileType.File:
+            self.fs.delete_file(self._path(LEGACY_MANIFEST))
 
     def centers(self, synthetic: bool = False) -> list[str]:
         return sorted(self.manifest["synthetic" if synthetic else "centers"])
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the dataset's write lock (waits, with a logged message, while another writer holds it).
+
+        Writers that read the dataset to decide what to write (ingest's checks against the stored
+        centers) hold it across the read and the write; the write methods below take it themselves.
+        """
+        if self.fs.type_name == "local":
+            parent, name = os.path.split(self.root.rstrip("/"))
+            path = os.path.join(parent, f".{name}.lock")
+        else:
+            key = hashlib.sha256(str(self.uri).encode()).hexdigest()[:24]
+            path = os.path.join(tempfile.gettempdir(), f"diffkd-dataset-{key}.lock")
+        with _WriteLock.for_path(path, str(self.uri)).hold():
+            yield
+
     # ---- reading ---------------------------------------------------------------------------
+    def _synthetic_root(self) -> str:
+        """`_synthetic`, or `synthetic` in a dataset written before the rename and not yet migrated."""
+        legacy = self.fs.get_file_info(self._path(LEGACY_SYNTHETIC_DIR)).type == pa.fs.FileType.Directory
+        return LEGACY_SYNTHETIC_DIR if legacy else SYNTHETIC_DIR
+
+    def partition_base(self, synthetic: bool = False) -> str:
+        """The directory holding the `center=<C>` partitions of real (or synthetic) rows."""
+        return self._path(self._synthetic_root()) if synthetic else self.root
+
     def files(self, centers: Iterable[str] | None = None, synthetic: bool = False) -> list[str]:
-        """Parquet file paths (filesystem-relative) of the chosen centers, for Ray Data or pyarrow."""
+        """Parquet file paths (filesystem-relative) of the chosen centers, for Ray Data or pyarrow.
+
+        The files do not carry the center: read them with `partitioning()` relative to
+        `partition_base(synthetic)`, or through `arrow_dataset` / `read_table`.
+        """
         manifest = self.manifest
         section = manifest["synthetic" if synthetic else "centers"]
         wanted = sorted(section) if centers is None else list(centers)
@@ -112,17 +254,23 @@ class ImageDataset:
         if unknown:
             raise DatasetError(f"center(s) {', '.join(unknown)} not in dataset {self.uri}; "
                                f"it has: {', '.join(sorted(section)) or 'none'}")
-        return [self._path(_partition_dir(c, synthetic), name)
+        base = self.partition_base(synthetic)
+        return [posixpath.join(base, f"{PARTITION_KEY}={c}", name)
                 for c in wanted if c in section for name in section[c]["files"]]
+
+    def arrow_dataset(self, centers: Iterable[str] | None = None, synthetic: bool = False) -> pds.Dataset:
+        """A pyarrow dataset over the chosen centers' files, with the `center` column from the paths."""
+        return pds.dataset(self.files(centers, synthetic), filesystem=self.fs, format="parquet",
+                           schema=arrow_schema(), partitioning=partitioning(),
+                           partition_base_dir=self.partition_base(synthetic))
 
     def read_table(self, centers: Iterable[str] | None = None, synthetic: bool = False,
                    columns: list[str] | None = None) -> pa.Table:
         """Read rows of the chosen centers into memory (for small tables: metadata, splits, tests)."""
-        paths = self.files(centers, synthetic)
-        if not paths:
-            return arrow_schema().empty_table() if columns is None else arrow_schema().empty_table().select(columns)
-        tables = [pq.read_table(p, filesystem=self.fs, columns=columns, schema=arrow_schema()) for p in paths]
-        return pa.concat_tables(tables)
+        names = arrow_schema().names if columns is None else list(columns)
+        if not self.files(centers, synthetic):
+            return arrow_schema().empty_table().select(names)
+        return self.arrow_dataset(centers, synthetic).to_table(columns=names)
 
     def metadata(self, centers: Iterable[str] | None = None, synthetic: bool = False) -> pa.Table:
         """Every column except the pixel and mask bytes."""
@@ -130,9 +278,15 @@ class ImageDataset:
         return self.read_table(centers, synthetic, columns=names)
 
     # ---- writing ---------------------------------------------------------------------------
-    def write_center(self, center: str, table: pa.Table, sources: list[dict] | None = None) -> None:
-        """Replace center `center`'s real partition with `table` and record it in the manifest."""
-        self._write_partition(validate_center_name(center), table, synthetic=False, sources=sources or [])
+    def write_center(self, center: str, table: pa.Table, sources: list[dict] | None = None,
+                     label_names: tuple[str, str] | None = None) -> None:
+        """Replace center `center`'s real partition with `table` and record it in the manifest.
+
+        `label_names`: the outcome names the rows' 0/1 labels stand for; they must match the
+        dataset's (a new dataset takes them; None: the dataset's own).
+        """
+        self._write_partition(validate_center_name(center), table, synthetic=False, sources=sources or [],
+                              label_names=label_names)
 
     def write_synthetic(self, center: str, table: pa.Table, run_id: str, generator: dict | None = None) -> None:
         """Add one generator run's rows for `center` to the synthetic tree (existing runs are kept).
@@ -145,34 +299,31 @@ class ImageDataset:
                               generator=generator)
 
     def _write_partition(self, center: str, table: pa.Table, synthetic: bool, sources: list[dict] | None = None,
-                         run_id: str | None = None, generator: dict | None = None) -> None:
+                         run_id: str | None = None, generator: dict | None = None,
+                         label_names: tuple[str, str] | None = None) -> None:
         table = conform(table)
         if table.num_rows == 0:
             raise DatasetError(f"refusing to write an empty partition for center {center!r}")
-        wrong = set(table.column("center").to_pylist()) - {center}
+        wrong = set(table.column(PARTITION_KEY).to_pylist()) - {center}
         if wrong:
             raise DatasetError(f"rows for center(s) {sorted(wrong)} passed to the partition of {center!r}")
-        manifest = self.manifest
-        section = manifest["synthetic" if synthetic else "centers"]
-        part_dir = _partition_dir(center, synthetic)
-        if synthetic:
-            name = f"part-{run_id}.parquet"
-            entry = section.setdefault(center, {"files": [], "rows": 0, "runs": []})
-            if name in entry["files"]:
-                raise DatasetError(f"synthetic run {run_id!r} already written for center {center!r}")
-            self.fs.create_dir(self._path(part_dir), recursive=True)
-            self._atomic_write_table(posixpath.join(part_dir, name), table)
-            entry["files"].append(name)
-            entry["runs"].append({"run_id": run_id, "rows": table.num_rows, "written": _now(),
-                                  **({"generator": generator} if generator else {})})
-            entry["rows"] += table.num_rows
-            entry["labels"] = _merge_counts(entry.get("labels", {}), _counts(table, "label"))
-        else:
+        stored = table.drop_columns([PARTITION_KEY])  # the partition path says it
+        with self.lock():
+            names = self.claim_label_names(label_names)
+            self._migrate_legacy()
+            manifest = self.manifest
+            manifest["label_vocabulary"] = {"0": names[0], "1": names[1]}
+            section = manifest["synthetic" if synthetic else "centers"]
+            part_dir = self._partition_dir(center, synthetic)
+            if synthetic:
+                self._add_synthetic_run(section, center, part_dir, stored, run_id, generator)
+                self._write_manifest(manifest)
+                return
             # A new directory, renamed over the old one: readers never see a mix of old and new files.
             name = f"part-{uuid.uuid4().hex[:12]}.parquet"
             staging = f".staging-{uuid.uuid4().hex[:8]}"
             self.fs.create_dir(self._path(staging), recursive=True)
-            self._write_table(posixpath.join(staging, name), table)
+            self._write_table(posixpath.join(staging, name), stored)
             old = self._path(part_dir)
             retired = self._path(f".retired-{uuid.uuid4().hex[:8]}")
             had_old = self.fs.get_file_info(old).type == pa.fs.FileType.Directory
@@ -193,19 +344,61 @@ class ImageDataset:
             self._write_manifest(manifest)
             if had_old:
                 self.fs.delete_dir(retired)
-            return
-        self._write_manifest(manifest)
+
+    def _add_synthetic_run(self, section: dict, center: str, part_dir: str, stored: pa.Table, run_id: str,
+                           generator: dict | None) -> None:
+        name = f"part-{run_id}.parquet"
+        entry = section.setdefault(center, {"files": [], "rows": 0, "runs": []})
+        if name in entry["files"]:
+            raise DatasetError(f"synthetic run {run_id!r} already written for center {center!r}")
+        self.fs.create_dir(self._path(part_dir), recursive=True)
+        self._atomic_write_table(part_dir, name, stored)
+        entry["files"].append(name)
+        entry["runs"].append({"run_id": run_id, "rows": stored.num_rows, "written": _now(),
+                              **({"generator": generator} if generator else {})})
+        entry["rows"] += stored.num_rows
+        entry["labels"] = _merge_counts(entry.get("labels", {}), _counts(stored, "label"))
 
     def delete_synthetic(self, center: str | None = None) -> None:
         """Drop generated rows (all centers, or one) — real partitions are untouched."""
-        manifest = self.manifest
-        for c in [center] if center else list(manifest["synthetic"]):
-            if c in manifest["synthetic"]:
-                self.fs.delete_dir(self._path(_partition_dir(c, True)))
-                del manifest["synthetic"][c]
-        self._write_manifest(manifest)
+        with self.lock():
+            self._migrate_legacy()
+            manifest = self.manifest
+            for c in [center] if center else list(manifest["synthetic"]):
+                if c in manifest["synthetic"]:
+                    self.fs.delete_dir(self._path(self._partition_dir(c, True)))
+                    del manifest["synthetic"][c]
+            self._write_manifest(manifest)
+
+    def _migrate_legacy(self) -> None:
+        """Bring a dataset written before the current layout up to it (under the lock, before a write).
+
+        Each step is atomic and safe to repeat, so a crash part-way leaves a readable dataset that the
+        next write finishes: files lose their `center` column (rewritten beside, then renamed over),
+        `synthetic/` is renamed to `_synthetic/`, and the caller's manifest write replaces
+        `manifest.json` by `_manifest.json`.
+        """
+        if self._manifest_file() != LEGACY_MANIFEST:
+            return
+        log.info("converting dataset %s to the current layout (center in the partition path only, "
+                 "_manifest.json, _synthetic/)", self.uri)
+        for synthetic in (False, True):
+            for path in self.files(synthetic=synthetic):
+                if PARTITION_KEY in pq.read_schema(path, filesystem=self.fs).names:
+                    table = pq.read_table(path, filesystem=self.fs, schema=stored_schema())
+                    directory, name = posixpath.split(path)
+                    self._atomic_write_table(posixpath.relpath(directory, self.root), name, table)
+        if self._synthetic_root() == LEGACY_SYNTHETIC_DIR:
+            if self.fs.get_file_info(self._path(SYNTHETIC_DIR)).type != pa.fs.FileType.NotFound:
+                raise DatasetError(f"dataset {self.uri} holds both {LEGACY_SYNTHETIC_DIR}/ and {SYNTHETIC_DIR}/; "
+                                   f"keep the one its manifest describes ({LEGACY_SYNTHETIC_DIR}/) and remove the other")
+            self.fs.move(self._path(LEGACY_SYNTHETIC_DIR), self._path(SYNTHETIC_DIR))
 
     # ---- low level -------------------------------------------------------------------------
+    def _partition_dir(self, center: str, synthetic: bool) -> str:
+        leaf = f"{PARTITION_KEY}={center}"
+        return posixpath.join(self._synthetic_root(), leaf) if synthetic else leaf
+
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
@@ -213,14 +406,15 @@ class ImageDataset:
         pq.write_table(table, self._path(rel), filesystem=self.fs, compression="zstd",
                        row_group_size=256)  # small row groups: Ray Data reads them as blocks and streams
 
-    def _atomic_write_table(self, rel: str, table: pa.Table) -> None:
-        tmp = f"{rel}.tmp-{uuid.uuid4().hex[:8]}"
+    def _atomic_write_table(self, directory: str, name: str, table: pa.Table) -> None:
+        # a leading "." keeps the half-written file out of every reader's directory listing
+        tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         self._write_table(tmp, table)
-        self.fs.move(self._path(tmp), self._path(rel))
+        self.fs.move(self._path(tmp), self._path(directory, name))
 
     def _atomic_write_bytes(self, rel: str, data: bytes) -> None:
         self.fs.create_dir(self.root, recursive=True)
-        tmp = self._path(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = self._path(f".{rel}.tmp-{uuid.uuid4().hex[:8]}")
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, self._path(rel))

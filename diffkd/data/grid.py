@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffkd.data.dataset import ImageDataset
-from diffkd.data.schema import LABEL_NAMES
 
 
 def _sample(meta: pa.Table, per_cell: int, rng: np.random.Generator) -> dict[tuple[str, int], list[str]]:
@@ -66,7 +65,8 @@ def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = 
     counts = {synth: meta.select(["center", "label"]).to_pandas().value_counts().to_dict()
               for synth, meta in metas.items()}
     rows = [(synth, center) for synth, cells in groups for center in sorted({c for c, _ in cells})]
-    labels = sorted(LABEL_NAMES)
+    names = ds.label_names
+    labels = list(range(len(names)))
     n_cols = per_cell * len(labels)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(cell_inches * n_cols, cell_inches * len(rows) + 0.6),
                              squeeze=False)
@@ -83,7 +83,7 @@ def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = 
                 for spine in ax.spines.values():
                     spine.set_visible(False)
                 if r == 0 and k == 0:
-                    ax.set_title(LABEL_NAMES[lab], loc="left", fontsize=11, fontweight="bold")
+                    ax.set_title(names[lab], loc="left", fontsize=11, fontweight="bold")
                 if k == 0:
                     n = counts[synth].get((center, lab), 0)
                     ax.set_xlabel(f"n={n}", loc="left", fontsize=7)

@@ -1,9 +1,9 @@
 """`diffkd data info DS`: what is in a dataset, as plain-text tables.
 
-Counts per center × split × label (images, upgrade share, patients), per-center acquisition facts
+Counts per center × split × label (images, positive share, patients), per-center acquisition facts
 (modality, image size, pixel spacing, masks), a clinical summary by label, and the synthetic rows.
 Splits are computed with `splits.make_splits` from the given external centers and seed, exactly as
-training will compute them.
+training will compute them. Labels are shown by the dataset's outcome names (`ImageDataset.label_names`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from diffkd.data.dataset import ImageDataset
-from diffkd.data.schema import CLINICAL_SCHEMA, LABEL_NAMES
+from diffkd.data.schema import CLINICAL_SCHEMA
 from diffkd.data.splits import SPLITS, make_splits
 
 
@@ -25,10 +25,11 @@ class DatasetInfo:
     external: list[str]
     val_fraction: float
     seed: int
-    counts: pd.DataFrame  # center, split, DCIS, upgrade, total, upgrade_pct, patients
+    label_names: tuple[str, str]  # label 0, label 1 (the positive class)
+    counts: pd.DataFrame  # center, split, <label 0>, <label 1>, total, positive_pct, patients
     centers: pd.DataFrame  # center, modalities, images, patients, masks_pct, size, spacing_mm
-    clinical: pd.DataFrame  # attribute, missing_pct, DCIS, upgrade
-    synthetic: pd.DataFrame  # center, DCIS, upgrade, total
+    clinical: pd.DataFrame  # attribute, missing_pct, <label 0>, <label 1>
+    synthetic: pd.DataFrame  # center, <label 0>, <label 1>, total, positive_pct
 
     def format(self) -> str:
         return format_info(self)
@@ -44,29 +45,31 @@ def dataset_info(dataset, external: Sequence[str] = (), seed: int = 0, val_fract
     splits = make_splits(meta, external, val_fraction, seed)
     meta["split"] = splits["split"].to_numpy()  # same row order: real rows only, none dropped
     synth = ds.metadata(synthetic=True).to_pandas() if ds.centers(synthetic=True) else meta.iloc[:0]
-    return DatasetInfo(str(ds.uri), list(external), val_fraction, seed, _counts(meta), _centers(meta),
-                       _clinical(meta), _synthetic(synth))
+    names = ds.label_names
+    return DatasetInfo(str(ds.uri), list(external), val_fraction, seed, names, _counts(meta, names),
+                       _centers(meta), _clinical(meta, names), _synthetic(synth, names))
 
 
-def _label_counts(df: pd.DataFrame) -> dict:
-    dcis, upgrade = int((df["label"] == 0).sum()), int((df["label"] == 1).sum())
-    total = dcis + upgrade
-    return {LABEL_NAMES[0]: dcis, LABEL_NAMES[1]: upgrade, "total": total,
-            "upgrade_pct": 100.0 * upgrade / total if total else float("nan"), "patients": df["patient_id"].nunique()}
+def _label_counts(df: pd.DataFrame, names: tuple[str, str]) -> dict:
+    negative, positive = int((df["label"] == 0).sum()), int((df["label"] == 1).sum())
+    total = negative + positive
+    return {names[0]: negative, names[1]: positive, "total": total,
+            "positive_pct": 100.0 * positive / total if total else float("nan"),
+            "patients": df["patient_id"].nunique()}
 
 
-def _counts(meta: pd.DataFrame) -> pd.DataFrame:
+def _counts(meta: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
     rows = []
     for center in sorted(meta["center"].unique()):
         for split in SPLITS:
             part = meta[(meta["center"] == center) & (meta["split"] == split)]
             if len(part):
-                rows.append({"center": center, "split": split, **_label_counts(part)})
+                rows.append({"center": center, "split": split, **_label_counts(part, names)})
     for split in SPLITS:
         part = meta[meta["split"] == split]
         if len(part):
-            rows.append({"center": "all", "split": split, **_label_counts(part)})
-    rows.append({"center": "all", "split": "all", **_label_counts(meta)})
+            rows.append({"center": "all", "split": split, **_label_counts(part, names)})
+    rows.append({"center": "all", "split": "all", **_label_counts(meta, names)})
     return pd.DataFrame(rows)
 
 
@@ -101,19 +104,19 @@ def _summary(values: pd.Series, kind: str, levels: Sequence[str]) -> str:
     return " ".join(f"{lvl} {100 * shares.get(lvl, 0) / len(present):.0f}%" for lvl in levels if shares.get(lvl, 0))
 
 
-def _clinical(meta: pd.DataFrame) -> pd.DataFrame:
+def _clinical(meta: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
     rows = []
     for col in CLINICAL_SCHEMA:
         values = meta[col.name]
         row = {"attribute": col.name, "missing_pct": 100.0 * values.isna().mean()}
-        for label, name in LABEL_NAMES.items():
+        for label, name in enumerate(names):
             row[name] = _summary(values[meta["label"] == label], col.kind, col.levels)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _synthetic(synth: pd.DataFrame) -> pd.DataFrame:
-    rows = [{"center": c, **{k: v for k, v in _label_counts(part).items() if k not in ("patients",)}}
+def _synthetic(synth: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
+    rows = [{"center": c, **{k: v for k, v in _label_counts(part, names).items() if k not in ("patients",)}}
             for c, part in synth.groupby("center", sort=True)]
     return pd.DataFrame(rows)
 
@@ -146,21 +149,23 @@ def format_table(df: pd.DataFrame, headers: dict[str, str] | None = None, floats
 
 def format_info(info: DatasetInfo) -> str:
     total = info.counts.iloc[-1]
+    negative, positive = info.label_names
+    share = {"positive_pct": f"{positive} %"}
     n_centers = len(info.centers)
     head = [f"dataset {info.uri}",
             f"{n_centers} center(s), {total['total']} images, {total['patients']} patients; external (test): "
             f"{', '.join(info.external) or 'none'}; val fraction {info.val_fraction:g}, seed {info.seed}"]
     parts = ["\n".join(head),
-             "Images by center, split and label\n" + format_table(info.counts, {"upgrade_pct": "upgrade %"}),
+             "Images by center, split and label\n" + format_table(info.counts, share),
              "Centers\n" + format_table(info.centers, {"images_per_patient": "img/patient", "masks_pct": "masks %",
                                                        "spacing_mm": "spacing mm"}, floats="{:.1f}"),
              "Clinical attributes (real images; median (IQR) or shares)\n"
              + format_table(info.clinical.rename(columns={
-                 LABEL_NAMES[0]: f"{LABEL_NAMES[0]} (n={int(total[LABEL_NAMES[0]])})",
-                 LABEL_NAMES[1]: f"{LABEL_NAMES[1]} (n={int(total[LABEL_NAMES[1]])})"}),
+                 negative: f"{negative} (n={int(total[negative])})",
+                 positive: f"{positive} (n={int(total[positive])})"}),
                  {"missing_pct": "missing %"})]
     if len(info.synthetic):
-        parts.append("Synthetic images (training only)\n" + format_table(info.synthetic, {"upgrade_pct": "upgrade %"}))
+        parts.append("Synthetic images (training only)\n" + format_table(info.synthetic, share))
     else:
         parts.append("Synthetic images: none")
     return "\n\n".join(parts)

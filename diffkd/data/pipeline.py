@@ -275,7 +275,7 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     modality = col("modality").is_in(list(cfg.modalities)) if cfg.modalities else None
     wanted = col("case_id").is_in(ids) if ids is not None else None
     predicate = wanted if modality is None else (modality if wanted is None else wanted & modality)
-    ds = _read_and_decode(dataset, files, predicate, cfg, train)
+    ds = _read_and_decode(dataset, files, dataset.partition_base(), predicate, cfg, train)
 
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
@@ -290,14 +290,18 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
             if cfg.synthetic_sources:
                 keep = keep & col("source").is_in(list(cfg.synthetic_sources))
             synthetic = _read_and_decode(dataset, dataset.files(centers, synthetic=True),
+                                         dataset.partition_base(synthetic=True),
                                          keep if modality is None else keep & modality, cfg, train)
             ds = ds.mix(synthetic, weights=[real_rows, wanted_synthetic])  # interleaved block by block
     return ds
 
 
-def _read_and_decode(dataset: ImageDataset, files: list[str], predicate, cfg: PipelineConfig,
+def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: str, predicate, cfg: PipelineConfig,
                      train: bool) -> "ray.data.Dataset":
     """read_parquet -> filter -> map_batches(decode), which Ray fuses into ONE task per file.
+
+    `center` comes from the files' `center=<C>` directories below `partition_base` (the files do not
+    carry it).
 
     Fusing matters on small machines: the PNG bytes never go through the object store and there is
     one task per file instead of one per block (on the 2-core box: ~2x the images/s of a separate
@@ -306,14 +310,15 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], predicate, cfg: Pi
     and only when the read is not split further (override_num_blocks = number of files).
     """
     import ray.data
-    from ray.data.datasource import FileShuffleConfig
+    from ray.data.datasource import FileShuffleConfig, Partitioning
 
     # identical resources and compute on all three steps: what fusion requires
     resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
     shuffle = FileShuffleConfig(seed=cfg.seed) if train else None  # reseeded every execution: new order per epoch
     with _read_settings(cfg):
-        ds = ray.data.read_parquet(files, filesystem=dataset.fs, partitioning=None, shuffle=shuffle,
+        ds = ray.data.read_parquet(files, filesystem=dataset.fs, shuffle=shuffle,
+                                   partitioning=Partitioning("hive", base_dir=partition_base, filesystem=dataset.fs),
                                    concurrency=cfg.decode_concurrency, override_num_blocks=len(files),
                                    batch_readahead=2, **resources).select_columns(list(READ_COLUMNS))
     ds.context.target_max_block_size = block_bytes(cfg)  # the dataset keeps its own copy of the context
@@ -433,12 +438,10 @@ def load_arrays(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pipe
     `train=True` augments exactly as the Ray pipeline's epoch `epoch` does. Real rows only.
     """
     import pyarrow.compute as pc
-    import pyarrow.dataset as pds
 
     cfg = with_center_vocabulary(cfg, dataset)
     ids = None if case_ids is None else [str(c) for c in case_ids]
-    files = dataset.files(None if centers is None else sorted(set(centers)))
-    scan = pds.dataset(files, filesystem=dataset.fs, format="parquet")
+    scan = dataset.arrow_dataset(None if centers is None else sorted(set(centers)))
     table = scan.to_table(columns=list(READ_COLUMNS),
                           filter=None if ids is None else pc.field("case_id").isin(ids))
     if cfg.modalities:

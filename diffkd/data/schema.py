@@ -12,11 +12,16 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
-LABEL_NAMES = {0: "DCIS", 1: "upgrade"}  # 1 = upgraded to invasive at surgery (positive class)
-# Spellings a user's CSV may carry for the label, lower-cased.
-LABEL_ALIASES = {
-    "0": 0, "dcis": 0, "pure dcis": 0, "stays dcis": 0, "non-upgrade": 0, "no": 0, "negative": 0,
-    "1": 1, "upgrade": 1, "upgraded": 1, "idc": 1, "invasive": 1, "yes": 1, "positive": 1,
+# The outcome is binary; each dataset names its two classes (label 0, label 1) in its manifest
+# (`diffkd ingest --label-names`). The default names are the DCIS-upgrade study's: 1 = upgraded to
+# invasive at surgery (the positive class).
+NUM_LABELS = 2
+DEFAULT_LABEL_NAMES = ("DCIS", "upgrade")
+# Spellings a user's CSV may carry for the label, lower-cased: any dataset's, then the DCIS study's.
+GENERIC_LABEL_ALIASES = {"0": 0, "negative": 0, "1": 1, "positive": 1}
+DCIS_LABEL_ALIASES = {
+    "dcis": 0, "pure dcis": 0, "stays dcis": 0, "non-upgrade": 0, "no": 0,
+    "upgrade": 1, "upgraded": 1, "idc": 1, "invasive": 1, "yes": 1,
 }
 MODALITIES = ("us", "us_doppler", "mammo")
 
@@ -84,21 +89,43 @@ def normalize_birads(value: object) -> str | None:
     return text
 
 
-def parse_label(value: object) -> int:
+def check_label_names(names) -> tuple[str, str]:
+    """("NEG", "POS") from a pair or "NEG,POS"; ValueError unless two distinct, non-empty names."""
+    parts = [p.strip() for p in names.split(",")] if isinstance(names, str) else [str(p).strip() for p in names]
+    if len(parts) != NUM_LABELS or not all(parts) or parts[0].lower() == parts[1].lower():
+        raise ValueError(f"label names {names!r}: give two different names, label 0 first (the negative "
+                         "class), then label 1 (the positive class), e.g. --label-names benign,malignant")
+    if any(p.lower() in ("skip", "none", "-") or "," in p or "=" in p for p in parts):
+        raise ValueError(f"label names {names!r}: 'skip', 'none', '-', ',' and '=' are reserved; choose other names")
+    return parts[0], parts[1]
+
+
+def label_aliases(names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> dict[str, int]:
+    """Lower-cased label spellings -> 0/1 for a dataset whose outcomes are `names`: the names, 0/1,
+    negative/positive, and the DCIS study's spellings when the names are the default ones."""
+    aliases = dict(GENERIC_LABEL_ALIASES)
+    if tuple(names) == DEFAULT_LABEL_NAMES:
+        aliases.update(DCIS_LABEL_ALIASES)
+    aliases.update({names[0].lower(): 0, names[1].lower(): 1})
+    return aliases
+
+
+def parse_label(value: object, names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> int:
+    """A label cell or folder name -> 0/1, for a dataset whose outcomes are `names` (label 0, label 1)."""
     key = str(value).strip().lower()
     if key.endswith(".0"):
         key = key[:-2]
-    if key not in LABEL_ALIASES:
-        raise ValueError(
-            f"label {value!r} is not recognised; use DCIS/upgrade or 0/1 (accepted: {', '.join(sorted(LABEL_ALIASES))})"
-        )
-    return LABEL_ALIASES[key]
+    aliases = label_aliases(names)
+    if key not in aliases:
+        raise ValueError(f"label {value!r} is not recognised; use {names[0]}/{names[1]} or 0/1 "
+                         f"(accepted: {', '.join(sorted(aliases))})")
+    return aliases[key]
 
 
 BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("case_id", pa.string(), nullable=False),
     pa.field("patient_id", pa.string(), nullable=False),  # salted hash, never the raw id
-    pa.field("center", pa.string(), nullable=False),  # also the hive partition key
+    pa.field("center", pa.string(), nullable=False),  # stored only as the hive partition key (center=<C>/)
     pa.field("modality", pa.string(), nullable=False),
     pa.field("label", pa.int8(), nullable=False),
     pa.field("image", pa.binary(), nullable=False),  # PNG, gray 8 or 16 bit, original size
@@ -117,6 +144,12 @@ TAIL_FIELDS: tuple[pa.Field, ...] = (
 def arrow_schema() -> pa.Schema:
     clinical = [pa.field(c.name, c.arrow_type) for c in CLINICAL_SCHEMA]
     return pa.schema([*BASE_FIELDS, *clinical, *TAIL_FIELDS])
+
+
+def stored_schema() -> pa.Schema:
+    """The columns a Parquet file holds: every row column but `center`, which its partition path gives."""
+    schema = arrow_schema()
+    return schema.remove(schema.get_field_index("center"))
 
 
 # Columns a model needs besides pixels; `image`/`mask` bytes are dropped once decoded.

@@ -5,7 +5,10 @@
 - calibration slope: logistic recalibration logit P(y) = a + b logit(p); 1 is ideal, < 1 means
   predictions are too extreme (overfitting);
 - Brier score: mean (p - y)^2;
-- reliability curve: observed event rate per bin of predicted risk, with Wilson CIs.
+- reliability curve: observed event rate per bin of predicted risk, with Wilson CIs;
+- logistic recalibration fitted on internal validation (`Recalibration`), so that risks read off a
+  model trained with class weights or rebalanced synthetic rows mean what they say before a
+  decision curve uses them.
 """
 from __future__ import annotations
 
@@ -88,3 +91,27 @@ def reliability_curve(labels: Sequence, probs: Sequence, n_bins: int = 10,
         lo, hi = wilson_ci(k, n, level)
         rows.append({"mean_predicted": float(p[sel].mean()), "observed": k / n, "lo": lo, "hi": hi, "n": n})
     return pd.DataFrame(rows, columns=["mean_predicted", "observed", "lo", "hi", "n"])
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """logit P(y) = intercept + slope * logit(p), fitted on internal validation and applied unchanged elsewhere.
+
+    Firth-penalised, so the map stays finite when a small validation set separates the classes.
+    """
+
+    intercept: float
+    slope: float
+    n: int
+
+    @classmethod
+    def fit(cls, labels: Sequence, probs: Sequence) -> "Recalibration":
+        y = binary_labels(labels)
+        if y.min() == y.max():
+            raise ValueError("logistic recalibration needs both classes in the validation predictions")
+        lp = logit(probs)
+        coef = fit_logistic(np.column_stack([np.ones(len(y)), lp]), y, firth=True).coef
+        return cls(float(coef[0]), float(coef[1]), len(y))
+
+    def apply(self, probs: Sequence) -> np.ndarray:
+        return 1 / (1 + np.exp(-(self.intercept + self.slope * logit(probs))))

@@ -14,8 +14,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from diffkd.evaluate.calibration import calibration, reliability_curve
-from diffkd.evaluate.decision import DEFAULT_THRESHOLDS, net_benefit, treat_all_net_benefit
+from diffkd.evaluate.decision import DEFAULT_THRESHOLDS, net_benefit, recalibrated, treat_all_net_benefit
 from diffkd.evaluate.metrics import CIOptions, OperatingPoint, auc_with_ci
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate.summary import COHORT_SPLITS, ordered_models
 
 DPI = 110
@@ -70,7 +71,7 @@ def _roc_band(y: np.ndarray, s: np.ndarray, grid: np.ndarray, n_boot: int, seed:
 
 def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], reference: str,
                reader_points: pd.DataFrame | None = None, ci: CIOptions = CIOptions(),
-               band_boot: int = 300) -> bytes:
+               band_boot: int = 300, label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> bytes:
     """Internal and external ROC curves side by side: every model, AUC (95% CI) in the legend, a
     bootstrap band and the fixed-threshold operating point for the reference model, reader points
     with Wilson 95% CIs."""
@@ -110,7 +111,7 @@ def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], refer
                             color="black", mfc=face[r.reader], ecolor="#555555", elinewidth=0.8, capsize=2, zorder=6,
                             label=f"reader {r.reader} ({r.experience})")
         n = part.drop_duplicates("case_id")
-        ax.set_title(f"{cohort.capitalize()} (n={len(n)}, {int(n.label.sum())} upgrades)")
+        ax.set_title(f"{cohort.capitalize()} (n={len(n)}, {label_names[1]} {int(n.label.sum())})")
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
         ax.set_xlim(-0.01, 1.01)
@@ -122,7 +123,8 @@ def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], refer
     return to_png(fig)
 
 
-def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 8) -> bytes:
+def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 8,
+                       label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> bytes:
     """Reliability curves (quantile bins; Wilson CIs for the reference model) per cohort, with the
     reference model's distribution of predicted risk underneath."""
     colors = model_colors(predictions.model.unique())
@@ -153,7 +155,7 @@ def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 
                             fmt="none", ecolor=colors[model], elinewidth=1, capsize=2)
                 hist_ax.hist(frame.prob, bins=np.linspace(0, 1, 41), color=colors[model], alpha=0.7)
         ax.set_title(f"{cohort.capitalize()}: observed vs predicted risk")
-        ax.set_ylabel("observed upgrade rate")
+        ax.set_ylabel(f"observed {label_names[1]} rate")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -165,11 +167,16 @@ def calibration_figure(predictions: pd.DataFrame, reference: str, n_bins: int = 
 
 def decision_figure(predictions: pd.DataFrame, reference: str,
                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> bytes:
-    """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none."""
+    """Net benefit over 5-40% threshold probability per cohort, against treat-all and treat-none, of each
+    model's risks recalibrated on its internal validation predictions (decision.recalibrated)."""
     colors = model_colors(predictions.model.unique())
-    fig = Figure(figsize=(11, 4.8))
+    risks, _ = recalibrated(predictions)
+    fig = Figure(figsize=(11, 5.2))
+    fig.suptitle("Risks recalibrated on internal validation (logistic recalibration per model) before net benefit",
+                 fontsize=10)
+    titles = {"internal": "Internal (where the recalibration was fitted)", "external": "External"}
     for ax, cohort in zip(fig.subplots(1, 2), COHORT_SPLITS):
-        part = _cohort(predictions, cohort)
+        part = _cohort(risks, cohort)
         if part.empty:
             _no_cases(ax, cohort)
             continue
@@ -186,7 +193,7 @@ def decision_figure(predictions: pd.DataFrame, reference: str,
             ax.plot(thresholds, nb, color=colors[model], lw=2.2 if main else 1, label=model, zorder=3 if main else 2)
         ax.set_ylim(-0.05, top * 1.15)
         ax.set_xlim(min(thresholds), max(thresholds))
-        ax.set_title(f"{cohort.capitalize()}: decision curve")
+        ax.set_title(f"{titles[cohort]}: decision curve", fontsize=10)
         ax.set_xlabel("threshold probability")
         ax.set_ylabel("net benefit")
         ax.grid(alpha=0.3)
@@ -195,7 +202,8 @@ def decision_figure(predictions: pd.DataFrame, reference: str,
 
 
 def forest_figure(metrics: Mapping) -> bytes:
-    """AUC with 95% CI per model, one panel per center (internal centers on validation cases)."""
+    """AUC with 95% CI per model, one panel per center (internal centers on validation cases), with the
+    synthetic cohort's Bayes and image-visible AUCs as vertical lines where metrics hold "ceilings"."""
     models = ordered_models(metrics["models"])
     centers = sorted({c for m in models for c in metrics["models"][m]["per_center"]})
     colors = model_colors(models)
@@ -203,6 +211,8 @@ def forest_figure(metrics: Mapping) -> bytes:
     axes = np.atleast_1d(fig.subplots(1, len(centers), sharey=True, squeeze=False)[0])
     lows = [m["auc_ci"][0] for e in metrics["models"].values() for m in e["per_center"].values()
             if m.get("auc") is not None]
+    lows += [c[k] for c in metrics.get("ceilings", {}).values() for k in ("bayes_auc", "visible_auc")
+             if c.get(k) is not None]
     x_min = min([0.3, *lows]) - 0.02
     for ax, center in zip(axes, centers):
         for row, model in enumerate(models):
@@ -214,6 +224,12 @@ def forest_figure(metrics: Mapping) -> bytes:
                         ms=5, capsize=2)
         split = next((metrics["models"][m]["per_center"][center].get("split") for m in models
                       if center in metrics["models"][m]["per_center"]), "")
+        ceiling = metrics.get("ceilings", {}).get(center, {})
+        for key, style, label in (("bayes_auc", "-", "Bayes AUC"), ("visible_auc", "--", "image-visible AUC")):
+            if ceiling.get(key) is not None:
+                ax.axvline(ceiling[key], color="#2b7a3d", lw=1.2, ls=style, label=label)
+        if ceiling and ax is axes[0]:
+            ax.legend(fontsize=7, loc="lower left")
         ax.set_title(f"{center} ({'external' if split == 'test' else 'internal'})", fontsize=9)
         ax.axvline(0.5, color="#bbbbbb", lw=0.8, ls="--")
         ax.set_xlim(x_min, 1.01)
@@ -251,21 +267,21 @@ def efficiency_figure(metrics: Mapping) -> bytes | None:
     return to_png(fig)
 
 
-def cohort_figure(cohort: pd.DataFrame) -> bytes:
-    """Cases per center split into upgrades and non-upgrades; external centers hatched."""
+def cohort_figure(cohort: pd.DataFrame, label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> bytes:
+    """Cases per center split by label (`label_names`: label 0, label 1); external centers hatched."""
     fig = Figure(figsize=(1.3 * len(cohort) + 3, 3.6))
     ax = fig.subplots()
     x = np.arange(len(cohort))
     negatives = cohort.cases - cohort.positives
     hatch = ["//" if role == "external" else "" for role in cohort.role]
-    ax.bar(x, negatives, color="#9ecae1", hatch=hatch, edgecolor="#3b6e8f", label="stays DCIS (0)")
+    ax.bar(x, negatives, color="#9ecae1", hatch=hatch, edgecolor="#3b6e8f", label=f"{label_names[0]} (0)")
     ax.bar(x, cohort.positives, bottom=negatives, color="#fc9272", hatch=hatch, edgecolor="#a33b2c",
-           label="upgraded (1)")
+           label=f"{label_names[1]} (1)")
     for xi, row in zip(x, cohort.itertuples()):
         ax.text(xi, row.cases, f"{row.positive_rate:.0%}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x)
     ax.set_xticklabels([f"{c}\n{r}" for c, r in zip(cohort.center, cohort.role)], fontsize=8)
     ax.set_ylabel("cases")
-    ax.set_title("Cases per center (upgrade rate on top; hatched = external)")
+    ax.set_title(f"Cases per center ({label_names[1]} rate on top; hatched = external)")
     ax.legend(fontsize=8)
     return to_png(fig)

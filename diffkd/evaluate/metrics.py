@@ -308,6 +308,62 @@ def paired_auc_test(labels: Sequence, scores_a: Sequence, scores_b: Sequence, op
 
 
 # --------------------------------------------------------------------------------------------------
+# Random-effects pooling (meta-analysis of AUCs from different models or cohorts)
+
+
+@dataclass(frozen=True)
+class PooledAUC:
+    """A random-effects pooled AUC (DerSimonian & Laird 1986) on the logit scale, back-transformed."""
+
+    auc: float
+    ci: tuple[float, float]
+    logit: float  # pooled logit AUC
+    se_logit: float
+    tau2: float  # between-study variance (logit scale)
+    i2: float  # share of the spread beyond chance, 0..1
+    q: float  # Cochran's Q
+    p_heterogeneity: float  # chi-square test of Q on k - 1 degrees of freedom
+    weights: tuple[float, ...]  # each study's share of the random-effects weight, in input order
+    k: int
+
+
+def dersimonian_laird(estimates: Sequence[float], variances: Sequence[float]) -> tuple[float, float, float, float,
+                                                                                        np.ndarray]:
+    """Random-effects mean of `estimates` with within-study `variances`: (mean, se, tau2, Q, weights)."""
+    y, v = np.asarray(estimates, dtype=float), np.asarray(variances, dtype=float)
+    if len(y) == 0 or len(y) != len(v):
+        raise ValueError(f"{len(y)} estimates and {len(v)} variances: need one variance per estimate, at least one")
+    if not (np.all(np.isfinite(y)) and np.all(np.isfinite(v)) and np.all(v > 0)):
+        raise ValueError("random-effects pooling needs finite estimates and finite positive variances")
+    w = 1 / v
+    fixed = float(np.sum(w * y) / np.sum(w))
+    q = float(np.sum(w * (y - fixed) ** 2))
+    scale = float(np.sum(w) - np.sum(w ** 2) / np.sum(w))
+    tau2 = max(0.0, (q - (len(y) - 1)) / scale) if scale > 0 else 0.0
+    w_star = 1 / (v + tau2)
+    mean = float(np.sum(w_star * y) / np.sum(w_star))
+    return mean, float(math.sqrt(1 / np.sum(w_star))), tau2, q, w_star / w_star.sum()
+
+
+def pooled_auc(aucs: Sequence[float], ses: Sequence[float], level: float = 0.95) -> PooledAUC:
+    """DerSimonian-Laird pooling of AUCs on the logit scale; var(logit AUC) = se^2 / (AUC (1 - AUC))^2
+    (delta method). The logit keeps the interval inside (0, 1). An AUC of exactly 0 or 1 has no
+    finite logit: leave such a study out and say so."""
+    a, se = np.asarray(aucs, dtype=float), np.asarray(ses, dtype=float)
+    if np.any((a <= 0) | (a >= 1)):
+        raise ValueError("pooling on the logit scale needs every AUC strictly between 0 and 1")
+    logits = np.log(a / (1 - a))
+    mean, se_logit, tau2, q, weights = dersimonian_laird(logits, (se / (a * (1 - a))) ** 2)
+    half = _z(level) * se_logit
+    expit = lambda x: float(1 / (1 + math.exp(-x)))  # noqa: E731
+    k = len(a)
+    return PooledAUC(auc=expit(mean), ci=(expit(mean - half), expit(mean + half)), logit=mean, se_logit=se_logit,
+                     tau2=tau2, i2=max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0, q=q,
+                     p_heterogeneity=float(stats.chi2.sf(q, k - 1)) if k > 1 else math.nan,
+                     weights=tuple(float(x) for x in weights), k=k)
+
+
+# --------------------------------------------------------------------------------------------------
 # Thresholds and operating points
 
 

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from diffkd.data.schema import BIRADS_LEVELS, LABEL_ALIASES, normalize_birads
+from diffkd.data.schema import BIRADS_LEVELS, label_aliases, normalize_birads
 from diffkd.evaluate.metrics import OperatingPoint
 
 REQUIRED_COLUMNS = ("reader", "experience", "case_id")
 VALUE_COLUMNS = ("call", "probability", "birads")  # precedence when a row fills several
-_CALL_WORDS = {**LABEL_ALIASES, "true": 1, "false": 0, "malignant": 1, "benign": 0}
+_CALL_WORDS = {**label_aliases(), "true": 1, "false": 0, "malignant": 1, "benign": 0}
 EXACT_BELOW = 25  # discordant pairs under this use the exact mid-p McNemar test
 
 

@@ -35,8 +35,10 @@ import pandas as pd
 import yaml
 
 from diffkd.config import from_dict
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate import figures
 from diffkd.evaluate.readers import load_readers, reader_operating_points
+from diffkd.evaluate.truth import load_truth
 from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
                                      cases_table, cohort_table, fit_thresholds, jsonable, ordered_models,
                                      validate_predictions)
@@ -74,6 +76,12 @@ class ReportInputs:
     notes: list = field(default_factory=list)  # stages left out (and why) and data set aside, listed under limitations
     config: dict | None = None  # the experiment config as run
     evaluate: dict = field(default_factory=dict)  # EvaluateConfig fields
+    # model (classifiers, the generator, the feature model) -> "scratch" or the weights it started from
+    initialised_from: dict = field(default_factory=dict)
+    # a synthetic cohort's truth.csv (the phantom's): per-center Bayes and image-visible AUC ceilings.
+    # Its case ids are mapped to the stored ones with the salt of dataset["path"].
+    truth: str | None = None
+    label_names: list = field(default_factory=lambda: list(DEFAULT_LABEL_NAMES))  # the dataset's label 0, label 1
 
     def __post_init__(self):
         unknown = sorted(set(self.skipped) - set(SECTIONS))
@@ -202,6 +210,18 @@ class _Context:
     def reference(self) -> str:
         return self.config.reference
 
+    @property
+    def negative(self) -> str:
+        return self.inputs.label_names[0]
+
+    @property
+    def positive(self) -> str:
+        return self.inputs.label_names[1]
+
+    def perf_headers(self) -> list[str]:
+        return ["model", "cases", _esc(self.positive), "AUC (95% CI)", "sensitivity", "specificity", "PPV", "NPV",
+                "accuracy"]
+
     def skip(self, section: str, default_reason: str) -> str:
         reason = self.inputs.skipped.get(section, default_reason)
         self.skipped[section] = reason
@@ -229,9 +249,6 @@ def _model_rows(ctx: _Context, cohort: str, models: Sequence[str]) -> tuple[list
     return rows, highlight
 
 
-_PERF_HEADERS = ["model", "cases", "upgrades", "AUC (95% CI)", "sensitivity", "specificity", "PPV", "NPV", "accuracy"]
-
-
 def _summary_section(ctx: _Context) -> str:
     models = ordered_models(ctx.metrics["models"])
     rows, highlight = _model_rows(ctx, "external", models)
@@ -246,7 +263,7 @@ def _summary_section(ctx: _Context) -> str:
     if not rows:
         rows, highlight = _model_rows(ctx, "internal", models)
         lead = "<p>There is no external cohort; the table shows internal validation.</p>"
-    table = _table(_PERF_HEADERS, rows, numeric=range(1, 9), highlight=highlight)
+    table = _table(ctx.perf_headers(), rows, numeric=range(1, 9), highlight=highlight)
     return lead + table + (f'<p class="note">Sensitivity, specificity, PPV, NPV and accuracy at each model\'s own '
                            f"threshold fixed on internal validation ({_esc(ctx.config.threshold_rule.describe())}); "
                            "Wilson 95% CIs.</p>")
@@ -257,30 +274,41 @@ def _model_details_section(ctx: _Context) -> str:
     for model in ordered_models(ctx.metrics["models"]):
         info = ctx.inputs.model_info.get(model, {})
         rows.append([f"<code>{_esc(model)}</code>", _esc(info.get("description") or MODEL_DESCRIPTIONS.get(model, "")),
-                     _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"])])
+                     _esc(info.get("architecture", "")), _num(ctx.metrics["models"][model]["params"]),
+                     _esc(ctx.inputs.initialised_from.get(model, ""))])
     ds = dict(ctx.inputs.dataset)
-    intended_use = ds.pop("intended_use", (
-        "Research use: estimate, before surgery, the probability that ductal carcinoma in situ (DCIS) "
-        "diagnosed at core biopsy is upgraded to invasive carcinoma at surgical excision, from the breast "
-        "image. Not a medical device; not validated prospectively."))
-    outcome = ds.pop("outcome", ("label = 1 when surgery found invasive disease (upgrade), 0 when it stayed DCIS; "
-                                 "the positive class is the upgrade."))
+    if (ctx.negative, ctx.positive) == DEFAULT_LABEL_NAMES:  # the DCIS-upgrade study's own words
+        default_use = ("Research use: estimate, before surgery, the probability that ductal carcinoma in situ (DCIS) "
+                       "diagnosed at core biopsy is upgraded to invasive carcinoma at surgical excision, from the "
+                       "breast image. Not a medical device; not validated prospectively.")
+        default_outcome = ("label = 1 when surgery found invasive disease (upgrade), 0 when it stayed DCIS; "
+                           "the positive class is the upgrade.")
+    else:
+        default_use = (f"Research use: estimate the probability of {ctx.positive} (rather than {ctx.negative}) from "
+                       "the image. Not a medical device; not validated prospectively.")
+        default_outcome = f"label = 1 is {ctx.positive}, 0 is {ctx.negative}; the positive class is {ctx.positive}."
+    intended_use = ds.pop("intended_use", default_use)
+    outcome = ds.pop("outcome", default_outcome)
     intended = (f"<p><b>Intended use.</b> {_esc(intended_use)}</p><p><b>Outcome.</b> {_esc(outcome)}</p>")
     data = ""
     if ds:
         data = _table(["dataset", "value"], [[_esc(k), _esc(v)] for k, v in ds.items()])
-    return intended + data + _table(["model", "what it is", "architecture", "parameters"], rows, numeric=[3])
+    listed = set(ordered_models(ctx.metrics["models"]))
+    others = "".join(f'<p class="note"><code>{_esc(m)}</code> started from: {_esc(source)}</p>'
+                     for m, source in ctx.inputs.initialised_from.items() if m not in listed)
+    return intended + data + _table(["model", "what it is", "architecture", "parameters", "initialised from"], rows,
+                                    numeric=[3]) + others
 
 
 def _data_section(ctx: _Context) -> str:
     cohort = cohort_table(ctx.preds)
     rows = [[_esc(r.center), _esc(r.role), _num(r.patients), _num(r.cases), _num(r.positives), _pct(r.positive_rate),
              _num(r.n_train), _num(r.n_val), _num(r.n_test)] for r in cohort.itertuples()]
-    out = _table(["center", "role", "patients", "cases", "upgrades", "upgrade rate", "train", "internal val",
-                  "external test"], rows, numeric=range(2, 9))
-    out += _figure(figures.cohort_figure(cohort), "cases per center",
-                   "Cases per center with the share upgraded. Internal centers are split by patient into training "
-                   "and internal validation; external centers are held out whole.")
+    out = _table(["center", "role", "patients", "cases", _esc(ctx.positive), f"{_esc(ctx.positive)} rate", "train",
+                  "internal val", "external test"], rows, numeric=range(2, 9))
+    out += _figure(figures.cohort_figure(cohort, ctx.inputs.label_names), "cases per center",
+                   f"Cases per center with the share of {_esc(ctx.positive)}. Internal centers are split by patient "
+                   "into training and internal validation; external centers are held out whole.")
     if ctx.inputs.flow:
         flow = pd.DataFrame(ctx.inputs.flow)
         out += "<h3>Participant flow</h3>" + _table([_esc(c) for c in flow.columns],
@@ -308,7 +336,7 @@ def _methods_section(ctx: _Context) -> str:
         "Calibration: intercept (calibration-in-the-large, slope fixed at 1) and slope by logistic recalibration "
         "of the outcome on logit(p); Brier score; reliability curves over quantile bins with Wilson CIs.",
         "Clinical utility: decision-curve net benefit over threshold probabilities of 5–40%, against treating all "
-        "and treating none.",
+        "and treating none, on risks recalibrated on internal validation (logistic recalibration per model).",
         "Readers: each reader's calls against the reference model's at its fixed threshold on the cases both read; "
         "McNemar test on the positives (sensitivity) and on the negatives (specificity), exact mid-p below 25 "
         "discordant pairs, continuity-corrected chi-square otherwise.",
@@ -326,7 +354,8 @@ def _discrimination_section(ctx: _Context) -> str:
     out = "" if (ctx.preds.split == "test").any() else ctx.skip("external", "no external ('test') predictions")
     points = (reader_operating_points(ctx.reads, cases_table(ctx.preds), ctx.config.level)
               if ctx.reads is not None else None)
-    out += _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options),
+    out += _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options,
+                                      label_names=ctx.inputs.label_names),
                   "ROC curves, internal and external",
                   "ROC curves. Shaded: pointwise 95% bootstrap band for "
                   f"<code>{_esc(ctx.reference)}</code>; circle: its "
@@ -334,7 +363,7 @@ def _discrimination_section(ctx: _Context) -> str:
                   "senior, triangle junior) with Wilson 95% CIs. Legend: AUC (95% CI).")
     for cohort in ("internal", "external"):
         rows, highlight = _model_rows(ctx, cohort, models)
-        out += f"<h3>{cohort.capitalize()} validation</h3>" + _table(_PERF_HEADERS, rows, range(1, 9), highlight)
+        out += f"<h3>{cohort.capitalize()} validation</h3>" + _table(ctx.perf_headers(), rows, range(1, 9), highlight)
     rows = []
     for model in models:
         ive = ctx.metrics["models"][model].get("internal_vs_external")
@@ -359,9 +388,26 @@ def _per_center_section(ctx: _Context) -> str:
                          _ci(m["auc"], m["auc_ci"]), _ci(m["sensitivity"], m.get("sensitivity_ci")),
                          _ci(m["specificity"], m.get("specificity_ci")), _ci(m["accuracy"], m.get("accuracy_ci"))])
     rows_sorted = sorted(range(len(rows)), key=lambda i: (rows[i][1] == "external", rows[i][0]))
-    out = _figure(figures.forest_figure(ctx.metrics), "per-center AUC forest plot",
-                  "AUC with 95% CI per center and model (internal centers: their validation cases).")
-    headers = ["center", "role", "model", "cases", "upgrades", "AUC (95% CI)", "sensitivity", "specificity",
+    caption = "AUC with 95% CI per center and model (internal centers: their validation cases)."
+    ceilings = ctx.metrics.get("ceilings")
+    if ceilings:
+        caption += (" Vertical lines: the synthetic cohort's ceilings on the same cases, the Bayes AUC of the "
+                    "generator's own probability of label 1 (solid) and the AUC of the image-visible score (dashed).")
+    out = _figure(figures.forest_figure(ctx.metrics), "per-center AUC forest plot", caption)
+    if ceilings:
+        ref_auc = {c: m.get("auc") for c, m in ctx.metrics["models"].get(ctx.reference, {}).get("per_center", {}).items()}
+        crow = [[_esc(c), _num(e["n"]), _num(e["n_pos"]), _ci(e.get("bayes_auc"), e.get("bayes_auc_ci")),
+                 _ci(e.get("visible_auc"), e.get("visible_auc_ci")), _num(ref_auc.get(c)), _esc(e["cases_of"])]
+                for c, e in ceilings.items()]
+        out += ("<h3>What the data allow: the synthetic cohort's ceilings</h3>" +
+                _table(["center", "cases", _esc(ctx.positive), "Bayes AUC (label probability)",
+                        "image-visible AUC (visible score)", f"AUC {_esc(ctx.reference)}", "cases of"], crow,
+                       range(1, 6)) +
+                '<p class="note">From the phantom\'s truth file, read by the report only. The Bayes AUC scores '
+                "each case by the probability that generated its label: no model can beat it but by chance. The "
+                "image-visible AUC scores it by the part of that evidence the images show: an image-only model "
+                "near it has learnt what there is to learn.</p>")
+    headers = ["center", "role", "model", "cases", _esc(ctx.positive), "AUC (95% CI)", "sensitivity", "specificity",
                "accuracy"]
     every_model = _table(headers, [rows[i] for i in rows_sorted], range(3, 9),
                          [rows_sorted.index(i) for i in highlight])
@@ -374,7 +420,8 @@ def _per_center_section(ctx: _Context) -> str:
 def _calibration_section(ctx: _Context) -> str:
     if ctx.caller_skipped("calibration"):
         return _skipped(ctx.skipped["calibration"])
-    out = _figure(figures.calibration_figure(ctx.preds, ctx.reference), "calibration curves",
+    out = _figure(figures.calibration_figure(ctx.preds, ctx.reference, label_names=ctx.inputs.label_names),
+                  "calibration curves",
                   "Reliability curves (quantile bins). Error bars: Wilson 95% CIs for the reference model.")
     rows = []
     for model in ordered_models(ctx.metrics["models"]):
@@ -389,9 +436,18 @@ def _calibration_section(ctx: _Context) -> str:
 def _decision_section(ctx: _Context) -> str:
     if ctx.caller_skipped("decision"):
         return _skipped(ctx.skipped["decision"])
+    rows = [[f"<code>{_esc(m)}</code>", _num(r["intercept"]), _num(r["slope"]), _num(r["n"])]
+            for m, r in ((m, ctx.metrics["models"][m].get("recalibration")) for m in ordered_models(ctx.metrics["models"]))
+            if r]
     return _figure(figures.decision_figure(ctx.preds, ctx.reference), "decision curves",
-                   "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t. A model is useful where its "
-                   "curve lies above both treat-all and treat-none.")
+                   "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t, computed on each model's "
+                   "probabilities <b>recalibrated on internal validation</b>: logit(risk) = a + b·logit(p), fitted "
+                   "on the model's internal validation predictions (Firth-penalised) and applied unchanged to the "
+                   "external cohort. Models trained with class weights or rebalancing synthetic rows do not output "
+                   "risks; recalibration makes the threshold probability mean what it says. The internal panel is "
+                   "in-sample for the recalibration. A model is useful where its curve lies above both treat-all "
+                   "and treat-none.") + _table(["model", "recalibration a", "recalibration b", "validation cases"],
+                                               rows, [1, 2, 3])
 
 
 def _comparison_rows(ctx: _Context, models: Sequence[str], against: str | None = None) -> list[list[str]]:
@@ -417,7 +473,7 @@ def _ablation_section(ctx: _Context) -> str:
                         f"({', '.join(ABLATIONS)}) have predictions")
     missing = [m for m in ABLATIONS if m not in present]
     rows, highlight = _model_rows(ctx, "external", present)
-    out = _table(_PERF_HEADERS, rows, range(1, 9), highlight)
+    out = _table(ctx.perf_headers(), rows, range(1, 9), highlight)
     out += ("<h3>Against the full pipeline, same external cases</h3>" +
             _table(_CMP_HEADERS, _comparison_rows(ctx, present, ctx.reference), range(2, 7)))
     synthetic = _comparison_rows(ctx, ["teacher"], "teacher_real_only")
@@ -437,7 +493,7 @@ def _baseline_section(ctx: _Context) -> str:
         return ctx.skip("baselines", "no seed-001 baseline predictions (clinical, deep_features, combined)")
     rows, highlight = _model_rows(ctx, "external", [*present, ctx.reference] if ctx.reference in ctx.metrics["models"]
                                   else present)
-    out = _table(_PERF_HEADERS, rows, range(1, 9), highlight)
+    out = _table(ctx.perf_headers(), rows, range(1, 9), highlight)
     out += "<h3>Comparisons (paired, external)</h3>" + _table(_CMP_HEADERS, _comparison_rows(ctx, present), range(2, 7))
     summary = ctx.inputs.baselines or {}
     clinical = summary.get("clinical")
@@ -523,8 +579,8 @@ def _synthetic_section(ctx: _Context) -> str:
               "conditional_auc_ci": "conditional AUC, 95% CI (DeLong)",
               "trtr_auc": "the same classifier's AUC on real validation images",
               "label_threshold": "that classifier's threshold (Youden, real training images)",
-              "label_effect": "label pairs: mean rise of that classifier's upgrade probability from the "
-                              "DCIS- to the upgrade-conditioned image (same noise, mask, conditions)",
+              "label_effect": f"label pairs: mean rise of that classifier's probability of {ctx.positive} from the "
+                              f"{ctx.negative}- to the {ctx.positive}-conditioned image (same noise, mask, conditions)",
               "label_effect_ci": "label pairs: 95% CI of that rise",
               "label_effect_positive_share": "label pairs: share of pairs where it rose",
               "label_pairs": "label pairs generated",
@@ -554,8 +610,8 @@ def _limitations_section(ctx: _Context) -> str:
     ref = ctx.metrics["models"].get(ctx.reference, {})
     ext = ref.get("external") or {}
     if ext.get("n_pos") is not None and ext["n_pos"] < 100:
-        items.append(f"The external cohort holds {ext['n_pos']} upgrades: confidence intervals are wide and "
-                     "small differences between models are not resolvable.")
+        items.append(f"The external cohort holds {ext['n_pos']} cases of {_esc(ctx.positive)}: confidence intervals "
+                     "are wide and small differences between models are not resolvable.")
     if ext and not ref.get("per_center"):
         items.append("No per-center breakdown was possible.")
     items.append("Retrospective data; p values are not adjusted for the number of comparisons.")
@@ -684,8 +740,11 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
     if readers is not None:
         reads = load_readers(readers, birads_positive_from=config.birads_positive_from,
                              probability_threshold=config.reader_probability_threshold)
+    truth = None
+    if inputs.truth:  # the one place truth is read: training stages never see it
+        truth = load_truth(inputs.truth, preds.case_id.unique(), inputs.dataset.get("path"))
     metrics = build_metrics(preds, model_info=inputs.model_info, synthetic=inputs.synthetic, readers=reads,
-                            baselines=inputs.baselines, config=config)
+                            baselines=inputs.baselines, config=config, truth=truth, label_names=inputs.label_names)
     ctx = _Context(preds=preds, metrics=metrics, inputs=inputs, config=config,
                    thresholds=fit_thresholds(preds, config.threshold_rule), reads=reads,
                    grids=_read_grids(inputs.synthetic_grids))
@@ -698,6 +757,7 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
         digest = hashlib.sha256(parquet_tmp.read_bytes()).hexdigest()
         page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
         metrics["skipped"] = dict(ctx.skipped)
+        metrics["initialised_from"] = dict(inputs.initialised_from)
         metrics["predictions_sha256"] = digest
         staging.write_bytes("metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
         saved = dataclasses.asdict(inputs)
@@ -725,9 +785,11 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
 
 def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLike,
                    inputs_path: str | os.PathLike | None = None, readers_path: str | os.PathLike | None = None,
-                   config: EvaluateConfig | None = None, title: str | None = None) -> ReportFiles:
+                   config: EvaluateConfig | None = None, title: str | None = None, truth: str | None = None,
+                   dataset: str | None = None) -> ReportFiles:
     """Rebuild a report from a predictions.parquet and, by default, the report_inputs.json and readers.csv
-    found beside it (what `write_report` leaves)."""
+    found beside it (what `write_report` leaves). `truth` and `dataset` replace the stored truth file
+    and the dataset its case ids are mapped with."""
     predictions_path = Path(predictions_path)
     try:
         preds = pd.read_parquet(predictions_path)
@@ -741,6 +803,10 @@ def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLi
     inputs = ReportInputs.load(inputs_path) if inputs_path else ReportInputs()
     if title:
         inputs.title = title
+    if truth:
+        inputs.truth = str(Path(truth).resolve())
+    if dataset:
+        inputs.dataset = {**inputs.dataset, "path": str(dataset)}
     if readers_path is None and (beside / READERS_FILE).exists():
         readers_path = beside / READERS_FILE
     # copy grids out first: they may live in the very directory being rewritten

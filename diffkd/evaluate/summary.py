@@ -16,10 +16,13 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate.calibration import calibration
+from diffkd.evaluate.decision import recalibrated
 from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, independent_auc_test,
                                      paired_auc_test)
 from diffkd.evaluate.readers import compare_readers, reader_operating_points
+from diffkd.evaluate.truth import center_ceilings
 
 COLUMNS = ("case_id", "patient_id", "center", "split", "label", "model", "prob")
 SPLITS = ("train", "val", "test")
@@ -255,16 +258,20 @@ def describe_ci_method(config: EvaluateConfig) -> str:
 def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping] | None = None,
                   synthetic: Mapping | None = None, readers: pd.DataFrame | None = None,
                   baselines: Mapping | None = None, config: EvaluateConfig = EvaluateConfig(),
-                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS) -> dict:
+                  extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, truth: pd.DataFrame | None = None,
+                  label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
     model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
     (fid, kid, conditional_accuracy, near_copies, tstr_auc); readers: `readers.load_readers(...)`
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
-    of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through.
+    of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
+    synthetic cohort's truth (`truth.load_truth(...)`), giving per center the Bayes and image-visible
+    AUCs under "ceilings"; label_names: the dataset's outcome names (label 0, label 1 = positive).
     """
     preds = validate_predictions(predictions)
     thresholds = fit_thresholds(preds, config.threshold_rule)
+    _, recalibrations = recalibrated(preds)
     model_info = model_info or {}
     models: dict = {}
     for model in ordered_models(preds.model.unique()):
@@ -284,9 +291,14 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
         entry["threshold"] = thresholds[model]
         entry["internal_vs_external"] = _internal_vs_external(frame, config.ci_options)
+        if model in recalibrations:  # what the decision curves apply to this model's probabilities
+            r = recalibrations[model]
+            entry["recalibration"] = {"intercept": r.intercept, "slope": r.slope, "n": r.n,
+                                      "fitted_on": "internal validation"}
         models[model] = entry
 
     out = {
+        "label_names": {"0": label_names[0], "1": label_names[1]},  # what label 0 / 1 (positive) mean
         "models": models,
         "comparisons": comparisons(preds, config.reference, extra_pairs, config.ci_options),
         "synthetic": dict(synthetic) if synthetic else {"skipped": "no synthetic-data audit was provided"},
@@ -310,6 +322,8 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         }
     if baselines:
         out["baselines"] = dict(baselines)
+    if truth is not None:
+        out["ceilings"] = center_ceilings(preds, truth, config.reference, config.ci_options)
     return jsonable(out)
 
 

@@ -1,6 +1,7 @@
 """Image classifiers by timm name (teacher and student), saved in timm's own layout.
 
     create_classifier("resnet50", in_chans=1)                    a timm model, trained from scratch
+    create_classifier("resnet50", pretrained="weights/r50")      started from weights (see `pretrained_overlay`)
     create_classifier("resnet18", clinical_dim=W)                + clinical fusion head (fusion.py)
     save_classifier(model, dir)  /  load_classifier(dir)
 
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkd.data.schema import LABEL_NAMES, ClinicalEncoding
+from diffkd.data.schema import DEFAULT_LABEL_NAMES, NUM_LABELS, ClinicalEncoding
 from diffkd.models.fusion import ClinicalFusionClassifier, ClinicalFusionHead, FusionHeadConfig
 
 WEIGHTS = "model.safetensors"
@@ -37,26 +38,105 @@ _IMAGENET_PROVENANCE = ("tag", "license", "origin_url", "paper_ids", "hf_hub_id"
                         "test_input_size", "test_crop_pct", "pool_size")
 
 
+SCRATCH = "scratch"  # what `initialised_from` says of a model that started from random weights
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm / Hugging Face folder holds, in order
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+HF_HUB = "hf-hub:"
+
+
+def initialised_from(pretrained: str) -> str:
+    """How a model's weights started, for metrics.json: "scratch", the hf-hub id, or the absolute local path."""
+    if not pretrained:
+        return SCRATCH
+    return pretrained if pretrained.startswith(HF_HUB) else os.path.abspath(os.path.expanduser(pretrained))
+
+
+def pretrained_overlay(source: str, arch: str) -> dict[str, Any]:
+    """timm's `pretrained_cfg_overlay` that loads `source` into architecture `arch`.
+
+    `source` is a local weights file (.safetensors, .pth, .pt, .bin), a local folder holding
+    model.safetensors or pytorch_model.bin (+ timm's config.json, whose architecture must be `arch`
+    and whose input channels and classes are then known), or ``hf-hub:<org>/<name>`` (Hugging Face hub).
+    timm adapts the first convolution to the model's input channels and starts a fresh classifier
+    when the class counts differ.
+    """
+    if source.startswith(HF_HUB):
+        return {"hf_hub_id": source[len(HF_HUB):]}
+    path = os.path.abspath(os.path.expanduser(source))
+    if os.path.isfile(path):
+        if not path.endswith(WEIGHT_SUFFIXES):
+            raise ValueError(f"pretrained {source!r}: a weights file must end in {', '.join(WEIGHT_SUFFIXES)}")
+        return {"file": path}
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"pretrained {source!r} is neither a weights file, a folder, nor {HF_HUB}<org>/<name>")
+    overlay: dict[str, Any] = {}
+    config_path = os.path.join(path, CONFIG)
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+        if config.get("architecture") and config["architecture"] != arch:
+            raise ValueError(f"pretrained {source!r} holds a {config['architecture']!r} model, but the config asks "
+                             f"for arch {arch!r}: set the arch to {config['architecture']!r} or choose other weights")
+        saved = config.get("pretrained_cfg") or {}
+        if saved.get("input_size"):
+            overlay["input_size"] = tuple(saved["input_size"])  # so timm adapts the stem from the right width
+        if config.get("num_classes"):
+            overlay["num_classes"] = int(config["num_classes"])
+    weights = [os.path.join(path, name) for name in WEIGHT_FILES if os.path.exists(os.path.join(path, name))]
+    if not weights:
+        raise FileNotFoundError(f"pretrained folder {source!r} holds none of {', '.join(WEIGHT_FILES)}")
+    return {**overlay, "file": weights[0]}
+
+
+def _check_loaded(model: nn.Module, weights: str, source: str, arch: str) -> None:
+    """timm loads non-strictly once it drops a classifier, so weights of another architecture would half-load
+    in silence; every tensor of the model but its classifier must come from the file, by timm's names."""
+    from timm.models import load_state_dict
+
+    loaded = load_state_dict(weights)
+    classifier = model.default_cfg.get("classifier", "")
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    missing = [k for k in model.state_dict() if k not in loaded and not k.endswith("num_batches_tracked")
+               and not any(k.startswith(f"{c}.") for c in classifiers if c)]
+    if missing:
+        raise ValueError(f"pretrained {source!r} lacks {len(missing)} of the {arch!r} model's tensors "
+                         f"(e.g. {', '.join(missing[:3])}): are these weights of a {arch!r}, saved with timm's names?")
+
+
 def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinical_dim: int = 0,
                       drop_rate: float = 0.0, drop_path_rate: float = 0.0, fusion_hidden: int = 64,
-                      fusion_dropout: float = 0.1, column_dropout: float = 0.1, **timm_kwargs: Any) -> nn.Module:
-    """A timm classifier with random weights (no hub download); with `clinical_dim` > 0, a fusion classifier.
+                      fusion_dropout: float = 0.1, column_dropout: float = 0.1, pretrained: str = "",
+                      **timm_kwargs: Any) -> nn.Module:
+    """A timm classifier, random (`pretrained=""`) or started from weights; with `clinical_dim` > 0, a fusion classifier.
 
+    `pretrained`: see `pretrained_overlay`; an ``hf-hub:`` id needs the hub to be reachable.
     `clinical_dim` must be the width of `ClinicalEncoding` (the fusion head checks the feature names).
     """
     import timm
 
     if drop_path_rate:
         timm_kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained:
+        timm_kwargs["pretrained_cfg_overlay"] = pretrained_overlay(pretrained, arch)
     try:
-        backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+        backbone = timm.create_model(arch, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans,
                                      drop_rate=drop_rate, **timm_kwargs)
     except RuntimeError as err:
         if "Unknown model" not in str(err):
+            if pretrained:
+                raise RuntimeError(f"could not load pretrained weights {pretrained!r} into {arch!r}: {err}") from err
             raise
         close = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:8]
         raise ValueError(f"unknown timm architecture {arch!r}; similar names: {', '.join(close) or 'none'} "
                          "(timm.list_models() lists all)") from None
+    except (OSError, ValueError) as err:  # huggingface_hub: offline, unreachable, unknown repository
+        if not pretrained.startswith(HF_HUB):
+            raise
+        raise RuntimeError(f"could not fetch pretrained weights {pretrained!r} from the Hugging Face hub ({err}). "
+                           "Where the hub cannot be reached, download the model elsewhere and set `pretrained` to "
+                           "its local folder (model.safetensors + config.json)") from err
+    if pretrained and "file" in timm_kwargs["pretrained_cfg_overlay"]:
+        _check_loaded(backbone, timm_kwargs["pretrained_cfg_overlay"]["file"], pretrained, arch)
     if not clinical_dim:
         return backbone
     width = ClinicalEncoding().width
@@ -103,8 +183,10 @@ def data_config(image_size: int, in_chans: int, mean: float, std: float) -> dict
             "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
 
 
-def save_classifier(model: nn.Module, out_dir: str, preprocessing: dict | None = None) -> None:
-    """Write the classifier in timm's layout (see module doc) into `out_dir`.
+def save_classifier(model: nn.Module, out_dir: str, preprocessing: dict | None = None,
+                    label_names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> None:
+    """Write the classifier in timm's layout (see module doc) into `out_dir`; `label_names` name its
+    two outputs (the dataset's outcome names).
 
     Files are written into a temporary folder beside them and moved into place one by one, config
     last, so a crash never leaves a half-written file; other files in `out_dir` are left alone.
@@ -118,8 +200,7 @@ def save_classifier(model: nn.Module, out_dir: str, preprocessing: dict | None =
     staging = os.path.join(out_dir, f".saving-{secrets.token_hex(4)}")
     try:
         save_for_hf(backbone, staging, safe_serialization=True, data_config=preprocessing,
-                    model_config={"label_names": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]}
-                    if backbone.num_classes == len(LABEL_NAMES) else None)
+                    model_config={"label_names": list(label_names)} if backbone.num_classes == NUM_LABELS else None)
         config_path = os.path.join(staging, CONFIG)
         with open(config_path) as f:
             config = json.load(f)

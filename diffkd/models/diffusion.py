@@ -30,7 +30,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES, MODALITIES, ClinicalEncoding
+from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, NUM_LABELS, ClinicalEncoding
 
 SAMPLERS = ("ddim", "dpm")
 TRAINING_INFO = "diffkd_training.json"  # beside model_index.json: what the model was trained on
@@ -78,7 +78,7 @@ class ConditionEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, centers: Sequence[str] = (), modalities: Sequence[str] = MODALITIES,
-                 num_labels: int = len(LABEL_NAMES), clinical_columns: Sequence[str] = CLINICAL_COLUMNS,
+                 num_labels: int = NUM_LABELS, clinical_columns: Sequence[str] = CLINICAL_COLUMNS,
                  hidden_dim: int = 128, out_dim: int = 128):
         super().__init__()
         self.centers = list(centers)
@@ -202,6 +202,32 @@ def build_denoiser(cfg: DiffusionModelConfig, centers: Sequence[str],
     encoder = ConditionEncoder(centers=list(centers), modalities=list(modalities), hidden_dim=cfg.condition_dim,
                                out_dim=cfg.time_embed_dim)
     return ConditionalDenoiser(unet, encoder, cfg.mask_channel)
+
+
+def init_unet_from(unet: UNet2DModel, source: str | os.PathLike) -> None:
+    """Start `unet` from the UNet weights of a diffusers folder: a UNet2DModel folder (config.json +
+    diffusion_pytorch_model.safetensors) or a pipeline folder with a `unet/` subfolder.
+
+    The source must have the same layout (blocks, widths, input channels, identity class embedding):
+    every weight is copied, so a mismatch is an error naming the first tensors that differ.
+    """
+    path = os.fspath(source)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"diffusion init_from {path!r} is not a folder (a diffusers UNet or pipeline folder)")
+    folder = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"diffusion init_from {path!r}: no config.json there or in unet/; "
+                                "give a diffusers UNet2DModel folder or a pipeline folder")
+    donor = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).state_dict()
+    own = unet.state_dict()
+    differ = [k for k in own if k not in donor or donor[k].shape != own[k].shape]
+    unused = [k for k in donor if k not in own]
+    if differ or unused:
+        raise ValueError(f"diffusion init_from {path!r}: its UNet does not match diffusion.model "
+                         f"({len(differ)} tensor(s) missing or of another shape, e.g. {', '.join(differ[:3]) or '-'}; "
+                         f"{len(unused)} unknown, e.g. {', '.join(unused[:3]) or '-'}); match block_out_channels, "
+                         "layers_per_block, attention, mask_channel and in_chans to the source model")
+    unet.load_state_dict(donor)
 
 
 def with_new_centers(denoiser: ConditionalDenoiser, centers: Sequence[str]) -> tuple[ConditionalDenoiser, list[int]]:

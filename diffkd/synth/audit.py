@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.data.dataset import DatasetError, ImageDataset
-from diffkd.data.schema import LABEL_NAMES
+from diffkd.data.schema import NUM_LABELS
 from diffkd.data.splits import SplitConfig, split_case_ids
 from diffkd.files import atomic_write_json
 from diffkd.synth.figures import plot_grid, plot_label_pairs, plot_near_copies
@@ -86,7 +86,7 @@ class AuditEncoder(nn.Module):
             if i < 3:
                 layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
-        self.label_head = nn.Linear(feature_dim, len(LABEL_NAMES))
+        self.label_head = nn.Linear(feature_dim, NUM_LABELS)
         self.center_head = nn.Linear(feature_dim, num_centers)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
@@ -249,6 +249,7 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
     import tempfile
 
     from diffkd.data.pipeline import PipelineConfig, load_arrays
+
     cfg = cfg or AuditConfig()
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     if model_dir is not None:
@@ -313,11 +314,12 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
     os.makedirs(out_dir, exist_ok=True)
     figures = {"grid": os.path.join(out_dir, "synthetic_grid.png"),
                "near_copies": os.path.join(out_dir, "synthetic_near_copies.png")}
-    plot_grid(real_train, synth, centers, pipe_cfg, cfg.grid_per_cell, figures["grid"], cfg.seed)
+    names = dataset.label_names
+    plot_grid(real_train, synth, centers, pipe_cfg, cfg.grid_per_cell, figures["grid"], cfg.seed, names)
     plot_near_copies(copies, real_train, synth, pipe_cfg, cfg.closest_pairs, figures["near_copies"])
     if pairs is not None:
         figures["label_pairs"] = plot_label_pairs(pairs, scored, cfg.grid_per_cell,
-                                                  os.path.join(out_dir, "synthetic_label_pairs.png"))
+                                                  os.path.join(out_dir, "synthetic_label_pairs.png"), names)
     details = {"summary": summary, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                "runs": sorted(set(synth["source"])), "centers": centers, "figures": figures,
                "near_copies": {k: v for k, v in copies.items() if not isinstance(v, np.ndarray)},

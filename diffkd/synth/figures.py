@@ -5,7 +5,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from diffkd.data.schema import LABEL_NAMES
 from diffkd.files import save_figure
 from diffkd.synth.stats import unit_range
 
@@ -22,11 +21,12 @@ def _figure():
     return plt
 
 
-def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: int, path: str, seed: int) -> str:
+def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: int, path: str, seed: int,
+              label_names: tuple[str, str]) -> str:
     """One row per center x label: real training images on the left, synthetic ones on the right (with the
     outline of the lesion mask each was conditioned on, for a mask-conditioned generator)."""
     plt = _figure()
-    cells = [(ci, c, lbl) for ci, c in enumerate(centers) for lbl in LABEL_NAMES]
+    cells = [(ci, c, lbl) for ci, c in enumerate(centers) for lbl in range(len(label_names))]
     fig, axes = plt.subplots(len(cells), 2 * per_cell, figsize=(2 * per_cell * 0.9, len(cells) * 1.0 + 0.6),
                              squeeze=False)
     rng = np.random.default_rng(seed)
@@ -45,7 +45,7 @@ def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: i
                         ax.contour(arrays["mask"][pick[k], 0], levels=[0.5], colors="tab:red", linewidths=0.5)
                 else:
                     ax.axis("off")  # fewer images than columns in this cell
-        axes[row, 0].set_ylabel(f"{center}\n{LABEL_NAMES[label]}", rotation=0, ha="right", va="center", fontsize=8)
+        axes[row, 0].set_ylabel(f"{center}\n{label_names[label]}", rotation=0, ha="right", va="center", fontsize=8)
     axes[0, 0].set_title("real (training)", loc="left", fontsize=9)
     axes[0, per_cell].set_title("synthetic (red: the lesion mask it was conditioned on)" if outlined else "synthetic",
                                 loc="left", fontsize=9)
@@ -54,9 +54,10 @@ def plot_grid(real: dict, synth: dict, centers: list[str], pipe_cfg, per_cell: i
     return save_figure(fig, path)
 
 
-def plot_label_pairs(pairs: LabelPairs, scored: dict[int, np.ndarray], per_cell: int, path: str) -> str:
-    """Two rows per center (DCIS above, upgrade below, same noise and mask), the classifier's upgrade
-    probability over each image."""
+def plot_label_pairs(pairs: LabelPairs, scored: dict[int, np.ndarray], per_cell: int, path: str,
+                     label_names: tuple[str, str]) -> str:
+    """Two rows per center (label 0 above, label 1 below, same noise and mask), the classifier's
+    probability of label 1 over each image."""
     plt = _figure()
     centers = sorted(pairs.rows["center"].unique())
     fig, axes = plt.subplots(2 * len(centers), per_cell, figsize=(per_cell * 1.1, 2 * len(centers) * 1.1 + 0.6),
@@ -76,11 +77,11 @@ def plot_label_pairs(pairs: LabelPairs, scored: dict[int, np.ndarray], per_cell:
                 if pairs.masks[i].any():
                     ax.contour(pairs.masks[i], levels=[0.5], colors="tab:red", linewidths=0.5)
                 ax.set_title(f"p={scored[label][i]:.2f}", fontsize=7)
-            axes[2 * ci, 0].set_ylabel(f"{center}\n{LABEL_NAMES[0]}", rotation=0, ha="right", va="center", fontsize=8)
-            axes[2 * ci + 1, 0].set_ylabel(f"{center}\n{LABEL_NAMES[1]}", rotation=0, ha="right", va="center",
-                                           fontsize=8)
+            for label, name in enumerate(label_names):
+                axes[2 * ci + label, 0].set_ylabel(f"{center}\n{name}", rotation=0, ha="right", va="center",
+                                                   fontsize=8)
     fig.suptitle("The same noise, mask and clinical values, conditioned on each label\n"
-                 "(p: the real-trained classifier's upgrade probability)", fontsize=9)
+                 f"(p: the real-trained classifier's probability of {label_names[1]})", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 

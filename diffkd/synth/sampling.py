@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from diffkd.data.dataset import DatasetError, ImageDataset
-from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES
+from diffkd.data.schema import CLINICAL_COLUMNS, NUM_LABELS
 from diffkd.data.splits import SplitConfig, fingerprint_of_digest, ids_digest, split_case_ids
 from diffkd.models.diffusion import model_fingerprint, training_info
 
@@ -121,10 +121,10 @@ def cell_counts(train_rows: pd.DataFrame, cfg: SynthConfig, centers: list[str]) 
     """Rows to generate per (center, label) cell that has real training rows to draw conditions from."""
     real = train_rows[train_rows["center"].isin(centers)].groupby(["center", "label"]).size()
     cells = {(c, int(lbl)): int(n) for (c, lbl), n in real.items()}
-    empty = [(c, lbl) for c in centers for lbl in LABEL_NAMES if (c, lbl) not in cells]
+    empty = [(c, lbl) for c in centers for lbl in range(NUM_LABELS) if (c, lbl) not in cells]
     if empty:
         log.warning("no training rows for %s: those cells get no synthetic rows",
-                    ", ".join(f"{c}/{LABEL_NAMES[lbl]}" for c, lbl in empty))
+                    ", ".join(f"{c}/label {lbl}" for c, lbl in empty))
     if cfg.mode == "balanced":
         return {cell: cfg.per_cell for cell in sorted(cells)}
     total_real = sum(cells.values())
@@ -263,7 +263,7 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     cfg = cfg or SynthConfig()
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     if not dataset.exists():
-        raise DatasetError(f"dataset {dataset.uri} does not exist (no manifest.json); run `diffkd ingest` first")
+        raise DatasetError(f"dataset {dataset.uri} does not exist (no _manifest.json); run `diffkd ingest` first")
     model_dir = os.fspath(model_dir)
     train_rows = generator_training_rows(dataset, model_dir)
     run_id = run_id_for(model_dir, cfg)

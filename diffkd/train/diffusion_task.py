@@ -21,8 +21,8 @@ from torch import nn
 
 from diffkd.data.splits import SplitConfig, ids_digest, split_case_ids
 from diffkd.models.diffusion import (SAMPLERS, TRAINING_INFO, ConditionalDenoiser, DiffusionModelConfig,
-                                     build_denoiser, load_denoiser, save_pipeline, training_info, training_scheduler,
-                                     with_new_centers)
+                                     build_denoiser, init_unet_from, load_denoiser, save_pipeline, training_info,
+                                     training_scheduler, with_new_centers)
 from diffkd.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ class DiffusionConfig:
     # A saved pipeline folder to extend instead of training from scratch: centers it does not know get
     # their own embedding row, trained on their rows alone, and every other weight stays as it was.
     base_model: str = ""
+    # A diffusers folder (a UNet2DModel folder, or a pipeline folder with unet/) whose UNet weights start
+    # training instead of random ones; the condition encoder starts fresh. "" = from scratch.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -66,6 +69,9 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.ema_decay = {self.ema_decay} must be in [0, 1)")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"diffusion.sampler {self.sampler!r} must be one of {', '.join(SAMPLERS)}")
+        if self.init_from and self.base_model:
+            raise ValueError("diffusion: init_from (a UNet to start from) and base_model (a trained generator to "
+                             "extend with new centers) exclude each other; set one")
 
 
 class DenoiserWithEMA(nn.Module):
@@ -177,7 +183,10 @@ class DiffusionTask(Task):
     def build_model(self) -> DenoiserWithEMA:
         torch.manual_seed(self.config.seed)
         if not self.config.base_model:
-            return DenoiserWithEMA(build_denoiser(self.config.model, self.config.centers))
+            denoiser = build_denoiser(self.config.model, self.config.centers)
+            if self.config.init_from:
+                init_unet_from(denoiser.unet, self.config.init_from)
+            return DenoiserWithEMA(denoiser)
         denoiser, new_rows = with_new_centers(load_denoiser(self.config.base_model), self.config.centers)
         denoiser.requires_grad_(False)
         table = denoiser.condition_encoder.center_embedding.weight.requires_grad_(True)
@@ -300,10 +309,19 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
         "train_rows": len(ids["train"]), "train_case_ids_sha256": ids_digest(ids["train"]),
         "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "history": result.history,
         "ema_steps": int(unwrap(model).ema_steps), "learnt_centers": centers,
+        "initialised_from": generator_start(config),
     }
     task.export(model, out_dir, info)
     return DiffusionResult(model_dir=out_dir, run_name=result.run_name, history=result.history,
                            best_metrics=result.best_metrics, train_rows=len(ids["train"]))
+
+
+def generator_start(config: DiffusionConfig) -> str:
+    """The generator's `initialised_from`: "scratch", the UNet folder it started from, or the model it extends."""
+    import os
+
+    start = config.init_from or config.base_model
+    return os.path.abspath(start) if start else "scratch"
 
 
 def _extension_of(config: DiffusionConfig, split: SplitConfig) -> tuple[DiffusionConfig, SplitConfig, list[str]]:

@@ -124,6 +124,7 @@ class DistillConfig:
 @dataclass
 class StudentConfig:
     arch: str = "mobilenetv3_small_100"  # any timm classifier; mobilenetv3 / efficientnet_lite / resnet18 class
+    pretrained: str = ""  # "" = random weights; a local weights file or timm folder, or hf-hub:<org>/<name>
     teacher_dir: str = ""  # the teacher's saved folder; "" = plain student (cross-entropy only)
     mode: str = "paired"  # paired | pairing_free
     student_modality: str = "us"
@@ -366,7 +367,8 @@ class StudentTask(Task):
         from diffkd.models.classifiers import create_classifier
 
         return create_classifier(self.config.arch, in_chans=self.config.pipeline.in_chans, num_classes=2,
-                                 clinical_dim=self.clinical_dim, drop_rate=self.config.drop_rate)
+                                 clinical_dim=self.clinical_dim, drop_rate=self.config.drop_rate,
+                                 pretrained=self.config.pretrained)
 
     def build_model(self) -> nn.Module:
         student = self.build_student()
@@ -558,6 +560,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd.DataFrame", cfg: StudentConfig,
                         fitted: FitResult, out_dir: str, model_name: str):
     from diffkd.config import to_dict
+    from diffkd.models.classifiers import initialised_from
     from diffkd.models.footprint import count_parameters, latency_ms
     from diffkd.train.teacher import _summary, predict_splits, write_stage_outputs
 
@@ -567,6 +570,7 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
     predictions = predict_splits(ds, real, cfg.pipeline, out_dir, cfg, model_name=model_name)
     metrics = _summary(predictions, fitted)
     metrics.update(params=count_parameters(student), onnx_max_abs_diff=onnx_gap,
+                   initialised_from=initialised_from(cfg.pretrained),
                    latency_ms=latency_ms(student, cfg.pipeline.image_size, cfg.pipeline.in_chans,
                                          ClinicalEncoding().width if cfg.clinical else 0))
     write_stage_outputs(out_dir, predictions, {

@@ -1,4 +1,4 @@
-"""Stage 2: the teacher, a timm classifier trained from scratch on real (+ synthetic) images.
+"""Stage 2: the teacher, a timm classifier (from scratch or `pretrained` weights) on real (+ synthetic) images.
 
 `teacher_loss` is the plain step (model, batch) -> StepOutput that tests call without Ray;
 `TeacherTask` adds evaluation (internal-validation AUC, the early-stopping objective) and export;
@@ -41,6 +41,8 @@ TRAINING_INFO = "training.json"
 @dataclass
 class TeacherConfig:
     arch: str = "resnet50"  # any timm name; the paper uses a large CNN, the demo a small one
+    # "" = random weights; a local weights file or timm folder, or hf-hub:<org>/<name> (models/classifiers.py)
+    pretrained: str = ""
     clinical: bool = False  # fuse the clinical attributes (fusion head beside the timm model)
     drop_rate: float = 0.2  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, for architectures that have it
@@ -68,7 +70,8 @@ def build_teacher(cfg: TeacherConfig) -> nn.Module:
     return create_classifier(cfg.arch, in_chans=cfg.pipeline.in_chans, num_classes=2,
                              clinical_dim=ClinicalEncoding().width if cfg.clinical else 0,
                              drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
-                             fusion_hidden=cfg.fusion_hidden, column_dropout=cfg.column_dropout)
+                             fusion_hidden=cfg.fusion_hidden, column_dropout=cfg.column_dropout,
+                             pretrained=cfg.pretrained)
 
 
 def teacher_loss(model: nn.Module, batch: dict[str, Any], cfg: TeacherConfig,
@@ -93,7 +96,7 @@ def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
     labels = [int(x) for x in labels]
     counts = [labels.count(0), labels.count(1)]
     if min(counts) == 0:
-        raise ValueError(f"the training split has {counts[0]} DCIS and {counts[1]} upgrade rows; "
+        raise ValueError(f"the training split has {counts[0]} rows of label 0 and {counts[1]} of label 1; "
                          "a classifier needs both classes")
     return tuple(len(labels) / (2 * c) for c in counts)
 
@@ -231,6 +234,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import check_can_feed, split_datasets, with_center_vocabulary
     from diffkd.data.splits import check_synthetic_split
+    from diffkd.models.classifiers import initialised_from
     from diffkd.raycompat import init as ray_init
     from diffkd.train.loop import fit
 
@@ -252,7 +256,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 
     task.export(fitted.load_model(task), out_dir)
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
-    metrics = _summary(predictions, fitted)
+    metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained)}
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
     _print_summary(metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)

@@ -8,14 +8,21 @@ pseudonyms; then the whole batch is checked before anything is written:
 
 - within the source: a file listed twice; one case id on images that disagree on patient, label or
   clinical values (a case may have several images, e.g. views or DICOM frames, but they describe one
-  lesion); the same image (sha256) twice — an identical repeat is kept once (warning), a repeat with a
-  different label or patient is an error;
+  lesion); the same image (sha256) twice — an identical repeat is kept once (warning), copies with
+  different labels or patients are an error (with a quarantine folder *every* copy is set aside,
+  since nothing says which one is right);
 - against the center already in the dataset: identical images are "already present" and skipped, so
   re-running an ingest changes nothing (not even the manifest); a stored case id on a new image that
   disagrees with it, or a stored image with a different label, is an error (``replace=True`` rebuilds
   the center from this source instead, and still writes nothing if the result is identical);
 - against the other centers: a patient (same salted id) or an image already in another center is an
   error, because it would leak between internal and external splits.
+
+Labels are read in the dataset's outcome names (``label_names``, e.g. ``("benign", "malignant")``;
+DCIS/upgrade by default), stored in its manifest by the first ingest; an ingest naming other outcomes
+is refused. The checks against the stored centers and the write run under the dataset's write lock,
+so concurrent ingests into one dataset (of different centers) wait for each other instead of losing
+a manifest entry or missing each other's patients; decoding, the slow part, runs before the lock.
 
 Any problem stops the run with a message naming each file / CSV line / column, and the dataset is
 left byte-for-byte as it was. With ``quarantine=DIR`` the rejected rows go to
@@ -40,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from diffkd.data.dataset import ImageDataset, validate_center_name
+from diffkd.data.dataset import DatasetError, ImageDataset, validate_center_name
 from diffkd.data.ingest import busi, dicom, folder
 from diffkd.data.ingest.common import (Discovery, IngestError, Loaded, Problem, Pseudonymizer, Record, SaltFile,
                                        load_all, parse_label_map, png_pixel_digest, salt_fingerprint)
-from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, LABEL_NAMES, arrow_schema
+from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, arrow_schema, check_label_names
 
 __all__ = ["ingest", "IngestReport", "IngestError", "LAYOUTS", "default_salt_path", "pseudonymizer_for",
            "salt_fingerprint"]
@@ -67,6 +74,7 @@ class IngestReport:
     already_present: int  # identical images already in the center
     duplicates: int  # repeats within the source (kept once) or known under another case id
     quarantined: int  # rows/files set aside with reasons
+    conflicting: int  # of those, copies of one image that disagree on label or patient (all copies set aside)
     skipped: int  # rows or images the label map leaves out
     labels_added: dict[str, int]
     center_rows: int
@@ -84,6 +92,9 @@ class IngestReport:
         ]
         extra = [(self.already_present, "already present"), (self.duplicates, "duplicate(s) skipped"),
                  (self.skipped, "left out by --label-map"), (self.quarantined, "quarantined")]
+        if self.conflicting:
+            extra.append((self.conflicting, "of them copies of one image with different labels or patients "
+                                            "(every copy set aside: nothing says which is right)"))
         if any(n for n, _ in extra):
             lines.append("  " + ", ".join(f"{n} {what}" for n, what in extra if n))
         if self.quarantined:
@@ -187,13 +198,19 @@ CASE_FIELDS = ("patient_id", "label", *CLINICAL_COLUMNS)  # what every image of 
 FLOAT_COLUMNS = ("spacing_mm", *(c.name for c in CLINICAL_SCHEMA if c.kind == "float"))
 
 
-def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[Problem], set[int], list[str]]:
+CONFLICT_HINT = ("copies of one image must agree on label and patient: keep the right copy (or fix its row) "
+                 "and remove the other")
+
+
+def _check_source(cands: list[Candidate], records: list[Record]
+                  ) -> tuple[list[Problem], set[int], list[str], set[int]]:
     """File listed twice, one case id with disagreeing images, an image repeated.
 
     Several images may share a case id (one case, several views or frames); they must then agree on
-    patient, label and clinical values. Returns problems, duplicate rows to drop, warnings.
+    patient, label and clinical values. Returns problems, duplicate rows to drop, warnings, and the
+    records that are copies of one image with different labels or patients.
     """
-    problems, drop, warnings = [], set(), []
+    problems, drop, warnings, conflicting = [], set(), [], set()
     first_line: dict[str, Record] = {}
     for rec in records:
         if rec.file in first_line:
@@ -225,16 +242,18 @@ def _check_source(cands: list[Candidate], records: list[Record]) -> tuple[list[P
         same_patient = a.row["patient_id"] == b.row["patient_id"] or ra.own_patient or rb.own_patient
         if a.row["label"] != b.row["label"] or not same_patient:
             what = "label" if a.row["label"] != b.row["label"] else "patient"
-            problems.append(rb.problem(f"the same image as {_where(ra)} but with a different {what}; "
-                                       "remove one of them or fix the row"))
+            for rec, other in ((ra, rb), (rb, ra)):  # nothing says which copy is right: both are rejected
+                problems.append(rec.problem(f"the same image as {_where(other)} but with a different {what}",
+                                            hint=CONFLICT_HINT))
+            conflicting |= {a.index, b.index}
         else:
             drop.add(i)
             warnings.append(f"{_where(rb)}: the same image as {_where(ra)}; stored once")
-    return problems, drop, warnings
+    return problems, drop, warnings, conflicting
 
 
-def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.Table | None, keep: list[int]
-                    ) -> tuple[list[Problem], set[int], set[int], list[str]]:
+def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.Table | None, keep: list[int],
+                    names: tuple[str, str]) -> tuple[list[Problem], set[int], set[int], list[str]]:
     """Against the center already stored: (problems, already present, duplicates under another id, warnings).
 
     A stored image is recognised by its bytes, or — when an earlier diffkd encoded it differently —
@@ -260,7 +279,7 @@ def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.
         if known is not None:
             if known["label"] != row["label"]:
                 problems.append(rec.problem(f"this image is already in the center with label "
-                                            f"{LABEL_NAMES[known['label']]}; to change labels re-ingest with --replace",
+                                            f"{names[known['label']]}; to change labels re-ingest with --replace",
                                             "label"))
             elif known["case_id"] == row["case_id"]:
                 present.add(i)
@@ -354,12 +373,14 @@ def _same_rows(a: pa.Table, b: pa.Table) -> bool:
 
 def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None, quarantine=None,
            label_map=None, salt=None, *, replace: bool = False, frames: str = "all",
-           workers: int | None = None) -> IngestReport:
+           workers: int | None = None, label_names: tuple[str, str] | str | None = None) -> IngestReport:
     """Ingest SRC as center `center` of `dataset` (path, URI or ImageDataset); see the module docstring.
 
     label_map: "benign=0,malignant=1,normal=skip" or a dict; salt: the salt file path (default
     `<DS>/../.<dsname>.salt`) or the salt bytes; quarantine: a folder for rejected rows; replace: rebuild
-    the center from this source instead of adding to it; frames: DICOM multi-frame policy (all|middle|first).
+    the center from this source instead of adding to it; frames: DICOM multi-frame policy (all|middle|first);
+    label_names: the outcomes' names, label 0 then label 1 ("benign,malignant"; default: the dataset's,
+    DCIS,upgrade for a new dataset).
     """
     start = time.monotonic()
     if layout not in LAYOUTS:
@@ -369,24 +390,45 @@ def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None,
     src = Path(src).expanduser()
     if not src.is_dir():
         raise IngestError(f"source folder {src} does not exist or is not a folder")
-    label_map = parse_label_map(label_map)
-    salt_file = _open_salt(ds, salt)
-    pseudo = Pseudonymizer(salt_file.salt)
+    names = _claim_label_names(ds, label_names)  # refused here already, before the slow decoding
+    label_map = parse_label_map(label_map, names)
     module = LAYOUTS[layout]
 
-    found = module.discover(src, clinical_csv=clinical_csv, label_map=label_map, frames=frames)
+    found = module.discover(src, clinical_csv=clinical_csv, label_map=label_map, frames=frames, label_names=names)
     if not found.records and not found.problems:
         skipped = f" ({found.skipped} left out by --label-map)" if found.skipped else ""
         raise IngestError(f"{src}: no images found for the {layout} layout{skipped}; check the folder and --layout "
                           "(folder: SRC/<label>/*.png or a CSV listing files; busi: class folders; dicom: .dcm files)")
+    loaded, problems = load_all(partial(module.load, frames=frames), src, found.records, workers)
+    with ds.lock():  # from here to the write, no other writer changes what the checks read
+        if _claim_label_names(ds, label_names) != names:
+            raise IngestError(f"dataset {ds.uri} was given other outcome names by a concurrent ingest "
+                              f"({','.join(ds.label_names)}); run this ingest again")
+        report = _check_and_write(ds, src, center, layout, found, loaded, found.problems + problems,
+                                  names, quarantine, salt, replace, frames)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _claim_label_names(ds: ImageDataset, label_names) -> tuple[str, str]:
+    try:
+        return ds.claim_label_names(None if label_names is None else check_label_names(label_names))
+    except (DatasetError, ValueError) as err:
+        raise IngestError(str(err)) from None
+
+
+def _check_and_write(ds: ImageDataset, src: Path, center: str, layout: str, found: Discovery,
+                     loaded: list[Loaded | None], problems: list[Problem], names: tuple[str, str], quarantine,
+                     salt, replace: bool, frames: str) -> IngestReport:
+    """Pseudonymise, check the batch against itself and the stored centers, then write (under the lock)."""
+    salt_file = _open_salt(ds, salt)
+    pseudo = Pseudonymizer(salt_file.salt)
     records = found.records
-    loaded, problems = load_all(partial(module.load, frames=frames), src, records, workers)
-    problems = found.problems + problems
     warnings = list(found.warnings)
     cands, more, notes = _candidates(center, layout, records, loaded, pseudo)
     problems += more
     warnings += notes
-    more, dup_rows, notes = _check_source(cands, records)
+    more, dup_rows, notes, conflicting = _check_source(cands, records)
     problems += more
     warnings += notes
 
@@ -394,7 +436,7 @@ def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None,
     keep = [i for i in range(len(cands)) if i not in dup_rows]
     present: set[int] = set()
     if not replace:
-        more, present, dups, notes = _check_existing(cands, records, existing, keep)
+        more, present, dups, notes = _check_existing(cands, records, existing, keep, names)
         problems += more
         warnings += notes
         dup_rows |= dups
@@ -417,26 +459,25 @@ def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None,
     table = pa.Table.from_pylist(new_rows, schema=arrow_schema())
     merged = table if replace or existing is None else pa.concat_tables([existing, table])
     unchanged = (_same_rows(existing, merged) if replace and existing is not None else not new_rows)
-    labels = Counter(LABEL_NAMES[r["label"]] for r in new_rows)
+    labels = Counter(names[r["label"]] for r in new_rows)
     fingerprint = _fingerprint(layout, records, loaded, found, frames)
     report = IngestReport(
         center=center, layout=layout, source=str(src), dataset=str(ds.uri), found=len(cands), added=0,
         already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
-        skipped=found.skipped, labels_added={}, center_rows=existing.num_rows if existing is not None else 0,
-        written=False, fingerprint=fingerprint, quarantine_file=str(quarantine_file) if quarantine_file else None,
-        warnings=warnings)
+        conflicting=len(conflicting), skipped=found.skipped, labels_added={},
+        center_rows=existing.num_rows if existing is not None else 0, written=False, fingerprint=fingerprint,
+        quarantine_file=str(quarantine_file) if quarantine_file else None, warnings=warnings)
     if not unchanged:
         salt_file.persist()
         entry = dict(layout=layout, path=str(src.absolute()), clinical_csv=found.csv_path.name if found.csv_path
                      else None, fingerprint=fingerprint, ingested=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      rows_in_source=len(cands), rows_added=len(new_rows), labels_added=dict(sorted(labels.items())),
                      already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
-                     replace=replace, frames=frames if layout == "dicom" else None,
+                     conflicting=len(conflicting), replace=replace, frames=frames if layout == "dicom" else None,
                      salt_fingerprint=salt_file.fingerprint)
-        ds.write_center(center, merged, sources=[entry])
+        ds.write_center(center, merged, sources=[entry], label_names=names)
         report.written = True
         report.added = len(new_rows) if not replace else merged.num_rows
         report.labels_added = dict(sorted(labels.items()))
         report.center_rows = merged.num_rows
-    report.seconds = time.monotonic() - start
     return report

@@ -1,8 +1,9 @@
 """The `busi` layout (BUSI, Al-Dhabyani et al. 2020): `SRC/<class>/<name> (N).png` with `<name> (N)_mask.png`
 and, for some images, extra `_mask_1.png`, `_mask_2.png` files that are OR-merged into one mask.
 
-BUSI's classes (benign / malignant / normal) are not DCIS-upgrade labels, so the user must say what
-each class folder means: ``--label-map benign=0,malignant=1,normal=skip``. A class folder missing from
+BUSI's classes (benign / malignant / normal) are not a binary outcome, so the user must say what
+each class folder means: ``--label-map benign=0,malignant=1,normal=skip`` (with, say,
+``--label-names benign,malignant`` so that every output names the outcomes as the data does). A class folder missing from
 the map is an error. BUSI has no patient ids: each image is its own patient (a warning says so), and
 its known duplicate images are caught by sha256 like any other source's.
 """

@@ -42,8 +42,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffkd.data.schema import (CLINICAL_SCHEMA, LABEL_ALIASES, MODALITIES, ClinicalColumn, normalize_birads,
-                                parse_label)
+from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, MODALITIES, ClinicalColumn, label_aliases,
+                                normalize_birads, parse_label)
 
 log = logging.getLogger("diffkd.ingest")
 
@@ -348,43 +348,46 @@ def parse_clinical(col: ClinicalColumn, value: object):
     return key
 
 
-def parse_label_map(spec: str | dict | None) -> dict[str, int | None] | None:
-    """'benign=0,malignant=1,normal=skip' -> {'benign': 0, 'malignant': 1, 'normal': None} (keys lower-cased)."""
+def parse_label_map(spec: str | dict | None, names: tuple[str, str] = DEFAULT_LABEL_NAMES
+                    ) -> dict[str, int | None] | None:
+    """'benign=0,malignant=1,normal=skip' -> {'benign': 0, 'malignant': 1, 'normal': None} (keys lower-cased);
+    a target is 0, 1, one of the dataset's outcome `names`, or skip."""
     if spec is None or isinstance(spec, dict):
-        return None if spec is None else {str(k).strip().lower(): _label_target(v, k) for k, v in spec.items()}
+        return None if spec is None else {str(k).strip().lower(): _label_target(v, k, names) for k, v in spec.items()}
     out: dict[str, int | None] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if "=" not in part:
             raise IngestError(f"--label-map entry {part!r} is not NAME=VALUE (e.g. benign=0,malignant=1,normal=skip)")
         name, value = part.split("=", 1)
-        out[name.strip().lower()] = _label_target(value, name)
+        out[name.strip().lower()] = _label_target(value, name, names)
     if not out:
         raise IngestError("--label-map is empty; give NAME=VALUE pairs, e.g. benign=0,malignant=1")
     return out
 
 
-def _label_target(value: object, name: object) -> int | None:
+def _label_target(value: object, name: object, names: tuple[str, str]) -> int | None:
     text = str(value).strip().lower()
     if text in ("skip", "none", "-"):
         return None
     try:
-        return parse_label(text)
+        return parse_label(text, names)
     except ValueError:
-        raise IngestError(f"--label-map {name}={value}: the target must be 0, 1, DCIS, upgrade or skip") from None
+        raise IngestError(f"--label-map {name}={value}: the target must be 0, 1, {names[0]}, {names[1]} "
+                          "or skip") from None
 
 
 SKIP = object()  # a label the label map says to leave out
 
 
-def resolve_label(value: str, label_map: dict[str, int | None] | None):
+def resolve_label(value: str, label_map: dict[str, int | None] | None, names: tuple[str, str] = DEFAULT_LABEL_NAMES):
     """The 0/1 label of a CSV cell or folder name, or SKIP; ValueError listing what is accepted."""
     key = str(value).strip().lower()
     if label_map is not None and key in label_map:
         return SKIP if label_map[key] is None else label_map[key]
     try:
-        return parse_label(value)
+        return parse_label(value, names)
     except ValueError:
-        accepted = sorted(LABEL_ALIASES) + sorted(label_map or {})
+        accepted = sorted(label_aliases(names)) + sorted(label_map or {})
         raise ValueError(f"label {value!r} is not recognised; accepted values: {', '.join(accepted)} "
                          "(or map it with --label-map VALUE=0|1|skip)") from None
 
@@ -410,7 +413,7 @@ def parse_spacing(value: object) -> float | None:
 
 
 def record_from_csv(table: CsvTable, line: int, row: dict[str, str], label_map, folder_label=None,
-                    ) -> tuple[Record | None, list[Problem], bool]:
+                    names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> tuple[Record | None, list[Problem], bool]:
     """One CSV row -> (record or None, problems, skipped-by-label-map)."""
     file = normalize_relpath(table.cell(row, "file") or "")
     rec = Record(file=file, line=line, raw=row)
@@ -421,7 +424,7 @@ def record_from_csv(table: CsvTable, line: int, row: dict[str, str], label_map, 
     label_cell = table.cell(row, "label")
     if label_cell is not None and not is_missing(label_cell):
         try:
-            label = resolve_label(label_cell, label_map)
+            label = resolve_label(label_cell, label_map, names)
         except ValueError as err:
             problems.append(rec.problem(str(err), table.columns["label"]))
             label = None
@@ -429,7 +432,8 @@ def record_from_csv(table: CsvTable, line: int, row: dict[str, str], label_map, 
         label = folder_label
     else:
         label = None
-        problems.append(rec.problem("no label: fill the label cell (DCIS/upgrade or 0/1)" if label_cell is not None
+        problems.append(rec.problem(f"no label: fill the label cell ({names[0]}/{names[1]} or 0/1)"
+                                    if label_cell is not None
                                     else "no label column and the file is not under a label folder",
                                     table.columns.get("label")))
     if label is SKIP:

@@ -35,6 +35,7 @@ from diffkd.data.ingest.common import (IMAGE_SUFFIXES, Decoded, Discovery, Image
                                        binarize_mask, encode_mask, encode_png, find_clinical_csv, list_files,
                                        open_image, pixel_digest, read_listed_file, rgb_to_gray)
 from diffkd.data.ingest.folder import from_csv, from_label_folders
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 
 NAME = "dicom"
 FRAME_CHOICES = ("all", "middle", "first")
@@ -62,7 +63,8 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def discover(src: Path, clinical_csv=None, label_map=None, frames: str = "all", **_) -> Discovery:
+def discover(src: Path, clinical_csv=None, label_map=None, frames: str = "all",
+             label_names: tuple[str, str] = DEFAULT_LABEL_NAMES, **_) -> Discovery:
     if frames not in FRAME_CHOICES:
         raise ValueError(f"frames={frames!r}: choose one of {', '.join(FRAME_CHOICES)}")
     everything = list_files(src)
@@ -70,8 +72,8 @@ def discover(src: Path, clinical_csv=None, label_map=None, frames: str = "all", 
     masks = MaskIndex(f for f in everything if f.lower().endswith(IMAGE_SUFFIXES))
     csv_path = find_clinical_csv(src, clinical_csv)
     if csv_path is None:
-        return from_label_folders(files, masks, label_map, own_patient=False)
-    return from_csv(csv_path, files, masks, label_map, required=("file",))
+        return from_label_folders(files, masks, label_map, own_patient=False, names=label_names)
+    return from_csv(csv_path, files, masks, label_map, required=("file",), names=label_names)
 
 
 @dataclass(frozen=True)

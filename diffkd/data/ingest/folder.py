@@ -16,32 +16,37 @@ from pathlib import Path, PurePosixPath
 from diffkd.data.ingest.common import (IMAGE_SUFFIXES, SKIP, Discovery, IngestError, Loaded, Record,
                                        find_clinical_csv, is_mask_name, list_files, load_image_record, MaskIndex,
                                        read_csv, record_from_csv, resolve_label)
+from diffkd.data.schema import DEFAULT_LABEL_NAMES
 
 NAME = "folder"
 UNLISTED_SHOWN = 5
 
 
-def folder_label(rel: str, label_map) -> int | object | None:
+def folder_label(rel: str, label_map, names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> int | object | None:
     """The label a file's first folder names (0, 1 or SKIP), or None when it names none."""
     parts = PurePosixPath(rel).parts
     if len(parts) < 2:
         return None
     try:
-        return resolve_label(parts[0], label_map)
+        return resolve_label(parts[0], label_map, names)
     except ValueError:
         return None
 
 
-def discover(src: Path, clinical_csv=None, label_map=None, **_) -> Discovery:
+def discover(src: Path, clinical_csv=None, label_map=None, label_names: tuple[str, str] = DEFAULT_LABEL_NAMES,
+             **_) -> Discovery:
+    """Records of SRC; label folders and cells are read as the dataset's `label_names` (or 0/1)."""
     csv_path = find_clinical_csv(src, clinical_csv)
     files = list_files(src, IMAGE_SUFFIXES)
     images = [f for f in files if not is_mask_name(f)]
     if csv_path is None:
-        return from_label_folders(images, MaskIndex(files), label_map)
-    return from_csv(csv_path, images, MaskIndex(files), label_map, required=("file", "patient_id"))
+        return from_label_folders(images, MaskIndex(files), label_map, names=label_names)
+    return from_csv(csv_path, images, MaskIndex(files), label_map, required=("file", "patient_id"),
+                    names=label_names)
 
 
-def from_label_folders(images: list[str], masks: MaskIndex, label_map, own_patient: bool = True) -> Discovery:
+def from_label_folders(images: list[str], masks: MaskIndex, label_map, own_patient: bool = True,
+                       names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> Discovery:
     """Labels from each file's first folder; with `own_patient` every image is its own patient."""
     found = Discovery(records=[])
     for rel in images:
@@ -53,7 +58,7 @@ def from_label_folders(images: list[str], masks: MaskIndex, label_map, own_patie
                                               "under SRC/<label>/ or describe them with --clinical CSV"))
             continue
         try:
-            label = resolve_label(parts[0], label_map)
+            label = resolve_label(parts[0], label_map, names)
         except ValueError as err:
             found.problems.append(rec.problem(f"label folder {parts[0]!r}: {err}"))
             continue
@@ -69,7 +74,7 @@ def from_label_folders(images: list[str], masks: MaskIndex, label_map, own_patie
 
 
 def from_csv(csv_path: Path, images: list[str], masks: MaskIndex, label_map,
-             required: tuple[str, ...]) -> Discovery:
+             required: tuple[str, ...], names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> Discovery:
     table = read_csv(csv_path, required=required)
     found = Discovery(records=[], csv_path=csv_path, csv_header=table.header, csv_rows=dict(table.rows),
                       csv_digest=table.digest, csv_file_column=table.columns["file"])
@@ -80,7 +85,8 @@ def from_csv(csv_path: Path, images: list[str], masks: MaskIndex, label_map,
     for line, row in table.rows:
         file_cell = table.cell(row, "file") or ""
         rec, problems, skipped = record_from_csv(table, line, row, label_map,
-                                                 folder_label=folder_label(file_cell.strip(), label_map))
+                                                 folder_label=folder_label(file_cell.strip(), label_map, names),
+                                                 names=names)
         if rec is not None:
             listed.add(rec.file)
             listed.update(rec.masks)

@@ -35,7 +35,7 @@ from diffkd.data.phantom.display import export_image
 from diffkd.data.phantom.doppler import add_flow
 from diffkd.data.phantom.readers import simulate_readers
 from diffkd.data.phantom.ultrasound import UltrasoundCase, render_frame, sample_anatomy
-from diffkd.data.schema import CLINICAL_COLUMNS, LABEL_NAMES
+from diffkd.data.schema import CLINICAL_COLUMNS, DEFAULT_LABEL_NAMES
 
 GENERATOR_VERSION = "1.0"
 CSV_COLUMNS = ("file", "mask", "patient_id", "case_id", "label", "modality", "spacing_mm", *CLINICAL_COLUMNS)
@@ -259,7 +259,7 @@ def clinical_values(case: dict) -> dict[str, str]:
 
 
 def _label_name(modality: str, label: int) -> str:
-    return mammo.LABEL_NAMES[label] if modality == "mammo" else LABEL_NAMES[label]
+    return mammo.LABEL_NAMES[label] if modality == "mammo" else DEFAULT_LABEL_NAMES[label]
 
 
 def _image_table(truth: pd.DataFrame, per_case: list[list[dict]], profile) -> pd.DataFrame:
