@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on one machine: a head and worker nodes as separate `ray start` processes.
 
-Ray Train groups workers into nodes by IP (REFERENCE.md), so several raylets on 127.0.0.1 still look
+Ray Train groups workers into nodes by IP (docs/design.md), so several raylets on 127.0.0.1 still look
 like one node to it. In ``netns`` mode every worker node gets its own network namespace and address,
 joined to the head through veth pairs on a bridge::
 

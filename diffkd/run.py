@@ -14,109 +14,21 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from diffkd.config import ConfigError, from_dict, load_yaml, to_dict
+from diffkd.config import ConfigError, from_dict, to_dict
+from diffkd.config.experiment import BaselineStage, ExperimentConfig, PairingFreeStage, TuneStage
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
-from diffkd.data.splits import SplitConfig
-from diffkd.evaluate.baselines import BaselineConfig
-from diffkd.evaluate.summary import EvaluateConfig
 from diffkd.runstate import RunState
-from diffkd.synth import AuditConfig, SynthConfig
-from diffkd.train.diffusion_task import DiffusionConfig
 from diffkd.train.loop_config import LoopConfig
-from diffkd.train.student import DistillConfig, StudentConfig
-from diffkd.train.teacher import TeacherConfig
+from diffkd.train.student import StudentConfig
 
 log = logging.getLogger("diffkd.run")
 
 PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "model", "prob"]
-
-
-@dataclass
-class RayConfig:
-    address: str = ""  # "" = a private local instance; "auto" or host:port joins a cluster
-    num_cpus: int = 0  # logical CPUs of the local instance; 0 = max(4, cores)
-
-
-@dataclass
-class DiffusionStage:
-    enabled: bool = True
-    model: DiffusionConfig = field(default_factory=DiffusionConfig)
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=20))
-
-
-@dataclass
-class TuneStage:
-    """The hyperparameter search: every student arm or none, with the same budget.
-
-    When enabled, each student arm (student_kd, student_plain, student_kd_real_only,
-    student_pairing_free) gets its own search of `space` with the same number of trials, over the
-    space's parameters that apply to it (distillation settings only to arms that distil, and only the
-    terms an arm has). An arm that the space gives nothing to search is an error: it would get a
-    smaller budget than the others. Teachers are not searched. The report states the budget.
-    """
-
-    enabled: bool = True
-    space: str = "tune_spaces/kd.yaml"  # relative paths are resolved against the config file, then the CWD
-    num_samples: int = 0  # 0 = the space's own count
-
-
-def _group_terms() -> DistillConfig:
-    return DistillConfig({"gkd_pro": {"weight": 1.0}, "gkd_den": {"weight": 1.0}})
-
-
-@dataclass
-class PairingFreeStage:
-    """Seed 002's setting (PaGKD): a teacher on the richer modality, a student on B-mode, no image pairs.
-
-    The student distils through its own `distill.terms`, by default GKD-Pro + GKD-Den only (GKD-Den
-    after its warm-up), never the `student` section's paired terms: logit or feature KD (which would
-    need pairs, and so run on random same-class pairs) only where this section names them.
-    """
-
-    enabled: bool = True
-    teacher_modality: str = "us_doppler"
-    student_modality: str = "us"
-    distill: DistillConfig = field(default_factory=_group_terms)
-
-
-@dataclass
-class BaselineStage:
-    enabled: bool = True
-    config: BaselineConfig = field(default_factory=BaselineConfig)
-    feature_model: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet101"))
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = "diffkd"
-    splits: SplitConfig = field(default_factory=SplitConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    diffusion: DiffusionStage = field(default_factory=DiffusionStage)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    synthetic_ratio: float = 0.5  # synthetic rows mixed into each training epoch, relative to real rows
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    tune: TuneStage = field(default_factory=TuneStage)
-    pairing_free: PairingFreeStage = field(default_factory=PairingFreeStage)
-    baselines: BaselineStage = field(default_factory=BaselineStage)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-
-
-def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
-    cfg = from_dict(ExperimentConfig, load_yaml(path), where=str(path))
-    space = Path(cfg.tune.space)
-    if not space.is_absolute() and (Path(path).parent / space).exists():
-        cfg.tune.space = str((Path(path).parent / space).resolve())
-    elif not space.is_absolute() and (Path(path).parent.parent / space).exists():
-        cfg.tune.space = str((Path(path).parent.parent / space).resolve())  # configs/ beside tune_spaces/
-    return cfg
 
 
 def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: str | os.PathLike,

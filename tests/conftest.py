@@ -16,7 +16,7 @@ def ray_local():
     """One private local Ray instance for the whole test session, with its own short temp dir.
 
     4 logical CPUs on a 2-core machine leave room for Ray Data tasks beside Train workers
-    (REFERENCE.md: with num_cpus=2 a second concurrent trial never got a CPU).
+    (docs/design.md: with num_cpus=2 a second concurrent trial never got a CPU).
     """
     import ray
 

@@ -265,7 +265,7 @@ def test_two_node_teacher_job(cluster, shared, phantom_dataset):
 def test_two_node_diffusion_job(cluster, shared, phantom_dataset):
     started = time.monotonic()
     out, run_name = shared / "models" / "diffusion", f"diffusion-{uuid.uuid4().hex[:6]}"
-    job_id = submit_stage(cluster, "diffkd", "diffusion", "train", "--config", str(phantom_dataset["config"]),
+    job_id = submit_stage(cluster, "diffkd", "train", "diffusion", "--config", str(phantom_dataset["config"]),
                           "--dataset", str(phantom_dataset["data"]), "--external", phantom_dataset["external"],
                           "--out", str(out), "--run-name", run_name)
     logs = wait_ok(cluster, job_id)

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from diffkd.data.pipeline import load_arrays
 from diffkd.models.diffusion import (ConditionalDiffusionPipeline, DiffusionModelConfig, build_denoiser,
@@ -146,32 +145,16 @@ def test_ema_state_lives_in_the_model_state_dict():
 def test_the_paper_size_example_config_parses():
     from pathlib import Path
 
-    from diffkd.config import from_dict, load_yaml
-    from diffkd.synth import AuditConfig, SynthConfig
-    from diffkd.train.loop_config import LoopConfig
+    from diffkd.config.experiment import load_section
 
-    data = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "diffusion_example.yaml")
-    diffusion = from_dict(DiffusionConfig, data["diffusion"], "diffusion")
-    assert diffusion.model.image_size == 256 and diffusion.model.block_out_channels[-1] == 512
-    assert from_dict(LoopConfig, data["diffusion_loop"]).zero_stage == 2
-    assert from_dict(SynthConfig, data["synth"]).num_inference_steps == 50
-    assert from_dict(AuditConfig, data["audit"]).max_per_set == 2000
+    path = Path(__file__).resolve().parents[1] / "configs" / "diffusion_example.yaml"
+    stage = load_section(path, "diffusion")
+    assert stage.model.model.image_size == 256 and stage.model.model.block_out_channels[-1] == 512
+    assert stage.loop.zero_stage == 2
+    assert load_section(path, "synth").num_inference_steps == 50
+    assert load_section(path, "audit").max_per_set == 2000
     with pytest.raises(ValueError, match="divisible"):
         DiffusionModelConfig(image_size=90, block_out_channels=(32, 64, 64))
-
-
-def test_diffusion_train_reads_both_config_layouts():
-    from pathlib import Path
-
-    from diffkd.commands.synth import _diffusion_sections
-
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    model, loop = _diffusion_sections(str(configs / "diffusion_example.yaml"))  # diffusion + diffusion_loop
-    assert model.model.image_size == 256 and loop.zero_stage == 2
-    model, loop = _diffusion_sections(str(configs / "demo.yaml"))  # diffkd run's {enabled, model, loop}
-    section = yaml.safe_load((configs / "demo.yaml").read_text())["diffusion"]
-    assert model.model.image_size == section["model"]["model"]["image_size"] != DiffusionModelConfig().image_size
-    assert loop.epochs == section["loop"]["epochs"] and loop.batch_size == section["loop"]["batch_size"]
 
 
 def test_a_new_center_extends_the_vocabulary_and_only_its_row_trains(batch, tmp_path):

@@ -1,4 +1,4 @@
-"""metrics.json from predictions: the DESIGN.md contract, the fixed threshold, comparisons, errors."""
+"""metrics.json from predictions: the docs/dataset.md contract, the fixed threshold, comparisons, errors."""
 import json
 
 import numpy as np

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from diffkd.config import ConfigError
-from diffkd.run import load_experiment
+from diffkd.config.experiment import load_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -110,7 +110,7 @@ def test_a_split_config_gives_the_case_ids_of_make_splits_and_an_order_free_dige
 # ---- synthetic rows from a generator of another split are refused ----------------------------------
 
 def _generated_by(ds, model_dir, external: list[str], val_fraction: float, n: int = 6, center: str = "A") -> str:
-    """Synthetic rows of `center` written as `diffkd synth` writes them, by a generator trained on the given split."""
+    """Synthetic rows of `center` written as `diffkd synth run` writes them, by a generator trained on the given split."""
     import json
     import os
 

@@ -1,4 +1,4 @@
-"""The dataset contract: one Parquet row per image (see DESIGN.md, "The dataset").
+"""The dataset contract: one Parquet row per image (docs/dataset.md).
 
 Everything downstream of ingest reads these column names and types; importers must produce exactly
 this schema. Clinical columns are declared once here, in `CLINICAL_SCHEMA`, so the importer, the

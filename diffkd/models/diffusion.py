@@ -365,7 +365,7 @@ def load_pipeline(model_dir: str | os.PathLike, sampler: str | None = None,
     model_dir = os.fspath(model_dir)
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         raise FileNotFoundError(f"{model_dir} is not a diffusion pipeline folder (no model_index.json); "
-                                "train one with `diffkd diffusion train` first")
+                                "train one with `diffkd train diffusion` first")
     pipe = ConditionalDiffusionPipeline.from_pretrained(model_dir, low_cpu_mem_usage=False)  # no accelerate here
     if sampler is not None:
         pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)

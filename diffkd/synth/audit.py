@@ -131,7 +131,7 @@ def load_synthetic_arrays(dataset: ImageDataset, cfg, run_ids: list[str] | None 
     from diffkd.data.pipeline import READ_COLUMNS, decode_batch
 
     if not dataset.centers(synthetic=True):
-        raise DatasetError(f"dataset {dataset.uri} has no synthetic rows; run `diffkd synth` first")
+        raise DatasetError(f"dataset {dataset.uri} has no synthetic rows; run `diffkd synth run` first")
     table = dataset.read_table(synthetic=True, columns=list(READ_COLUMNS))
     if run_ids:
         import pyarrow.compute as pc
@@ -359,5 +359,5 @@ def _synthetic_size(dataset: ImageDataset, run_ids: list[str] | None) -> int:
         meta = meta[meta["source"].isin(run_ids)]
     if meta.empty:
         raise DatasetError(f"dataset {dataset.uri} has no synthetic rows{' of those runs' if run_ids else ''}; "
-                           "run `diffkd synth` first")
+                           "run `diffkd synth run` first")
     return int(max(meta["height"].max(), meta["width"].max()))

@@ -43,7 +43,7 @@ class DiffusionConfig:
     snr_gamma: float | None = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023): faster convergence; None = plain MSE
     ema_decay: float = 0.999  # ceiling; the decay warms up (short runs would otherwise export near-random EMA)
     hflip: bool = True  # left/right flips (ultrasound has no preferred side; never flipped vertically)
-    sampler: str = "ddim"  # saved with the pipeline; `diffkd synth --sampler` can override
+    sampler: str = "ddim"  # saved with the pipeline; `diffkd synth run --sampler` can override
     val_timesteps: int = 10  # evaluation averages the loss over this fixed grid of timesteps
     norm_mean: float = 0.449  # the pipeline's fixed intensity normalisation, undone before noising
     norm_std: float = 0.226

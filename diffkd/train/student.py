@@ -91,18 +91,10 @@ class DistillConfig:
 
     @classmethod
     def upgrade_layout(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
-        """Read the flat layout of earlier releases (`temperature`, `alpha`, `pro_weight`, ...) with a warning."""
-        from diffkd.config import FLAT_DISTILL_KEYS, deprecated_layout, flat_distill_to_terms
+        """Read the flat layout of the previous release (`temperature`, `alpha`, `pro_weight`, ...) with a warning."""
+        from diffkd.config.legacy import upgrade_distill
 
-        if not set(data) & set(FLAT_DISTILL_KEYS):
-            return data
-        if "terms" in data:
-            raise ValueError(f"{where}: mixes `terms` with the old flat keys "
-                             f"{', '.join(sorted(set(data) & set(FLAT_DISTILL_KEYS)))}; use `terms` only")
-        terms = flat_distill_to_terms(data, where)
-        deprecated_layout(f"{where}: the flat layout ({', '.join(data)}) is deprecated and will not be read in "
-                          f"the next release; write it as `terms: {terms}`")
-        return {"terms": terms}
+        return upgrade_distill(data, where)
 
     def weight(self, name: str) -> float:
         return float(self.terms[name]["weight"]) if name in self.terms else 0.0
