@@ -23,7 +23,7 @@ from scipy.special import ndtr, ndtri
 UPGRADE_RATE = 0.26
 
 # Correlation of each feature latent with the aggressiveness at difficulty 1. Chosen so that the
-# univariate odds ratios land near the published ones (tests/test_phantom.py pins the directions and
+# univariate odds ratios land near the published ones (tests/data/test_phantom.py pins the directions and
 # the oracle AUC), never to favour any model.
 COUPLING: dict[str, float] = {
     "label": 0.93,

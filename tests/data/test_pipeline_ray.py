@@ -12,14 +12,13 @@ import pytest
 from diffkd.data.pipeline import (PipelineConfig, check_can_feed, iter_shard_batches, load_arrays, make_dataset,
                                   required_cpus, split_datasets)
 from diffkd.data.schema import ClinicalEncoding
-from pipeline_fixtures import build_dataset
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("piperay") / "ds")
+def dataset(tmp_path_factory, ramp_dataset):
+    return ramp_dataset(tmp_path_factory.mktemp("piperay") / "ds")
 
 
 def cfg(**kw) -> PipelineConfig:
@@ -164,13 +163,12 @@ def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local,
     assert sum(abs(first[k] - second[k]) > 1e-3 for k in ids) == len(ids)  # every row augmented anew
 
 
-def test_a_center_ingested_while_an_epoch_streams_joins_the_next_dataset(ray_local, tmp_path):
-    from pipeline_fixtures import make_rows
+def test_a_center_ingested_while_an_epoch_streams_joins_the_next_dataset(ray_local, tmp_path, ramp_dataset, ramp_rows):
 
-    live = build_dataset(tmp_path / "live")
+    live = ramp_dataset(tmp_path / "live")
     stream = iter_shard_batches(make_dataset(live, None, cfg(), train=False), 4)
     seen = list(next(stream)["case_id"])
-    live.write_center("D", make_rows("D", 6))  # a new hospital arrives mid-epoch
+    live.write_center("D", ramp_rows("D", 6))  # a new hospital arrives mid-epoch
     for batch in stream:
         seen += batch["case_id"]
     assert len(seen) == 24 + 16 + 12 and not any(c.startswith("real-D-") for c in seen)  # the epoch it began with

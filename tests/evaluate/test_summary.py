@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from evaluate_fixtures import simulate_predictions, simulate_reads
 
 from diffkd.evaluate.metrics import OperatingPoint, ThresholdRule, clustered_bootstrap_auc_difference, delong_test
 from diffkd.evaluate.readers import load_readers
@@ -14,7 +13,7 @@ M_KEYS = {"auc", "auc_ci", "sensitivity", "specificity", "accuracy", "n"}
 
 
 @pytest.fixture(scope="module")
-def predictions():
+def predictions(simulate_predictions):
     return simulate_predictions(seed=0)
 
 
@@ -116,7 +115,7 @@ def test_bootstrap_option_and_internal_vs_external(predictions):
         metrics["models"]["student_kd"]["internal"]["auc"] - ext["auc"])
 
 
-def test_readers_enter_metrics(predictions):
+def test_readers_enter_metrics(predictions, simulate_reads):
     reads = load_readers(simulate_reads(predictions))
     metrics = build_metrics(predictions, readers=reads)
     rows = metrics["readers"]["comparisons"]

@@ -7,7 +7,6 @@ import shutil
 
 import pandas as pd
 import pytest
-from evaluate_fixtures import simulate_report
 from sklearn.metrics import roc_auc_score
 
 from diffkd.cli import main
@@ -15,7 +14,7 @@ from diffkd.evaluate.report import ReportInputs, rebuild_report, write_report
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, simulate_report):
     tmp = tmp_path_factory.mktemp("report")
     preds, reads, inputs = simulate_report(tmp)
     files = write_report(tmp / "run", preds, inputs, readers=reads)
@@ -66,7 +65,7 @@ def test_page_is_self_contained(built):
     assert "<code>diffusion</code> started from: scratch" in page  # models outside the performance table too
 
 
-def test_skipped_sections_are_said_never_silent(tmp_path):
+def test_skipped_sections_are_said_never_silent(tmp_path, simulate_report):
     preds, _, inputs = simulate_report(tmp_path)
     inputs.skipped = {"synthetic": "the dataset has one modality only"}
     inputs.notes = ["no us_doppler images: the pairing-free student was not trained"]
@@ -123,7 +122,7 @@ def _parquet(tmp_path, frame):
     return path
 
 
-def test_the_report_and_metrics_use_the_datasets_outcome_names(built, tmp_path):
+def test_the_report_and_metrics_use_the_datasets_outcome_names(built, tmp_path, simulate_report):
     """A dataset of benign/malignant images: no page text or metrics.json calls them DCIS or upgrade."""
     preds, _, inputs = simulate_report(tmp_path)
     inputs.label_names = ["benign", "malignant"]

@@ -24,7 +24,7 @@ EPOCHS = 6
 @pytest.fixture(scope="session")
 def cluster():
     """Head (no CPUs: drivers only) + two 2-CPU worker nodes, each at its own address. Always torn down."""
-    from diffkd.localcluster import LocalCluster, namespaces_available
+    from diffkd.testing.localcluster import LocalCluster, namespaces_available
 
     if not namespaces_available():
         pytest.skip("network namespaces are not allowed here: the distinct-ports fallback gives Ray Train "
@@ -38,7 +38,7 @@ def cluster():
     # Teardown left nothing behind: no node processes, namespaces, links or temp dirs.
     import subprocess
 
-    from diffkd.localcluster import _processes_under
+    from diffkd.testing.localcluster import _processes_under
 
     assert not _processes_under(state.root_dir)
     assert state.cluster_id not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
@@ -76,7 +76,7 @@ def wait_ok(cluster, job_id: str) -> str:
 
 def deepspeed_job(cluster, shared: Path, name: str, epoch_sleep: float = 0.0) -> tuple[str, Path]:
     out = shared / "results" / f"{name}.json"
-    job_id = submit(cluster, "python", "tests/cluster_jobs.py", "deepspeed", "--storage", str(shared / "runs"),
+    job_id = submit(cluster, "python", "tests/cluster/cluster_jobs.py", "deepspeed", "--storage", str(shared / "runs"),
                     "--name", name, "--out", str(out), "--epochs", str(EPOCHS), "--epoch-sleep", str(epoch_sleep))
     return job_id, out
 
@@ -160,7 +160,7 @@ def test_tune_search_survives_losing_a_trials_node(cluster, shared):
     started = time.monotonic()
     name = f"tune-fault-{uuid.uuid4().hex[:6]}"
     out = shared / "results" / f"{name}.json"
-    job_id = submit(cluster, "python", "tests/cluster_jobs.py", "tune", "--storage", str(shared / "runs"),
+    job_id = submit(cluster, "python", "tests/cluster/cluster_jobs.py", "tune", "--storage", str(shared / "runs"),
                     "--name", name, "--out", str(out), "--iterations", "8", "--epoch-sleep", "2")
     client = jobs.connect(cluster.dashboard_url)
     run_dir = shared / "runs" / name

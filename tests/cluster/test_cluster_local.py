@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from diffkd import localcluster
+from diffkd.testing import localcluster
 
 OWNER = """
 import sys, time
-from diffkd.localcluster import LocalCluster
+from diffkd.testing.localcluster import LocalCluster
 cluster = LocalCluster(num_workers=0, head_cpus=1, mode="ports").start()
 print("UP", cluster.state.cluster_id, cluster.state.root_dir, flush=True)
 time.sleep(600)

@@ -458,7 +458,7 @@ def test_two_ingests_into_one_dataset_at_once_keep_both_centers(tmp_path, ds_pat
 
     sources = {c: make_source(tmp_path / c, patients=[f"{c}-{i}" for i in range(12)], per_patient=3,
                               prefix=c, seed=i) for i, c in enumerate(("A", "B"))}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_INGEST, str(src), c, str(ds_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

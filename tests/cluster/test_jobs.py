@@ -19,7 +19,7 @@ TOKEN = "diffkd-test-token-" + os.urandom(6).hex()
 @pytest.fixture(scope="module")
 def head():
     """A one-node cluster of our own (the session `ray_local` has no dashboard, so no Jobs API)."""
-    from diffkd.localcluster import LocalCluster
+    from diffkd.testing.localcluster import LocalCluster
 
     with LocalCluster(num_workers=0, head_cpus=2, mode="ports", auth_token=TOKEN) as cluster:
         yield cluster

@@ -19,9 +19,9 @@ on 127.0.0.1 with distinct ports: the raylets are separate, but Ray Train sees a
 
 Command line (also ``cluster/local_multinode.sh``)::
 
-    python -m diffkd.localcluster up [--workers 2] [--mode auto|netns|ports]   # prints the addresses
-    python -m diffkd.localcluster status
-    python -m diffkd.localcluster down
+    python -m diffkd.testing.localcluster up [--workers 2] [--mode auto|netns|ports]   # prints the addresses
+    python -m diffkd.testing.localcluster status
+    python -m diffkd.testing.localcluster down
 """
 from __future__ import annotations
 
@@ -148,7 +148,8 @@ def _pick_subnet() -> int:
     for third in range(256):
         if f"{SUBNET_PREFIX}.{third}.0/24" not in used:
             return third
-    raise LocalClusterError(f"every {SUBNET_PREFIX}.N.0/24 subnet is in use; run `python -m diffkd.localcluster down`")
+    raise LocalClusterError(f"every {SUBNET_PREFIX}.N.0/24 subnet is in use; "
+                            "run `python -m diffkd.testing.localcluster down`")
 
 
 def _set_parent_death_signal() -> None:
@@ -587,7 +588,7 @@ def cleanup_stale() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffkd.localcluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m diffkd.testing.localcluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="start a head and worker nodes; they keep running until `down`")
     up.add_argument("--workers", type=int, default=2)

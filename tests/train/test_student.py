@@ -13,7 +13,6 @@ from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import (DistillConfig, DistillationModel, StudentConfig, StudentTask, combine,
                                   distill_step, feature_channels, plain_variant, run_classifier, same_class_pairs,
                                   split_views, student_datasets)
-from student_fixtures import splits, two_modality_dataset
 
 ALL_LOSSES = DistillConfig({"logit": {"weight": 0.7}, "feature": {"weight": 1.0},
                             "gkd_pro": {"weight": 1.0, "num_queries": 4, "num_heads": 2},
@@ -21,9 +20,9 @@ ALL_LOSSES = DistillConfig({"logit": {"weight": 0.7}, "feature": {"weight": 1.0}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, two_modality_dataset, two_modality_splits):
     ds = two_modality_dataset(tmp_path_factory.mktemp("student") / "ds")
-    return ds, splits(ds)
+    return ds, two_modality_splits(ds)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Simulated predictions and reads for the evaluate/report tests (not collected: no test_ prefix).
+"""Simulated predictions and reads for the evaluate/report tests, as fixtures (factories).
 
 Cases carry a latent risk; each model sees it through its own noise, and the external centers see
 it through an extra shift, so models differ and external performance is lower, as in real data.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 MODEL_NOISE = {  # smaller noise = better discrimination
     "student_kd": 0.9, "teacher": 0.8, "teacher_real_only": 1.2, "student_kd_real_only": 1.3,
@@ -14,8 +15,8 @@ MODEL_NOISE = {  # smaller noise = better discrimination
 }
 
 
-def simulate_predictions(seed: int = 0, internal=("A", "B"), external=("C", "D"), cases_per_center: int = 120,
-                         models=tuple(MODEL_NOISE)) -> pd.DataFrame:
+def _simulate_predictions(seed: int = 0, internal=("A", "B"), external=("C", "D"), cases_per_center: int = 120,
+                          models=tuple(MODEL_NOISE)) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for center in (*internal, *external):
@@ -40,7 +41,7 @@ def simulate_predictions(seed: int = 0, internal=("A", "B"), external=("C", "D")
     return pd.concat(frames, ignore_index=True).drop(columns="risk")
 
 
-def simulate_reads(predictions: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
+def _simulate_reads(predictions: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
     """A senior and a junior reader on every validation and external case."""
     rng = np.random.default_rng(seed)
     cases = predictions.drop_duplicates("case_id")
@@ -55,14 +56,14 @@ def simulate_reads(predictions: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def simulate_report(tmp_path, seed: int = 0):
+def _simulate_report(tmp_path, seed: int = 0):
     """Predictions (with a real fitted clinical baseline), reads and ReportInputs for report tests."""
     from diffkd.evaluate.baselines import fit_baselines
     from diffkd.evaluate.figures import to_png
     from diffkd.evaluate.report import ReportInputs
     from matplotlib.figure import Figure
 
-    preds = simulate_predictions(seed=seed, models=tuple(m for m in MODEL_NOISE if m != "clinical"))
+    preds = _simulate_predictions(seed=seed, models=tuple(m for m in MODEL_NOISE if m != "clinical"))
     rng = np.random.default_rng(seed)
     columns = ["case_id", "patient_id", "center", "split", "label"]
     cases = preds.drop_duplicates("case_id")[columns].reset_index(drop=True)
@@ -91,4 +92,22 @@ def simulate_report(tmp_path, seed: int = 0):
         initialised_from={"teacher": "/weights/resnet50", "student_kd": "scratch", "diffusion": "scratch"},
         flow=[{"center": "A", "step": "images received", "n": 130},
               {"center": "A", "step": "excluded: no pathology", "n": 10}])
-    return preds, simulate_reads(preds), inputs
+    return preds, _simulate_reads(preds), inputs
+
+
+@pytest.fixture(scope="session")
+def simulate_predictions():
+    """Factory: (seed, internal, external, cases_per_center, models) -> predictions.parquet rows."""
+    return _simulate_predictions
+
+
+@pytest.fixture(scope="session")
+def simulate_reads():
+    """Factory: (predictions, seed) -> reader reads of those cases."""
+    return _simulate_reads
+
+
+@pytest.fixture(scope="session")
+def simulate_report():
+    """Factory: tmp_path -> (predictions, reads, ReportInputs) of a simulated run."""
+    return _simulate_report

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from evaluate_fixtures import simulate_predictions
 from sklearn.metrics import roc_auc_score
 
 from diffkd.evaluate.report import ReportInputs, write_report
@@ -30,7 +29,7 @@ def _truth_for(preds: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                         visible_score=y + rng.normal(0, 1.2, len(y)))
 
 
-def test_ceilings_sit_beside_every_model_per_center(tmp_path):
+def test_ceilings_sit_beside_every_model_per_center(tmp_path, simulate_predictions):
     preds = simulate_predictions(seed=2, models=("student_kd", "teacher"), cases_per_center=60)
     truth = _truth_for(preds)
     truth.to_csv(tmp_path / "truth.csv", index=False)
@@ -57,7 +56,7 @@ def test_ceilings_sit_beside_every_model_per_center(tmp_path):
     assert again["ceilings"] == ceilings
 
 
-def test_a_truth_file_of_another_cohort_is_refused(tmp_path):
+def test_a_truth_file_of_another_cohort_is_refused(tmp_path, simulate_predictions):
     preds = simulate_predictions(seed=2, models=("student_kd",), cases_per_center=40)
     truth = _truth_for(preds)
     truth.drop(columns="visible_score").to_csv(tmp_path / "cols.csv", index=False)
@@ -108,16 +107,15 @@ def _mentions(value, needle: str, seen=None) -> bool:
     return False
 
 
-def test_no_training_stage_ever_gets_the_truth(tmp_path, monkeypatch):
+def test_no_training_stage_ever_gets_the_truth(tmp_path, monkeypatch, ramp_dataset):
     """Every stage of `diffkd run` is replaced by a recorder; the truth path, its file and its columns may
     reach the report stage only, and nothing opens the file before it."""
     import diffkd.raycompat
     import diffkd.run
     import diffkd.train.student
     import diffkd.train.teacher
-    from pipeline_fixtures import build_dataset
 
-    ds = build_dataset(tmp_path / "ds")
+    ds = ramp_dataset(tmp_path / "ds")
     truth = tmp_path / "phantom" / "truth.csv"
     truth.parent.mkdir()
     truth.write_text("center,case_id,label,label_probability,visible_score\n")

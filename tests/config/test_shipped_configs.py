@@ -6,7 +6,7 @@ import pytest
 from diffkd.config import ConfigError
 from diffkd.config.experiment import load_experiment
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])

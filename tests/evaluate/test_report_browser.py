@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from evaluate_fixtures import simulate_report
 
 from diffkd.evaluate.report import write_report
 
@@ -70,7 +69,7 @@ def test_probe_catches_broken_pages(tmp_path):
     assert any("notDefined" in e for e in result["errors"]) and "notDefined" in console
 
 
-def test_report_renders_without_errors(tmp_path):
+def test_report_renders_without_errors(tmp_path, simulate_report):
     preds, reads, inputs = simulate_report(tmp_path)
     files = write_report(tmp_path / "run", preds, inputs, readers=reads)
     shutil.rmtree(tmp_path / "run" / "report" / "grids")  # the page must not depend on files beside it

@@ -10,7 +10,7 @@ import yaml
 from diffkd.config import ConfigError, LayoutDeprecationWarning
 from diffkd.config.experiment import DiffusionStage, ExperimentConfig, load_experiment, load_section
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _write(tmp_path, data) -> Path:

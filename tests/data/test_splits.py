@@ -109,13 +109,13 @@ def test_a_split_config_gives_the_case_ids_of_make_splits_and_an_order_free_dige
 
 # ---- synthetic rows from a generator of another split are refused ----------------------------------
 
-def _generated_by(ds, model_dir, external: list[str], val_fraction: float, n: int = 6, center: str = "A") -> str:
+def _generated_by(two_modality_rows, ds, model_dir, external: list[str], val_fraction: float, n: int = 6,
+                  center: str = "A") -> str:
     """Synthetic rows of `center` written as `diffkd synth run` writes them, by a generator trained on the given split."""
     import json
     import os
 
     import pyarrow as pa
-    from student_fixtures import make_rows as fixture_rows
 
     from diffkd.data.splits import make_splits
     from diffkd.models.diffusion import TRAINING_INFO
@@ -128,7 +128,7 @@ def _generated_by(ds, model_dir, external: list[str], val_fraction: float, n: in
         json.dump({"split": {"external": external, "val_fraction": val_fraction, "seed": 0},
                    "train_case_ids_sha256": ids_digest(table.loc[table["split"] == "train", "case_id"])}, f)
     source = f"syn-{os.path.basename(model_dir)}"
-    rows = fixture_rows(center, n, 0, 16, seed=9)
+    rows = two_modality_rows(center, n, 0, 16, seed=9)
     rows = rows.set_column(rows.column_names.index("synthetic"), "synthetic", pa.array([True] * n))
     rows = rows.set_column(rows.column_names.index("source"), "source", pa.array([source] * n))
     rows = rows.set_column(rows.column_names.index("case_id"), "case_id",
@@ -137,18 +137,18 @@ def _generated_by(ds, model_dir, external: list[str], val_fraction: float, n: in
     return source
 
 
-def test_synthetic_rows_of_a_generator_trained_on_another_split_are_refused(tmp_path):
-    from student_fixtures import two_modality_dataset
+def test_synthetic_rows_of_a_generator_trained_on_another_split_are_refused(tmp_path, two_modality_dataset,
+                                                                            two_modality_rows):
 
     from diffkd.data.splits import check_synthetic_split, split_fingerprint
     from diffkd.train.teacher import TeacherConfig, train_teacher
 
     ds = two_modality_dataset(tmp_path / "data", n_us=12, n_doppler=0, size=16)
     current = make_splits(ds.metadata().to_pandas(), external=["C"], val_fraction=0.3, seed=0)
-    same = _generated_by(ds, str(tmp_path / "gen-same"), ["C"], 0.3)
+    same = _generated_by(two_modality_rows, ds, str(tmp_path / "gen-same"), ["C"], 0.3)
     check_synthetic_split(ds, current)  # the generator saw this split's training patients only: accepted
 
-    other = _generated_by(ds, str(tmp_path / "gen-other"), ["B"], 0.3)  # B was internal for it: seen
+    other = _generated_by(two_modality_rows, ds, str(tmp_path / "gen-other"), ["B"], 0.3)  # B was internal for it: seen
     other_fp = split_fingerprint(make_splits(ds.metadata().to_pandas(), external=["B"], val_fraction=0.3, seed=0))
     with pytest.raises(LeakageError) as err:
         check_synthetic_split(ds, current)
@@ -162,15 +162,14 @@ def test_synthetic_rows_of_a_generator_trained_on_another_split_are_refused(tmp_
         train_teacher(ds, current, TeacherConfig(arch="resnet18"), str(tmp_path / "teacher"), synthetic_ratio=0.5)
 
 
-def test_synthetic_rows_without_a_recorded_generator_split_are_refused(tmp_path):
+def test_synthetic_rows_without_a_recorded_generator_split_are_refused(tmp_path, two_modality_dataset,
+                                                                       two_modality_rows):
     import pyarrow as pa
-    from student_fixtures import make_rows as fixture_rows
-    from student_fixtures import two_modality_dataset
 
     from diffkd.data.splits import check_synthetic_split
 
     ds = two_modality_dataset(tmp_path / "data", n_us=12, n_doppler=0, size=16)
-    rows = fixture_rows("A", 4, 0, 16, seed=9)
+    rows = two_modality_rows("A", 4, 0, 16, seed=9)
     rows = rows.set_column(rows.column_names.index("synthetic"), "synthetic", pa.array([True] * 4))
     ds.write_synthetic("A", rows, run_id="legacy")
     current = make_splits(ds.metadata().to_pandas(), external=["C"], val_fraction=0.3, seed=0)

@@ -12,7 +12,7 @@ import yaml
 
 import diffkd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def launcher_validate(config: dict) -> dict:

@@ -200,15 +200,15 @@ def test_bad_teacher_settings_are_clear():
 # ---- the stage through Ray Train -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_diffkd_train_teacher_trains_selects_exports_and_predicts_every_case(ray_local, tmp_path):
+def test_diffkd_train_teacher_trains_selects_exports_and_predicts_every_case(ray_local, tmp_path, two_modality_dataset,
+                                                                             two_modality_splits):
     import pandas as pd
     import yaml
-    from student_fixtures import splits, two_modality_dataset
 
     from diffkd.cli import main
 
     ds = two_modality_dataset(tmp_path / "data", size=32)
-    assignments = splits(ds)
+    assignments = two_modality_splits(ds)
     config = {"pipeline": {"image_size": 32},  # the shared section; the teacher's own block overrides it
               "teacher": {"arch": "resnet18", "clinical": True, "pipeline": {"augment": False},
                           "loop": {"epochs": 4, "batch_size": 8, "lr": 2e-3, "patience": 3,
@@ -241,15 +241,15 @@ def test_diffkd_train_teacher_trains_selects_exports_and_predicts_every_case(ray
     assert again["history"] == info["history"] and again["metrics"]["best_epoch"] == info["metrics"]["best_epoch"]
 
 
-def test_the_schedule_and_class_weights_come_from_the_modality_the_teacher_trains_on(tmp_path):
+def test_the_schedule_and_class_weights_come_from_the_modality_the_teacher_trains_on(tmp_path, two_modality_dataset,
+                                                                                     two_modality_splits):
     """A B-mode teacher on a B-mode + Doppler dataset: one epoch is its B-mode rows, not every modality's
     (sized from all rows, the cosine schedule of the demo's teacher ended at ~0.35 of its peak LR)."""
-    from student_fixtures import splits, two_modality_dataset
 
     from diffkd.train.teacher import plan_training
 
     ds = two_modality_dataset(tmp_path / "data", n_us=24, n_doppler=16, size=16)
-    assignments = splits(ds)
+    assignments = two_modality_splits(ds)
     train = assignments[assignments["split"] == "train"]
     for modality in ("us", "us_doppler"):
         cfg = config(pipeline=PipelineConfig(image_size=16, modalities=(modality,)))

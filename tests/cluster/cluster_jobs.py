@@ -1,4 +1,4 @@
-"""Jobs the multi-node tests submit with `diffkd submit` (run on the cluster as `python tests/cluster_jobs.py ...`).
+"""Jobs the multi-node tests submit with `diffkd submit` (run on the cluster as `python tests/cluster/cluster_jobs.py ...`).
 
 deepspeed  a Ray Train TorchTrainer of 2 workers on 2 nodes (STRICT_SPREAD) training a small MLP
            with DeepSpeed ZeRO-2; checkpoints every epoch (all ranks save, ZeRO shards keep their

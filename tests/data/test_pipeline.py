@@ -9,14 +9,13 @@ from diffkd.data.augment import AugmentConfig, AugmentParams, draw_params, place
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.pipeline import PipelineConfig, decode_batch, load_arrays, row_generators
 from diffkd.data.schema import MODALITIES, ClinicalEncoding
-from pipeline_fixtures import build_dataset, depth_ramp
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> ImageDataset:
-    return build_dataset(tmp_path_factory.mktemp("pipe") / "ds")
+def dataset(tmp_path_factory, ramp_dataset) -> ImageDataset:
+    return ramp_dataset(tmp_path_factory.mktemp("pipe") / "ds")
 
 
 def cfg(**kw) -> PipelineConfig:
@@ -110,7 +109,7 @@ def test_augmentation_never_flips_depth(dataset):
     assert flips > 0  # horizontal flips did happen
 
 
-def test_horizontal_flip_mirrors_left_right_only():
+def test_horizontal_flip_mirrors_left_right_only(depth_ramp):
     image = Image.fromarray(depth_ramp(32, 32))
     plain = np.asarray(place(image, 32, True, AugmentParams.identity(), Image.Resampling.BILINEAR))
     flipped = np.asarray(place(image, 32, True, AugmentParams(flip=True), Image.Resampling.BILINEAR))

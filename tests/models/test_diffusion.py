@@ -14,7 +14,6 @@ from diffkd.models.diffusion import (ConditionalDiffusionPipeline, DiffusionMode
 from diffkd.models.diffusion import TRAINING_INFO
 from diffkd.train.diffusion_task import (DenoiserWithEMA, DiffusionConfig, DiffusionTask,
                                          diffusion_loss, generator_pipeline_config, to_model_range)
-from diffusion_fixtures import tiny_dataset
 
 TINY = DiffusionModelConfig(image_size=16, block_out_channels=(16, 32), condition_dim=32)
 
@@ -24,7 +23,7 @@ def tiny_config(**kw) -> DiffusionConfig:
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory) -> dict:
+def batch(tmp_path_factory, tiny_dataset) -> dict:
     ds = tiny_dataset(tmp_path_factory.mktemp("diff") / "ds", per_center=8)
     arrays = load_arrays(ds, None, generator_pipeline_config(tiny_config(), batch_size=16))
     return {k: (v.tolist() if v.dtype == object else torch.from_numpy(v)) for k, v in arrays.items()}
@@ -147,7 +146,7 @@ def test_the_paper_size_example_config_parses():
 
     from diffkd.config.experiment import load_section
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "diffusion_example.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "diffusion_example.yaml"
     stage = load_section(path, "diffusion")
     assert stage.model.model.image_size == 256 and stage.model.model.block_out_channels[-1] == 512
     assert stage.loop.zero_stage == 2
