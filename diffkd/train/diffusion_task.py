@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.data.splits import SplitConfig, ids_digest, split_case_ids
+from diffkd.models import unwrap
 from diffkd.models.diffusion import (SAMPLERS, TRAINING_INFO, ConditionalDenoiser, DiffusionModelConfig,
                                      build_denoiser, init_unet_from, load_denoiser, save_pipeline, training_info,
                                      training_scheduler, with_new_centers)
@@ -104,13 +105,6 @@ class DenoiserWithEMA(nn.Module):
         for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
         self.ema_steps += 1
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DeepSpeed engine / DDP wrapper (or the model itself)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def to_model_range(image: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import MODALITIES, ClinicalEncoding
 from diffkd.distill import DistillBatch, FeatureWidths, build_loss
+from diffkd.models import unwrap
 from diffkd.train.loop import FitResult
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
@@ -170,7 +171,7 @@ def run_classifier(model: nn.Module, batch: dict[str, Any]) -> ClassifierOutput:
     pieces so that the backbone runs once: timm's forward_features / forward_head, and for a fusion
     classifier its rule, image logits + fusion head(embedding, clinical).
     """
-    from diffkd.models.classifiers import image_model, unwrap, uses_clinical
+    from diffkd.models.classifiers import image_model, uses_clinical
 
     backbone = image_model(model)
     feature_map = backbone.forward_features(batch["image"])
@@ -398,12 +399,6 @@ class StudentTask(Task):
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         export_student(unwrap(model).student, out_dir, self.config)
-
-
-def unwrap(model: nn.Module) -> DistillationModel:
-    while not isinstance(model, DistillationModel) and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 # ---- export -----------------------------------------------------------------------------------------
