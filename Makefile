@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow bench bench-gpu venv clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# CPU benches, each printing one JSON line into bench/results/<bench>.json (sizes: see each --help)
+BENCHES := data_feed train_overhead diffusion centers student
+
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "# $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in $(BENCHES); do echo "# bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+
+# on a GPU machine; needs only torch, timm, diffusers and deepspeed
+bench-gpu:
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -2,15 +2,18 @@
 
 Data part (this file): images/s of the Ray Data pipeline and peak memory of one epoch, 40 centers
 against 4, ratios measured in one run. At a fixed number of images per center the 40-center epoch is
-10x longer, which amortises Ray's per-epoch start; a third dataset (4 centers holding the 40-center
-image count) separates that from what the number of centers itself costs. Throughput runs both datasets in one Ray instance with epochs
-interleaved (load swings hit both alike); memory runs each dataset in a fresh process (see
-bench/data_feed.py for how memory is sampled). Targets: throughput 40/4 >= 0.9, memory 40/4 <= 1.2.
+10x longer, which amortises Ray's per-epoch start, so the targets compare 40 centers with a third
+dataset of 4 centers holding the same total number of images: what the number of centers itself
+costs (throughput_ratio_same_total >= 0.9, memory_ratio <= 1.2). The 40-vs-4 ratios at a fixed
+number of images per center stay as diagnostics (memory_ratio_10x_data: does streaming keep memory
+flat as the data grows). Throughput runs all datasets in one Ray instance with epochs interleaved
+(load swings hit them alike); memory runs each dataset in a fresh process (see bench/data_feed.py
+for how memory is sampled).
 
 Leave-one-center-out part: wall time of `diffkd loco` on the 4-center dataset (one small teacher per
 held-out center through Ray Tune + Ray Train) with 1 fold at a time vs 2 in parallel.
 
-Prints ONE JSON line.
+Prints ONE JSON line and writes bench/results/centers.json.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import emit  # noqa: E402
 from data_feed import RayFeed, mib, run_child, write_speckle_dataset  # noqa: E402
 
 
@@ -98,39 +102,44 @@ def main() -> None:
         roots = {n: os.path.join(tmp, f"c{n}") for n in (args.few, args.many)}
         for n, root in roots.items():
             write_speckle_dataset(root, n, args.images_per_center)
-        # Diagnostic: the many-center image count in few centers, to tell center count from epoch size.
+        # the many-center image count in few centers: tells center count from epoch size
         same_total = os.path.join(tmp, f"c{args.few}x{args.many // args.few}")
         write_speckle_dataset(same_total, args.few, args.images_per_center * args.many // args.few)
         speed = run_child("throughput", ",".join([*roots.values(), same_total]), args,
                           script=os.path.abspath(__file__))
         memory = {n: run_child("memory_ray", root, args) for n, root in roots.items()}
+        memory_same_total = run_child("memory_ray", same_total, args)
         extra = {} if args.no_loco else leave_one_center_out_timing(args, roots[args.few], tmp)
 
     def images_per_s(root: str) -> float:
         return statistics.median(e["images"] / e["seconds"] for e in speed["epochs"][root])
 
     ips = {n: images_per_s(root) for n, root in roots.items()}
-    speed_ratio = ips[args.many] / ips[args.few]
-    memory_ratio = memory[args.many]["peak_rss"] / memory[args.few]["peak_rss"]
-    result = {
+    same_total_ips = images_per_s(same_total)
+    speed_ratio = ips[args.many] / same_total_ips
+    memory_ratio = memory[args.many]["peak_rss"] / memory_same_total["peak_rss"]
+    peaks = {**{str(n): m for n, m in memory.items()}, f"{args.few}_same_total": memory_same_total}
+    emit({
         "bench": "centers",
         "images_per_center": args.images_per_center, "centers": [args.few, args.many],
         "image_size": args.image_size, "batch_size": args.batch_size, "cpus": os.cpu_count(), "warm_epochs": args.epochs,
         "images_per_s": {str(n): round(v, 1) for n, v in ips.items()},
-        "throughput_ratio": round(speed_ratio, 3),
-        # same images per epoch, 40 centers vs 4: what the number of centers (files, tasks) itself costs
-        "same_total_images_per_s": round(images_per_s(same_total), 1),
-        "throughput_ratio_same_total": round(ips[args.many] / images_per_s(same_total), 3),
-        "peak_rss_mib": {str(n): mib(m["peak_rss"]) for n, m in memory.items()},
-        "peak_pss_mib": {str(n): mib(m["peak_pss"]) for n, m in memory.items()},
-        "processes_at_peak": {str(n): m["processes"] for n, m in memory.items()},
+        "same_total_images_per_s": round(same_total_ips, 1),
+        # targets: 40 centers vs 4 centers holding as many images, what the number of centers itself costs
+        "throughput_ratio_same_total": round(speed_ratio, 3),
         "memory_ratio": round(memory_ratio, 3),
-        "memory_ratio_pss": round(memory[args.many]["peak_pss"] / memory[args.few]["peak_pss"], 3),
-        "targets": {"throughput_ratio": ">= 0.9", "memory_ratio": "<= 1.2"},
+        "memory_ratio_pss": round(memory[args.many]["peak_pss"] / memory_same_total["peak_pss"], 3),
+        # diagnostics: 40 vs 4 centers at a fixed number of images per center (10x the data)
+        "throughput_ratio_10x_data": round(ips[args.many] / ips[args.few], 3),
+        "memory_ratio_10x_data": round(memory[args.many]["peak_rss"] / memory[args.few]["peak_rss"], 3),
+        "peak_rss_mib": {k: mib(m["peak_rss"]) for k, m in peaks.items()},
+        "peak_pss_mib": {k: mib(m["peak_pss"]) for k, m in peaks.items()},
+        "processes_at_peak": {k: m["processes"] for k, m in peaks.items()},
+        "targets": {"throughput_ratio_same_total": ">= 0.9", "memory_ratio": "<= 1.2"},
         "meets_target": bool(speed_ratio >= 0.9 and memory_ratio <= 1.2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         **extra,
-    }
-    print(json.dumps(result))
+    })
 
 
 if __name__ == "__main__":

@@ -246,43 +246,77 @@ def _validation_note(assignments: pd.DataFrame, modality: str, searched: bool) -
 
 def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage, out: Path,
                modality: str) -> dict:
-    """Seed 001: clinical LR, in-domain ResNet101 features + mRMR + LASSO, and both combined."""
+    """Seed 001: clinical LR, CNN features + mRMR + LASSO, and both combined.
+
+    The feature extractor is frozen when `feature_model.pretrained` names weights; otherwise it is
+    trained from scratch and cross-fitted (diffkd.evaluate.baselines.cross_fitted_features): mRMR and the LASSO
+    never select on features of images their extractor was trained on.
+    """
+    import numpy as np
     import torch
 
     from diffkd.data.pipeline import load_arrays
-    from diffkd.evaluate.baselines import fit_baselines
-    from diffkd.models.classifiers import features, load_classifier
-    from diffkd.train.teacher import train_teacher
+    from diffkd.evaluate.baselines import DeepFeatures, cross_fitted_features, fit_baselines
+    from diffkd.models.classifiers import features, initialised_from, load_classifier
 
-    name = "deep_feature_model"
-    feature_dir = str(out / "models" / name)
-    fcfg = _with_loop(_pipeline(stage.feature_model, modalities=(modality,)), out, name)
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
-    train_teacher(ds, rows, fcfg, feature_dir, synthetic_ratio=0.0, model_name=name)
-    model = load_classifier(feature_dir).eval()
-    arrays = load_arrays(ds, rows["case_id"], fcfg.pipeline)
-    with torch.no_grad():
-        image = torch.from_numpy(arrays["image"])
-        feats = torch.cat([features(model, image[i:i + 64]) for i in range(0, len(image), 64)]).numpy()
-    per_image = pd.DataFrame({"case_id": arrays["case_id"]})
-    # a case's views are averaged into one feature vector, as its predictions are
-    frame = pd.DataFrame(feats).groupby(per_image["case_id"].to_numpy()).mean()
+    cases = rows.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
     meta = ds.metadata().to_pandas().drop_duplicates("case_id").set_index("case_id")
-    cases = (rows.drop_duplicates("case_id").set_index("case_id")
-             .loc[frame.index, ["patient_id", "center", "split", "label"]].reset_index())
     for column in CLINICAL_COLUMNS:
         cases[column] = meta.loc[cases["case_id"], column].to_numpy()
-    result = fit_baselines(cases, frame.to_numpy(), list(CLINICAL_COLUMNS), stage.config)
+    fcfg = _pipeline(stage.feature_model, modalities=(modality,))
+    arrays = load_arrays(ds, cases["case_id"], fcfg.pipeline)  # every case's images, decoded once
+    image = torch.from_numpy(arrays["image"])
+
+    def case_features(model) -> np.ndarray:
+        """Penultimate features of every case, its views averaged (as its predictions are), in `cases` order."""
+        model.eval()
+        with torch.no_grad():
+            feats = torch.cat([features(model, image[i:i + 64]) for i in range(0, len(image), 64)]).numpy()
+        return pd.DataFrame(feats).groupby(arrays["case_id"]).mean().loc[cases["case_id"]].to_numpy()
+
+    arch = stage.feature_model.arch
+    pretrained = stage.feature_model.pretrained
+    if pretrained:
+        from diffkd.models.classifiers import create_classifier
+
+        model = create_classifier(arch, in_chans=fcfg.pipeline.in_chans, pretrained=pretrained)
+        deep = DeepFeatures.frozen(case_features(model), f"frozen pretrained {arch} ({pretrained}), not trained "
+                                                         "here: features of every case from weights that saw none")
+    else:
+        from diffkd.train.teacher import train_teacher
+
+        k = stage.config.feature_folds
+
+        def fit_and_extract(fold: int, fitted: np.ndarray) -> np.ndarray:
+            name = f"deep_feature_model_fold{fold}"
+            model_dir = str(out / "models" / name)
+            # the extractor trains on `fitted` training cases only; validation rows still stop it early
+            keep = set(cases.loc[fitted | (cases["split"] != "train").to_numpy(), "case_id"])
+            train_teacher(ds, rows[rows["case_id"].isin(keep)], _with_loop(fcfg, out, name), model_dir,
+                          synthetic_ratio=0.0, model_name=name)
+            return case_features(load_classifier(model_dir))
+
+        deep = cross_fitted_features(cases, k, stage.config.seed, fit_and_extract, (
+            f"{arch} trained from scratch, cross-fitted over {k} folds of training patients (patient-grouped, "
+            f"label-stratified): each training case's features come from the extractor that did not train on its "
+            f"fold, and mRMR + LASSO are fitted on those; internal-validation and external cases are scored "
+            f"through all {k} extractors, probabilities averaged"))
+    result = fit_baselines(cases, deep, list(CLINICAL_COLUMNS), stage.config)
+    result.summary["deep_features"]["initialised_from"] = initialised_from(pretrained)
     path = out / "models" / "baselines_predictions.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)  # a frozen extractor trains nothing that would make it
     result.predictions.to_parquet(path, index=False)
     return {"predictions": str(path), "summary": result.summary, "params": result.params}
 
 
 def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, dict]:
-    """Parameters and CPU latency (batch 1) of every trained classifier, measured the same way."""
+    """Parameters and CPU latency of every trained classifier, measured the same way: torch and ONNX
+    Runtime at batch 1 and 32, one thread (a stage's own ONNX export is reused where it wrote one)."""
     from diffkd.data.schema import ClinicalEncoding
     from diffkd.models.classifiers import load_classifier, uses_clinical
-    from diffkd.models.footprint import count_parameters, latency_ms
+    from diffkd.models.export import ONNX_FILE
+    from diffkd.models.footprint import count_parameters, latency_table
 
     info = {}
     for name, path in model_dirs.items():
@@ -293,22 +327,27 @@ def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, 
             arch = json.load(f).get("architecture", "")
         size = cfg.student.pipeline.image_size if name.startswith("student") else cfg.teacher.pipeline.image_size
         clinical = ClinicalEncoding().width if uses_clinical(model) else 0
+        exported = os.path.join(path, ONNX_FILE)
+        latency = latency_table(model, size, 1, clinical, repeats=10,
+                                onnx_path=exported if os.path.exists(exported) else None)
         info[name] = {"params": count_parameters(model), "architecture": arch,
-                      "latency_ms": latency_ms(model, size, 1, clinical)}
+                      "latency_ms": latency["torch"]["b1"], "latency": latency}
     return info
 
 
-def _initialised_from(out: Path, model_dirs: dict[str, str]) -> dict[str, str]:
-    """Each trained model's start ("scratch" or its weights), as its stage recorded it."""
+def _initialised_from(model_dirs: dict[str, str], baseline_summary: dict | None) -> dict[str, str]:
+    """Each trained model's start ("scratch" or its weights), as its stage recorded it; the deep-feature
+    model's is its extractor's (a frozen pretrained one, or cross-fitted from scratch)."""
     from diffkd.models.diffusion import TRAINING_INFO as GENERATOR_INFO
     from diffkd.train.teacher import TRAINING_INFO
 
     found = {}
-    for name, path in [*model_dirs.items(), ("deep_feature_model", str(out / "models" / "deep_feature_model"))]:
+    for name, path in model_dirs.items():
         if os.path.exists(os.path.join(path, GENERATOR_INFO)):
             found[name] = json.loads(Path(path, GENERATOR_INFO).read_text()).get("initialised_from")
         elif os.path.exists(os.path.join(path, TRAINING_INFO)):
             found[name] = json.loads(Path(path, TRAINING_INFO).read_text())["metrics"].get("initialised_from")
+    found["deep_features"] = ((baseline_summary or {}).get("deep_features") or {}).get("initialised_from")
     return {name: start for name, start in found.items() if start}
 
 
@@ -340,7 +379,8 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     for note in notes:
         print(f"note: {note}")
     model_info = _model_info(model_dirs, cfg)
-    inputs = ReportInputs(initialised_from=_initialised_from(out, model_dirs),title=f"diffkd validation report: {cfg.name}",
+    inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
+                          initialised_from=_initialised_from(model_dirs, baseline_summary),
                           dataset={"name": Path(ds.root).name, "path": str(ds.uri), "external": list(external)},
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],

@@ -8,8 +8,8 @@ EPILOG = """\
 examples:
   diffkd report --predictions runs/exp1/report/predictions.parquet --out runs/exp1_rebuilt
   diffkd report --predictions preds.parquet --out out --readers reads.csv --ci bootstrap --n-boot 2000
-  diffkd report --predictions demo_out/report/predictions.parquet --out rebuilt \
-      --truth demo_out/phantom/truth.csv --dataset demo_out/data     # the phantom's ceilings per center
+  diffkd report --predictions demo_out/report/predictions.parquet --out rebuilt --truth demo_out/phantom/truth.csv
+      --dataset demo_out/data        # with the phantom's ceilings per center
 
 By default the report_inputs.json (model sizes, synthetic audit and grids, config, skipped sections)
 and readers.csv found beside the predictions are used, so a report folder rebuilds itself. Flags

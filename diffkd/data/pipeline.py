@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # What decode needs from a row; identifiers, hashes and provenance stay on disk.
 READ_COLUMNS = ("case_id", "center", "modality", "label", "synthetic", "source", "image", "mask", *CLINICAL_COLUMNS)
 STRING_KEYS = ("case_id",)  # batch keys that stay Python strings through collation
+CACHE_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -66,6 +67,11 @@ class PipelineConfig:
     norm_std: float = 0.226
     decode_num_cpus: float = 0.5  # logical CPUs per read+decode task (one fused task per file)
     decode_concurrency: int = 2  # such tasks in flight per branch (real, synthetic); also bounds Ray's worker processes
+    # Small sets are decoded once and kept in Ray's object store (augmentation still runs every epoch);
+    # bigger ones stream. auto: cache when the decoded rows fit the budget | always | never
+    cache: str = "auto"
+    cache_budget_mb: float = 0.0  # decoded bytes a cached set may hold; 0 = cache_fraction of the object store
+    cache_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -81,6 +87,10 @@ class PipelineConfig:
             raise ValueError(f"pipeline: synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
         if min(self.batch_size, self.decode_concurrency) < 1 or self.norm_std <= 0 or self.decode_num_cpus < 0:
             raise ValueError("pipeline: batch_size and decode_concurrency must be >= 1, norm_std > 0, decode_num_cpus >= 0")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"pipeline: cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.cache_budget_mb < 0 or not 0 <= self.cache_fraction <= 1:
+            raise ValueError("pipeline: cache_budget_mb must be >= 0 and cache_fraction within [0, 1]")
         unknown = sorted(set(self.modalities) - set(MODALITIES))
         if unknown:
             raise ValueError(f"pipeline: unknown modalities {unknown}; known: {', '.join(MODALITIES)}")
@@ -153,6 +163,56 @@ def _open_mask(data: bytes, what: str) -> Image.Image:
     return Image.fromarray(np.where(inside > 0, 255, 0).astype(np.uint8), "L")
 
 
+# A cached row holds its decoded source pixels instead of PNG bytes (see `decode_sources`): gray
+# values as uint16 with a flag for 16-bit sources, the mask as uint8 0/255 (0x0 when there is none).
+PIXELS, SIXTEEN_BIT, MASK_PIXELS = "pixels", "sixteen_bit", "mask_pixels"
+
+
+def _row_image(batch: dict[str, np.ndarray], i: int, what: str) -> tuple[Image.Image, float]:
+    if PIXELS not in batch:
+        return _open_gray(batch["image"][i], what)
+    pixels = np.asarray(batch[PIXELS][i])
+    if batch[SIXTEEN_BIT][i]:  # as _open_gray leaves a 16-bit PNG: float in [0, 1]
+        return Image.fromarray(pixels.astype(np.float32) / np.float32(65535.0), "F"), 1.0
+    return Image.fromarray(pixels.astype(np.uint8), "L"), 255.0
+
+
+def _row_mask(batch: dict[str, np.ndarray], i: int, what: str) -> Image.Image | None:
+    if MASK_PIXELS in batch:
+        pixels = np.asarray(batch[MASK_PIXELS][i])
+        return Image.fromarray(pixels.astype(np.uint8), "L") if pixels.size else None
+    raw = batch.get("mask")
+    return None if raw is None or raw[i] is None else _open_mask(raw[i], what)
+
+
+def decode_sources(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PNG bytes -> source pixels at their own resolution: the decoded-once form a cached set keeps.
+
+    `decode_batch` turns these rows into exactly what it makes from the PNG bytes (resizing and
+    augmentation run on the same Pillow images), so cached and streamed epochs are identical.
+    """
+    out = {k: v for k, v in batch.items() if k not in ("image", "mask")}
+    pixels, sixteen, masks = [], [], []
+    for i, cid in enumerate(batch["case_id"]):
+        image, full_scale = _open_gray(batch["image"][i], f"image of row case_id={cid}")
+        sixteen.append(full_scale == 1.0)
+        values = np.asarray(image)
+        pixels.append(np.rint(values * 65535.0).astype(np.uint16) if full_scale == 1.0 else values.astype(np.uint16))
+        mask = _row_mask(batch, i, f"mask of row case_id={cid}")
+        masks.append(np.zeros((0, 0), np.uint8) if mask is None else np.asarray(mask, dtype=np.uint8))
+    out[PIXELS] = _ragged(pixels)
+    out[SIXTEEN_BIT] = np.array(sixteen, dtype=bool)
+    out[MASK_PIXELS] = _ragged(masks)
+    return out
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A column of 2-d arrays of any shapes (Ray stores it as a variable-shaped tensor)."""
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
+
+
 def row_generators(case_ids: Sequence[str], seed: int, epoch: int) -> list[np.random.Generator]:
     """One generator per row from (seed, epoch, case id): a row's augmentation ignores its batch-mates and order."""
     return [np.random.default_rng([seed, epoch, zlib.crc32(str(cid).encode())]) for cid in case_ids]
@@ -175,15 +235,17 @@ def _scalar(value: Any) -> Any:
 
 
 def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
-                 rng: np.random.Generator | Sequence[np.random.Generator] | None = None) -> dict[str, np.ndarray]:
+                 rng: np.random.Generator | Sequence[np.random.Generator] | None = None,
+                 mask_dtype: type = np.float32) -> dict[str, np.ndarray]:
     """Decode one batch of dataset rows into the batch contract of `diffkd/train/task.py`.
 
     `rng` None: evaluation (no augmentation). A Generator: augment every row from it, in order. A
     sequence of Generators: one per row (what the Ray pipeline passes, see `row_generators`).
-    Augmentation also needs `cfg.augment`.
+    Augmentation also needs `cfg.augment`. The Ray pipeline ships masks as uint8 (0/1: a quarter of
+    the bytes, and most rows have none); `collate` makes them float32 again.
     """
-    images, case_ids = batch["image"], [str(c) for c in batch["case_id"]]
-    n, size = len(images), cfg.image_size
+    case_ids = [str(c) for c in batch["case_id"]]
+    n, size = len(case_ids), cfg.image_size
     augmenting = rng is not None and cfg.augment
     if not augmenting:
         rngs, params = [None] * n, [AugmentParams.identity()] * n
@@ -194,16 +256,15 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
         params = [draw_params(g, cfg.augmentation) for g in rngs]
 
     pixels = np.empty((n, size, size), dtype=np.float32)
-    masks = np.zeros((n, 1, size, size), dtype=np.float32)
-    raw_masks = batch.get("mask")
+    masks = np.zeros((n, 1, size, size), dtype=mask_dtype)
     for i in range(n):
-        image, full_scale = _open_gray(images[i], f"image of row case_id={case_ids[i]}")
+        image, full_scale = _row_image(batch, i, f"image of row case_id={case_ids[i]}")
         pixels[i] = np.asarray(place(image, size, cfg.keep_aspect, params[i], Image.Resampling.BILINEAR),
                                dtype=np.float32)
         if full_scale != 1.0:
             pixels[i] *= np.float32(1.0 / full_scale)
-        if raw_masks is not None and raw_masks[i] is not None:
-            mask = _open_mask(raw_masks[i], f"mask of row case_id={case_ids[i]}")
+        mask = _row_mask(batch, i, f"mask of row case_id={case_ids[i]}")
+        if mask is not None:
             warped = place(mask, size, cfg.keep_aspect, params[i], Image.Resampling.BILINEAR)
             masks[i, 0] = np.asarray(warped) >= 128  # bilinear + threshold: smoother edges than nearest
 
@@ -236,16 +297,16 @@ def _decode_in_ray(block: dict[str, np.ndarray], cfg: PipelineConfig, train: boo
         # Ray Data bumps this counter every time the plan executes (its own random() uses it the same way).
         epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
         rngs = row_generators(block["case_id"], cfg.seed, epoch)
-    return decode_batch(block, cfg, rngs)
+    return decode_batch(block, cfg, rngs, mask_dtype=np.uint8)
 
 
 def block_bytes(cfg: PipelineConfig) -> int:
-    """Ray's target block size: one training batch of decoded rows (image + mask, float32).
+    """Ray's target block size: one training batch of decoded rows (float32 image, uint8 mask).
 
     Small blocks stream: a file's rows reach the trainer a batch at a time instead of all at once,
     and what a task holds in memory stays the same whatever the file or dataset size.
     """
-    return max(2**20, cfg.batch_size * 4 * cfg.image_size ** 2 * (cfg.in_chans + 1))
+    return max(2**20, cfg.batch_size * cfg.image_size ** 2 * (4 * cfg.in_chans + 1))
 
 
 def task_memory_bytes(cfg: PipelineConfig) -> int:
@@ -256,13 +317,18 @@ def task_memory_bytes(cfg: PipelineConfig) -> int:
 # ---- datasets -------------------------------------------------------------------------------------
 
 def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: PipelineConfig, train: bool,
-                 synthetic_ratio: float | None = None, centers: Iterable[str] | None = None) -> "ray.data.Dataset":
-    """A streaming Ray dataset of decoded rows for the real cases `case_ids` (None: every real row of `centers`).
+                 synthetic_ratio: float | None = None, centers: Iterable[str] | None = None,
+                 cache: bool | None = None) -> "ray.data.Dataset":
+    """A Ray dataset of decoded rows for the real cases `case_ids` (None: every real row of `centers`).
 
     `centers` limits which partitions are read at all (default: every real center); training adds
     synthetic rows of the same centers at `synthetic_ratio` (default `cfg.synthetic_ratio`) synthetic
     rows per real row in expectation, a fresh random subset each epoch, and shuffles file order per
     epoch. Row shuffling within the stream happens when iterating (`iter_shard_batches`).
+
+    The real rows are decoded once and cached in Ray's object store when `cache` is True, or, when it
+    is None, as `cfg.cache` decides (see `cache_decision`); otherwise every epoch streams them from
+    Parquet. Synthetic rows always stream (a different subset every epoch).
     """
     from ray.data.expressions import col, random
 
@@ -275,7 +341,9 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     modality = col("modality").is_in(list(cfg.modalities)) if cfg.modalities else None
     wanted = col("case_id").is_in(ids) if ids is not None else None
     predicate = wanted if modality is None else (modality if wanted is None else wanted & modality)
-    ds = _read_and_decode(dataset, files, dataset.partition_base(), predicate, cfg, train)
+    if cache is None:
+        cache = cache_decision(dataset, ids, centers, cfg).cached
+    ds = _read_and_decode(dataset, files, dataset.partition_base(), predicate, cfg, train, cache=cache)
 
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
@@ -296,8 +364,46 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     return ds
 
 
+@dataclass
+class CacheDecision:
+    cached: bool
+    decoded_bytes: int  # estimated size of the decoded rows (source pixels and masks)
+    budget_bytes: int
+
+
+def cache_decision(dataset: ImageDataset, case_ids: Sequence[str] | None, centers: Sequence[str] | None,
+                   cfg: PipelineConfig) -> CacheDecision:
+    """Whether the real rows of `case_ids` (None: all of `centers`) get cached under `cfg.cache`.
+
+    The decoded size is estimated from the rows' recorded height and width: 2 bytes per pixel, plus
+    1 for a mask. The budget is `cfg.cache_budget_mb`, or `cfg.cache_fraction` of the Ray cluster's
+    object store.
+    """
+    import pyarrow.compute as pc
+
+    if cfg.cache == "never":
+        return CacheDecision(False, 0, 0)
+    meta = dataset.metadata(centers)
+    if case_ids is not None:
+        meta = meta.filter(pc.field("case_id").isin(list(case_ids)))
+    if cfg.modalities:
+        meta = meta.filter(pc.field("modality").isin(list(cfg.modalities)))
+    pixels = pc.sum(pc.multiply(meta.column("height").cast("int64"), meta.column("width").cast("int64"))).as_py()
+    decoded = 3 * int(pixels or 0)
+    if cfg.cache_budget_mb:
+        budget = int(cfg.cache_budget_mb * 2**20)
+    else:
+        import ray
+
+        budget = int(cfg.cache_fraction * ray.cluster_resources().get("object_store_memory", 0))
+    cached = cfg.cache == "always" or decoded <= budget
+    log.info("%s %d rows: %.0f MiB decoded, cache budget %.0f MiB", "caching" if cached else "streaming",
+             meta.num_rows, decoded / 2**20, budget / 2**20)
+    return CacheDecision(cached, decoded, budget)
+
+
 def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: str, predicate, cfg: PipelineConfig,
-                     train: bool) -> "ray.data.Dataset":
+                     train: bool, cache: bool = False) -> "ray.data.Dataset":
     """read_parquet -> filter -> map_batches(decode), which Ray fuses into ONE task per file.
 
     `center` comes from the files' `center=<C>` directories below `partition_base` (the files do not
@@ -324,8 +430,18 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
     ds.context.target_max_block_size = block_bytes(cfg)  # the dataset keeps its own copy of the context
     if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
         ds = ds.filter(expr=predicate, compute=compute, **resources)
-    return ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=None,
-                          batch_format="numpy", compute=compute, **resources)
+    if cache:
+        # Decode the PNGs once into the object store; every epoch then resizes and augments from there.
+        ds = ds.map_batches(decode_sources, batch_size=None, batch_format="numpy", compute=compute,
+                            **resources).materialize()
+        if train:
+            # a fresh permutation of the cached blocks each epoch, as the streamed files are reshuffled
+            ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+    out = ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=None,
+                         batch_format="numpy", compute=compute, **resources)
+    if cache:
+        out.context._execution_idx = 0  # materialising counted as a run: epochs still number from 0
+    return out
 
 
 @contextlib.contextmanager
@@ -388,7 +504,8 @@ def split_datasets(dataset: ImageDataset, assignments: "pd.DataFrame", cfg: Pipe
         rows = assignments[assignments["split"] == split]
         if len(rows):
             out[split] = make_dataset(dataset, rows["case_id"], cfg, train=split == "train",
-                                      centers=rows["center"].unique())
+                                      centers=rows["center"].unique(),
+                                      cache=False if split == "test" else None)  # test is read once
     return out
 
 
@@ -398,11 +515,13 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """numpy batch -> torch tensors; identifier columns stay lists of str (the loop needs case_id for predictions)."""
     import torch
 
-    def tensor(value: np.ndarray) -> "torch.Tensor":
+    def tensor(key: str, value: np.ndarray) -> "torch.Tensor":
+        if key == "mask" and value.dtype != np.float32:  # shipped as uint8 (see decode_batch)
+            return torch.from_numpy(value.astype(np.float32))
         # Arrays viewing Ray's object store are read-only; a model writing into its input must not touch them.
         return torch.from_numpy(value if value.flags.writeable else value.copy())
 
-    return {key: value.tolist() if key in STRING_KEYS or value.dtype == object else tensor(value)
+    return {key: value.tolist() if key in STRING_KEYS or value.dtype == object else tensor(key, value)
             for key, value in batch.items()}
 
 

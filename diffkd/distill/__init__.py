@@ -4,6 +4,8 @@ Registered losses (the keys of ``distill.terms`` in a student config):
 
 - ``logit``: :class:`LogitKD`, Hinton KD with temperature and the T² factor; its weight is α,
   taken from cross-entropy's share.
+- ``logit_standardized``: :class:`StandardizedLogitKD`, the same soft term on batch-standardised margins:
+  the teacher's ranking without its logit scale (see its docstring for why); blends with CE like ``logit``.
 - ``feature``: :class:`FeatureKD`, projector + MSE (FitNets) or attention transfer; needs pairs.
 - ``gkd_pro``: :class:`GroupPrototypeKD`, PaGKD's group prototype distillation; pairing-free.
 - ``gkd_den``: :class:`GroupDenseKD`, PaGKD's group dense distillation; pairing-free, warm-up 1 epoch.

@@ -2,11 +2,15 @@
 
 Plain functions over pandas / numpy; nothing here knows about Ray or torch.
 
-- `metrics`: AUC with DeLong or bootstrap CIs, DeLong paired test, unpaired test, thresholds fixed on
-  internal data, operating points with Wilson CIs.
-- `calibration`, `decision`: calibration intercept / slope / Brier / reliability; net benefit.
-- `baselines`: the seed-001 clinical, deep-feature (mRMR + LASSO) and combined models
-  (`fit_baselines`).
+- `metrics`: AUC with DeLong or patient-clustered bootstrap CIs, paired tests (DeLong or the clustered
+  paired bootstrap), unpaired test, random-effects pooling of AUCs, thresholds fixed on internal
+  data, operating points with Wilson CIs.
+- `calibration`, `decision`: calibration intercept / slope / Brier / reliability, logistic
+  recalibration on internal validation; net benefit.
+- `truth`: a synthetic cohort's truth.csv joined to the predictions (per-center ceilings), read by
+  the report only.
+- `baselines`: the seed-001 clinical, deep-feature (mRMR + LASSO on cross-fitted or frozen
+  extractor features) and combined models (`fit_baselines`).
 - `readers`: radiologist reads (`load_readers`), operating points, McNemar.
 - `summary`: `build_metrics(predictions, ...)` -> the metrics.json dict; `headline_table`.
 - `figures`, `report`: `write_report(out_dir, predictions, ReportInputs(...), readers, EvaluateConfig())`

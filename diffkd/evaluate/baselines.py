@@ -8,9 +8,16 @@
   (unit-invariant, and finite even under separation); the final model's coefficients use Firth's
   penalized likelihood, so a level seen only with upgrades (separation, common in small cohorts)
   gets a large but finite odds ratio instead of an infinite one.
-- deep_features: penultimate-layer features of an in-domain CNN (the caller extracts them),
+- deep_features: penultimate-layer features of a CNN (the caller extracts them, `DeepFeatures`),
   standardized, mutual-information mRMR, then L1 (LASSO) logistic regression with the penalty chosen
-  by stratified cross-validation on the training set.
+  by stratified cross-validation on the training set. Feature selection never sees features of a case
+  made by an extractor that was trained on that case: a CNN trained from scratch on the training
+  split has memorised those images, and mRMR + LASSO would select features that separate memorised
+  labels. The extractor is either frozen (pretrained elsewhere), or cross-fitted: K extractors, each
+  trained without one fold of training patients (`extractor_folds`), give the out-of-fold features
+  the selection is fitted on; every other case is scored through each extractor and the K
+  probabilities are averaged, so training and scored cases both reach the model through an
+  extractor that never saw them.
 - combined: the LASSO-selected deep features plus the clinical model's design columns, again L1
   logistic regression with the penalty chosen by cross-validation.
 
@@ -22,14 +29,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from diffkd.evaluate.logistic import LogisticFit, fit_logistic, likelihood_ratio_p
@@ -403,6 +410,106 @@ class BaselineConfig:
     keep_p: float = 0.05
     n_mrmr: int = 32
     seed: int = 0
+    # extractors trained from scratch are cross-fitted over this many folds of training patients
+    # (each trains on (K-1)/K of them); a frozen pretrained extractor needs no folds
+    feature_folds: int = 3
+
+    def __post_init__(self):
+        if self.feature_folds < 2:
+            raise ValueError(f"baselines.config.feature_folds={self.feature_folds}: cross-fitting needs at least "
+                             "2 folds (features of a case must come from an extractor not trained on it)")
+
+
+@dataclass
+class DeepFeatures:
+    """Deep features of every case from one or more extractors, and which cases each was trained on.
+
+    matrices[k][i] is extractor k's feature vector of case i (rows aligned with the cases table);
+    fitted_on[k, i] is True when extractor k was trained on case i (its features of case i are
+    memorised and never used).
+    """
+
+    matrices: list[np.ndarray]
+    fitted_on: np.ndarray  # (n_extractors, n_cases) bool
+    how: str  # how the features were made, for the report
+
+    def __post_init__(self):
+        self.matrices = [np.asarray(m, dtype=float) for m in self.matrices]
+        self.fitted_on = np.asarray(self.fitted_on, dtype=bool)
+        if not self.matrices:
+            raise ValueError("DeepFeatures needs at least one extractor's features")
+        n = len(self.matrices[0])
+        if any(m.shape != self.matrices[0].shape for m in self.matrices) or self.fitted_on.shape != (len(self.matrices), n):
+            raise ValueError(f"DeepFeatures: {len(self.matrices)} feature matrices of shapes "
+                             f"{[m.shape for m in self.matrices]} and fitted_on of shape {self.fitted_on.shape}; "
+                             "every extractor needs one row per case and one fitted_on row")
+        unseen = ~self.fitted_on
+        if not unseen.any(axis=0).all():
+            i = int(np.flatnonzero(~unseen.any(axis=0))[0])
+            raise ValueError(f"case row {i}: every extractor was trained on it, so no feature vector of it is free "
+                             "of memorisation; cross-fit the extractor (each case left out of one) or use a frozen one")
+
+    @classmethod
+    def frozen(cls, matrix: np.ndarray, how: str) -> "DeepFeatures":
+        """Features of an extractor trained on none of the cases (pretrained elsewhere, kept frozen)."""
+        matrix = np.asarray(matrix, dtype=float)
+        return cls([matrix], np.zeros((1, len(matrix)), dtype=bool), how)
+
+    def __len__(self) -> int:
+        return len(self.matrices[0])
+
+    def unseen(self, rows: np.ndarray) -> np.ndarray:
+        """Each of `rows` (a boolean mask) as the mean of its feature vectors from extractors not trained on it."""
+        weights = (~self.fitted_on[:, rows]).astype(float)  # (K, n_rows)
+        stacked = np.stack([m[rows] for m in self.matrices])  # (K, n_rows, d)
+        return (weights[:, :, None] * stacked).sum(axis=0) / weights.sum(axis=0)[:, None]
+
+    def averaged(self, predict) -> np.ndarray:
+        """predict(features) -> probabilities, run through every extractor and averaged over, for each case,
+        the extractors not trained on it."""
+        probs = np.stack([predict(m) for m in self.matrices])  # (K, n)
+        unseen = ~self.fitted_on
+        return (probs * unseen).sum(axis=0) / unseen.sum(axis=0)
+
+
+def extractor_folds(cases: pd.DataFrame, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Each case's cross-fitting fold, 0..n_folds-1, for training cases (`split == "train"`); -1 otherwise.
+
+    Folds split patients (all of a patient's cases share a fold) and keep the upgrade rate of each
+    fold near the training rate.
+    """
+    train = (cases.split == "train").to_numpy()
+    y = binary_labels(cases.label.to_numpy()[train])
+    patients = cases.patient_id.to_numpy()[train]
+    smallest = min(len(np.unique(patients[y == c])) for c in (0, 1)) if 0 < y.sum() < len(y) else 0
+    if smallest < n_folds:
+        raise ValueError(f"cross-fitting the feature extractor over {n_folds} folds needs at least {n_folds} "
+                         f"training patients of each class; the smaller class has {smallest}. Lower "
+                         "baselines.config.feature_folds or give a frozen pretrained feature_model")
+    folds = np.full(len(cases), -1)
+    splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+    train_index = np.flatnonzero(train)
+    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(y)), y, patients)):
+        folds[train_index[held_out]] = k
+    return folds
+
+
+def cross_fitted_features(cases: pd.DataFrame, n_folds: int, seed: int,
+                          fit_and_extract: Callable[[int, np.ndarray], np.ndarray], how: str) -> DeepFeatures:
+    """K extractors, extractor k trained on every training case outside fold k (`extractor_folds`).
+
+    fit_and_extract(k, train_mask) trains extractor k on the training cases where `train_mask` is True
+    (the caller may also use non-training rows, e.g. internal validation for early stopping; they
+    never reach feature selection) and returns its features of every case, rows aligned with `cases`.
+    """
+    folds = extractor_folds(cases, n_folds, seed)
+    train = (cases.split == "train").to_numpy()
+    matrices, fitted_on = [], []
+    for k in range(n_folds):
+        fitted = train & (folds != k)
+        matrices.append(fit_and_extract(k, fitted))
+        fitted_on.append(fitted)
+    return DeepFeatures(matrices, np.array(fitted_on), how)
 
 
 @dataclass
@@ -415,16 +522,22 @@ class BaselineResult:
 CASE_COLUMNS = ("case_id", "patient_id", "center", "split", "label")
 
 
-def fit_baselines(cases: pd.DataFrame, features: np.ndarray | None, clinical_columns: Sequence[str],
+def fit_baselines(cases: pd.DataFrame, features: DeepFeatures | None, clinical_columns: Sequence[str],
                   config: BaselineConfig = BaselineConfig()) -> BaselineResult:
     """Fit on `split == "train"` rows; predict every row.
 
-    cases: one row per case with CASE_COLUMNS and the clinical columns; features: (len(cases), d)
-    penultimate CNN features aligned with `cases` rows, or None to fit the clinical model only.
+    cases: one row per case with CASE_COLUMNS and the clinical columns; features: deep features of
+    every case (rows aligned with `cases`) with the cases each extractor was trained on, or None to
+    fit the clinical model only. mRMR, the LASSO and the combined model are fitted on features of
+    training cases from extractors not trained on them; every case is scored through the extractors
+    not trained on it, their probabilities averaged.
     """
     missing = [c for c in (*CASE_COLUMNS, *clinical_columns) if c not in cases.columns]
     if missing:
         raise ValueError(f"baseline cases table lacks column(s) {', '.join(missing)}")
+    if features is not None and not isinstance(features, DeepFeatures):
+        raise TypeError("features must be DeepFeatures (which cases each extractor was trained on), e.g. "
+                        "DeepFeatures.frozen(matrix, how) for an extractor that saw none of them")
     if features is not None and len(features) != len(cases):
         raise ValueError(f"{len(features)} feature rows for {len(cases)} cases; they must align row by row")
     train = (cases.split == "train").to_numpy()
@@ -437,12 +550,14 @@ def fit_baselines(cases: pd.DataFrame, features: np.ndarray | None, clinical_col
     summary: dict = {"clinical": clinical.summary()}
     params = {"clinical": clinical.n_params}
     if features is not None:
-        features = np.asarray(features, dtype=float)
-        deep = DeepFeatureModel(config.n_mrmr, config.seed).fit(features[train], y[train])
-        combined = CombinedModel(config.seed).fit(deep, clinical, features[train], cases[train], y[train])
-        probs["deep_features"] = deep.predict_proba(features)
-        probs["combined"] = combined.predict_proba(deep, clinical, features, cases)
-        summary.update(deep_features=deep.summary(), combined=combined.summary())
+        train_x = features.unseen(train)  # out-of-fit features only: selection never sees memorised ones
+        deep = DeepFeatureModel(config.n_mrmr, config.seed).fit(train_x, y[train])
+        combined = CombinedModel(config.seed).fit(deep, clinical, train_x, cases[train], y[train])
+        probs["deep_features"] = features.averaged(deep.predict_proba)
+        probs["combined"] = features.averaged(lambda x: combined.predict_proba(deep, clinical, x, cases))
+        summary.update(deep_features={**deep.summary(), "features": features.how,
+                                      "extractors": len(features.matrices)},
+                       combined=combined.summary())
         params.update(deep_features=deep.n_params, combined=combined.n_params)
 
     base = cases.loc[:, list(CASE_COLUMNS)].reset_index(drop=True)

@@ -512,7 +512,9 @@ def _baseline_section(ctx: _Context) -> str:
         out += '<p class="note">Clinical model details (odds ratios) were not provided.</p>'
     deep = summary.get("deep_features")
     if deep:
-        out += (f"<h3>Deep-feature model</h3><p>{_num(deep['n_features'])} penultimate CNN features → mRMR kept "
+        how = deep.get("features") or "not recorded (an older run)"
+        out += (f"<h3>Deep-feature model</h3><p><b>How the features were made:</b> {_esc(how)}.</p>"
+                f"<p>{_num(deep['n_features'])} penultimate CNN features → mRMR kept "
                 f"{_num(deep['n_mrmr'])} → LASSO (C = {_num(deep['lasso_c'])}, one-SE rule) kept "
                 f"{len(deep['selected'])}: <code>{_esc(', '.join(map(str, deep['selected'])))}</code>.</p>")
     combined = summary.get("combined")
@@ -546,16 +548,29 @@ def _readers_section(ctx: _Context) -> str:
 def _efficiency_section(ctx: _Context) -> str:
     if ctx.caller_skipped("efficiency"):
         return _skipped(ctx.skipped["efficiency"])
+    models = ctx.metrics["models"]
+    # torch and ONNX Runtime at batch 1 and 32 when measured: a speed-up compares the same runtime and batch
+    grid = [(runtime, batch) for runtime in ("torch", "onnx") for batch in ("b1", "b32")
+            if any(batch in (e.get("latency") or {}).get(runtime, {}) for e in models.values())]
     rows = []
-    for model in ordered_models(ctx.metrics["models"]):
-        e = ctx.metrics["models"][model]
+    for model in ordered_models(models):
+        e = models[model]
         if e["params"] is not None or e["latency_ms"] is not None:
             architecture = ctx.inputs.model_info.get(model, {}).get("architecture", "")
-            rows.append([f"<code>{_esc(model)}</code>", _esc(architecture),
-                         _num(e["params"]), _num(e["latency_ms"], 2), _num((e.get("external") or {}).get("auc"))])
+            speeds = ([_num((e.get("latency") or {}).get(runtime, {}).get(batch), 2) for runtime, batch in grid]
+                      if grid else [_num(e["latency_ms"], 2)])
+            rows.append([f"<code>{_esc(model)}</code>", _esc(architecture), _num(e["params"]), *speeds,
+                         _num((e.get("external") or {}).get("auc"))])
     if not rows:
         return ctx.skip("efficiency", "no parameter counts or latencies were provided")
-    out = _table(["model", "architecture", "parameters", "latency (ms / image)", "external AUC"], rows, [2, 3, 4])
+    runtime_names = {"torch": "torch", "onnx": "ONNX Runtime"}
+    speed_headers = ([f"{runtime_names[r]}, batch {b[1:]} (ms / image)" for r, b in grid] if grid
+                     else ["latency (ms / image)"])
+    out = _table(["model", "architecture", "parameters", *speed_headers, "external AUC"], rows,
+                 range(2, 3 + len(speed_headers)))
+    if grid:
+        out += ('<p class="note">CPU, one thread, per image. Compare models within one column: at batch 1 '
+                "per-call overhead weighs most on small inputs.</p>")
     png = figures.efficiency_figure(ctx.metrics)
     if png:
         out += _figure(png, "AUC against parameters", "External AUC against parameter count.")

@@ -40,7 +40,8 @@ MODEL_DESCRIPTIONS = {
                             "teacher, with no image pairs (seed 002)",
     "teacher_us_doppler": "teacher trained on Doppler images only (the pairing-free student's teacher)",
     "clinical": "seed 001 clinical model: univariate screening, then multivariate logistic regression",
-    "deep_features": "seed 001 deep-feature model: ResNet101 features, mRMR, LASSO logistic regression",
+    "deep_features": "seed 001 deep-feature model: CNN features (cross-fitted or frozen pretrained extractor), "
+                     "mRMR, LASSO logistic regression",
     "combined": "seed 001 combined model: selected deep features + clinical variables",
 }
 ABLATIONS = ("teacher_real_only", "teacher", "student_plain", "student_kd_real_only", "student_kd")
@@ -230,7 +231,7 @@ def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
     CIOptions) of each model vs `reference` on the same external cases, then `extra_pairs` present."""
     models = ordered_models(preds.model.unique())
     pairs = [(m, reference) for m in models if m != reference and reference in models]
-    pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and (a, b) not in pairs]
+    pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and not {(a, b), (b, a)} & set(pairs)]
     return [_comparison(preds, a, b, "test", options) for a, b in pairs]
 
 
@@ -262,7 +263,8 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
                   label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
-    model_info: {model: {"params": int, "latency_ms": float}}; synthetic: the synthetic-data audit
+    model_info: {model: {"params": int, "latency_ms": float, "latency": {runtime: {"b1": ms, ...}}}}
+    (latency optional: ms per image in torch and ONNX Runtime by batch size); synthetic: the synthetic-data audit
     (fid, kid, conditional_accuracy, near_copies, tstr_auc); readers: `readers.load_readers(...)`
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
     of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
@@ -289,6 +291,9 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
         info = model_info.get(model, {})
         entry["params"] = int(info["params"]) if info.get("params") is not None else None
         entry["latency_ms"] = float(info["latency_ms"]) if info.get("latency_ms") is not None else None
+        if info.get("latency"):  # ms per image by runtime and batch: {"torch": {"b1": .., "b32": ..}, "onnx": {..}}
+            entry["latency"] = {runtime: {k: float(v) for k, v in by_batch.items()}
+                                for runtime, by_batch in info["latency"].items()}
         entry["threshold"] = thresholds[model]
         entry["internal_vs_external"] = _internal_vs_external(frame, config.ci_options)
         if model in recalibrations:  # what the decision curves apply to this model's probabilities

@@ -63,3 +63,36 @@ def latency_ms(model: nn.Module, image_size: int, in_chans: int = 1, clinical_di
                batch: int = 1, repeats: int = 20) -> float:
     """CPU latency per forward pass at `batch` (batch 1 = per-image latency), in ms."""
     return torch_latency_ms(model, example_inputs(image_size, in_chans, clinical_dim, batch), repeats)
+
+
+def latency_table(model: nn.Module, image_size: int, in_chans: int = 1, clinical_dim: int = 0,
+                  batches: tuple[int, ...] = (1, 32), repeats: int = 20, threads: int = 1,
+                  onnx_path: str | None = None) -> dict[str, dict[str, float]]:
+    """Milliseconds per image of `model` in torch and in ONNX Runtime at each batch size, one thread each:
+    ``{"torch": {"b1": ms, "b32": ms}, "onnx": {...}}``.
+
+    Both runtimes at both batch sizes, so two models compare like with like: at batch 1 per-call
+    overhead dominates small inputs, at 32 the arithmetic does. `onnx_path` reuses an exported model
+    (with a dynamic batch axis); otherwise the model is exported to a temporary file.
+    """
+    import os
+    import tempfile
+
+    from diffkd.models.export import export_onnx, onnx_session
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="diffkd-latency-") as tmp:
+            path = onnx_path or export_onnx(model, os.path.join(tmp, "model.onnx"),
+                                            example_inputs(image_size, in_chans, clinical_dim))
+            session = onnx_session(path, threads=threads)
+            table: dict[str, dict[str, float]] = {"torch": {}, "onnx": {}}
+            for batch in batches:
+                inputs = example_inputs(image_size, in_chans, clinical_dim, batch)
+                reps = repeats if batch == 1 else max(3, repeats // 4)
+                table["torch"][f"b{batch}"] = torch_latency_ms(model, inputs, reps) / batch
+                table["onnx"][f"b{batch}"] = onnx_latency_ms(session, inputs, reps) / batch
+    finally:
+        torch.set_num_threads(previous)
+    return table

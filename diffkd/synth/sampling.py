@@ -302,13 +302,16 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
 def sample_stream(table: pd.DataFrame, model_dir: str, cfg: SynthConfig,
                   masks: dict[str, np.ndarray] | None = None) -> "ray.data.Dataset":
     """The condition table as a Ray dataset of finished rows, sampled by an actor pool of
-    `cfg.num_actors` (each loads the pipeline once). One block per batch, so every actor has work."""
+    `cfg.num_actors` (each loads the pipeline once). One block per batch, so every actor has work, and
+    one batch in flight per actor: with Ray's default of two, one actor could hold the last batches
+    queued while another sat idle."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     blocks = [table.iloc[i:i + cfg.batch_size] for i in range(0, len(table), cfg.batch_size)]
     return ray.data.from_pandas(blocks).map_batches(
-        ImageSampler, compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
+        ImageSampler, compute=ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
+        batch_size=cfg.batch_size,
         batch_format="pandas", num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
         fn_constructor_kwargs=dict(model_dir=model_dir, sampler=cfg.sampler,
                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,

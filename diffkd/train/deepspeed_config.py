@@ -101,3 +101,26 @@ def build_optimizer(model: nn.Module, cfg: "LoopConfig") -> torch.optim.Optimize
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def build_engine(model: nn.Module, cfg: "LoopConfig", world_size: int, total_steps: int, device: torch.device):
+    """The engine a training worker drives: DeepSpeed's, or with `cfg.engine == "ddp"` plain torch DDP
+    behind the same methods (`diffkd/train/ddp_engine.py`). Needs torch.distributed initialised.
+
+    Reads only the optimisation fields of `cfg` (engine, zero_stage, precision, batch and schedule
+    settings), so a bench without the rest of the framework can pass an object carrying just those.
+    """
+    import deepspeed
+
+    config = deepspeed_config(cfg, world_size, device.type == "cuda", total_steps)
+    optimizer = build_optimizer(model, cfg)
+    if cfg.engine == "ddp":
+        from diffkd.train.ddp_engine import DDPEngine
+
+        return DDPEngine(model, optimizer, config, world_size, device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False, config=config)
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
+        # Alone, there is nothing to average: DeepSpeed would still flatten every gradient, all-reduce it
+        # over a group of one and copy it back after each backward pass.
+        engine.enable_backward_allreduce = False
+    return engine

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from diffkd.train import checkpoint as ckpt
-from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, optimizer_steps, prepare_deepspeed
+from diffkd.train.deepspeed_config import build_engine, optimizer_steps, prepare_deepspeed
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.progress import Progress
 from diffkd.train.task import Task
@@ -77,6 +77,14 @@ class FitResult:
         model = task.build_model()
         model.load_state_dict(self.state_dict(which))
         return model.eval()
+
+
+def epoch_wall_seconds(history: list[dict]) -> list[float]:
+    """Whole-epoch wall times, what a user waits for: training, validation, checkpoint, `ray.train.report`
+    and its barrier. They are the gaps between consecutive epochs' start times, so the last epoch has none.
+    (`train_s` in the history is the step loop alone; `data_wait_s` the part of it spent waiting for data.)"""
+    starts = [h["started_at"] for h in history]
+    return [later - earlier for earlier, later in zip(starts, starts[1:])]
 
 
 def default_run_name(task_name: str) -> str:
@@ -220,7 +228,6 @@ def _batches(shard, batch_size: int, device: torch.device, *, shuffle_buffer: in
 
 
 def _train_worker(config: dict) -> None:
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -237,10 +244,7 @@ def _train_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
-    model = task.build_model()
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg), dist_init_required=False,
-        config=deepspeed_config(cfg, world, cfg.use_gpu, config["total_steps"]))
+    engine = build_engine(task.build_model(), cfg, world, config["total_steps"], device)
     task.setup(device)
     progress = Progress(task.name, cfg.epochs, config["batches_per_epoch"], cfg.progress_interval_s) \
         if rank == 0 and cfg.progress else None
@@ -253,6 +257,7 @@ def _train_worker(config: dict) -> None:
     epoch = state.epoch
     while epoch < cfg.epochs and not state.stopped_early:
         epoch += 1
+        started_at = time.time()  # whole epochs (train, validation, checkpoint, report) are the gaps between these
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         if progress:
             progress.start_epoch(epoch)
@@ -265,7 +270,7 @@ def _train_worker(config: dict) -> None:
             shared = [val]
             dist.broadcast_object_list(shared, src=0)
             metrics.update({k: float(v) for k, v in shared[0].items()})
-        metrics.update(epoch=epoch, global_step=state.global_step)
+        metrics.update(epoch=epoch, global_step=state.global_step, started_at=started_at)
         name = ckpt.checkpoint_dir_name(epoch, nonce)
         improved = _update_best(state, metrics, objective, mode, name, cfg.patience)
         state.history.append(metrics)
@@ -275,10 +280,13 @@ def _train_worker(config: dict) -> None:
             if state.stopped_early:
                 progress.message(f"stopping early: {objective} has not improved for {cfg.patience} epochs "
                                  f"(best {state.best_value:.4f} at epoch {state.best_epoch})")
-        with tempfile.TemporaryDirectory(prefix="diffkd-ckpt-") as local:
-            ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task.name)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                             checkpoint_dir_name=name)
+        local = tempfile.mkdtemp(prefix="diffkd-ckpt-")
+        ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task.name)
+        # Uploaded (copied to storage_path, then deleted here) in Ray's background thread while the next
+        # epoch trains: the copy and report's barrier stay off the critical path. A failed upload
+        # raises in the training thread; a half-uploaded checkpoint fails its checksums on resume.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
 def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.device, epoch: int, rank: int,
@@ -290,8 +298,18 @@ def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.devic
     sums: dict[str, float] = {"loss": 0.0}
     samples = 0
     start, cpu_start = time.perf_counter(), time.process_time()
-    for batch in _batches(shard, cfg.batch_size, device, shuffle_buffer=cfg.shuffle_buffer,
-                          seed=epoch_seed(cfg.seed, epoch, rank), drop_last=True, limit=batches_per_epoch):
+    batches = _batches(shard, cfg.batch_size, device, shuffle_buffer=cfg.shuffle_buffer,
+                       seed=epoch_seed(cfg.seed, epoch, rank), drop_last=True, limit=batches_per_epoch)
+    data_wait = 0.0  # seconds blocked waiting for the next batch: what the data side costs the step loop
+    first_batch = math.nan
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - asked
+        if batch is None:
+            break
+        if math.isnan(first_batch):
+            first_batch = time.perf_counter() - start
         out = task.step(engine, batch)
         engine.backward(out.loss)
         boundary = engine.is_gradient_accumulation_boundary()
@@ -307,17 +325,21 @@ def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.devic
             progress.step(out.num_samples, loss)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (sums, samples, seconds, cpu_seconds))
-    total = sum(s for _, s, _, _ in gathered)
+    dist.all_gather_object(gathered, (sums, samples, seconds, cpu_seconds, data_wait, first_batch))
+    total = sum(g[1] for g in gathered)
     if total == 0:
         raise RuntimeError(f"epoch {epoch}: no training batch reached the workers; the train shards hold fewer "
                            f"rows than batch_size={cfg.batch_size}")
-    keys = sorted({k for sums_, _, _, _ in gathered for k in sums_})
-    out_metrics = {k: sum(s.get(k, 0.0) for s, _, _, _ in gathered) / total for k in keys}
-    out_metrics["samples_per_s"] = total / max(t for _, _, t, _ in gathered)
+    keys = sorted({k for g in gathered for k in g[0]})
+    out_metrics = {k: sum(g[0].get(k, 0.0) for g in gathered) / total for k in keys}
+    out_metrics["train_s"] = max(g[2] for g in gathered)
+    out_metrics["samples_per_s"] = total / out_metrics["train_s"]
     # CPU seconds the worker processes spent in the training phase (all their threads): what an epoch
     # costs independent of how busy the machine is
-    out_metrics["train_cpu_s"] = sum(c for _, _, _, c in gathered)
+    out_metrics["train_cpu_s"] = sum(g[3] for g in gathered)
+    # the slowest rank's waits: every rank waits for it at the next collective
+    out_metrics["data_wait_s"] = max(g[4] for g in gathered)
+    out_metrics["first_batch_s"] = max(g[5] for g in gathered)
     out_metrics["lr"] = float(engine.get_lr()[0])
     out_metrics["samples"] = total
     return out_metrics

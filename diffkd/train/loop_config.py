@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for the worker group
+ENGINES = ("deepspeed", "ddp")
 
 
 @dataclass
@@ -30,6 +31,9 @@ class LoopConfig:
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    # deepspeed | ddp (plain torch DDP, ZeRO stage 0 only: it overlaps the gradient all-reduce with
+    # backward, which DeepSpeed at stage 0 does not; see the README's "Engines")
+    engine: str = "deepspeed"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     shuffle_buffer: int = 256  # rows in the local shuffle buffer of the train stream (0 = stream order)
     eval_batch_size: int = 0  # 0 = batch_size
@@ -51,3 +55,8 @@ class LoopConfig:
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"loop.placement_strategy {self.placement_strategy!r} must be one of "
                              f"{', '.join(PLACEMENT_STRATEGIES)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"loop.engine {self.engine!r} must be one of {', '.join(ENGINES)}")
+        if self.engine == "ddp" and self.zero_stage:
+            raise ValueError(f"loop.engine 'ddp' cannot shard training state (zero_stage={self.zero_stage}); "
+                             "use engine 'deepspeed' for ZeRO stages 1-3, or zero_stage 0")

@@ -9,7 +9,9 @@ import time
 from typing import TextIO
 
 
-_NOT_SHOWN = ("epoch", "samples_per_s", "global_step", "lr", "train_cpu_s")  # bookkeeping, in the history only
+# bookkeeping, in the history only
+_NOT_SHOWN = ("epoch", "samples_per_s", "global_step", "lr", "train_cpu_s", "train_s", "data_wait_s", "first_batch_s",
+              "started_at")
 
 
 def format_duration(seconds: float) -> str:

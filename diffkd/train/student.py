@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.data.schema import MODALITIES, ClinicalEncoding
+from diffkd.data.schema import DEFAULT_LABEL_NAMES, MODALITIES, ClinicalEncoding
 from diffkd.distill import DistillBatch, FeatureWidths, build_loss
 from diffkd.models import unwrap
 from diffkd.train.loop import FitResult
@@ -416,8 +416,10 @@ class OnnxView(nn.Module):
         return classify(self.model, {"image": image, "clinical": clinical})
 
 
-def export_student(student: nn.Module, out_dir: str, cfg: StudentConfig) -> float:
-    """Write the student as timm safetensors + config.json and as model.onnx; returns the ONNX parity gap.
+def export_student(student: nn.Module, out_dir: str, cfg: StudentConfig,
+                   label_names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> float:
+    """Write the student as timm safetensors + config.json (its outputs named `label_names`, the
+    dataset's outcomes) and as model.onnx; returns the ONNX parity gap.
 
     The ONNX model takes ``image`` [B, C, H, W] (and ``clinical`` [B, W] for a fusion student) at
     any batch size and returns logits; ONNX Runtime must match torch within 1e-4 (+ 1e-4 relative) or export fails.
@@ -428,7 +430,8 @@ def export_student(student: nn.Module, out_dir: str, cfg: StudentConfig) -> floa
 
     p = cfg.pipeline
     student = student.float().eval().cpu()
-    save_classifier(student, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std))
+    save_classifier(student, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std),
+                    label_names=label_names)
     from diffkd.data.schema import ClinicalEncoding
 
     clinical_dim = ClinicalEncoding().width if uses_clinical(student) else 0
@@ -551,7 +554,7 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
     from diffkd.models.footprint import count_parameters, latency_ms
     from diffkd.train.teacher import _summary, predict_splits, write_stage_outputs
 
-    onnx_gap = export_student(student, out_dir, cfg)
+    onnx_gap = export_student(student, out_dir, cfg, ds.label_names)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
     real = real[real["modality"] == cfg.student_modality]  # the student reads its own modality only
     predictions = predict_splits(ds, real, cfg.pipeline, out_dir, cfg, model_name=model_name)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.data.schema import ClinicalEncoding
+from diffkd.data.schema import DEFAULT_LABEL_NAMES, ClinicalEncoding
 from diffkd.train.loop import FitResult
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
@@ -141,9 +141,11 @@ class TeacherTask(Task):
     objective = "val_auc"
     mode = "max"
 
-    def __init__(self, config: TeacherConfig, class_weights: tuple[float, float] | None = None):
+    def __init__(self, config: TeacherConfig, class_weights: tuple[float, float] | None = None,
+                 label_names: tuple[str, str] = DEFAULT_LABEL_NAMES):
         self.config = config
         self.class_weights = class_weights
+        self.label_names = label_names  # the dataset's outcome names, written into the exported config.json
 
     def build_model(self) -> nn.Module:
         return build_teacher(self.config)
@@ -166,7 +168,8 @@ class TeacherTask(Task):
         from diffkd.models.classifiers import data_config, save_classifier
 
         p = self.config.pipeline
-        save_classifier(model, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std))
+        save_classifier(model, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std),
+                        label_names=self.label_names)
 
 
 @dataclass
@@ -251,7 +254,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     # only the modalities it reads: the pipeline sizes the synthetic share from these cases
     datasets = split_datasets(ds, rows_read(real[real["split"].isin(("train", "val"))], pipeline), pipeline)
     loop = dataclasses.replace(cfg.loop, train_samples=plan.train_samples)
-    task = TeacherTask(cfg, plan.class_weights)
+    task = TeacherTask(cfg, plan.class_weights, label_names=ds.label_names)
     fitted = fit(task, datasets, loop, callbacks=callbacks)
 
     task.export(fitted.load_model(task), out_dir)

@@ -451,21 +451,34 @@ print(ingest(sys.argv[1], sys.argv[2], sys.argv[3], workers=1).summary(), flush=
 
 
 def test_two_ingests_into_one_dataset_at_once_keep_both_centers(tmp_path, ds_path):
-    """Two processes ingest different centers into one new dataset at the same moment: the write lock
-    makes one wait for the other, so neither manifest entry (nor the shared salt) is lost."""
+    """Two processes ingest different centers into one new dataset at once. The test holds the dataset's
+    lock until both have decoded their images and wait for it, then lets go: they race for it, one waits
+    for the other, and neither manifest entry (nor the salt they share) is lost."""
+    import fcntl
     import subprocess
     import sys
+    import time
 
     sources = {c: make_source(tmp_path / c, patients=[f"{c}-{i}" for i in range(12)], per_patient=3,
                               prefix=c, seed=i) for i, c in enumerate(("A", "B"))}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_INGEST, str(src), c, str(ds_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c, src in sources.items()]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-2000:]
+    ds_path.parent.mkdir(parents=True)
+    logs = {c: tmp_path / f"ingest-{c}.log" for c in sources}
+    with open(ds_path.parent / f".{ds_path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        procs = {c: subprocess.Popen([sys.executable, "-c", CONCURRENT_INGEST, str(src), c, str(ds_path)], env=env,
+                                     stdout=subprocess.PIPE, stderr=logs[c].open("w"), text=True)
+                 for c, src in sources.items()}
+        deadline = time.monotonic() + 240
+        while not all("another process is writing" in logs[c].read_text() for c in sources):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), \
+                {c: logs[c].read_text()[-1000:] for c in sources}
+            time.sleep(0.2)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    for c, p in procs.items():
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, logs[c].read_text()[-2000:]
         assert "36 image(s) added" in out
     ds = ImageDataset(ds_path)
     assert ds.centers() == ["A", "B"]
@@ -475,5 +488,3 @@ def test_two_ingests_into_one_dataset_at_once_keep_both_centers(tmp_path, ds_pat
     assert len({r["patient_id"] for r in table}) == 24
     salts = {s["salt_fingerprint"] for e in ds.manifest["centers"].values() for s in e["sources"]}
     assert len(salts) == 1  # the second ingest used the salt the first one created
-    waited = [err for _, err in outputs if "another process is writing" in err]
-    print("lock waits reported:", len(waited))

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from diffkd.data.pipeline import (PipelineConfig, check_can_feed, iter_shard_batches, load_arrays, make_dataset,
                                   required_cpus, split_datasets)
@@ -75,7 +76,7 @@ def plan_text(ds) -> str:
 
 
 def test_the_plan_streams_and_never_materialises(ray_local, dataset):
-    ds = make_dataset(dataset, ["real-A-1", "real-B-2"], cfg(synthetic_ratio=1.0), train=True)
+    ds = make_dataset(dataset, ["real-A-1", "real-B-2"], cfg(synthetic_ratio=1.0, cache="never"), train=True)
     text = plan_text(ds)
     physical = text.split("Physical Plan (Optimized)")[1]
     assert "AllToAll" not in physical and "Materialize" not in physical
@@ -85,6 +86,43 @@ def test_the_plan_streams_and_never_materialises(ray_local, dataset):
     assert "Filter[Filter(col('case_id')" not in text.split("Logical Plan (Optimized)")[1]  # pushed into the read
     # the check can fail: an all-to-all shuffle shows up in the same text
     assert "AllToAll" in plan_text(ds.randomize_block_order()).split("Physical Plan (Optimized)")[1]
+
+
+def test_a_cached_set_decodes_once_and_yields_the_streamed_epochs(ray_local, dataset):
+    ids = [f"real-A-{i}" for i in range(24)]  # 16-bit images and masks among them
+    cached = make_dataset(dataset, ids, cfg(cache="always"), train=True)
+    streamed = make_dataset(dataset, ids, cfg(cache="never"), train=True)
+    assert "Materialize" not in plan_text(cached).split("Physical Plan (Optimized)")[1]  # already done
+    for epoch in range(2):  # augmentation is per epoch, the same in both modes
+        rows = {}
+        for name, ds in (("cached", cached), ("streamed", streamed)):
+            got = {}
+            for batch in iter_shard_batches(ds, 8):
+                assert batch["mask"].dtype == torch.float32
+                got.update({cid: (img.numpy(), m.numpy()) for cid, img, m in
+                            zip(batch["case_id"], batch["image"], batch["mask"])})
+            rows[name] = got
+        assert sorted(rows["cached"]) == sorted(ids)
+        for cid in ids:
+            np.testing.assert_array_equal(rows["cached"][cid][0], rows["streamed"][cid][0])
+            np.testing.assert_array_equal(rows["cached"][cid][1], rows["streamed"][cid][1])
+        assert sum(rows["cached"][cid][1].any() for cid in ids) == 12  # odd rows carry a lesion mask
+
+
+def test_the_cache_budget_decides_between_caching_and_streaming(ray_local, dataset):
+    from diffkd.data.pipeline import cache_decision
+
+    ids = [f"real-A-{i}" for i in range(24)]
+    fits = cache_decision(dataset, ids, None, cfg(cache_budget_mb=64))
+    assert fits.cached and 0 < fits.decoded_bytes <= fits.budget_bytes == 64 * 2**20
+    assert not cache_decision(dataset, ids, None, cfg(cache_budget_mb=fits.decoded_bytes / 2**21)).cached
+    assert cache_decision(dataset, ids, None, cfg(cache_budget_mb=1e-3, cache="always")).cached
+    assert not cache_decision(dataset, ids, None, cfg(cache="never")).cached
+    default = cache_decision(dataset, ids, None, cfg())  # a quarter of the object store
+    assert default.budget_bytes == int(0.25 * ray_local.cluster_resources()["object_store_memory"])
+    assert cache_decision(dataset, ids[:12], None, cfg()).decoded_bytes < fits.decoded_bytes
+    with pytest.raises(ValueError, match="cache must be one of"):
+        cfg(cache="sometimes")
 
 
 def test_split_datasets_follow_the_assignments(ray_local, dataset):
@@ -114,8 +152,10 @@ def test_check_can_feed_refuses_sizings_that_would_hang(ray_local):
         check_can_feed(cfg(), train_cpus=total - required_cpus(cfg()) / 2)
 
 
-def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local, dataset, tmp_path):
-    """One worker takes every CPU but what the pipeline needs; two epochs arrive, differently augmented."""
+@pytest.mark.parametrize("cache", ["never", "always"])
+def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local, dataset, tmp_path, cache):
+    """One worker takes every CPU but what the pipeline needs; two epochs arrive, differently augmented,
+    streamed from Parquet or from the decoded-once cache alike."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -136,7 +176,7 @@ def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local,
             json.dump({"epochs": epochs, "kinds": kinds}, f)
         ray.train.report({"rows": len(epochs[0])})
 
-    c = cfg()
+    c = cfg(cache=cache)
     ids = [f"real-A-{i}" for i in range(12)] + ["real-B-5"]
     worker_cpus = ray_local.cluster_resources()["CPU"] - required_cpus(c)
     check_can_feed(c, worker_cpus)
@@ -145,7 +185,7 @@ def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local,
         train_loop, train_loop_config={"out": str(out)},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": worker_cpus}),
         datasets={"train": make_dataset(dataset, ids, c, train=True)},
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="handoff"),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name=f"handoff-{cache}"),
     ).fit()
     record = json.loads(out.read_text())
     first, second = record["epochs"]
@@ -153,6 +193,7 @@ def test_ray_data_feeds_a_ray_train_worker_at_the_tightest_cpu_sizing(ray_local,
     kinds = record["kinds"]
     assert kinds["image"][0][1:] == [1, SIZE, SIZE] and kinds["image"][1] == "torch.float32"
     assert kinds["clinical"] == [[kinds["image"][0][0], ClinicalEncoding().width], "torch.float32"]
+    assert kinds["mask"] == [[kinds["image"][0][0], 1, SIZE, SIZE], "torch.float32"]  # shipped as uint8
     assert kinds["label"][1] == kinds["center_idx"][1] == "torch.int64" and kinds["synthetic"][1] == "torch.bool"
     assert kinds["case_id"] == "list"
     # epoch e on the worker is exactly load_arrays(train=True, epoch=e): augmentation keyed by (seed, epoch, case)

@@ -192,10 +192,48 @@ def test_gkd_den_invariant_to_order_of_images_within_groups():
     assert not torch.allclose(kd(s, ys.flip(0), t, yt), base, atol=1e-4)
 
 
+# ---------------------------------------------------------------- standardised logit KD
+
+def test_standardized_logit_kd_keeps_the_teachers_order_whatever_its_scale():
+    """The plain term asks a student to copy a nearly constant teacher's tiny margins; this one only its order."""
+    from diffkd.distill.ranking import StandardizedLogitKD
+
+    kd = StandardizedLogitKD(temperature=4.0)
+    teacher = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 0.1  # margins of sd ~0.14
+    confident_same_order = teacher * 30 + torch.tensor([2.0, -1.0])
+    assert float(kd.soft_loss(confident_same_order, teacher)) < 1e-6  # no pull toward the teacher's scale
+    assert float(LogitKD(temperature=4.0).soft_loss(confident_same_order, teacher)) > 0.5  # Hinton's pulls hard
+    assert float(kd.soft_loss(-confident_same_order, teacher)) > float(kd.soft_loss(torch.randn(64, 2), teacher))
+    # large T: (1 - correlation of the margins) / 4
+    a, b = torch.randn(512, 2), torch.randn(512, 2)
+    b = a + b
+    margins = torch.stack([a[:, 1] - a[:, 0], b[:, 1] - b[:, 0]])
+    expected = (1 - torch.corrcoef(margins)[0, 1]) / 4
+    assert math.isclose(float(StandardizedLogitKD(temperature=200.0).soft_loss(a, b)), float(expected), rel_tol=1e-3)
+
+
+def test_standardized_logit_kd_gradients_and_limits():
+    from diffkd.distill.ranking import StandardizedLogitKD
+
+    kd = build_loss("logit_standardized", temperature=2.0)
+    assert isinstance(kd, StandardizedLogitKD) and kd.blends_with_ce and kd.needs_pairs
+    student = torch.randn(8, 2, requires_grad=True)
+    kd.soft_loss(student, torch.randn(8, 2)).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    one = DistillBatch(student_logits=torch.randn(1, 2), teacher_logits=torch.randn(1, 2),
+                       student_features=_feats(1, 4), teacher_features=_feats(1, 4), student_labels=_labels(1),
+                       teacher_labels=_labels(1), pairs=(torch.arange(1), torch.arange(1)))
+    assert kd.term(one) is None  # a single pair has no spread to standardise by
+    with pytest.raises(ValueError, match="2-class"):
+        kd.soft_loss(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="temperature"):
+        build_loss("logit_standardized", temperature=0.0)
+
+
 # ---------------------------------------------------------------- registry
 
 def test_registry_builds_every_loss_and_names_pairing_free_ones():
-    assert set(LOSSES) == {"logit", "feature", "gkd_pro", "gkd_den"}
+    assert set(LOSSES) == {"logit", "logit_standardized", "feature", "gkd_pro", "gkd_den"}
     assert PAIRING_FREE == {"gkd_pro", "gkd_den"}
     assert isinstance(build_loss("logit", temperature=3.0), LogitKD)
     den = build_loss("gkd_den", FeatureWidths(student=4, teacher=8), temperature=0.2)

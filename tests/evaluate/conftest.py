@@ -84,8 +84,10 @@ def _simulate_report(tmp_path, seed: int = 0):
         grids.append(str(path))
     inputs = ReportInputs(
         title="Simulated cohort", dataset={"name": "simulated", "modality": "us", "external": "C, D"},
-        model_info={"student_kd": {"params": 1_100_000, "latency_ms": 2.0, "architecture": "resnet18"},
-                    "teacher": {"params": 23_500_000, "latency_ms": 11.0, "architecture": "resnet50"},
+        model_info={"student_kd": {"params": 1_100_000, "latency_ms": 2.0, "architecture": "resnet18",
+                                   "latency": {"torch": {"b1": 2.0, "b32": 0.61}, "onnx": {"b1": 1.2, "b32": 0.43}}},
+                    "teacher": {"params": 23_500_000, "latency_ms": 11.0, "architecture": "resnet50",
+                                "latency": {"torch": {"b1": 11.0, "b32": 6.17}, "onnx": {"b1": 9.5, "b32": 5.29}}},
                     "clinical": {"params": baselines.params["clinical"]}},
         synthetic={"fid": 38.5, "kid": 0.021, "conditional_accuracy": 0.79, "near_copies": 0, "tstr_auc": 0.68},
         synthetic_grids=grids, baselines=baselines.summary, config={"seed": seed, "student": {"arch": "resnet18"}},

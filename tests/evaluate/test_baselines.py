@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffkd.evaluate.baselines import (ClinicalEncoder, ClinicalModel, DeepFeatureModel, discrete_mutual_info,
-                                       fit_baselines, mrmr_select, quantile_codes)
+from diffkd.evaluate.baselines import (ClinicalEncoder, ClinicalModel, DeepFeatureModel, DeepFeatures,
+                                       cross_fitted_features, discrete_mutual_info, extractor_folds, fit_baselines,
+                                       mrmr_select, quantile_codes)
 
 INFORMATIVE = [3, 17, 42, 88, 120]
 
@@ -110,14 +111,115 @@ def test_fit_baselines_uses_training_labels_only():
                       split=np.where(np.arange(240) < 140, "train", np.where(np.arange(240) < 180, "val", "test")),
                       label=y)
     columns = ["birads", "palpable", "age", "lesion_size_mm"]
-    first = fit_baselines(cases, x, columns)
+    first = fit_baselines(cases, DeepFeatures.frozen(x, "given"), columns)
     assert set(first.predictions.model) == {"clinical", "deep_features", "combined"}
     assert len(first.predictions) == 3 * 240 and first.params["deep_features"] >= 2
     shuffled = cases.copy()
     held_out = shuffled.split != "train"
     shuffled.loc[held_out, "label"] = 1 - shuffled.loc[held_out, "label"]  # flip every non-training label
-    second = fit_baselines(shuffled, x, columns)
+    second = fit_baselines(shuffled, DeepFeatures.frozen(x, "given"), columns)
     np.testing.assert_allclose(first.predictions.prob, second.predictions.prob)
     assert first.summary["clinical"]["odds_ratios"]
     with pytest.raises(ValueError, match="align"):
-        fit_baselines(cases, x[:10], columns)
+        fit_baselines(cases, DeepFeatures.frozen(x[:10], "given"), columns)
+    with pytest.raises(TypeError, match="DeepFeatures"):
+        fit_baselines(cases, x, columns)  # a bare matrix does not say which cases its extractor was trained on
+
+
+def _cohort_with_patients(n=240, seed=3):
+    x, y = planted_features(n=n, p=130, seed=seed)
+    df, _ = clinical_cohort(n=n, seed=seed)
+    patient = np.arange(n) // 2  # two cases per patient
+    split = np.where(patient < 70, "train", np.where(patient < 95, "val", "test"))
+    return x, df.assign(case_id=[f"c{i}" for i in range(n)], patient_id=[f"p{i}" for i in patient],
+                        center=np.where(split == "test", "B", "A"), split=split, label=y)
+
+
+def memorising_extractor(cases, x):
+    """A stand-in for a CNN trained from scratch: on the cases it was trained on, feature 0 is the label
+    (memorised) and feature 1 flags them; on others feature 0 is noise and the flag is 0. The rest
+    are the planted informative features, as any case's image would give them."""
+    rng = np.random.default_rng(0)
+
+    def fit_and_extract(k, fitted):
+        memorised = np.where(fitted, cases.label.to_numpy() * 3.0, rng.normal(size=len(cases)))
+        return np.column_stack([memorised, fitted.astype(float), x])
+    return fit_and_extract
+
+
+def test_feature_selection_never_sees_extractor_fit_rows(monkeypatch):
+    x, cases = _cohort_with_patients()
+    columns = ["birads", "palpable", "age", "lesion_size_mm"]
+    seen = []
+    fit = DeepFeatureModel.fit
+    monkeypatch.setattr(DeepFeatureModel, "fit", lambda self, f, y: seen.append(np.array(f)) or fit(self, f, y))
+    features = cross_fitted_features(cases, 2, 0, memorising_extractor(cases, x), "cross-fitted test extractor")
+    result = fit_baselines(cases, features, columns)
+    (selection_input,) = seen
+    train = (cases.split == "train").to_numpy()
+    assert len(selection_input) == train.sum()
+    assert not selection_input[:, 1].any()  # no feature vector from an extractor trained on that case
+    assert 0 not in result.summary["deep_features"]["selected"]  # the memorised label column is noise here
+    assert result.summary["deep_features"]["features"] == "cross-fitted test extractor"
+    # every case is scored through the extractors that never trained on it: val/test through both
+    scored = result.predictions[result.predictions.model == "deep_features"].set_index("case_id").prob
+    deep = DeepFeatureModel(32, 0).fit(selection_input, cases.label[train])
+    held = ~train
+    expected = np.mean([deep.predict_proba(m[held]) for m in features.matrices], axis=0)
+    np.testing.assert_allclose(scored[cases.case_id[held]].to_numpy(), expected)
+
+    # the old behaviour, one extractor trained on every training case, is refused outright
+    old = memorising_extractor(cases, x)(0, train)
+    with pytest.raises(ValueError, match="every extractor was trained on it"):
+        DeepFeatures([old], train[None, :], "trained on the training split")
+
+
+def test_extractor_folds_split_patients_and_keep_the_upgrade_rate():
+    _, cases = _cohort_with_patients(n=400)
+    folds = extractor_folds(cases, 3, seed=1)
+    train = (cases.split == "train").to_numpy()
+    assert set(folds[~train]) == {-1} and set(folds[train]) == {0, 1, 2}
+    assert cases.assign(fold=folds)[train].groupby("patient_id").fold.nunique().max() == 1
+    rates = cases[train].groupby(folds[train]).label.mean()
+    assert rates.max() - rates.min() < 0.12
+    with pytest.raises(ValueError, match="feature_folds"):
+        extractor_folds(cases, 500)
+
+
+def test_a_pretrained_feature_model_is_used_frozen_and_nothing_trains(tmp_path, monkeypatch):
+    """`baselines.feature_model.pretrained`: features of every case straight from those weights; no
+    extractor is trained on the cohort, and the report learns where the weights came from."""
+    from pathlib import Path
+
+    import torch
+
+    import diffkd.train.teacher
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.ingest import ingest
+    from diffkd.data.phantom import generate_cohort
+    from diffkd.data.pipeline import PipelineConfig
+    from diffkd.data.splits import make_splits
+    from diffkd.evaluate.baselines import BaselineConfig
+    from diffkd.models.classifiers import create_classifier, save_classifier
+    from diffkd.run import BaselineStage, _baselines
+    from diffkd.train.teacher import TeacherConfig
+
+    generate_cohort(tmp_path / "phantom", size="demo", centers=2, patients=60, seed=5)
+    for center in ("center1", "center2"):
+        ingest(tmp_path / "phantom" / center, center, tmp_path / "data",
+               clinical_csv=tmp_path / "phantom" / center / "clinical.csv")
+    ds = ImageDataset(tmp_path / "data")
+    assignments = make_splits(ds.metadata().to_pandas(), ["center2"], 0.25, 0)
+    torch.manual_seed(0)
+    save_classifier(create_classifier("resnet18", in_chans=1), str(tmp_path / "weights"))
+    monkeypatch.setattr(diffkd.train.teacher, "train_teacher",
+                        lambda *a, **k: pytest.fail("a frozen pretrained extractor must not be trained"))
+    stage = BaselineStage(config=BaselineConfig(n_mrmr=8),
+                          feature_model=TeacherConfig(arch="resnet18", pretrained=str(tmp_path / "weights"),
+                                                      pipeline=PipelineConfig(image_size=32)))
+    out = _baselines(ds, assignments, stage, tmp_path / "run", "us")
+    deep = out["summary"]["deep_features"]
+    assert deep["extractors"] == 1 and deep["features"].startswith("frozen pretrained resnet18")
+    assert deep["initialised_from"] == str((tmp_path / "weights").resolve())
+    preds = pd.read_parquet(Path(out["predictions"]))
+    assert set(preds.model) == {"clinical", "deep_features", "combined"} and preds.prob.between(0, 1).all()

@@ -61,6 +61,11 @@ def test_page_is_self_contained(built):
     odds_ratios = json.loads(files.metrics.read_text())["baselines"]["clinical"]["odds_ratios"]
     assert "odds ratios" in page and all(f"<code>{r['term']}</code>" in page for r in odds_ratios)
     assert "scikit-learn" in page and "student:" in page  # package versions and the config
+    # size and speed: both models in both runtimes at batch 1 and 32, so speed-ups compare like with like
+    for header in ("torch, batch 1 (ms / image)", "torch, batch 32 (ms / image)",
+                   "ONNX Runtime, batch 1 (ms / image)", "ONNX Runtime, batch 32 (ms / image)"):
+        assert header in page
+    assert all(value in page for value in ("6.17", "5.29", "0.61", "0.43"))
     assert ">initialised from<" in page and "/weights/resnet50" in page  # each model's start
     assert "<code>diffusion</code> started from: scratch" in page  # models outside the performance table too
 

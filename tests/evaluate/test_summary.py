@@ -144,3 +144,10 @@ def test_model_without_internal_rows_is_refused(predictions):
     preds = predictions[~((predictions.model == "clinical") & (predictions.split == "val"))]
     with pytest.raises(PredictionsError, match="clinical.*internal"):
         build_metrics(preds)
+
+
+def test_a_pair_is_compared_once_whatever_the_reference(predictions):
+    two = predictions[predictions.model.isin(["teacher", "teacher_real_only"])]
+    config = EvaluateConfig(ci_method="delong", reference="teacher")
+    pairs = [(c["a"], c["b"]) for c in build_metrics(two, config=config)["comparisons"]]
+    assert pairs == [("teacher_real_only", "teacher")]

@@ -161,6 +161,33 @@ def test_resume_skips_a_truncated_latest_checkpoint(zero2_run):
     assert resumed.history[-1]["val_auc"] > 0.85
 
 
+# ---- engine "ddp": plain torch DDP inside Ray Train, and the loop's timing fields ------------------
+
+def test_ddp_engine_learns_checkpoints_resumes_and_records_where_epoch_time_goes(ray_local, tmp_path):
+    from diffkd.train.loop import epoch_wall_seconds
+
+    cfg = loop_config(tmp_path, "ddp", engine="ddp", zero_stage=0, epochs=2)
+    first = fit(TinyTask(), datasets(), cfg)
+    assert "deepspeed/state/ddp_state.pt" in checkpoint_files(first.latest_checkpoint)
+    resumed = fit(TinyTask(), datasets(), loop_config(tmp_path, "ddp", engine="ddp", zero_stage=0, epochs=3,
+                                                      resume=True))
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["val_auc"] > 0.85
+    assert resumed.history[-1]["global_step"] == 3 * (384 // 2 // 16)  # the step count continued
+
+    for h in resumed.history:
+        assert 0 < h["first_batch_s"] <= h["data_wait_s"] <= h["train_s"]
+    walls = epoch_wall_seconds(first.history)
+    assert len(walls) == 1 and walls[0] > first.history[0]["train_s"]  # validation, checkpoint and report too
+
+
+def test_ddp_engine_refuses_zero_stages():
+    with pytest.raises(ValueError, match="engine 'ddp' cannot shard"):
+        LoopConfig(engine="ddp", zero_stage=1)
+    with pytest.raises(ValueError, match="loop.engine 'horovod'"):
+        LoopConfig(engine="horovod")
+
+
 # ---- slow: ZeRO-3, a killed worker, a stopped job ------------------------------------------------
 
 @pytest.mark.slow

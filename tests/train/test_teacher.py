@@ -59,7 +59,7 @@ def test_the_step_is_a_plain_function_and_a_few_steps_lower_the_loss():
 
 def test_class_weights_balance_the_classes_and_need_both():
     assert balanced_class_weights([0, 0, 0, 1]) == pytest.approx((4 / 6, 4 / 2))
-    with pytest.raises(ValueError, match="3 DCIS and 0 upgrade"):
+    with pytest.raises(ValueError, match="3 rows of label 0 and 0 of label 1"):
         balanced_class_weights([0, 0, 0])
     # the weights enter the loss: a weighted mean of the per-case losses
     torch.manual_seed(0)
@@ -157,6 +157,8 @@ def test_a_saved_classifier_restores_with_plain_timm(tmp_path, arch):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architecture"] == arch and cfg["num_classes"] == 2 and cfg["model_args"]["in_chans"] == 1
     assert cfg["label_names"] == ["DCIS", "upgrade"] and cfg["pretrained_cfg"]["mean"] == [0.449]
+    save_classifier(model, str(tmp_path / "named"), label_names=("benign", "malignant"))  # the dataset's names
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["label_names"] == ["benign", "malignant"]
     assert "origin_url" not in cfg["pretrained_cfg"]  # no ImageNet provenance claimed for scratch weights
     plain = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"],
                               in_chans=cfg["model_args"]["in_chans"])

@@ -1,0 +1,194 @@
+"""What the training benches share: the reference loops they compare the framework against, datasets
+built the way the pipeline builds them, and how a bench hands in its result.
+
+Reference loops (`reference_loop`), each in fresh processes started for it, one torch thread each,
+the same task step, optimizer, clipping and LR schedule as `diffkd.train.loop.fit`:
+
+* ``torch``: one plain process, no wrapper; an epoch ends with `torch.save` of model, optimizer and
+  schedule, which is what a plain-torch user waits for.
+* ``ddp``: torch DistributedDataParallel over gloo with `world` processes, rank 0 checkpointing the
+  same way: the fair reference for multi-worker scaling on the same machine.
+* ``deepspeed``: the loop's own DeepSpeed engine (`deepspeed_config.build_engine`) and its checkpoint writer
+  (`checkpoint.save_checkpoint`), without Ray: what DeepSpeed costs apart from Ray.
+
+Each returns per-epoch rates of the epochs after the first (warm-up): ``inner`` the step loop alone,
+``whole`` the step loop plus the checkpoint (and the barrier after it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def emit(result: dict) -> None:
+    """Print the bench's one JSON line and keep it as bench/results/<bench>.json (written atomically;
+    $BENCH_RESULTS_DIR moves the folder, e.g. for a test)."""
+    line = json.dumps(result, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    print(line, flush=True)
+    folder = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(BENCH_DIR, "results")
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(line + "\n")
+    os.replace(tmp, os.path.join(folder, f"{result['bench']}.json"))
+
+
+def pipeline_dataset(rows: list[dict], batch_size: int):
+    """A Ray dataset of `rows` in blocks of one batch, as the Parquet pipeline makes them (`block_bytes`).
+
+    `from_items` alone would cut a few hundred rows into ~200 blocks of 1-2 rows, each a call to the
+    split coordinator, which the real pipeline never does.
+    """
+    import ray.data
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
+
+
+def mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
+
+
+def rounded(values: list[float], digits: int = 2) -> list[float]:
+    return [round(v, digits) for v in values]
+
+
+# ---- through the framework ------------------------------------------------------------------------
+
+def through_loop(task, rows: list[dict], cfg) -> dict[str, Any]:
+    """`fit` on `rows` (split over cfg.num_workers): global samples/s per counted epoch, and where epochs go.
+
+    inner: the step loop; whole: epoch start to the next epoch's start (validation, checkpoint,
+    `ray.train.report` and its barrier included), so a run of E epochs counts E-2 whole epochs.
+    """
+    from diffkd.train.loop import epoch_wall_seconds, fit
+
+    started = time.perf_counter()
+    result = fit(task, {"train": pipeline_dataset(rows, cfg.batch_size)}, cfg)
+    wall = time.perf_counter() - started
+    history = result.history
+    samples = len(rows) // cfg.num_workers // cfg.batch_size * cfg.batch_size * cfg.num_workers
+    if cfg.max_steps_per_epoch:
+        samples = min(samples, cfg.max_steps_per_epoch * cfg.batch_size * cfg.num_workers)
+    counted = history[1:]
+    return {"inner": [h["samples_per_s"] for h in counted],
+            "whole": [samples / s for s in epoch_wall_seconds(history)[1:]],
+            "data_wait_s": [round(h["data_wait_s"], 3) for h in counted],
+            "first_batch_s": [round(h["first_batch_s"], 3) for h in history],
+            "train_s": [round(h["train_s"], 3) for h in counted],
+            "run_wall_s": round(wall, 1)}
+
+
+# ---- reference loops, in processes of their own -----------------------------------------------------
+
+def reference_loop(mode: str, task, rows: list[dict], cfg, world: int = 1) -> dict[str, list[float]]:
+    """Run `mode` ('torch' | 'ddp' | 'deepspeed') with `world` processes on `rows` split between them."""
+    import torch.multiprocessing as mp
+
+    if mode == "torch" and world != 1:
+        raise ValueError("the plain torch reference is one process; use mode 'ddp' for several")
+    with tempfile.TemporaryDirectory(prefix="dkref") as tmp:
+        out = os.path.join(tmp, "result.json")
+        port = 20_000 + (os.getpid() * 7 + world) % 20_000
+        mp.start_processes(_reference_worker, args=(mode, world, port, task, rows, cfg, tmp, out), nprocs=world,
+                           start_method="spawn", join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, cfg, total: int):
+    warmup = max(1, int(round(cfg.warmup_fraction * total)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _reference_worker(rank: int, mode: str, world: int, port: int, task, rows: list[dict], cfg, tmp: str,
+                      out: str) -> None:
+    import torch.distributed as dist
+
+    from diffkd.train.deepspeed_config import build_optimizer, prepare_deepspeed
+
+    torch.set_num_threads(1)
+    if mode != "torch":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        prepare_deepspeed(use_gpu=False)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cpu")
+    per_rank = len(rows) // world
+    mine = rows[rank * per_rank:(rank + 1) * per_rank]
+    steps = per_rank // cfg.batch_size
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    tensors = {k: torch.from_numpy(np.stack([r[k] for r in mine]))
+               for k, v in mine[0].items() if isinstance(v, (np.ndarray, np.generic))}  # ids stay out
+    model = task.build_model()
+    if mode == "deepspeed":
+        from diffkd.train.checkpoint import LoopState, save_checkpoint
+        from diffkd.train.deepspeed_config import build_engine
+
+        engine = build_engine(model, cfg, world, cfg.epochs * steps, device)
+        forward, module = engine, engine.module
+    else:
+        optimizer = build_optimizer(model, cfg)
+        schedule = _warmup_cosine(optimizer, cfg, cfg.epochs * steps)
+        forward = torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
+        module = model
+    task.setup(device)
+    inner, whole = [], []
+    for epoch in range(cfg.epochs):
+        task.on_epoch_start(epoch + 1)
+        order = torch.randperm(per_rank)
+        start = time.perf_counter()
+        samples = 0
+        for step in range(steps):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            batch = {k: v[idx] for k, v in tensors.items()}
+            result = task.step(forward, batch)
+            if mode == "deepspeed":
+                engine.backward(result.loss)
+                engine.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                result.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                schedule.step()
+            task.after_optimizer_step(module)
+            samples += result.num_samples
+        inner_s = time.perf_counter() - start
+        if mode == "deepspeed":
+            with tempfile.TemporaryDirectory(dir=tmp) as local:
+                save_checkpoint(local, engine, LoopState(epoch=epoch + 1), rank=rank, world_size=world,
+                                task_name=task.name)
+        elif rank == 0:
+            path = os.path.join(tmp, "checkpoint.pt")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "epoch": epoch + 1}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        if mode != "torch":
+            dist.barrier()
+        whole_s = time.perf_counter() - start
+        if epoch:  # the first epoch is warm-up
+            inner.append(samples * world / inner_s)
+            whole.append(samples * world / whole_s)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"inner": inner, "whole": whole}, f)
+    if mode != "torch":
+        dist.destroy_process_group()
