@@ -56,13 +56,17 @@ def _roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _roc_band(y: np.ndarray, s: np.ndarray, grid: np.ndarray, n_boot: int, seed: int,
-              level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pointwise percentile band of sensitivity at fixed 1 - specificity (class-stratified bootstrap)."""
+              level: float, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise percentile band of sensitivity at fixed 1 - specificity. Patients (`groups`; each case its
+    own when None) are resampled within label strata, as for the AUC's bootstrap interval."""
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    cluster_of_case = np.unique(np.arange(len(y)) if groups is None else groups, return_inverse=True)[1]
+    members = [np.flatnonzero(cluster_of_case == c) for c in range(cluster_of_case.max() + 1)]
+    positive = np.array([bool(y[m].any()) for m in members])
+    strata = (np.flatnonzero(positive), np.flatnonzero(~positive))
     curves = np.empty((n_boot, len(grid)))
     for b in range(n_boot):
-        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        idx = np.concatenate([members[c] for stratum in strata for c in rng.choice(stratum, len(stratum))])
         fpr, tpr = _roc_points(y[idx], s[idx])
         curves[b] = np.interp(grid, fpr, tpr, left=0, right=1)  # ties: np.interp takes the lower point
     alpha = (1 - level) / 2
@@ -95,7 +99,7 @@ def roc_figure(predictions: pd.DataFrame, thresholds: Mapping[str, float], refer
                     label=f"{model}  {est.auc:.3f} ({est.ci[0]:.3f}-{est.ci[1]:.3f})")
             if main:
                 grid = np.linspace(0, 1, 101)
-                lo, hi = _roc_band(y, s, grid, band_boot, ci.seed, ci.level)
+                lo, hi = _roc_band(y, s, grid, band_boot, ci.seed, ci.level, groups=frame.patient_id.to_numpy())
                 ax.fill_between(grid, lo, hi, color=colors[model], alpha=0.15, lw=0)
                 op = OperatingPoint.at_threshold(y, s, thresholds[model]).as_dict()
                 ax.plot(1 - op["specificity"], op["sensitivity"], "o", ms=9, mfc="white", mec=colors[model],

@@ -260,6 +260,12 @@ def _summary_section(ctx: _Context) -> str:
                 f"<b>{_ci_inline(e['auc'], e['auc_ci'])}</b> on {_num(e['n'])} cases, with sensitivity "
                 f"{_num(e['sensitivity'])} and specificity {_num(e['specificity'])} at the threshold fixed on internal "
                 f"validation ({_num(ref['threshold'])}).</p>")
+        external = [(c, e) for c, e in ctx.metrics.get("ceilings", {}).items()
+                    if e.get("split") == "test" and e.get("visible_auc") is not None]
+        if external:
+            lead += ("<p>What the synthetic cohort allows there (its truth file): " + "; ".join(
+                f"{_esc(c)}: image-visible AUC {_num(e['visible_auc'])}, Bayes AUC {_num(e['bayes_auc'])}"
+                for c, e in external) + ' (see <a href="#per-center">per-center performance</a>).</p>')
     if not rows:
         rows, highlight = _model_rows(ctx, "internal", models)
         lead = "<p>There is no external cohort; the table shows internal validation.</p>"
@@ -357,7 +363,7 @@ def _discrimination_section(ctx: _Context) -> str:
     out += _figure(figures.roc_figure(ctx.preds, ctx.thresholds, ctx.reference, points, ctx.config.ci_options,
                                       label_names=ctx.inputs.label_names),
                   "ROC curves, internal and external",
-                  "ROC curves. Shaded: pointwise 95% bootstrap band for "
+                  "ROC curves. Shaded: pointwise 95% bootstrap band (patients resampled) for "
                   f"<code>{_esc(ctx.reference)}</code>; circle: its "
                   "operating point at the threshold fixed on internal validation; filled markers: readers (square "
                   "senior, triangle junior) with Wilson 95% CIs. Legend: AUC (95% CI).")

@@ -316,3 +316,19 @@ def test_auto_takes_delong_for_one_case_per_patient_and_the_bootstrap_otherwise(
     assert clustered == clustered_bootstrap_auc_difference(y, a, b, pairs, n_boot=1000)
     assert auc_with_ci(y, a, options, groups=pairs).method == "bootstrap"
     assert has_repeated_clusters(pairs) and not has_repeated_clusters(singles) and not has_repeated_clusters(None)
+
+
+def test_the_roc_band_resamples_patients():
+    from diffkd.evaluate.figures import _roc_band
+
+    rng = np.random.default_rng(12)
+    y = (rng.random(80) < 0.4).astype(int)
+    s = y + rng.normal(0, 1, 80)
+    grid = np.linspace(0, 1, 21)
+    width = lambda band: float(np.mean(band[1] - band[0]))  # noqa: E731
+    single = width(_roc_band(y, s, grid, 400, 0, 0.95))
+    # every patient imaged twice with the same result: no new information, the band must not narrow
+    twice = dict(y=np.repeat(y, 2), s=np.repeat(s, 2), grid=grid, n_boot=400, seed=0, level=0.95)
+    clustered = width(_roc_band(**twice, groups=np.repeat(np.arange(80), 2)))
+    assert clustered == pytest.approx(single, rel=0.15)
+    assert width(_roc_band(**twice)) < 0.85 * clustered

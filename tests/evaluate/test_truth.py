@@ -48,6 +48,7 @@ def test_ceilings_sit_beside_every_model_per_center(tmp_path, simulate_predictio
         assert entry["cases_of"] == "student_kd" and entry["bayes_auc_ci"][0] <= entry["bayes_auc"]
     page = files.index.read_text()
     assert "Bayes AUC" in page and "image-visible AUC" in page
+    assert f"C: image-visible AUC {ceilings['C']['visible_auc']:.3f}" in page  # the summary names the external ceiling
     # rebuilt from the report folder alone, the ceilings come back
     from diffkd.cli import main
 
