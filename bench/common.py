@@ -12,7 +12,9 @@ the same task step, optimizer, clipping and LR schedule as `diffkd.train.loop.fi
   (`checkpoint.save_checkpoint`), without Ray: what DeepSpeed costs apart from Ray.
 
 Each returns per-epoch rates of the epochs after the first (warm-up): ``inner`` the step loop alone,
-``whole`` the step loop plus the checkpoint (and the barrier after it).
+``whole`` the step loop plus the checkpoint (and the barrier after it), and ``inner_per_cpu_s`` the
+step loop's samples per CPU second of the training processes: on a machine shared with other work,
+wall-clock rates move with the load, the work per sample much less.
 """
 from __future__ import annotations
 
@@ -40,6 +42,22 @@ def emit(result: dict) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(line + "\n")
     os.replace(tmp, os.path.join(folder, f"{result['bench']}.json"))
+
+
+def start_ray(temp_dir: str, num_cpus: int = 4) -> None:
+    """A private local Ray instance; one retry, because on an overloaded machine the raylet can miss
+    Ray's fixed 30 s start-up wait."""
+    import ray
+
+    from diffkd.raycompat import init_local
+
+    try:
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir)
+    except Exception as err:  # Ray raises a bare Exception for this
+        if "timed out during startup" not in str(err):
+            raise
+        ray.shutdown()
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir + "-retry")
 
 
 def pipeline_dataset(rows: list[dict], batch_size: int):
@@ -81,6 +99,7 @@ def through_loop(task, rows: list[dict], cfg) -> dict[str, Any]:
     counted = history[1:]
     return {"inner": [h["samples_per_s"] for h in counted],
             "whole": [samples / s for s in epoch_wall_seconds(history)[1:]],
+            "inner_per_cpu_s": [samples / h["train_cpu_s"] for h in counted],
             "data_wait_s": [round(h["data_wait_s"], 3) for h in counted],
             "first_batch_s": [round(h["first_batch_s"], 3) for h in history],
             "train_s": [round(h["train_s"], 3) for h in counted],
@@ -150,11 +169,11 @@ def _reference_worker(rank: int, mode: str, world: int, port: int, task, rows: l
         forward = torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
         module = model
     task.setup(device)
-    inner, whole = [], []
+    inner, whole, inner_per_cpu = [], [], []
     for epoch in range(cfg.epochs):
         task.on_epoch_start(epoch + 1)
         order = torch.randperm(per_rank)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         samples = 0
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -171,7 +190,7 @@ def _reference_worker(rank: int, mode: str, world: int, port: int, task, rows: l
                 schedule.step()
             task.after_optimizer_step(module)
             samples += result.num_samples
-        inner_s = time.perf_counter() - start
+        inner_s, inner_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         if mode == "deepspeed":
             with tempfile.TemporaryDirectory(dir=tmp) as local:
                 save_checkpoint(local, engine, LoopState(epoch=epoch + 1), rank=rank, world_size=world,
@@ -184,11 +203,17 @@ def _reference_worker(rank: int, mode: str, world: int, port: int, task, rows: l
         if mode != "torch":
             dist.barrier()
         whole_s = time.perf_counter() - start
+        cpu_seconds = [None] * world
+        if mode != "torch":
+            dist.all_gather_object(cpu_seconds, inner_cpu_s)
+        else:
+            cpu_seconds = [inner_cpu_s]
         if epoch:  # the first epoch is warm-up
             inner.append(samples * world / inner_s)
             whole.append(samples * world / whole_s)
+            inner_per_cpu.append(samples * world / sum(cpu_seconds))
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"inner": inner, "whole": whole}, f)
+            json.dump({"inner": inner, "whole": whole, "inner_per_cpu_s": inner_per_cpu}, f)
     if mode != "torch":
         dist.destroy_process_group()

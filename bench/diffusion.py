@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import emit, mean, reference_loop, through_loop  # noqa: E402
+from common import emit, mean, reference_loop, start_ray, through_loop  # noqa: E402
 
 
 def condition_table(n: int, centers: list[str], seed: int = 0):
@@ -99,7 +99,6 @@ def main() -> None:
         parser.error("--epochs must be at least 3: one warm-up, and whole epochs need a following one")
 
     from diffkd.models.diffusion import DiffusionModelConfig, build_denoiser, save_pipeline, training_scheduler
-    from diffkd.raycompat import init_local
     from diffkd.synth import SynthConfig
     from diffkd.train.diffusion_task import DiffusionConfig, DiffusionTask
     from diffkd.train.loop_config import LoopConfig
@@ -122,7 +121,7 @@ def main() -> None:
         training["plain_torch"] = reference_loop("torch", task, rows, loop())  # before Ray starts
         if not args.no_attribution:
             training["deepspeed_no_ray"] = reference_loop("deepspeed", task, rows, loop())
-        init_local(num_cpus=4, temp_dir=os.path.join(workdir, "ray"))
+        start_ray(os.path.join(workdir, "ray"))
         torch.manual_seed(0)
         model_dir = os.path.join(workdir, "diffusion")
         save_pipeline(build_denoiser(model_cfg, centers), training_scheduler(model_cfg).config, model_dir)
@@ -167,6 +166,7 @@ def main() -> None:
         "train_epoch_overhead_ratio": round(epoch_overhead, 3), "train_epoch_overhead_target": 0.90,
         "meets_train_epoch_overhead_target": epoch_overhead >= 0.90,
         "train_overhead_ratio": round(inner["ray_deepspeed_1w"] / inner["plain_torch"], 3),
+        "train_inner_loop_samples_per_cpu_s": {n: round(mean(r["inner_per_cpu_s"]), 2) for n, r in training.items()},
         "train_attribution_vs_plain_torch": {n: round(v / whole["plain_torch"], 3) for n, v in whole.items()},
         "train_data_wait_s": loop_row["data_wait_s"], "train_first_batch_s": loop_row["first_batch_s"],
         "train_step_loop_s": loop_row["train_s"], "threads_per_process": 1,

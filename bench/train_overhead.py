@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from common import emit, mean, reference_loop, rounded, through_loop  # noqa: E402
+from common import emit, mean, reference_loop, rounded, start_ray, through_loop  # noqa: E402
 
 
 def make_rows(n: int, image_size: int, seed: int = 0) -> list[dict]:
@@ -57,7 +57,6 @@ def main() -> None:
         parser.error("--epochs must be at least 3: one warm-up, and whole epochs need a following one")
 
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.raycompat import init_local
     from diffkd.train.loop_config import LoopConfig
     from diffkd.train.teacher import TeacherConfig, TeacherTask
 
@@ -81,7 +80,7 @@ def main() -> None:
             rows["deepspeed_no_ray"] = reference_loop("deepspeed", task, one_rows, loop(1))
         rows["ddp_1proc"] = reference_loop("ddp", task, one_rows, loop(1), world=1)
         rows["ddp_2proc"] = reference_loop("ddp", task, two_rows, loop(2), world=2)
-        init_local(num_cpus=4, temp_dir=os.path.join(workdir, "ray"))
+        start_ray(os.path.join(workdir, "ray"))
         rows["ray_deepspeed_1w"] = through_loop(task, one_rows, loop(1))
         rows["ray_deepspeed_2w"] = through_loop(task, two_rows, loop(2))
         if not args.no_attribution:
@@ -114,6 +113,11 @@ def main() -> None:
                                       / (inner["ddp_2proc"] / inner["ddp_1proc"]), 3),
         # attribution, each relative to plain torch (whole epochs)
         "attribution_vs_plain_torch": {n: round(v / whole["plain_torch"], 3) for n, v in whole.items()},
+        # per CPU second of the training processes (Ray Data's and Ray's own processes not counted): the
+        # work each row adds per sample, much less sensitive than wall time to other load on the machine
+        "inner_loop_samples_per_cpu_s": {n: round(mean(r["inner_per_cpu_s"]), 2) for n, r in rows.items()},
+        "cpu_overhead_ratio": round(mean(rows["ray_deepspeed_1w"]["inner_per_cpu_s"])
+                                    / mean(rows["plain_torch"]["inner_per_cpu_s"]), 3),
         "per_epoch": {n: {"whole": rounded(r["whole"]), "inner": rounded(r["inner"])} for n, r in rows.items()},
         "ray_data_wait_s": {n: r["data_wait_s"] for n, r in rows.items() if "data_wait_s" in r},
         "ray_first_batch_s": {n: r["first_batch_s"] for n, r in rows.items() if "first_batch_s" in r},

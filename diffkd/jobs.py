@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,8 @@ from typing import IO, Iterable
 from urllib.parse import urlparse
 
 import diffkd
+
+log = logging.getLogger(__name__)
 
 # What never goes into the job package (gitignore patterns). Anchored ones ("/data") match only at
 # the project root: diffkd/data/ is code. No trailing "/", so the walk skips a directory outright
@@ -293,7 +296,7 @@ def follow(client, job_id: str, out: IO[str] | None = None, poll_s: float = 2.0)
             asyncio.run(stream())
         except (RuntimeError, OSError) as err:
             out.flush()
-            print(f"[diffkd] log stream interrupted ({err}); resuming", file=sys.stderr)
+            log.warning("the job's log stream was interrupted (%s); resuming", err)
         current = status(client, job_id)
         if current in TERMINAL:
             return current

@@ -11,7 +11,7 @@ whose training sets it joins, are trained again; folds whose inputs did not chan
 interrupted job continues where it stopped.
 
 Outputs in `out_dir`: `folds/<center>/` (the fold's teacher, predictions.parquet, training.json),
-`loco.csv` (one row per held-out center: cases, upgrades, external AUC with its 95% CI, internal-
+`loco.csv` (one row per held-out center: cases, positives (label 1), external AUC with its 95% CI, internal-
 validation AUC, random-effects weight; then the pooled row), `loco_pooled.json` (the pooled AUC and
 its heterogeneity), `loco_auc.png` (the same as a forest plot), and one Tune experiment per call
 (`experiment-<time>/`).
@@ -120,7 +120,7 @@ def fold_row(center: str, preds: "pd.DataFrame") -> dict[str, Any]:
 
     external = preds[preds["split"] == "test"]
     internal = preds[preds["split"] == "val"]
-    row: dict[str, Any] = {"held_out": center, "cases": len(external), "upgrades": int(external["label"].sum())}
+    row: dict[str, Any] = {"held_out": center, "cases": len(external), "positives": int(external["label"].sum())}
     if external["label"].nunique() == 2:
         patients = external["patient_id"].to_numpy() if "patient_id" in external.columns else None
         estimate = auc_with_ci(external["label"].to_numpy(), external["prob"].to_numpy(), CIOptions("auto"),
@@ -199,7 +199,7 @@ def pool_folds(rows: list[dict[str, Any]]) -> tuple["pd.DataFrame", dict]:
     for r in rows:
         r["weight"] = float("nan")
     pooled_row = {"held_out": "pooled", "cases": sum(r["cases"] for r in usable),
-                  "upgrades": sum(r["upgrades"] for r in usable), "external_auc": float("nan"),
+                  "positives": sum(r["positives"] for r in usable), "external_auc": float("nan"),
                   "ci_low": float("nan"), "ci_high": float("nan"), "se": float("nan"),
                   "ci_method": "random effects (DerSimonian-Laird, logit AUC)", "internal_auc": float("nan"),
                   "weight": float("nan")}
@@ -220,9 +220,9 @@ def pool_folds(rows: list[dict[str, Any]]) -> tuple["pd.DataFrame", dict]:
     return pd.DataFrame([*rows, pooled_row]), info
 
 
-def format_table(table: "pd.DataFrame", pooled: dict | None = None, positive_name: str = "upgr.") -> str:
+def format_table(table: "pd.DataFrame", pooled: dict | None = None, positive_name: str = "pos.") -> str:
     """The LOCO table for a terminal; `positive_name` (the dataset's name of label 1) heads the
-    column counting label-1 cases (the `upgrades` column of loco.csv)."""
+    column counting label-1 cases (the `positives` column of loco.csv)."""
     width = max(5, len(positive_name))
     lines = [f"{'held-out center':<16} {'cases':>5} {positive_name:>{width}}  {'external AUC (95% CI)':<22} "
              f"{'internal AUC':>12} {'RE weight':>9}"]
@@ -231,7 +231,7 @@ def format_table(table: "pd.DataFrame", pooled: dict | None = None, positive_nam
             f"{r['external_auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})")
         internal = "" if math.isnan(r["internal_auc"]) else f"{r['internal_auc']:.3f}"
         weight = "" if math.isnan(r["weight"]) or r["held_out"] == "pooled" else f"{100 * r['weight']:.0f}%"
-        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['upgrades']:>{width}}  {ext:<22} {internal:>12} "
+        lines.append(f"{r['held_out']:<16} {r['cases']:>5} {r['positives']:>{width}}  {ext:<22} {internal:>12} "
                      f"{weight:>9}")
     if pooled and "tau2" in pooled:
         lines.append(f"pooled: random effects (DerSimonian-Laird, logit AUC) over {pooled['k']} fold(s); "

@@ -35,11 +35,11 @@ def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_di
         return
     configure_local_auth()
     logical_cpus = num_cpus or max(4, os.cpu_count() or 1)
-    runtime_env = {"worker_process_setup_hook": "diffkd.raycompat.quiet_dashboardless_warnings",
-                   **kwargs.pop("runtime_env", {})}
+    runtime_env = {"worker_process_setup_hook": "diffkd.raycompat.setup_worker", **kwargs.pop("runtime_env", {})}
     ray.init(address="local", num_cpus=logical_cpus, num_gpus=num_gpus, include_dashboard=False,
              _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True, runtime_env=runtime_env,
              **kwargs)
+    attach_console()
     log.info("started a local Ray instance with %s logical CPUs", logical_cpus)
 
 
@@ -50,10 +50,21 @@ def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_di
 DASHBOARDLESS_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
-def quiet_dashboardless_warnings() -> None:
-    """Worker setup hook of the embedded instance: drop the warnings that only mean 'no dashboard'."""
+def setup_worker() -> None:
+    """Worker setup hook of the embedded instance: diffkd's logging in the worker (its warnings reach
+    the driver's console, the rest its log files); drop the warnings that only mean 'no dashboard'."""
+    from diffkd.console import configure_worker
+
+    configure_worker()
     for name in DASHBOARDLESS_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def attach_console() -> None:
+    """Workers' lines marked for the console reach it (`diffkd.console`); the rest go where Ray prints."""
+    from diffkd.console import attach_ray_workers
+
+    attach_ray_workers()
 
 
 # Set by Ray's job supervisor for a submitted job's entrypoint (beside RAY_ADDRESS = the cluster's GCS).
@@ -83,5 +94,6 @@ def init(address: str | None = None, **kwargs) -> None:
             log.info("joining the Ray cluster at %s: its own resources apply (ignoring %s)", address,
                      ", ".join(ignored))
         ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in LOCAL_ONLY_KWARGS})
+        attach_console()
     else:
         init_local(**kwargs)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -31,10 +32,65 @@ log = logging.getLogger("diffkd.run")
 PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "model", "prob"]
 
 
+@dataclass
+class StagePlan:
+    """What the dataset and the config allow, decided before anything trains."""
+
+    diffusion: bool = True
+    mask_conditioning: bool = True  # diffusion.model.model.mask_channel, unless no training image has a mask
+    pairing_free: bool = True
+    clinical_baselines: bool = True  # the clinical and combined models (the deep-feature model needs no clinical data)
+    skipped: dict[str, str] = field(default_factory=dict)  # stage or model -> why it will not run
+    changes: list[str] = field(default_factory=list)  # what runs differently from the config, and why
+
+
+def plan_stages(ds: ImageDataset, assignments: pd.DataFrame, cfg: ExperimentConfig,
+                readers_csv: str | None) -> StagePlan:
+    """Check what each enabled stage needs (masks, a second modality, clinical values, reader reads)."""
+    from diffkd.evaluate.baselines import ClinicalEncoder
+
+    plan = StagePlan(diffusion=cfg.diffusion.enabled, pairing_free=cfg.pairing_free.enabled,
+                     clinical_baselines=cfg.baselines.enabled)
+    training = assignments[(assignments["split"] == "train") & ~assignments["synthetic"].astype(bool)]
+    if cfg.diffusion.enabled and cfg.diffusion.model.model.mask_channel:
+        masks = ds.read_table(sorted(set(training["center"])), columns=["case_id", "mask"]).to_pandas()
+        if not masks.loc[masks["case_id"].isin(set(training["case_id"])), "mask"].notna().any():
+            plan.mask_conditioning = False
+            plan.changes.append("diffusion: trained without mask conditioning (diffusion.model.model.mask_channel), "
+                                "because no training image has a lesion mask")
+    if cfg.tune.enabled:
+        from diffkd.tune_space import load_space
+
+        load_space(cfg.tune.space)  # a broken search space fails now, not after the teachers
+    pf = cfg.pairing_free
+    modalities = set(assignments.loc[~assignments["synthetic"].astype(bool), "modality"])
+    if pf.enabled and not {pf.teacher_modality, pf.student_modality} <= modalities:
+        plan.pairing_free = False
+        plan.skipped["student_pairing_free"] = (
+            f"the dataset has no {pf.teacher_modality!r} images beside {pf.student_modality!r} (modalities: "
+            f"{', '.join(sorted(modalities))}): the pairing-free group KD student is not trained")
+    if cfg.baselines.enabled:
+        cases = ds.metadata().to_pandas().drop_duplicates("case_id").set_index("case_id")
+        cases = cases.loc[cases.index.isin(set(training["case_id"]))]
+        encoder = ClinicalEncoder().fit(cases, [c for c in CLINICAL_COLUMNS if c in cases.columns])
+        if not encoder.variables:
+            plan.clinical_baselines = False
+            plan.skipped["clinical and combined baselines"] = (
+                "no usable clinical variable in the training cases (none has two or more distinct values): "
+                "the clinical and combined models are not fitted; the deep-feature model still runs")
+    if not readers_csv:
+        plan.skipped["reader comparison"] = "no reader CSV was given (diffkd run --readers CSV)"
+    else:
+        _pseudonymised_reads(ds, readers_csv)  # a missing file or unknown case ids fail now, not at the report
+    return plan
+
+
 def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: str | os.PathLike,
                  readers_csv: str | None = None, truth: str | None = None) -> dict:
-    """Run every stage; return metrics.json as a dict. `out` receives models/, tune/, audit/, report/.
+    """Run every stage the dataset supports; return {"report", "metrics", "failed"}.
 
+    `out` receives models/, tune/, audit/, report/. A stage that fails is recorded in "failed" (and
+    in the report); the stages that do not read its outputs still run, and rerunning resumes.
     truth: a synthetic cohort's truth.csv, handed to the report stage only (per-center ceilings).
     """
     from diffkd import raycompat
@@ -49,49 +105,56 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     ds = ImageDataset(dataset)
     if not ds.exists():
         raise ConfigError(f"{dataset} is not a diffkd dataset (no _manifest.json): run `diffkd ingest` first")
-    raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
-    state = RunState.load(out)
-    say = _say
-
     real = ds.metadata().to_pandas()
     external = list(external) or list(cfg.splits.external)  # --external wins over the config's
-    split = dataclasses.replace(cfg.splits, external=external)
-    assignments = make_splits(real, split.external, split.val_fraction, split.seed)
+    assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
     check_no_leakage(assignments)
-    say(f"dataset {dataset}: {len(real)} images, {real['case_id'].nunique()} cases, centers "
-        f"{', '.join(sorted(real['center'].unique()))}; external: {', '.join(external) or 'none'}")
-    # What every stage's result depends on; written as before SplitConfig held `external`, so that runs
-    # started by earlier releases still resume.
-    common = {"dataset": str(dataset), "external": external,
-              "splits": {"val_fraction": split.val_fraction, "seed": split.seed}}
+    log.info("dataset %s: %d images, %d cases, centers %s; external: %s", dataset, len(real),
+             real["case_id"].nunique(), ", ".join(sorted(real["center"].unique())), ", ".join(external) or "none")
+    plan = plan_stages(ds, assignments, cfg, readers_csv)
+    for name, why in plan.skipped.items():
+        log.info("skipping %s: %s", name, why)
+    for change in plan.changes:
+        log.info("note: %s", change)
+
+    raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
+    state = RunState.load(out)
+    common = stage_inputs(dataset, external, cfg)
     skipped: dict[str, str] = {}  # report section -> why it has no content
-    notes: list[str] = []  # stages left out, for the report's limitations
+    notes: list[str] = [*plan.changes]  # stages left out, for the report's limitations
     model_dirs: dict[str, str] = {}
     models = out / "models"
+
+    def classifier(name: str, result: dict | None, folder: str | None = None) -> None:
+        if result is not None:
+            model_dirs[name] = str(models / (folder or name))
 
     # ---- 1. diffusion, synthesis, audit ---------------------------------------------------------------
     synthetic_block, grids = None, []
     ratio, sources = cfg.synthetic_ratio, ()
-    if cfg.diffusion.enabled:
-        from diffkd.synth import audit, synthesize, with_synthesis_sampling
-        from diffkd.train.diffusion_task import train_diffusion
+    synthesized = None
+    if plan.diffusion:
+        from diffkd.synth import audit, with_synthesis_sampling
 
-        diffusion_dir = str(models / "diffusion")
-        state.run("diffusion", {**common, "cfg": to_dict(cfg.diffusion)},
-                  lambda: _dir_result(train_diffusion(ds, diffusion_dir, cfg.diffusion.model,
-                                                      _loop(cfg.diffusion.loop, out, "diffusion"), split)))
-        synthesized = state.run("synth", {**common, "cfg": to_dict(cfg.synth)},
-                                lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)))
+        diffusion_dir, synthesized = generator_stage(ds, external, cfg, out, state, common, plan.mask_conditioning)
+    if synthesized is not None:
         sources = (synthesized["run_id"],)  # this run's images only, whatever else the dataset holds
-        audited = state.run("audit", {**common, "cfg": to_dict(cfg.audit)},
-                            lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, run_ids=list(sources),
-                                                      cfg=with_synthesis_sampling(cfg.audit, cfg.synth))})
-        synthetic_block = audited["summary"]
-        grids = [str(out / "audit" / name)
-                 for name in ("synthetic_grid.png", "synthetic_label_pairs.png", "synthetic_near_copies.png")]
+        audited = state.try_run("audit", {**common, "cfg": to_dict(cfg.audit)},
+                                lambda: {"summary": audit(ds, str(out / "audit"), diffusion_dir, run_ids=list(sources),
+                                                          cfg=with_synthesis_sampling(cfg.audit, cfg.synth))},
+                                after=["synth"])
+        if audited is not None:
+            synthetic_block = audited["summary"]
+            grids = [str(out / "audit" / name)
+                     for name in ("synthetic_grid.png", "synthetic_label_pairs.png", "synthetic_near_copies.png")]
+        else:
+            skipped["synthetic"] = f"the synthetic-data audit {state.failed['audit']}"
     else:
         ratio = 0.0
-        skipped["synthetic"] = "the diffusion stage is disabled in the config (diffusion.enabled: false)"
+        skipped["synthetic"] = ("the diffusion stage is disabled in the config (diffusion.enabled: false)"
+                                if not cfg.diffusion.enabled else
+                                f"no synthetic images: {_why_not(state, 'diffusion', 'synth')}")
+    synthetic_after = ["synth"] if ratio > 0 else []
 
     # ---- 2. teachers ------------------------------------------------------------------------------------
     from diffkd.train.teacher import train_teacher
@@ -102,71 +165,130 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     if ratio > 0:
         teacher_variants["teacher_real_only"] = 0.0
     for name, mix in teacher_variants.items():
-        model_dirs[name] = str(models / name)
-        state.run(name, {**common, "cfg": to_dict(teacher_cfg), "ratio": mix},
-                  lambda name=name, mix=mix: _predictions_result(train_teacher(
-                      ds, assignments, _with_loop(teacher_cfg, out, name), model_dirs[name], synthetic_ratio=mix,
-                      model_name=name)))
+        classifier(name, state.try_run(
+            name, {**common, "cfg": to_dict(teacher_cfg), "ratio": mix},
+            lambda name=name, mix=mix: _predictions_result(train_teacher(
+                ds, assignments, _with_loop(teacher_cfg, out, name), str(models / name), synthetic_ratio=mix,
+                model_name=name)),
+            after=synthetic_after if mix > 0 else []))
 
     # ---- 3. the students, each searched with the same budget (or none is) on internal validation -------
     student_cfg = dataclasses.replace(_pipeline(cfg.student, synthetic_ratio=ratio, synthetic_sources=sources),
-                                      teacher_dir=model_dirs["teacher"], mode="paired")
+                                      teacher_dir=str(models / "teacher"), mode="paired")
 
     from diffkd.train.student import plain_variant, train_student
 
-    students = {
-        "student_kd": student_cfg,
-        "student_plain": plain_variant(student_cfg),
+    students = {  # name -> (config, the stages whose outputs it reads)
+        "student_kd": (student_cfg, ["teacher", *synthetic_after]),
+        "student_plain": (plain_variant(student_cfg), []),
     }
     if ratio > 0:
-        students["student_kd_real_only"] = dataclasses.replace(
-            _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=model_dirs["teacher_real_only"])
-    modalities = set(real["modality"])
+        students["student_kd_real_only"] = (dataclasses.replace(
+            _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=str(models / "teacher_real_only")),
+            ["teacher_real_only"])
     pf = cfg.pairing_free
-    if pf.enabled and {pf.teacher_modality, pf.student_modality} <= modalities:
-        model_dirs["teacher_" + pf.teacher_modality] = str(models / f"teacher_{pf.teacher_modality}")
+    if plan.pairing_free:
         name = "teacher_" + pf.teacher_modality
-        state.run(name, {**common, "cfg": to_dict(teacher_cfg), "modality": pf.teacher_modality},
-                  lambda: _predictions_result(train_teacher(
-                      ds, assignments, _with_loop(_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)), out, name),
-                      model_dirs[name], synthetic_ratio=0.0, model_name=name)))
-        students["student_pairing_free"] = pairing_free_student(student_cfg, pf, model_dirs[name])
+        classifier(name, state.try_run(
+            name, {**common, "cfg": to_dict(teacher_cfg), "modality": pf.teacher_modality},
+            lambda: _predictions_result(train_teacher(
+                ds, assignments, _with_loop(_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)), out, name),
+                str(models / name), synthetic_ratio=0.0, model_name=name))))
+        students["student_pairing_free"] = (pairing_free_student(student_cfg, pf, str(models / name)), [name])
     elif pf.enabled:
-        notes.append(f"the dataset has no {pf.teacher_modality!r} images beside {pf.student_modality!r} "
-                                   f"(modalities: {', '.join(sorted(modalities))}): the pairing-free group KD "
-                                   "student was not trained")
+        notes.append(plan.skipped["student_pairing_free"])
     searches: dict[str, dict] = {}
     if cfg.tune.enabled:
-        for name in list(students):
-            searched = state.run(f"tune_{name}", {**common, "cfg": to_dict(cfg.tune), "student": to_dict(students[name])},
-                                 lambda name=name: _tune(ds, assignments, students[name], cfg.tune, out / "tune" / name))
-            students[name] = from_dict(StudentConfig, searched["config"], f"searched {name}")
-            searches[name] = searched
-        notes.append(_search_note(searches))
+        for name, (scfg, reads) in list(students.items()):
+            search = f"tune_{name}"
+            searched = state.try_run(
+                search, {**common, "cfg": to_dict(cfg.tune), "student": to_dict(scfg)},
+                lambda name=name, scfg=scfg: _tune(ds, assignments, scfg, cfg.tune, out / "tune" / name),
+                after=reads)
+            students[name] = (from_dict(StudentConfig, searched["config"], f"searched {name}") if searched else scfg,
+                              [*reads, search])
+            if searched is not None:
+                searches[name] = searched
+        if searches:
+            notes.append(_search_note(searches))
     else:
         notes.append("no hyperparameter search (tune.enabled: false): every student arm trained with the config's "
                      "settings, the same (zero) search budget for each")
     notes.append(_validation_note(assignments, student_modality, searched=bool(searches)))
-    for name, scfg in students.items():
-        model_dirs[name] = str(models / ("student" if name == "student_kd" else name))
-        state.run(name, {**common, "cfg": to_dict(scfg)},
-                  lambda name=name, scfg=scfg: _predictions_result(train_student(
-                      ds, assignments, _with_loop(scfg, out, name), model_dirs[name], model_name=name)))
+    for name, (scfg, reads) in students.items():
+        folder = "student" if name == "student_kd" else name
+        classifier(name, state.try_run(
+            name, {**common, "cfg": to_dict(scfg)},
+            lambda name=name, scfg=scfg, folder=folder: _predictions_result(train_student(
+                ds, assignments, _with_loop(scfg, out, name), str(models / folder), model_name=name)),
+            after=reads), folder)
 
     # ---- 4. seed-001 baselines ------------------------------------------------------------------------
     baseline_summary = None
     if cfg.baselines.enabled:
-        result = state.run("baselines", {**common, "cfg": to_dict(cfg.baselines)},
-                           lambda: _baselines(ds, assignments, cfg.baselines, out, student_modality))
-        baseline_summary = result["summary"]
+        result = state.try_run("baselines", {**common, "cfg": to_dict(cfg.baselines)},
+                               lambda: _baselines(ds, assignments, cfg.baselines, out, student_modality,
+                                                  plan.clinical_baselines))
+        if result is not None:
+            baseline_summary = result["summary"]
+        else:
+            skipped["baselines"] = f"the baselines stage {state.failed['baselines']}"
     else:
         skipped["baselines"] = "baselines.enabled is false in the config"
 
     # ---- 5. evaluation and report ---------------------------------------------------------------------
-    return state.run("report", {**common, "models": sorted(model_dirs), "readers": readers_csv,
-                                "evaluate": to_dict(cfg.evaluate), "truth": truth},
-                     lambda: _report(ds, out, model_dirs, cfg, synthetic_block, grids, baseline_summary,
-                                     readers_csv, skipped, notes, external, truth))
+    notes += [f"stage {name} {why}" for name, why in state.failed.items()]
+    if not model_dirs:
+        raise RuntimeError("no classifier finished, so there is nothing to report: "
+                           + "; ".join(f"{n} {why}" for n, why in state.failed.items()))
+    finished = [name for name in (*model_dirs, "audit", "baselines") if name in state.stages
+                and name not in state.failed]
+    report = state.run("report", {**common, "models": sorted(model_dirs), "readers": readers_csv,
+                                  "evaluate": to_dict(cfg.evaluate), "truth": truth},
+                       lambda: _report(ds, out, model_dirs, cfg, synthetic_block, grids, baseline_summary,
+                                       readers_csv, skipped, notes, external, truth),
+                       after=finished)
+    return {**report, "failed": dict(state.failed)}
+
+
+def stage_inputs(dataset: str | os.PathLike, external: list[str], cfg: ExperimentConfig) -> dict:
+    """What every stage's key in run_state.json starts from.
+
+    The split is written as before SplitConfig held the external centers (they come first, from the
+    command line), so that runs started by earlier releases still resume.
+    """
+    return {"dataset": str(dataset), "external": list(external),
+            "splits": {"val_fraction": cfg.splits.val_fraction, "seed": cfg.splits.seed}}
+
+
+def generator_stage(ds: ImageDataset, external: list[str], cfg: ExperimentConfig, out: Path, state: RunState,
+                    common: dict, mask_conditioning: bool = True, suffix: str = "") -> tuple[str, dict | None]:
+    """Stage 1: the diffusion model (trained on the internal train split) and its synthetic rows.
+
+    Returns (the model folder, synthesize()'s result as a dict, with the `run_id` that names the rows;
+    None when either step failed, recorded in `state.failed`). `common` is `stage_inputs`;
+    `mask_conditioning` False trains without the mask channel (no training image has a mask);
+    `suffix` keeps several generators of one output folder apart (diffkd ablate --per-seed-generators).
+    """
+    from diffkd.synth import synthesize
+    from diffkd.train.diffusion_task import train_diffusion
+
+    name = "diffusion" + suffix
+    diffusion_dir = str(out / "models" / name)
+    split = dataclasses.replace(cfg.splits, external=list(external))
+    diffusion_cfg = cfg.diffusion if mask_conditioning else dataclasses.replace(
+        cfg.diffusion, model=dataclasses.replace(
+            cfg.diffusion.model, model=dataclasses.replace(cfg.diffusion.model.model, mask_channel=False)))
+    state.try_run(name, {**common, "cfg": to_dict(diffusion_cfg)},
+                  lambda: _dir_result(train_diffusion(ds, diffusion_dir, diffusion_cfg.model,
+                                                      _loop(diffusion_cfg.loop, out, name), split)))
+    synthesized = state.try_run("synth" + suffix, {**common, "cfg": to_dict(cfg.synth)},
+                                lambda: dataclasses.asdict(synthesize(ds, diffusion_dir, cfg.synth)), after=[name])
+    return diffusion_dir, synthesized
+
+
+def _why_not(state: RunState, *stages: str) -> str:
+    return "; ".join(f"{name} {state.failed[name]}" for name in stages if name in state.failed) or "not run"
 
 
 # ---- stage helpers ---------------------------------------------------------------------------------------
@@ -176,10 +298,6 @@ def pairing_free_student(student_cfg: StudentConfig, pf: PairingFreeStage, teach
     return dataclasses.replace(_pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=teacher_dir,
                                mode="pairing_free", student_modality=pf.student_modality,
                                teacher_modality=pf.teacher_modality, distill=pf.distill)
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
 
 
 def _loop(loop: LoopConfig, out: Path, name: str) -> LoopConfig:
@@ -245,8 +363,9 @@ def _validation_note(assignments: pd.DataFrame, modality: str, searched: bool) -
 
 
 def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage, out: Path,
-               modality: str) -> dict:
-    """Seed 001: clinical LR, CNN features + mRMR + LASSO, and both combined.
+               modality: str, clinical: bool = True) -> dict:
+    """Seed 001: clinical LR, CNN features + mRMR + LASSO, and both combined (the feature model alone
+    when `clinical` is false: no usable clinical variable).
 
     The feature extractor is frozen when `feature_model.pretrained` names weights; otherwise it is
     trained from scratch and cross-fitted (diffkd.evaluate.baselines.cross_fitted_features): mRMR and the LASSO
@@ -260,7 +379,8 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
     from diffkd.models.classifiers import features, initialised_from, load_classifier
 
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
-    cases = rows.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]].reset_index(drop=True)
+    cases = (rows.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]]
+             .reset_index(drop=True))
     meta = ds.metadata().to_pandas().drop_duplicates("case_id").set_index("case_id")
     for column in CLINICAL_COLUMNS:
         cases[column] = meta.loc[cases["case_id"], column].to_numpy()
@@ -302,7 +422,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
             f"label-stratified): each training case's features come from the extractor that did not train on its "
             f"fold, and mRMR + LASSO are fitted on those; internal-validation and external cases are scored "
             f"through all {k} extractors, probabilities averaged"))
-    result = fit_baselines(cases, deep, list(CLINICAL_COLUMNS), stage.config)
+    result = fit_baselines(cases, deep, list(CLINICAL_COLUMNS) if clinical else [], stage.config)
     result.summary["deep_features"]["initialised_from"] = initialised_from(pretrained)
     path = out / "models" / "baselines_predictions.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)  # a frozen extractor trains nothing that would make it
@@ -355,7 +475,6 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
             grids: list[str], baseline_summary: dict | None, readers_csv: str | None, skipped: dict[str, str],
             notes: list[str], external: list[str], truth: str | None = None) -> dict:
     from diffkd.evaluate.report import ReportInputs, write_report
-    from diffkd.evaluate.summary import headline_table
 
     # each stage's predictions under the stage's name, whatever name the folder's file carries
     frames = [pd.read_parquet(os.path.join(path, "predictions.parquet")).assign(model=name)
@@ -373,11 +492,10 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
             notes.append(f"{int(unscored.sum())} reader read(s) of {readers.loc[unscored, 'case_id'].nunique()} "
                          f"case(s) that {reference} did not score (imaged only in a modality it does not read) "
                          "are left out of the reader comparison")
+            log.info("note: %s", notes[-1])
             readers = readers[~unscored].reset_index(drop=True)
     else:
         skipped["readers"] = "no reader CSV was given (diffkd run --readers CSV): no reader comparison"
-    for note in notes:
-        print(f"note: {note}")
     model_info = _model_info(model_dirs, cfg)
     inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
                           initialised_from=_initialised_from(model_dirs, baseline_summary),
@@ -387,9 +505,6 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
                           evaluate=to_dict(cfg.evaluate), truth=truth, label_names=list(ds.label_names))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
-    metrics = json.loads(Path(files.metrics).read_text())
-    print(headline_table(metrics))
-    print(f"report: {files.index}")
     return {"report": str(files.index), "metrics": str(files.metrics)}
 
 

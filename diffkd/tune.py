@@ -176,7 +176,7 @@ def remove_orphaned_placement_groups() -> tuple[int, int]:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
         removed += 1
     if removed:
-        log.info("removed %d placement group(s) left by stopped trials", removed)
+        log.debug("removed %d placement group(s) left by stopped trials", removed)
     return removed, in_use
 
 
@@ -353,6 +353,9 @@ def summarize(grid, space: TuneSpace, base: dict[str, Any], out_dir: str, experi
               f"# tuned: {', '.join(f'{k}={v}' for k, v in best_params.items())}\n")
     atomic_write_text(files["best_config"], header + yaml.safe_dump({"student": best_config}, sort_keys=False))
     files.update(plot_search(trials, curves, space, out_dir))
+    log.info("search: best of %d trial(s) %s %.4f (internal validation) with %s", len(trials), space.objective,
+             float(best[space.objective]), ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in best_params.items()))
     complete = len(trials) >= space.num_samples and not (trials["epochs"] == 0).any()
     if not complete:
         log.warning("the search stopped before every trial finished (%d of %d reported); continue it with "

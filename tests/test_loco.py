@@ -98,6 +98,7 @@ def test_the_pooled_auc_is_a_random_effects_meta_analysis_of_the_folds(tmp_path)
 
     text = format_table(table, pooled)
     assert "n/a (one class)" in text and "DerSimonian-Laird" in text and "left out" in text
+    assert format_table(table, pooled, positive_name="malignant").splitlines()[0].split()[3] == "malignant"
     files = write_outputs(out, table, pooled)
     assert pd.read_csv(files["table"]).shape[0] == 4 and os.path.getsize(files["plot"]) > 1000
     assert json.loads(open(files["pooled"]).read())["auc"] == pytest.approx(expected_auc)

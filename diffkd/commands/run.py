@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -40,19 +41,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The pipeline, with every library's own output filed under OUT/logs/<stage>.log (unless -v)."""
+    from diffkd import console
+    from diffkd.evaluate.summary import headline_table
     from diffkd.config.experiment import load_experiment
     from diffkd.run import run_pipeline
 
     cfg = load_experiment(args.config)
     if args.address:
         cfg.ray.address = args.address
-    run_pipeline(args.dataset, names(args.external), cfg, args.out, readers_csv=args.readers, truth=args.truth)
+    logs = Path(args.out) / "logs"
+    with console.capture(logs, verbose=args.verbose):
+        try:
+            result = run_pipeline(args.dataset, names(args.external), cfg, args.out, readers_csv=args.readers,
+                                  truth=args.truth)
+        finally:
+            _shutdown_ray()  # while captured: Ray's goodbye lines belong in the log too
+    print(headline_table(json.loads(Path(result["metrics"]).read_text())))
+    print(f"report: {result['report']}")
+    print(f"logs: {logs}/ (one file per stage: Ray, DeepSpeed, Parquet and torch messages)")
+    if result["failed"]:
+        print(f"{len(result['failed'])} stage(s) did not finish: {', '.join(result['failed'])}; the report covers "
+              "the others. Rerun the same command to retry them (finished stages are kept).")
+        return 1
     return 0
+
+
+def _shutdown_ray() -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 def demo(args: argparse.Namespace) -> int:
     """Exactly the commands a user runs: `diffkd phantom`, `diffkd ingest` per center, `diffkd run`."""
-    from diffkd.cli import main as diffkd
+    from diffkd.cli import main
+
+    def diffkd(argv: list[str]) -> int:  # each step as its own command, with the demo's -v
+        return main(["-v", *argv] if args.verbose else argv)
 
     started = time.monotonic()
     out = Path(args.out)

@@ -8,10 +8,12 @@ from diffkd.commands.options import add_address, add_dataset, add_split
 
 EPILOG = """\
 examples:
-  diffkd tune --space tune_spaces/kd.yaml --dataset out/data --external C --config configs/demo.yaml \\
+  diffkd tune --space tune_spaces/kd_demo.yaml --dataset out/data --external C --config configs/demo.yaml \\
       --teacher out/models/teacher --out out/tune
-  diffkd tune kd ... --out out/tune                 # same: a bare name means tune_spaces/<name>.yaml
-  diffkd tune --space tune_spaces/kd.yaml ... --out out/tune --resume       # after an interruption
+  diffkd tune kd_demo ... --out out/tune            # same: a bare name means tune_spaces/<name>.yaml
+  diffkd tune --space tune_spaces/kd_demo.yaml ... --out out/tune --resume  # after an interruption
+
+A space's distill.terms.* parameters must name terms the config's student has (kd.yaml: paper.yaml's).
   diffkd tune ... --out out/tune --final-out out/models/student            # then train the tuned student
 
 The objective is internal-validation AUC: trials get the train and val rows only, never the external

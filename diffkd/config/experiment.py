@@ -89,6 +89,32 @@ class BaselineStage:
     feature_model: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet101"))
 
 
+# The arms of `diffkd ablate` (diffkd/ablate.py trains them).
+ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "pairing_free")
+
+
+@dataclass
+class AblationConfig:
+    """The `ablation` section of an experiment config, for `diffkd ablate` (command-line flags override it)."""
+
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    seeds: int = 3
+    per_seed_generators: bool = False  # one diffusion model + synthesis per seed instead of one shared
+    parallel: int = 0  # trials at once; 0 = as many as the cluster holds
+    n_boot: int = 2000  # bootstrap replicates of the pooled CIs (diffkd.evaluate.pooled)
+    target_half_width: float = 0.04  # the summary says how many seeds would bring a difference's CI to +/- this
+    time_budget_min: float = 0.0  # stop starting trials after this long (0 = none); a rerun finishes them
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"ablation.arms: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+        if self.seeds < 1:
+            raise ValueError(f"ablation.seeds must be >= 1, got {self.seeds}")
+        if self.parallel < 0:
+            raise ValueError("ablation.parallel must be 0 (as many as fit) or a positive number of trials")
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "diffkd"
@@ -104,6 +130,7 @@ class ExperimentConfig:
     pairing_free: PairingFreeStage = field(default_factory=PairingFreeStage)
     baselines: BaselineStage = field(default_factory=BaselineStage)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # diffkd ablate only
 
 
 SECTION_TYPES: dict[str, Any] = typing.get_type_hints(ExperimentConfig)

@@ -347,8 +347,9 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
 
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
-        real_rows = len(ids) if ids is not None else _count_rows(dataset, centers, synthetic=False)
-        available = count_synthetic_rows(dataset, centers, cfg.synthetic_sources)
+        # rows, not cases (a case has 1-3 views), of the modalities read: the ratio is per real row streamed
+        real_rows = count_real_rows(dataset, centers, ids, cfg.modalities)
+        available = count_synthetic_rows(dataset, centers, cfg.synthetic_sources, cfg.modalities)
         wanted_synthetic = min(available, round(ratio * real_rows))
         if wanted_synthetic == 0:
             log.warning("synthetic_ratio=%s but no synthetic rows exist for centers %s (generator runs: %s); "
@@ -397,8 +398,8 @@ def cache_decision(dataset: ImageDataset, case_ids: Sequence[str] | None, center
 
         budget = int(cfg.cache_fraction * ray.cluster_resources().get("object_store_memory", 0))
     cached = cfg.cache == "always" or decoded <= budget
-    log.info("%s %d rows: %.0f MiB decoded, cache budget %.0f MiB", "caching" if cached else "streaming",
-             meta.num_rows, decoded / 2**20, budget / 2**20)
+    log.debug("%s %d rows: %.0f MiB decoded, cache budget %.0f MiB", "caching" if cached else "streaming",
+              meta.num_rows, decoded / 2**20, budget / 2**20)
     return CacheDecision(cached, decoded, budget)
 
 
@@ -475,16 +476,38 @@ def _count_rows(dataset: ImageDataset, centers: list[str] | None, synthetic: boo
     return sum(entry["rows"] for name, entry in section.items() if centers is None or name in centers)
 
 
-def count_synthetic_rows(dataset: ImageDataset, centers: Iterable[str] | None, sources: tuple[str, ...] = ()) -> int:
-    """Synthetic rows of `centers` written by the generator runs `sources` (all runs when empty)."""
-    if not sources:
+def count_real_rows(dataset: ImageDataset, centers: Iterable[str] | None, case_ids: Iterable[str] | None = None,
+                    modalities: tuple[str, ...] = ()) -> int:
+    """Real rows of `centers` that belong to `case_ids` (all when None) and `modalities` (all when empty)."""
+    if case_ids is None and not modalities:
+        return _count_rows(dataset, centers, synthetic=False)
+    table = dataset.read_table(centers, columns=["case_id", "modality"])
+    keep = _in(table, "modality", modalities)
+    if case_ids is not None:
+        keep &= _in(table, "case_id", case_ids)
+    return int(keep.sum())
+
+
+def count_synthetic_rows(dataset: ImageDataset, centers: Iterable[str] | None, sources: tuple[str, ...] = (),
+                         modalities: tuple[str, ...] = ()) -> int:
+    """Synthetic rows of `centers` written by the generator runs `sources` (all runs when empty) in
+    `modalities` (all when empty)."""
+    if not sources and not modalities:
         return _count_rows(dataset, centers, synthetic=True)
     generated = set(dataset.centers(synthetic=True))
     present = sorted(generated if centers is None else generated & set(centers))
     if not present:
         return 0
-    runs = dataset.read_table(present, synthetic=True, columns=["source"]).column("source").to_pylist()
-    return sum(run in sources for run in runs)
+    table = dataset.read_table(present, synthetic=True, columns=["source", "modality"])
+    return int((_in(table, "source", sources) & _in(table, "modality", modalities)).sum())
+
+
+def _in(table, column: str, values: Iterable[str]) -> np.ndarray:
+    """Rows of an Arrow table whose `column` is one of `values`; every row when `values` is empty."""
+    values = [str(v) for v in values]
+    if not values:
+        return np.ones(table.num_rows, dtype=bool)
+    return np.isin(np.asarray(table.column(column).to_pylist(), dtype=object), values)
 
 
 def split_datasets(dataset: ImageDataset, assignments: "pd.DataFrame", cfg: PipelineConfig) -> dict[str, "ray.data.Dataset"]:

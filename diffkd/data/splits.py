@@ -148,8 +148,9 @@ def split_case_ids(meta: pd.DataFrame, split: SplitConfig) -> dict[str, list[str
 
 
 def ids_digest(case_ids: Iterable[str]) -> str:
-    """sha256 of a set of case ids (order-free): tells whether today's split still matches a saved one."""
-    return hashlib.sha256("\n".join(sorted(case_ids)).encode()).hexdigest()
+    """sha256 of a set of case ids (order-free; a case imaged several times counts once, as split tables
+    list images): tells whether today's split still matches a saved one."""
+    return hashlib.sha256("\n".join(sorted(set(case_ids))).encode()).hexdigest()
 
 
 def fingerprint_of_digest(train_ids_sha256: str) -> str:

@@ -133,6 +133,10 @@ class ClinicalEncoder:
 # Clinical model
 
 
+class NoClinicalVariable(ValueError):
+    """No clinical column has values that vary in the training rows."""
+
+
 @dataclass
 class ClinicalModel:
     screen_p: float = 0.1
@@ -151,7 +155,7 @@ class ClinicalModel:
         self.encoder.fit(frame, columns)
         self.notes += [f"{v} left out: {why}" for v, why in self.encoder.dropped.items()]
         if not self.encoder.variables:
-            raise ValueError(f"no usable clinical variable among {', '.join(columns)}")
+            raise NoClinicalVariable(f"no usable clinical variable among {', '.join(columns) or 'no columns'}")
         design = self.encoder.transform(frame)
         null = fit_logistic(np.ones((len(y), 1)), y)
 
@@ -439,7 +443,8 @@ class DeepFeatures:
         if not self.matrices:
             raise ValueError("DeepFeatures needs at least one extractor's features")
         n = len(self.matrices[0])
-        if any(m.shape != self.matrices[0].shape for m in self.matrices) or self.fitted_on.shape != (len(self.matrices), n):
+        shapes_differ = any(m.shape != self.matrices[0].shape for m in self.matrices)
+        if shapes_differ or self.fitted_on.shape != (len(self.matrices), n):
             raise ValueError(f"DeepFeatures: {len(self.matrices)} feature matrices of shapes "
                              f"{[m.shape for m in self.matrices]} and fitted_on of shape {self.fitted_on.shape}; "
                              "every extractor needs one row per case and one fitted_on row")
@@ -530,7 +535,9 @@ def fit_baselines(cases: pd.DataFrame, features: DeepFeatures | None, clinical_c
     every case (rows aligned with `cases`) with the cases each extractor was trained on, or None to
     fit the clinical model only. mRMR, the LASSO and the combined model are fitted on features of
     training cases from extractors not trained on them; every case is scored through the extractors
-    not trained on it, their probabilities averaged.
+    not trained on it, their probabilities averaged. With no usable clinical variable (none given, or
+    none varies in training) only the deep-feature model is fitted, and `summary["skipped"]` says why
+    the clinical and combined models are not.
     """
     missing = [c for c in (*CASE_COLUMNS, *clinical_columns) if c not in cases.columns]
     if missing:
@@ -545,20 +552,29 @@ def fit_baselines(cases: pd.DataFrame, features: DeepFeatures | None, clinical_c
     if train.sum() == 0:
         raise ValueError("no training rows (split == 'train') to fit the baselines on")
 
-    clinical = ClinicalModel(config.screen_p, config.keep_p).fit(cases[train], y[train], clinical_columns)
-    probs = {"clinical": clinical.predict_proba(cases)}
-    summary: dict = {"clinical": clinical.summary()}
-    params = {"clinical": clinical.n_params}
+    probs, summary, params = {}, {}, {}
+    try:
+        clinical = ClinicalModel(config.screen_p, config.keep_p).fit(cases[train], y[train], clinical_columns)
+    except NoClinicalVariable as err:
+        if features is None:
+            raise
+        clinical = None  # the deep-feature model needs no clinical data; the other two are left out
+        summary["skipped"] = {"clinical": str(err), "combined": f"{err} (it combines the clinical model)"}
+    if clinical is not None:
+        probs["clinical"] = clinical.predict_proba(cases)
+        summary["clinical"] = clinical.summary()
+        params["clinical"] = clinical.n_params
     if features is not None:
         train_x = features.unseen(train)  # out-of-fit features only: selection never sees memorised ones
         deep = DeepFeatureModel(config.n_mrmr, config.seed).fit(train_x, y[train])
-        combined = CombinedModel(config.seed).fit(deep, clinical, train_x, cases[train], y[train])
         probs["deep_features"] = features.averaged(deep.predict_proba)
-        probs["combined"] = features.averaged(lambda x: combined.predict_proba(deep, clinical, x, cases))
-        summary.update(deep_features={**deep.summary(), "features": features.how,
-                                      "extractors": len(features.matrices)},
-                       combined=combined.summary())
-        params.update(deep_features=deep.n_params, combined=combined.n_params)
+        summary["deep_features"] = {**deep.summary(), "features": features.how, "extractors": len(features.matrices)}
+        params["deep_features"] = deep.n_params
+        if clinical is not None:
+            combined = CombinedModel(config.seed).fit(deep, clinical, train_x, cases[train], y[train])
+            probs["combined"] = features.averaged(lambda x: combined.predict_proba(deep, clinical, x, cases))
+            summary["combined"] = combined.summary()
+            params["combined"] = combined.n_params
 
     base = cases.loc[:, list(CASE_COLUMNS)].reset_index(drop=True)
     frames = [base.assign(model=name, prob=p) for name, p in probs.items()]

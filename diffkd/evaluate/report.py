@@ -401,7 +401,8 @@ def _per_center_section(ctx: _Context) -> str:
                     "generator's own probability of label 1 (solid) and the AUC of the image-visible score (dashed).")
     out = _figure(figures.forest_figure(ctx.metrics), "per-center AUC forest plot", caption)
     if ceilings:
-        ref_auc = {c: m.get("auc") for c, m in ctx.metrics["models"].get(ctx.reference, {}).get("per_center", {}).items()}
+        per_center = ctx.metrics["models"].get(ctx.reference, {}).get("per_center", {})
+        ref_auc = {c: m.get("auc") for c, m in per_center.items()}
         crow = [[_esc(c), _num(e["n"]), _num(e["n_pos"]), _ci(e.get("bayes_auc"), e.get("bayes_auc_ci")),
                  _ci(e.get("visible_auc"), e.get("visible_auc_ci")), _num(ref_auc.get(c)), _esc(e["cases_of"])]
                 for c, e in ceilings.items()]
@@ -442,9 +443,9 @@ def _calibration_section(ctx: _Context) -> str:
 def _decision_section(ctx: _Context) -> str:
     if ctx.caller_skipped("decision"):
         return _skipped(ctx.skipped["decision"])
+    fits = {m: ctx.metrics["models"][m].get("recalibration") for m in ordered_models(ctx.metrics["models"])}
     rows = [[f"<code>{_esc(m)}</code>", _num(r["intercept"]), _num(r["slope"]), _num(r["n"])]
-            for m, r in ((m, ctx.metrics["models"][m].get("recalibration")) for m in ordered_models(ctx.metrics["models"]))
-            if r]
+            for m, r in fits.items() if r]
     return _figure(figures.decision_figure(ctx.preds, ctx.reference), "decision curves",
                    "Net benefit = TP/N − FP/N × t/(1−t) at threshold probability t, computed on each model's "
                    "probabilities <b>recalibrated on internal validation</b>: logit(risk) = a + b·logit(p), fitted "
@@ -514,6 +515,9 @@ def _baseline_section(ctx: _Context) -> str:
                 f"model; p &lt; {clinical['keep_p']} there is kept)</summary>" +
                 _table(["variable", "terms", "p (likelihood ratio)"], uni, [1, 2]) + "</details>")
         out += "".join(f'<p class="note">{_esc(n)}</p>' for n in clinical.get("notes", []))
+    elif "clinical" in summary.get("skipped", {}):
+        out += "".join(f'<p class="skipped">{_esc(model)} model skipped: {_esc(why)}</p>'
+                       for model, why in summary["skipped"].items())
     else:
         out += '<p class="note">Clinical model details (odds ratios) were not provided.</p>'
     deep = summary.get("deep_features")

@@ -157,11 +157,15 @@ def _subsample(arrays: dict[str, np.ndarray], limit: int, seed: int) -> dict[str
     return {k: v[keep] for k, v in arrays.items()}
 
 
-def _array_dataset(arrays: dict[str, np.ndarray]):
+def _array_dataset(arrays: dict[str, np.ndarray], batch_size: int):
+    """In-memory rows as a Ray dataset in blocks of one batch (from_items alone would cut a few hundred
+    rows into ~200 blocks of 1-2 rows, each a call to the split coordinator)."""
     import ray.data
 
+    n = len(arrays["label"])
     return ray.data.from_items([{"image": arrays["image"][i], "label": int(arrays["label"][i]),
-                                 "center_idx": int(arrays["center_idx"][i])} for i in range(len(arrays["label"]))])
+                                 "center_idx": int(arrays["center_idx"][i])} for i in range(n)],
+                               override_num_blocks=max(1, n // batch_size))
 
 
 def train_audit_classifier(train: dict[str, np.ndarray], num_centers: int, cfg: AuditConfig, storage_path: str,
@@ -181,7 +185,7 @@ def train_audit_classifier(train: dict[str, np.ndarray], num_centers: int, cfg: 
                       train_samples=n, seed=cfg.seed, progress_interval_s=60.0)
     task = AuditClassifierTask(num_centers, seed=cfg.seed)
     log.info("audit: training the %s classifier on %d images (%d epochs)", what, n, cfg.epochs)
-    result = fit(task, {"train": _array_dataset(train)}, loop)
+    result = fit(task, {"train": _array_dataset(train, batch)}, loop)
     return result.load_model(task, which="latest")
 
 

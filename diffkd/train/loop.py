@@ -21,6 +21,7 @@ checkpoint (`max_failures`); a driver that dies is resumed by calling `fit` agai
 """
 from __future__ import annotations
 
+import logging
 import math
 import posixpath
 import secrets
@@ -43,6 +44,9 @@ from diffkd.train.task import Task
 if TYPE_CHECKING:
     import pandas as pd
     import ray.data
+
+
+log = logging.getLogger(__name__)
 
 
 class RunExistsError(ValueError):
@@ -132,8 +136,8 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
 
     if cfg.progress:
         action = "resuming" if cfg.resume else "starting"
-        print(f"[{task.name}] {action} run {name!r} in {storage.uri}; {cfg.num_workers} worker(s), ZeRO stage "
-              f"{cfg.zero_stage}, {batches} batches of {cfg.batch_size} per worker and epoch", flush=True)
+        log.debug("[%s] %s run %r in %s; %d worker(s), ZeRO stage %d, %d batches of %d per worker and epoch",
+                  task.name, action, name, storage.uri, cfg.num_workers, cfg.zero_stage, batches, cfg.batch_size)
     worker_config = {"task": task, "loop": cfg, "objective": objective, "mode": mode, "has_val": "val" in datasets,
                      "batches_per_epoch": batches,
                      "total_steps": optimizer_steps(cfg.epochs, batches, cfg.grad_accum_steps)}
@@ -182,8 +186,8 @@ def _fit_result(fs: pafs.FileSystem, run_path: str, name: str, latest: str, obje
     best_epoch = state.best_epoch
     best_path = posixpath.join(run_path, state.best_checkpoint) if state.best_checkpoint else ""
     if not best_path or fs.get_file_info(best_path).type != pafs.FileType.Directory:
-        print(f"warning: the best checkpoint of run {name!r} ({state.best_checkpoint}) is gone; "
-              f"the latest one (epoch {state.epoch}) stands in for it", flush=True)
+        log.warning("the best checkpoint of run %r (%s) is gone; the latest one (epoch %d) stands in for it",
+                    name, state.best_checkpoint, state.epoch)
         best_epoch, best_path = state.epoch, latest
     best_metrics = next((m for m in state.history if m["epoch"] == best_epoch), {})
     return FitResult(run_name=name, run_path=run_path, filesystem=fs, history=state.history, objective=objective,
@@ -246,7 +250,8 @@ def _train_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     engine = build_engine(task.build_model(), cfg, world, config["total_steps"], device)
     task.setup(device)
-    progress = Progress(task.name, cfg.epochs, config["batches_per_epoch"], cfg.progress_interval_s) \
+    # lines carry the run's name when the caller chose one (`diffkd run`: the stage, e.g. teacher_real_only)
+    progress = Progress(cfg.run_name or task.name, cfg.epochs, config["batches_per_epoch"], cfg.progress_interval_s) \
         if rank == 0 and cfg.progress else None
     state = _restore(engine, rank, world, progress)
 

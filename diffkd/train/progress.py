@@ -1,12 +1,16 @@
 """Progress lines a user sees while a stage trains: one per epoch, and a heartbeat inside long epochs.
 
-Rank 0 of the training job prints them; Ray forwards worker output to the driver as it happens.
+Rank 0 of the training job prints them; Ray forwards worker output to the driver as it happens,
+and the lines carry `diffkd.console`'s tag so that the driver shows them on its console (heartbeats
+as a status line a terminal redraws in place) while other worker output goes to the stage's log.
 """
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+from diffkd.console import worker_line
 
 
 # bookkeeping, in the history only
@@ -23,6 +27,12 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar: `[#######.............]`."""
+    done = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * done + "." * (width - done) + "]"
 
 
 def _format_value(value: float) -> str:
@@ -59,14 +69,14 @@ class Progress:
         now = time.monotonic()
         if now - self._last_beat >= self.interval_s:
             self._last_beat = now
-            self._print(self.heartbeat_line(now - self._epoch_start))
+            self._print(self.heartbeat_line(now - self._epoch_start), transient=True)
 
     def heartbeat_line(self, elapsed: float) -> str:
         rate = self._samples / elapsed if elapsed > 0 else 0.0
         steps = f"step {self._batches}"
         left = ""
         if self.batches_per_epoch:
-            steps += f"/{self.batches_per_epoch}"
+            steps = f"{bar(self._batches / self.batches_per_epoch)} {steps}/{self.batches_per_epoch}"
             remaining = max(0, self.batches_per_epoch - self._batches) * elapsed / max(1, self._batches)
             left = f"  epoch ends in {format_duration(remaining)}"
         loss = self._loss_sum / max(1, self._batches)
@@ -94,7 +104,7 @@ class Progress:
     def message(self, text: str) -> None:
         self._print(f"[{self.stage}] {text}")
 
-    def _print(self, line: str) -> None:
+    def _print(self, line: str, transient: bool = False) -> None:
         # Written, not print()ed: Ray Train patches print() into its logger, which would echo it twice.
-        self.out.write(line + "\n")
+        self.out.write(worker_line(line, transient) + "\n")
         self.out.flush()

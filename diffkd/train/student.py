@@ -533,8 +533,9 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     ray_init()
     cfg = dataclasses.replace(cfg, pipeline=with_center_vocabulary(cfg.pipeline, ds))
     check_can_feed(cfg.pipeline, cfg.loop.num_workers * cfg.loop.cpus_per_worker)
+    read = dataclasses.replace(cfg.pipeline, modalities=tuple(sorted(set(views["train"]["modality"]))))  # as streamed
     loop = dataclasses.replace(cfg.loop, train_samples=cfg.loop.train_samples
-                               or expected_train_rows(ds, views["train"], cfg.pipeline))
+                               or expected_train_rows(ds, views["train"], read))
     task = StudentTask(cfg, weights)
     fitted = fit(task, student_datasets(ds, assignments, cfg), loop, callbacks=callbacks)
     model = fitted.load_model(task)

@@ -13,6 +13,7 @@ the minority class, which is why the operating threshold is fixed later on inter
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from diffkd.data.schema import DEFAULT_LABEL_NAMES, ClinicalEncoding
 from diffkd.train.loop import FitResult
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -187,8 +190,9 @@ def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pip
     real = int(len(train_rows))
     if pipeline.synthetic_ratio <= 0:
         return real
-    available = count_synthetic_rows(dataset, set(train_rows["center"]), pipeline.synthetic_sources)
-    return real + min(available, round(pipeline.synthetic_ratio * real))
+    available = count_synthetic_rows(dataset, set(train_rows["center"]), pipeline.synthetic_sources,
+                                     pipeline.modalities)
+    return real + min(available, round(pipeline.synthetic_ratio * real))  # as `make_dataset` mixes them
 
 
 def rows_read(rows: "pd.DataFrame", pipeline: PipelineConfig) -> "pd.DataFrame":
@@ -261,7 +265,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
     metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained)}
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
-    _print_summary(metrics)
+    _log_summary(model_name, metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)
 
 
@@ -319,9 +323,9 @@ def write_stage_outputs(out_dir: str, predictions: "pd.DataFrame", info: dict) -
     atomic_write_json(os.path.join(out_dir, TRAINING_INFO), info, indent=1)
 
 
-def _print_summary(metrics: dict) -> None:
-    parts = [f"[teacher] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
+def _log_summary(model_name: str, metrics: dict) -> None:
+    parts = [f"[{model_name}] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
     for name, label in (("internal", "internal-validation"), ("external", "external")):
         if name in metrics:
             parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
-    print("; ".join(parts), flush=True)
+    log.info("; ".join(parts))

@@ -9,7 +9,7 @@ from diffkd.config.experiment import load_experiment
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "evidence.yaml"])
 def test_shipped_experiment_configs_load(name):
     cfg = load_experiment(CONFIGS / name)
     assert Path(cfg.tune.space).exists()
@@ -76,3 +76,23 @@ def test_instance_kd_in_the_pairing_free_arm_only_where_its_own_section_names_it
     cfg = load_experiment(tmp_path / "x.yaml")
     assert pairing_free_student(cfg.student, cfg.pairing_free, "t").distill.active_terms() == ["gkd_pro", "gkd_den",
                                                                                                 "feature"]
+
+
+def test_the_report_says_the_search_budget_of_every_arm_and_what_internal_validation_chose():
+    import pandas as pd
+
+    from diffkd.run import _search_note, _validation_note
+
+    searches = {"student_kd": {"trials": 3, "trial_epochs": 9, "space": "kd_demo.yaml",
+                               "best_params": {"distill.terms.gkd_pro.weight": 0.4, "loop.lr": 0.002}},
+                "student_plain": {"trials": 3, "trial_epochs": 7, "space": "kd_demo.yaml",
+                                  "best_params": {"loop.lr": 0.001}}}
+    note = _search_note(searches)
+    assert "same number of trials of kd_demo.yaml" in note and "teachers were not searched" in note
+    assert "student_kd: 3 trials over distill.terms.gkd_pro.weight, loop.lr" in note
+    assert "student_plain: 3 trials over loop.lr" in note
+    table = pd.DataFrame({"case_id": ["a", "a", "b", "c", "d"], "split": ["val", "val", "val", "train", "val"],
+                          "modality": ["us", "us", "us", "us", "us_doppler"], "synthetic": [False] * 5})
+    searched = _validation_note(table, "us", searched=True)
+    assert "(2 us cases)" in searched and "the search's settings" in searched and "operating threshold" in searched
+    assert "search" not in _validation_note(table, "us", searched=False)

@@ -176,3 +176,13 @@ def test_synthetic_rows_without_a_recorded_generator_split_are_refused(tmp_path,
     with pytest.raises(LeakageError, match="legacy.*not recorded"):
         check_synthetic_split(ds, current)
     check_synthetic_split(ds, current[current["center"] != "A"])  # centers it does not train on are not mixed
+
+
+def test_the_generator_and_a_training_stage_fingerprint_a_split_alike_when_cases_have_several_images():
+    """A case imaged 1-3 times: the generator's recorded digest and the teachers' check must agree."""
+    from diffkd.data.splits import fingerprint_of_digest, split_fingerprint
+
+    meta = cohort()
+    assert meta["case_id"].duplicated().any()
+    generator = ids_digest(split_case_ids(meta, SplitConfig(external=["C"], val_fraction=0.25, seed=0))["train"])
+    assert fingerprint_of_digest(generator) == split_fingerprint(make_splits(meta, ["C"], 0.25, 0))

@@ -223,3 +223,18 @@ def test_a_pretrained_feature_model_is_used_frozen_and_nothing_trains(tmp_path, 
     assert deep["initialised_from"] == str((tmp_path / "weights").resolve())
     preds = pd.read_parquet(Path(out["predictions"]))
     assert set(preds.model) == {"clinical", "deep_features", "combined"} and preds.prob.between(0, 1).all()
+
+
+def test_without_clinical_values_only_the_deep_feature_model_is_fitted():
+    """A dataset without clinical data (e.g. BUSI): the clinical and combined models are skipped, with why."""
+    x, y = planted_features(n=120, p=130)
+    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(120)], "patient_id": [f"p{i}" for i in range(120)],
+                          "center": "A", "split": np.where(np.arange(120) < 90, "train", "val"), "label": y,
+                          "age": np.nan, "birads": None})
+    result = fit_baselines(cases, DeepFeatures.frozen(x, "given"), ["age", "birads"])
+    assert set(result.predictions.model) == {"deep_features"} and set(result.params) == {"deep_features"}
+    assert set(result.summary["skipped"]) == {"clinical", "combined"}
+    assert "no usable clinical variable among age, birads" in result.summary["skipped"]["clinical"]
+    assert "deep_features" in result.summary
+    with pytest.raises(ValueError, match="no usable clinical variable"):  # nothing left to fit
+        fit_baselines(cases, None, ["age", "birads"])

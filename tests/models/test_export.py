@@ -71,3 +71,17 @@ def test_parameters_and_latency_helpers():
     assert time_call(lambda: None, repeats=1, warmup=0) >= 0
     with pytest.raises(ValueError):
         time_call(lambda: None, repeats=0)
+
+
+def test_latency_table_times_both_runtimes_at_both_batches_with_the_threads_asked(tmp_path):
+    from diffkd.models.footprint import latency_table
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    threads = torch.get_num_threads()
+    table = latency_table(model, 16, repeats=2)
+    assert set(table) == {"torch", "onnx"} and all(set(t) == {"b1", "b32"} for t in table.values())
+    assert all(ms > 0 for t in table.values() for ms in t.values())
+    assert torch.get_num_threads() == threads  # one thread while timing, the caller's setting after
+    exported = export_onnx(model, tmp_path / "model.onnx", example_inputs(16))
+    assert set(latency_table(model, 16, batches=(4,), repeats=1, onnx_path=str(exported))["onnx"]) == {"b4"}

@@ -264,3 +264,34 @@ def test_the_schedule_and_class_weights_come_from_the_modality_the_teacher_train
     assert every.train_samples == len(train)  # no modality set: the teacher reads them all
     explicit = config(pipeline=PipelineConfig(image_size=16, modalities=("us",)), loop=LoopConfig(train_samples=7))
     assert plan_training(ds, assignments, explicit).train_samples == 7
+
+
+def test_the_synthetic_share_of_the_schedule_is_what_the_pipeline_streams(tmp_path, two_modality_dataset,
+                                                                          two_modality_rows, two_modality_splits):
+    """Counted in rows of the modalities read, real and synthetic alike, as `make_dataset` mixes them: cases
+    with several views, and synthetic rows of the other modality, do not stretch the schedule."""
+    import pyarrow as pa
+
+    from diffkd.data.pipeline import count_real_rows, count_synthetic_rows
+    from diffkd.train.teacher import plan_training
+
+    ds = two_modality_dataset(tmp_path / "data", n_us=12, n_doppler=8, size=16)
+    generated = two_modality_rows("A", 6, 10, 16, seed=5)  # 6 B-mode and 10 Doppler synthetic rows
+    generated = generated.set_column(generated.column_names.index("synthetic"), "synthetic", pa.array([True] * 16))
+    ds.write_synthetic("A", generated, run_id="gen")
+    assignments = two_modality_splits(ds)
+    train = assignments[(assignments["split"] == "train") & (assignments["modality"] == "us")]
+    in_a = int((train["center"] == "A").sum())
+    assert count_real_rows(ds, ["A"], train["case_id"], ("us",)) == in_a
+    assert count_synthetic_rows(ds, ["A"], (), ("us",)) == 6 and count_synthetic_rows(ds, ["A"]) == 16
+
+    cfg = config(pipeline=PipelineConfig(image_size=16, modalities=("us",), synthetic_ratio=5.0))
+    plan = plan_training(ds, assignments, cfg)
+    assert plan.train_samples == len(train) + 6  # every B-mode synthetic row; the 10 Doppler ones are never read
+
+    # two views of one case are two rows of the epoch
+    two_views = pa.concat_tables([ds.read_table(["B"]), ds.read_table(["B"]).slice(0, 1)])
+    ds.write_center("B", two_views.set_column(two_views.column_names.index("sha256"), "sha256",
+                                              pa.array([f"{i:064x}" for i in range(two_views.num_rows)])))
+    repeated = two_views.slice(0, 1).column("case_id")[0].as_py()
+    assert count_real_rows(ds, ["B"], [repeated]) == 2

@@ -1,0 +1,215 @@
+"""`diffkd ablate`: what each arm trains, when a trial is stale, the tables from finished trials, and
+(end to end) a tiny phantom through phantom -> ingest -> ablate, 2 arms x 2 seeds, then a rerun."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from diffkd.ablate import (
+    TRIAL_INFO,
+    AblationConfig,
+    Plan,
+    applicable_arms,
+    ordered_trials,
+    student_setup,
+    summarize,
+    teacher_setup,
+    trial_dir,
+    trial_key,
+)
+from diffkd.evaluate.pooled import pooled_auc_difference
+from diffkd.config.experiment import ExperimentConfig
+
+TINY_CONFIG = """\
+name: ablate-test
+splits: {val_fraction: 0.3, seed: 0}
+ray: {address: "", num_cpus: 4}
+diffusion:
+  model:
+    model: {image_size: 32, block_out_channels: [16, 32], layers_per_block: 1, condition_dim: 32}
+    val_timesteps: 2
+  loop: {epochs: 1, batch_size: 16, warmup_fraction: 0.5, cpus_per_worker: 1.0}
+synth: {per_cell: 3, num_inference_steps: 2, batch_size: 8, num_actors: 1, chunk_rows: 32}
+synthetic_ratio: 0.5
+teacher:
+  arch: resnet10t
+  pipeline: {image_size: 32, batch_size: 16}
+  loop: {epochs: 1, batch_size: 16, warmup_fraction: 0.5, cpus_per_worker: 1.0}
+student:
+  arch: mobilenetv3_small_050
+  distill: {terms: {logit: {weight: 0.7, temperature: 4.0}}}
+  pipeline: {image_size: 32, batch_size: 16}
+  loop: {epochs: 1, batch_size: 16, warmup_fraction: 0.5, cpus_per_worker: 1.0}
+tune: {enabled: false}
+ablation: {arms: [full, neither], n_boot: 1000}
+"""
+
+
+def test_each_arm_trains_what_its_name_says():
+    cfg = ExperimentConfig(synthetic_ratio=0.5)
+    sources = ("run-1",)
+    arms = {arm: student_setup(cfg, arm, 3, sources, "/t") for arm in ("full", "no_synthesis", "no_kd", "neither")}
+    assert arms["full"].teacher_dir == "/t" and arms["full"].pipeline.synthetic_ratio == 0.5
+    assert arms["no_synthesis"].teacher_dir == "/t" and arms["no_synthesis"].pipeline.synthetic_ratio == 0.0
+    assert arms["no_kd"].teacher_dir == "" and arms["no_kd"].pipeline.synthetic_ratio == 0.5
+    assert arms["neither"].teacher_dir == "" and arms["neither"].pipeline.synthetic_ratio == 0.0
+    for arm in arms.values():  # the seed sets weights, augmentation and order; the generator run is shared
+        assert (arm.loop.seed, arm.pipeline.seed, arm.pipeline.synthetic_sources) == (3, 3, sources)
+    pairing_free = student_setup(cfg, "pairing_free", 0, sources, "/d")
+    assert pairing_free.mode == "pairing_free" and pairing_free.pipeline.synthetic_ratio == 0.0
+    synthetic, ratio = teacher_setup(cfg, "synthetic", 1, sources)
+    assert ratio == 0.5 and synthetic.pipeline.modalities == ("us",) and synthetic.loop.seed == 1
+    assert teacher_setup(cfg, "real", 1, sources)[1] == 0.0
+    assert teacher_setup(cfg, "second_modality", 1, sources)[0].pipeline.modalities == ("us_doppler",)
+
+
+def test_a_trial_is_stale_when_its_seed_config_or_teacher_changes():
+    cfg = ExperimentConfig()
+    plan = Plan(dataset="d", assignments=pd.DataFrame(), experiment={}, sources={0: ("a",), 1: ("a",)},
+                data_key="k", out_dir="/o")
+    base = trial_key(plan, cfg, "full", 0)
+    assert trial_key(plan, cfg, "full", 0) == base
+    assert trial_key(plan, cfg, "full", 1) != base
+    cfg.teacher.loop.lr *= 2  # the teacher it distils from changed
+    assert trial_key(plan, cfg, "full", 0) != base
+    assert trial_key(plan, cfg, "neither", 0) == trial_key(plan, ExperimentConfig(), "neither", 0)
+    other_terms = ExperimentConfig()
+    other_terms.student.distill.terms["logit"]["weight"] = 0.3  # a plain student has no distillation terms
+    assert trial_key(plan, other_terms, "neither", 0) == trial_key(plan, ExperimentConfig(), "neither", 0)
+    assert trial_key(plan, other_terms, "no_synthesis", 0) != trial_key(plan, ExperimentConfig(), "no_synthesis", 0)
+
+
+def test_arms_a_dataset_cannot_train_are_left_out_with_a_note():
+    kept, notes = applicable_arms(list(AblationConfig().arms), {"us"}, ExperimentConfig())
+    assert "pairing_free" not in kept and any("pairing_free" in n for n in notes)
+    kept, notes = applicable_arms(["full", "neither"], {"us"}, ExperimentConfig(synthetic_ratio=0.0))
+    assert kept == ["neither"] and any("synthetic" in n for n in notes)
+    assert [t["seed"] for t in ordered_trials(["full", "teacher"], [0, 1])] == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="unknown arm"):
+        AblationConfig(arms=["full", "fancy"])
+
+
+def _write_trial(out_dir, arm, seed, cases: pd.DataFrame, prob: np.ndarray) -> None:
+    folder = trial_dir(str(out_dir), arm, seed)
+    os.makedirs(folder)
+    cases.assign(prob=prob, model=arm).to_parquet(os.path.join(folder, "predictions.parquet"))
+    with open(os.path.join(folder, TRIAL_INFO), "w") as f:
+        json.dump({"key": "x", "arm": arm, "seed": seed}, f)
+
+
+def test_the_tables_pair_arms_by_seed_and_case(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = (np.arange(n) % 3 == 0).astype(int)
+    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)],
+                          "center": "X", "split": "test", "label": labels})
+    internal = cases.assign(case_id=[f"v{i}" for i in range(n)], split="val", center="A")
+    scores = {}
+    for arm in ("full", "neither"):
+        for seed in (0, 1, 2):
+            scores[arm, seed] = labels * (1.0 if arm == "full" else 0.5) + rng.normal(size=n)
+            both = pd.concat([cases, internal], ignore_index=True)
+            _write_trial(tmp_path, arm, seed, both, np.r_[scores[arm, seed], rng.random(n)])
+    trials = [{"arm": a, "seed": s} for a in ("full", "neither") for s in (0, 1, 2)]
+    table, summary = summarize(str(tmp_path), trials, n_boot=1000)
+
+    assert len(table) == 6 and set(table["center"]) == {"X"} and (table["cases"] == n).all()
+    row = table[(table["arm"] == "neither") & (table["seed"] == 1)].iloc[0]
+    from sklearn.metrics import roc_auc_score
+
+    assert row["auc"] == pytest.approx(roc_auc_score(labels, scores["neither", 1]))
+    neither = summary[summary["arm"] == "neither"].iloc[0]
+    expected = pooled_auc_difference(labels, np.stack([scores["neither", s] for s in (0, 1, 2)]),
+                                     np.stack([scores["full", s] for s in (0, 1, 2)]),
+                                     patients=[f"p{i // 2}" for i in range(n)], n_boot=1000)
+    assert neither["diff_vs_full"] == pytest.approx(expected.estimate)
+    assert (neither["diff_ci_low"], neither["diff_ci_high"]) == pytest.approx(expected.ci)
+    assert neither["mdd_80"] == pytest.approx((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * neither["diff_se"])
+    assert neither["patients"] == n // 2
+    assert neither["seeds_for_target"] == "more cases" or int(neither["seeds_for_target"]) >= 3
+    full = summary[summary["arm"] == "full"].iloc[0]
+    assert math.isnan(full.get("diff_vs_full", math.nan))
+    assert full["mean_auc"] == pytest.approx(np.mean([roc_auc_score(labels, scores["full", s]) for s in (0, 1, 2)]))
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom(tmp_path_factory):
+    from diffkd.cli import main as cli
+
+    root = tmp_path_factory.mktemp("ablate")
+    phantom, data = root / "phantom", root / "data"
+    assert cli(["phantom", "--out", str(phantom), "--size", "demo", "--centers", "2", "--patients", "56",
+                "--difficulty", "0.5", "--seed", "2"]) == 0
+    for center in ("center1", "center2"):
+        assert cli(["ingest", str(phantom / center), "--center", center, "--dataset", str(data),
+                    "--clinical", str(phantom / center / "clinical.csv")]) == 0
+    config = root / "ablate.yaml"
+    config.write_text(TINY_CONFIG)
+    return {"root": root, "data": data, "config": config}
+
+
+@pytest.mark.timeout(1800)  # a few minutes on an idle 2-core machine; generous for a shared one
+def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys):
+    from diffkd.cli import main as cli
+
+    out = tiny_phantom["root"] / "out"
+    command = ["ablate", "--dataset", str(tiny_phantom["data"]), "--external", "center2",
+               "--config", str(tiny_phantom["config"]), "--out", str(out), "--seeds", "2"]
+    assert cli(command) == 0
+    finished = {(arm, seed): os.path.getmtime(os.path.join(trial_dir(str(out), arm, seed), TRIAL_INFO))
+                for arm in ("full", "neither") for seed in (0, 1)}
+    assert cli(command) == 0  # every trial is current: a new Tune experiment, nothing trained again
+    printed = capsys.readouterr().out
+    for (arm, seed), when in finished.items():
+        assert os.path.getmtime(os.path.join(trial_dir(str(out), arm, seed), TRIAL_INFO)) == when
+    assert len(list(out.glob("experiment-*"))) == 2
+
+    table = pd.read_csv(out / "ablation.csv")
+    assert sorted(zip(table["arm"], table["seed"])) == [("full", 0), ("full", 1), ("neither", 0), ("neither", 1)]
+    assert set(table["center"]) == {"center2"} and table["auc"].between(0, 1).all()
+    summary = pd.read_csv(out / "ablation_summary.csv")
+    neither = summary[summary["arm"] == "neither"].iloc[0]
+    assert neither["seeds"] == 2 and neither["diff_ci_low"] <= neither["diff_vs_full"] <= neither["diff_ci_high"]
+    assert 0 <= neither["p"] <= 1 and neither["mdd_80"] > 0
+    assert (out / "ablation_forest.png").stat().st_size > 0
+    # one generator for the whole ablation, one teacher per seed (the full arm's), no real-only teacher
+    state = json.loads((out / "run_state.json").read_text())["stages"]
+    assert {"diffusion", "synth"} <= set(state) and not any(name.startswith("diffusion-s") for name in state)
+    assert sorted(os.listdir(out / "teachers")) == ["synthetic-s0", "synthetic-s0.lock", "synthetic-s1",
+                                                   "synthetic-s1.lock"]
+    record = json.loads((out / "ablation.json").read_text())
+    assert any("ran once" in note for note in record["notes"])
+    assert "neither" in printed and "reference" in printed
+
+
+def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path, ramp_dataset):
+
+    from diffkd.ablate import ablate, data_key
+    from diffkd.data.splits import make_splits
+
+    ds = ramp_dataset(tmp_path / "data")
+    cfg = ExperimentConfig(synthetic_ratio=0.0)
+    assignments = make_splits(ds.metadata().to_pandas(), ["B"], cfg.splits.val_fraction, cfg.splits.seed)
+    plan = Plan(dataset=str(ds.uri), assignments=assignments, experiment={}, sources={0: (), 1: ()},
+                data_key=data_key(ds), out_dir=str(tmp_path / "out"))
+    external = assignments[assignments["split"] == "test"].drop_duplicates("case_id")
+    for seed, key in ((0, trial_key(plan, cfg, "neither", 0)), (1, "stale")):
+        folder = trial_dir(str(tmp_path / "out"), "neither", seed)
+        os.makedirs(folder)
+        external.assign(prob=np.linspace(0, 1, len(external)), model="neither").to_parquet(
+            os.path.join(folder, "predictions.parquet"))
+        with open(os.path.join(folder, TRIAL_INFO), "w") as f:
+            json.dump({"key": key, "arm": "neither", "seed": seed}, f)
+
+    outcome = ablate(str(tmp_path / "data"), ["B"], cfg, str(tmp_path / "out"),
+                     AblationConfig(arms=["neither"], seeds=2, n_boot=1000), train=False)
+    assert list(zip(outcome.table["arm"], outcome.table["seed"])) == [("neither", 0)]  # the stale seed is left out
+    assert outcome.parallel == 0 and not outcome.failed
+    assert any("1 of 2 trial(s) did not finish" in note for note in outcome.notes)
+    assert (tmp_path / "out" / "ablation.csv").exists() and not (tmp_path / "out" / "checkpoints").exists()
