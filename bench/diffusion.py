@@ -1,7 +1,7 @@
 """Stage 1 throughput, measured side by side in one run; prints one JSON line and writes
 bench/results/diffusion.json.
 
-1. sampling: images/s of the synthesis actor pool (`diffkd.synth.sample_stream`: Ray Data
+1. sampling: images/s of the synthesis actor pool (`diffkd.synth.sampling.sample_stream`: Ray Data
    `map_batches` over an ActorPoolStrategy, the pipeline loaded once per actor) with 2 actors vs 1,
    and the same `ImageSampler` in a plain in-process loop. Each batch's arrival is timed: until every
    actor has delivered its first batch is start-up (actor start, model load: reported apart);
@@ -46,7 +46,7 @@ def condition_table(n: int, centers: list[str], seed: int = 0):
 
 def sampling_with_actors(table, model_dir: str, cfg) -> dict:
     """End-to-end images/s, and the steady state after every actor's first batch (start-up apart)."""
-    from diffkd.synth import sample_stream
+    from diffkd.synth.sampling import sample_stream
 
     start = time.perf_counter()
     arrivals = []  # (seconds since start, rows) per batch, in arrival order
@@ -71,7 +71,7 @@ def steady_state(arrivals: list[tuple[float, int]], actors: int) -> dict:
 
 
 def sampling_plain(table, model_dir: str, cfg) -> float:
-    from diffkd.synth import ImageSampler
+    from diffkd.synth.sampling import ImageSampler
 
     start = time.perf_counter()
     sampler = ImageSampler(model_dir, cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale, threads=1)
@@ -111,7 +111,7 @@ def main() -> None:
     from diffkd.models.diffusion import DiffusionModelConfig, build_denoiser, save_pipeline, training_scheduler
     from diffkd.synth import SynthConfig
     from diffkd.train.diffusion_task import DiffusionConfig, DiffusionTask
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
     centers = ["A", "B", "C"]
     model_cfg = DiffusionModelConfig(image_size=args.image_size,
