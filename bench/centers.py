@@ -61,7 +61,7 @@ def leave_one_center_out_timing(args, root: str, out: str) -> dict:
     from diffkd.data.pipeline import PipelineConfig
     from diffkd.loco import leave_one_center_out
     from diffkd.raycompat import init_local
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
     from diffkd.train.teacher import TeacherConfig
 
     torch.set_num_threads(1)

@@ -108,7 +108,7 @@ def teacher(ds, splits, workdir: str, args, modality: str) -> tuple[str, dict]:
 
 
 def _loop(args, epochs: int, name: str, workdir: str, seed: int = 0, **kw):
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
     return LoopConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
                       storage_path=os.path.join(workdir, "runs"),

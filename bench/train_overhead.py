@@ -57,7 +57,7 @@ def main() -> None:
         parser.error("--epochs must be at least 3: one warm-up, and whole epochs need a following one")
 
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
     from diffkd.train.teacher import TeacherConfig, TeacherTask
 
     task = TeacherTask(TeacherConfig(arch=args.arch, drop_rate=0.0, class_weighting="none",

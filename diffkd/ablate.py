@@ -46,16 +46,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from diffkd.config import from_dict, to_dict
+from diffkd.config.experiment import AblationConfig
 from diffkd.files import atomic_write_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from diffkd.run import ExperimentConfig
+    from diffkd.config.experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
-ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "pairing_free")
 REFERENCE_ARM = "full"
 SYNTHETIC_ARMS = ("full", "no_kd", "teacher")  # arms that read the generator's rows
 ARM_TEACHER = {"full": "synthetic", "teacher": "synthetic", "no_synthesis": "real", "pairing_free": "second_modality"}
@@ -67,28 +67,6 @@ EXPERIMENT = "experiment"
 TRIAL_INFO = "trial.json"
 PREDICTIONS = "predictions.parquet"
 ALL_EXTERNAL = "all external"
-
-
-@dataclass
-class AblationConfig:
-    """The `ablation` section of an experiment config (command-line flags override it)."""
-
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
-    seeds: int = 3
-    per_seed_generators: bool = False  # one diffusion model + synthesis per seed instead of one shared
-    parallel: int = 0  # trials at once; 0 = as many as the cluster holds
-    n_boot: int = 2000  # bootstrap replicates of the pooled CIs (diffkd.evaluate.pooled)
-    target_half_width: float = 0.04  # the summary says how many seeds would bring a difference's CI to +/- this
-    time_budget_min: float = 0.0  # stop starting trials after this long (0 = none); a rerun finishes them
-
-    def __post_init__(self) -> None:
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown:
-            raise ValueError(f"ablation.arms: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
-        if self.seeds < 1:
-            raise ValueError(f"ablation.seeds must be >= 1, got {self.seeds}")
-        if self.parallel < 0:
-            raise ValueError("ablation.parallel must be 0 (as many as fit) or a positive number of trials")
 
 
 @dataclass
@@ -238,7 +216,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     import ray.tune
 
     from diffkd.files import atomic_write_parquet
-    from diffkd.run import ExperimentConfig
+    from diffkd.config.experiment import ExperimentConfig
     from diffkd.train.student import train_student
 
     arm, seed = params["trial"]["arm"], int(params["trial"]["seed"])

@@ -1,7 +1,7 @@
 """Starting or joining Ray the way diffkd needs it.
 
 `ray.init()` with no address joins whatever cluster Ray's temp dir recorded last, even a dead one
-(REFERENCE.md), so diffkd never calls it bare: it either joins an explicit address or starts its own
+(docs/design.md "Never a bare ray.init()"), so diffkd never calls it bare: it either joins an explicit address or starts its own
 local instance.
 """
 from __future__ import annotations

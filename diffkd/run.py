@@ -19,111 +19,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffkd.ablate import AblationConfig
-from diffkd.config import ConfigError, from_dict, load_yaml, to_dict
+from diffkd.config import ConfigError, from_dict, to_dict
+from diffkd.config.experiment import BaselineStage, ExperimentConfig, PairingFreeStage, TuneStage
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
-from diffkd.evaluate.baselines import BaselineConfig
-from diffkd.evaluate.summary import EvaluateConfig
 from diffkd.runstate import RunState
-from diffkd.synth import AuditConfig, SynthConfig
-from diffkd.train.diffusion_task import DiffusionConfig
-from diffkd.train.loop import LoopConfig
-from diffkd.train.student import DistillConfig, StudentConfig
-from diffkd.train.teacher import TeacherConfig
+from diffkd.train.loop_config import LoopConfig
+from diffkd.train.student import StudentConfig
 
 log = logging.getLogger("diffkd.run")
 
 PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "model", "prob"]
-
-
-@dataclass
-class SplitConfig:
-    val_fraction: float = 0.2
-    seed: int = 0
-
-
-@dataclass
-class RayConfig:
-    address: str = ""  # "" = a private local instance; "auto" or host:port joins a cluster
-    num_cpus: int = 0  # logical CPUs of the local instance; 0 = max(4, cores)
-
-
-@dataclass
-class DiffusionStage:
-    enabled: bool = True
-    model: DiffusionConfig = field(default_factory=DiffusionConfig)
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=20))
-
-
-@dataclass
-class TuneStage:
-    """The hyperparameter search: every student arm or none, with the same budget.
-
-    When enabled, each student arm (student_kd, student_plain, student_kd_real_only,
-    student_pairing_free) gets its own search of `space` with the same number of trials, over the
-    space's parameters that apply to it (distillation settings only to arms that distil, and only the
-    terms an arm has). An arm that the space gives nothing to search is an error: it would get a
-    smaller budget than the others. Teachers are not searched. The report states the budget.
-    """
-
-    enabled: bool = True
-    space: str = "tune_spaces/kd.yaml"  # relative paths are resolved against the config file, then the CWD
-    num_samples: int = 0  # 0 = the space's own count
-
-
-def _group_terms() -> DistillConfig:
-    return DistillConfig({"gkd_pro": {"weight": 1.0}, "gkd_den": {"weight": 1.0}})
-
-
-@dataclass
-class PairingFreeStage:
-    """Seed 002's setting (PaGKD): a teacher on the richer modality, a student on B-mode, no image pairs.
-
-    The student distils through its own `distill.terms`, by default GKD-Pro + GKD-Den only (GKD-Den
-    after its warm-up), never the `student` section's paired terms: logit or feature KD (which would
-    need pairs, and so run on random same-class pairs) only where this section names them.
-    """
-
-    enabled: bool = True
-    teacher_modality: str = "us_doppler"
-    student_modality: str = "us"
-    distill: DistillConfig = field(default_factory=_group_terms)
-
-
-@dataclass
-class BaselineStage:
-    enabled: bool = True
-    config: BaselineConfig = field(default_factory=BaselineConfig)
-    feature_model: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet101"))
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = "diffkd"
-    splits: SplitConfig = field(default_factory=SplitConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    diffusion: DiffusionStage = field(default_factory=DiffusionStage)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    synthetic_ratio: float = 0.5  # synthetic rows mixed into each training epoch, relative to real rows
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    tune: TuneStage = field(default_factory=TuneStage)
-    pairing_free: PairingFreeStage = field(default_factory=PairingFreeStage)
-    baselines: BaselineStage = field(default_factory=BaselineStage)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    ablation: AblationConfig = field(default_factory=AblationConfig)  # diffkd ablate only
-
-
-def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
-    cfg = from_dict(ExperimentConfig, load_yaml(path), where=str(path))
-    space = Path(cfg.tune.space)
-    if not space.is_absolute() and (Path(path).parent / space).exists():
-        cfg.tune.space = str((Path(path).parent / space).resolve())
-    elif not space.is_absolute() and (Path(path).parent.parent / space).exists():
-        cfg.tune.space = str((Path(path).parent.parent / space).resolve())  # configs/ beside tune_spaces/
-    return cfg
 
 
 @dataclass
@@ -200,6 +106,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     if not ds.exists():
         raise ConfigError(f"{dataset} is not a diffkd dataset (no _manifest.json): run `diffkd ingest` first")
     real = ds.metadata().to_pandas()
+    external = list(external) or list(cfg.splits.external)  # --external wins over the config's
     assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
     check_no_leakage(assignments)
     log.info("dataset %s: %d images, %d cases, centers %s; external: %s", dataset, len(real),
@@ -345,8 +252,13 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
 
 def stage_inputs(dataset: str | os.PathLike, external: list[str], cfg: ExperimentConfig) -> dict:
-    """What every stage's key in run_state.json starts from."""
-    return {"dataset": str(dataset), "external": list(external), "splits": to_dict(cfg.splits)}
+    """What every stage's key in run_state.json starts from.
+
+    The split is written as before SplitConfig held the external centers (they come first, from the
+    command line), so that runs started by earlier releases still resume.
+    """
+    return {"dataset": str(dataset), "external": list(external),
+            "splits": {"val_fraction": cfg.splits.val_fraction, "seed": cfg.splits.seed}}
 
 
 def generator_stage(ds: ImageDataset, external: list[str], cfg: ExperimentConfig, out: Path, state: RunState,
@@ -359,11 +271,11 @@ def generator_stage(ds: ImageDataset, external: list[str], cfg: ExperimentConfig
     `suffix` keeps several generators of one output folder apart (diffkd ablate --per-seed-generators).
     """
     from diffkd.synth import synthesize
-    from diffkd.train.diffusion_task import SplitSpec, train_diffusion
+    from diffkd.train.diffusion_task import train_diffusion
 
     name = "diffusion" + suffix
     diffusion_dir = str(out / "models" / name)
-    split = SplitSpec(external=list(external), val_fraction=cfg.splits.val_fraction, seed=cfg.splits.seed)
+    split = dataclasses.replace(cfg.splits, external=list(external))
     diffusion_cfg = cfg.diffusion if mask_conditioning else dataclasses.replace(
         cfg.diffusion, model=dataclasses.replace(
             cfg.diffusion.model, model=dataclasses.replace(cfg.diffusion.model.model, mask_channel=False)))
@@ -546,7 +458,7 @@ def _model_info(model_dirs: dict[str, str], cfg: ExperimentConfig) -> dict[str, 
 def _initialised_from(model_dirs: dict[str, str], baseline_summary: dict | None) -> dict[str, str]:
     """Each trained model's start ("scratch" or its weights), as its stage recorded it; the deep-feature
     model's is its extractor's (a frozen pretrained one, or cross-fitted from scratch)."""
-    from diffkd.train.diffusion_task import TRAINING_INFO as GENERATOR_INFO
+    from diffkd.models.diffusion import TRAINING_INFO as GENERATOR_INFO
     from diffkd.train.teacher import TRAINING_INFO
 
     found = {}

@@ -6,7 +6,8 @@ Each trial is a driver function that runs the ordinary student stage (`train_stu
 loop's TorchTrainer) with Tune's `TuneReportCallback`, the Train V2 way. The driver itself holds a
 sliver of a CPU; the Train workers and the Ray Data pipeline hold the real resources, and the number
 of trials in flight is sized so that every started trial can get them (a trial whose workers cannot
-be placed would wait forever: the deadlock REFERENCE.md records on 2 CPUs).
+be placed would wait forever: the deadlock seen on 2 CPUs, docs/design.md "Logical CPUs above the
+physical ones").
 
 The objective is the internal-validation metric the space names (`val_auc`, per case as the report
 scores). Trials are handed the train and val rows of the splits table and nothing else: the external
@@ -14,7 +15,7 @@ centers never reach a trial.
 
 Outputs in `out_dir`: `trials.csv` (one row per trial), `curves.csv` (every epoch of every trial),
 `objective_vs_params.png`, `learning_curves.png`, `best_config.yaml` (the `student` section with
-the best values, ready for the final student: `diffkd distill --config best_config.yaml`), and the
+the best values, ready for the final student: `diffkd train student --config best_config.yaml`), and the
 Tune experiment `search/` that `resume=True` continues after an interruption. Space paths are
 relative to the student section (`distill.terms.logit.temperature`, `loop.lr`,
 `pipeline.synthetic_ratio`).

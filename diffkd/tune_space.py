@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffkd.config import ConfigError, deprecated_layout, flat_distill_path, from_dict, load_yaml
+from diffkd.config import ConfigError, from_dict, load_yaml
+from diffkd.config.legacy import upgrade_space_path
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
 SCHEDULERS = ("asha", "fifo")
@@ -100,23 +101,13 @@ def load_space(path: str) -> TuneSpace:
     raw_params = data.pop("params", None)
     if not isinstance(raw_params, dict) or not raw_params:
         raise ConfigError(f"{where}: needs a non-empty `params` mapping of dotted config paths to distributions")
-    params = {_current_path(str(name), where): Distribution.parse(str(name), spec, where)
+    params = {upgrade_space_path(str(name), where): Distribution.parse(str(name), spec, where)
               for name, spec in raw_params.items()}
     for section, cls in (("scheduler", SchedulerSpec), ("search", SearchSpec)):
         data[section] = from_dict(cls, data.get(section), f"{where}: {section}")
     space = from_dict(TuneSpace, {**data, "params": params, "source": where}, where)
     _check(space, where)
     return space
-
-
-def _current_path(name: str, where: str) -> str:
-    """The parameter's path in the current config layout; old flat `distill.*` paths are read with a warning."""
-    upgraded = flat_distill_path(name)
-    if upgraded is None:
-        return name
-    deprecated_layout(f"{where}: parameter {name!r} uses the old flat distill layout and will not be read in the "
-                      f"next release; write it as {upgraded!r}")
-    return upgraded
 
 
 def _check(space: TuneSpace, where: str) -> None:

@@ -24,7 +24,7 @@ from diffkd.ablate import (
     trial_key,
 )
 from diffkd.evaluate.pooled import pooled_auc_difference
-from diffkd.run import ExperimentConfig
+from diffkd.config.experiment import ExperimentConfig
 
 TINY_CONFIG = """\
 name: ablate-test
@@ -188,13 +188,12 @@ def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys
     assert "neither" in printed and "reference" in printed
 
 
-def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path):
-    from pipeline_fixtures import build_dataset
+def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path, ramp_dataset):
 
     from diffkd.ablate import ablate, data_key
     from diffkd.data.splits import make_splits
 
-    ds = build_dataset(tmp_path / "data")
+    ds = ramp_dataset(tmp_path / "data")
     cfg = ExperimentConfig(synthetic_ratio=0.0)
     assignments = make_splits(ds.metadata().to_pandas(), ["B"], cfg.splits.val_fraction, cfg.splits.seed)
     plan = Plan(dataset=str(ds.uri), assignments=assignments, experiment={}, sources={0: (), 1: ()},

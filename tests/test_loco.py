@@ -16,9 +16,8 @@ from diffkd.config import to_dict
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.loco import (FOLD_INFO, PREDICTIONS, fold_dir, fold_is_current, fold_key, fold_predictions, format_table,
                          summarize, write_outputs)
-from diffkd.train.loop import LoopConfig
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.teacher import TeacherConfig
-from pipeline_fixtures import build_dataset, make_rows
 
 
 def tiny_teacher() -> TeacherConfig:
@@ -26,13 +25,13 @@ def tiny_teacher() -> TeacherConfig:
                          loop=LoopConfig(epochs=1, batch_size=8, cpus_per_worker=1.0, progress=False))
 
 
-def test_a_new_center_makes_every_fold_stale_and_nothing_else_does(tmp_path):
-    ds = build_dataset(tmp_path / "ds")
+def test_a_new_center_makes_every_fold_stale_and_nothing_else_does(tmp_path, ramp_dataset, ramp_rows):
+    ds = ramp_dataset(tmp_path / "ds")
     teacher = to_dict(tiny_teacher())
     key = fold_key(str(ds.uri), teacher, 0.2, 0)
     assert fold_key(str(ds.uri), teacher, 0.2, 0) == key
     assert fold_key(str(ds.uri), teacher, 0.3, 0) != key  # another internal-validation split
-    ds.write_center("D", make_rows("D", 6))
+    ds.write_center("D", ramp_rows("D", 6))
     assert fold_key(str(ds.uri), teacher, 0.2, 0) != key  # D joins the training set of every other fold
 
     folder = tmp_path / "fold"
@@ -117,10 +116,10 @@ def test_identical_folds_pool_without_heterogeneity():
 
 
 @pytest.mark.slow
-def test_folds_run_in_parallel_and_a_new_center_gets_its_fold(ray_local, tmp_path):
+def test_folds_run_in_parallel_and_a_new_center_gets_its_fold(ray_local, tmp_path, ramp_dataset, ramp_rows):
     from diffkd.loco import leave_one_center_out
 
-    ds = build_dataset(tmp_path / "ds")
+    ds = ramp_dataset(tmp_path / "ds")
     out = str(tmp_path / "loco")
     first = leave_one_center_out(str(ds.uri), tiny_teacher(), out, parallel=2)
     assert first.parallel == 2
@@ -135,7 +134,7 @@ def test_folds_run_in_parallel_and_a_new_center_gets_its_fold(ray_local, tmp_pat
     assert os.path.getmtime(os.path.join(fold_dir(out, "A"), PREDICTIONS)) == stamp
     assert again.table.equals(first.table)
 
-    ds.write_center("D", make_rows("D", 10))
+    ds.write_center("D", ramp_rows("D", 10))
     grown = leave_one_center_out(str(ds.uri), tiny_teacher(), out, parallel=2)
     assert list(grown.table["held_out"]) == ["A", "B", "C", "D", "pooled"]
     assert os.path.getmtime(os.path.join(fold_dir(out, "A"), PREDICTIONS)) > stamp  # A's training set grew

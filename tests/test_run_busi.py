@@ -120,7 +120,8 @@ def test_busi_folder_ingests_and_the_run_plan_names_what_it_cannot_support(busi_
     """The fast half (default suite): the ingested folder and the checks `diffkd run` makes before training."""
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import make_splits
-    from diffkd.run import load_experiment, plan_stages
+    from diffkd.config.experiment import load_experiment
+    from diffkd.run import plan_stages
 
     ds = ImageDataset(busi_dataset)
     assert tuple(ds.label_names) == ("benign", "malignant")

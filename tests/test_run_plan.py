@@ -9,8 +9,8 @@ import pytest
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
 from diffkd.data.splits import make_splits
-from diffkd.run import load_experiment, plan_stages
-from pipeline_fixtures import make_rows
+from diffkd.config.experiment import load_experiment
+from diffkd.run import plan_stages
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,25 +22,25 @@ def without(table: pa.Table, columns) -> pa.Table:
     return table
 
 
-def plan_for(tmp_path, transform=lambda t: t, readers=None):
+def plan_for(ramp_rows, tmp_path, transform=lambda t: t, readers=None):
     ds = ImageDataset(tmp_path / "ds")
-    ds.write_center("A", transform(make_rows("A", 24)))
-    ds.write_center("B", transform(make_rows("B", 12)))
+    ds.write_center("A", transform(ramp_rows("A", 24)))
+    ds.write_center("B", transform(ramp_rows("B", 12)))
     cfg = load_experiment(CONFIGS / "demo.yaml")  # every stage enabled, mask conditioning on
     assignments = make_splits(ds.metadata().to_pandas(), ["B"], 0.25, 0)
     return plan_stages(ds, assignments, cfg, readers)
 
 
-def test_a_dataset_with_masks_and_clinical_values_keeps_those_stages(tmp_path):
-    plan = plan_for(tmp_path, readers=None)
+def test_a_dataset_with_masks_and_clinical_values_keeps_those_stages(tmp_path, ramp_rows):
+    plan = plan_for(ramp_rows, tmp_path, readers=None)
     assert plan.diffusion and plan.mask_conditioning and plan.clinical_baselines
     assert not plan.pairing_free  # B-mode only: no Doppler teacher
     assert set(plan.skipped) == {"student_pairing_free", "reader comparison"}
     assert "no 'us_doppler' images" in plan.skipped["student_pairing_free"]
 
 
-def test_no_clinical_values_no_masks_no_readers_are_each_named(tmp_path):
-    plan = plan_for(tmp_path, lambda t: without(t, [*CLINICAL_COLUMNS, "mask"]))
+def test_no_clinical_values_no_masks_no_readers_are_each_named(tmp_path, ramp_rows):
+    plan = plan_for(ramp_rows, tmp_path, lambda t: without(t, [*CLINICAL_COLUMNS, "mask"]))
     assert not plan.clinical_baselines and not plan.mask_conditioning
     assert plan.diffusion  # trained without the mask channel, not skipped
     assert set(plan.skipped) == {"student_pairing_free", "clinical and combined baselines", "reader comparison"}
@@ -48,18 +48,18 @@ def test_no_clinical_values_no_masks_no_readers_are_each_named(tmp_path):
     assert any("without mask conditioning" in change for change in plan.changes)
 
 
-def test_an_unreadable_reader_csv_fails_before_training(tmp_path):
+def test_an_unreadable_reader_csv_fails_before_training(tmp_path, ramp_rows):
     with pytest.raises(ValueError, match="readers file .*missing.csv does not exist"):
-        plan_for(tmp_path, readers=str(tmp_path / "missing.csv"))
+        plan_for(ramp_rows, tmp_path, readers=str(tmp_path / "missing.csv"))
     reads = tmp_path / "reads.csv"
     reads.write_text("reader,experience,case,probability\nr1,5,c1,0.4\n")
     with pytest.raises(ValueError, match="needs a case_id column"):
-        plan_for(tmp_path / "again", readers=str(reads))
+        plan_for(ramp_rows, tmp_path / "again", readers=str(reads))
 
 
-def test_a_broken_search_space_fails_before_training(tmp_path):
+def test_a_broken_search_space_fails_before_training(tmp_path, ramp_rows):
     ds = ImageDataset(tmp_path / "ds")
-    ds.write_center("A", make_rows("A", 12))
+    ds.write_center("A", ramp_rows("A", 12))
     cfg = load_experiment(CONFIGS / "demo.yaml")
     cfg.tune.enabled, cfg.tune.space = True, str(tmp_path / "missing.yaml")
     with pytest.raises((FileNotFoundError, ValueError), match="missing.yaml"):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.train.loop import LoopConfig
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import DistillConfig, StudentConfig
 from diffkd.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
                          remove_orphaned_placement_groups, run_trial, training_rows, tune_student)
@@ -121,18 +121,17 @@ def test_placement_groups_of_dead_actors_are_removed_and_no_others(ray_local):
 # ---- real searches (slow) -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tune_data(tmp_path_factory):
+def tune_data(tmp_path_factory, two_modality_dataset, two_modality_splits):
     import torch
 
     from diffkd.models.classifiers import create_classifier, save_classifier
-    from student_fixtures import splits, two_modality_dataset
 
     root = tmp_path_factory.mktemp("tune")
     ds = two_modality_dataset(root / "ds", n_us=24, n_doppler=4)
     torch.manual_seed(0)
     teacher = str(root / "teacher")
     save_classifier(create_classifier("resnet18", in_chans=1, num_classes=2), teacher)
-    return ds, splits(ds), teacher
+    return ds, two_modality_splits(ds), teacher
 
 
 def _live_placement_groups(ray) -> list[str]:

@@ -31,7 +31,7 @@ def test_the_shipped_kd_space_loads_and_maps_to_ray():
                          ids=lambda p: p.name)
 def test_every_shipped_space_names_real_fields_of_the_student_it_searches(config):
     from diffkd.config import to_dict
-    from diffkd.run import load_experiment
+    from diffkd.config.experiment import load_experiment
     from diffkd.tune import student_from_dict
 
     experiment = load_experiment(config)

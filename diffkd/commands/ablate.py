@@ -57,8 +57,8 @@ def run_ablate(args) -> int:
     import dataclasses
 
     from diffkd.ablate import AblationConfig, ablate, format_summary
-    from diffkd.commands.run import _external
-    from diffkd.run import load_experiment
+    from diffkd.commands.options import names
+    from diffkd.config.experiment import load_experiment
 
     cfg = load_experiment(args.config)
     if args.address:
@@ -68,7 +68,7 @@ def run_ablate(args) -> int:
                "arms": [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None}
     settings = AblationConfig(**{**dataclasses.asdict(cfg.ablation),
                                  **{k: v for k, v in changes.items() if v is not None}})
-    outcome = ablate(args.dataset, _external(args.external), cfg, args.out, settings, train=not args.report_only)
+    outcome = ablate(args.dataset, names(args.external), cfg, args.out, settings, train=not args.report_only)
     for note in outcome.notes:
         print(f"note: {note}")
     print(format_summary(outcome.summary, settings.target_half_width))

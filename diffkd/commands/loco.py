@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffkd.commands.options import add_address, add_dataset, add_split
+
 EPILOG = """\
 One Ray Tune trial per center: the teacher (the config's `teacher` section, as `diffkd train teacher`)
 trains on every other center, selects its epoch on an internal-validation share of them, and is
@@ -25,25 +27,24 @@ def register(subparsers) -> None:
                               description="Leave-one-center-out validation of the teacher stage as one "
                                           "distributed Ray Tune job.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="dataset folder or URI")
+    add_dataset(p)
     p.add_argument("--config", required=True, help="YAML with a `teacher` section")
     p.add_argument("--out", required=True, help="folder for the folds, loco.csv and loco_auc.png")
     p.add_argument("--parallel", type=int, default=0, help="folds at once (default 0: as many as the cluster holds)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="internal-validation share of patients")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: a private local instance)")
+    add_split(p, external=False)
+    add_address(p)
     p.set_defaults(handler=run_loco)
 
 
 def run_loco(args) -> int:
-    from diffkd.commands.train import load_teacher_config
+    from diffkd.config.experiment import load_section
     from diffkd.data.dataset import ImageDataset
     from diffkd.loco import format_table, leave_one_center_out
     from diffkd.raycompat import init as ray_init
 
     if args.parallel < 0:
         raise ValueError("--parallel must be 0 (as many as fit) or a positive number of folds")
-    cfg = load_teacher_config(args.config)
+    cfg = load_section(args.config, "teacher")
     ray_init(args.address)
     outcome = leave_one_center_out(args.dataset, cfg, args.out, parallel=args.parallel,
                                    val_fraction=args.val_fraction, seed=args.split_seed)

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from diffkd.commands.options import add_address, add_dataset, names
+
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
@@ -14,13 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "report) on an ingested dataset",
                               description="Run the DiffKD-DCIS pipeline on any dataset made by `diffkd ingest`. "
                                           "Rerunning the same command resumes after the last finished stage.")
-    p.add_argument("--dataset", required=True, help="dataset folder or URI (made by diffkd ingest)")
-    p.add_argument("--external", default="", help="comma-separated centers held out for external validation")
+    add_dataset(p)
+    p.add_argument("--external", default="", metavar="C1,C2",
+                   help="external (held-out) centers: test split only, never trained on (default: the config's "
+                        "splits.external)")
     p.add_argument("--config", required=True, help="experiment config YAML (e.g. configs/demo.yaml, configs/paper.yaml)")
     p.add_argument("--out", required=True, help="output folder: models/, report/, tune/, audit/, run_state.json")
     p.add_argument("--readers", default=None, help="reader study CSV (reader, experience, case_id, call|birads|probability)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: the config's ray.address, else a "
-                                                   "private local instance)")
+    add_address(p, default="the config's ray.address, else a private local instance")
     p.add_argument("--truth", default=None,
                    help="a synthetic cohort's truth.csv (the phantom's): the report shows each center's Bayes and "
                         "image-visible AUC beside the models'. Read by the report only, never by training")
@@ -37,15 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.set_defaults(handler=demo)
 
 
-def _external(text: str) -> list[str]:
-    return [c.strip() for c in text.split(",") if c.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
     """The pipeline, with every library's own output filed under OUT/logs/<stage>.log (unless -v)."""
     from diffkd import console
     from diffkd.evaluate.summary import headline_table
-    from diffkd.run import load_experiment, run_pipeline
+    from diffkd.config.experiment import load_experiment
+    from diffkd.run import run_pipeline
 
     cfg = load_experiment(args.config)
     if args.address:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     logs = Path(args.out) / "logs"
     with console.capture(logs, verbose=args.verbose):
         try:
-            result = run_pipeline(args.dataset, _external(args.external), cfg, args.out, readers_csv=args.readers,
+            result = run_pipeline(args.dataset, names(args.external), cfg, args.out, readers_csv=args.readers,
                                   truth=args.truth)
         finally:
             _shutdown_ray()  # while captured: Ray's goodbye lines belong in the log too

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from diffkd.commands.options import add_address, add_dataset, add_split
+
 EPILOG = """\
 examples:
   diffkd tune --space tune_spaces/kd_demo.yaml --dataset out/data --external C --config configs/demo.yaml \\
@@ -16,7 +18,7 @@ A space's distill.terms.* parameters must name terms the config's student has (k
 
 The objective is internal-validation AUC: trials get the train and val rows only, never the external
 centers. OUT receives trials.csv, curves.csv, objective_vs_params.png, learning_curves.png,
-best_config.yaml (feed it to `diffkd distill --config`) and the resumable Tune experiment OUT/search.
+best_config.yaml (feed it to `diffkd train student --config`) and the resumable Tune experiment OUT/search.
 """
 
 
@@ -28,8 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("space_name", nargs="?", default=None, metavar="SPACE",
                    help="a space in tune_spaces/ by name (e.g. kd); or use --space FILE")
     p.add_argument("--space", default=None, metavar="FILE", help="search-space YAML")
-    p.add_argument("--dataset", required=True, help="dataset folder or URI")
-    p.add_argument("--external", default="", metavar="C1,C2", help="external (held-out) centers, never read")
+    add_dataset(p)
     p.add_argument("--config", required=True, help="YAML whose `student` section is the base of every trial")
     p.add_argument("--teacher", default=None, metavar="DIR", help="teacher folder (overrides student.teacher_dir)")
     p.add_argument("--out", required=True, help="folder for the search and its results")
@@ -37,9 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=None, help="override the space's num_samples")
     p.add_argument("--final-out", default=None, metavar="DIR",
                    help="afterwards, train the student with the best config and export it here")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: a private local instance)")
+    add_split(p)
+    add_address(p)
     p.set_defaults(handler=run)
 
 
@@ -57,7 +57,8 @@ def space_path(args) -> str:
 def run(args) -> int:
     import dataclasses
 
-    from diffkd.commands.student import load_student_config, splits_for
+    from diffkd.commands.train import real_splits
+    from diffkd.config.experiment import load_section
     from diffkd.raycompat import init as ray_init
     from diffkd.train.student import train_student
     from diffkd.tune import tune_student
@@ -66,13 +67,13 @@ def run(args) -> int:
     space = load_space(space_path(args))
     if args.samples:
         space = dataclasses.replace(space, num_samples=args.samples)
-    student = load_student_config(args.config)
+    student = load_section(args.config, "student", required=True)
     if args.teacher:
         student = dataclasses.replace(student, teacher_dir=args.teacher)
     if not student.teacher_dir:
         raise ValueError("the search distils from a teacher: pass --teacher DIR or set student.teacher_dir")
     ray_init(args.address)
-    dataset, splits = splits_for(args.dataset, args.external, args.val_fraction, args.split_seed)
+    dataset, splits = real_splits(args.dataset, args)
     outcome = tune_student(dataset.uri, splits, student, space, args.out, resume=args.resume)
     print(f"{outcome.num_trials} trials, {outcome.trial_epochs} trial-epochs; best {space.objective} "
           f"{outcome.best_objective:.4f} with {outcome.best_params}")

@@ -1,6 +1,6 @@
 """The Parquet dataset on disk: hive partitions by center plus an atomically updated manifest.
 
-Layout::
+Layout (docs/dataset.md)::
 
     DS/_manifest.json
     DS/center=<C>/part-<digest>.parquet               real rows, one partition per center

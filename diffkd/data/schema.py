@@ -1,4 +1,4 @@
-"""The dataset contract: one Parquet row per image (the layout on disk: diffkd/data/dataset.py).
+"""The dataset contract: one Parquet row per image (docs/dataset.md).
 
 Everything downstream of ingest reads these column names and types; importers must produce exactly
 this schema. Clinical columns are declared once here, in `CLINICAL_SCHEMA`, so the importer, the

@@ -1,4 +1,7 @@
-"""Train / val / test assignment: computed from the dataset, never stored, so it cannot drift from the data.
+"""Train / val / test assignment: computed from the dataset, never stored (docs/dataset.md).
+
+`SplitConfig` is the one description of a split for the whole package (experiment configs, the
+diffusion stage's saved provenance, the audit); `make_splits` applies it to a metadata table.
 
 - External centers are whole centers and go to `test` only.
 - Internal centers are split by patient: all images of a patient land on the same side. Patients are
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 import pandas as pd
 
@@ -23,6 +27,15 @@ log = logging.getLogger("diffkd.splits")
 SPLITS = ("train", "val", "test")
 COLUMNS = ("case_id", "patient_id", "center", "label", "modality", "synthetic", "split")
 LEAKS_SHOWN = 10
+
+
+@dataclass
+class SplitConfig:
+    """How the patient-level split is computed; only this is saved, never the assignment itself."""
+
+    external: list[str] = field(default_factory=list)  # whole centers held out for external testing
+    val_fraction: float = 0.2
+    seed: int = 0
 
 
 class LeakageError(ValueError):
@@ -124,6 +137,22 @@ def dataset_splits(dataset, external: Sequence[str] = (), val_fraction: float = 
     return make_splits(pd.concat(tables, ignore_index=True), external, val_fraction, seed)
 
 
+def split_case_ids(meta: pd.DataFrame, split: SplitConfig) -> dict[str, list[str]]:
+    """{"train", "val", "test"} case ids of the real rows of `meta`, recomputed from `split`."""
+    unknown = sorted(set(split.external) - set(meta["center"]))
+    if unknown:
+        raise ValueError(f"external center(s) {', '.join(unknown)} are not in the dataset; "
+                         f"it has {', '.join(sorted(meta['center'].unique()))}")
+    table = make_splits(meta, external=list(split.external), val_fraction=split.val_fraction, seed=split.seed)
+    return {name: sorted(table.loc[table["split"] == name, "case_id"]) for name in SPLITS}
+
+
+def ids_digest(case_ids: Iterable[str]) -> str:
+    """sha256 of a set of case ids (order-free; a case imaged several times counts once, as split tables
+    list images): tells whether today's split still matches a saved one."""
+    return hashlib.sha256("\n".join(sorted(set(case_ids))).encode()).hexdigest()
+
+
 def fingerprint_of_digest(train_ids_sha256: str) -> str:
     """The short form of a split's fingerprint (the sha256 of its sorted training case ids) shown to users."""
     return train_ids_sha256[:12]
@@ -131,8 +160,6 @@ def fingerprint_of_digest(train_ids_sha256: str) -> str:
 
 def split_fingerprint(assignments: pd.DataFrame) -> str:
     """Fingerprint of a splits table: its real training case ids, hashed as a generator records its own split."""
-    from diffkd.train.diffusion_task import ids_digest
-
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
     return fingerprint_of_digest(ids_digest(set(real.loc[real["split"] == "train", "case_id"].astype(str))))
 

@@ -1,4 +1,4 @@
-"""predictions.parquet -> metrics.json (the contract in DESIGN.md).
+"""predictions.parquet -> metrics.json (the contract in docs/dataset.md, "What a run leaves behind").
 
 predictions: one row per case and model with `case_id, patient_id, center, split, label, model, prob`;
 `split` is `train`, `val` (internal validation) or `test` (external centers).

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from diffkd.data.schema import DEFAULT_LABEL_NAMES, NUM_LABELS, ClinicalEncoding
+from diffkd.models import unwrap
 from diffkd.models.fusion import ClinicalFusionClassifier, ClinicalFusionHead, FusionHeadConfig
 
 WEIGHTS = "model.safetensors"
@@ -146,11 +147,6 @@ def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinic
                                                hidden=fusion_hidden, dropout=fusion_dropout,
                                                column_dropout=column_dropout))
     return ClinicalFusionClassifier(backbone, head)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
 
 
 def uses_clinical(model: nn.Module) -> bool:

@@ -13,6 +13,7 @@ config.json) and loads back with `ConditionalDiffusionPipeline.from_pretrained`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from torch import nn
 from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, NUM_LABELS, ClinicalEncoding
 
 SAMPLERS = ("ddim", "dpm")
+TRAINING_INFO = "diffkd_training.json"  # beside model_index.json: what the model was trained on
 
 
 @dataclass
@@ -363,7 +365,7 @@ def load_pipeline(model_dir: str | os.PathLike, sampler: str | None = None,
     model_dir = os.fspath(model_dir)
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         raise FileNotFoundError(f"{model_dir} is not a diffusion pipeline folder (no model_index.json); "
-                                "train one with `diffkd diffusion train` first")
+                                "train one with `diffkd train diffusion` first")
     pipe = ConditionalDiffusionPipeline.from_pretrained(model_dir, low_cpu_mem_usage=False)  # no accelerate here
     if sampler is not None:
         pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
@@ -375,3 +377,29 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """Pipeline output [B, H, W, C] in [0, 1] -> uint8 [B, H, W] (gray) or [B, H, W, C]."""
     out = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
     return out[..., 0] if out.shape[-1] == 1 else out
+
+
+# ---- provenance: which model this is, and what trained it ---------------------------------------
+def model_fingerprint(model_dir: str) -> str:
+    """sha256 over the pipeline's weight and config files: changes whenever the model does."""
+    digest = hashlib.sha256()
+    for sub in ("unet", "condition_encoder", "scheduler"):
+        folder = os.path.join(model_dir, sub)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{model_dir} has no {sub}/ folder; is it a diffkd diffusion pipeline?")
+        for name in sorted(os.listdir(folder)):
+            digest.update(f"{sub}/{name}".encode())
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def training_info(model_dir: str) -> dict:
+    """What trained the pipeline in `model_dir` (its split spec, row digest, config), as the diffusion stage saved it."""
+    path = os.path.join(model_dir, TRAINING_INFO)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the pipeline folder was not written by diffkd's diffusion "
+                                "stage, so which rows trained it is unknown")
+    with open(path) as f:
+        return json.load(f)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # DeepSpeed logs every `steps_per_print` steps; the loop prints its own progress instead.

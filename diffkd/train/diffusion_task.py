@@ -11,7 +11,6 @@ the generator never saw, and no external test image leaks into the teacher throu
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
@@ -20,30 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkd.models.diffusion import (SAMPLERS, ConditionalDenoiser, DiffusionModelConfig, build_denoiser,
-                                     init_unet_from, load_denoiser, save_pipeline, training_scheduler,
-                                     with_new_centers)
+from diffkd.data.splits import SplitConfig, ids_digest, split_case_ids
+from diffkd.models import unwrap
+from diffkd.models.diffusion import (SAMPLERS, TRAINING_INFO, ConditionalDenoiser, DiffusionModelConfig,
+                                     build_denoiser, init_unet_from, load_denoiser, save_pipeline, training_info,
+                                     training_scheduler, with_new_centers)
 from diffkd.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.train.loop import LoopConfig
+    from diffkd.train.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
-
-TRAINING_INFO = "diffkd_training.json"  # beside model_index.json: what the model was trained on
-
-
-@dataclass
-class SplitSpec:
-    """How the patient-level split is recomputed (splits are never stored, DESIGN.md)."""
-
-    external: list[str] = field(default_factory=list)  # whole centers held out for external testing
-    val_fraction: float = 0.2
-    seed: int = 0
 
 
 @dataclass
@@ -56,7 +44,7 @@ class DiffusionConfig:
     snr_gamma: float | None = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023): faster convergence; None = plain MSE
     ema_decay: float = 0.999  # ceiling; the decay warms up (short runs would otherwise export near-random EMA)
     hflip: bool = True  # left/right flips (ultrasound has no preferred side; never flipped vertically)
-    sampler: str = "ddim"  # saved with the pipeline; `diffkd synth --sampler` can override
+    sampler: str = "ddim"  # saved with the pipeline; `diffkd synth run --sampler` can override
     val_timesteps: int = 10  # evaluation averages the loss over this fixed grid of timesteps
     norm_mean: float = 0.449  # the pipeline's fixed intensity normalisation, undone before noising
     norm_std: float = 0.226
@@ -117,13 +105,6 @@ class DenoiserWithEMA(nn.Module):
         for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
         self.ema_steps += 1
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DeepSpeed engine / DDP wrapper (or the model itself)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def to_model_range(image: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
@@ -255,23 +236,6 @@ class DiffusionResult:
     train_rows: int
 
 
-def split_case_ids(meta: "pd.DataFrame", split: SplitSpec) -> dict[str, list[str]]:
-    """{"train", "val", "test"} case ids of the real rows, recomputed from the split spec."""
-    from diffkd.data.splits import make_splits
-
-    unknown = sorted(set(split.external) - set(meta["center"]))
-    if unknown:
-        raise ValueError(f"external center(s) {', '.join(unknown)} are not in the dataset; "
-                         f"it has {', '.join(sorted(meta['center'].unique()))}")
-    table = make_splits(meta, external=list(split.external), val_fraction=split.val_fraction, seed=split.seed)
-    return {name: sorted(table.loc[table["split"] == name, "case_id"]) for name in ("train", "val", "test")}
-
-
-def ids_digest(case_ids: Iterable[str]) -> str:
-    """Digest of a set of case ids: a case imaged several times counts once (split tables list images)."""
-    return hashlib.sha256("\n".join(sorted(set(case_ids))).encode()).hexdigest()
-
-
 def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "PipelineConfig":
     """The data pipeline as the generator sees it: model-sized images, flips only, no synthetic rows."""
     from diffkd.data.augment import AugmentConfig
@@ -286,7 +250,7 @@ def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "Pipe
 
 
 def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: DiffusionConfig | None = None,
-                    loop: "LoopConfig | None" = None, split: SplitSpec | None = None) -> DiffusionResult:
+                    loop: "LoopConfig | None" = None, split: SplitConfig | None = None) -> DiffusionResult:
     """Train the conditional generator on the internal training split and write the pipeline folder.
 
     `out_dir` receives `model_index.json`, `unet/`, `scheduler/`, `condition_encoder/` and
@@ -298,12 +262,13 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
     from diffkd.config import to_dict
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.pipeline import make_dataset
-    from diffkd.train.loop import LoopConfig, fit
+    from diffkd.train.loop import fit
+    from diffkd.train.loop_config import LoopConfig
 
     dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     config = config or DiffusionConfig()
     loop = loop or LoopConfig(epochs=20, lr=1e-3, weight_decay=0.0, batch_size=16)
-    split = split or SplitSpec()
+    split = split or SplitConfig()
     base_centers: list[str] = []
     if config.base_model:
         config, split, base_centers = _extension_of(config, split)
@@ -353,16 +318,15 @@ def generator_start(config: DiffusionConfig) -> str:
     return os.path.abspath(start) if start else "scratch"
 
 
-def _extension_of(config: DiffusionConfig, split: SplitSpec) -> tuple[DiffusionConfig, SplitSpec, list[str]]:
+def _extension_of(config: DiffusionConfig, split: SplitConfig) -> tuple[DiffusionConfig, SplitConfig, list[str]]:
     """For `base_model`: its architecture and noise schedule, its split (the rows that trained the extended
     model must stay one recomputable split), and the centers it knows."""
     import dataclasses
 
     from diffkd.config import from_dict
-    from diffkd.synth import training_info
 
     base = training_info(config.base_model)
     if dataclasses.asdict(split) != base["split"]:
         log.info("extending %s: its split %s applies (not %s)", config.base_model, base["split"], dataclasses.asdict(split))
     model = from_dict(DiffusionModelConfig, base["config"]["model"], f"{config.base_model}: model")
-    return dataclasses.replace(config, model=model), SplitSpec(**base["split"]), list(base["config"]["centers"])
+    return dataclasses.replace(config, model=model), SplitConfig(**base["split"]), list(base["config"]["centers"])

@@ -37,6 +37,7 @@ from torch import nn
 
 from diffkd.train import checkpoint as ckpt
 from diffkd.train.deepspeed_config import build_engine, optimizer_steps, prepare_deepspeed
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.progress import Progress
 from diffkd.train.task import Task
 
@@ -46,60 +47,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for the worker group
-ENGINES = ("deepspeed", "ddp")
-
-
-@dataclass
-class LoopConfig:
-    # workers
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # logical CPUs a worker reserves (fractions allowed)
-    threads_per_worker: int = 1  # torch intra-op threads per worker; 0 keeps torch's default
-    # PACK fills a node before the next (fast intra-node all-reduce); SPREAD puts workers on different
-    # nodes (one node's loss costs fewer workers); STRICT_* refuse to run otherwise
-    placement_strategy: str = "PACK"
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 32  # per worker and micro-step
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05  # of all optimizer steps, linear from 0
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    # deepspeed | ddp (plain torch DDP, ZeRO stage 0 only: it overlaps the gradient all-reduce with
-    # backward, which DeepSpeed at stage 0 does not; see the README's "Engines")
-    engine: str = "deepspeed"
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    shuffle_buffer: int = 256  # rows in the local shuffle buffer of the train stream (0 = stream order)
-    eval_batch_size: int = 0  # 0 = batch_size
-    max_steps_per_epoch: int = 0  # 0 = the whole shard; a cap for quick runs and benchmarks
-    train_samples: int = 0  # rows of "train" for the LR schedule length; 0 = count them
-    # stopping and checkpoints
-    patience: int = 0  # epochs without a better objective before stopping; 0 = never stop early
-    keep_checkpoints: int = 3  # Ray keeps the best by objective and always the latest
-    # the run
-    storage_path: str = "runs"  # local directory or pyarrow filesystem URI (s3://, gs://, file://)
-    run_name: str = ""  # "" = <task>-<timestamp>-<random>
-    resume: bool = False  # continue the run called run_name from its last good checkpoint
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
-    seed: int = 0
-    progress: bool = True
-    progress_interval_s: float = 30.0  # heartbeat inside long epochs
-
-    def __post_init__(self) -> None:
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ValueError(f"loop.placement_strategy {self.placement_strategy!r} must be one of "
-                             f"{', '.join(PLACEMENT_STRATEGIES)}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"loop.engine {self.engine!r} must be one of {', '.join(ENGINES)}")
-        if self.engine == "ddp" and self.zero_stage:
-            raise ValueError(f"loop.engine 'ddp' cannot shard training state (zero_stage={self.zero_stage}); "
-                             "use engine 'deepspeed' for ZeRO stages 1-3, or zero_stage 0")
 
 
 class RunExistsError(ValueError):

@@ -34,7 +34,9 @@ from torch import nn
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import DEFAULT_LABEL_NAMES, MODALITIES, ClinicalEncoding
 from diffkd.distill import DistillBatch, FeatureWidths, build_loss
-from diffkd.train.loop import FitResult, LoopConfig
+from diffkd.models import unwrap
+from diffkd.train.loop import FitResult
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
@@ -90,18 +92,10 @@ class DistillConfig:
 
     @classmethod
     def upgrade_layout(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
-        """Read the flat layout of earlier releases (`temperature`, `alpha`, `pro_weight`, ...) with a warning."""
-        from diffkd.config import FLAT_DISTILL_KEYS, deprecated_layout, flat_distill_to_terms
+        """Read the flat layout of the previous release (`temperature`, `alpha`, `pro_weight`, ...) with a warning."""
+        from diffkd.config.legacy import upgrade_distill
 
-        if not set(data) & set(FLAT_DISTILL_KEYS):
-            return data
-        if "terms" in data:
-            raise ValueError(f"{where}: mixes `terms` with the old flat keys "
-                             f"{', '.join(sorted(set(data) & set(FLAT_DISTILL_KEYS)))}; use `terms` only")
-        terms = flat_distill_to_terms(data, where)
-        deprecated_layout(f"{where}: the flat layout ({', '.join(data)}) is deprecated and will not be read in "
-                          f"the next release; write it as `terms: {terms}`")
-        return {"terms": terms}
+        return upgrade_distill(data, where)
 
     def weight(self, name: str) -> float:
         return float(self.terms[name]["weight"]) if name in self.terms else 0.0
@@ -177,7 +171,7 @@ def run_classifier(model: nn.Module, batch: dict[str, Any]) -> ClassifierOutput:
     pieces so that the backbone runs once: timm's forward_features / forward_head, and for a fusion
     classifier its rule, image logits + fusion head(embedding, clinical).
     """
-    from diffkd.models.classifiers import image_model, unwrap, uses_clinical
+    from diffkd.models.classifiers import image_model, uses_clinical
 
     backbone = image_model(model)
     feature_map = backbone.forward_features(batch["image"])
@@ -405,12 +399,6 @@ class StudentTask(Task):
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         export_student(unwrap(model).student, out_dir, self.config)
-
-
-def unwrap(model: nn.Module) -> DistillationModel:
-    while not isinstance(model, DistillationModel) and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 # ---- export -----------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from torch import nn
 
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import DEFAULT_LABEL_NAMES, ClinicalEncoding
-from diffkd.train.loop import FitResult, LoopConfig
+from diffkd.train.loop import FitResult
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Centers differ in transducer frequency (speckle size), beam quality, pixel spacing, dynamic range,
 gain, TGC error, compounding, gray map, post-filtering, linear vs curvilinear geometry, image size,
-RGB vs gray export, JPEG quality, burned-in text and calipers, and case mix (REFERENCE.md).
+RGB vs gray export, JPEG quality, burned-in text and calipers, and case mix (docs/design.md).
 """
 from __future__ import annotations
 

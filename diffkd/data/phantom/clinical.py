@@ -4,7 +4,7 @@ Every case has a hidden aggressiveness `a ~ N(shift, 1)`. The label and every ob
 separate noisy read-outs of it: for feature k, a standard-normal latent
 `f_k = r_k * a + sqrt(1 - r_k^2) * e_k`, cut at fixed quantiles into the published category rates.
 The label is the same kind of read-out, `upgrade = f_label > Phi^-1(1 - 0.26)`, so no feature decides
-it and every feature overlaps between the classes (REFERENCE.md "Ultrasound phantom": single US
+it and every feature overlaps between the classes (docs/design.md "The phantom is hard on purpose": single US
 descriptors are weak; size, BI-RADS 4c/5, mass, palpable, suspicious node, high grade are stronger).
 
 `difficulty` d rescales all couplings at once, r(d) = r / sqrt(r^2 + d^2 (1 - r^2)): d = 1 gives the
@@ -23,7 +23,7 @@ from scipy.special import ndtr, ndtri
 UPGRADE_RATE = 0.26
 
 # Correlation of each feature latent with the aggressiveness at difficulty 1. Chosen so that the
-# univariate odds ratios land near the published ones (tests/test_phantom.py pins the directions and
+# univariate odds ratios land near the published ones (tests/data/test_phantom.py pins the directions and
 # the oracle AUC), never to favour any model.
 COUPLING: dict[str, float] = {
     "label": 0.93,
@@ -40,7 +40,7 @@ COUPLING: dict[str, float] = {
     "age": 0.05,
 }
 
-# Ordered from least to most aggressive, with their rates among DCIS cases (REFERENCE.md).
+# Ordered from least to most aggressive, with their rates among DCIS cases (docs/design.md).
 LESION_TYPE_RATES = {"not_visible": 0.07, "calcification": 0.13, "non_mass": 0.30, "mass": 0.50}
 MARGIN_RATES = {"circumscribed": 0.20, "microlobulated": 0.25, "indistinct": 0.25, "angular": 0.15,
                 "spiculated": 0.15}

@@ -3,7 +3,7 @@
 Readers see the images, not the hidden truth: their suspicion is the imaging-visible score
 (`clinical.imaging_suspicion`, the same one BI-RADS is built from) plus reader noise, larger for
 the junior reader, who also over-calls. With the noise levels below the readers' AUCs on the phantom
-land near the published radiologist range for upgrade prediction (0.54-0.68; REFERENCE.md), senior
+land near the published radiologist range for upgrade prediction (0.54-0.68; docs/design.md), senior
 above junior.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Pipeline for one image (all vectorised, float32):
    a separable Gaussian PSF whose size follows the wavelength; envelope = magnitude; compounding
    averages several looks;
 4. log compression with the center's gain and dynamic range, its gray map and post-filter.
-REFERENCE.md "Ultrasound phantom" lists the physical values used here.
+docs/design.md "Ultrasound images from physics" lists the physical values used here.
 """
 from __future__ import annotations
 
