@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from diffkd.config import ConfigError, from_dict
+from diffkd.console import WORKER_STATUS_TAG, worker_line
 from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, optimizer_steps, resolve_precision
 from diffkd.train.loop import epoch_seed
 from diffkd.train.loop_config import LoopConfig
@@ -75,7 +76,7 @@ def test_progress_prints_each_epoch_with_samples_per_second_and_time_left():
     progress.start_epoch(3)
     line = progress.end_epoch({"loss": 0.51234, "val_auc": 0.7312, "val_loss": 0.6, "samples_per_s": 412.3,
                                "epoch": 3, "lr": 1e-3}, improved=True, objective="val_auc")
-    assert out.getvalue() == line + "\n"
+    assert out.getvalue() == worker_line(line) + "\n"  # tagged for the driver's console
     assert line.startswith("[teacher] epoch 3/10  loss 0.5123  val_auc 0.7312*  val_loss 0.6000")
     assert "412.3 samples/s" in line and "ETA" in line and "lr" not in line.split("samples/s")[0]
 
@@ -86,8 +87,9 @@ def test_progress_beats_inside_long_epochs():
     progress.start_epoch(1)
     progress.step(32, 0.9)
     progress.step(32, 0.7)
-    beats = out.getvalue().splitlines()
-    assert len(beats) == 2 and beats[-1].startswith("[diffusion] epoch 1/2  step 2/50  loss 0.8000")
+    beats = [beat.removeprefix(WORKER_STATUS_TAG) for beat in out.getvalue().splitlines()]
+    assert len(beats) == 2 and beats[-1].startswith("[diffusion] epoch 1/2  [#")
+    assert "step 2/50  loss 0.8000" in beats[-1]
     assert "epoch ends in" in beats[-1]
 
 
