@@ -6,26 +6,12 @@ all-reduce without changing what it computes.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from diffkd.train.deepspeed_config import prepare_deepspeed
 from diffkd.train.deepspeed_config import build_engine
 from diffkd.train.loop_config import LoopConfig
-
-
-@pytest.fixture(scope="module")
-def one_process_group():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29_500 + os.getpid() % 1000), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
-    prepare_deepspeed(use_gpu=False)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def trajectory(engine_name: str, steps: int = 12) -> tuple[list[float], list[float], object]:
@@ -45,7 +31,7 @@ def trajectory(engine_name: str, steps: int = 12) -> tuple[list[float], list[flo
     return losses, lrs, engine
 
 
-def test_ddp_and_deepspeed_engines_train_alike_and_one_deepspeed_worker_skips_the_all_reduce(one_process_group):
+def test_ddp_and_deepspeed_engines_train_alike_and_one_deepspeed_worker_skips_the_all_reduce(process_group):
     ddp_losses, ddp_lrs, ddp = trajectory("ddp")
     ds_losses, ds_lrs, ds = trajectory("deepspeed")
     assert ds.enable_backward_allreduce is False
@@ -55,7 +41,7 @@ def test_ddp_and_deepspeed_engines_train_alike_and_one_deepspeed_worker_skips_th
     assert ddp_losses[-1] < ddp_losses[0]
 
 
-def test_ddp_engine_checkpoint_restores_weights_optimizer_and_schedule(one_process_group, tmp_path):
+def test_ddp_engine_checkpoint_restores_weights_optimizer_and_schedule(process_group, tmp_path):
     _, _, trained = trajectory("ddp", steps=6)
     trained.save_checkpoint(str(tmp_path), tag="state")
     _, _, fresh = trajectory("ddp", steps=2)
