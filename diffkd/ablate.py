@@ -168,11 +168,9 @@ def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
 
 def is_current(folder: str, key: str) -> bool:
     """True when `folder` holds finished predictions trained on exactly what `key` describes."""
-    path = os.path.join(folder, TRIAL_INFO)
-    if not (os.path.exists(path) and os.path.exists(os.path.join(folder, PREDICTIONS))):
-        return False
-    with open(path) as f:
-        return json.load(f).get("key") == key
+    from diffkd.runstate import outputs_current
+
+    return outputs_current(folder, TRIAL_INFO, PREDICTIONS, key)
 
 
 @contextlib.contextmanager

@@ -99,11 +99,9 @@ def fold_key(dataset: str, teacher: dict, val_fraction: float, seed: int) -> str
 
 def fold_is_current(folder: str, key: str) -> bool:
     """True when `folder` holds a finished fold trained on exactly what `key` describes."""
-    path = os.path.join(folder, FOLD_INFO)
-    if not (os.path.exists(path) and os.path.exists(os.path.join(folder, PREDICTIONS))):
-        return False
-    with open(path) as f:
-        return json.load(f).get("key") == key
+    from diffkd.runstate import outputs_current
+
+    return outputs_current(folder, FOLD_INFO, PREDICTIONS, key)
 
 
 def fold_predictions(out_dir: str, center: str) -> "pd.DataFrame":

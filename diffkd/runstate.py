@@ -32,6 +32,16 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def outputs_current(folder: str, info_file: str, outputs: str, key: str) -> bool:
+    """True when `folder` holds finished `outputs` made from exactly what `key` (a fingerprint) describes,
+    as recorded in its `info_file`: a trial or fold whose inputs changed is trained again."""
+    path = os.path.join(folder, info_file)
+    if not (os.path.exists(path) and os.path.exists(os.path.join(folder, outputs))):
+        return False
+    with open(path) as f:
+        return json.load(f).get("key") == key
+
+
 class StageUnavailable(RuntimeError):
     """A stage cannot run because a stage it reads did not finish in this run."""
 
