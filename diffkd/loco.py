@@ -25,7 +25,6 @@ centers differ.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
