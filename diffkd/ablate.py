@@ -28,7 +28,8 @@ return at once and only missing or stale ones train.
 Outputs in `out_dir`: `ablation.csv` (arm, seed, center, cases, upgrades, external AUC with its 95%
 CI), `ablation_summary.csv` and `ablation.json` (per arm and center: the mean AUC over seeds and
 the paired difference from `full` with its 95% CI, p and minimum detectable difference, by the
-hierarchical bootstrap of `diffkd.evaluate.pooled`), `ablation_forest.png`, and `trials/`,
+hierarchical bootstrap of `diffkd.evaluate.pooled`), `ablation_forest.png`, `distillation.csv` (per
+student trial: its agreement with the teacher and its paired external gap to it), and `trials/`,
 `teachers/`, `models/` (the generator), `run_state.json`.
 """
 from __future__ import annotations
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 REFERENCE_ARM = "full"
 SYNTHETIC_ARMS = ("full", "no_kd", "teacher")  # arms that read the generator's rows
 ARM_TEACHER = {"full": "synthetic", "teacher": "synthetic", "no_synthesis": "real", "pairing_free": "second_modality"}
+# The plain arms learn from no teacher, but their agreement is measured against the full arm's
+# (the same teacher, trained once per seed), so that distillation's share of it shows.
+COMPARED_TEACHER = {"no_kd": "synthetic", "neither": "synthetic"}
 # Trials of one seed start in this order: the teacher first, beside an arm that needs no teacher, so
 # that `full` (which distils from that same teacher) rarely has to wait for it; full and neither (the
 # whole method against none of it) early, so that a time budget cuts the other arms first.
@@ -73,6 +77,7 @@ class AblationOutcome:
     out_dir: str
     table: "pd.DataFrame"  # ablation.csv
     summary: "pd.DataFrame"  # ablation_summary.csv
+    distillation: "pd.DataFrame"  # distillation.csv
     arms: list[str]
     seeds: list[int]
     parallel: int
@@ -154,12 +159,12 @@ def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
     """What a trial's result depends on: data, splits, its configs, its teacher's, the generator run."""
     from diffkd.runstate import fingerprint
 
-    kind = ARM_TEACHER.get(arm)
+    kind = ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
     parts: dict[str, Any] = {"data": plan.data_key, "arm": arm, "splits": to_dict(cfg.splits),
                              "teacher": _teacher_key(plan, cfg, kind, seed) if kind else None}
     if arm != "teacher":
         student = to_dict(student_setup(cfg, arm, seed, plan.sources[seed], ""))
-        if not kind:  # a plain student has no distillation terms: changing them leaves it current
+        if arm not in ARM_TEACHER:  # a plain student has no distillation terms: changing them leaves it current
             student.pop("distill")
         parts["student"] = student
     return fingerprint(parts)
@@ -221,7 +226,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     target = trial_dir(plan.out_dir, arm, seed)
     key = trial_key(plan, cfg, arm, seed)
     if not is_current(target, key):
-        kind = ARM_TEACHER.get(arm)
+        kind = ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
         teacher = ensure_teacher(plan, cfg, kind, seed) if kind else ""
         if arm == "teacher":
             os.makedirs(target, exist_ok=True)
@@ -353,7 +358,8 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
         notes.append(f"{len(trials) - len(finished)} of {len(trials)} trial(s) did not finish "
                      "(failed, past the time budget or not run); rerun the same command to finish them")
     table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width)
-    outcome = AblationOutcome(out_dir=str(out), table=table, summary=summary, arms=arms, seeds=seeds,
+    outcome = AblationOutcome(out_dir=str(out), table=table, summary=summary,
+                              distillation=distillation_table(str(out), finished), arms=arms, seeds=seeds,
                               parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes)
     outcome.files = write_outputs(outcome, settings)
     return outcome
@@ -469,6 +475,39 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
     return table, pd.DataFrame(summary)
 
 
+DISTILLATION_COLUMNS = ["arm", "seed", "params", "best_epoch", "epochs_run", "val_auc", "agree_corr", "agree_kl",
+                        "agree_top1", "external_auc", "teacher_auc", "gap", "gap_ci_low", "gap_ci_high", "gap_p"]
+
+
+def distillation_table(out_dir: str, trials: list[dict[str, Any]]) -> "pd.DataFrame":
+    """distillation.csv: per student trial, the epoch kept, its internal-validation agreement with the
+    teacher there (`diffkd.distill.agreement`; the plain arms are measured against the full arm's
+    teacher) and its external AUC minus the teacher's on the same cases (paired, 95% CI)."""
+    import json
+
+    import pandas as pd
+
+    from diffkd.train.teacher import TRAINING_INFO
+
+    rows = []
+    for t in trials:
+        path = os.path.join(trial_dir(out_dir, t["arm"], t["seed"]), TRAINING_INFO)
+        if t["arm"] == "teacher" or not os.path.exists(path):
+            continue
+        info = json.loads(Path(path).read_text())
+        metrics = info["metrics"]
+        best = next((h for h in info["history"] if h["epoch"] == metrics.get("best_epoch")), {})
+        gap = metrics.get("teacher_gap") or {}
+        ci = gap.get("difference_ci") or [math.nan, math.nan]
+        rows.append({"arm": t["arm"], "seed": t["seed"], "params": metrics.get("params"),
+                     "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
+                     **{key: best.get(key, math.nan) for key in ("val_auc", "agree_corr", "agree_kl", "agree_top1")},
+                     "external_auc": gap.get("auc_a", math.nan), "teacher_auc": gap.get("auc_b", math.nan),
+                     "gap": gap.get("difference", math.nan), "gap_ci_low": ci[0], "gap_ci_high": ci[1],
+                     "gap_p": gap.get("p", math.nan)})
+    return pd.DataFrame(rows, columns=DISTILLATION_COLUMNS)
+
+
 def _shared_cases(group: "pd.DataFrame", arms: list[str], seeds: list[int]) -> list[str]:
     """Cases every listed arm scored under every listed seed (the unit of pairing)."""
     cases = None
@@ -541,14 +580,17 @@ def write_outputs(outcome: AblationOutcome, settings: AblationConfig) -> dict[st
 
     out = outcome.out_dir
     files = {"table": os.path.join(out, "ablation.csv"), "summary": os.path.join(out, "ablation_summary.csv"),
-             "json": os.path.join(out, "ablation.json"), "plot": os.path.join(out, "ablation_forest.png")}
+             "json": os.path.join(out, "ablation.json"), "plot": os.path.join(out, "ablation_forest.png"),
+             "distillation": os.path.join(out, "distillation.csv")}
     atomic_write_text(files["table"], outcome.table.to_csv(index=False))
+    atomic_write_text(files["distillation"], outcome.distillation.to_csv(index=False))
     atomic_write_text(files["summary"], outcome.summary.to_csv(index=False))
     atomic_write_json(files["json"], {
         "arms": outcome.arms, "seeds": outcome.seeds, "reference": REFERENCE_ARM, "parallel": outcome.parallel,
         "wall_s": outcome.wall_s, "failed": outcome.failed, "notes": outcome.notes, "settings": to_dict(settings),
         "method": PooledEstimate.method + f", {settings.n_boot} replicates; see diffkd/evaluate/pooled.py",
-        "summary": outcome.summary.to_dict(orient="records"), "trials": outcome.table.to_dict(orient="records")})
+        "summary": outcome.summary.to_dict(orient="records"), "trials": outcome.table.to_dict(orient="records"),
+        "distillation": outcome.distillation.to_dict(orient="records")})
     plot_forest(outcome.table, outcome.summary, files["plot"])
     return files
 

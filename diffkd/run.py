@@ -180,8 +180,10 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
 
     students = {  # name -> (config, the stages whose outputs it reads)
         "student_kd": (student_cfg, ["teacher", *synthetic_after]),
-        "student_plain": (plain_variant(student_cfg), []),
     }
+    # the plain control measures its agreement with the same teacher, when there is one to compare with
+    students["student_plain"] = ((plain_variant(student_cfg), ["teacher"]) if "teacher" not in state.failed else
+                                 (dataclasses.replace(plain_variant(student_cfg), agreement_teacher_dir=""), []))
     if ratio > 0:
         students["student_kd_real_only"] = (dataclasses.replace(
             _pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=str(models / "teacher_real_only")),
@@ -471,6 +473,25 @@ def _initialised_from(model_dirs: dict[str, str], baseline_summary: dict | None)
     return {name: start for name, start in found.items() if start}
 
 
+def _distillation_inputs(model_dirs: dict[str, str]) -> dict[str, dict]:
+    """Each student's training history and the model name of the teacher it learned from (or, for the
+    plain control, was measured against), from the stage's training.json."""
+    from diffkd.train.teacher import TRAINING_INFO
+
+    names = {os.path.normpath(path): name for name, path in model_dirs.items()}
+    out = {}
+    for name, path in model_dirs.items():
+        info_path = Path(path, TRAINING_INFO)
+        if not name.startswith("student") or not info_path.exists():
+            continue
+        info = json.loads(info_path.read_text())
+        config = info.get("config") or {}
+        teacher_path = config.get("teacher_dir") or config.get("agreement_teacher_dir") or ""
+        out[name] = {"teacher": names.get(os.path.normpath(teacher_path)) if teacher_path else None,
+                     "best_epoch": info["metrics"].get("best_epoch"), "history": info.get("history", [])}
+    return out
+
+
 def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: ExperimentConfig, synthetic: dict | None,
             grids: list[str], baseline_summary: dict | None, readers_csv: str | None, skipped: dict[str, str],
             notes: list[str], external: list[str], truth: str | None = None) -> dict:
@@ -503,7 +524,8 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           model_info=model_info, synthetic=synthetic,
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
-                          evaluate=to_dict(cfg.evaluate), truth=truth, label_names=list(ds.label_names))
+                          evaluate=to_dict(cfg.evaluate), truth=truth, label_names=list(ds.label_names),
+                          distillation=_distillation_inputs(model_dirs))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     return {"report": str(files.index), "metrics": str(files.metrics)}
 

@@ -284,7 +284,7 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
             trainable, param_space=space.ray_param_space(),
             tune_config=tune.TuneConfig(metric=space.objective, mode=space.mode, num_samples=space.num_samples,
                                         max_concurrent_trials=concurrent, search_alg=_searcher(space),
-                                        scheduler=_scheduler(space, cfg.loop.epochs)),
+                                        scheduler=_scheduler(space, space.max_epochs(cfg.loop.epochs))),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=out_dir, callbacks=[placement_group_sweeper()],
                                       failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()

@@ -65,6 +65,13 @@ class Distribution:
     def log_scale(self) -> bool:
         return self.kind == "loguniform"
 
+    @property
+    def highest(self) -> Any:
+        """The largest value a draw can take."""
+        if self.kind == "choice":
+            return max(self.args)
+        return self.args[1] - 1 if self.kind == "randint" else self.args[1]
+
 
 @dataclass
 class SchedulerSpec:
@@ -92,6 +99,11 @@ class TuneSpace:
 
     def ray_param_space(self) -> dict[str, Any]:
         return {name: dist.to_ray() for name, dist in self.params.items()}
+
+    def max_epochs(self, base_epochs: int) -> int:
+        """The most epochs a trial can run: the base config's, or more where the space searches `loop.epochs`."""
+        searched = self.params.get("loop.epochs")
+        return int(max(base_epochs, searched.highest)) if searched is not None else base_epochs
 
 
 def load_space(path: str) -> TuneSpace:

@@ -185,6 +185,15 @@ def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys
                                                    "synthetic-s1.lock"]
     record = json.loads((out / "ablation.json").read_text())
     assert any("ran once" in note for note in record["notes"])
+    # every student records its agreement with the full arm's teacher (the plain one too, unlearned)
+    distillation = pd.read_csv(out / "distillation.csv")
+    assert sorted(zip(distillation["arm"], distillation["seed"])) == [("full", 0), ("full", 1), ("neither", 0),
+                                                                      ("neither", 1)]
+    assert distillation["agree_corr"].between(-1, 1).all() and (distillation["agree_kl"] >= 0).all()
+    assert (distillation["gap_ci_low"] <= distillation["gap"]).all()
+    assert (distillation["gap"] <= distillation["gap_ci_high"]).all()
+    teacher = json.loads((out / "trials" / "neither-s0" / TRIAL_INFO).read_text())["teacher"]
+    assert teacher.endswith("synthetic-s0")
     assert "neither" in printed and "reference" in printed
 
 

@@ -25,6 +25,10 @@ def test_the_shipped_kd_space_loads_and_maps_to_ray():
     ray_space = space.ray_param_space()
     assert isinstance(ray_space["distill.terms.logit.temperature"], Float)
     assert 1.0 <= ray_space["distill.terms.logit.temperature"].sample() <= 10.0
+    # the student's schedule is searched too, and ASHA's budget stretches to the longest choice
+    assert {"loop.epochs", "loop.patience", "distill.synthetic_labels"} <= set(space.params)
+    assert space.max_epochs(5) == 30 and space.max_epochs(40) == 40
+    assert load_space(ROOT / "tune_spaces" / "kd_demo.yaml").max_epochs(6) == 6  # epochs not searched there
 
 
 @pytest.mark.parametrize("config", [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "paper.yaml"],

@@ -73,7 +73,8 @@ def run_ablate(args) -> int:
         print(f"note: {note}")
     print(format_summary(outcome.summary, settings.target_half_width))
     print(f"{len(outcome.table)} trial row(s), {outcome.parallel} trial(s) at a time, {outcome.wall_s:.0f} s; "
-          f"table {outcome.files['table']}, summary {outcome.files['summary']}, plot {outcome.files['plot']}")
+          f"table {outcome.files['table']}, summary {outcome.files['summary']}, plot {outcome.files['plot']}, "
+          f"distillation {outcome.files['distillation']}")
     for failure in outcome.failed:
         print(f"failed: {failure}")
     return 1 if outcome.failed else 0

@@ -271,6 +271,39 @@ def efficiency_figure(metrics: Mapping) -> bytes | None:
     return to_png(fig)
 
 
+def distillation_figure(students: Mapping[str, Mapping]) -> bytes | None:
+    """Per epoch and student: internal-validation AUC, logit correlation with the teacher, and the loss
+    terms (cross-entropy solid, distillation terms dashed). None without histories."""
+    histories = {s: info.get("history") or [] for s, info in students.items()}
+    histories = {s: h for s, h in histories.items() if h}
+    if not histories:
+        return None
+    colors = model_colors(list(histories))
+    fig = Figure(figsize=(11, 3.6))
+    auc_ax, agree_ax, loss_ax = fig.subplots(1, 3)
+    for student, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        color = colors[student]
+        auc_ax.plot(epochs, [h.get("val_auc", np.nan) for h in history], "o-", color=color, label=student, ms=3)
+        agree_ax.plot(epochs, [h.get("agree_corr", np.nan) for h in history], "o-", color=color, ms=3)
+        loss_ax.plot(epochs, [h.get("ce", np.nan) for h in history], "-", color=color)
+        for term in sorted({k for h in history for k in h if k.startswith("kd_")}):
+            loss_ax.plot(epochs, [h.get(term, np.nan) for h in history], "--", color=color, label=f"{student} {term}")
+        best = students[student].get("best_epoch")
+        if best is not None:
+            auc_ax.axvline(best, color=color, alpha=0.25, lw=1)
+    for ax, title in ((auc_ax, "internal-validation AUC"), (agree_ax, "logit correlation with the teacher"),
+                      (loss_ax, "loss terms (CE solid, KD dashed)")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    auc_ax.legend(fontsize=7)
+    if loss_ax.get_legend_handles_labels()[0]:
+        loss_ax.legend(fontsize=6)
+    fig.tight_layout()
+    return to_png(fig)
+
+
 def cohort_figure(cohort: pd.DataFrame, label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> bytes:
     """Cases per center split by label (`label_names`: label 0, label 1); external centers hatched."""
     fig = Figure(figsize=(1.3 * len(cohort) + 3, 3.6))

@@ -57,6 +57,7 @@ SECTIONS = {
     "calibration": "Calibration",
     "decision": "Clinical utility", "ablations": "Ablations", "baselines": "Seed-001 baselines",
     "readers": "Reader study", "efficiency": "Model size and speed", "synthetic": "Synthetic-data audit",
+    "distillation": "Distillation",
 }
 
 
@@ -82,6 +83,9 @@ class ReportInputs:
     # Its case ids are mapped to the stored ones with the salt of dataset["path"].
     truth: str | None = None
     label_names: list = field(default_factory=lambda: list(DEFAULT_LABEL_NAMES))  # the dataset's label 0, label 1
+    # student -> {"teacher": the teacher's model name, "best_epoch", "history": per-epoch metrics with the
+    # loss terms (ce, kd_<term>) and the agreement measures (agree_corr, agree_kl, agree_top1)}
+    distillation: dict = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = sorted(set(self.skipped) - set(SECTIONS))
@@ -492,6 +496,37 @@ def _ablation_section(ctx: _Context) -> str:
     return out
 
 
+def _distillation_section(ctx: _Context) -> str:
+    if ctx.caller_skipped("distillation"):
+        return _skipped(ctx.skipped["distillation"])
+    students = ctx.metrics.get("distillation") or {}
+    if not students:
+        return ctx.skip("distillation", "no student's training history was provided")
+    rows = []
+    for student, e in students.items():
+        at = e["at_best_epoch"]
+        gap = e.get("external_gap") or {}
+        rows.append([f"<code>{_esc(student)}</code>", f"<code>{_esc(e['teacher'] or '–')}</code>",
+                     f"{_esc(e['best_epoch'])} of {e['epochs_run']}", _num(at.get("val_auc")),
+                     _num(at.get("agree_corr")), _num(at.get("agree_kl")), _pct(at.get("agree_top1")),
+                     _num(gap.get("auc_a")), _num(gap.get("auc_b")),
+                     _ci(gap.get("difference"), gap.get("difference_ci")), _p(gap.get("p"))])
+    out = _table(["student", "teacher", "epoch kept", "internal AUC", "logit correlation", "KL (T=1)",
+                  "top-1 agreement", "external AUC", "teacher's", "student − teacher (95% CI)", "p"],
+                 rows, range(2, 11))
+    out += ('<p class="note">Agreement with the teacher on the internal-validation images at the epoch kept: '
+            "correlation of the logit margins (the ranking AUC scores), KL(teacher ‖ student) at temperature 1 "
+            "(the probabilities, scale included) and the share of images put in the same class. A student that "
+            "learns no teacher (the plain control) is measured against the same teacher: the difference is "
+            "what distillation adds to what the labels alone give. The external difference is paired, on the "
+            "same cases.</p>")
+    png = figures.distillation_figure(ctx.inputs.distillation)
+    if png:
+        out += _figure(png, "Distillation curves", "Per epoch: internal-validation AUC, agreement with the "
+                       "teacher (logit correlation), and the loss terms (cross-entropy and each distillation term).")
+    return out
+
+
 def _baseline_section(ctx: _Context) -> str:
     if ctx.caller_skipped("baselines"):
         return _skipped(ctx.skipped["baselines"])
@@ -669,6 +704,7 @@ _SECTIONS = [
     ("ablations", "Ablations", "item 23", _ablation_section),
     ("baselines", "Seed-001 baselines", "items 12, 22", _baseline_section),
     ("readers", "Reader study", "item 23", _readers_section),
+    ("distillation", "Distillation", "item 10", _distillation_section),
     ("efficiency", "Model size and speed", "item 22", _efficiency_section),
     ("synthetic", "Synthetic-data audit", "item 9", _synthetic_section),
 ]
@@ -769,7 +805,8 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
     if inputs.truth:  # the one place truth is read: training stages never see it
         truth = load_truth(inputs.truth, preds.case_id.unique(), inputs.dataset.get("path"))
     metrics = build_metrics(preds, model_info=inputs.model_info, synthetic=inputs.synthetic, readers=reads,
-                            baselines=inputs.baselines, config=config, truth=truth, label_names=inputs.label_names)
+                            baselines=inputs.baselines, config=config, truth=truth, label_names=inputs.label_names,
+                            distillation=inputs.distillation)
     ctx = _Context(preds=preds, metrics=metrics, inputs=inputs, config=config,
                    thresholds=fit_thresholds(preds, config.threshold_rule), reads=reads,
                    grids=_read_grids(inputs.synthetic_grids))

@@ -208,7 +208,7 @@ def cohort_metrics(frame: pd.DataFrame, threshold: float, config: EvaluateConfig
     return out
 
 
-def _comparison(preds: pd.DataFrame, a: str, b: str, split: str, options: CIOptions) -> dict:
+def paired_comparison(preds: pd.DataFrame, a: str, b: str, split: str, options: CIOptions) -> dict:
     pa = preds[(preds.model == a) & (preds.split == split)].set_index("case_id")
     pb = preds[(preds.model == b) & (preds.split == split)].set_index("case_id")
     common = pa.index.intersection(pb.index)
@@ -232,7 +232,7 @@ def comparisons(preds: pd.DataFrame, reference: str = REFERENCE_MODEL,
     models = ordered_models(preds.model.unique())
     pairs = [(m, reference) for m in models if m != reference and reference in models]
     pairs += [(a, b) for a, b in extra_pairs if a in models and b in models and not {(a, b), (b, a)} & set(pairs)]
-    return [_comparison(preds, a, b, "test", options) for a, b in pairs]
+    return [paired_comparison(preds, a, b, "test", options) for a, b in pairs]
 
 
 def _internal_vs_external(frame: pd.DataFrame, options: CIOptions) -> dict | None:
@@ -243,6 +243,30 @@ def _internal_vs_external(frame: pd.DataFrame, options: CIOptions) -> dict | Non
                         strata=c.center.to_numpy()) for c in (internal, external))
     t = independent_auc_test(a, b, len(internal) + len(external), options.level)
     return {"p": t.p, "difference": t.difference, "difference_ci": list(t.ci), "method": t.method}
+
+
+AGREEMENT = ("agree_corr", "agree_kl", "agree_top1")
+
+
+def distillation_summary(preds: pd.DataFrame, students: Mapping[str, Mapping], options: CIOptions) -> dict:
+    """Per student: its teacher, the epoch kept, its internal-validation agreement with the teacher and
+    loss terms at that epoch, and its external AUC minus the teacher's on the same cases (paired test).
+
+    `students`: {student: {"teacher": model name, "best_epoch": int, "history": [per-epoch metrics]}}.
+    """
+    out = {}
+    for student, info in students.items():
+        history = list(info.get("history") or [])
+        best = next((h for h in history if h.get("epoch") == info.get("best_epoch")), {})
+        teacher = info.get("teacher")
+        entry = {"teacher": teacher, "best_epoch": info.get("best_epoch"), "epochs_run": len(history),
+                 "at_best_epoch": {k: v for k, v in best.items()
+                                   if k in ("val_auc", "ce", *AGREEMENT) or k.startswith("kd_")}}
+        models = set(preds.model)
+        if teacher in models and student in models:
+            entry["external_gap"] = paired_comparison(preds, student, teacher, "test", options)
+        out[student] = entry
+    return out
 
 
 def describe_ci_method(config: EvaluateConfig) -> str:
@@ -260,7 +284,8 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
                   synthetic: Mapping | None = None, readers: pd.DataFrame | None = None,
                   baselines: Mapping | None = None, config: EvaluateConfig = EvaluateConfig(),
                   extra_pairs: Sequence[tuple[str, str]] = EXTRA_PAIRS, truth: pd.DataFrame | None = None,
-                  label_names: Sequence[str] = DEFAULT_LABEL_NAMES) -> dict:
+                  label_names: Sequence[str] = DEFAULT_LABEL_NAMES,
+                  distillation: Mapping[str, Mapping] | None = None) -> dict:
     """metrics.json as a dict (strict-JSON values: NaN becomes null).
 
     model_info: {model: {"params": int, "latency_ms": float, "latency": {runtime: {"b1": ms, ...}}}}
@@ -269,7 +294,8 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
     of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
     synthetic cohort's truth (`truth.load_truth(...)`), giving per center the Bayes and image-visible
-    AUCs under "ceilings"; label_names: the dataset's outcome names (label 0, label 1 = positive).
+    AUCs under "ceilings"; label_names: the dataset's outcome names (label 0, label 1 = positive);
+    distillation: per student, its teacher's model name and training history (`distillation_summary`).
     """
     preds = validate_predictions(predictions)
     thresholds = fit_thresholds(preds, config.threshold_rule)
@@ -325,6 +351,8 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
             "comparisons": compare_readers(readers, preds[preds.model == config.reference],
                                            thresholds[config.reference], config.level),
         }
+    if distillation:
+        out["distillation"] = distillation_summary(preds, distillation, config.ci_options)
     if baselines:
         out["baselines"] = dict(baselines)
     if truth is not None:

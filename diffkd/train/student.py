@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("paired", "pairing_free")
 CLASS_WEIGHTINGS = ("balanced", "none")
+SYNTHETIC_LABELS = ("condition", "teacher")
 
 
 DEFAULT_TERMS = {"logit": {"weight": 0.9, "temperature": 4.0}}  # Hinton KD, torchdistill/mdistiller's T
@@ -63,10 +64,18 @@ class DistillConfig:
     """
 
     terms: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_TERMS))
+    # Who labels the synthetic rows: "condition" (the class the generator was asked for, used by
+    # cross-entropy) or "teacher" (no cross-entropy on them; the distillation terms alone teach, with
+    # the teacher's class where a term groups by class). A generator whose label effect the audit
+    # cannot show makes its condition a noisy label; the teacher's opinion is the natural target.
+    synthetic_labels: str = "condition"
 
     def __post_init__(self) -> None:
         from diffkd.distill import check_loss_options, loss_class
 
+        if self.synthetic_labels not in SYNTHETIC_LABELS:
+            raise ValueError(f"student.distill.synthetic_labels must be one of {', '.join(SYNTHETIC_LABELS)}, "
+                             f"got {self.synthetic_labels!r}")
         if not isinstance(self.terms, dict):
             raise ValueError(f"student.distill.terms must be a mapping of loss name to options, got {self.terms!r}")
         blended = 0.0
@@ -119,6 +128,9 @@ class StudentConfig:
     arch: str = "mobilenetv3_small_100"  # any timm classifier; mobilenetv3 / efficientnet_lite / resnet18 class
     pretrained: str = ""  # "" = random weights; a local weights file or timm folder, or hf-hub:<org>/<name>
     teacher_dir: str = ""  # the teacher's saved folder; "" = plain student (cross-entropy only)
+    # a teacher to measure agreement with, not to learn from (the plain control's, so that its agreement
+    # can be set beside the distilled student's); "" = teacher_dir
+    agreement_teacher_dir: str = ""
     mode: str = "paired"  # paired | pairing_free
     student_modality: str = "us"
     teacher_modality: str = "us_doppler"  # what the teacher sees in pairing_free mode
@@ -154,6 +166,11 @@ class StudentConfig:
     @property
     def distills(self) -> bool:
         return bool(self.teacher_dir)
+
+    @property
+    def compared_teacher_dir(self) -> str:
+        """The teacher agreement is measured against: only where both models read the same images (paired)."""
+        return "" if self.mode == "pairing_free" else (self.agreement_teacher_dir or self.teacher_dir)
 
 
 # ---- the model: the student plus the learnable parts of its losses ----------------------------------
@@ -198,6 +215,13 @@ class DistillationModel(nn.Module):
         widths = FeatureWidths(student_channels, teacher_channels)
         names = cfg.active_terms() if cfg is not None else []
         self.losses = nn.ModuleDict({name: build_loss(name, widths, **cfg.options(name)) for name in names})
+        self.synthetic_labels = cfg.synthetic_labels if cfg is not None else "condition"
+
+    def teacher_labelled_rows(self, view: dict[str, Any]) -> torch.Tensor | None:
+        """Rows whose label comes from the teacher (synthetic rows, when so configured), else None."""
+        if self.synthetic_labels != "teacher" or "synthetic" not in view:
+            return None
+        return torch.as_tensor(view["synthetic"], dtype=torch.bool, device=view["label"].device)
 
     def forward(self, student_view: dict[str, Any], teacher_view: dict[str, Any] | None = None,
                 teacher: nn.Module | None = None, paired: bool = True,
@@ -211,7 +235,9 @@ class DistillationModel(nn.Module):
         """
         out = run_classifier(self.student, student_view)
         labels = student_view["label"]
-        terms = {"ce": F.cross_entropy(out.logits.float(), labels, weight=self.class_weights)}
+        teacher_labelled = self.teacher_labelled_rows(student_view) if teacher is not None else None
+        terms = {"ce": weighted_cross_entropy(out.logits.float(), labels, self.class_weights,
+                                              None if teacher_labelled is None else ~teacher_labelled)}
         loss_params = list(self.losses.parameters())
         if loss_params:
             terms["_anchor"] = sum(p.sum() for p in loss_params) * 0.0
@@ -220,6 +246,9 @@ class DistillationModel(nn.Module):
         with torch.no_grad():
             taught = run_classifier(teacher, teacher_view)
         t_labels = teacher_view["label"]
+        if teacher_labelled is not None and paired:  # the teacher's class stands in for the condition's
+            labels = torch.where(teacher_labelled, taught.logits.argmax(dim=1), labels)
+            t_labels = labels
         if paired:
             pairs = (torch.arange(len(labels), device=labels.device),) * 2
         else:
@@ -234,6 +263,17 @@ class DistillationModel(nn.Module):
                 if value is not None:
                     terms[f"kd_{name}"] = value
         return terms
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
+                           rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy as F.cross_entropy computes it (class-weighted mean), over `rows` only when given;
+    zero (still in the graph) when no row is left."""
+    if rows is None:
+        return F.cross_entropy(logits, labels, weight=class_weights)
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[rows], labels[rows], weight=class_weights)
 
 
 def same_class_pairs(student_labels: torch.Tensor, teacher_labels: torch.Tensor,
@@ -351,10 +391,14 @@ class StudentTask(Task):
         self.class_weights = class_weights
         self.clinical_dim = ClinicalEncoding().width if config.clinical else 0
         self.teacher: nn.Module | None = None
+        self.compared_teacher: nn.Module | None = None  # what agreement is measured against
         self.teacher_channels = 0
         self.epoch = 0
         if config.distills:  # on the driver: a wrong folder fails here, not in a worker
             self.teacher_channels = feature_channels(load_teacher(config.teacher_dir), config.pipeline.in_chans)
+        elif config.compared_teacher_dir and not os.path.isdir(config.compared_teacher_dir):
+            raise FileNotFoundError(f"student.agreement_teacher_dir {config.compared_teacher_dir!r} is not a folder; "
+                                    "give a trained teacher's folder or leave it empty")
 
     def build_student(self) -> nn.Module:
         from diffkd.models.classifiers import create_classifier
@@ -372,6 +416,10 @@ class StudentTask(Task):
     def setup(self, device: torch.device) -> None:
         if self.config.distills:
             self.teacher = load_teacher(self.config.teacher_dir).to(device)
+        compared = self.config.compared_teacher_dir
+        if compared:
+            self.compared_teacher = self.teacher if compared == self.config.teacher_dir \
+                else load_teacher(compared).to(device)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
@@ -386,16 +434,23 @@ class StudentTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Internal-validation AUC per case and cross-entropy of the student alone (the objective Tune optimises)."""
+        """Internal-validation AUC per case and cross-entropy of the student alone (the objective Tune
+        optimises), and its agreement with the teacher on the same images (`diffkd.distill.agreement`)."""
+        from diffkd.distill.agreement import agreement
         from diffkd.train.teacher import validation_metrics
 
         student = unwrap(model).student
-        logits, labels, case_ids = [], [], []
+        logits, taught, labels, case_ids = [], [], [], []
         for batch in batches:
             logits.append(run_classifier(student, batch).logits.float().cpu())
+            if self.compared_teacher is not None:
+                taught.append(run_classifier(self.compared_teacher, batch).logits.float().cpu())
             labels.append(batch["label"].cpu())
             case_ids.extend(batch["case_id"])
-        return validation_metrics(logits, labels, case_ids)
+        metrics = validation_metrics(logits, labels, case_ids)
+        if taught:
+            metrics.update(agreement(torch.cat(logits), torch.cat(taught)))
+        return metrics
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         export_student(unwrap(model).student, out_dir, self.config)
@@ -456,10 +511,14 @@ class StudentResult:
 
 
 def plain_variant(cfg: StudentConfig) -> StudentConfig:
-    """The `student_plain` control: the same architecture and inputs, no teacher, real images only."""
+    """The `student_plain` control: the same architecture and inputs, no teacher, real images only.
+
+    Its agreement is still measured against the distilled student's teacher, so that the two can be
+    compared (how much of the agreement the labels alone give)."""
     import dataclasses
 
     return dataclasses.replace(cfg, teacher_dir="", mode="paired",
+                               agreement_teacher_dir=cfg.agreement_teacher_dir or cfg.teacher_dir,
                                pipeline=dataclasses.replace(cfg.pipeline, synthetic_ratio=0.0))
 
 
@@ -564,6 +623,9 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
                    initialised_from=initialised_from(cfg.pretrained),
                    latency_ms=latency_ms(student, cfg.pipeline.image_size, cfg.pipeline.in_chans,
                                          ClinicalEncoding().width if cfg.clinical else 0))
+    gap = teacher_gap(predictions, cfg.compared_teacher_dir, model_name)
+    if gap is not None:
+        metrics["teacher_gap"] = gap
     write_stage_outputs(out_dir, predictions, {
         "model": model_name, "metrics": metrics, "history": fitted.history, "run_name": fitted.run_name,
         "run_path": fitted.run_path, "config": to_dict(cfg)})
@@ -571,5 +633,29 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
     for name, label in (("internal", "internal-validation"), ("external", "external")):
         if name in metrics:
             parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
+    if gap is not None and gap.get("difference") is not None:
+        low, high = gap["difference_ci"]
+        parts.append(f"external AUC minus its teacher's {gap['difference']:+.3f} ({low:+.3f} to {high:+.3f})")
     log.info("; ".join(parts))
     return predictions, metrics
+
+
+def teacher_gap(predictions: "pd.DataFrame", teacher_dir: str, model_name: str) -> dict | None:
+    """The student's external AUC minus its teacher's on the same cases: a paired test (DeLong, or the
+    patient-clustered bootstrap where patients have several cases) with its 95% CI. None without a
+    teacher or its predictions; the difference is None when the external cases lack a class."""
+    import pandas as pd
+
+    from diffkd.evaluate.metrics import CIOptions
+    from diffkd.evaluate.summary import paired_comparison
+    from diffkd.train.teacher import PREDICTIONS
+
+    path = os.path.join(teacher_dir, PREDICTIONS) if teacher_dir else ""
+    if not path or not os.path.exists(path):
+        return None
+    teacher = pd.read_parquet(path).assign(model="teacher")
+    both = pd.concat([predictions.assign(model=model_name), teacher[predictions.columns.intersection(teacher.columns)]],
+                     ignore_index=True)
+    entry = paired_comparison(both, model_name, "teacher", "test", CIOptions())
+    entry["b"] = os.path.basename(os.path.normpath(teacher_dir))
+    return entry

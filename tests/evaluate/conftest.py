@@ -56,6 +56,22 @@ def _simulate_reads(predictions: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _simulate_distillation(rng: np.random.Generator, epochs: int = 6) -> dict:
+    """Training histories of a distilled student and the plain control, as the student stage records them."""
+    out = {}
+    for student, kd in (("student_kd", True), ("student_plain", False)):
+        history = []
+        for epoch in range(1, epochs + 1):
+            entry = {"epoch": epoch, "val_auc": 0.6 + 0.03 * epoch + rng.normal(0, 0.01), "ce": 0.7 / epoch,
+                     "agree_corr": (0.5 if kd else 0.3) + 0.05 * epoch, "agree_kl": 0.2 / epoch,
+                     "agree_top1": 0.7 + 0.02 * epoch}
+            if kd:
+                entry["kd_logit_standardized"] = 0.25 / epoch
+            history.append(entry)
+        out[student] = {"teacher": "teacher", "best_epoch": epochs - 1, "history": history}
+    return out
+
+
 def _simulate_report(tmp_path, seed: int = 0):
     """Predictions (with a real fitted clinical baseline), reads and ReportInputs for report tests."""
     from diffkd.evaluate.baselines import fit_baselines
@@ -92,6 +108,7 @@ def _simulate_report(tmp_path, seed: int = 0):
         synthetic={"fid": 38.5, "kid": 0.021, "conditional_accuracy": 0.79, "near_copies": 0, "tstr_auc": 0.68},
         synthetic_grids=grids, baselines=baselines.summary, config={"seed": seed, "student": {"arch": "resnet18"}},
         initialised_from={"teacher": "/weights/resnet50", "student_kd": "scratch", "diffusion": "scratch"},
+        distillation=_simulate_distillation(rng),
         flow=[{"center": "A", "step": "images received", "n": 130},
               {"center": "A", "step": "excluded: no pathology", "n": 10}])
     return preds, _simulate_reads(preds), inputs

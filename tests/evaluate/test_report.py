@@ -44,6 +44,25 @@ def test_metrics_json_agrees_with_predictions_parquet(built):
     assert metrics["baselines"]["clinical"]["odds_ratios"]
 
 
+def test_the_distillation_section_gives_agreement_and_the_paired_gap_to_the_teacher(built):
+    _, preds, files = built
+    metrics = json.loads(files.metrics.read_text())
+    kd = metrics["distillation"]["student_kd"]
+    assert kd["teacher"] == "teacher" and kd["best_epoch"] == 5 and kd["epochs_run"] == 6
+    assert kd["at_best_epoch"]["agree_corr"] == pytest.approx(0.75)  # the kept epoch's, not the last one's
+    assert "kd_logit_standardized" in kd["at_best_epoch"]
+    gap = kd["external_gap"]
+    external = preds[preds.split == "test"]
+    auc = {m: roc_auc_score(external[external.model == m].label, external[external.model == m].prob)
+           for m in ("student_kd", "teacher")}
+    assert gap["difference"] == pytest.approx(auc["student_kd"] - auc["teacher"], abs=1e-12)
+    assert gap["difference_ci"][0] < gap["difference"] < gap["difference_ci"][1]
+    page = files.index.read_text()
+    section = page.split('<section id="distillation">')[1].split("</section>")[0]
+    assert "top-1 agreement" in section and "<code>student_plain</code>" in section
+    assert "5 of 6" in section and "data:image/png;base64," in section
+
+
 def test_page_is_self_contained(built):
     _, _, files = built
     page = files.index.read_text()

@@ -1,4 +1,5 @@
 """The student stage: the plain step (no Ray), pairing-free views, and training through Ray Train."""
+import dataclasses
 import json
 import math
 import os
@@ -125,6 +126,60 @@ def test_combine_weights_and_the_plain_variant():
                                           pipeline=PipelineConfig(synthetic_ratio=1.0)))
     assert not student.distills and student.mode == "paired" and student.pipeline.synthetic_ratio == 0.0
     assert student.arch == "resnet18"
+    assert student.agreement_teacher_dir == "t"  # measured against the teacher it is the control for
+    assert student.compared_teacher_dir == "t"
+    assert StudentConfig(teacher_dir="t", mode="pairing_free").compared_teacher_dir == ""  # other images
+
+
+def test_synthetic_rows_labelled_by_the_teacher_leave_cross_entropy_to_the_real_rows(batch, teacher_dir):
+    import torch.nn.functional as F
+
+    from diffkd.models.classifiers import load_classifier
+
+    cfg = StudentConfig(arch="mobilenetv3_small_050", teacher_dir=teacher_dir, distill=DistillConfig(
+        {"logit_standardized": {"weight": 0.5}, "gkd_pro": {"weight": 0.5, "num_queries": 4, "num_heads": 2}},
+        synthetic_labels="teacher"))
+    model = _model(cfg).eval()
+    teacher = load_classifier(teacher_dir).eval()
+    synthetic = torch.zeros(len(batch["label"]), dtype=torch.bool)
+    synthetic[::3] = True
+    view = {**batch, "synthetic": synthetic}
+    with torch.no_grad():
+        terms = model(view, view, teacher)
+        logits = run_classifier(model.student, view).logits
+    assert torch.allclose(terms["ce"], F.cross_entropy(logits[~synthetic], view["label"][~synthetic]), atol=1e-6)
+    assert {"kd_logit_standardized", "kd_gkd_pro"} <= set(terms)
+    with torch.no_grad():
+        all_synthetic = model({**view, "synthetic": torch.ones_like(synthetic)}, view, teacher)
+    assert float(all_synthetic["ce"]) == 0.0 and "kd_logit_standardized" in all_synthetic
+    # the generator's condition is used as before unless asked otherwise
+    conditioned = _model(dataclasses.replace(cfg, distill=DistillConfig({"logit": {"weight": 0.5}}))).eval()
+    with torch.no_grad():
+        assert torch.allclose(conditioned(view, view, teacher)["ce"],
+                              F.cross_entropy(run_classifier(conditioned.student, view).logits, view["label"]))
+    with pytest.raises(ValueError, match="synthetic_labels"):
+        DistillConfig(synthetic_labels="generator")
+
+
+def test_validation_records_agreement_with_the_teacher(data, teacher_dir):
+    from diffkd.models.classifiers import load_classifier
+
+    ds, table = data
+    val = table[(table["split"] == "val") & (table["modality"] == "us")]
+    batches = [collate(load_arrays(ds, list(val["case_id"]), PipelineConfig(image_size=64)))]
+    task = StudentTask(StudentConfig(arch="resnet18", teacher_dir=teacher_dir, distill=DistillConfig()))
+    task.setup(torch.device("cpu"))
+    model = task.build_model()
+    model.student.load_state_dict(load_classifier(teacher_dir).state_dict())  # a student that is its teacher
+    same = task.evaluate(model.eval(), batches)
+    assert same["agree_corr"] == pytest.approx(1.0) and same["agree_top1"] == 1.0
+    assert same["agree_kl"] == pytest.approx(0.0, abs=1e-6) and 0.0 <= same["val_auc"] <= 1.0
+    plain = StudentTask(plain_variant(task.config))
+    plain.setup(torch.device("cpu"))
+    other = plain.evaluate(plain.build_model().eval(), batches)  # no distillation, still compared
+    assert set(other) >= {"agree_corr", "agree_kl", "agree_top1"} and other["agree_kl"] > same["agree_kl"]
+    with pytest.raises(FileNotFoundError, match="agreement_teacher_dir"):
+        StudentTask(StudentConfig(agreement_teacher_dir="/nonexistent/teacher"))
 
 
 def test_one_pass_gives_the_same_logits_as_classify(batch):
