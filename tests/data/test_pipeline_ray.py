@@ -88,6 +88,23 @@ def test_the_plan_streams_and_never_materialises(ray_local, dataset):
     assert "AllToAll" in plan_text(ds.randomize_block_order()).split("Physical Plan (Optimized)")[1]
 
 
+def test_many_small_centers_are_read_by_a_few_fused_tasks_each_row_once(ray_local, tmp_path, ramp_rows):
+    from diffkd.data.dataset import ImageDataset
+    from diffkd.data.pipeline import read_tasks
+
+    many = ImageDataset(tmp_path / "many")
+    for c in range(10):
+        many.write_center(f"K{c}", ramp_rows(f"K{c}", 3))
+    settings = cfg(cache="never")
+    assert read_tasks(10, settings) == 4 and read_tasks(3, settings) == 3 and read_tasks(0, settings) == 1
+    ds = make_dataset(many, None, settings, train=True)
+    assert "ReadParquet->MapBatches(_decode_in_ray)" in plan_text(ds).split("Physical Plan (Optimized)")[1]
+    for epoch in range(2):  # every row exactly once per epoch, whatever file lands in which task
+        rows = epoch_rows(ds, shuffle_buffer=8, shuffle_seed=epoch)
+        assert sorted(rows["case_id"]) == sorted(f"real-K{c}-{i}" for c in range(10) for i in range(3))
+    assert "4 tasks executed" in ds.stats()
+
+
 def test_a_cached_set_decodes_once_and_yields_the_streamed_epochs(ray_local, dataset):
     ids = [f"real-A-{i}" for i in range(24)]  # 16-bit images and masks among them
     cached = make_dataset(dataset, ids, cfg(cache="always"), train=True)
