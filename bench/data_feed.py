@@ -213,12 +213,16 @@ class RayFeed:
 
 
 def count(batches) -> dict:
-    """Images in an epoch, and how many distinct centers a batch holds on average (how well the stream mixes)."""
-    images, mixing = 0, []
+    """Images in an epoch, how many distinct centers a batch holds on average (how well the stream mixes),
+    and the seconds until the first batch arrived (the epoch's start-up, shuffle-buffer fill included)."""
+    images, mixing, first_batch_s = 0, [], None
+    start = time.perf_counter()
     for batch in batches:
+        if first_batch_s is None:
+            first_batch_s = time.perf_counter() - start
         images += len(batch["label"])
         mixing.append(len(set(batch["center_idx"].tolist())))
-    return {"images": images, "centers_per_batch": sum(mixing) / max(len(mixing), 1)}
+    return {"images": images, "centers_per_batch": sum(mixing) / max(len(mixing), 1), "first_batch_s": first_batch_s}
 
 
 def process_cpu(processes) -> float:
@@ -313,7 +317,11 @@ def run_child(kind: str, root: str, args, script: str = os.path.abspath(__file__
 def summarise(epochs: list[dict]) -> dict:
     return {"images_per_s": statistics.median(e["images"] / e["seconds"] for e in epochs),
             "cpu_ms_per_image": statistics.median(1000 * e["cpu_seconds"] / e["images"] for e in epochs),
-            "centers_per_batch": statistics.mean(e["centers_per_batch"] for e in epochs)}
+            "centers_per_batch": statistics.mean(e["centers_per_batch"] for e in epochs),
+            "first_batch_s": statistics.median(e["first_batch_s"] for e in epochs),
+            # images/s once the first batch is in: the stream's steady rate, start-up left out
+            "after_first_batch_images_per_s": statistics.median(
+                e["images"] / max(e["seconds"] - e["first_batch_s"], 1e-9) for e in epochs)}
 
 
 def mib(n: float) -> float:
@@ -377,6 +385,14 @@ def main() -> None:
                              "ray_cached": round(cached["cpu_ms_per_image"], 2),
                              "dataloader": round(loader["cpu_ms_per_image"], 2)},
         "first_epoch_images_per_s": {k: round(v["images"] / v["seconds"], 1) for k, v in speed["first"].items()},
+        # where a warm epoch goes: its start-up (seconds to the first batch) and the rate after it
+        "first_batch_s": {"ray": round(shuffled["first_batch_s"], 3), "ray_cached": round(cached["first_batch_s"], 3),
+                          "ray_no_shuffle_buffer": round(ray["first_batch_s"], 3),
+                          "dataloader": round(loader["first_batch_s"], 3)},
+        "after_first_batch_images_per_s": {"ray": round(shuffled["after_first_batch_images_per_s"], 1),
+                                           "ray_cached": round(cached["after_first_batch_images_per_s"], 1),
+                                           "ray_no_shuffle_buffer": round(ray["after_first_batch_images_per_s"], 1),
+                                           "dataloader": round(loader["after_first_batch_images_per_s"], 1)},
         "centers_per_batch": {"ray": round(shuffled["centers_per_batch"], 2),
                               "ray_cached": round(cached["centers_per_batch"], 2),
                               "ray_no_shuffle_buffer": round(ray["centers_per_batch"], 2),

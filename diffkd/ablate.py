@@ -379,7 +379,7 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
     if settings.parallel > capacity:
         log.warning("parallel=%d but the cluster holds %d trial(s) at once; running %d", settings.parallel,
                     capacity, capacity)
-    print(f"ablation: {len(trials)} trials (arm x seed), {concurrent} at a time", flush=True)
+    log.info("ablation: %d trials (arm x seed), %d at a time", len(trials), concurrent)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": DRIVER_CPUS})
     # A new Tune experiment per call: current trials return at once, the rest (re)train.
     tuner = tune.Tuner(

@@ -56,7 +56,11 @@ def register(subparsers) -> None:
 def run_ablate(args) -> int:
     import dataclasses
 
+    from pathlib import Path
+
+    from diffkd import console
     from diffkd.ablate import AblationConfig, ablate, format_summary
+    from diffkd.commands.run import shutdown_ray
     from diffkd.commands.options import names
     from diffkd.config.experiment import load_experiment
 
@@ -68,13 +72,19 @@ def run_ablate(args) -> int:
                "arms": [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None}
     settings = AblationConfig(**{**dataclasses.asdict(cfg.ablation),
                                  **{k: v for k, v in changes.items() if v is not None}})
-    outcome = ablate(args.dataset, names(args.external), cfg, args.out, settings, train=not args.report_only)
+    logs = Path(args.out) / "logs"
+    with console.capture(logs, verbose=args.verbose):  # Ray's, Tune's and DeepSpeed's lines go to OUT/logs/
+        try:
+            outcome = ablate(args.dataset, names(args.external), cfg, args.out, settings, train=not args.report_only)
+        finally:
+            shutdown_ray()
     for note in outcome.notes:
         print(f"note: {note}")
     print(format_summary(outcome.summary, settings.target_half_width))
     print(f"{len(outcome.table)} trial row(s), {outcome.parallel} trial(s) at a time, {outcome.wall_s:.0f} s; "
           f"table {outcome.files['table']}, summary {outcome.files['summary']}, plot {outcome.files['plot']}, "
           f"distillation {outcome.files['distillation']}")
+    print(f"logs: {logs}/ (Ray, Tune, DeepSpeed and torch messages)")
     for failure in outcome.failed:
         print(f"failed: {failure}")
     return 1 if outcome.failed else 0

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_pipeline(args.dataset, names(args.external), cfg, args.out, readers_csv=args.readers,
                                   truth=args.truth)
         finally:
-            _shutdown_ray()  # while captured: Ray's goodbye lines belong in the log too
+            shutdown_ray()  # while captured: Ray's goodbye lines belong in the log too
     print(headline_table(json.loads(Path(result["metrics"]).read_text())))
     print(f"report: {result['report']}")
     print(f"logs: {logs}/ (one file per stage: Ray, DeepSpeed, Parquet and torch messages)")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shutdown_ray() -> None:
+def shutdown_ray() -> None:
     import sys
 
     if "ray" in sys.modules:

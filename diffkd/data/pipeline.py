@@ -430,6 +430,9 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
                                    concurrency=cfg.decode_concurrency, override_num_blocks=read_tasks(len(files), cfg),
                                    batch_readahead=2, **resources).select_columns(list(READ_COLUMNS))
     ds.context.target_max_block_size = block_bytes(cfg)  # the dataset keeps its own copy of the context
+    # diffkd reports progress itself; Ray Data's bars (logged every few seconds when stdout is not a
+    # terminal, e.g. the decode-once pass of a cached set in a Tune trial) would only flood the logs
+    ds.context.enable_progress_bars = False
     if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
         ds = ds.filter(expr=predicate, compute=compute, **resources)
     if cache:
