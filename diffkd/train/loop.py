@@ -157,7 +157,7 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.keep_checkpoints),
-                                                         checkpoint_score_attribute=objective,
+                                                         checkpoint_score_attribute=SELECTION_SCORE,
                                                          checkpoint_score_order=mode)),
     )
     try:
@@ -277,7 +277,7 @@ def _train_worker(config: dict) -> None:
             metrics.update({k: float(v) for k, v in shared[0].items()})
         metrics.update(epoch=epoch, global_step=state.global_step, started_at=started_at)
         name = ckpt.checkpoint_dir_name(epoch, nonce)
-        improved = _update_best(state, metrics, objective, mode, name, cfg.patience)
+        improved = _update_best(state, metrics, objective, mode, name, cfg.patience, cfg.min_epochs)
         state.history.append(metrics)
         state.epoch = epoch
         if progress:
@@ -358,17 +358,30 @@ def _evaluate(task: Task, engine, shard, cfg: LoopConfig, device: torch.device) 
     return metrics
 
 
+SELECTION_SCORE = "selection_score"  # the objective, worst during burn-in (see `_update_best`)
+
+
 def _update_best(state: ckpt.LoopState, metrics: dict, objective: str, mode: str, checkpoint_name: str,
-                 patience: int) -> bool:
+                 patience: int, min_epochs: int = 0) -> bool:
     """Track the best epoch and the early-stopping count; True when this epoch is (joint) best.
 
     A tie moves the best to the later epoch, as Ray's checkpoint retention does (it drops the older
     of equal scores first), but only a strict improvement resets patience. An undefined objective
-    (NaN, e.g. the AUC of a one-class set) ranks last.
+    (NaN, e.g. the AUC of a one-class set) ranks last. Until epoch `min_epochs` every epoch is the
+    best so far whatever its score (burn-in). Sets ``metrics[SELECTION_SCORE]``, what Ray's checkpoint
+    retention ranks: the objective, or the worst score for a burn-in epoch, so that Ray never keeps a
+    burn-in checkpoint in place of the one this selects.
     """
+    worst = -math.inf if mode == "max" else math.inf
     value = metrics.get(objective, math.nan)
     if isinstance(value, float) and math.isnan(value):
-        metrics[objective] = value = -math.inf if mode == "max" else math.inf
+        metrics[objective] = value = worst
+    burn_in = metrics["epoch"] < min_epochs
+    metrics[SELECTION_SCORE] = worst if burn_in else value
+    if burn_in:  # the latest epoch stands in as the best, scored worst so that the next real one wins
+        state.best_value, state.best_epoch, state.best_checkpoint = worst, metrics["epoch"], checkpoint_name
+        state.epochs_since_best, state.stopped_early = 0, False
+        return True
     best = state.best_value
     better = best is None or (value > best if mode == "max" else value < best)
     state.epochs_since_best = 0 if better else state.epochs_since_best + 1

@@ -41,6 +41,10 @@ class LoopConfig:
     train_samples: int = 0  # rows of "train" for the LR schedule length; 0 = count them
     # stopping and checkpoints
     patience: int = 0  # epochs without a better objective before stopping; 0 = never stop early
+    # Burn-in: no epoch before this one is kept as the best, and early stopping waits for it (a
+    # distilled student's validation AUC can peak by chance long before it has learned its teacher).
+    # epochs = keep the last epoch; 0 = any epoch
+    min_epochs: int = 0
     keep_checkpoints: int = 3  # Ray keeps the best by objective and always the latest
     # the run
     storage_path: str = "runs"  # local directory or pyarrow filesystem URI (s3://, gs://, file://)
@@ -55,6 +59,8 @@ class LoopConfig:
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"loop.placement_strategy {self.placement_strategy!r} must be one of "
                              f"{', '.join(PLACEMENT_STRATEGIES)}")
+        if not 0 <= self.min_epochs <= self.epochs:
+            raise ValueError(f"loop.min_epochs {self.min_epochs} must be between 0 and loop.epochs ({self.epochs})")
         if self.engine not in ENGINES:
             raise ValueError(f"loop.engine {self.engine!r} must be one of {', '.join(ENGINES)}")
         if self.engine == "ddp" and self.zero_stage:

@@ -112,3 +112,26 @@ def test_best_epoch_ties_go_to_the_later_epoch_but_only_gains_reset_patience():
     metrics = {"epoch": 1, "val_loss": float("nan")}
     _update_best(nan_state, metrics, "val_loss", "min", "ck1", patience=0)
     assert metrics["val_loss"] == float("inf") and not nan_state.stopped_early  # ranks last, never stops
+
+
+def test_burn_in_epochs_are_never_kept_and_never_stop_the_run():
+    from diffkd.train.checkpoint import LoopState
+    from diffkd.train.loop import SELECTION_SCORE, _update_best
+
+    state, scores = LoopState(), []
+    for epoch, auc in [(1, 0.9), (2, 0.6), (3, 0.5), (4, 0.7), (5, 0.65), (6, 0.64)]:
+        metrics = {"epoch": epoch, "val_auc": auc}
+        _update_best(state, metrics, "val_auc", "max", f"ck{epoch}", patience=2, min_epochs=3)
+        scores.append(metrics[SELECTION_SCORE])
+        if epoch == 2:  # the lucky first epoch is not kept, and no stop during burn-in
+            assert state.best_epoch == 2 and not state.stopped_early
+    assert (state.best_epoch, state.best_value) == (4, 0.7)  # epoch 3 (0.5) beat the burn-in, then 4
+    assert state.stopped_early  # patience counts from the burn-in's end: 5 and 6 did not beat 4
+    assert scores[:2] == [float("-inf")] * 2 and scores[2:] == [0.5, 0.7, 0.65, 0.64]  # what Ray ranks
+    last = LoopState()
+    for epoch, auc in [(1, 0.9), (2, 0.8), (3, 0.6)]:  # min_epochs = epochs: the last epoch is kept
+        _update_best(last, {"epoch": epoch, "val_auc": auc}, "val_auc", "max", f"ck{epoch}", patience=0,
+                     min_epochs=3)
+    assert last.best_epoch == 3
+    with pytest.raises(ValueError, match="min_epochs"):
+        LoopConfig(epochs=5, min_epochs=6)
