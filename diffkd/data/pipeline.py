@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -442,7 +443,10 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
         if train:
             # a fresh permutation of the cached blocks each epoch, as the streamed files are reshuffled
             ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
-    out = ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=None,
+    # Streamed: whole read blocks, so that the map fuses with the read. Cached: several stored blocks
+    # per task (`cached_task_rows`).
+    out = ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train},
+                         batch_size=cached_task_rows(ds.count(), cfg) if cache else None,
                          batch_format="numpy", compute=compute, **resources)
     if cache:
         out.context._execution_idx = 0  # materialising counted as a run: epochs still number from 0
@@ -461,6 +465,18 @@ def read_tasks(files: int, cfg: PipelineConfig) -> int:
     so memory per task stays that of one block; the file order is still reshuffled every epoch.
     """
     return max(1, min(files, READ_TASKS_PER_SLOT * cfg.decode_concurrency))
+
+
+def cached_task_rows(rows: int, cfg: PipelineConfig) -> int:
+    """Rows per resize-and-augment task over a cached set: about two tasks per concurrency slot and
+    epoch, between one and eight training batches each.
+
+    The cached blocks are small (a batch of source images or less); one task each cost a task's fixed
+    start per ~12 rows and halved the images/s (bench/data_feed.py). Eight batches bound what one
+    task holds decoded at a time.
+    """
+    per_task = math.ceil(rows / (READ_TASKS_PER_SLOT * cfg.decode_concurrency)) if rows else cfg.batch_size
+    return int(min(8 * cfg.batch_size, max(cfg.batch_size, per_task)))
 
 
 @contextlib.contextmanager

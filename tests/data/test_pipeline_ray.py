@@ -124,6 +124,11 @@ def test_a_cached_set_decodes_once_and_yields_the_streamed_epochs(ray_local, dat
             np.testing.assert_array_equal(rows["cached"][cid][0], rows["streamed"][cid][0])
             np.testing.assert_array_equal(rows["cached"][cid][1], rows["streamed"][cid][1])
         assert sum(rows["cached"][cid][1].any() for cid in ids) == 12  # odd rows carry a lesion mask
+    # the per-epoch work on a cached set runs in a few tasks of several stored blocks each
+    from diffkd.data.pipeline import cached_task_rows
+
+    assert cached_task_rows(24, cfg()) == 8  # batch_size 8: at least one batch per task
+    assert cached_task_rows(100, cfg()) == 25 and cached_task_rows(10_000, cfg()) == 64  # at most 8 batches
 
 
 def test_the_cache_budget_decides_between_caching_and_streaming(ray_local, dataset):
