@@ -277,7 +277,7 @@ def _train_worker(config: dict) -> None:
             metrics.update({k: float(v) for k, v in shared[0].items()})
         metrics.update(epoch=epoch, global_step=state.global_step, started_at=started_at)
         name = ckpt.checkpoint_dir_name(epoch, nonce)
-        improved = _update_best(state, metrics, objective, mode, name, cfg.patience, cfg.min_epochs)
+        improved = _update_best(state, metrics, objective, mode, name, cfg.patience, min(cfg.min_epochs, cfg.epochs))
         state.history.append(metrics)
         state.epoch = epoch
         if progress:

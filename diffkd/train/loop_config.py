@@ -43,7 +43,7 @@ class LoopConfig:
     patience: int = 0  # epochs without a better objective before stopping; 0 = never stop early
     # Burn-in: no epoch before this one is kept as the best, and early stopping waits for it (a
     # distilled student's validation AUC can peak by chance long before it has learned its teacher).
-    # epochs = keep the last epoch; 0 = any epoch
+    # epochs or more = keep the last epoch (a search may shorten `epochs` below it); 0 = any epoch
     min_epochs: int = 0
     keep_checkpoints: int = 3  # Ray keeps the best by objective and always the latest
     # the run
@@ -59,8 +59,8 @@ class LoopConfig:
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"loop.placement_strategy {self.placement_strategy!r} must be one of "
                              f"{', '.join(PLACEMENT_STRATEGIES)}")
-        if not 0 <= self.min_epochs <= self.epochs:
-            raise ValueError(f"loop.min_epochs {self.min_epochs} must be between 0 and loop.epochs ({self.epochs})")
+        if self.min_epochs < 0:
+            raise ValueError(f"loop.min_epochs must be >= 0, got {self.min_epochs}")
         if self.engine not in ENGINES:
             raise ValueError(f"loop.engine {self.engine!r} must be one of {', '.join(ENGINES)}")
         if self.engine == "ddp" and self.zero_stage:

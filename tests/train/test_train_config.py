@@ -134,4 +134,5 @@ def test_burn_in_epochs_are_never_kept_and_never_stop_the_run():
                      min_epochs=3)
     assert last.best_epoch == 3
     with pytest.raises(ValueError, match="min_epochs"):
-        LoopConfig(epochs=5, min_epochs=6)
+        LoopConfig(min_epochs=-1)
+    LoopConfig(epochs=10, min_epochs=30)  # a search that shortens the schedule keeps its last epoch
