@@ -60,7 +60,7 @@ def run_ablate(args) -> int:
 
     from diffkd import console
     from diffkd.ablate import AblationConfig, ablate, format_summary
-    from diffkd.commands.run import shutdown_ray
+    from diffkd.commands.run import ray_for_command
     from diffkd.commands.options import names
     from diffkd.config.experiment import load_experiment
 
@@ -73,11 +73,8 @@ def run_ablate(args) -> int:
     settings = AblationConfig(**{**dataclasses.asdict(cfg.ablation),
                                  **{k: v for k, v in changes.items() if v is not None}})
     logs = Path(args.out) / "logs"
-    with console.capture(logs, verbose=args.verbose):  # Ray's, Tune's and DeepSpeed's lines go to OUT/logs/
-        try:
-            outcome = ablate(args.dataset, names(args.external), cfg, args.out, settings, train=not args.report_only)
-        finally:
-            shutdown_ray()
+    with console.capture(logs, verbose=args.verbose), ray_for_command():  # library output to OUT/logs/
+        outcome = ablate(args.dataset, names(args.external), cfg, args.out, settings, train=not args.report_only)
     for note in outcome.notes:
         print(f"note: {note}")
     print(format_summary(outcome.summary, settings.target_half_width))

@@ -40,7 +40,7 @@ def run_loco(args) -> int:
     from pathlib import Path
 
     from diffkd import console
-    from diffkd.commands.run import shutdown_ray
+    from diffkd.commands.run import ray_for_command
     from diffkd.config.experiment import load_section
     from diffkd.data.dataset import ImageDataset
     from diffkd.loco import format_table, leave_one_center_out
@@ -50,13 +50,10 @@ def run_loco(args) -> int:
         raise ValueError("--parallel must be 0 (as many as fit) or a positive number of folds")
     cfg = load_section(args.config, "teacher")
     logs = Path(args.out) / "logs"
-    with console.capture(logs, verbose=args.verbose):  # Ray's, Tune's and DeepSpeed's lines go to OUT/logs/
-        try:
-            ray_init(args.address)
-            outcome = leave_one_center_out(args.dataset, cfg, args.out, parallel=args.parallel,
-                                           val_fraction=args.val_fraction, seed=args.split_seed)
-        finally:
-            shutdown_ray()
+    with console.capture(logs, verbose=args.verbose), ray_for_command():  # library output to OUT/logs/
+        ray_init(args.address)
+        outcome = leave_one_center_out(args.dataset, cfg, args.out, parallel=args.parallel,
+                                       val_fraction=args.val_fraction, seed=args.split_seed)
     print(format_table(outcome.table, outcome.pooled, positive_name=ImageDataset(args.dataset).label_names[1]))
     print(f"{len(outcome.table) - 1} folds, {outcome.parallel} at a time, {outcome.wall_s:.0f} s; "
           f"table {outcome.files['table']}, pooled {outcome.files['pooled']}, plot {outcome.files['plot']}")

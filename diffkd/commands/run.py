@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Iterator
 
 from diffkd.commands.options import add_address, add_dataset, names
 
@@ -51,12 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         cfg.ray.address = args.address
     logs = Path(args.out) / "logs"
-    with console.capture(logs, verbose=args.verbose):
-        try:
-            result = run_pipeline(args.dataset, names(args.external), cfg, args.out, readers_csv=args.readers,
-                                  truth=args.truth)
-        finally:
-            shutdown_ray()  # while captured: Ray's goodbye lines belong in the log too
+    with console.capture(logs, verbose=args.verbose), ray_for_command():
+        result = run_pipeline(args.dataset, names(args.external), cfg, args.out, readers_csv=args.readers,
+                              truth=args.truth)
     print(headline_table(json.loads(Path(result["metrics"]).read_text())))
     print(f"report: {result['report']}")
     print(f"logs: {logs}/ (one file per stage: Ray, DeepSpeed, Parquet and torch messages)")
@@ -67,13 +66,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def shutdown_ray() -> None:
+@contextlib.contextmanager
+def ray_for_command() -> Iterator[None]:
+    """Shut down, when the block ends, the Ray instance the command started (while output is still
+    captured: Ray's goodbye lines belong in the log); one that was running before is left running."""
+    running_before = ray_running()
+    try:
+        yield
+    finally:
+        if not running_before and ray_running():
+            import ray
+
+            ray.shutdown()
+
+
+def ray_running() -> bool:
     import sys
 
-    if "ray" in sys.modules:
-        import ray
-
-        ray.shutdown()
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def demo(args: argparse.Namespace) -> int:
