@@ -62,6 +62,11 @@ ARM_TEACHER = {"full": "synthetic", "teacher": "synthetic", "no_synthesis": "rea
 # The plain arms learn from no teacher, but their agreement is measured against the full arm's
 # (the same teacher, trained once per seed), so that distillation's share of it shows.
 COMPARED_TEACHER = {"no_kd": "synthetic", "neither": "synthetic"}
+
+
+def teacher_kind(arm: str) -> str | None:
+    """The teacher an arm learns from, or is compared with; None for none."""
+    return ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
 # Trials of one seed start in this order: the teacher first, beside an arm that needs no teacher, so
 # that `full` (which distils from that same teacher) rarely has to wait for it; full and neither (the
 # whole method against none of it) early, so that a time budget cuts the other arms first.
@@ -159,7 +164,7 @@ def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
     """What a trial's result depends on: data, splits, its configs, its teacher's, the generator run."""
     from diffkd.runstate import fingerprint
 
-    kind = ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
+    kind = teacher_kind(arm)
     parts: dict[str, Any] = {"data": plan.data_key, "arm": arm, "splits": to_dict(cfg.splits),
                              "teacher": _teacher_key(plan, cfg, kind, seed) if kind else None}
     if arm != "teacher":
@@ -226,7 +231,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     target = trial_dir(plan.out_dir, arm, seed)
     key = trial_key(plan, cfg, arm, seed)
     if not is_current(target, key):
-        kind = ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
+        kind = teacher_kind(arm)
         teacher = ensure_teacher(plan, cfg, kind, seed) if kind else ""
         if arm == "teacher":
             os.makedirs(target, exist_ok=True)
