@@ -33,6 +33,35 @@ def configure_local_auth() -> str:
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
 
 
+def refresh_data_limits_until_known() -> None:
+    """Make Ray Data ask again for its resource limits, instead of a second later, until it has them.
+
+    Ray 2.60's streaming executor learns what it may use from an autoscaling-coordinator actor, by an
+    RPC it answers asynchronously, and caches the answer for one second. Every execution (every epoch)
+    registers anew, so its first answer is "nothing yet" and it is kept for a second: one task runs
+    while its siblings wait. Epochs of a second or two then decoded on one core of two (measured in
+    bench/data_feed.py: 480 images/s, 765 with this). The executor's own limits are unchanged; only an
+    answer without any object store (which the coordinator always grants once it has answered) is not
+    cached. Idempotent; a Ray without these internals is left alone.
+    """
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:
+        return
+    original = getattr(ResourceManager, "get_global_limits", None)
+    if original is None or getattr(original, "refreshes_until_known", False):
+        return
+
+    def get_global_limits(self):
+        limits = original(self)
+        if limits.object_store_memory == 0 and hasattr(self, "_global_limits_last_update_time"):
+            self._global_limits_last_update_time = 0  # unknown yet: ask again on the next scheduling step
+        return limits
+
+    get_global_limits.refreshes_until_known = True
+    ResourceManager.get_global_limits = get_global_limits
+
+
 def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_dir: str | None = None,
                **kwargs) -> None:
     """Start a private local Ray instance (never joins a recorded cluster). No-op if already initialised."""

@@ -26,6 +26,7 @@ import contextlib
 import io
 import logging
 import math
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -36,12 +37,18 @@ from PIL import Image
 from diffkd.data.augment import AugmentConfig, AugmentParams, apply_intensity, draw_params, place
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, ClinicalEncoding
+from diffkd.raycompat import refresh_data_limits_until_known
 
 if TYPE_CHECKING:
     import pandas as pd
     import ray.data
 
 log = logging.getLogger(__name__)
+
+# A process that executes these datasets imports this module before it schedules them (the plan refers
+# to its functions), Ray Train's split coordinator included; Ray Data is loaded there already.
+if "ray.data" in sys.modules:
+    refresh_data_limits_until_known()
 
 # What decode needs from a row; identifiers, hashes and provenance stay on disk.
 READ_COLUMNS = ("case_id", "center", "modality", "label", "synthetic", "source", "image", "mask", *CLINICAL_COLUMNS)
@@ -417,10 +424,15 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
     takes whole blocks (batch_size=None; a batch size makes it bundle rows across reads instead),
     and only when the read is not split further (override_num_blocks at most the number of files).
     Many small files (one per center) are grouped into fewer tasks (`read_tasks`).
+
+    The reader hands out one training batch of rows at a time (`batch_size`). Sized by bytes instead,
+    a read block held a little less than a batch of decoded rows, and Ray keeps an output block back
+    until it reaches its target size: the first batch of every epoch waited for a second decode.
     """
     import ray.data
     from ray.data.datasource import FileShuffleConfig, Partitioning
 
+    refresh_data_limits_until_known()  # the driver executes too (a cached set's decode pass, evaluation)
     # identical resources and compute on all three steps: what fusion requires
     resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
@@ -429,7 +441,7 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
         ds = ray.data.read_parquet(files, filesystem=dataset.fs, shuffle=shuffle,
                                    partitioning=Partitioning("hive", base_dir=partition_base, filesystem=dataset.fs),
                                    concurrency=cfg.decode_concurrency, override_num_blocks=read_tasks(len(files), cfg),
-                                   batch_readahead=2, **resources).select_columns(list(READ_COLUMNS))
+                                   batch_readahead=2, batch_size=cfg.batch_size, **resources).select_columns(list(READ_COLUMNS))
     ds.context.target_max_block_size = block_bytes(cfg)  # the dataset keeps its own copy of the context
     # diffkd reports progress itself; Ray Data's bars (logged every few seconds when stdout is not a
     # terminal, e.g. the decode-once pass of a cached set in a Tune trial) would only flood the logs
