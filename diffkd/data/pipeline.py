@@ -465,22 +465,25 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
     return out
 
 
-READ_TASKS_PER_SLOT = 2  # read tasks per epoch for each of `decode_concurrency` slots, at most
+READ_TASKS_PER_SLOT = 1  # read tasks per epoch for each of `decode_concurrency` slots, at most
 
 
 def read_tasks(files: int, cfg: PipelineConfig) -> int:
-    """Read+decode tasks per epoch: one per file, but no more than two per concurrency slot.
+    """Read+decode tasks per epoch: one per file, but no more than one per concurrency slot.
 
-    Each task costs a fixed start (a worker lease, opening files, the first decoded block); with 40
-    centers of a few images each, those starts dominated the epoch (0.56x the images/s of 4 centers
-    holding the same images). Grouped, a task streams its files one after another, block by block,
-    so memory per task stays that of one block; the file order is still reshuffled every epoch.
+    Each task costs a fixed start (a worker lease, opening files, the first decoded block), and Ray
+    Data notices a finished task only on its next scheduling step (up to 0.1 s later), so a slot idles
+    between two tasks. With 40 centers of a few images each those starts dominated the epoch (0.56x the
+    images/s of 4 centers holding the same images); two tasks per slot instead of one cost the 4-center
+    bench about a tenth of its images/s. Grouped, a task streams its files one after another, block
+    by block, so memory per task stays that of one block; the file order is still reshuffled every
+    epoch. Ray groups files by count, not size: very unequal centers leave one slot finishing alone.
     """
     return max(1, min(files, READ_TASKS_PER_SLOT * cfg.decode_concurrency))
 
 
 def cached_task_rows(rows: int, cfg: PipelineConfig) -> int:
-    """Rows per resize-and-augment task over a cached set: about two tasks per concurrency slot and
+    """Rows per resize-and-augment task over a cached set: about one task per concurrency slot and
     epoch, between one and eight training batches each.
 
     The cached blocks are small (a batch of source images or less); one task each cost a task's fixed

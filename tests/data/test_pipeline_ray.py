@@ -96,13 +96,13 @@ def test_many_small_centers_are_read_by_a_few_fused_tasks_each_row_once(ray_loca
     for c in range(10):
         many.write_center(f"K{c}", ramp_rows(f"K{c}", 3))
     settings = cfg(cache="never")
-    assert read_tasks(10, settings) == 4 and read_tasks(3, settings) == 3 and read_tasks(0, settings) == 1
+    assert read_tasks(10, settings) == 2 and read_tasks(1, settings) == 1 and read_tasks(0, settings) == 1
     ds = make_dataset(many, None, settings, train=True)
     assert "ReadParquet->MapBatches(_decode_in_ray)" in plan_text(ds).split("Physical Plan (Optimized)")[1]
     for epoch in range(2):  # every row exactly once per epoch, whatever file lands in which task
         rows = epoch_rows(ds, shuffle_buffer=8, shuffle_seed=epoch)
         assert sorted(rows["case_id"]) == sorted(f"real-K{c}-{i}" for c in range(10) for i in range(3))
-    assert "4 tasks executed" in ds.stats()
+    assert "2 tasks executed" in ds.stats()
 
 
 def test_a_cached_set_decodes_once_and_yields_the_streamed_epochs(ray_local, dataset):
@@ -127,8 +127,8 @@ def test_a_cached_set_decodes_once_and_yields_the_streamed_epochs(ray_local, dat
     # the per-epoch work on a cached set runs in a few tasks of several stored blocks each
     from diffkd.data.pipeline import cached_task_rows
 
-    assert cached_task_rows(24, cfg()) == 8  # batch_size 8: at least one batch per task
-    assert cached_task_rows(100, cfg()) == 25 and cached_task_rows(10_000, cfg()) == 64  # at most 8 batches
+    assert cached_task_rows(24, cfg()) == 12 and cached_task_rows(10, cfg()) == 8  # at least one batch (8)
+    assert cached_task_rows(100, cfg()) == 50 and cached_task_rows(10_000, cfg()) == 64  # at most 8 batches
 
 
 def test_the_cache_budget_decides_between_caching_and_streaming(ray_local, dataset):
