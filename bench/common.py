@@ -116,11 +116,19 @@ def reference_loop(mode: str, task, rows: list[dict], cfg, world: int = 1) -> di
         raise ValueError("the plain torch reference is one process; use mode 'ddp' for several")
     with tempfile.TemporaryDirectory(prefix="dkref") as tmp:
         out = os.path.join(tmp, "result.json")
-        port = 20_000 + (os.getpid() * 7 + world) % 20_000
+        port = _free_port()  # a fresh one per run: two runs on one port collide while the first one's closes
         mp.start_processes(_reference_worker, args=(mode, world, port, task, rows, cfg, tmp, out), nprocs=world,
                            start_method="spawn", join=True)
         with open(out) as f:
             return json.load(f)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _warmup_cosine(optimizer: torch.optim.Optimizer, cfg, total: int):

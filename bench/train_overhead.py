@@ -3,7 +3,7 @@
 The teacher step (same timm model, batch, data, AdamW, clipping, LR schedule) through every row:
 
 * plain torch, one process (bench/common.py's reference loop): the baseline;
-* DeepSpeed without Ray (the loop's engine and checkpoint writer in one process): DeepSpeed's share;
+* DeepSpeed without Ray (the loop's engine and checkpoint writer), 1 and 2 processes: DeepSpeed's share;
 * Ray Train with plain DDP (`LoopConfig(engine="ddp")`), 1 and 2 workers: Ray's share;
 * Ray Train + DeepSpeed (`fit`, the default), 1 and 2 workers: what a user runs;
 * plain torch DDP over gloo, 1 and 2 processes: the fair reference for 2-worker scaling here.
@@ -80,6 +80,8 @@ def main() -> None:
             rows["deepspeed_no_ray"] = reference_loop("deepspeed", task, one_rows, loop(1))
         rows["ddp_1proc"] = reference_loop("ddp", task, one_rows, loop(1), world=1)
         rows["ddp_2proc"] = reference_loop("ddp", task, two_rows, loop(2), world=2)
+        if not args.no_attribution:
+            rows["deepspeed_no_ray_2proc"] = reference_loop("deepspeed", task, two_rows, loop(2), world=2)
         start_ray(os.path.join(workdir, "ray"))
         rows["ray_deepspeed_1w"] = through_loop(task, one_rows, loop(1))
         rows["ray_deepspeed_2w"] = through_loop(task, two_rows, loop(2))
@@ -127,6 +129,11 @@ def main() -> None:
     }
     if "ray_ddp_2w" in whole:
         result["ray_ddp_scaling_vs_ddp"] = round(whole["ray_ddp_2w"] / whole["ray_ddp_1w"] / ddp_scaling, 3)
+    if "deepspeed_no_ray_2proc" in whole:
+        # the miss split in two: DeepSpeed's own 2-process scaling against DDP's, then what Ray adds to it
+        ds_scaling = whole["deepspeed_no_ray_2proc"] / whole["deepspeed_no_ray"]
+        result["deepspeed_no_ray_scaling_vs_ddp"] = round(ds_scaling / ddp_scaling, 3)
+        result["ray_deepspeed_scaling_vs_deepspeed"] = round(scaling / ds_scaling, 3)
     emit(result)
 
 
