@@ -54,10 +54,12 @@ def leave_one_center_out_timing(args, root: str, out: str) -> dict:
 
     Each fold is a small teacher (resnet18, 32 px, `--loco-epochs` epochs, one worker at one thread)
     trained through Ray Tune + Ray Train exactly as `diffkd loco` runs it; both passes start from
-    nothing (their own output folders) in one Ray instance of 4 logical CPUs.
+    nothing (their own output folders) in one Ray instance of 4 logical CPUs. As with `diffkd loco`,
+    Tune's and Ray's output goes to log files, not the console.
     """
     import torch
 
+    from diffkd import console
     from diffkd.data.pipeline import PipelineConfig
     from diffkd.loco import leave_one_center_out
     from diffkd.raycompat import init_local
@@ -67,11 +69,12 @@ def leave_one_center_out_timing(args, root: str, out: str) -> dict:
     torch.set_num_threads(1)
     cfg = TeacherConfig(arch="resnet18", pipeline=PipelineConfig(image_size=32, batch_size=16, augment=False),
                         loop=LoopConfig(epochs=args.loco_epochs, batch_size=16, cpus_per_worker=1.0, progress=False))
-    init_local(num_cpus=4)
     walls = {}
-    for parallel in (1, 2):
-        outcome = leave_one_center_out(root, cfg, os.path.join(out, f"loco-{parallel}"), parallel=parallel)
-        walls[parallel] = outcome.wall_s
+    with console.capture(os.path.join(out, "logs")):
+        init_local(num_cpus=4)
+        for parallel in (1, 2):
+            outcome = leave_one_center_out(root, cfg, os.path.join(out, f"loco-{parallel}"), parallel=parallel)
+            walls[parallel] = outcome.wall_s
     return {"loco_folds": args.few, "loco_epochs": args.loco_epochs,
             "loco_wall_s": {"parallel_1": round(walls[1], 1), "parallel_2": round(walls[2], 1)},
             "loco_speedup_2_vs_1": round(walls[1] / walls[2], 3)}
