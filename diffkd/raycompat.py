@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def configure_local_auth() -> str:
 LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
 
 
+LIMITS_RETRY_S = 2.0  # how long an execution asks again for unknown limits before Ray's 1 s cache applies
+
+
 def refresh_data_limits_until_known() -> None:
     """Make Ray Data ask again for its resource limits, instead of a second later, until it has them.
 
@@ -42,7 +46,8 @@ def refresh_data_limits_until_known() -> None:
     while its siblings wait. Epochs of a second or two then decoded on one core of two (measured in
     bench/data_feed.py: 480 images/s, 765 with this). The executor's own limits are unchanged; only an
     answer without any object store (which the coordinator always grants once it has answered) is not
-    cached. Idempotent; a Ray without these internals is left alone.
+    cached, during an execution's first `LIMITS_RETRY_S`. Idempotent; a Ray without these internals is
+    left alone.
     """
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
@@ -55,7 +60,9 @@ def refresh_data_limits_until_known() -> None:
     def get_global_limits(self):
         limits = original(self)
         if limits.object_store_memory == 0 and hasattr(self, "_global_limits_last_update_time"):
-            self._global_limits_last_update_time = 0  # unknown yet: ask again on the next scheduling step
+            unknown_since = self.__dict__.setdefault("_diffkd_limits_unknown_since", time.monotonic())
+            if time.monotonic() - unknown_since < LIMITS_RETRY_S:  # never a busy loop of RPCs
+                self._global_limits_last_update_time = 0  # unknown yet: ask again on the next scheduling step
         return limits
 
     get_global_limits.refreshes_until_known = True
