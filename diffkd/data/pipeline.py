@@ -1,18 +1,21 @@
 """The Ray Data pipeline: Parquet rows of the dataset -> model-ready batches streamed to Ray Train workers.
 
     read_parquet(files of the chosen centers, per-epoch file order)   \
-      .filter(case_id in split, modality in cfg.modalities)             > one fused task per file; the filter
-      .map_batches(decode_batch)                                        /  is pushed into the Parquet scan
+      .filter(case_id in split, modality in cfg.modalities)             > fused, one task per decode slot
+      .map_batches(decode_batch)                                        /  (files grouped); the filter is
+                                                                           pushed into the Parquet scan
       .mix(the same over synthetic files, a fresh random subset each epoch)   training only, cfg.synthetic_ratio
     -> ray.train.get_dataset_shard("train") -> iter_shard_batches()     local shuffle buffer, torch tensors
 
-The dataset is never materialised: every epoch re-runs the plan and streams blocks through the object
-store under Ray Data's backpressure, so memory stays flat as the dataset grows (bench/data_feed.py
+A streamed dataset is never materialised (small ones are decoded once and cached, see
+`cache_decision`): every epoch re-runs the plan and streams blocks through the object store under
+Ray Data's backpressure, so memory stays flat as the dataset grows (bench/data_feed.py
 measures it). Nothing here is fitted to data: normalisation is a fixed rule and the clinical encoding
 uses fixed reference scales, so external centers are treated exactly like internal ones.
 
 Resource sizing (why it cannot deadlock next to Train workers on a 2-core machine): reading and
-decoding run fused, one task per Parquet file, each asking for `decode_num_cpus` (0.5) logical CPU,
+decoding run fused, the files grouped into one task per slot, each asking for `decode_num_cpus` (0.5)
+logical CPU,
 at most `decode_concurrency` (2) in flight per branch. So the data side claims at most 1 CPU (2 with
 synthetic rows) and makes progress with `required_cpus(cfg)` = 0.5 left over by the Train workers
 (tested: one Train worker holding all the other CPUs still gets its epochs). Files are listed on
