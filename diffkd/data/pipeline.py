@@ -15,11 +15,10 @@ uses fixed reference scales, so external centers are treated exactly like intern
 
 Resource sizing (why it cannot deadlock next to Train workers on a 2-core machine): reading and
 decoding run fused, the files grouped into one task per slot, each asking for `decode_num_cpus` (0.5)
-logical CPU,
-at most `decode_concurrency` (2) in flight per branch. So the data side claims at most 1 CPU (2 with
-synthetic rows) and makes progress with `required_cpus(cfg)` = 0.5 left over by the Train workers
-(tested: one Train worker holding all the other CPUs still gets its epochs). Files are listed on
-the driver (see `_read_settings`), so no 1-CPU listing task has to fit either. Ray
+logical CPU, at most `decode_concurrency` (2) in flight per branch. So the data side claims at most
+1 CPU (2 with synthetic rows) and makes progress with `required_cpus(cfg)` = 0.5 left over by the
+Train workers (tested: one Train worker holding all the other CPUs still gets its epochs). Files are
+listed on the driver (see `_read_settings`), so no 1-CPU listing task has to fit either. Ray
 Train V2 excludes its workers' resources from Ray Data's budget by itself; `check_can_feed` fails
 early, with the numbers, where a sizing would hang instead.
 """
