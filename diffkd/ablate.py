@@ -63,10 +63,6 @@ ARM_TEACHER = {"full": "synthetic", "teacher": "synthetic", "no_synthesis": "rea
 # (the same teacher, trained once per seed), so that distillation's share of it shows.
 COMPARED_TEACHER = {"no_kd": "synthetic", "neither": "synthetic"}
 
-
-def teacher_kind(arm: str) -> str | None:
-    """The teacher an arm learns from, or is compared with; None for none."""
-    return ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
 # Trials of one seed start in this order: the teacher first, beside an arm that needs no teacher, so
 # that `full` (which distils from that same teacher) rarely has to wait for it; full and neither (the
 # whole method against none of it) early, so that a time budget cuts the other arms first.
@@ -75,6 +71,11 @@ EXPERIMENT = "experiment"
 TRIAL_INFO = "trial.json"
 PREDICTIONS = "predictions.parquet"
 ALL_EXTERNAL = "all external"
+
+
+def teacher_kind(arm: str) -> str | None:
+    """The teacher an arm learns from, or is compared with; None for none."""
+    return ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
 
 
 @dataclass

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 
-
 def test_data_tasks_run_side_by_side_from_the_start_of_an_execution(ray_local):
     """Ray 2.60 begins every execution with zero resource limits kept for a second, so a short epoch
     ran its tasks one after another; with the fix two 0.4 s tasks overlap in every execution."""
