@@ -1,6 +1,8 @@
 """Training checkpoints: what one holds, how it is verified, how it is loaded without trusting pickles.
 
-One checkpoint is one directory that Ray Train assembles from every worker's files::
+One checkpoint is one directory holding every worker's files. On a local or mounted filesystem the
+workers write them in place, under a `.staging-` name that rank 0 renames once all are done; to an
+object store Ray Train uploads each worker's local folder::
 
     checkpoint_epoch0003_<nonce>/
         loop_state.json                   rank 0: epoch, step, metric history, best so far, world size
@@ -42,6 +44,7 @@ MODEL_WEIGHTS = "model.safetensors"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 CHECKSUM_DIR = "checksums"
+STAGING_PREFIX = ".staging-"  # a checkpoint folder being written in place, renamed when every rank is done
 _DIR_PATTERN = re.compile(r"^checkpoint_epoch(\d+)_\w+$")
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _CHUNK = 8 << 20
@@ -189,6 +192,16 @@ class ResumePoint:
     path: str | None  # None: no checkpoint verifies (and none was required)
     meta: dict | None
     skipped: list[str]  # one line per newer checkpoint that failed verification, with the reason
+
+
+def remove_staging(fs: pafs.FileSystem, run_path: str) -> list[str]:
+    """Delete checkpoint folders a stopped job left half-written in place; returns their names."""
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(STAGING_PREFIX):
+            fs.delete_dir(info.path)
+            removed.append(info.base_name)
+    return removed
 
 
 def find_resumable(fs: pafs.FileSystem, run_path: str, required: bool) -> ResumePoint:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import posixpath
 import secrets
 import tempfile
@@ -258,7 +259,8 @@ def _train_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     evaluates = rank == 0 or engine.zero_optimization_stage() == 3
-    nonce = secrets.token_hex(3)
+    nonce = [secrets.token_hex(3)]
+    dist.broadcast_object_list(nonce, src=0)  # every rank writes into the same checkpoint folder
     epoch = state.epoch
     while epoch < cfg.epochs and not state.stopped_early:
         epoch += 1
@@ -276,7 +278,7 @@ def _train_worker(config: dict) -> None:
             dist.broadcast_object_list(shared, src=0)
             metrics.update({k: float(v) for k, v in shared[0].items()})
         metrics.update(epoch=epoch, global_step=state.global_step, started_at=started_at)
-        name = ckpt.checkpoint_dir_name(epoch, nonce)
+        name = ckpt.checkpoint_dir_name(epoch, nonce[0])
         improved = _update_best(state, metrics, objective, mode, name, cfg.patience, min(cfg.min_epochs, cfg.epochs))
         state.history.append(metrics)
         state.epoch = epoch
@@ -285,13 +287,41 @@ def _train_worker(config: dict) -> None:
             if state.stopped_early:
                 progress.message(f"stopping early: {objective} has not improved for {cfg.patience} epochs "
                                  f"(best {state.best_value:.4f} at epoch {state.best_epoch})")
+        _checkpoint_and_report(engine, state, metrics, name, rank, world, task.name)
+
+
+def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: str, rank: int, world: int,
+                           task_name: str) -> None:
+    """Write the epoch's checkpoint `name` and report it with `metrics` (every rank, in step).
+
+    On a local or mounted filesystem the ranks write straight into the run folder: a staging folder
+    that rank 0 renames once every rank is done, so a checkpoint folder is complete or absent. An
+    object store gets a local folder that Ray uploads in the background while the next epoch trains.
+    Writing in place saves a copy of the checkpoint per epoch, and the copy running beside the next
+    epoch's steps slowed them by 5-10% on a 2-core node.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    if not isinstance(fs, pafs.LocalFileSystem):
         local = tempfile.mkdtemp(prefix="diffkd-ckpt-")
-        ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task.name)
-        # Uploaded (copied to storage_path, then deleted here) in Ray's background thread while the next
-        # epoch trains: the copy and report's barrier stay off the critical path. A failed upload
-        # raises in the training thread; a half-uploaded checkpoint fails its checksums on resume.
+        ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task_name)
+        # A failed upload raises in the training thread; a half-uploaded checkpoint fails its checksums on resume.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        return
+    final = posixpath.join(storage.experiment_fs_path, name)
+    staging = posixpath.join(storage.experiment_fs_path, ckpt.STAGING_PREFIX + name)
+    os.makedirs(staging, exist_ok=True)
+    ckpt.save_checkpoint(staging, engine, state, rank=rank, world_size=world, task_name=task_name)
+    dist.barrier()
+    if rank == 0:
+        os.replace(staging, final)
+    dist.barrier()
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(final, filesystem=fs), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.device, epoch: int, rank: int,
@@ -401,6 +431,8 @@ def _restore(engine, rank: int, world: int, progress: Progress | None) -> ckpt.L
     fs = storage.storage_filesystem
     choice: list = [None]
     if rank == 0:
+        for name in ckpt.remove_staging(fs, storage.experiment_fs_path):
+            log.info("removed %s, a checkpoint an earlier attempt left unfinished", name)
         try:
             choice = [ckpt.find_resumable(fs, storage.experiment_fs_path,
                                           required=ray.train.get_checkpoint() is not None)]

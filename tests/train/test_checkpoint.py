@@ -161,6 +161,16 @@ def test_resume_takes_the_newest_checkpoint_that_verifies(saved, tmp_path):
         [f"checkpoint_epoch000{i}_{c}" for i, c in ((5, "ee"), (4, "dd"), (3, "cc"), (2, "bb"), (1, "aa"))]
 
 
+def test_a_checkpoint_left_in_staging_is_never_resumed_from_and_is_removed(saved, tmp_path):
+    run = tmp_path / "run"
+    copy_of(saved, run / "checkpoint_epoch0001_aa")
+    copy_of(saved, run / (ckpt.STAGING_PREFIX + "checkpoint_epoch0002_bb"))  # complete files, never renamed
+    assert os.path.basename(ckpt.find_resumable(FS, str(run), required=True).path) == "checkpoint_epoch0001_aa"
+    assert ckpt.remove_staging(FS, str(run)) == [ckpt.STAGING_PREFIX + "checkpoint_epoch0002_bb"]
+    assert sorted(os.listdir(run)) == ["checkpoint_epoch0001_aa"]
+    assert ckpt.remove_staging(FS, str(tmp_path / "no-run-yet")) == []
+
+
 class _Payload:
     """Unpickling this runs os.mkdir(marker): what an attacker's checkpoint would do with a worse call."""
 

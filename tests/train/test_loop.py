@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 import ray.cloudpickle
+from diffkd.train import checkpoint as ckpt
 from diffkd.train.loop import FitResult, RunExistsError, fit
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
@@ -150,8 +152,13 @@ def test_resume_skips_a_truncated_latest_checkpoint(zero2_run):
     shard = os.path.join(first.latest_checkpoint, "deepspeed", "state", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 3)
+    run_dir = os.path.dirname(first.latest_checkpoint)
+    assert not [n for n in os.listdir(run_dir) if n.startswith(ckpt.STAGING_PREFIX)]  # renamed once complete
+    # a checkpoint being written in place when its job died: complete files, but never renamed
+    shutil.copytree(first.latest_checkpoint, os.path.join(run_dir, ckpt.STAGING_PREFIX + "checkpoint_epoch0003_ff"))
 
     resumed = fit(TinyTask(), datasets(), loop_config(tmp, "zero2", epochs=4, resume=True))
+    assert not [n for n in os.listdir(run_dir) if n.startswith(ckpt.STAGING_PREFIX)]  # removed, never resumed from
     restart = resumed.restarts[-1]
     assert restart["from"].startswith("checkpoint_epoch0002_") and restart["epoch"] == 2
     assert len(restart["skipped"]) == 1 and os.path.basename(first.latest_checkpoint) in restart["skipped"][0]
@@ -159,6 +166,23 @@ def test_resume_skips_a_truncated_latest_checkpoint(zero2_run):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     assert resumed.history[:2] == first.history[:2]  # the good epochs are kept as they were
     assert resumed.history[-1]["val_auc"] > 0.85
+
+
+def test_checkpoints_reach_an_object_store_by_upload_and_resume_from_it(ray_local, tmp_path):
+    """Storage that is not the local filesystem gets each checkpoint from a local folder by upload (a
+    SubTreeFileSystem stands in for an object store: local bytes, another filesystem type)."""
+    import pyarrow.fs as pafs
+
+    bucket = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    settings = dict(num_workers=1, engine="ddp", zero_stage=0, storage_path=(bucket, "runs"))
+    fit(TinyTask(), datasets(), loop_config(tmp_path, "uploaded", epochs=1, **settings))
+    resumed = fit(TinyTask(), datasets(), loop_config(tmp_path, "uploaded", epochs=2, resume=True, **settings))
+    assert [h["epoch"] for h in resumed.history] == [1, 2] and len(resumed.restarts) == 1
+    run_dir = tmp_path / "bucket" / "runs" / "uploaded"
+    names = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+    assert [n.split("_")[1] for n in names] == ["epoch0001", "epoch0002"]
+    for name in names:
+        ckpt.verify_checkpoint(bucket, f"runs/uploaded/{name}")
 
 
 # ---- engine "ddp": plain torch DDP inside Ray Train, and the loop's timing fields ------------------
