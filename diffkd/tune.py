@@ -68,6 +68,23 @@ def training_rows(assignments: "pd.DataFrame") -> "pd.DataFrame":
     return assignments[assignments["split"].isin(("train", "val"))].reset_index(drop=True)
 
 
+def search_base(cfg: "StudentConfig", space: TuneSpace) -> dict[str, Any]:
+    """`cfg` as the nested dict the space's dotted paths name, with the default of every distillation
+    option the space varies filled in: a config that leaves the logit term's temperature at its
+    default holds no `temperature` key, yet `distill.terms.logit.temperature` is a field to search."""
+    from diffkd.distill import loss_defaults
+
+    base = to_dict(cfg)
+    terms = base.get("distill", {}).get("terms", {})
+    for name in space.params:
+        keys = name.split(".")
+        if len(keys) == 4 and keys[:2] == ["distill", "terms"] and keys[2] in terms:
+            defaults = loss_defaults(keys[2])
+            if keys[3] in defaults:
+                terms[keys[2]].setdefault(keys[3], defaults[keys[3]])
+    return base
+
+
 def arm_space(space: TuneSpace, cfg: "StudentConfig") -> TuneSpace:
     """`space` restricted to the parameters that apply to the arm `cfg`: fields of its config that it uses.
 
@@ -255,7 +272,7 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
     dataset = ImageDataset(dataset).uri
     if cfg.teacher_dir and "://" not in cfg.teacher_dir:
         cfg = dataclasses.replace(cfg, teacher_dir=os.path.abspath(cfg.teacher_dir))
-    base = to_dict(cfg)
+    base = search_base(cfg, space)
     for name in space.params:  # a typo in the space fails now, not inside every trial
         apply_params(base, {name: None}, where=space.source or "search space")
     rows = training_rows(assignments)

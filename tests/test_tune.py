@@ -16,8 +16,10 @@ from diffkd.data.pipeline import PipelineConfig
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import DistillConfig, StudentConfig
 from diffkd.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
-                         remove_orphaned_placement_groups, run_trial, training_rows, tune_student)
-from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace
+                         remove_orphaned_placement_groups, run_trial, search_base, student_from_dict, training_rows,
+                         tune_student)
+from diffkd.config import ConfigError
+from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace, apply_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +42,18 @@ def _student(teacher_dir="", runs="runs", **loop):
 
 
 # ---- no Ray needed ---------------------------------------------------------------------------------
+
+def test_a_space_may_vary_a_distillation_option_the_config_leaves_at_its_default():
+    cfg = _student()  # its logit term sets only a weight; the temperature is the loss's default
+    base = search_base(cfg, _space())
+    trial = student_from_dict(apply_params(base, {"distill.terms.logit.temperature": 2.5, "loop.lr": 1e-3}))
+    assert trial.distill.options("logit") == {"temperature": 2.5}
+    assert "temperature" not in search_base(cfg, TuneSpace(params={"loop.lr": Distribution("loguniform", (1e-4, 1e-3))}))[
+        "distill"]["terms"]["logit"]  # only what the space varies is filled in
+    typo = TuneSpace(params={"distill.terms.logit.temprature": Distribution("loguniform", (1.0, 8.0))})
+    with pytest.raises(ConfigError, match="temprature"):
+        apply_params(search_base(cfg, typo), {"distill.terms.logit.temprature": 2.0})
+
 
 def test_trials_in_flight_fit_the_cluster():
     cfg = _student()  # 1 worker x 1 CPU + 0.75 CPU of data pipeline + the driver's sliver

@@ -48,7 +48,7 @@ import importlib
 import pkgutil
 
 from diffkd.distill.registry import (LOSSES, DistillBatch, DistillLoss, FeatureLoss, FeatureWidths, build_loss,
-                                     check_loss_options, loss_class, register_loss)
+                                     check_loss_options, loss_class, loss_defaults, register_loss)
 
 # Every module of the package is imported so that each loss registers itself: a new loss is one new file.
 for _module in pkgutil.iter_modules(__path__):
@@ -62,5 +62,5 @@ from diffkd.distill.logit import LogitKD  # noqa: E402
 PAIRING_FREE = frozenset(name for name, cls in LOSSES.items() if not cls.needs_pairs)
 
 __all__ = ["LOSSES", "PAIRING_FREE", "DistillBatch", "DistillLoss", "FeatureLoss", "FeatureWidths", "build_loss",
-           "check_loss_options", "loss_class", "register_loss", "LogitKD", "FeatureKD", "GroupPrototypeKD",
+           "check_loss_options", "loss_class", "loss_defaults", "register_loss", "LogitKD", "FeatureKD", "GroupPrototypeKD",
            "GroupDenseKD"]

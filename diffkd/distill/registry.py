@@ -109,12 +109,20 @@ def loss_class(name: str) -> type[DistillLoss]:
         raise ValueError(f"unknown distillation loss {name!r}; known: {', '.join(sorted(LOSSES))}") from None
 
 
+def _config_parameters(name: str) -> list[inspect.Parameter]:
+    """The keyword arguments of loss `name` that a config sets (the feature widths come from the models)."""
+    signature = inspect.signature(loss_class(name).__init__)
+    return [p for p in list(signature.parameters.values())[1:] if p.name not in ("student_channels", "teacher_channels")]
+
+
+def loss_defaults(name: str) -> dict[str, Any]:
+    """The config options of loss `name` that have defaults, with them (what a search may vary)."""
+    return {p.name: p.default for p in _config_parameters(name) if p.default is not inspect.Parameter.empty}
+
+
 def check_loss_options(name: str, options: dict[str, Any], where: str) -> None:
     """Fail early, naming the config field, when `options` are not keyword arguments of loss `name`."""
-    cls = loss_class(name)
-    signature = inspect.signature(cls.__init__)
-    accepted = [p for p in list(signature.parameters)[1:]
-                if p not in ("student_channels", "teacher_channels")]
+    accepted = [p.name for p in _config_parameters(name)]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)} for loss {name!r}; "
