@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -320,12 +321,31 @@ def settle_placement_groups(timeout_s: float = 30.0) -> None:
 
 # ---- results -------------------------------------------------------------------------------------
 
+def _history(result) -> "pd.DataFrame | None":
+    """A trial's reported metrics, one row per epoch.
+
+    Ray Tune 2.60 reopens the JSON log of a trial that had already finished when a search is resumed,
+    which empties its `result.json`; the trial's `progress.csv` keeps every row, so it is read then.
+    """
+    import pandas as pd
+
+    history = result.metrics_dataframe
+    if (history is None or history.empty) and result.path:
+        progress = posixpath.join(result.path, "progress.csv")
+        try:
+            with result.filesystem.open_input_stream(progress) as f:
+                history = pd.read_csv(f)
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            return history
+    return history
+
+
 def _trial_tables(grid, space: TuneSpace) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     import pandas as pd
 
     trials, curves = [], []
     for result in grid:
-        history = result.metrics_dataframe
+        history = _history(result)
         trial_id = str((result.metrics or {}).get("trial_id") or
                        (history["trial_id"].iloc[-1] if history is not None and "trial_id" in history else ""))
         config = result.config or {}

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs
 import pytest
 import yaml
 
@@ -18,7 +19,7 @@ from diffkd.train.student import DistillConfig, StudentConfig
 from diffkd.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
                          remove_orphaned_placement_groups, run_trial, search_base, student_from_dict, training_rows,
                          tune_student)
-from diffkd.config import ConfigError
+from diffkd.config import ConfigError, to_dict
 from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace, apply_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,20 @@ def test_a_space_may_vary_a_distillation_option_the_config_leaves_at_its_default
     typo = TuneSpace(params={"distill.terms.logit.temprature": Distribution("loguniform", (1.0, 8.0))})
     with pytest.raises(ConfigError, match="temprature"):
         apply_params(search_base(cfg, typo), {"distill.terms.logit.temprature": 2.0})
+
+
+def test_a_finished_trial_whose_json_log_a_resume_emptied_is_read_from_its_progress_csv(tmp_path):
+    from diffkd.tune import _history
+
+    pd.DataFrame({"epoch": [1, 2], "val_auc": [0.6, 0.7]}).to_csv(tmp_path / "progress.csv", index=False)
+    (tmp_path / "result.json").write_text("")
+
+    class Emptied:  # what Ray Tune hands back for such a trial
+        metrics_dataframe = None
+        path = str(tmp_path)
+        filesystem = pyarrow.fs.LocalFileSystem()
+
+    assert _history(Emptied())["val_auc"].tolist() == [0.6, 0.7]
 
 
 def test_trials_in_flight_fit_the_cluster():
@@ -167,8 +182,9 @@ def test_a_four_trial_search_finishes_on_two_cpus_and_writes_its_best_config(tun
     assert 4 <= outcome.trial_epochs <= 8  # ASHA may stop trials after their grace epoch
     best = load_best_config(outcome.files["best_config"])
     for name, dist in space.params.items():
-        section, key = name.split(".")
-        value = getattr(getattr(best, section), key)
+        value = to_dict(best)
+        for key in name.split("."):
+            value = value[key]
         assert dist.contains(value) and value == pytest.approx(outcome.best_params[name])
     assert best.teacher_dir == teacher and best.arch == cfg.arch  # the rest of the base config is kept
     curves = pd.read_csv(outcome.files["curves"])
