@@ -62,5 +62,5 @@ from diffkd.distill.logit import LogitKD  # noqa: E402
 PAIRING_FREE = frozenset(name for name, cls in LOSSES.items() if not cls.needs_pairs)
 
 __all__ = ["LOSSES", "PAIRING_FREE", "DistillBatch", "DistillLoss", "FeatureLoss", "FeatureWidths", "build_loss",
-           "check_loss_options", "loss_class", "loss_defaults", "register_loss", "LogitKD", "FeatureKD", "GroupPrototypeKD",
-           "GroupDenseKD"]
+           "check_loss_options", "loss_class", "loss_defaults", "register_loss", "LogitKD", "FeatureKD",
+           "GroupPrototypeKD", "GroupDenseKD"]

@@ -112,7 +112,8 @@ def loss_class(name: str) -> type[DistillLoss]:
 def _config_parameters(name: str) -> list[inspect.Parameter]:
     """The keyword arguments of loss `name` that a config sets (the feature widths come from the models)."""
     signature = inspect.signature(loss_class(name).__init__)
-    return [p for p in list(signature.parameters.values())[1:] if p.name not in ("student_channels", "teacher_channels")]
+    return [p for p in list(signature.parameters.values())[1:]
+            if p.name not in ("student_channels", "teacher_channels")]
 
 
 def loss_defaults(name: str) -> dict[str, Any]:
