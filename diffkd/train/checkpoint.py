@@ -1,8 +1,8 @@
 """Training checkpoints: what one holds, how it is verified, how it is loaded without trusting pickles.
 
 One checkpoint is one directory holding every worker's files. On a local or mounted filesystem the
-workers write them in place, under a `.staging-` name that rank 0 renames once all are done; to an
-object store Ray Train uploads each worker's local folder::
+workers write them in place, each into its own folder under a `.staging-` name, which rank 0 merges
+and renames once all are done; to an object store Ray Train uploads each worker's local folder::
 
     checkpoint_epoch0003_<nonce>/
         loop_state.json                   rank 0: epoch, step, metric history, best so far, world size
@@ -31,6 +31,7 @@ import os
 import pickle
 import posixpath
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -192,6 +193,24 @@ class ResumePoint:
     path: str | None  # None: no checkpoint verifies (and none was required)
     meta: dict | None
     skipped: list[str]  # one line per newer checkpoint that failed verification, with the reason
+
+
+def merge_rank_folders(staging: str, world_size: int, final: str) -> None:
+    """Move every rank's files from `staging/rank-NNNNN/` into one folder and rename it to `final`.
+
+    Only renames: the folders lie on one filesystem. A file two ranks both wrote (DeepSpeed's `latest`
+    tag) has the same content on each, so either copy will do.
+    """
+    merged = os.path.join(staging, "merged")
+    for rank in range(world_size):
+        source = os.path.join(staging, f"rank-{rank:05d}")
+        for root, _, names in os.walk(source):
+            target = os.path.join(merged, os.path.relpath(root, source))
+            os.makedirs(target, exist_ok=True)
+            for name in names:
+                os.replace(os.path.join(root, name), os.path.join(target, name))
+    os.replace(merged, final)
+    shutil.rmtree(staging)
 
 
 def remove_staging(fs: pafs.FileSystem, run_path: str) -> list[str]:

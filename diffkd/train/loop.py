@@ -294,8 +294,9 @@ def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: s
                            task_name: str) -> None:
     """Write the epoch's checkpoint `name` and report it with `metrics` (every rank, in step).
 
-    On a local or mounted filesystem the ranks write straight into the run folder: a staging folder
-    that rank 0 renames once every rank is done, so a checkpoint folder is complete or absent. An
+    On a local or mounted filesystem the ranks write straight into the run folder, each into its own
+    folder under a staging folder that rank 0 merges and renames once every rank is done, so a
+    checkpoint folder is complete or absent. An
     object store gets a local folder that Ray uploads in the background while the next epoch trains.
     Writing in place saves a copy of the checkpoint per epoch, and the copy running beside the next
     epoch's steps slowed them by 5-10% on a 2-core node.
@@ -314,11 +315,13 @@ def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: s
         return
     final = posixpath.join(storage.experiment_fs_path, name)
     staging = posixpath.join(storage.experiment_fs_path, ckpt.STAGING_PREFIX + name)
-    os.makedirs(staging, exist_ok=True)
-    ckpt.save_checkpoint(staging, engine, state, rank=rank, world_size=world, task_name=task_name)
+    # each rank its own folder: a rank's checksum listing covers exactly the files it wrote
+    mine = os.path.join(staging, f"rank-{rank:05d}")
+    os.makedirs(mine, exist_ok=True)
+    ckpt.save_checkpoint(mine, engine, state, rank=rank, world_size=world, task_name=task_name)
     dist.barrier()
     if rank == 0:
-        os.replace(staging, final)
+        ckpt.merge_rank_folders(staging, world, final)
     dist.barrier()
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint(final, filesystem=fs), checkpoint_dir_name=name,
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)

@@ -171,6 +171,28 @@ def test_a_checkpoint_left_in_staging_is_never_resumed_from_and_is_removed(saved
     assert ckpt.remove_staging(FS, str(tmp_path / "no-run-yet")) == []
 
 
+def checkpoint_paths(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_rank_folders_merge_into_one_checkpoint_folder(tmp_path):
+    staging = tmp_path / (ckpt.STAGING_PREFIX + "checkpoint_epoch0001_aa")
+    for rank, shard in ((0, "zero_pp_rank_0_optim_states.pt"), (1, "zero_pp_rank_1_optim_states.pt")):
+        mine = staging / f"rank-{rank:05d}"
+        (mine / "deepspeed" / "state").mkdir(parents=True)
+        (mine / "deepspeed" / "state" / shard).write_bytes(bytes([rank]) * 10)
+        (mine / "deepspeed" / "latest").write_text("state")  # written by both ranks, the same
+        ckpt._write_checksums(str(mine), rank, world_size=2)
+    final = tmp_path / "checkpoint_epoch0001_aa"
+    ckpt.merge_rank_folders(str(staging), 2, str(final))
+    assert not staging.exists()
+    assert checkpoint_paths(final) == ["checksums/rank-00000.json", "checksums/rank-00001.json", "deepspeed/latest",
+                                       "deepspeed/state/zero_pp_rank_0_optim_states.pt",
+                                       "deepspeed/state/zero_pp_rank_1_optim_states.pt"]
+    listed = json.loads((final / "checksums" / "rank-00001.json").read_text())["files"]
+    assert sorted(listed) == ["deepspeed/latest", "deepspeed/state/zero_pp_rank_1_optim_states.pt"]  # its own only
+
+
 class _Payload:
     """Unpickling this runs os.mkdir(marker): what an attacker's checkpoint would do with a worse call."""
 
