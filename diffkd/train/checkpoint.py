@@ -195,15 +195,21 @@ class ResumePoint:
     skipped: list[str]  # one line per newer checkpoint that failed verification, with the reason
 
 
+def rank_folder(staging: str, rank: int) -> str:
+    """Where `rank` writes its part of a checkpoint staged in place: its own folder, so its checksum
+    listing covers exactly the files it wrote."""
+    return os.path.join(staging, f"rank-{rank:05d}")
+
+
 def merge_rank_folders(staging: str, world_size: int, final: str) -> None:
-    """Move every rank's files from `staging/rank-NNNNN/` into one folder and rename it to `final`.
+    """Move every rank's files from its `rank_folder` into one folder and rename it to `final`.
 
     Only renames: the folders lie on one filesystem. A file two ranks both wrote (DeepSpeed's `latest`
     tag) has the same content on each, so either copy will do.
     """
     merged = os.path.join(staging, "merged")
     for rank in range(world_size):
-        source = os.path.join(staging, f"rank-{rank:05d}")
+        source = rank_folder(staging, rank)
         for root, _, names in os.walk(source):
             target = os.path.join(merged, os.path.relpath(root, source))
             os.makedirs(target, exist_ok=True)

@@ -296,10 +296,9 @@ def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: s
 
     On a local or mounted filesystem the ranks write straight into the run folder, each into its own
     folder under a staging folder that rank 0 merges and renames once every rank is done, so a
-    checkpoint folder is complete or absent. An
-    object store gets a local folder that Ray uploads in the background while the next epoch trains.
-    Writing in place saves a copy of the checkpoint per epoch, and the copy running beside the next
-    epoch's steps slowed them by 5-10% on a 2-core node.
+    checkpoint folder is complete or absent. An object store gets a local folder that Ray uploads in
+    the background while the next epoch trains. Writing in place saves a copy of the checkpoint per
+    epoch, and the copy running beside the next epoch's steps slowed them by 5-10% on a 2-core node.
     """
     import ray.train
     import torch.distributed as dist
@@ -315,8 +314,7 @@ def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: s
         return
     final = posixpath.join(storage.experiment_fs_path, name)
     staging = posixpath.join(storage.experiment_fs_path, ckpt.STAGING_PREFIX + name)
-    # each rank its own folder: a rank's checksum listing covers exactly the files it wrote
-    mine = os.path.join(staging, f"rank-{rank:05d}")
+    mine = ckpt.rank_folder(staging, rank)
     os.makedirs(mine, exist_ok=True)
     ckpt.save_checkpoint(mine, engine, state, rank=rank, world_size=world, task_name=task_name)
     dist.barrier()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -178,7 +179,7 @@ def checkpoint_paths(folder) -> list[str]:
 def test_rank_folders_merge_into_one_checkpoint_folder(tmp_path):
     staging = tmp_path / (ckpt.STAGING_PREFIX + "checkpoint_epoch0001_aa")
     for rank, shard in ((0, "zero_pp_rank_0_optim_states.pt"), (1, "zero_pp_rank_1_optim_states.pt")):
-        mine = staging / f"rank-{rank:05d}"
+        mine = Path(ckpt.rank_folder(str(staging), rank))
         (mine / "deepspeed" / "state").mkdir(parents=True)
         (mine / "deepspeed" / "state" / shard).write_bytes(bytes([rank]) * 10)
         (mine / "deepspeed" / "latest").write_text("state")  # written by both ranks, the same
