@@ -83,7 +83,7 @@ class IngestReport:
     fingerprint: str
     quarantine_file: str | None = None
     warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float | None = None  # None when the center was one of several written by one run
 
     def summary(self) -> str:
         labels = ", ".join(f"{k} {v}" for k, v in self.labels_added.items()) or "none"
@@ -100,8 +100,8 @@ class IngestReport:
             lines.append("  " + ", ".join(f"{n} {what}" for n, what in extra if n))
         if self.quarantined:
             lines.append(f"  rejected rows and reasons: {self.quarantine_file}")
-        lines.append(f"  {'written to' if self.written else 'nothing changed in'} {self.dataset} "
-                     f"in {self.seconds:.1f}s")
+        took = f" in {self.seconds:.1f}s" if self.seconds is not None else ""
+        lines.append(f"  {'written to' if self.written else 'nothing changed in'} {self.dataset}{took}")
         for w in self.warnings[:WARNINGS_SHOWN]:
             lines.append(f"  warning: {w}")
         if len(self.warnings) > WARNINGS_SHOWN:
