@@ -35,7 +35,7 @@ def test_a_dataset_with_masks_and_clinical_values_keeps_those_stages(tmp_path, r
     plan = plan_for(ramp_rows, tmp_path, readers=None)
     assert plan.diffusion and plan.mask_conditioning and plan.clinical_baselines
     assert not plan.pairing_free  # B-mode only: no Doppler teacher
-    assert set(plan.skipped) == {"student_pairing_free", "reader comparison"}
+    assert set(plan.skipped) == {"student_pairing_free"}  # no readers CSV, but the cases' BI-RADS is a reader
     assert "no 'us_doppler' images" in plan.skipped["student_pairing_free"]
 
 
@@ -45,6 +45,7 @@ def test_no_clinical_values_no_masks_no_readers_are_each_named(tmp_path, ramp_ro
     assert plan.diffusion  # trained without the mask channel, not skipped
     assert set(plan.skipped) == {"student_pairing_free", "clinical and combined baselines", "reader comparison"}
     assert "deep-feature model still runs" in plan.skipped["clinical and combined baselines"]
+    assert "no case has a BI-RADS category" in plan.skipped["reader comparison"]
     assert any("without mask conditioning" in change for change in plan.changes)
 
 
