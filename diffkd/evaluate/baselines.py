@@ -5,8 +5,9 @@
   (p < `keep_p`) are the independent predictors, and the final model is refitted on them alone
   (odds ratios with Wald 95% CIs). Categorical variables are one-hot coded against their most
   frequent training level; ordered categories (BI-RADS) enter as their rank, one odds ratio per
-  category step (2 < 3 < 4a < 4b < 4c < 5 < 6), as a radiologist's scale is read. Variables are chosen with ordinary maximum-likelihood ratio tests
-  (unit-invariant, and finite even under separation); the final model's coefficients use Firth's
+  category step (2 < 3 < 4a < 4b < 4c < 5 < 6), as a radiologist's scale is read. Variables are
+  chosen with ordinary maximum-likelihood ratio tests (unit-invariant, and finite even under
+  separation); the final model's coefficients use Firth's
   penalized likelihood, so a level seen only with upgrades (separation, common in small cohorts)
   gets a large but finite odds ratio instead of an infinite one.
 - deep_features: penultimate-layer features of a CNN (the caller extracts them, `DeepFeatures`),

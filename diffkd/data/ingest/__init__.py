@@ -1,8 +1,9 @@
 """`diffkd ingest`: bring one center's images (+ clinical CSV) into the Parquet dataset.
 
     report = ingest("exports/hospital_a", center="A", dataset="data/ds", layout="folder")
+    reports = ingest_centers("BUSBRA", dataset="data/busbra", layout="busbra", center_by="device")
 
-Steps: the layout finds records (``folder``, ``busi``, ``dicom``); every image is decoded, converted
+Steps: the layout finds records (``folder``, ``busi``, ``busbra``, ``dicom``); every image is decoded, converted
 (common.py states the image, mask and clinical-value policies) and hashed; raw ids become salted
 pseudonyms; then the whole batch is checked before anything is written:
 
@@ -30,6 +31,10 @@ left byte-for-byte as it was. With ``quarantine=DIR`` the rejected rows go to
 that file again) and the rest is ingested. Only the center's own partition and the manifest are
 written (atomically); other centers' files are never touched. The manifest's source entry records
 the source fingerprint, ingest time, row and label counts, and the salt fingerprint (never the salt).
+
+`ingest_centers` splits one source by a CSV column (a site, a scanner) into one center per value: the
+source is decoded once, every center goes through the checks above (and a patient whose rows fall in
+two centers is a problem of its own), and only when all pass is each written as `ingest` writes one.
 """
 from __future__ import annotations
 
@@ -54,8 +59,8 @@ from diffkd.data.ingest.common import (Discovery, IngestError, Loaded, Problem, 
                                        center_slug, load_all, parse_label_map, png_pixel_digest, salt_fingerprint)
 from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, arrow_schema, check_label_names
 
-__all__ = ["ingest", "ingest_centers", "IngestReport", "CentersReport", "IngestError", "LAYOUTS", "default_salt_path", "pseudonymizer_for",
-           "salt_fingerprint"]
+__all__ = ["ingest", "ingest_centers", "IngestReport", "CentersReport", "IngestError", "LAYOUTS",
+           "default_salt_path", "pseudonymizer_for", "salt_fingerprint"]
 
 log = logging.getLogger("diffkd.ingest")
 

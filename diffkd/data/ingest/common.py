@@ -20,9 +20,10 @@ Policies (the user's guide repeats them):
 - **Pseudonyms**: patient ids are HMAC-SHA256(salt, raw id), the same at every center so that one
   person ingested under two centers is caught; an image without a patient id (BUSI, a folder without a
   CSV) is its own patient within its center, HMAC-SHA256(salt, center + file). Case ids are
-  HMAC-SHA256(salt, center + the CSV case id, or center + the source file). The salt is a random 32-byte secret in a file outside
-  the dataset (default `<DS>/../.<dsname>.salt`, created once with mode 0600); only its fingerprint is
-  recorded in the manifest, so the same salt must be used for every ingest into one dataset.
+  HMAC-SHA256(salt, center + the CSV case id, or center + the source file). The salt is a random
+  32-byte secret in a file outside the dataset (default `<DS>/../.<dsname>.salt`, created once with
+  mode 0600); only its fingerprint is recorded in the manifest, so the same salt must be used for
+  every ingest into one dataset.
 """
 from __future__ import annotations
 
