@@ -505,21 +505,7 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     if baseline_summary is not None and baseline_path.exists():
         frames.append(pd.read_parquet(baseline_path))
     predictions = pd.concat([f[PREDICTION_COLUMNS] for f in frames], ignore_index=True)
-    reference = cfg.evaluate.reference  # readers are compared with this model, on the cases it scored
-    scored = set(predictions.loc[predictions["model"] == reference, "case_id"])
-    readers = _pseudonymised_reads(ds, readers_csv) if readers_csv else None
-    if readers is not None:
-        unscored = ~readers["case_id"].isin(scored)
-        if unscored.any():
-            notes.append(f"{int(unscored.sum())} reader read(s) of {readers.loc[unscored, 'case_id'].nunique()} "
-                         f"case(s) that {reference} did not score (imaged only in a modality it does not read) "
-                         "are left out of the reader comparison")
-            log.info("note: %s", notes[-1])
-            readers = readers[~unscored].reset_index(drop=True)
-    own = _dataset_reads(ds)  # the radiologists' BI-RADS stored with the images: one more reader
-    if own is not None and own["case_id"].isin(scored).any():
-        own = own[own["case_id"].isin(scored)]
-        readers = own if readers is None else pd.concat([readers, own], ignore_index=True)
+    readers = report_reads(ds, readers_csv, predictions, cfg.evaluate.reference, notes)
     if readers is None:
         skipped["readers"] = ("no reader CSV was given (diffkd run --readers CSV) and no case has a BI-RADS category: "
                               "no reader comparison")
@@ -534,6 +520,28 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           distillation=_distillation_inputs(model_dirs))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     return {"report": str(files.index), "metrics": str(files.metrics)}
+
+
+def report_reads(ds: ImageDataset, readers_csv: str | None, predictions: pd.DataFrame, reference: str,
+                 notes: list[str]) -> pd.DataFrame | None:
+    """The reads the report compares the models with, on the cases `reference` scored: the readers CSV's
+    (pseudonymised), and the radiologists' BI-RADS stored with the images as one more reader; None when
+    there are neither. Reads of cases `reference` did not score are left out, with a note."""
+    scored = set(predictions.loc[predictions["model"] == reference, "case_id"])
+    readers = _pseudonymised_reads(ds, readers_csv) if readers_csv else None
+    if readers is not None:
+        unscored = ~readers["case_id"].isin(scored)
+        if unscored.any():
+            notes.append(f"{int(unscored.sum())} reader read(s) of {readers.loc[unscored, 'case_id'].nunique()} "
+                         f"case(s) that {reference} did not score (imaged only in a modality it does not read) "
+                         "are left out of the reader comparison")
+            log.info("note: %s", notes[-1])
+            readers = readers[~unscored].reset_index(drop=True)
+    own = _dataset_reads(ds)
+    if own is not None and own["case_id"].isin(scored).any():
+        own = own[own["case_id"].isin(scored)]
+        readers = own if readers is None else pd.concat([readers, own], ignore_index=True)
+    return readers
 
 
 def _dataset_reads(ds: ImageDataset) -> pd.DataFrame | None:
