@@ -92,9 +92,9 @@ def discover(src: Path, clinical_csv=None, label_map=None, label_names: tuple[st
             rec.note = f"device={row.get(device_col, '').strip()}"
             found.records.append(rec)
             no_mask += [] if rec.masks else [rec.file]
-    ignored = [c for c in table.ignored if c not in (id_col, case_col, device_col)]
-    found.warnings.append(f"{CSV_NAME}: not stored: {', '.join(ignored)} (histology is where the outcome comes "
-                          "from, so a model must never see it)")
+    if ignored := [c for c in table.ignored if c not in (id_col, case_col, device_col)]:
+        found.warnings.append(f"{CSV_NAME}: not stored: {', '.join(ignored)} (histology is where the outcome "
+                              "comes from, so a model must never see it)")
     if no_mask:
         found.warnings.append(f"{len(no_mask)} image(s) have no mask file in Masks/ and are stored without a "
                               f"mask: {', '.join(no_mask[:5])}{', ...' if len(no_mask) > 5 else ''}")
