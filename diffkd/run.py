@@ -78,10 +78,11 @@ def plan_stages(ds: ImageDataset, assignments: pd.DataFrame, cfg: ExperimentConf
             plan.skipped["clinical and combined baselines"] = (
                 "no usable clinical variable in the training cases (none has two or more distinct values): "
                 "the clinical and combined models are not fitted; the deep-feature model still runs")
-    if not readers_csv:
-        plan.skipped["reader comparison"] = "no reader CSV was given (diffkd run --readers CSV)"
-    else:
+    if readers_csv:
         _pseudonymised_reads(ds, readers_csv)  # a missing file or unknown case ids fail now, not at the report
+    elif _dataset_reads(ds) is None:
+        plan.skipped["reader comparison"] = ("no reader CSV was given (diffkd run --readers CSV) and no case has "
+                                             "a BI-RADS category (the clinical birads column)")
     return plan
 
 
@@ -504,19 +505,10 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
     if baseline_summary is not None and baseline_path.exists():
         frames.append(pd.read_parquet(baseline_path))
     predictions = pd.concat([f[PREDICTION_COLUMNS] for f in frames], ignore_index=True)
-    readers = None
-    if readers_csv:
-        readers = _pseudonymised_reads(ds, readers_csv)
-        reference = cfg.evaluate.reference  # readers are compared with this model, on the cases it scored
-        unscored = ~readers["case_id"].isin(set(predictions.loc[predictions["model"] == reference, "case_id"]))
-        if unscored.any():
-            notes.append(f"{int(unscored.sum())} reader read(s) of {readers.loc[unscored, 'case_id'].nunique()} "
-                         f"case(s) that {reference} did not score (imaged only in a modality it does not read) "
-                         "are left out of the reader comparison")
-            log.info("note: %s", notes[-1])
-            readers = readers[~unscored].reset_index(drop=True)
-    else:
-        skipped["readers"] = "no reader CSV was given (diffkd run --readers CSV): no reader comparison"
+    readers = report_reads(ds, readers_csv, predictions, cfg.evaluate.reference, notes)
+    if readers is None:
+        skipped["readers"] = ("no reader CSV was given (diffkd run --readers CSV) and no case has a BI-RADS category: "
+                              "no reader comparison")
     model_info = _model_info(model_dirs, cfg)
     inputs = ReportInputs(title=f"diffkd validation report: {cfg.name}",
                           initialised_from=_initialised_from(model_dirs, baseline_summary),
@@ -528,6 +520,35 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           distillation=_distillation_inputs(model_dirs))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     return {"report": str(files.index), "metrics": str(files.metrics)}
+
+
+def report_reads(ds: ImageDataset, readers_csv: str | None, predictions: pd.DataFrame, reference: str,
+                 notes: list[str]) -> pd.DataFrame | None:
+    """The reads the report compares the models with, on the cases `reference` scored: the readers CSV's
+    (pseudonymised), and the radiologists' BI-RADS stored with the images as one more reader; None when
+    there are neither. Reads of cases `reference` did not score are left out, with a note."""
+    scored = set(predictions.loc[predictions["model"] == reference, "case_id"])
+    readers = _pseudonymised_reads(ds, readers_csv) if readers_csv else None
+    if readers is not None:
+        unscored = ~readers["case_id"].isin(scored)
+        if unscored.any():
+            notes.append(f"{int(unscored.sum())} reader read(s) of {readers.loc[unscored, 'case_id'].nunique()} "
+                         f"case(s) that {reference} did not score (imaged only in a modality it does not read) "
+                         "are left out of the reader comparison")
+            log.info("note: %s", notes[-1])
+            readers = readers[~unscored].reset_index(drop=True)
+    own = _dataset_reads(ds)
+    if own is not None and own["case_id"].isin(scored).any():
+        own = own[own["case_id"].isin(scored)]
+        readers = own if readers is None else pd.concat([readers, own], ignore_index=True)
+    return readers
+
+
+def _dataset_reads(ds: ImageDataset) -> pd.DataFrame | None:
+    """The radiologists' BI-RADS category the dataset holds (its `birads` column) as one reader's reads."""
+    from diffkd.evaluate.readers import dataset_birads_reads
+
+    return dataset_birads_reads(ds.metadata().select(["case_id", "birads"]).to_pandas())
 
 
 def _pseudonymised_reads(ds: ImageDataset, readers_csv: str) -> pd.DataFrame:

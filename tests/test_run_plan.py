@@ -35,7 +35,7 @@ def test_a_dataset_with_masks_and_clinical_values_keeps_those_stages(tmp_path, r
     plan = plan_for(ramp_rows, tmp_path, readers=None)
     assert plan.diffusion and plan.mask_conditioning and plan.clinical_baselines
     assert not plan.pairing_free  # B-mode only: no Doppler teacher
-    assert set(plan.skipped) == {"student_pairing_free", "reader comparison"}
+    assert set(plan.skipped) == {"student_pairing_free"}  # no readers CSV, but the cases' BI-RADS is a reader
     assert "no 'us_doppler' images" in plan.skipped["student_pairing_free"]
 
 
@@ -45,6 +45,7 @@ def test_no_clinical_values_no_masks_no_readers_are_each_named(tmp_path, ramp_ro
     assert plan.diffusion  # trained without the mask channel, not skipped
     assert set(plan.skipped) == {"student_pairing_free", "clinical and combined baselines", "reader comparison"}
     assert "deep-feature model still runs" in plan.skipped["clinical and combined baselines"]
+    assert "no case has a BI-RADS category" in plan.skipped["reader comparison"]
     assert any("without mask conditioning" in change for change in plan.changes)
 
 
@@ -64,3 +65,27 @@ def test_a_broken_search_space_fails_before_training(tmp_path, ramp_rows):
     cfg.tune.enabled, cfg.tune.space = True, str(tmp_path / "missing.yaml")
     with pytest.raises((FileNotFoundError, ValueError), match="missing.yaml"):
         plan_stages(ds, make_splits(ds.metadata().to_pandas(), [], 0.25, 0), cfg, None)
+
+
+def test_the_report_reads_the_cases_birads_beside_a_readers_csv(tmp_path, ramp_rows):
+    """The dataset's BI-RADS is one more reader, on the cases the reference model scored."""
+    from diffkd.data.ingest import pseudonymizer_for
+    from diffkd.evaluate.readers import DATASET_READER, load_readers
+    from diffkd.run import report_reads
+
+    ds = ImageDataset(tmp_path / "ds")
+    (tmp_path / ".ds.salt").write_text("ab" * 32)  # the salt a readers CSV's raw case ids are mapped with
+    case_ids = [pseudonymizer_for(ds).case("A", f"raw{i}") for i in range(8)]
+    rows = ramp_rows("A", 8).set_column(0, "case_id", pa.array(case_ids))
+    ds.write_center("A", rows)
+    preds = ds.metadata().to_pandas().head(6).assign(model="student_kd", split="test", prob=0.5)
+    csv = tmp_path / "reads.csv"
+    csv.write_text("reader,experience,case_id,call\n" + "".join(f"R1,senior,raw{i},{i % 2}\n" for i in range(8)))
+    notes: list[str] = []
+    reads = load_readers(report_reads(ds, str(csv), preds, "student_kd", notes), birads_positive_from="4a")
+    assert set(reads.reader) == {"R1", DATASET_READER}
+    own = reads[reads.reader == DATASET_READER]
+    assert set(own.case_id) <= set(preds.case_id) and set(own.birads) == {"4b"}  # ramp rows: 4b on odd rows
+    assert len(reads[reads.reader == "R1"]) == 6 and "2 reader read(s)" in notes[0]
+    ds.write_center("A", without(rows, ["birads"]))
+    assert report_reads(ds, None, preds, "student_kd", []) is None

@@ -11,6 +11,9 @@ layouts:
           optional case_id, mask, modality, spacing_mm and clinical columns (age, lesion_size_mm,
           birads, lesion_type, palpable, ...; headers matched case-insensitively, common aliases accepted)
   busi    SRC/<class>/<name>.png with <name>_mask.png (+ _mask_1.png, OR-merged); needs --label-map
+  busbra  BUS-BRA: SRC/bus_data.csv, SRC/Images/bus_<case>-<view>.png, SRC/Masks/mask_<case>-<view>.png;
+          patient = Case, BIRADS -> birads, Pathology -> label (benign,malignant), the scanner in each
+          row's source; Histology is never stored; --center-by device: one center per scanner
   dicom   ultrasound DICOM files (single or multi-frame); label from a CSV or SRC/<label>/ folders;
           de-identified: only pixels (cropped to the tissue region), spacing and salted ids are kept
 
@@ -19,6 +22,8 @@ examples:
   diffkd ingest Dataset_BUSI_with_GT --center busi --dataset data/ds --layout busi \\
       --label-names benign,malignant --label-map benign=0,malignant=1,normal=skip
   diffkd ingest pacs_export --center C --dataset data/ds --layout dicom --clinical labels.csv --quarantine rejected/
+  diffkd ingest BUSBRA --layout busbra --center-by device --dataset data/busbra   # logiq7, logiq5, aplio300, usystems
+  diffkd ingest export --clinical export/all_sites.csv --center-column site --dataset data/ds  # one center per site
 
 Patient and case ids are stored as salted HMAC-SHA256 pseudonyms. The salt lives in a file outside the
 dataset (default DS/../.DSNAME.salt, created on first ingest, mode 0600); keep it: later ingests into the
@@ -29,18 +34,28 @@ same dataset need it. Re-running an ingest changes nothing; adding a center rewr
 def register(subparsers) -> None:
     ing = subparsers.add_parser(
         "ingest", help="import one center's images (+ clinical CSV) into a dataset",
-        description="Import a folder of images (folder, BUSI or DICOM layout) as one center of a Parquet dataset.",
+        description="Import a folder of images (folder, BUSI, BUS-BRA or DICOM layout) as one center of a Parquet "
+                    "dataset, or as one center per value of a CSV column (--center-column, --center-by).",
         epilog=INGEST_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ing.add_argument("src", help="the source folder")
-    ing.add_argument("--center", required=True, help="center name (the partition; letters, digits, - or _)")
+    where = ing.add_mutually_exclusive_group(required=True)
+    where.add_argument("--center", help="center name (the partition; letters, digits, - or _)")
+    where.add_argument("--center-column", default=None, metavar="COL",
+                       help="one center per distinct value of this CSV column, in one run (a CSV holding several "
+                            "scanners or sites); centers are named by the value, lower-cased, other characters "
+                            "than letters and digits as '_' ('Hospital A' -> hospital_a)")
+    where.add_argument("--center-by", default=None, metavar="NAME",
+                       help="a grouping the layout defines; busbra: 'device', one center per scanner, named by its "
+                            "model ('GE Logiq 7 @10-14MHz' -> logiq7)")
     ing.add_argument("--dataset", required=True, help="dataset folder or URI (created if missing)")
     ing.add_argument("--clinical", default=None, metavar="CSV",
                      help="clinical CSV, one row per image (default: SRC/clinical.csv when present)")
-    ing.add_argument("--layout", default="folder", choices=("folder", "busi", "dicom"))
+    ing.add_argument("--layout", default="folder", choices=("folder", "busi", "busbra", "dicom"))
     ing.add_argument("--label-names", default=None, metavar="NEG,POS",
                      help="names of the two outcomes, label 0 then label 1 (the positive class), e.g. "
                           "benign,malignant; stored in the dataset and used by every output (default: the "
-                          "dataset's names; DCIS,upgrade for a new dataset)")
+                          "dataset's names; for a new dataset the layout's, busbra: benign,malignant, "
+                          "else DCIS,upgrade)")
     ing.add_argument("--label-map", default=None, metavar="MAP",
                      help="label names to 0/1/skip, e.g. benign=0,malignant=1,normal=skip (required for busi)")
     ing.add_argument("--quarantine", default=None, metavar="DIR",
@@ -81,11 +96,16 @@ def _centers(text: str) -> list[str]:
 
 
 def run_ingest(args) -> int:
-    from diffkd.data.ingest import ingest
+    from diffkd.data.ingest import ingest, ingest_centers
 
-    report = ingest(args.src, args.center, args.dataset, layout=args.layout, clinical_csv=args.clinical,
-                    quarantine=args.quarantine, label_map=args.label_map, salt=args.salt_file,
-                    replace=args.replace, frames=args.frames, workers=args.workers, label_names=args.label_names)
+    common = dict(layout=args.layout, clinical_csv=args.clinical, quarantine=args.quarantine,
+                  label_map=args.label_map, salt=args.salt_file, replace=args.replace, frames=args.frames,
+                  workers=args.workers, label_names=args.label_names)
+    if args.center is not None:
+        report = ingest(args.src, args.center, args.dataset, **common)
+    else:
+        report = ingest_centers(args.src, args.dataset, center_column=args.center_column, center_by=args.center_by,
+                                **common)
     print(report.summary())
     return 0
 

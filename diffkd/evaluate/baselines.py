@@ -4,8 +4,10 @@
   survivors enter a multivariate logistic regression; variables that stay significant there
   (p < `keep_p`) are the independent predictors, and the final model is refitted on them alone
   (odds ratios with Wald 95% CIs). Categorical variables are one-hot coded against their most
-  frequent training level. Variables are chosen with ordinary maximum-likelihood ratio tests
-  (unit-invariant, and finite even under separation); the final model's coefficients use Firth's
+  frequent training level; ordered categories (BI-RADS) enter as their rank, one odds ratio per
+  category step (2 < 3 < 4a < 4b < 4c < 5 < 6), as a radiologist's scale is read. Variables are
+  chosen with ordinary maximum-likelihood ratio tests (unit-invariant, and finite even under
+  separation); the final model's coefficients use Firth's
   penalized likelihood, so a level seen only with upgrades (separation, common in small cohorts)
   gets a large but finite odds ratio instead of an infinite one.
 - deep_features: penultimate-layer features of a CNN (the caller extracts them, `DeepFeatures`),
@@ -22,8 +24,8 @@
   logistic regression with the penalty chosen by cross-validation.
 
 Everything is fitted on the training rows only: imputation values, category levels, scalers, the
-mRMR ranking and the penalties. Missing values: numeric -> training median, boolean and categorical
--> most frequent training value; categorical levels unseen in training fall to the reference level.
+mRMR ranking and the penalties. Missing values: numeric and ordinal -> training median, boolean and
+categorical -> most frequent training value; categorical levels unseen in training fall to the reference level.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
+from diffkd.data.schema import BIRADS_LEVELS
 from diffkd.evaluate.logistic import LogisticFit, fit_logistic, likelihood_ratio_p
 from diffkd.evaluate.metrics import binary_labels
 
@@ -56,6 +59,9 @@ def _l1_logistic(c: float) -> LogisticRegression:
     return LogisticRegression(C=c, penalty="l1", solver="liblinear", max_iter=1000, random_state=0)
 
 
+ORDINAL_LEVELS = {"birads": BIRADS_LEVELS}  # ordered categories, entered as their rank in these levels
+
+
 def _sigmoid(eta: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-eta))
 
@@ -69,7 +75,7 @@ class ClinicalEncoder:
     """Imputation and one-hot coding learnt from the training rows."""
 
     min_level_count: int = 5  # rarer training levels merge into "other" (keeps ORs estimable)
-    kinds: dict[str, str] = field(default_factory=dict)  # variable -> numeric | binary | categorical
+    kinds: dict[str, str] = field(default_factory=dict)  # variable -> numeric | ordinal | binary | categorical
     fill: dict[str, object] = field(default_factory=dict)
     levels: dict[str, list[str]] = field(default_factory=dict)  # non-reference levels
     reference: dict[str, str] = field(default_factory=dict)
@@ -82,6 +88,8 @@ class ClinicalEncoder:
                 self.dropped[col] = "no training values"
             elif values.nunique() < 2:
                 self.dropped[col] = "constant in training data"
+            elif col in ORDINAL_LEVELS:
+                self.kinds[col], self.fill[col] = "ordinal", float(_ranks(values, col).median())
             elif pd.api.types.is_bool_dtype(values) or set(values.unique()) <= {True, False}:
                 self.kinds[col], self.fill[col] = "binary", bool(values.astype(bool).mode().iloc[0])
             elif pd.api.types.is_numeric_dtype(values):
@@ -112,6 +120,8 @@ class ClinicalEncoder:
             kind, values = self.kinds[var], frame[var]
             if kind == "numeric":
                 out[var] = pd.to_numeric(values, errors="coerce").fillna(self.fill[var]).astype(float)
+            elif kind == "ordinal":
+                out[var] = _ranks(values, var).fillna(self.fill[var])
             elif kind == "binary":
                 out[var] = values.astype(object).where(values.notna(), self.fill[var]).astype(bool).astype(float)
             else:
@@ -127,6 +137,15 @@ class ClinicalEncoder:
                 for level in self.levels[var]:
                     out[f"{var}={level}"] = (text == level).astype(float)
         return pd.DataFrame(out, index=frame.index)
+
+
+def _ranks(values: pd.Series, variable: str) -> pd.Series:
+    """An ordered category's values as their rank (float); missing stays NaN, an unknown level is an error."""
+    levels = ORDINAL_LEVELS[variable]
+    unknown = sorted(set(values.dropna().astype(str)) - set(levels))
+    if unknown:
+        raise ValueError(f"clinical {variable}: value(s) {', '.join(unknown[:3])} are not among {', '.join(levels)}")
+    return values.map(lambda v: float(levels.index(str(v))) if pd.notna(v) else np.nan).astype(float)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,15 @@
-"""Radiologist reads: import, operating points, and McNemar comparisons with a model.
+"""Radiologist reads: import, operating points, McNemar comparisons with a model, and reader AUCs.
 
 A readers CSV has one row per (reader, case): `reader`, `experience` (e.g. senior / junior),
 `case_id`, and at least one of `call` (0/1, yes/no, upgrade/DCIS), `probability` (0-1) or `birads`.
-Each row is read from the first of those that is filled in: a call as given, a probability as
+Each row's call is read from the first of those that is filled in: a call as given, a probability as
 positive at >= `probability_threshold`, a BI-RADS category as positive from `birads_positive_from` up.
+A reader whose every read also carries a score (the BI-RADS category as an ordinal number, else the
+probability) gets an AUC of its own, set beside every model's on the same cases (`reader_aucs`).
+
+A dataset whose cases carry the clinical `birads` column brings its own reader: the radiologists'
+BI-RADS category recorded with each image (`dataset_birads_reads`), so a cohort such as BUS-BRA is
+compared with its radiologists without a separate readers CSV.
 """
 from __future__ import annotations
 
@@ -16,13 +22,22 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from diffkd.data.schema import BIRADS_LEVELS, label_aliases, normalize_birads
-from diffkd.evaluate.metrics import OperatingPoint
+from diffkd.data.schema import BIRADS_LEVELS, DEFAULT_LABEL_NAMES, label_aliases, normalize_birads
+from diffkd.evaluate.metrics import CIOptions, OperatingPoint, auc_with_ci, paired_auc_test
 
 REQUIRED_COLUMNS = ("reader", "experience", "case_id")
 VALUE_COLUMNS = ("call", "probability", "birads")  # precedence when a row fills several
 _CALL_WORDS = {**label_aliases(), "true": 1, "false": 0, "malignant": 1, "benign": 0}
 EXACT_BELOW = 25  # discordant pairs under this use the exact mid-p McNemar test
+DATASET_READER = "BI-RADS (dataset)"  # the reader made of the dataset's own `birads` column
+READ_COLUMNS = ["reader", "experience", "case_id", "call", "basis", "birads", "probability"]
+
+
+def birads_positive_from_default(label_names: Sequence[str]) -> str:
+    """The BI-RADS category from which a read counts as positive, when the config names none: 4c for the
+    DCIS-upgrade question (every lesion there was biopsied, so 4a, the biopsy cut, separates nothing),
+    else 4a, the lexicon's own cut (category 4 or 5: biopsy recommended)."""
+    return "4c" if tuple(label_names) == DEFAULT_LABEL_NAMES else "4a"
 
 
 class ReadersError(ValueError):
@@ -35,7 +50,8 @@ def _blank(value: object) -> bool:
 
 def load_readers(source: str | Path | pd.DataFrame, *, birads_positive_from: str = "4c",
                  probability_threshold: float = 0.5) -> pd.DataFrame:
-    """Read and validate reads; returns reader, experience, case_id, call (0/1), basis."""
+    """Read and validate reads; returns reader, experience, case_id, call (0/1), basis, and the read's
+    BI-RADS level and probability where given (for `reader_aucs`)."""
     if birads_positive_from not in BIRADS_LEVELS:
         raise ValueError(f"birads_positive_from={birads_positive_from!r}; choose one of {', '.join(BIRADS_LEVELS)}")
     if isinstance(source, pd.DataFrame):
@@ -64,7 +80,7 @@ def load_readers(source: str | Path | pd.DataFrame, *, birads_positive_from: str
         for col in REQUIRED_COLUMNS:
             if _blank(rec[col]):
                 raise ReadersError(f"{where}: column '{col}' is empty")
-        call, basis = None, None
+        values: dict[str, object] = {}  # every filled value column is checked, the first one decides the call
         for col in value_columns:
             value = rec[col]
             if _blank(value):
@@ -76,7 +92,7 @@ def load_readers(source: str | Path | pd.DataFrame, *, birads_positive_from: str
                 if text not in _CALL_WORDS:
                     raise ReadersError(f"{where}, column 'call': {value!r} is not a call; use 0/1, yes/no "
                                        "or upgrade/DCIS")
-                call = _CALL_WORDS[text]
+                values[col] = _CALL_WORDS[text]
             elif col == "probability":
                 try:
                     prob = float(text)
@@ -84,23 +100,24 @@ def load_readers(source: str | Path | pd.DataFrame, *, birads_positive_from: str
                     prob = math.nan
                 if not 0 <= prob <= 1:
                     raise ReadersError(f"{where}, column 'probability': {value!r} is not a probability in [0, 1]")
-                call = int(prob >= probability_threshold)
+                values[col] = prob
             else:
                 try:
                     level = normalize_birads(value)
                 except ValueError as err:
                     raise ReadersError(f"{where}, column 'birads': {err}") from None
-                if level is None:
-                    continue
-                call = int(BIRADS_LEVELS.index(level) >= threshold_rank)
-            basis = col
-            break
-        if call is None:
+                if level is not None:
+                    values[col] = level
+        if not values:
             raise ReadersError(f"{where}: none of {', '.join(value_columns)} is filled in")
+        basis = next(col for col in VALUE_COLUMNS if col in values)
+        call = {"call": lambda v: v, "probability": lambda v: int(v >= probability_threshold),
+                "birads": lambda v: int(BIRADS_LEVELS.index(v) >= threshold_rank)}[basis](values[basis])
         rows.append({"reader": str(rec["reader"]).strip(), "experience": str(rec["experience"]).strip().lower(),
                      "case_id": str(rec["case_id"]).strip(), "call": call, "basis": basis,
+                     "birads": values.get("birads"), "probability": values.get("probability", math.nan),
                      "line": i + first_line})
-    reads = pd.DataFrame(rows, columns=["reader", "experience", "case_id", "call", "basis", "line"])
+    reads = pd.DataFrame(rows, columns=[*READ_COLUMNS, "line"])
     if reads.empty:
         raise ReadersError(f"{name}: no reads")
     dup = reads[reads.duplicated(["reader", "case_id"], keep=False)]
@@ -194,4 +211,60 @@ def compare_readers(reads: pd.DataFrame, model_predictions: pd.DataFrame, thresh
             "p_specificity": spec.p, "test_specificity": spec.method,
             "discordant_specificity": [spec.model_only, spec.reader_only],
         })
+    return out
+
+
+def dataset_birads_reads(cases: pd.DataFrame) -> pd.DataFrame | None:
+    """The dataset's `birads` column as one reader's reads (readers CSV format), or None when no case has one.
+
+    `cases`: case_id and birads (one row per image is fine: a case's images agree on clinical values).
+    """
+    known = cases.loc[cases["birads"].notna(), ["case_id", "birads"]].drop_duplicates("case_id")
+    if known.empty:
+        return None
+    return pd.DataFrame({"reader": DATASET_READER, "experience": "clinical report",
+                         "case_id": known["case_id"].astype(str).to_numpy(), "birads": known["birads"].to_numpy()})
+
+
+def read_scores(reads: pd.DataFrame) -> pd.Series:
+    """Each read's score for an AUC: the BI-RADS category as an ordinal number (its rank in
+    BIRADS_LEVELS: 2 < 3 < 4a < 4b < 4c < 5 < 6), else the probability; NaN for a bare call."""
+    rank = reads["birads"].map(lambda level: float(BIRADS_LEVELS.index(level)) if isinstance(level, str) else math.nan)
+    return rank.fillna(reads["probability"].astype(float))
+
+
+def reader_aucs(reads: pd.DataFrame, predictions: pd.DataFrame, options: CIOptions = CIOptions()) -> list[dict]:
+    """Per reader whose every read has a score, and per cohort: the reader's AUC (CI) on the cases read,
+    and each model's AUC minus the reader's on exactly the cases both scored (paired test: DeLong, or
+    the patient-clustered bootstrap where a patient has several cases, the rule the models' comparisons use).
+
+    predictions: one row per case and model (case_id, patient_id, center, split, label, model, prob).
+    """
+    cases = predictions.drop_duplicates("case_id")[["case_id", "patient_id", "center", "split", "label"]]
+    scored = reads.assign(score=read_scores(reads))
+    out = []
+    for reader, mine in scored.groupby("reader", sort=True):
+        if mine["score"].isna().any():
+            continue  # bare calls: an operating point, no curve
+        joined = _reads_with_truth(mine, cases).merge(cases[["case_id", "patient_id", "center"]], on="case_id")
+        for split, frame in joined[joined.split.isin(COHORTS)].groupby("split", sort=True):
+            y = frame.label.to_numpy()
+            entry = {"reader": reader, "experience": frame.experience.iloc[0], "cohort": COHORTS[split],
+                     "n": len(frame), "basis": "birads" if frame["birads"].notna().all() else "probability"}
+            if y.min() == y.max():
+                out.append({**entry, "auc": None, "auc_ci": [None, None], "note": "one class only: AUC undefined"})
+                continue
+            est = auc_with_ci(y, frame.score.to_numpy(), options, groups=frame.patient_id.to_numpy(),
+                              strata=frame.center.to_numpy())
+            entry.update(auc=est.auc, auc_ci=list(est.ci), auc_ci_method=est.method, models=[])
+            for model, preds in predictions[predictions.split == split].groupby("model", sort=True):
+                both = frame.merge(preds[["case_id", "prob"]], on="case_id")
+                if both.label.nunique() < 2:
+                    continue
+                test = paired_auc_test(both.label.to_numpy(), both.prob.to_numpy(), both.score.to_numpy(), options,
+                                       groups=both.patient_id.to_numpy(), strata=both.center.to_numpy())
+                entry["models"].append({"model": model, "n": len(both), "auc_model": test.auc_a,
+                                        "auc_reader": test.auc_b, "difference": test.difference,
+                                        "difference_ci": list(test.ci), "p": test.p, "method": test.method})
+            out.append(entry)
     return out

@@ -37,7 +37,7 @@ import yaml
 from diffkd.config import from_dict
 from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate import figures
-from diffkd.evaluate.readers import load_readers, reader_operating_points
+from diffkd.evaluate.readers import birads_positive_from_default, load_readers, reader_operating_points
 from diffkd.evaluate.truth import load_truth
 from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
                                      cases_table, cohort_table, fit_thresholds, jsonable, ordered_models,
@@ -581,13 +581,31 @@ def _readers_section(ctx: _Context) -> str:
                      _p(r["p_sensitivity"]), _ci(r["reader_specificity"], r["reader_specificity_ci"]),
                      _num(r["model_specificity"]), _p(r["p_specificity"])])
     model = ctx.metrics["readers"]["model"]
+    cut = ctx.config.birads_positive_from or birads_positive_from_default(ctx.inputs.label_names)
     return (f"<p>Each reader against <code>{_esc(model)}</code> at its fixed threshold "
             f"({_num(ctx.thresholds[model])}), on exactly the cases the reader read. Reader points are on the ROC "
-            "figure above.</p>" +
+            f"figure above. A BI-RADS read counts as {_esc(ctx.positive)} from category {cut.upper()} up.</p>" +
             _table(["reader", "experience", "cohort", "cases", "sens. reader", "sens. model", "p", "spec. reader",
                     "spec. model", "p"], rows, range(3, 10)) +
             '<p class="note">p: McNemar test on the paired calls (positives for sensitivity, negatives for '
-            "specificity).</p>")
+            "specificity).</p>" + _reader_auc_table(ctx.metrics["readers"].get("auc") or []))
+
+
+def _reader_auc_table(entries: Sequence[Mapping]) -> str:
+    """Readers with a score (BI-RADS as an ordinal number, or a probability) beside every model, as AUCs."""
+    rows = []
+    for e in entries:
+        for m in e.get("models", []):
+            rows.append([_esc(e["reader"]), e["cohort"], _ci(e["auc"], e["auc_ci"]), f"<code>{_esc(m['model'])}</code>",
+                         _num(m["n"]), _num(m["auc_model"]), _ci(m["difference"], m["difference_ci"]), _p(m["p"]),
+                         _esc(m["method"])])
+    if not rows:
+        return ""
+    return ("<p>Readers whose reads carry a score (the BI-RADS category as an ordinal number, or a probability) "
+            "have an AUC of their own; each model is set beside them on exactly the cases both scored "
+            "(difference = model − reader).</p>" +
+            _table(["reader", "cohort", "AUC reader", "model", "cases", "AUC model", "difference", "p", "test"],
+                   rows, range(4, 8)))
 
 
 def _efficiency_section(ctx: _Context) -> str:
@@ -799,7 +817,8 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
     preds = validate_predictions(predictions)
     reads = None
     if readers is not None:
-        reads = load_readers(readers, birads_positive_from=config.birads_positive_from,
+        cut = config.birads_positive_from or birads_positive_from_default(inputs.label_names)
+        reads = load_readers(readers, birads_positive_from=cut,
                              probability_threshold=config.reader_probability_threshold)
     truth = None
     if inputs.truth:  # the one place truth is read: training stages never see it

@@ -21,7 +21,7 @@ from diffkd.evaluate.calibration import calibration
 from diffkd.evaluate.decision import recalibrated
 from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc_with_ci, independent_auc_test,
                                      paired_auc_test)
-from diffkd.evaluate.readers import compare_readers, reader_operating_points
+from diffkd.evaluate.readers import compare_readers, reader_aucs, reader_operating_points
 from diffkd.evaluate.truth import center_ceilings
 
 COLUMNS = ("case_id", "patient_id", "center", "split", "label", "model", "prob")
@@ -69,7 +69,8 @@ class EvaluateConfig:
     seed: int = 0
     level: float = 0.95
     reference: str = REFERENCE_MODEL  # every comparison and the reader study are against this model
-    birads_positive_from: str = "4c"  # reader BI-RADS at or above this counts as "upgrade"
+    # reader BI-RADS at or above this counts as positive; None: 4c for DCIS/upgrade, else 4a (biopsy recommended)
+    birads_positive_from: str | None = None
     reader_probability_threshold: float = 0.5
 
     def __post_init__(self):
@@ -350,6 +351,7 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
             "operating_points": reader_operating_points(readers, cases_table(preds), config.level).to_dict("records"),
             "comparisons": compare_readers(readers, preds[preds.model == config.reference],
                                            thresholds[config.reference], config.level),
+            "auc": reader_aucs(readers, preds, config.ci_options),
         }
     if distillation:
         out["distillation"] = distillation_summary(preds, distillation, config.ci_options)

@@ -11,10 +11,12 @@ from PIL import Image
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.ingest import IngestError, ingest
 
+LABEL_MAP = "benign=0,malignant=1,normal=skip"
 
-def busi_tree(root: Path) -> Path:
+
+def busi_tree(root: Path, seed: int = 0) -> Path:
     """BUSI-like: RGB PNGs named 'benign (N).png', masks '_mask.png' and '_mask_1.png', a duplicate image."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for cls, n in (("benign", 3), ("malignant", 2), ("normal", 2)):
         (root / cls).mkdir(parents=True)
         for i in range(1, n + 1):
@@ -76,3 +78,16 @@ def test_copies_of_one_image_with_different_labels_are_all_set_aside(tmp_path):
     summary = report.summary()
     assert "2 quarantined, 2 of them copies of one image with different labels" in summary
     assert "(benign 2, malignant 1)" in summary
+
+
+def test_two_hospitals_reusing_file_names_are_different_patients(tmp_path):
+    """Without patient ids each image is its own patient within its center: a second hospital's BUSI-style
+    export that reuses the names ('benign (1).png') is new patients, not the first hospital's."""
+    ds = tmp_path / "ds"
+    first = ingest(busi_tree(tmp_path / "u1", seed=0), "U1", ds, layout="busi", label_map=LABEL_MAP)
+    second = ingest(busi_tree(tmp_path / "u2", seed=1), "U2", ds, layout="busi", label_map=LABEL_MAP)
+    assert first.added == second.added == 4
+    patients = {c: {r["patient_id"] for r in ImageDataset(ds).read_table([c]).to_pylist()} for c in ("U1", "U2")}
+    assert len(patients["U1"]) == len(patients["U2"]) == 4 and not patients["U1"] & patients["U2"]
+    with pytest.raises(IngestError, match="the same image is already in center U1"):
+        ingest(busi_tree(tmp_path / "u3", seed=0), "U3", ds, layout="busi", label_map=LABEL_MAP)

@@ -74,8 +74,8 @@ def test_clinical_model_finds_planted_predictors():
     assert "age" not in model.selected
     ors = model.odds_ratios.set_index("term")
     assert ors.loc["palpable", "odds_ratio"] > 1.5 and ors.loc["palpable", "lo"] > 1
-    assert ors.loc["birads=5", "odds_ratio"] > ors.loc["birads=4b", "odds_ratio"]
-    assert ors.loc["birads=5", "reference"] == "4a"  # most frequent level
+    assert ors.loc["birads", "lo"] > 1  # one odds ratio per BI-RADS step: the scale is ordinal
+    assert model.summary()["imputation"]["birads"] == {"kind": "ordinal", "fill": 3.0}  # median rank: 4b
     assert {"variable", "p"} <= set(model.univariate.columns)
     probs = model.predict_proba(df)
     assert probs.shape == (len(df),) and np.all((probs > 0) & (probs < 1))
@@ -84,22 +84,25 @@ def test_clinical_model_finds_planted_predictors():
 def test_separated_level_gets_a_finite_odds_ratio():
     df, y = clinical_cohort()
     y = y.copy()
-    y[df.birads.to_numpy() == "5"] = 1  # every BI-RADS 5 lesion upgraded: quasi-complete separation
-    model = ClinicalModel().fit(df, y, ["birads", "palpable"])
+    kind = np.random.default_rng(1).choice(["mass", "non_mass", "calcification"], len(df), p=[0.6, 0.25, 0.15])
+    df = df.assign(lesion_type=kind)
+    y[kind == "calcification"] = 1  # every calcification upgraded: quasi-complete separation
+    model = ClinicalModel().fit(df, y, ["lesion_type", "palpable"])
     ors = model.odds_ratios.set_index("term")
-    assert model.fit_.converged and np.isfinite(ors.loc["birads=5", "hi"])
-    assert ors.loc["birads=5", "odds_ratio"] > 10
+    assert model.fit_.converged and np.isfinite(ors.loc["lesion_type=calcification", "hi"])
+    assert ors.loc["lesion_type=calcification", "odds_ratio"] > 10
+    assert ors.loc["lesion_type=calcification", "reference"] == "mass"  # most frequent level
 
 
 def test_encoder_imputes_from_training_rows_only():
     train = pd.DataFrame({"age": [40.0, 50.0, np.nan, 60.0], "birads": ["4a", "4a", None, "5"],
                           "palpable": [True, False, True, None]})
     enc = ClinicalEncoder(min_level_count=1).fit(train, ["age", "birads", "palpable"])
-    assert enc.fill == {"age": 50.0, "birads": "4a", "palpable": True}
+    assert enc.fill == {"age": 50.0, "birads": 2.0, "palpable": True}  # BI-RADS: the median rank (4a)
     other = pd.DataFrame({"age": [np.nan, 99.0], "birads": [None, "6"], "palpable": [None, False]})
     x = enc.transform(other)
     assert x["age"].tolist() == [50.0, 99.0]
-    assert x["birads=5"].tolist() == [0.0, 0.0]  # missing -> reference; unseen "6" -> reference
+    assert x["birads"].tolist() == [2.0, 6.0]  # ordinal: 2 < 3 < 4a < 4b < 4c < 5 < 6, missing -> median
     assert x["palpable"].tolist() == [1.0, 0.0]
 
 

@@ -1,9 +1,14 @@
-"""Reader import, operating points and McNemar comparisons against hand-computed cases."""
+"""Reader import, operating points, McNemar comparisons and reader AUCs against hand-computed cases."""
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
-from diffkd.evaluate.readers import ReadersError, compare_readers, load_readers, mcnemar, reader_operating_points
+from diffkd.evaluate.metrics import CIOptions
+from diffkd.evaluate.readers import (DATASET_READER, ReadersError, birads_positive_from_default, compare_readers,
+                                     dataset_birads_reads, load_readers, mcnemar, read_scores, reader_aucs,
+                                     reader_operating_points)
 
 
 def test_mcnemar_exact_mid_p_hand_case():
@@ -80,3 +85,53 @@ def test_compare_readers_hand_case():
     assert point["sensitivity"] == 0.5 and point["n"] == 8
     with pytest.raises(ReadersError, match="absent from the predictions"):
         compare_readers(pd.concat([reads, reads.iloc[[0]].assign(case_id="zz")]), model, 0.5)
+
+
+def test_reads_keep_their_birads_level_and_probability(tmp_path):
+    path = write(tmp_path, "reader,experience,case_id,call,probability,birads\n"
+                           "R1,senior,c1,1,,\nR1,senior,c2,,0.8,\nR1,senior,c3,,,BI-RADS 4\nR2,junior,c1,0,0.9,5\n")
+    reads = load_readers(path)
+    assert reads.birads.fillna("-").tolist() == ["-", "-", "4b", "5"]
+    assert reads.probability.fillna(-1).tolist() == [-1, 0.8, -1, 0.9]
+    assert read_scores(reads).fillna(-1).tolist() == [-1, 0.8, 3.0, 5.0]  # BI-RADS as its rank, else probability
+
+
+def test_the_birads_cut_follows_the_question():
+    assert birads_positive_from_default(("benign", "malignant")) == "4a"  # BI-RADS 4 or 5: biopsy recommended
+    assert birads_positive_from_default(("DCIS", "upgrade")) == "4c"  # every DCIS was biopsied already
+
+
+def test_the_datasets_birads_is_one_reader():
+    cases = pd.DataFrame({"case_id": ["a", "a", "b", "c", "d"], "birads": ["4b", "4b", "3", None, "2"]})
+    own = dataset_birads_reads(cases)
+    assert own.reader.unique().tolist() == [DATASET_READER] and own.case_id.tolist() == ["a", "b", "d"]
+    reads = load_readers(own, birads_positive_from="4a")
+    assert reads.call.tolist() == [1, 0, 0] and set(reads.basis) == {"birads"}
+    assert dataset_birads_reads(cases.assign(birads=None)) is None
+
+
+def test_reader_aucs_set_birads_beside_every_model():
+    rng = np.random.default_rng(0)
+    n = 60
+    label = np.tile([0, 1], n // 2)
+    levels = np.array(["2", "3", "4a", "4b", "4c", "5"])
+    birads = levels[np.clip(label * 2 + rng.integers(0, 4, n), 0, 5)]
+    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
+                          "center": "X", "split": np.where(np.arange(n) < 20, "val", "test"), "label": label})
+    preds = pd.concat([cases.assign(model="good", prob=np.clip(0.5 * label + rng.random(n) * 0.6, 0, 1)),
+                       cases.assign(model="noise", prob=rng.random(n))], ignore_index=True)
+    reads = pd.concat([dataset_birads_reads(cases.assign(birads=birads)),
+                       pd.DataFrame({"reader": "calls only", "experience": "junior", "case_id": cases.case_id,
+                                     "call": label})], ignore_index=True)
+    entries = reader_aucs(load_readers(reads, birads_positive_from="4a"), preds, CIOptions("delong"))
+    assert [(e["reader"], e["cohort"]) for e in entries] == [(DATASET_READER, "external"), (DATASET_READER, "internal")]
+    external = entries[0]
+    test = cases.split == "test"
+    rank = pd.Series(birads).map(lambda v: list(levels).index(v)).to_numpy()
+    assert external["n"] == 40 and external["auc"] == pytest.approx(roc_auc_score(label[test], rank[test]))
+    assert external["auc_ci"][0] < external["auc"] < external["auc_ci"][1]
+    by_model = {m["model"]: m for m in external["models"]}
+    good = by_model["good"]
+    assert good["n"] == 40 and good["method"] == "delong"
+    assert good["difference"] == pytest.approx(roc_auc_score(label[test], preds.prob[:n][test]) - external["auc"])
+    assert by_model["noise"]["difference"] < good["difference"]

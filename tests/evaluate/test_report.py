@@ -161,3 +161,18 @@ def test_the_report_and_metrics_use_the_datasets_outcome_names(built, tmp_path, 
     assert "from the benign- to the malignant-conditioned image" in text
     assert not re.search(r"upgrade|DCIS", text)
     assert json.loads(built[2].metrics.read_text())["label_names"] == {"0": "DCIS", "1": "upgrade"}  # the default
+
+
+def test_readers_with_birads_get_an_auc_beside_every_model(built, tmp_path):
+    tmp, preds, files = built
+    metrics = json.loads(files.metrics.read_text())
+    entries = {(e["reader"], e["cohort"]): e for e in metrics["readers"]["auc"]}
+    assert set(entries) == {(r, c) for r in ("R1", "R2") for c in ("internal", "external")}
+    external = entries[("R1", "external")]
+    assert {m["model"] for m in external["models"]} == set(preds.model)
+    kd = next(m for m in external["models"] if m["model"] == "student_kd")
+    assert kd["difference"] == pytest.approx(kd["auc_model"] - external["auc"])
+    page = files.index.read_text()
+    assert "AUC reader" in page and "difference = model − reader" in page
+    rebuilt = rebuild_report(files.predictions, tmp_path / "again")  # readers.csv beside keeps the BI-RADS levels
+    assert json.loads(rebuilt.metrics.read_text())["readers"]["auc"] == metrics["readers"]["auc"]

@@ -1,8 +1,9 @@
 """`diffkd ingest`: bring one center's images (+ clinical CSV) into the Parquet dataset.
 
     report = ingest("exports/hospital_a", center="A", dataset="data/ds", layout="folder")
+    reports = ingest_centers("BUSBRA", dataset="data/busbra", layout="busbra", center_by="device")
 
-Steps: the layout finds records (``folder``, ``busi``, ``dicom``); every image is decoded, converted
+Steps: the layout finds records (``folder``, ``busi``, ``busbra``, ``dicom``); every image is decoded, converted
 (common.py states the image, mask and clinical-value policies) and hashed; raw ids become salted
 pseudonyms; then the whole batch is checked before anything is written:
 
@@ -30,10 +31,15 @@ left byte-for-byte as it was. With ``quarantine=DIR`` the rejected rows go to
 that file again) and the rest is ingested. Only the center's own partition and the manifest are
 written (atomically); other centers' files are never touched. The manifest's source entry records
 the source fingerprint, ingest time, row and label counts, and the salt fingerprint (never the salt).
+
+`ingest_centers` splits one source by a CSV column (a site, a scanner) into one center per value: the
+source is decoded once, every center goes through the checks above (and a patient whose rows fall in
+two centers is a problem of its own), and only when all pass is each written as `ingest` writes one.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import logging
@@ -48,17 +54,17 @@ import numpy as np
 import pyarrow as pa
 
 from diffkd.data.dataset import DatasetError, ImageDataset, validate_center_name
-from diffkd.data.ingest import busi, dicom, folder
+from diffkd.data.ingest import busbra, busi, dicom, folder
 from diffkd.data.ingest.common import (Discovery, IngestError, Loaded, Problem, Pseudonymizer, Record, SaltFile,
-                                       load_all, parse_label_map, png_pixel_digest, salt_fingerprint)
+                                       center_slug, load_all, parse_label_map, png_pixel_digest, salt_fingerprint)
 from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, arrow_schema, check_label_names
 
-__all__ = ["ingest", "IngestReport", "IngestError", "LAYOUTS", "default_salt_path", "pseudonymizer_for",
-           "salt_fingerprint"]
+__all__ = ["ingest", "ingest_centers", "IngestReport", "CentersReport", "IngestError", "LAYOUTS",
+           "default_salt_path", "pseudonymizer_for", "salt_fingerprint"]
 
 log = logging.getLogger("diffkd.ingest")
 
-LAYOUTS = {folder.NAME: folder, busi.NAME: busi, dicom.NAME: dicom}
+LAYOUTS = {folder.NAME: folder, busi.NAME: busi, busbra.NAME: busbra, dicom.NAME: dicom}
 PROBLEMS_SHOWN = 20
 WARNINGS_SHOWN = 10
 
@@ -82,7 +88,7 @@ class IngestReport:
     fingerprint: str
     quarantine_file: str | None = None
     warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float | None = None  # None when the center was one of several written by one run
 
     def summary(self) -> str:
         labels = ", ".join(f"{k} {v}" for k, v in self.labels_added.items()) or "none"
@@ -99,8 +105,8 @@ class IngestReport:
             lines.append("  " + ", ".join(f"{n} {what}" for n, what in extra if n))
         if self.quarantined:
             lines.append(f"  rejected rows and reasons: {self.quarantine_file}")
-        lines.append(f"  {'written to' if self.written else 'nothing changed in'} {self.dataset} "
-                     f"in {self.seconds:.1f}s")
+        took = f" in {self.seconds:.1f}s" if self.seconds is not None else ""
+        lines.append(f"  {'written to' if self.written else 'nothing changed in'} {self.dataset}{took}")
         for w in self.warnings[:WARNINGS_SHOWN]:
             lines.append(f"  warning: {w}")
         if len(self.warnings) > WARNINGS_SHOWN:
@@ -178,10 +184,12 @@ def _candidates(center: str, layout: str, records: list[Record], loaded: list[Lo
                 warnings.append(f"{rec.file}: CSV spacing {rec.spacing_mm:g} mm differs from the file's "
                                 f"{image.spacing_mm:g} mm; the CSV value is stored")
             path = pseudo.text(rec.file) if item.hide_path else rec.file
-            row = dict(case_id=pseudo.case(center, case_raw), patient_id=pseudo.patient(patient),
+            note = f"|{rec.note}" if rec.note else ""
+            patient_id = pseudo.own_patient(center, patient) if rec.own_patient else pseudo.patient(patient)
+            row = dict(case_id=pseudo.case(center, case_raw), patient_id=patient_id,
                        center=center, modality=rec.modality or image.modality or "us", label=rec.label,
                        image=image.png, mask=image.mask, height=image.height, width=image.width,
-                       spacing_mm=spacing, synthetic=False, source=f"{layout}:{path}{suffix}",
+                       spacing_mm=spacing, synthetic=False, source=f"{layout}:{path}{suffix}{note}",
                        sha256=hashlib.sha256(image.png).hexdigest())
             row.update({name: rec.clinical.get(name) for name in CLINICAL_COLUMNS})
             for name in FLOAT_COLUMNS:  # as stored (float32), so that comparisons with stored rows hold
@@ -371,6 +379,20 @@ def _same_rows(a: pa.Table, b: pa.Table) -> bool:
     return a.sort_by("case_id").equals(b.sort_by("case_id"))
 
 
+@dataclass
+class Options:
+    """What an ingest was asked to do besides the source and the center(s)."""
+    layout: str = "folder"
+    clinical_csv: object = None
+    quarantine: object = None
+    label_map: object = None
+    salt: object = None
+    replace: bool = False
+    frames: str = "all"
+    workers: int | None = None
+    label_names: tuple[str, str] | str | None = None
+
+
 def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None, quarantine=None,
            label_map=None, salt=None, *, replace: bool = False, frames: str = "all",
            workers: int | None = None, label_names: tuple[str, str] | str | None = None) -> IngestReport:
@@ -380,34 +402,209 @@ def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None,
     `<DS>/../.<dsname>.salt`) or the salt bytes; quarantine: a folder for rejected rows; replace: rebuild
     the center from this source instead of adding to it; frames: DICOM multi-frame policy (all|middle|first);
     label_names: the outcomes' names, label 0 then label 1 ("benign,malignant"; default: the dataset's,
-    DCIS,upgrade for a new dataset).
+    else the layout's (busbra: benign,malignant), else DCIS,upgrade for a new dataset).
     """
     start = time.monotonic()
-    if layout not in LAYOUTS:
-        raise IngestError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     validate_center_name(center)
+    opts = Options(layout, clinical_csv, quarantine, label_map, salt, replace, frames, workers, label_names)
+    batch = _read_source(src, dataset, opts)
+    with batch.ds.lock():  # from here to the write, no other writer changes what the checks read
+        batch.check_label_names()
+        salt_file = _open_salt(batch.ds, salt)
+        plan = _check(batch, center, batch.found, batch.loaded, batch.problems, salt_file)
+        _write(batch.ds, plan, batch.names)
+    plan.report.seconds = time.monotonic() - start
+    return plan.report
+
+
+@dataclass
+class CentersReport:
+    """One ingest that wrote one center per distinct value of a column (`ingest_centers`)."""
+    source: str
+    layout: str
+    column: str
+    values: dict[str, dict[str, int]]  # center -> {column value: images}
+    reports: list[IngestReport]
+    skipped: int
+    warnings: list[str]
+    quarantine_file: str | None = None  # rows without a center, with reasons
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"source {self.source} ({self.layout}): {len(self.reports)} center(s), one per {self.column}:"]
+        for center, values in self.values.items():
+            lines.append(f"  {center}: " + ", ".join(f"{v!r} ({n})" for v, n in values.items()))
+        lines += [r.summary() for r in self.reports]
+        if self.skipped:
+            lines.append(f"{self.skipped} row(s) left out by --label-map")
+        if self.quarantine_file:
+            lines.append(f"rows without a center, with reasons: {self.quarantine_file}")
+        lines += [f"warning: {w}" for w in self.warnings[:WARNINGS_SHOWN]]
+        if len(self.warnings) > WARNINGS_SHOWN:
+            lines.append(f"... {len(self.warnings) - WARNINGS_SHOWN} more warning(s)")
+        lines.append(f"{sum(r.added for r in self.reports)} image(s) added in {self.seconds:.1f}s")
+        return "\n".join(lines)
+
+
+def ingest_centers(src, dataset, layout: str = "folder", *, center_column: str | None = None,
+                   center_by: str | None = None, clinical_csv=None, quarantine=None, label_map=None, salt=None,
+                   replace: bool = False, frames: str = "all", workers: int | None = None,
+                   label_names: tuple[str, str] | str | None = None) -> CentersReport:
+    """Ingest SRC as one center per distinct value of a CSV column, in one run.
+
+    center_column: a column of the source's CSV (matched case-insensitively); each value becomes a
+    center named by `common.center_slug` ('Hospital A' -> hospital_a). center_by: a grouping the layout
+    names, with its own naming rule (busbra: ``device`` -> one center per scanner, `busbra.scanner_center_name`).
+    Values that give one name share that center. A patient whose images fall in two centers, or a row
+    without a value, is a problem like any other (quarantined with `quarantine`). Every center is checked
+    before any is written; each is then written as `ingest` writes one (its partition and the manifest).
+    Other arguments as for `ingest`.
+    """
+    start = time.monotonic()
+    opts = Options(layout, clinical_csv, quarantine, label_map, salt, replace, frames, workers, label_names)
+    column, name_rule = _grouping(layout, center_column, center_by)
+    batch = _read_source(src, dataset, opts)
+    groups, unassigned, notes = _split_by_column(batch, column, name_rule)
+    quarantine_file = None
+    if unassigned:
+        if quarantine is None:
+            raise IngestError(_format_problems(unassigned, batch.src, f"one per {column}", len(unassigned)))
+        quarantine_file = _write_quarantine(Path(quarantine), "without-center", unassigned, batch.found)
+    with batch.ds.lock():
+        batch.check_label_names()
+        salt_file = _open_salt(batch.ds, salt)
+        plans = [_check(batch, center, group.found, group.loaded, group.problems, salt_file,
+                        entry_extra={"center_column": column, "center_values": group.values})
+                 for center, group in groups.items()]  # any problem in any center: nothing is written
+        for plan in plans:
+            _write(batch.ds, plan, batch.names)
+    return CentersReport(source=str(batch.src), layout=layout, column=column,
+                         values={c: g.values for c, g in groups.items()}, reports=[p.report for p in plans],
+                         skipped=batch.found.skipped, warnings=batch.found.warnings + notes,
+                         quarantine_file=str(quarantine_file) if quarantine_file else None,
+                         seconds=time.monotonic() - start)
+
+
+def _grouping(layout: str, center_column: str | None, center_by: str | None):
+    """(CSV column, center-name rule) for `ingest_centers`."""
+    if (center_column is None) == (center_by is None):
+        raise IngestError("give one of center_column (--center-column COL) or center_by (--center-by NAME)")
+    if center_column is not None:
+        return center_column, center_slug
+    choices = getattr(LAYOUTS.get(layout), "CENTER_BY", {})
+    if center_by not in choices:
+        offered = f"it offers {', '.join(choices)}" if choices else "it offers none"
+        raise IngestError(f"--center-by {center_by}: the {layout} layout has no such grouping ({offered}); "
+                          "--center-column COL makes one center per value of a CSV column")
+    return choices[center_by]
+
+
+@dataclass
+class _Batch:
+    """A source read and decoded, before the checks against the dataset."""
+    ds: ImageDataset
+    src: Path
+    opts: Options
+    names: tuple[str, str]
+    found: Discovery
+    loaded: list[Loaded | None]
+    problems: list[Problem]  # the layout's and the decoder's
+
+    def check_label_names(self) -> None:
+        """Under the lock: a concurrent ingest may have named the outcomes since the source was read."""
+        if _claim_label_names(self.ds, self.opts.label_names) != self.names:
+            raise IngestError(f"dataset {self.ds.uri} was given other outcome names by a concurrent ingest "
+                              f"({','.join(self.ds.label_names)}); run this ingest again")
+
+
+def _read_source(src, dataset, opts: Options) -> _Batch:
+    """Find and decode the source's images (the slow part, before the dataset's lock)."""
+    if opts.layout not in LAYOUTS:
+        raise IngestError(f"unknown layout {opts.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    module = LAYOUTS[opts.layout]
+    if opts.label_names is None:  # a layout that knows its outcomes (busbra) names a new dataset's
+        opts.label_names = getattr(module, "LABEL_NAMES", None)
+    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
     src = Path(src).expanduser()
     if not src.is_dir():
         raise IngestError(f"source folder {src} does not exist or is not a folder")
-    names = _claim_label_names(ds, label_names)  # refused here already, before the slow decoding
-    label_map = parse_label_map(label_map, names)
-    module = LAYOUTS[layout]
-
-    found = module.discover(src, clinical_csv=clinical_csv, label_map=label_map, frames=frames, label_names=names)
+    names = _claim_label_names(ds, opts.label_names)  # refused here already, before the slow decoding
+    label_map = parse_label_map(opts.label_map, names)
+    found = module.discover(src, clinical_csv=opts.clinical_csv, label_map=label_map, frames=opts.frames,
+                            label_names=names)
     if not found.records and not found.problems:
         skipped = f" ({found.skipped} left out by --label-map)" if found.skipped else ""
-        raise IngestError(f"{src}: no images found for the {layout} layout{skipped}; check the folder and --layout "
-                          "(folder: SRC/<label>/*.png or a CSV listing files; busi: class folders; dicom: .dcm files)")
-    loaded, problems = load_all(partial(module.load, frames=frames), src, found.records, workers)
-    with ds.lock():  # from here to the write, no other writer changes what the checks read
-        if _claim_label_names(ds, label_names) != names:
-            raise IngestError(f"dataset {ds.uri} was given other outcome names by a concurrent ingest "
-                              f"({','.join(ds.label_names)}); run this ingest again")
-        report = _check_and_write(ds, src, center, layout, found, loaded, found.problems + problems,
-                                  names, quarantine, salt, replace, frames)
-    report.seconds = time.monotonic() - start
-    return report
+        raise IngestError(f"{src}: no images found for the {opts.layout} layout{skipped}; check the folder and "
+                          "--layout (folder: SRC/<label>/*.png or a CSV listing files; busi: class folders; "
+                          "busbra: bus_data.csv with Images/ and Masks/; dicom: .dcm files)")
+    loaded, problems = load_all(partial(module.load, frames=opts.frames), src, found.records, opts.workers)
+    return _Batch(ds, src, opts, names, found, loaded, found.problems + problems)
+
+
+@dataclass
+class _Group:
+    """The part of a source that goes to one center."""
+    found: Discovery
+    loaded: list[Loaded | None] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    values: dict[str, int] = field(default_factory=dict)  # column value -> images
+
+
+def _split_by_column(batch: _Batch, column: str, name_rule) -> tuple[dict[str, _Group], list[Problem], list[str]]:
+    """The batch's records, problems and CSV rows by center; problems of rows that have no center."""
+    found = batch.found
+    if found.csv_path is None:
+        raise IngestError(f"--center-column {column}: {batch.src} has no CSV to read it from; give --clinical CSV "
+                          "(or SRC/clinical.csv) with that column")
+    header = {h.strip().lower(): h for h in found.csv_header}.get(column.strip().lower())
+    if header is None:
+        raise IngestError(f"{found.csv_path}: no column {column!r} to make centers from; its columns are "
+                          f"{', '.join(found.csv_header)}")
+    center_of_line: dict[int, str] = {}
+    unassigned: list[Problem] = []
+    notes: list[str] = []
+    names_of: dict[str, set[str]] = defaultdict(set)
+    for line, row in found.csv_rows.items():
+        value = (row.get(header) or "").strip()
+        name = name_rule(value) if value else ""
+        try:
+            validate_center_name(name)
+        except DatasetError:
+            why = "is empty" if not value else f"{value!r} gives no usable center name"
+            unassigned.append(Problem(f"the {header} cell {why}; every row needs the {header} its center is "
+                                      "named after", line=line, column=header))
+            continue
+        center_of_line[line] = name
+        names_of[name].add(value)
+    notes += [f"{header} values {', '.join(map(repr, sorted(v)))} all go to center {c}"
+              for c, v in sorted(names_of.items()) if len(v) > 1]
+    groups = {c: _Group(dataclasses.replace(found, records=[], problems=[], warnings=[], skipped=0))
+              for c in sorted(names_of)}
+    for p in batch.problems:
+        if p.line in center_of_line:
+            groups[center_of_line[p.line]].problems.append(p)
+        elif p.line not in found.csv_rows:
+            unassigned.append(p)  # a problem of the source as a whole (rows without a center are already listed)
+    patient_centers: dict[str, set[str]] = defaultdict(set)
+    for rec in found.records:
+        if rec.patient and not rec.own_patient and rec.line in center_of_line:
+            patient_centers[rec.patient].add(center_of_line[rec.line])
+    for rec, item in zip(found.records, batch.loaded):
+        center = center_of_line.get(rec.line)
+        if center is None:
+            continue
+        group = groups[center]
+        group.found.records.append(rec)
+        group.loaded.append(item)
+        value = found.csv_rows[rec.line][header].strip()
+        group.values[value] = group.values.get(value, 0) + 1
+        elsewhere = sorted(patient_centers.get(rec.patient, set()) - {center})
+        if elsewhere:
+            group.problems.append(rec.problem(f"this patient also has images in center(s) {', '.join(elsewhere)} "
+                                              f"(by {header}); a patient must belong to one center",
+                                              hint="a patient in two centers would leak between internal and "
+                                              "external splits: give the patient's rows one value"))
+    return groups, unassigned, notes
 
 
 def _claim_label_names(ds: ImageDataset, label_names) -> tuple[str, str]:
@@ -417,13 +614,24 @@ def _claim_label_names(ds: ImageDataset, label_names) -> tuple[str, str]:
         raise IngestError(str(err)) from None
 
 
-def _check_and_write(ds: ImageDataset, src: Path, center: str, layout: str, found: Discovery,
-                     loaded: list[Loaded | None], problems: list[Problem], names: tuple[str, str], quarantine,
-                     salt, replace: bool, frames: str) -> IngestReport:
-    """Pseudonymise, check the batch against itself and the stored centers, then write (under the lock)."""
-    salt_file = _open_salt(ds, salt)
+@dataclass
+class _Plan:
+    """What the checks decided for one center: its rows to write (None: nothing changes)."""
+    center: str
+    report: IngestReport
+    table: pa.Table | None
+    entry: dict | None
+    salt_file: SaltFile
+
+
+def _check(batch: _Batch, center: str, found: Discovery, loaded: list[Loaded | None], problems: list[Problem],
+           salt_file: SaltFile, entry_extra: dict | None = None) -> _Plan:
+    """Pseudonymise, check one center's records against themselves and the stored centers (under the lock)."""
+    ds, src, opts, names = batch.ds, batch.src, batch.opts, batch.names
+    layout, replace, quarantine = opts.layout, opts.replace, opts.quarantine
     pseudo = Pseudonymizer(salt_file.salt)
     records = found.records
+    problems = list(problems)
     warnings = list(found.warnings)
     cands, more, notes = _candidates(center, layout, records, loaded, pseudo)
     problems += more
@@ -453,31 +661,38 @@ def _check_and_write(ds: ImageDataset, src: Path, center: str, layout: str, foun
     rejected = {i for i, rec in enumerate(records) if (rec.line, rec.file) in bad_records}
     new_rows = [cands[i].row for i in keep if cands[i].index not in rejected]
     if not new_rows and not present:
-        raise IngestError(f"nothing left to ingest from {src}: every image was rejected"
+        raise IngestError(f"nothing left to ingest from {src} into center {center}: every image was rejected"
                           + (f" (reasons in {quarantine_file})" if quarantine_file else ""))
 
     table = pa.Table.from_pylist(new_rows, schema=arrow_schema())
     merged = table if replace or existing is None else pa.concat_tables([existing, table])
     unchanged = (_same_rows(existing, merged) if replace and existing is not None else not new_rows)
     labels = Counter(names[r["label"]] for r in new_rows)
-    fingerprint = _fingerprint(layout, records, loaded, found, frames)
+    fingerprint = _fingerprint(layout, records, loaded, found, opts.frames)
     report = IngestReport(
         center=center, layout=layout, source=str(src), dataset=str(ds.uri), found=len(cands), added=0,
         already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
         conflicting=len(conflicting), skipped=found.skipped, labels_added={},
         center_rows=existing.num_rows if existing is not None else 0, written=False, fingerprint=fingerprint,
         quarantine_file=str(quarantine_file) if quarantine_file else None, warnings=warnings)
-    if not unchanged:
-        salt_file.persist()
-        entry = dict(layout=layout, path=str(src.absolute()), clinical_csv=found.csv_path.name if found.csv_path
-                     else None, fingerprint=fingerprint, ingested=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     rows_in_source=len(cands), rows_added=len(new_rows), labels_added=dict(sorted(labels.items())),
-                     already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
-                     conflicting=len(conflicting), replace=replace, frames=frames if layout == "dicom" else None,
-                     salt_fingerprint=salt_file.fingerprint)
-        ds.write_center(center, merged, sources=[entry], label_names=names)
-        report.written = True
-        report.added = len(new_rows) if not replace else merged.num_rows
-        report.labels_added = dict(sorted(labels.items()))
-        report.center_rows = merged.num_rows
-    return report
+    if unchanged:
+        return _Plan(center, report, None, None, salt_file)
+    entry = dict(layout=layout, path=str(src.absolute()), clinical_csv=found.csv_path.name if found.csv_path
+                 else None, fingerprint=fingerprint, ingested=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 rows_in_source=len(cands), rows_added=len(new_rows), labels_added=dict(sorted(labels.items())),
+                 already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
+                 conflicting=len(conflicting), replace=replace, frames=opts.frames if layout == "dicom" else None,
+                 salt_fingerprint=salt_file.fingerprint, **(entry_extra or {}))
+    report.added = len(new_rows) if not replace else merged.num_rows
+    report.labels_added = dict(sorted(labels.items()))
+    return _Plan(center, report, merged, entry, salt_file)
+
+
+def _write(ds: ImageDataset, plan: _Plan, names: tuple[str, str]) -> None:
+    """Write one checked center: its partition and its manifest entry (`ImageDataset.write_center`)."""
+    if plan.table is None:
+        return
+    plan.salt_file.persist()
+    ds.write_center(plan.center, plan.table, sources=[plan.entry], label_names=names)
+    plan.report.written = True
+    plan.report.center_rows = plan.table.num_rows

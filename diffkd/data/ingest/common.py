@@ -17,10 +17,13 @@ Policies (the user's guide repeats them):
   BI-RADS spellings (4A, 4a, BI-RADS 4c, 4) are normalised by `schema.normalize_birads`. CSV columns the
   schema does not know are ignored (and named in a warning), so free-text or identifying columns
   never reach the dataset.
-- **Pseudonyms**: patient ids are HMAC-SHA256(salt, raw id); case ids are HMAC-SHA256(salt, center +
-  the CSV case id, or center + the source file). The salt is a random 32-byte secret in a file outside
-  the dataset (default `<DS>/../.<dsname>.salt`, created once with mode 0600); only its fingerprint is
-  recorded in the manifest, so the same salt must be used for every ingest into one dataset.
+- **Pseudonyms**: patient ids are HMAC-SHA256(salt, raw id), the same at every center so that one
+  person ingested under two centers is caught; an image without a patient id (BUSI, a folder without a
+  CSV) is its own patient within its center, HMAC-SHA256(salt, center + file). Case ids are
+  HMAC-SHA256(salt, center + the CSV case id, or center + the source file). The salt is a random
+  32-byte secret in a file outside the dataset (default `<DS>/../.<dsname>.salt`, created once with
+  mode 0600); only its fingerprint is recorded in the manifest, so the same salt must be used for
+  every ingest into one dataset.
 """
 from __future__ import annotations
 
@@ -110,6 +113,7 @@ class Record:
     clinical: dict = field(default_factory=dict)
     line: int | None = None
     raw: dict | None = None  # the CSV row as read, for the quarantine file
+    note: str | None = None  # what the layout keeps of the source besides the file, e.g. the scanner
 
     def problem(self, message: str, column: str | None = None, hint: str | None = None) -> Problem:
         return Problem(message, file=self.file, line=self.line, column=column, hint=hint)
@@ -182,6 +186,11 @@ class Pseudonymizer:
     def patient(self, raw: str) -> str:
         # Not keyed by center: the same person at two hospitals gets the same pseudonym, so it can be caught.
         return "p" + self._digest("patient", raw.strip())
+
+    def own_patient(self, center: str, raw: str) -> str:
+        # An image that stands for its own patient (the source has no patient ids) is one within its
+        # center: two hospitals' exports that reuse a file name ("benign (1).png") are different people.
+        return "p" + self._digest("own-patient", f"{center}\0{raw.strip()}")
 
     def case(self, center: str, raw: str) -> str:
         return "c" + self._digest("case", f"{center}\0{raw.strip()}")
@@ -303,6 +312,12 @@ def read_csv(path: Path, required: Sequence[str]) -> CsvTable:
                               f"check quoting and the separator {delimiter!r}")
         rows.append((reader.line_num, dict(zip(header, [v.strip() for v in values]))))
     return CsvTable(path, header, columns, rows, ignored, hashlib.sha256(data).hexdigest())
+
+
+def center_slug(value: str) -> str:
+    """A center name from a CSV cell (--center-column): lower-cased, each run of other characters than
+    letters and digits becomes '_' ('Hospital A' -> 'hospital_a'); '' when nothing is left."""
+    return re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")
 
 
 def is_missing(value: object) -> bool:

@@ -99,15 +99,21 @@ def from_csv(csv_path: Path, images: list[str], masks: MaskIndex, label_map,
             found.problems += problems
         else:
             found.records.append(rec)
-    unlisted = [f for f in images if f not in listed and f != csv_path.name]
-    if unlisted:
-        shown = ", ".join(unlisted[:UNLISTED_SHOWN]) + (f", ... ({len(unlisted) - UNLISTED_SHOWN} more)"
-                                                        if len(unlisted) > UNLISTED_SHOWN else "")
-        found.warnings.append(f"{len(unlisted)} image file(s) in SRC are not listed in {csv_path.name} and were "
-                              f"not ingested: {shown}; add rows for them or move them out of SRC")
+    if warning := unlisted_warning([f for f in images if f not in listed and f != csv_path.name], csv_path.name):
+        found.warnings.append(warning)
     if not table.rows:
         raise IngestError(f"{csv_path} has a header but no rows; list one image per row")
     return found
+
+
+def unlisted_warning(unlisted: list[str], csv_name: str) -> str | None:
+    """The warning for image files in SRC that the CSV does not list (None when there are none)."""
+    if not unlisted:
+        return None
+    shown = ", ".join(unlisted[:UNLISTED_SHOWN]) + (f", ... ({len(unlisted) - UNLISTED_SHOWN} more)"
+                                                    if len(unlisted) > UNLISTED_SHOWN else "")
+    return (f"{len(unlisted)} image file(s) in SRC are not listed in {csv_name} and were not ingested: {shown}; "
+            "add rows for them or move them out of SRC")
 
 
 def load(src: Path, rec: Record, **_) -> Loaded:
