@@ -42,6 +42,37 @@ def ray_local():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def private_config_home(tmp_path_factory, monkeypatch):
+    """Salt files (default ~/.config/diffkd/salts/) go to a fresh folder per test, never the real home."""
+    home = tmp_path_factory.mktemp("config")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def rows_by_file():
+    """rows_by_file(dataset, src, layout) -> {path relative to src (+ "#frame=K"): stored row}.
+
+    The dataset stores a salted hash of each file's path as `source`; this maps them back through the
+    dataset's salt, for tests that check what became of one file."""
+    from pathlib import Path
+
+    from diffkd.data.ingest import pseudonymizer_for
+
+    def rows(dataset, src, layout: str) -> dict[str, dict]:
+        pseudo = pseudonymizer_for(dataset)
+        files = {f"{layout}:{pseudo.text(p.relative_to(src).as_posix())}": p.relative_to(src).as_posix()
+                 for p in Path(src).rglob("*") if p.is_file()}
+        out = {}
+        for row in ImageDataset(dataset).read_table().to_pylist():
+            stem, _, frame = row["source"].partition("#")
+            out[files[stem] + (f"#{frame}" if frame else "")] = row
+        return out
+
+    return rows
+
+
 # ---- shared helpers -----------------------------------------------------------------------------
 
 def _png(array: np.ndarray) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from diffkd.data.ingest.common import (IMAGE_SUFFIXES, SKIP, Discovery, IngestError, Loaded, Record,
+from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, IMAGE_SUFFIXES, SKIP, Discovery, IngestError, Loaded, Record,
                                        find_clinical_csv, is_mask_name, list_files, load_image_record, MaskIndex,
                                        read_csv, record_from_csv, resolve_label)
 from diffkd.data.schema import DEFAULT_LABEL_NAMES
@@ -110,7 +110,7 @@ def from_csv(csv_path: Path, images: list[str], masks: MaskIndex, label_map,
     return found
 
 
-def load(src: Path, rec: Record, **_) -> Loaded:
-    return load_image_record(src, rec)
+def load(src: Path, rec: Record, limits: DecodeLimits = DEFAULT_LIMITS, **_) -> Loaded:
+    return load_image_record(src, rec, limits)
 
 
