@@ -346,7 +346,15 @@ class ImageDataset:
                     "updated": _now(),
                 }
             self._write_manifest(manifest)
+            self._tidy_after_commit()
+
+    def _tidy_after_commit(self) -> None:
+        """Delete what the new manifest no longer names; the change is committed whatever happens here."""
+        try:
             self.recover()
+        except OSError as err:
+            log.warning("dataset %s: the change is saved, but removing the files it replaced failed (%s); "
+                        "the next write removes them", self.uri, err)
 
     def _add_synthetic_run(self, section: dict, center: str, part_dir: str, stored: pa.Table, run_id: str,
                            generator: dict | None) -> None:
@@ -438,8 +446,8 @@ class ImageDataset:
             self.recover()
             for c in [center] if center else list(manifest["synthetic"]):
                 manifest["synthetic"].pop(c, None)
-            self._write_manifest(manifest)  # the commit point; `recover` then deletes the unnamed files
-            self.recover()
+            self._write_manifest(manifest)  # the commit point; then the unnamed files are deleted
+            self._tidy_after_commit()
 
     def _migrate_legacy(self) -> None:
         """Bring a dataset written before the current layout up to it (under the lock, before a write).

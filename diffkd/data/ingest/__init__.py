@@ -443,6 +443,7 @@ def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None,
     loader = partial(module.load, frames=frames, allow_burned_in=allow_burned_in, limits=limits)
     loaded, problems = load_all(loader, src, found.records, workers)
     with ds.lock():  # from here to the write, no other writer changes what the checks read
+        ds.recover()  # finish or roll back what an interrupted write left, even if this ingest writes nothing
         if _claim_label_names(ds, label_names) != names:
             raise IngestError(f"dataset {ds.uri} was given other outcome names by a concurrent ingest "
                               f"({','.join(ds.label_names)}); run this ingest again")
