@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import matplotlib
 import pandas as pd
 import yaml
 
@@ -785,7 +786,9 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
     with staged_directory(report_dir) as stage:
         preds.to_parquet(stage / "predictions.parquet", index=False)
         digest = hashlib.sha256((stage / "predictions.parquet").read_bytes()).hexdigest()
-        page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
+        # names from the data (centers, outcomes, models) are shown as written: a "$" is no mathtext
+        with matplotlib.rc_context({"text.parse_math": False}):
+            page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
         metrics["skipped"] = dict(ctx.skipped)
         metrics["initialised_from"] = dict(inputs.initialised_from)
         metrics["predictions_sha256"] = digest
