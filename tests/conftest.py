@@ -52,7 +52,7 @@ def private_config_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def rows_by_file():
-    """rows_by_file(dataset, src, layout) -> {path relative to src (+ "#frame=K"): stored row}.
+    """rows_by_file(dataset, src, layout, salt=None) -> {path relative to src (+ "#frame=K"): stored row}.
 
     The dataset stores a salted hash of each file's path as `source`; this maps them back through the
     dataset's salt, for tests that check what became of one file."""
@@ -60,8 +60,8 @@ def rows_by_file():
 
     from diffkd.data.ingest import pseudonymizer_for
 
-    def rows(dataset, src, layout: str) -> dict[str, dict]:
-        pseudo = pseudonymizer_for(dataset)
+    def rows(dataset, src, layout: str, salt=None) -> dict[str, dict]:
+        pseudo = pseudonymizer_for(dataset, salt)
         files = {f"{layout}:{pseudo.text(p.relative_to(src).as_posix())}": p.relative_to(src).as_posix()
                  for p in Path(src).rglob("*") if p.is_file()}
         out = {}

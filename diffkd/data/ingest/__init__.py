@@ -54,7 +54,7 @@ from diffkd.data.ingest import busi, dicom, folder
 from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, Discovery, IngestError, Loaded, Problem,
                                        Pseudonymizer, Record, SaltFile, load_all, parse_label_map, png_pixel_digest, salt_fingerprint)
 from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, arrow_schema, check_label_names
-from diffkd.files import atomic_write_text
+from diffkd.files import atomic_write_bytes
 
 __all__ = ["ingest", "IngestReport", "IngestError", "LAYOUTS", "DecodeLimits", "default_salt_path",
            "pseudonymizer_for", "quarantine_path", "salt_fingerprint"]
@@ -380,7 +380,7 @@ def _write_quarantine(directory: Path, center: str, problems: list[Problem], fou
         row.setdefault(file_column, file or "")
         writer.writerow({**row, "rejected_reason": " | ".join(reasons)})
     path = quarantine_path(directory, center)
-    atomic_write_text(path, buf.getvalue(), mode=0o600)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"), mode=0o600)  # names as on disk
     log.warning("%s %s", path, QUARANTINE_NOTE)
     return path
 
@@ -399,7 +399,7 @@ def _fingerprint(layout: str, records: list[Record], loaded: list[Loaded | None]
                  frames: str) -> str:
     h = hashlib.sha256(f"{layout}\0{frames}\0{found.csv_digest or ''}\n".encode())
     for rec, item in sorted(zip(records, loaded), key=lambda pair: pair[0].file):
-        h.update(f"{rec.file}\t{item.digest if item else 'unreadable'}\n".encode())
+        h.update(f"{rec.file}\t{item.digest if item else 'unreadable'}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

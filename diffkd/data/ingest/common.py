@@ -208,7 +208,9 @@ class Pseudonymizer:
         self._salt = salt
 
     def _digest(self, kind: str, text: str) -> str:
-        return hmac.new(self._salt, f"{kind}\0{text}".encode(), hashlib.sha256).hexdigest()[:24]
+        # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes
+        data = f"{kind}\0{text}".encode("utf-8", "surrogateescape")
+        return hmac.new(self._salt, data, hashlib.sha256).hexdigest()[:24]
 
     def patient(self, raw: str) -> str:
         # Not keyed by center: the same person at two hospitals gets the same pseudonym, so it can be caught.
