@@ -108,9 +108,18 @@ class ReportInputs:
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         inputs = cls(**data)
-        # grid paths are stored relative to the inputs file
+        # grid, dataset and truth paths are stored relative to the inputs file
         inputs.synthetic_grids = [str((path.parent / g).resolve()) for g in inputs.synthetic_grids]
+        if inputs.dataset.get("path") and "://" not in inputs.dataset["path"]:
+            inputs.dataset = {**inputs.dataset, "path": str((path.parent / inputs.dataset["path"]).resolve())}
+        if inputs.truth:
+            inputs.truth = str((path.parent / inputs.truth).resolve())
         return inputs
+
+
+def _relative_to(location: str, folder: Path) -> str:
+    """A local path relative to `folder` (a URI as it is)."""
+    return location if "://" in location else os.path.relpath(Path(location).resolve(), folder.resolve())
 
 
 @dataclass(frozen=True)
@@ -302,6 +311,7 @@ def _model_details_section(ctx: _Context) -> str:
     intended_use = ds.pop("intended_use", default_use)
     outcome = ds.pop("outcome", default_outcome)
     intended = (f"<p><b>Intended use.</b> {_esc(intended_use)}</p><p><b>Outcome.</b> {_esc(outcome)}</p>")
+    ds.pop("path", None)  # where the dataset lies on the user's machine is no reader's business (the name says it)
     data = ""
     if ds:
         data = _table(["dataset", "value"], [[_esc(k), _esc(v)] for k, v in ds.items()])
@@ -795,6 +805,11 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
         (stage / "metrics.json").write_bytes(json.dumps(metrics, indent=2, allow_nan=False).encode())
         saved = dataclasses.asdict(inputs)
         saved["synthetic_grids"] = [f"grids/{name}" for name, _ in ctx.grids]
+        # local paths relative to the report folder, so the folder names no absolute path of this machine
+        if saved["dataset"].get("path"):
+            saved["dataset"] = {**saved["dataset"], "path": _relative_to(saved["dataset"]["path"], report_dir)}
+        if saved["truth"]:
+            saved["truth"] = _relative_to(saved["truth"], report_dir)
         if ctx.grids:
             (stage / "grids").mkdir()
         for name, png in ctx.grids:
