@@ -4,7 +4,8 @@
 # 127.0.0.1 where namespaces are not allowed (then Ray Train sees one node). The harness is
 # diffkd/testing/localcluster.py, shipped with the package.
 #
-#   cluster/local_multinode.sh up [--workers 2] [--mode auto|netns|ports] [--token T]
+#   cluster/local_multinode.sh up [--workers 2] [--mode auto|netns|ports] [--token T | --no-token]
+#     (token auth is on by default: a fresh token per cluster, printed with the addresses)
 #   cluster/local_multinode.sh status
 #   cluster/local_multinode.sh down [--id ID]
 set -euo pipefail

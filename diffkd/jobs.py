@@ -3,9 +3,12 @@
 A job is a shell command run on the cluster's head node. Its code travels as a zip of the project
 (``runtime_env["working_dir"]``) or ships inside a container image (``image_uri``); its data never
 travels: datasets, checkpoints and results live on storage every node can read (a shared mount or an
-object store URI, see ``diffkd.storage``). The Jobs server accepts at most about 100 MiB per upload,
-so the package is built here first, with data, venvs and VCS metadata excluded, and refused with a
-list of its largest files when it is too big.
+object store URI, see ``diffkd.storage``). The package is built from an allow-list, not by exclusion:
+only the project's code, configs and tune spaces (`PACKAGE_PATHS`), and in them only code and
+configuration files (`PACKAGE_SUFFIXES`, no hidden files, no links), so a salt, a clinical CSV or
+an image left in the project tree never leaves the machine. `include` adds paths for a project of
+one's own. The Jobs server accepts at most about 100 MiB per upload; a larger package is refused
+with a list of its largest files.
 
 Token-authenticated clusters (``RAY_AUTH_MODE=token`` on the cluster) get the token as an
 ``Authorization: Bearer`` header: from ``token=``, else ``RAY_AUTH_TOKEN``, else the file named by
@@ -20,6 +23,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
@@ -34,15 +38,12 @@ import diffkd
 
 log = logging.getLogger(__name__)
 
-# What never goes into the job package (gitignore patterns). Anchored ones ("/data") match only at
-# the project root: diffkd/data/ is code. No trailing "/", so the walk skips a directory outright
-# instead of visiting every file in it. Ray also honours .gitignore and .rayignore files.
-DEFAULT_EXCLUDES: tuple[str, ...] = (
-    ".git", ".venv", "venv", "__pycache__", "*.egg-info", ".pytest_cache", "/.whl",
-    "/data", "/datasets", "/demo_out", "/bench_out", "/runs", "/results", "/ray_results", "/shared",
-    "*.parquet", "*.arrow", "*.safetensors", "*.onnx", "*.pt", "*.pth", "*.ckpt", "*.bin",
-    "*.npy", "*.npz", "*.h5", "*.dcm", "*.whl", "*.zip", "*.tar", "*.tar.gz",
-)
+# What goes into the job package: these paths of the project (folders walked), and in them only
+# files with these suffixes. Nothing else travels.
+PACKAGE_PATHS: tuple[str, ...] = ("diffkd", "configs", "tune_spaces", "pyproject.toml", "setup.py", "setup.cfg",
+                                  "MANIFEST.in")
+PACKAGE_SUFFIXES: tuple[str, ...] = (".py", ".pyi", ".yaml", ".yml", ".toml", ".cfg", ".json", ".html", ".css",
+                                     ".js", ".in", ".typed")
 CONNECT_TIMEOUT_S = 10.0
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -84,6 +85,29 @@ def resolve_token(token: str | None = None) -> str | None:
     return None
 
 
+def warn_plain_http_token(url: str, token: str | None) -> bool:
+    """Warn (and return True) when a token would cross the network unencrypted: plain http to a host
+    that is not this machine. Anyone on the path could read it and run code on the cluster."""
+    parsed = urlparse(url)
+    if not token or parsed.scheme != "http" or _is_loopback(parsed.hostname or ""):
+        return False
+    log.warning("sending the cluster token over plain http to %s: anyone on the network path can read it and "
+                "run code on the cluster; use https (a TLS proxy in front of the dashboard) or an SSH tunnel "
+                "(ssh -L 8265:localhost:8265 HEAD, then --address http://127.0.0.1:8265)", parsed.hostname)
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _probe(url: str) -> None:
     """Fail fast and plainly when nothing listens at the address (the SDK would otherwise hang or bury it)."""
     parsed = urlparse(url)
@@ -107,6 +131,7 @@ def connect(address: str | None = None, token: str | None = None):
     url = resolve_address(address)
     _probe(url)
     token = resolve_token(token)
+    warn_plain_http_token(url, token)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(url, headers=headers)
@@ -137,22 +162,51 @@ def upload_limit_bytes() -> int:
     return ray_constants.DASHBOARD_CLIENT_MAX_SIZE  # the Jobs server's request size limit
 
 
-def build_package(working_dir: str | os.PathLike, out_dir: str | os.PathLike, excludes: Iterable[str] = (),
-                  limit_bytes: int | None = None) -> Path:
-    """Zip `working_dir` into `out_dir` as Ray will see it (its own exclusion rules plus ours); check the size.
+def package_files(working_dir: Path, include: Iterable[str] = ()) -> list[str]:
+    """The project files (posix, relative) that travel: `PACKAGE_PATHS` plus `include`, allow-listed."""
+    chosen: set[str] = set()
+    for entry in (*PACKAGE_PATHS, *include):
+        top = working_dir / entry
+        if not top.exists() or top.is_symlink():
+            continue
+        paths = [top] if top.is_file() else [Path(d, n) for d, dirs, names in os.walk(top)
+                                             for n in names if not _hidden_below(Path(d), working_dir)]
+        for path in paths:
+            rel = path.relative_to(working_dir).as_posix()
+            if path.name.startswith(".") or path.is_symlink() or "__pycache__" in rel.split("/"):
+                continue
+            if path.suffix.lower() in PACKAGE_SUFFIXES or rel in PACKAGE_PATHS or rel in include:
+                chosen.add(rel)
+    return sorted(chosen)
 
-    Returns the zip path, which is then submitted as the working_dir itself: what is checked here is
-    exactly what travels.
+
+def _hidden_below(folder: Path, root: Path) -> bool:
+    return any(part.startswith(".") or part == "__pycache__" for part in folder.relative_to(root).parts)
+
+
+def build_package(working_dir: str | os.PathLike, out_dir: str | os.PathLike, excludes: Iterable[str] = (),
+                  limit_bytes: int | None = None, include: Iterable[str] = ()) -> Path:
+    """Zip the allow-listed files of `working_dir` (`package_files`) into `out_dir`; check the size.
+
+    `excludes`: gitignore-style patterns dropped from what the allow-list chose. Returns the zip path,
+    which is then submitted as the working_dir itself: what is checked here is exactly what travels.
     """
-    from ray._private import ray_constants
     from ray._private.runtime_env.packaging import create_package
 
     working_dir = Path(working_dir).resolve()
     if not working_dir.is_dir():
         raise JobsError(f"working dir {working_dir} is not a directory")
-    all_excludes = list(ray_constants.get_runtime_env_default_excludes()) + list(DEFAULT_EXCLUDES) + list(excludes)
+    files = package_files(working_dir, tuple(include))
+    if not files:
+        raise JobsError(f"nothing to package in {working_dir}: none of {', '.join(PACKAGE_PATHS)} is there; "
+                        "pass --include PATH for a project of your own")
     target = Path(out_dir) / f"{working_dir.name}-{secrets.token_hex(4)}.zip"
-    create_package(str(working_dir), target, include_gitignore=True, excludes=all_excludes, logger=None)
+    with tempfile.TemporaryDirectory(prefix="diffkd-pkg-", dir=out_dir) as tmp:
+        staged = Path(tmp) / working_dir.name
+        for rel in files:
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(working_dir / rel, staged / rel)
+        create_package(str(staged), target, include_gitignore=False, excludes=list(excludes), logger=None)
     limit = upload_limit_bytes() if limit_bytes is None else limit_bytes
     size = target.stat().st_size
     if size >= limit:
@@ -173,6 +227,7 @@ class JobSpec:
     command: list[str]
     working_dir: str | None = None  # None: the project root (unless image is set)
     excludes: list[str] = field(default_factory=list)
+    include: list[str] = field(default_factory=list)  # paths added to the package's allow-list
     env: dict[str, str] = field(default_factory=dict)
     pip: list[str] = field(default_factory=list)
     image: str | None = None
@@ -201,7 +256,7 @@ class JobSpec:
             env["image_uri"] = self.image
             return env
         root = self.working_dir or str(project_root())
-        env["working_dir"] = str(build_package(root, package_dir, self.excludes))
+        env["working_dir"] = str(build_package(root, package_dir, self.excludes, include=self.include))
         if self.pip:
             env["pip"] = list(self.pip)
         return env

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs  # noqa: F401  (pa.fs)
 
+from diffkd.files import atomic_write_bytes
+
 
 class StorageError(ValueError):
     """A storage location is malformed, unsupported or unreachable."""
@@ -74,18 +76,16 @@ class Location:
             raise FileNotFoundError(f"{self.uri} does not exist") from None
 
     def write_bytes(self, data: bytes) -> None:
-        """Write whole or not at all: to a temporary sibling, then move into place."""
+        """Write whole or not at all: locally `diffkd.files.atomic_write_bytes` (temporary file, fsync,
+        rename); an object store stores an uploaded object whole, so it is written in one upload."""
+        if self.is_local and isinstance(self.fs, pa.fs.LocalFileSystem):
+            atomic_write_bytes(self.path, data)
+            return
         parent = posixpath.dirname(self.path)
         if parent:
             self.fs.create_dir(parent, recursive=True)
-        tmp = f"{self.path}.tmp-{secrets.token_hex(4)}"
-        with self.fs.open_output_stream(tmp) as f:
+        with self.fs.open_output_stream(self.path) as f:
             f.write(data)
-        try:
-            self.fs.move(tmp, self.path)  # atomic on local filesystems; object stores write whole objects
-        except Exception:
-            self.fs.delete_file(tmp)
-            raise
 
     def ray_storage(self) -> dict:
         """Keyword arguments for `ray.train.RunConfig`: storage_path and storage_filesystem."""

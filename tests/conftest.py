@@ -42,6 +42,86 @@ def ray_local():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def private_config_home(tmp_path_factory, monkeypatch):
+    """Salt files (default ~/.config/diffkd/salts/) go to a fresh folder per test, never the real home."""
+    home = tmp_path_factory.mktemp("config")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def rows_by_file():
+    """rows_by_file(dataset, src, layout, salt=None) -> {path relative to src (+ "#frame=K"): stored row}.
+
+    The dataset stores a salted hash of each file's path as `source`; this maps them back through the
+    dataset's salt, for tests that check what became of one file."""
+    from pathlib import Path
+
+    from diffkd.data.ingest import pseudonymizer_for
+
+    def rows(dataset, src, layout: str, salt=None) -> dict[str, dict]:
+        pseudo = pseudonymizer_for(dataset, salt)
+        files = {f"{layout}:{pseudo.text(p.relative_to(src).as_posix())}": p.relative_to(src).as_posix()
+                 for p in Path(src).rglob("*") if p.is_file()}
+        out = {}
+        for row in ImageDataset(dataset).read_table().to_pylist():
+            stem, _, frame = row["source"].partition("#")
+            out[files[stem] + (f"#{frame}" if frame else "")] = row
+        return out
+
+    return rows
+
+
+class FaultInjector:
+    """Counts the calls diffkd's writers make to the filesystem and makes call number `at` fail.
+
+    Every step of a write goes through one of these (creating, flushing, renaming, deleting files and
+    folders, and the atomic folder swap), so failing each call in turn fails every step in turn.
+    `kill=True` ends the process at that call (`os._exit`: no cleanup runs, as after a crash); use it
+    in a forked child only.
+    """
+
+    FUNCTIONS = ("open", "fsync", "replace", "rename", "unlink", "rmdir", "mkdir")
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.calls: list[str] = []
+        self.at: int | None = None
+        self.error = 0
+        self.kill = False
+
+    def install(self, at: int | None = None, error: int = 28, kill: bool = False) -> "FaultInjector":
+        import diffkd.files
+
+        self.calls, self.at, self.error, self.kill = [], at, error, kill
+        for name in self.FUNCTIONS:
+            self.monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+        self.monkeypatch.setattr(diffkd.files, "_exchange", self._wrap("exchange", diffkd.files._exchange))
+        return self
+
+    def remove(self) -> None:
+        self.monkeypatch.undo()
+
+    def _wrap(self, name, real):
+        def call(*args, **kwargs):
+            self.calls.append(f"{name} {os.path.basename(str(args[0])) if args else ''}")
+            if self.at is not None and len(self.calls) - 1 == self.at:
+                if self.kill:
+                    os._exit(75)
+                raise OSError(self.error, os.strerror(self.error), str(args[0]) if args else None)
+            return real(*args, **kwargs)
+        return call
+
+
+@pytest.fixture
+def fault_injector():
+    """A `FaultInjector`; `install(at=K, error=errno.ENOSPC)` arms it, `remove()` restores the real functions."""
+    injector = FaultInjector(pytest.MonkeyPatch())
+    yield injector
+    injector.remove()
+
+
 # ---- shared helpers -----------------------------------------------------------------------------
 
 def _png(array: np.ndarray) -> bytes:

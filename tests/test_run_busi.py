@@ -106,7 +106,7 @@ def busi_dataset(tmp_path_factory) -> Path:
         assert diffkd(["ingest", str(folder), "--center", center, "--dataset", str(dataset), "--layout", "busi",
                        "--label-names", "benign,malignant", "--label-map", LABEL_MAP,
                        "--quarantine", str(work / "quarantine")]) == 0
-    assert list((work / "quarantine").glob("rejected-A.csv")), "the cross-class duplicate was not set aside"
+    assert list((work / "quarantine").glob("rejected-A.PHI.csv")), "the cross-class duplicate was not set aside"
     return dataset
 
 

@@ -25,9 +25,12 @@ examples:
   diffkd ingest BUSBRA --layout busbra --center-by device --dataset data/busbra   # logiq7, logiq5, aplio300, usystems
   diffkd ingest export --clinical export/all_sites.csv --center-column site --dataset data/ds  # one center per site
 
-Patient and case ids are stored as salted HMAC-SHA256 pseudonyms. The salt lives in a file outside the
-dataset (default DS/../.DSNAME.salt, created on first ingest, mode 0600); keep it: later ingests into the
+Patient and case ids, and the file paths, are stored as salted HMAC-SHA256 pseudonyms. The salt lives
+in a private file outside the dataset (default ~/.config/diffkd/salts/DSNAME-DIGEST.salt, created on the
+first ingest with mode 0600; a salt other users can read is refused); keep it: later ingests into the
 same dataset need it. Re-running an ingest changes nothing; adding a center rewrites no other center.
+A file that cannot be stored (unreadable, truncated, empty, over the limits, a link out of SRC, DICOM
+without a region to crop) is a problem naming it: --quarantine sets it aside and ingests the rest.
 """
 
 
@@ -59,14 +62,25 @@ def register(subparsers) -> None:
     ing.add_argument("--label-map", default=None, metavar="MAP",
                      help="label names to 0/1/skip, e.g. benign=0,malignant=1,normal=skip (required for busi)")
     ing.add_argument("--quarantine", default=None, metavar="DIR",
-                     help="write rejected rows with reasons to DIR/rejected-CENTER.csv and ingest the rest")
+                     help="write rejected rows with reasons to DIR/rejected-CENTER.PHI.csv (it holds raw ids: keep "
+                          "it with the source, not the dataset) and ingest the rest")
     ing.add_argument("--salt-file", default=None, metavar="F",
-                     help="pseudonymisation salt file (default: DS/../.DSNAME.salt; created if missing)")
+                     help="pseudonymisation salt file (default: ~/.config/diffkd/salts/DSNAME-DIGEST.salt; "
+                          "created if missing)")
+    ing.add_argument("--allow-burned-in", action="store_true",
+                     help="store DICOM files that have no ultrasound region to crop (mammography, secondary "
+                          "captures) whole, burned-in text included; BurnedInAnnotation YES is refused even so")
+    ing.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                     help="refuse images over N pixels per frame, checked in the header before decoding "
+                          "(default 100000000)")
+    ing.add_argument("--max-frames", type=int, default=None, metavar="N",
+                     help="refuse DICOM files over N frames (default 1000)")
     ing.add_argument("--replace", action="store_true",
                      help="rebuild the center from this source instead of adding new images to it")
     ing.add_argument("--frames", default="all", choices=("all", "middle", "first"),
                      help="multi-frame DICOM: store every frame as a row (default), or only the middle/first one")
-    ing.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs, at most 8)")
+    ing.add_argument("--workers", type=int, default=None,
+                     help="decoding threads (default: CPUs, at most 4; each may hold one image of --max-pixels)")
     ing.set_defaults(handler=run_ingest)
 
     data = subparsers.add_parser("data", help="inspect a dataset: info (counts, clinical summary), grid (images)")
@@ -96,11 +110,14 @@ def _centers(text: str) -> list[str]:
 
 
 def run_ingest(args) -> int:
-    from diffkd.data.ingest import ingest, ingest_centers
+    from diffkd.data.ingest import DecodeLimits, ingest, ingest_centers
 
+    limits = DecodeLimits(**{name: value for name, value in (("max_pixels", args.max_pixels),
+                                                            ("max_frames", args.max_frames)) if value is not None})
     common = dict(layout=args.layout, clinical_csv=args.clinical, quarantine=args.quarantine,
                   label_map=args.label_map, salt=args.salt_file, replace=args.replace, frames=args.frames,
-                  workers=args.workers, label_names=args.label_names)
+                  workers=args.workers, label_names=args.label_names, allow_burned_in=args.allow_burned_in,
+                  limits=limits)
     if args.center is not None:
         report = ingest(args.src, args.center, args.dataset, **common)
     else:

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
                         help="extra pinned pip requirement for the job's environment (repeatable)")
     submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="gitignore-style pattern to keep out of the job package (repeatable)")
+    submit.add_argument("--include", action="append", default=[], metavar="PATH",
+                        help="a file or folder of the working dir to add to the package (repeatable); by default "
+                             "only diffkd/, configs/, tune_spaces/ and the packaging files travel, and in folders "
+                             "only code and config files (.py, .yaml, .toml, .json, ...)")
     submit.add_argument("--num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
     submit.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the job's driver")
     submit.add_argument("--submission-id", default=None, help="job id to use (default: a unique readable one)")
@@ -88,7 +92,7 @@ def run_submit(args) -> int:
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     spec = jobs.JobSpec(command=command, working_dir=args.working_dir, excludes=args.exclude,
-                        env=jobs.parse_env(args.env), pip=args.pip, image=args.image,
+                        include=args.include, env=jobs.parse_env(args.env), pip=args.pip, image=args.image,
                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, submission_id=args.submission_id)
     spec.entrypoint()  # a missing command is an error before anything is packaged or sent
     client = _client(args)

@@ -14,12 +14,19 @@ column. Names starting with ``_`` or ``.`` are skipped by pandas and pyarrow (li
 ``_SUCCESS``), so a plain read of DS returns the real rows only; a glob that does descend into
 ``_synthetic`` still tells those rows apart by their ``synthetic`` column.
 
-Adding or replacing a center writes only that center's partition directory and then the manifest;
-no other center's files are touched. Writes go to a temporary name first and are renamed into
-place, so a crash leaves either the old or the new partition, never half of one. Every
+Every change has one commit point, the manifest: new data files are written beside the old ones
+under new names (each through a temporary file, fsynced, renamed), then the manifest is replaced
+atomically (temporary file, fsync, rename, fsync of the folder), and only then are the files the old
+manifest named deleted. A crash or a full disk at any step leaves the old manifest (the dataset
+reads as before) or the new one (it reads as after); the next write, under the lock, runs `recover`,
+which deletes every data file the manifest does not name, finishing or rolling back what was left.
+diffkd reads only the files the manifest names; a plain directory read (pandas, DuckDB) sees the
+same rows whenever no write is under way or was interrupted since the last successful write.
+Adding or replacing a center touches only that center's partition and the manifest. Every
 read-modify-write of the manifest holds the dataset's write lock (`ImageDataset.lock`), so
 concurrent writers (two ingests of different centers, say) wait for each other instead of losing
-an entry.
+an entry. On an object store (no file locks, no rename) objects are uploaded whole under new names,
+and one machine writes a dataset: `_writer.json` names it and writes from other machines are refused.
 
 Datasets written before this layout (``manifest.json``, a ``center`` column inside the files, a
 ``synthetic/`` tree) are read as they are and converted on their next write (`_migrate_legacy`).
@@ -32,6 +39,8 @@ import json
 import logging
 import os
 import posixpath
+import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -47,6 +56,7 @@ import pyarrow.parquet as pq
 
 from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, SCHEMA_VERSION, arrow_schema,
                                 check_label_names, stored_schema)
+from diffkd.files import atomic_write, atomic_write_bytes
 
 log = logging.getLogger("diffkd.data")
 
@@ -55,6 +65,7 @@ SYNTHETIC_DIR = "_synthetic"
 LEGACY_MANIFEST = "manifest.json"  # before the leading underscore
 LEGACY_SYNTHETIC_DIR = "synthetic"
 PARTITION_KEY = "center"
+WRITER_FILE = "_writer.json"  # object stores: the one machine that writes the dataset
 
 
 def resolve(root, filesystem: pa.fs.FileSystem | None = None) -> tuple[pa.fs.FileSystem, str]:
@@ -311,39 +322,39 @@ class ImageDataset:
         with self.lock():
             names = self.claim_label_names(label_names)
             self._migrate_legacy()
+            self.recover()
             manifest = self.manifest
             manifest["label_vocabulary"] = {"0": names[0], "1": names[1]}
             section = manifest["synthetic" if synthetic else "centers"]
             part_dir = self._partition_dir(center, synthetic)
             if synthetic:
                 self._add_synthetic_run(section, center, part_dir, stored, run_id, generator)
-                self._write_manifest(manifest)
-                return
-            # A new directory, renamed over the old one: readers never see a mix of old and new files.
-            name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-            staging = f".staging-{uuid.uuid4().hex[:8]}"
-            self.fs.create_dir(self._path(staging), recursive=True)
-            self._write_table(posixpath.join(staging, name), stored)
-            old = self._path(part_dir)
-            retired = self._path(f".retired-{uuid.uuid4().hex[:8]}")
-            had_old = self.fs.get_file_info(old).type == pa.fs.FileType.Directory
-            if had_old:
-                self.fs.move(old, retired)
-            self.fs.move(self._path(staging), old)
-            previous = section.get(center, {})
-            section[center] = {
-                "files": [name],
-                "rows": table.num_rows,
-                "patients": len(set(table.column("patient_id").to_pylist())),
-                "labels": _counts(table, "label"),
-                "modalities": _counts(table, "modality"),
-                "sources": previous.get("sources", []) + sources,
-                "created": previous.get("created", _now()),
-                "updated": _now(),
-            }
+            else:
+                # the new file goes beside the old ones under a new name; the manifest switch below is
+                # the commit point, and `recover` then deletes the files the old manifest named
+                name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+                self._put_table(posixpath.join(part_dir, name), stored)
+                previous = section.get(center, {})
+                section[center] = {
+                    "files": [name],
+                    "rows": table.num_rows,
+                    "patients": len(set(table.column("patient_id").to_pylist())),
+                    "labels": _counts(table, "label"),
+                    "modalities": _counts(table, "modality"),
+                    "sources": previous.get("sources", []) + sources,
+                    "created": previous.get("created", _now()),
+                    "updated": _now(),
+                }
             self._write_manifest(manifest)
-            if had_old:
-                self.fs.delete_dir(retired)
+            self._tidy_after_commit()
+
+    def _tidy_after_commit(self) -> None:
+        """Delete what the new manifest no longer names; the change is committed whatever happens here."""
+        try:
+            self.recover()
+        except OSError as err:
+            log.warning("dataset %s: the change is saved, but removing the files it replaced failed (%s); "
+                        "the next write removes them", self.uri, err)
 
     def _add_synthetic_run(self, section: dict, center: str, part_dir: str, stored: pa.Table, run_id: str,
                            generator: dict | None) -> None:
@@ -351,24 +362,92 @@ class ImageDataset:
         entry = section.setdefault(center, {"files": [], "rows": 0, "runs": []})
         if name in entry["files"]:
             raise DatasetError(f"synthetic run {run_id!r} already written for center {center!r}")
-        self.fs.create_dir(self._path(part_dir), recursive=True)
-        self._atomic_write_table(part_dir, name, stored)
+        self._put_table(posixpath.join(part_dir, name), stored)
         entry["files"].append(name)
         entry["runs"].append({"run_id": run_id, "rows": stored.num_rows, "written": _now(),
                               **({"generator": generator} if generator else {})})
         entry["rows"] += stored.num_rows
         entry["labels"] = _merge_counts(entry.get("labels", {}), _counts(stored, "label"))
 
+    def recover(self) -> list[str]:
+        """Finish or roll back what an interrupted write left (call under `lock()`); returns what was removed.
+
+        The manifest is the commit point: a data file it does not name is either a new file whose
+        write never reached the manifest switch (rolled back) or an old file the switch replaced
+        (its deletion finished), so both are deleted, as are temporary files and partitions the
+        manifest does not list. A partition folder an earlier diffkd had renamed away
+        (`.retired-*`) is moved back first when the manifest still names its files.
+        """
+        if self._manifest_file() is None:
+            return []
+        manifest = self.manifest
+        removed = self._restore_retired(manifest)
+        for synthetic in (False, True):
+            section = manifest["synthetic" if synthetic else "centers"]
+            base = self.partition_base(synthetic)
+            for info in self._listing(base):
+                rel = posixpath.relpath(info.path, base)
+                parts = rel.split("/")
+                if synthetic is False and parts[0] in (SYNTHETIC_DIR, LEGACY_SYNTHETIC_DIR):
+                    continue
+                if len(parts) == 1:  # the dataset root: stray temporary files of the manifest writer
+                    if not synthetic and parts[0].startswith(f".{MANIFEST}.tmp-"):
+                        removed.append(info.path)
+                        self._delete(info.path, folder=False)
+                    continue
+                if not parts[0].startswith(f"{PARTITION_KEY}="):
+                    continue
+                center = parts[0].split("=", 1)[1]
+                named = set(section.get(center, {}).get("files", ()))
+                if len(parts) == 2 and parts[1] not in named and info.type == pa.fs.FileType.File:
+                    removed.append(info.path)
+                    self._delete(info.path, folder=False)
+            for info in self._listing(base, recursive=False):
+                leaf = posixpath.basename(info.path)
+                if (info.type == pa.fs.FileType.Directory and leaf.startswith(f"{PARTITION_KEY}=")
+                        and leaf.split("=", 1)[1] not in section):
+                    removed.append(info.path)
+                    self._delete(info.path, folder=True)
+        if removed:
+            log.info("dataset %s: removed %d file(s) an interrupted write had left", self.uri, len(removed))
+        return removed
+
+    def _restore_retired(self, manifest: dict) -> list[str]:
+        removed = []
+        for info in self._listing(self.root, recursive=False):
+            leaf = posixpath.basename(info.path)
+            if not (leaf.startswith(".retired-") or leaf.startswith(".staging-")):
+                continue
+            for center, entry in manifest["centers"].items():
+                part = self._path(self._partition_dir(center, False))
+                missing = [n for n in entry["files"]
+                           if self.fs.get_file_info(posixpath.join(part, n)).type != pa.fs.FileType.File]
+                if missing and leaf.startswith(".retired-") and all(
+                        self.fs.get_file_info(posixpath.join(info.path, n)).type == pa.fs.FileType.File
+                        for n in missing):
+                    self.fs.create_dir(part, recursive=True)
+                    for n in missing:
+                        self.fs.move(posixpath.join(info.path, n), posixpath.join(part, n))
+                    log.warning("dataset %s: center %s restored from %s, left by an interrupted write",
+                                self.uri, center, leaf)
+            removed.append(info.path)
+            self._delete(info.path, folder=True)
+        return removed
+
+    def _listing(self, base: str, recursive: bool = True) -> list:
+        selector = pa.fs.FileSelector(base, recursive=recursive, allow_not_found=True)
+        return self.fs.get_file_info(selector)
+
     def delete_synthetic(self, center: str | None = None) -> None:
         """Drop generated rows (all centers, or one) — real partitions are untouched."""
         with self.lock():
             self._migrate_legacy()
             manifest = self.manifest
+            self.recover()
             for c in [center] if center else list(manifest["synthetic"]):
-                if c in manifest["synthetic"]:
-                    self.fs.delete_dir(self._path(self._partition_dir(c, True)))
-                    del manifest["synthetic"][c]
-            self._write_manifest(manifest)
+                manifest["synthetic"].pop(c, None)
+            self._write_manifest(manifest)  # the commit point; then the unnamed files are deleted
+            self._tidy_after_commit()
 
     def _migrate_legacy(self) -> None:
         """Bring a dataset written before the current layout up to it (under the lock, before a write).
@@ -402,22 +481,70 @@ class ImageDataset:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def _write_table(self, rel: str, table: pa.Table) -> None:
-        pq.write_table(table, self._path(rel), filesystem=self.fs, compression="zstd",
-                       row_group_size=256)  # small row groups: Ray Data reads them as blocks and streams
+    @property
+    def _local(self) -> bool:
+        return self.fs.type_name == "local"
+
+    def _put(self, path: str, write) -> None:
+        """A new file at `path`, whole or not at all: locally through a fsynced temporary file and a
+        rename (`diffkd.files.atomic_write`); on an object store one upload (objects appear whole)."""
+        if self._local:
+            atomic_write(path, write)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                write(f)
+
+    def _put_table(self, rel: str, table: pa.Table) -> None:
+        path = self._path(rel)
+        if self._local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+        # small row groups: Ray Data reads them as blocks and streams
+        self._put(path, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=256))
 
     def _atomic_write_table(self, directory: str, name: str, table: pa.Table) -> None:
-        # a leading "." keeps the half-written file out of every reader's directory listing
-        tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-        self._write_table(tmp, table)
-        self.fs.move(self._path(tmp), self._path(directory, name))
+        self._put_table(posixpath.join(directory, name), table)
+
+    def _delete(self, path: str, folder: bool) -> None:
+        if not self._local:
+            self.fs.delete_dir(path) if folder else self.fs.delete_file(path)
+        elif folder:
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
     def _atomic_write_bytes(self, rel: str, data: bytes) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        tmp = self._path(f".{rel}.tmp-{uuid.uuid4().hex[:8]}")
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, self._path(rel))
+        if self._local:
+            atomic_write_bytes(self._path(rel), data)
+            return
+        self._claim_single_writer()
+        self._put(self._path(rel), lambda f: f.write(data))
+
+    # ---- object stores: one writing machine ---------------------------------------------------
+    def _claim_single_writer(self) -> None:
+        """Refuse a write to an object-store dataset from a machine other than the one that writes it.
+
+        Object stores have no file locks, and pyarrow offers no conditional writes, so `lock()` orders
+        the writers of one machine only. The first write records this machine in `_writer.json`;
+        later writes from another machine are refused until the user moves the role explicitly
+        (``DIFFKD_DATASET_WRITER=take-over``, after making sure the old writer has stopped).
+        """
+        me = {"host": socket.gethostname()}
+        path = self._path(WRITER_FILE)
+        try:
+            with self.fs.open_input_stream(path) as f:
+                current = json.loads(f.read())
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            current = None
+        if current and current.get("host") != me["host"]:
+            if os.environ.get("DIFFKD_DATASET_WRITER") != "take-over":
+                raise DatasetError(
+                    f"dataset {self.uri} is written from {current.get('host')!r} only (object stores have no "
+                    f"locks, so one machine writes a dataset); run this write there, or, once that machine has "
+                    f"stopped writing, set DIFFKD_DATASET_WRITER=take-over to make this machine the writer")
+            log.warning("dataset %s: taking over the writer role from %s", self.uri, current.get("host"))
+        if current != me:
+            with self.fs.open_output_stream(path) as f:
+                f.write(json.dumps(me).encode())
 
 
 def conform(table: pa.Table) -> pa.Table:

@@ -50,6 +50,7 @@ def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = 
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # center names are shown as written ("$" is no mathtext)
     import matplotlib.pyplot as plt
 
     ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)

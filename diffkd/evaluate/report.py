@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import matplotlib
 import pandas as pd
 import yaml
 
@@ -42,6 +43,7 @@ from diffkd.evaluate.truth import load_truth
 from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
                                      cases_table, cohort_table, fit_thresholds, jsonable, ordered_models,
                                      validate_predictions)
+from diffkd.files import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +108,18 @@ class ReportInputs:
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         inputs = cls(**data)
-        # grid paths are stored relative to the inputs file
+        # grid, dataset and truth paths are stored relative to the inputs file
         inputs.synthetic_grids = [str((path.parent / g).resolve()) for g in inputs.synthetic_grids]
+        if inputs.dataset.get("path") and "://" not in inputs.dataset["path"]:
+            inputs.dataset = {**inputs.dataset, "path": str((path.parent / inputs.dataset["path"]).resolve())}
+        if inputs.truth:
+            inputs.truth = str((path.parent / inputs.truth).resolve())
         return inputs
+
+
+def _relative_to(location: str, folder: Path) -> str:
+    """A local path relative to `folder` (a URI as it is)."""
+    return location if "://" in location else os.path.relpath(Path(location).resolve(), folder.resolve())
 
 
 @dataclass(frozen=True)
@@ -300,6 +311,7 @@ def _model_details_section(ctx: _Context) -> str:
     intended_use = ds.pop("intended_use", default_use)
     outcome = ds.pop("outcome", default_outcome)
     intended = (f"<p><b>Intended use.</b> {_esc(intended_use)}</p><p><b>Outcome.</b> {_esc(outcome)}</p>")
+    ds.pop("path", None)  # where the dataset lies on the user's machine is no reader's business (the name says it)
     data = ""
     if ds:
         data = _table(["dataset", "value"], [[_esc(k), _esc(v)] for k, v in ds.items()])
@@ -770,38 +782,6 @@ def _read_grids(paths: Sequence[str]) -> list[tuple[str, bytes]]:
     return grids
 
 
-class _Staging:
-    """Files written under temporary names in the target directory, renamed into place together."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.pending: list[tuple[Path, Path]] = []
-
-    def path_for(self, name: str) -> Path:
-        target = self.directory / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        self.pending.append((Path(tmp), target))
-        return Path(tmp)
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        self.path_for(name).write_bytes(data)
-
-    def commit(self) -> None:
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp, target in self.pending:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; published files get normal permissions
-            os.replace(tmp, target)
-        self.pending.clear()
-
-    def discard(self) -> None:
-        for tmp, _ in self.pending:
-            tmp.unlink(missing_ok=True)
-        self.pending.clear()
-
-
 def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: ReportInputs | None = None,
                  readers: pd.DataFrame | str | os.PathLike | None = None,
                  config: EvaluateConfig | None = None) -> ReportFiles:
@@ -830,36 +810,34 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
                    thresholds=fit_thresholds(preds, config.threshold_rule), reads=reads,
                    grids=_read_grids(inputs.synthetic_grids))
 
-    report_dir.mkdir(parents=True, exist_ok=True)
-    staging = _Staging(report_dir)
-    try:
-        parquet_tmp = staging.path_for("predictions.parquet")
-        preds.to_parquet(parquet_tmp, index=False)
-        digest = hashlib.sha256(parquet_tmp.read_bytes()).hexdigest()
-        page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
+    # every file is written into a staging folder that then replaces the whole report folder in one
+    # step: a crash leaves the old report or the new one, and no stale file of an earlier report stays
+    with staged_directory(report_dir) as stage:
+        preds.to_parquet(stage / "predictions.parquet", index=False)
+        digest = hashlib.sha256((stage / "predictions.parquet").read_bytes()).hexdigest()
+        # names from the data (centers, outcomes, models) are shown as written: a "$" is no mathtext
+        with matplotlib.rc_context({"text.parse_math": False}):
+            page = render_html(ctx, digest)  # also records the skipped sections in ctx.skipped
         metrics["skipped"] = dict(ctx.skipped)
         metrics["initialised_from"] = dict(inputs.initialised_from)
         metrics["predictions_sha256"] = digest
-        staging.write_bytes("metrics.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
+        (stage / "metrics.json").write_bytes(json.dumps(metrics, indent=2, allow_nan=False).encode())
         saved = dataclasses.asdict(inputs)
         saved["synthetic_grids"] = [f"grids/{name}" for name, _ in ctx.grids]
+        # local paths relative to the report folder, so the folder names no absolute path of this machine
+        if saved["dataset"].get("path"):
+            saved["dataset"] = {**saved["dataset"], "path": _relative_to(saved["dataset"]["path"], report_dir)}
+        if saved["truth"]:
+            saved["truth"] = _relative_to(saved["truth"], report_dir)
+        if ctx.grids:
+            (stage / "grids").mkdir()
         for name, png in ctx.grids:
-            staging.write_bytes(f"grids/{name}", png)
-        staging.write_bytes(INPUTS_FILE, json.dumps(jsonable(saved), indent=2, allow_nan=False).encode())
+            (stage / "grids" / name).write_bytes(png)
+        (stage / INPUTS_FILE).write_bytes(json.dumps(jsonable(saved), indent=2, allow_nan=False).encode())
         if reads is not None:
-            staging.write_bytes(READERS_FILE, reads.drop(columns="basis").assign(call=reads.call.astype(int))
-                                .to_csv(index=False).encode())
-        staging.write_bytes("index.html", page.encode("utf-8"))
-        staging.commit()
-    finally:
-        staging.discard()
-    # stale leftovers of an earlier report would re-enter a rebuild
-    if reads is None:
-        (report_dir / READERS_FILE).unlink(missing_ok=True)
-    current = {name for name, _ in ctx.grids}
-    for old in (report_dir / "grids").glob("*.png"):
-        if old.name not in current:
-            old.unlink()
+            (stage / READERS_FILE).write_bytes(reads.drop(columns="basis").assign(call=reads.call.astype(int))
+                                               .to_csv(index=False).encode())
+        (stage / "index.html").write_bytes(page.encode("utf-8"))
     log.info("report written to %s", report_dir / "index.html")
     return ReportFiles(report_dir / "index.html", report_dir / "metrics.json", report_dir / "predictions.parquet")
 

@@ -17,8 +17,11 @@ m.load_state_dict(safetensors.torch.load_file("model.safetensors"))`` (or
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from typing import Any
@@ -46,10 +49,46 @@ HF_HUB = "hf-hub:"
 
 
 def initialised_from(pretrained: str) -> str:
-    """How a model's weights started, for metrics.json: "scratch", the hf-hub id, or the absolute local path."""
+    """How a model's weights started, for metrics.json and the report: "scratch"; an hf-hub id pinned to
+    the revision it resolves to (`resolve_pretrained`); or a local weights file's name and sha256 (not
+    its absolute path, which names the user's machine and folders)."""
     if not pretrained:
         return SCRATCH
-    return pretrained if pretrained.startswith(HF_HUB) else os.path.abspath(os.path.expanduser(pretrained))
+    if pretrained.startswith(HF_HUB):
+        try:
+            return resolve_pretrained(pretrained)
+        except (OSError, ValueError) as err:
+            return f"{pretrained} (revision not resolved: {type(err).__name__})"
+    path = os.path.abspath(os.path.expanduser(pretrained))
+    weights = path if os.path.isfile(path) else next(
+        (os.path.join(path, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))), None)
+    if weights is None:
+        return os.path.basename(path)
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.basename(path)} (sha256 {digest.hexdigest()[:16]})"
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_pretrained(pretrained: str) -> str:
+    """An ``hf-hub:org/name[@revision]`` id pinned to a commit: ``hf-hub:org/name@<40-hex sha>``.
+
+    A commit sha given is kept as it is (nothing is asked of the hub); a branch or tag, or no revision,
+    is resolved on the hub once per process, so the weights loaded and the revision recorded agree.
+    Other sources are returned unchanged."""
+    if not pretrained.startswith(HF_HUB):
+        return pretrained
+    repo, _, revision = pretrained[len(HF_HUB):].partition("@")
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return pretrained
+    from huggingface_hub import HfApi
+
+    sha = HfApi().model_info(repo, revision=revision or None).sha
+    if not sha:
+        raise ValueError(f"the hub gave no commit for {pretrained!r}")
+    return f"{HF_HUB}{repo}@{sha}"
 
 
 def pretrained_overlay(source: str, arch: str) -> dict[str, Any]:
@@ -62,7 +101,7 @@ def pretrained_overlay(source: str, arch: str) -> dict[str, Any]:
     when the class counts differ.
     """
     if source.startswith(HF_HUB):
-        return {"hf_hub_id": source[len(HF_HUB):]}
+        return {"hf_hub_id": source[len(HF_HUB):]}  # timm reads a revision after "@"
     path = os.path.abspath(os.path.expanduser(source))
     if os.path.isfile(path):
         if not path.endswith(WEIGHT_SUFFIXES):
@@ -94,7 +133,7 @@ def _check_loaded(model: nn.Module, weights: str, source: str, arch: str) -> Non
     in silence; every tensor of the model but its classifier must come from the file, by timm's names."""
     from timm.models import load_state_dict
 
-    loaded = load_state_dict(weights)
+    loaded = load_state_dict(weights, weights_only=True)  # never unpickle code from a weights file
     classifier = model.default_cfg.get("classifier", "")
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     missing = [k for k in model.state_dict() if k not in loaded and not k.endswith("num_batches_tracked")
@@ -118,7 +157,14 @@ def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinic
     if drop_path_rate:
         timm_kwargs["drop_path_rate"] = drop_path_rate
     if pretrained:
-        timm_kwargs["pretrained_cfg_overlay"] = pretrained_overlay(pretrained, arch)
+        try:
+            pinned = resolve_pretrained(pretrained)  # hf-hub: load exactly the revision that is recorded
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"could not fetch pretrained weights {pretrained!r} from the Hugging Face hub "
+                               f"({err}). Where the hub cannot be reached, download the model elsewhere and set "
+                               "`pretrained` to its local folder (model.safetensors + config.json)") from err
+        # timm (>= 1.0.31, the floor in pyproject) loads .pth/.bin files with torch.load(weights_only=True)
+        timm_kwargs["pretrained_cfg_overlay"] = pretrained_overlay(pinned, arch)
     try:
         backbone = timm.create_model(arch, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans,
                                      drop_rate=drop_rate, **timm_kwargs)

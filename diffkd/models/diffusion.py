@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, NUM_LABELS, ClinicalEncoding
+from diffkd.files import staged_directory
 
 SAMPLERS = ("ddim", "dpm")
 TRAINING_INFO = "diffkd_training.json"  # beside model_index.json: what the model was trained on
@@ -342,20 +341,11 @@ def save_pipeline(denoiser: ConditionalDenoiser, scheduler_config: Mapping[str, 
     out_dir = os.fspath(out_dir)
     pipe = ConditionalDiffusionPipeline(unet=denoiser.unet, scheduler=sampling_scheduler(scheduler_config, sampler),
                                         condition_encoder=denoiser.condition_encoder)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out_dir)}.staging-{uuid.uuid4().hex[:8]}")
-    pipe.save_pretrained(staging, safe_serialization=True)
-    for name, content in (extra_json or {}).items():
-        with open(os.path.join(staging, name), "w") as f:
-            json.dump(content, f, indent=2, default=float)
-    retired = None
-    if os.path.exists(out_dir):
-        retired = os.path.join(parent, f".{os.path.basename(out_dir)}.retired-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, retired)
-    os.rename(staging, out_dir)
-    if retired:
-        shutil.rmtree(retired, ignore_errors=True)
+    with staged_directory(out_dir) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for name, content in (extra_json or {}).items():
+            with open(os.path.join(staging, name), "w") as f:
+                json.dump(content, f, indent=2, default=float)
     return pipe
 
 

@@ -17,9 +17,14 @@ otherwise the hostname resolves to 127.0.0.1 and the cross-node rendezvous fails
 Where namespaces are not allowed (not root, no CAP_NET_ADMIN) ``ports`` mode starts the same nodes
 on 127.0.0.1 with distinct ports: the raylets are separate, but Ray Train sees a single node.
 
+Ray token auth is on by default: a fresh random token per cluster (``auth_token=GENERATE``), printed by
+``up`` and kept in the cluster's state file (mode 0600); the dashboard and Jobs API listen on the
+head's address, which in ``netns`` mode other processes of this machine can reach. ``auth_token=None``
+(``up --no-token``) turns auth off, with a warning.
+
 Command line (also ``cluster/local_multinode.sh``)::
 
-    python -m diffkd.testing.localcluster up [--workers 2] [--mode auto|netns|ports]   # prints the addresses
+    python -m diffkd.testing.localcluster up [--workers 2] [--mode auto|netns|ports] [--token T | --no-token]
     python -m diffkd.testing.localcluster status
     python -m diffkd.testing.localcluster down
 """
@@ -43,11 +48,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffkd.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 REGISTRY = Path(tempfile.gettempdir()) / "diffkd-localclusters"  # one JSON state file per live cluster
 SUBNET_PREFIX = "198.18"
 MODES = ("auto", "netns", "ports")
+GENERATE = "generate"  # auth_token default: a fresh random token per cluster
 
 
 class LocalClusterError(RuntimeError):
@@ -96,9 +104,7 @@ class ClusterState:
     def save(self) -> Path:
         REGISTRY.mkdir(parents=True, exist_ok=True)
         path = REGISTRY / f"{self.cluster_id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2), mode=0o600)  # it holds the token
         return path
 
     @classmethod
@@ -181,10 +187,15 @@ class LocalCluster:
     """
 
     def __init__(self, num_workers: int = 2, *, head_cpus: int = 1, worker_cpus: int = 2,
-                 mode: str = "auto", object_store_mb: int = 200, auth_token: str | None = None,
+                 mode: str = "auto", object_store_mb: int = 200, auth_token: str | None = GENERATE,
                  own_lifetime: bool = True, extra_env: dict[str, str] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if auth_token == GENERATE:
+            auth_token = secrets.token_hex(24)
+        elif auth_token is None:
+            log.warning("local cluster without token auth: any process on this machine that reaches the "
+                        "dashboard can run code as you")
         self.num_workers = num_workers
         self.head_cpus = head_cpus
         self.worker_cpus = worker_cpus
@@ -595,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--head-cpus", type=int, default=1)
     up.add_argument("--worker-cpus", type=int, default=2)
     up.add_argument("--mode", choices=MODES, default="auto")
-    up.add_argument("--token", default=None, help="enable Ray token auth with this token")
+    token = up.add_mutually_exclusive_group()
+    token.add_argument("--token", default=GENERATE, help="the Ray auth token (default: a fresh random one, printed)")
+    token.add_argument("--no-token", dest="token", action="store_const", const=None,
+                       help="run without token auth (any local process could then submit jobs)")
     sub.add_parser("status", help="list the local clusters started here")
     down = sub.add_parser("down", help="tear down local clusters (all, or --id)")
     down.add_argument("--id", default=None)
@@ -608,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         state = cluster.state
         print(json.dumps({"id": state.cluster_id, "mode": state.mode, "dashboard": state.dashboard_url,
-                          "gcs": state.gcs_address, "nodes": {n.name: n.ip for n in state.nodes}}))
+                          "gcs": state.gcs_address, "nodes": {n.name: n.ip for n in state.nodes},
+                          "token": state.auth_token}))
         return 0
     if args.action == "status":
         for state in registered_clusters():

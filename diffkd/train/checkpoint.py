@@ -39,6 +39,8 @@ from typing import Any, Iterator
 import pyarrow.fs as pafs
 import torch
 
+from diffkd.files import replace_directory
+
 FORMAT_VERSION = 1
 LOOP_STATE = "loop_state.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -215,7 +217,7 @@ def merge_rank_folders(staging: str, world_size: int, final: str) -> None:
             os.makedirs(target, exist_ok=True)
             for name in names:
                 os.replace(os.path.join(root, name), os.path.join(target, name))
-    os.replace(merged, final)
+    replace_directory(merged, final)  # fsynced, then switched in one step
     shutil.rmtree(staging)
 
 

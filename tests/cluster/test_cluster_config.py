@@ -93,3 +93,41 @@ def test_kuberay_manifests_agree():
     gpu_groups = [g for g in cluster["spec"]["workerGroupSpecs"]
                   if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert gpu_groups and all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] for g in gpu_groups)
+
+
+def test_every_node_type_has_its_own_security_group_so_ray_opens_no_ssh_to_the_world(launcher_config):
+    """Ray's AWS set-up creates a group with SSH from 0.0.0.0/0 for any node type that names none."""
+    groups = {name: t["node_config"].get("SecurityGroupIds") for name, t in
+              launcher_config["available_node_types"].items()}
+    assert all(groups.values()), groups
+
+
+@pytest.mark.parametrize("cidr", ["0.0.0.0/0", "::/0", "203.0.113.7"])
+def test_the_security_group_script_refuses_an_open_or_malformed_range(cidr):
+    import subprocess
+
+    done = subprocess.run(["bash", str(ROOT / "cluster" / "aws_security_group.sh"), cidr],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and cidr in done.stderr  # refused before any aws call
+
+
+def test_kuberay_pods_run_as_non_root_without_privileges_behind_a_network_policy():
+    kuberay = ROOT / "cluster" / "kuberay"
+    cluster = yaml.safe_load((kuberay / "raycluster.yaml").read_text())
+    job = yaml.safe_load((kuberay / "rayjob.yaml").read_text())
+    policy = yaml.safe_load((kuberay / "networkpolicy.yaml").read_text())
+    pods = [cluster["spec"]["headGroupSpec"]["template"]["spec"], job["spec"]["submitterPodTemplate"]["spec"]]
+    pods += [group["template"]["spec"] for group in cluster["spec"]["workerGroupSpecs"]]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+            assert context.get("privileged", False) is False
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    outside = [rule for rule in policy["spec"]["ingress"] if "ports" in rule]
+    assert {p["port"] for rule in outside for p in rule["ports"]} == {8265, 10001}
+    client = outside[0]["from"][0]["podSelector"]["matchLabels"]
+    assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"].items() >= client.items()

@@ -54,3 +54,15 @@ def test_distinct_ports_per_node_in_ports_mode():
     assert len(ports) == len(set(ports))  # one IP for all: nothing may collide
     assert [n.ip for n in cluster.nodes] == ["127.0.0.1"] * 3
     assert [n.num_cpus for n in cluster.nodes] == [1, 2, 2]
+
+
+def test_token_auth_is_on_unless_turned_off(caplog):
+    first, second = localcluster.LocalCluster(num_workers=0), localcluster.LocalCluster(num_workers=0)
+    assert len(first.auth_token) >= 32 and first.auth_token != second.auth_token  # fresh per cluster
+    first.state = localcluster.ClusterState(cluster_id="dktest", mode="ports", root_dir="/tmp/none", nodes=[],
+                                            owner_pid=os.getpid())
+    first._plan_nodes()
+    env = first._node_env(first.nodes[0])
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == first.auth_token
+    assert localcluster.LocalCluster(num_workers=0, auth_token=None).auth_token is None
+    assert "without token auth" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -34,7 +35,11 @@ def cluster():
     local = LocalCluster(num_workers=2, head_cpus=0, worker_cpus=3)
     with local.start(timeout=600, start_retries=5):  # patient: nodes start slowly on a saturated machine
         state = local.state
-        yield local
+        os.environ["RAY_AUTH_TOKEN"] = local.auth_token  # the cluster's own token (on by default)
+        try:
+            yield local
+        finally:
+            os.environ.pop("RAY_AUTH_TOKEN", None)
     # Teardown left nothing behind: no node processes, namespaces, links or temp dirs.
     import subprocess
 
@@ -227,7 +232,8 @@ def train_run_placement(cluster, run_name: str) -> set[tuple[str, int]]:
     (jobs opt in with RAY_TRAIN_ENABLE_STATE_TRACKING=1)."""
     import requests
 
-    runs = requests.get(f"{cluster.dashboard_url}/api/train/v2/runs/v1", timeout=30).json()["train_runs"]
+    runs = requests.get(f"{cluster.dashboard_url}/api/train/v2/runs/v1", timeout=30,
+                        headers={"Authorization": f"Bearer {cluster.auth_token}"}).json()["train_runs"]
     attempts = [r["attempts"] for r in runs if r["name"] == run_name]
     assert attempts, f"no Train run {run_name!r} in {[r['name'] for r in runs]}"
     return {(w["node_ip"], w["node_rank"]) for w in attempts[-1][-1]["workers"]}

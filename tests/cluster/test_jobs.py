@@ -106,11 +106,44 @@ def test_package_keeps_code_and_drops_data_venv_git(tmp_path):
     assert leaked == []
 
 
+def test_package_is_an_allow_list_a_salt_a_clinical_csv_and_images_never_travel(tmp_path):
+    """Identifiers left anywhere in the project tree stay on this machine, even inside diffkd/."""
+    project = make_project(tmp_path / "proj")
+    secrets = {".mydata.salt": "ab" * 32, "exports/hospital_a/clinical.csv": "file,patient_id\na.png,MRN-77123\n",
+               "exports/hospital_a/MRN-77123_Smith.png": "png", "diffkd/data/leftover.csv": "MRN-77123",
+               "diffkd/.ds.salt": "cd" * 32, "configs/scan_MRN-77123.png": "png", "notes.txt": "MRN-77123",
+               "configs/.secret.yaml": "token: MRN-77123"}
+    for rel, text in secrets.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    (project / "configs").mkdir(exist_ok=True)
+    (project / "configs" / "run.yaml").write_text("seed: 0\n")
+    os.symlink(project / "exports" / "hospital_a" / "clinical.csv", project / "configs" / "linked.yaml")
+    package = jobs.build_package(project, tmp_path)
+    with zipfile.ZipFile(package) as zf:
+        names = set(zf.namelist())
+        blob = b"".join(zf.read(n) for n in names if not n.endswith("/"))
+    assert {"diffkd/data/dataset.py", "pyproject.toml", "configs/run.yaml"} <= names
+    assert not [n for n in names if any(part in n for part in ("salt", "MRN", "exports", ".csv", ".png", "notes",
+                                                               "linked", ".secret"))], names
+    assert b"MRN-77123" not in blob and b"ab" * 32 not in blob
+    extra = jobs.build_package(project, tmp_path, include=["notes.txt"])
+    assert "notes.txt" in zipfile.ZipFile(extra).namelist()  # only when asked for
+
+
+def test_a_token_over_plain_http_to_another_host_is_warned_about(caplog):
+    assert jobs.warn_plain_http_token("http://10.0.0.5:8265", "tok")
+    assert "plain http" in caplog.text
+    assert not jobs.warn_plain_http_token("https://10.0.0.5:8265", "tok")
+    assert not jobs.warn_plain_http_token("http://127.0.0.1:8265", "tok")
+    assert not jobs.warn_plain_http_token("http://localhost:8265", "tok")
+    assert not jobs.warn_plain_http_token("http://10.0.0.5:8265", None)
+
+
 def test_package_over_the_limit_is_refused_naming_the_culprit(tmp_path):
     project = make_project(tmp_path / "proj")
-    (project / "notes").mkdir()
-    (project / "notes" / "big.raw").write_bytes(os.urandom(200_000))  # incompressible
-    with pytest.raises(jobs.JobsError, match=r"over the .* upload limit.*notes/big.raw"):
+    (project / "diffkd" / "big.py").write_bytes(os.urandom(200_000))  # incompressible
+    with pytest.raises(jobs.JobsError, match=r"over the .* upload limit.*diffkd/big.py"):
         jobs.build_package(project, tmp_path, limit_bytes=100_000)
     assert not list(tmp_path.glob("*.zip"))  # the refused package is not left behind
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffkd.cli import main as cli_main
 from diffkd.data.dataset import ImageDataset
-from diffkd.data.ingest import IngestError, ingest, pseudonymizer_for
+from diffkd.data.ingest import IngestError, default_salt_path, ingest, pseudonymizer_for
 
 RNG = np.random.default_rng(0)
 
@@ -77,7 +77,7 @@ def ds_path(tmp_path) -> Path:
     return tmp_path / "work" / "ds"
 
 
-def test_folder_csv_ingest_stores_converted_images_and_pseudonyms(tmp_path, ds_path):
+def test_folder_csv_ingest_stores_converted_images_and_pseudonyms(tmp_path, ds_path, rows_by_file):
     src = make_source(tmp_path / "src")
     report = ingest(src, "A", ds_path)
     assert report.written and report.added == 6 and report.labels_added == {"DCIS": 4, "upgrade": 2}
@@ -85,8 +85,7 @@ def test_folder_csv_ingest_stores_converted_images_and_pseudonyms(tmp_path, ds_p
     ds = ImageDataset(ds_path)
     rows = ds.read_table().to_pylist()
     assert len(rows) == 6
-    by_source = {r["source"]: r for r in rows}
-    first = by_source["folder:images/p0_0.png"]
+    first = rows_by_file(ds_path, src, "folder")["images/p0_0.png"]
     assert first["label"] == 1 and first["synthetic"] is False
     assert first["birads"] == "4a" and first["age"] == 40 and first["palpable"] is True
     assert first["lesion_size_mm"] is None  # empty cell -> null
@@ -103,10 +102,11 @@ def test_folder_csv_ingest_stores_converted_images_and_pseudonyms(tmp_path, ds_p
     blob = b"".join(data for data, _, _ in snapshot(ds_path).values())
     blob += str(ds.read_table(columns=[c for c in ds.read_table().column_names
                                        if c not in ("image", "mask")]).to_pylist()).encode()
-    for secret in (b"MRN-0001", b"Secret Person", b"case-p0"):
-        assert secret not in blob
-    # the salt: outside the dataset, private, only its fingerprint in the manifest
-    salt_file = ds_path.parent / ".ds.salt"
+    for secret in (b"MRN-0001", b"Secret Person", b"case-p0", b"p0_0", str(src).encode()):
+        assert secret not in blob  # nor file names, nor the source's absolute path
+    # the salt: in the user's private config folder, not beside the dataset; only its fingerprint in the manifest
+    salt_file = default_salt_path(ds)
+    assert salt_file.is_relative_to(os.environ["XDG_CONFIG_HOME"]) and not (ds_path.parent / ".ds.salt").exists()
     assert stat.S_IMODE(salt_file.stat().st_mode) == 0o600
     salt_hex = salt_file.read_text().strip()
     assert salt_hex.encode() not in blob
@@ -129,7 +129,7 @@ def test_label_folders_without_csv(tmp_path, ds_path):
     assert len({r["patient_id"] for r in rows}) == 6
 
 
-def test_image_mode_policy(tmp_path, ds_path):
+def test_image_mode_policy(tmp_path, ds_path, rows_by_file):
     """RGB -> luminance, 16-bit kept, palette expanded, opaque RGBA accepted; the stored pixels prove it."""
     src = tmp_path / "src"
     rgb = np.stack([speckle(seed=1), speckle(seed=2), speckle(seed=3)], axis=-1)
@@ -142,7 +142,7 @@ def test_image_mode_policy(tmp_path, ds_path):
     save(src / "upgrade/bilevel.png", Image.fromarray(speckle(seed=4) > 128))
     save(src / "upgrade/photo.jpg", rgb)
     ingest(src, "A", ds_path)
-    rows = {r["source"].split("/")[-1]: r for r in ImageDataset(ds_path).read_table().to_pylist()}
+    rows = {k.split("/")[-1]: r for k, r in rows_by_file(ds_path, src, "folder").items()}
     decoded = {k: Image.open(io.BytesIO(r["image"])) for k, r in rows.items()}
     assert all(img.mode in ("L", "I;16") for img in decoded.values())
     assert np.array_equal(np.asarray(decoded["rgb.png"]), np.asarray(Image.fromarray(rgb).convert("L")))
@@ -330,16 +330,26 @@ def test_duplicate_images_within_a_source_are_stored_once(tmp_path, ds_path):
 
 def test_salt_must_stay_the_same_and_outside_the_dataset(tmp_path, ds_path):
     ingest(make_source(tmp_path / "a"), "A", ds_path)
-    (ds_path.parent / ".ds.salt").rename(tmp_path / "moved.salt")
+    default_salt_path(ImageDataset(ds_path)).rename(tmp_path / "moved.salt")
     src_b = make_source(tmp_path / "b", patients=("B-1",), prefix="b", seed=3)
     with pytest.raises(IngestError, match="does not exist"):
         ingest(src_b, "B", ds_path)
     (tmp_path / "other.salt").write_text("ab" * 32)
+    (tmp_path / "other.salt").chmod(0o600)
     with pytest.raises(IngestError, match="not the salt"):
         ingest(src_b, "B", ds_path, salt=tmp_path / "other.salt")
     with pytest.raises(IngestError, match="inside the dataset"):
         ingest(src_b, "B", ds_path, salt=ds_path / "x.salt")
     assert ingest(src_b, "B", ds_path, salt=tmp_path / "moved.salt").added == 2
+
+
+def test_a_salt_other_users_can_read_is_refused(tmp_path, ds_path):
+    salt = tmp_path / "shared.salt"
+    salt.write_text("ab" * 32)
+    salt.chmod(0o644)
+    with pytest.raises(IngestError, match="open to other users.*chmod 600"):
+        ingest(make_source(tmp_path / "a"), "A", ds_path, salt=salt)
+    assert not ds_path.exists()
 
 
 def test_cli_ingest_and_errors(tmp_path, ds_path, capsys):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffkd.cli import main as cli_main
 from diffkd.data.dataset import ImageDataset
-from diffkd.data.ingest import IngestError, ingest, ingest_centers
+from diffkd.data.ingest import IngestError, ingest, ingest_centers, pseudonymizer_for
 from diffkd.data.ingest.busbra import scanner_center_name
 from diffkd.testing.busbra import BusbraCase, write_busbra_tree
 
@@ -39,11 +39,16 @@ def test_one_center_per_scanner_with_patients_birads_and_masks(tmp_path):
     assert not {"histology", "Histology", "device", "Device"} & set(table.column_names)
     rows = {r["source"].split("|")[0]: r for r in table.to_pylist()}
     assert not any("carcinoma" in str(v) or "fibroadenoma" in str(v) for r in rows.values() for v in r.values())
-    left, right = rows["busbra:Images/bus_0001-l.png"], rows["busbra:Images/bus_0001-r.png"]
+    pseudo = pseudonymizer_for(tmp_path / "ds")
+
+    def row(image: str) -> dict:  # the stored source names the file by a salted hash of its path only
+        return rows[f"busbra:{pseudo.text(f'Images/{image}.png')}"]
+
+    left, right = row("bus_0001-l"), row("bus_0001-r")
     assert left["patient_id"] == right["patient_id"] and left["case_id"] != right["case_id"]  # two views, one patient
     assert left["center"] == "logiq7" and left["label"] == 1 and left["birads"] == "4b"
-    assert left["source"] == "busbra:Images/bus_0001-l.png|device=GE Logiq 7 @10-14MHz"
-    assert rows["busbra:Images/bus_0004-l.png"]["birads"] == "5" and rows["busbra:Images/bus_0003-s.png"]["label"] == 0
+    assert left["source"].endswith("|device=GE Logiq 7 @10-14MHz") and "bus_0001" not in left["source"]
+    assert row("bus_0004-l")["birads"] == "5" and row("bus_0003-s")["label"] == 0
     mask = np.asarray(Image.open(io.BytesIO(left["mask"])))
     source_mask = np.asarray(Image.open(src / "Masks" / "mask_0001-l.png"))
     assert set(np.unique(mask)) == {0, 255} and np.array_equal(mask > 0, source_mask)

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from diffkd.data.dataset import ImageDataset
-from diffkd.data.ingest import IngestError, ingest, pseudonymizer_for
+from diffkd.data.ingest import DecodeLimits, IngestError, ingest, pseudonymizer_for
 
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -111,29 +111,29 @@ def test_dicom_ingest_stores_no_phi(tmp_path):
     assert by_patient == {pseudo.patient("MRN-4711-SECRET"), pseudo.patient("MRN-0002-OTHER")}
     cine_rows = [r for r in rows if "#frame=" in r["source"]]
     assert len(cine_rows) == 3 and len({r["case_id"] for r in cine_rows}) == 1  # frames of one file: one case
-    assert all("Roe" not in r["source"] for r in rows)  # a path carrying the patient's name is hashed
-    assert {r["source"] for r in rows if "#" not in r["source"]} >= {"dicom:upgrade/IMG0001.dcm"}
+    assert all("Roe" not in r["source"] and "IMG0001" not in r["source"] for r in rows)  # paths are hashed
 
 
-def test_dicom_crop_spacing_and_gray(tmp_path):
+def test_dicom_crop_spacing_and_gray(tmp_path, rows_by_file):
     src = tmp_path / "pacs"
     pixels = frame(1)
     us_dicom(src / "DCIS" / "a.dcm", pixels)
     rgb = np.stack([frame(5), frame(6), frame(7)], axis=-1)
     us_dicom(src / "upgrade" / "b.dcm", rgb, photometric="RGB", phi={"PatientID": "P2"})
     us_dicom(src / "upgrade" / "c.dcm", frame(8), region=False, phi={"PatientID": "P3"})
-    ingest(src, "C", tmp_path / "ds", layout="dicom")
-    rows = {r["source"]: r for r in ImageDataset(tmp_path / "ds").read_table().to_pylist()}
-    a = rows["dicom:DCIS/a.dcm"]
+    report = ingest(src, "C", tmp_path / "ds", layout="dicom", allow_burned_in=True)
+    assert report.burned_in_allowed == 1 and "--allow-burned-in" in report.summary()
+    rows = rows_by_file(tmp_path / "ds", src, "dicom")
+    a = rows["DCIS/a.dcm"]
     h, w = REGION["y1"] - REGION["y0"] + 1, REGION["x1"] - REGION["x0"] + 1
     assert (a["height"], a["width"]) == (h, w)
     assert a["spacing_mm"] == pytest.approx(0.12)
     img = np.asarray(Image.open(io.BytesIO(a["image"])))
     assert np.array_equal(img, pixels[REGION["y0"]:REGION["y1"] + 1, REGION["x0"]:REGION["x1"] + 1])
-    b = np.asarray(Image.open(io.BytesIO(rows["dicom:upgrade/b.dcm"]["image"])))
+    b = np.asarray(Image.open(io.BytesIO(rows["upgrade/b.dcm"]["image"])))
     expected = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))[REGION["y0"]:REGION["y1"] + 1, REGION["x0"]:REGION["x1"] + 1]
     assert np.abs(b.astype(int) - expected).max() <= 1
-    c = rows["dicom:upgrade/c.dcm"]
+    c = rows["upgrade/c.dcm"]
     assert (c["height"], c["width"]) == (50, 80) and c["spacing_mm"] is None  # no region: whole frame
 
 
@@ -162,7 +162,7 @@ def test_dicom_without_pixel_data_or_damaged_is_refused(tmp_path):
     message = str(err.value)
     assert "DCIS/report.dcm: has no pixel data" in message
     assert "DCIS/cut.dcm" in message and "ct.dcm" in message and "not US or MG" in message
-    assert not ds_path.exists() and not (tmp_path / ".ds.salt").exists()
+    assert not ds_path.exists() and not list(Path(os.environ["XDG_CONFIG_HOME"]).rglob("*.salt"))
     report = ingest(src, "C", ds_path, layout="dicom", quarantine=tmp_path / "q")
     assert report.added == 1 and report.quarantined == 3
 
@@ -170,7 +170,54 @@ def test_dicom_without_pixel_data_or_damaged_is_refused(tmp_path):
 def test_dicom_12_bit_monochrome1_is_inverted_and_kept_16_bit(tmp_path):
     pixels = np.random.default_rng(3).integers(0, 4096, (50, 80), dtype=np.uint16)
     us_dicom(tmp_path / "pacs" / "upgrade" / "a.dcm", pixels, photometric="MONOCHROME1", region=False, bits=12)
-    ingest(tmp_path / "pacs", "C", tmp_path / "ds", layout="dicom")
+    ingest(tmp_path / "pacs", "C", tmp_path / "ds", layout="dicom", allow_burned_in=True)
     row = ImageDataset(tmp_path / "ds").read_table().to_pylist()[0]
     img = Image.open(io.BytesIO(row["image"]))
     assert img.mode == "I;16" and np.array_equal(np.asarray(img), 4095 - pixels)
+
+
+def test_dicom_without_a_region_to_crop_is_refused_unless_allowed(tmp_path):
+    """Burned-in text cannot be cropped away without an ultrasound region: such files are quarantined
+    unless the user vouches for them, and BurnedInAnnotation YES is refused even then."""
+    src = tmp_path / "pacs"
+    us_dicom(src / "DCIS" / "ok.dcm", frame(1))
+    us_dicom(src / "DCIS" / "mammo.dcm", frame(2), region=False, modality="MG", phi={"PatientID": "P2"})
+    us_dicom(src / "upgrade" / "burned.dcm", frame(3), region=False,
+             phi={"PatientID": "P3", "BurnedInAnnotation": "YES"})
+    report = ingest(src, "C", tmp_path / "ds", layout="dicom", quarantine=tmp_path / "q")
+    assert (report.added, report.quarantined, report.burned_in_allowed) == (1, 2, 0)
+    rejected = (tmp_path / "q" / "rejected-C.PHI.csv").read_text()
+    assert "mammo.dcm" in rejected and "pass --allow-burned-in" in rejected
+    assert "burned.dcm" in rejected and "BurnedInAnnotation is YES" in rejected
+    report = ingest(src, "C", tmp_path / "ds", layout="dicom", quarantine=tmp_path / "q", allow_burned_in=True)
+    assert (report.added, report.quarantined, report.burned_in_allowed) == (1, 1, 1)
+    assert "burned.dcm" in (tmp_path / "q" / "rejected-C.PHI.csv").read_text()
+
+
+def _region_without_coordinates(path: Path) -> None:
+    import pydicom
+
+    d = pydicom.dcmread(path)
+    del d.SequenceOfUltrasoundRegions[1].RegionLocationMaxX1
+    d.save_as(path)
+
+
+def test_damaged_dicom_tags_and_oversized_files_are_quarantined(tmp_path):
+    src = tmp_path / "pacs"
+    us_dicom(src / "DCIS" / "ok.dcm", frame(1))
+    _region_without_coordinates(us_dicom(src / "DCIS" / "noregion.dcm", frame(2), phi={"PatientID": "P2"}))
+    bad_spacing = us_dicom(src / "DCIS" / "spacing.dcm", frame(3), region=False, phi={"PatientID": "P3"})
+    import pydicom
+
+    d = pydicom.dcmread(bad_spacing)
+    d.PixelSpacing = ["0", "0.1"]  # a zero spacing
+    d.save_as(bad_spacing)
+    us_dicom(src / "upgrade" / "big.dcm", np.zeros((3, 60, 90), np.uint8), phi={"PatientID": "P4"})
+    report = ingest(src, "C", tmp_path / "ds", layout="dicom", quarantine=tmp_path / "q", allow_burned_in=True,
+                    limits=DecodeLimits(max_pixels=5000, max_frames=2))
+    assert (report.added, report.quarantined) == (1, 3)
+    rejected = {row["file"]: row["rejected_reason"]
+                for row in csv.DictReader(open(tmp_path / "q" / "rejected-C.PHI.csv"))}
+    assert "lacks RegionLocationMaxX1" in rejected["DCIS/noregion.dcm"]
+    assert "PixelSpacing" in rejected["DCIS/spacing.dcm"]
+    assert "exceed the limit" in rejected["upgrade/big.dcm"]

@@ -56,8 +56,53 @@ def test_an_hf_hub_id_out_of_reach_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never touch the network
     with pytest.raises(RuntimeError, match="hf-hub:timm/resnet18.a1_in1k.*local folder"):
         create_classifier("resnet18", pretrained="hf-hub:timm/resnet18.a1_in1k")
-    assert initialised_from("hf-hub:timm/resnet18.a1_in1k") == "hf-hub:timm/resnet18.a1_in1k"
+    assert initialised_from("hf-hub:timm/resnet18.a1_in1k").startswith(
+        "hf-hub:timm/resnet18.a1_in1k (revision not resolved")
     assert initialised_from("") == "scratch"
+
+
+def test_hf_hub_ids_are_pinned_to_the_revision_they_resolve_to(monkeypatch):
+    import huggingface_hub
+
+    from diffkd.models.classifiers import pretrained_overlay, resolve_pretrained
+
+    asked = []
+
+    def model_info(self, repo, revision=None):
+        asked.append((repo, revision))
+        return type("Info", (), {"sha": "0123456789abcdef0123456789abcdef01234567"})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    resolve_pretrained.cache_clear()
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert initialised_from("hf-hub:org/net") == f"hf-hub:org/net@{sha}"
+    assert initialised_from("hf-hub:org/net@v2") == f"hf-hub:org/net@{sha}" and ("org/net", "v2") in asked
+    pinned = "hf-hub:org/net@" + "f" * 40
+    n = len(asked)
+    assert initialised_from(pinned) == pinned and len(asked) == n  # a commit given is not looked up
+    assert pretrained_overlay(pinned, "resnet18") == {"hf_hub_id": "org/net@" + "f" * 40}
+    resolve_pretrained.cache_clear()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_a_weights_file_holding_pickled_code_is_refused_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = create_classifier("resnet18", in_chans=1).state_dict()
+    state["extra"] = _RunsCode()
+    torch.save(state, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|global"):
+        create_classifier("resnet18", in_chans=1, pretrained=str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_local_start_is_recorded_by_name_and_digest_not_by_path(tmp_path):
+    save_classifier(create_classifier("resnet18"), str(tmp_path / "r18"))
+    recorded = initialised_from(str(tmp_path / "r18"))
+    assert recorded.startswith("r18 (sha256 ") and str(tmp_path) not in recorded
 
 
 def test_teacher_and_student_stages_build_from_their_pretrained_setting(tmp_path):

@@ -26,9 +26,11 @@ so concurrent ingests into one dataset (of different centers) wait for each othe
 a manifest entry or missing each other's patients; decoding, the slow part, runs before the lock.
 
 Any problem stops the run with a message naming each file / CSV line / column, and the dataset is
-left byte-for-byte as it was. With ``quarantine=DIR`` the rejected rows go to
-``DIR/rejected-<center>.csv`` (the original CSV columns plus ``rejected_reason``; fix them and ingest
-that file again) and the rest is ingested. Only the center's own partition and the manifest are
+left byte-for-byte as it was. Every per-file failure (unreadable, truncated, empty, over the pixel,
+frame or size limits, a link out of SRC, a DICOM without a region to crop) is such a problem. With
+``quarantine=DIR`` the rejected rows go to ``DIR/rejected-<center>.PHI.csv`` (the original CSV columns
+plus ``rejected_reason``, raw ids included, so readable by the user only and refused inside the
+dataset; fix them and ingest that file again) and the rest is ingested. Only the center's own partition and the manifest are
 written (atomically); other centers' files are never touched. The manifest's source entry records
 the source fingerprint, ingest time, row and label counts, and the salt fingerprint (never the salt).
 
@@ -55,12 +57,14 @@ import pyarrow as pa
 
 from diffkd.data.dataset import DatasetError, ImageDataset, validate_center_name
 from diffkd.data.ingest import busbra, busi, dicom, folder
-from diffkd.data.ingest.common import (Discovery, IngestError, Loaded, Problem, Pseudonymizer, Record, SaltFile,
-                                       center_slug, load_all, parse_label_map, png_pixel_digest, salt_fingerprint)
+from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, Discovery, IngestError, Loaded, Problem,
+                                       Pseudonymizer, Record, SaltFile, center_slug, load_all, parse_label_map,
+                                       png_pixel_digest, salt_fingerprint)
 from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, arrow_schema, check_label_names
+from diffkd.files import atomic_write_bytes
 
 __all__ = ["ingest", "ingest_centers", "IngestReport", "CentersReport", "IngestError", "LAYOUTS",
-           "default_salt_path", "pseudonymizer_for", "salt_fingerprint"]
+           "DecodeLimits", "default_salt_path", "pseudonymizer_for", "quarantine_path", "salt_fingerprint"]
 
 log = logging.getLogger("diffkd.ingest")
 
@@ -87,6 +91,7 @@ class IngestReport:
     written: bool
     fingerprint: str
     quarantine_file: str | None = None
+    burned_in_allowed: int = 0  # DICOM files stored whole (no region to crop) because of --allow-burned-in
     warnings: list[str] = field(default_factory=list)
     seconds: float | None = None  # None when the center was one of several written by one run
 
@@ -103,8 +108,12 @@ class IngestReport:
                                             "(every copy set aside: nothing says which is right)"))
         if any(n for n, _ in extra):
             lines.append("  " + ", ".join(f"{n} {what}" for n, what in extra if n))
+        if self.burned_in_allowed:
+            lines.append(f"  {self.burned_in_allowed} DICOM file(s) stored uncropped under --allow-burned-in "
+                         "(no ultrasound region): any text burned into their pixels is in the dataset")
         if self.quarantined:
-            lines.append(f"  rejected rows and reasons: {self.quarantine_file}")
+            lines.append(f"  rejected rows and reasons: {self.quarantine_file} (holds raw patient ids and file names: "
+                         "keep it where the source is)")
         took = f" in {self.seconds:.1f}s" if self.seconds is not None else ""
         lines.append(f"  {'written to' if self.written else 'nothing changed in'} {self.dataset}{took}")
         for w in self.warnings[:WARNINGS_SHOWN]:
@@ -116,13 +125,23 @@ class IngestReport:
 
 # ---- salt ---------------------------------------------------------------------------------------
 
+SALT_HOME = "diffkd/salts"  # under $XDG_CONFIG_HOME (default ~/.config): private to the user
+
+
 def default_salt_path(dataset: ImageDataset) -> Path:
-    """`<DS>/../.<dsname>.salt`: beside the dataset, never inside it."""
-    if dataset.fs.type_name != "local":
-        raise IngestError(f"dataset {dataset.uri} is not on a local filesystem; pass --salt-file PATH (a local "
-                          "file kept outside the dataset, the same one for every ingest into it)")
-    root = Path(dataset.root)
-    return root.parent / f".{root.name}.salt"
+    """`~/.config/diffkd/salts/<dsname>-<digest of the dataset's location>.salt`: the user's own,
+    never on the dataset's volume, which a cluster may share with every pod. A salt an earlier
+    diffkd kept beside a local dataset (`<DS>/../.<dsname>.salt`) is still used where it is."""
+    if dataset.fs.type_name == "local":
+        legacy = Path(dataset.root).parent / f".{Path(dataset.root).name}.salt"
+        if legacy.exists():
+            log.warning("using the salt file %s beside the dataset; a shared dataset volume exposes it to "
+                        "everyone who mounts it: move it to a private place and pass --salt-file", legacy)
+            return legacy
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    where = hashlib.sha256(str(dataset.uri).encode()).hexdigest()[:12]
+    name = Path(str(dataset.uri).rstrip("/")).name or "dataset"
+    return config / SALT_HOME / f"{name}-{where}.salt"
 
 
 def _open_salt(dataset: ImageDataset, salt) -> SaltFile:
@@ -183,7 +202,8 @@ def _candidates(center: str, layout: str, records: list[Record], loaded: list[Lo
             if rec.spacing_mm is not None and image.spacing_mm and abs(rec.spacing_mm / image.spacing_mm - 1) > 0.05:
                 warnings.append(f"{rec.file}: CSV spacing {rec.spacing_mm:g} mm differs from the file's "
                                 f"{image.spacing_mm:g} mm; the CSV value is stored")
-            path = pseudo.text(rec.file) if item.hide_path else rec.file
+            # file names often carry names or record numbers: only a salted hash of the path is stored
+            path = pseudo.text(rec.file)
             note = f"|{rec.note}" if rec.note else ""
             patient_id = pseudo.own_patient(center, patient) if rec.own_patient else pseudo.patient(patient)
             row = dict(case_id=pseudo.case(center, case_raw), patient_id=patient_id,
@@ -341,8 +361,19 @@ def _format_problems(problems: list[Problem], src: Path, center: str, n_bad: int
             + "\nFix them, or pass --quarantine DIR to set these rows aside (with reasons) and ingest the rest.")
 
 
+QUARANTINE_NOTE = ("holds raw patient identifiers and file names from the source (not pseudonymised); "
+                   "keep it with the source data, never with the dataset or results")
+
+
+def quarantine_path(directory: Path, center: str) -> Path:
+    """`DIR/rejected-<center>.PHI.csv`: the name says the file holds identifiers."""
+    return directory / f"rejected-{center}.PHI.csv"
+
+
 def _write_quarantine(directory: Path, center: str, problems: list[Problem], found: Discovery) -> Path:
-    """DIR/rejected-<center>.csv: the rejected rows as they were (CSV columns) plus the reasons."""
+    """DIR/rejected-<center>.PHI.csv: the rejected rows as they were (CSV columns) plus the reasons.
+
+    Readable by the user only (0600): it holds the raw ids and file names the dataset never stores."""
     header = list(found.csv_header) or ["file"]
     file_column = found.csv_file_column or "file"
     if file_column not in header:
@@ -357,19 +388,27 @@ def _write_quarantine(directory: Path, center: str, problems: list[Problem], fou
         row = dict(found.csv_rows.get(line, {})) if line is not None else {}
         row.setdefault(file_column, file or "")
         writer.writerow({**row, "rejected_reason": " | ".join(reasons)})
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"rejected-{center}.csv"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    path = quarantine_path(directory, center)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"), mode=0o600)  # names as on disk
+    log.warning("%s %s", path, QUARANTINE_NOTE)
     return path
+
+
+def _check_quarantine_place(quarantine, ds: ImageDataset) -> Path | None:
+    if quarantine is None:
+        return None
+    directory = Path(quarantine).expanduser().absolute()
+    if ds.fs.type_name == "local" and directory.is_relative_to(Path(ds.root)):
+        raise IngestError(f"quarantine folder {directory} is inside the dataset {ds.root}; the quarantine file "
+                          f"{QUARANTINE_NOTE}: put it beside the source instead")
+    return directory
 
 
 def _fingerprint(layout: str, records: list[Record], loaded: list[Loaded | None], found: Discovery,
                  frames: str) -> str:
     h = hashlib.sha256(f"{layout}\0{frames}\0{found.csv_digest or ''}\n".encode())
     for rec, item in sorted(zip(records, loaded), key=lambda pair: pair[0].file):
-        h.update(f"{rec.file}\t{item.digest if item else 'unreadable'}\n".encode())
+        h.update(f"{rec.file}\t{item.digest if item else 'unreadable'}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -391,24 +430,31 @@ class Options:
     frames: str = "all"
     workers: int | None = None
     label_names: tuple[str, str] | str | None = None
+    allow_burned_in: bool = False
+    limits: DecodeLimits = DEFAULT_LIMITS
 
 
 def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None, quarantine=None,
            label_map=None, salt=None, *, replace: bool = False, frames: str = "all",
-           workers: int | None = None, label_names: tuple[str, str] | str | None = None) -> IngestReport:
+           workers: int | None = None, label_names: tuple[str, str] | str | None = None,
+           allow_burned_in: bool = False, limits: DecodeLimits = DEFAULT_LIMITS) -> IngestReport:
     """Ingest SRC as center `center` of `dataset` (path, URI or ImageDataset); see the module docstring.
 
     label_map: "benign=0,malignant=1,normal=skip" or a dict; salt: the salt file path (default
     `<DS>/../.<dsname>.salt`) or the salt bytes; quarantine: a folder for rejected rows; replace: rebuild
     the center from this source instead of adding to it; frames: DICOM multi-frame policy (all|middle|first);
     label_names: the outcomes' names, label 0 then label 1 ("benign,malignant"; default: the dataset's,
-    else the layout's (busbra: benign,malignant), else DCIS,upgrade for a new dataset).
+    else the layout's (busbra: benign,malignant), else DCIS,upgrade for a new dataset); allow_burned_in: store
+    DICOM files that have no ultrasound region to crop (their burned-in text too); limits: the pixel, frame and
+    file-size limits checked before decoding.
     """
     start = time.monotonic()
     validate_center_name(center)
-    opts = Options(layout, clinical_csv, quarantine, label_map, salt, replace, frames, workers, label_names)
+    opts = Options(layout, clinical_csv, quarantine, label_map, salt, replace, frames, workers, label_names,
+                   allow_burned_in, limits)
     batch = _read_source(src, dataset, opts)
     with batch.ds.lock():  # from here to the write, no other writer changes what the checks read
+        batch.ds.recover()  # finish or roll back what an interrupted write left, even if this ingest writes nothing
         batch.check_label_names()
         salt_file = _open_salt(batch.ds, salt)
         plan = _check(batch, center, batch.found, batch.loaded, batch.problems, salt_file)
@@ -449,7 +495,8 @@ class CentersReport:
 def ingest_centers(src, dataset, layout: str = "folder", *, center_column: str | None = None,
                    center_by: str | None = None, clinical_csv=None, quarantine=None, label_map=None, salt=None,
                    replace: bool = False, frames: str = "all", workers: int | None = None,
-                   label_names: tuple[str, str] | str | None = None) -> CentersReport:
+                   label_names: tuple[str, str] | str | None = None, allow_burned_in: bool = False,
+                   limits: DecodeLimits = DEFAULT_LIMITS) -> CentersReport:
     """Ingest SRC as one center per distinct value of a CSV column, in one run.
 
     center_column: a column of the source's CSV (matched case-insensitively); each value becomes a
@@ -461,7 +508,8 @@ def ingest_centers(src, dataset, layout: str = "folder", *, center_column: str |
     Other arguments as for `ingest`.
     """
     start = time.monotonic()
-    opts = Options(layout, clinical_csv, quarantine, label_map, salt, replace, frames, workers, label_names)
+    opts = Options(layout, clinical_csv, quarantine, label_map, salt, replace, frames, workers, label_names,
+                   allow_burned_in, limits)
     column, name_rule = _grouping(layout, center_column, center_by)
     batch = _read_source(src, dataset, opts)
     groups, unassigned, notes = _split_by_column(batch, column, name_rule)
@@ -469,8 +517,9 @@ def ingest_centers(src, dataset, layout: str = "folder", *, center_column: str |
     if unassigned:
         if quarantine is None:
             raise IngestError(_format_problems(unassigned, batch.src, f"one per {column}", len(unassigned)))
-        quarantine_file = _write_quarantine(Path(quarantine), "without-center", unassigned, batch.found)
+        quarantine_file = _write_quarantine(opts.quarantine, "without-center", unassigned, batch.found)
     with batch.ds.lock():
+        batch.ds.recover()
         batch.check_label_names()
         salt_file = _open_salt(batch.ds, salt)
         plans = [_check(batch, center, group.found, group.loaded, group.problems, salt_file,
@@ -528,6 +577,7 @@ def _read_source(src, dataset, opts: Options) -> _Batch:
     src = Path(src).expanduser()
     if not src.is_dir():
         raise IngestError(f"source folder {src} does not exist or is not a folder")
+    opts.quarantine = _check_quarantine_place(opts.quarantine, ds)
     names = _claim_label_names(ds, opts.label_names)  # refused here already, before the slow decoding
     label_map = parse_label_map(opts.label_map, names)
     found = module.discover(src, clinical_csv=opts.clinical_csv, label_map=label_map, frames=opts.frames,
@@ -537,7 +587,8 @@ def _read_source(src, dataset, opts: Options) -> _Batch:
         raise IngestError(f"{src}: no images found for the {opts.layout} layout{skipped}; check the folder and "
                           "--layout (folder: SRC/<label>/*.png or a CSV listing files; busi: class folders; "
                           "busbra: bus_data.csv with Images/ and Masks/; dicom: .dcm files)")
-    loaded, problems = load_all(partial(module.load, frames=opts.frames), src, found.records, opts.workers)
+    loaded, problems = load_all(partial(module.load, frames=opts.frames, allow_burned_in=opts.allow_burned_in,
+                                             limits=opts.limits), src, found.records, opts.workers)
     return _Batch(ds, src, opts, names, found, loaded, found.problems + problems)
 
 
@@ -655,7 +706,7 @@ def _check(batch: _Batch, center: str, found: Discovery, loaded: list[Loaded | N
     if problems and quarantine is None:
         raise IngestError(_format_problems(problems, src, center, len(bad_records)))
     # written even when empty, so that a stale file from an earlier run cannot mislead
-    quarantine_file = _write_quarantine(Path(quarantine), center, problems, found) if quarantine else None
+    quarantine_file = _write_quarantine(quarantine, center, problems, found) if quarantine else None
     if problems:
         log.warning("%d row(s)/file(s) rejected; reasons in %s", len(bad_records), quarantine_file)
     rejected = {i for i, rec in enumerate(records) if (rec.line, rec.file) in bad_records}
@@ -674,11 +725,13 @@ def _check(batch: _Batch, center: str, found: Discovery, loaded: list[Loaded | N
         already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
         conflicting=len(conflicting), skipped=found.skipped, labels_added={},
         center_rows=existing.num_rows if existing is not None else 0, written=False, fingerprint=fingerprint,
-        quarantine_file=str(quarantine_file) if quarantine_file else None, warnings=warnings)
+        quarantine_file=str(quarantine_file) if quarantine_file else None, warnings=warnings,
+        burned_in_allowed=sum(1 for i, item in enumerate(loaded) if item is not None and item.burned_in_allowed
+                              and i not in rejected))
     if unchanged:
         return _Plan(center, report, None, None, salt_file)
-    entry = dict(layout=layout, path=str(src.absolute()), clinical_csv=found.csv_path.name if found.csv_path
-                 else None, fingerprint=fingerprint, ingested=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    entry = dict(layout=layout, path=pseudo.text(str(src.absolute())),
+                 clinical_csv=pseudo.text(found.csv_path.name) if found.csv_path else None, fingerprint=fingerprint, ingested=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  rows_in_source=len(cands), rows_added=len(new_rows), labels_added=dict(sorted(labels.items())),
                  already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
                  conflicting=len(conflicting), replace=replace, frames=opts.frames if layout == "dicom" else None,

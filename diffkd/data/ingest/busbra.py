@@ -6,7 +6,7 @@ patient; ``-l``/``-r`` are two views of one lesion, ``-s`` a single view), ``Pat
 benign or malignant), ``BIRADS`` (stored as the clinical ``birads`` column), ``Device`` (the scanner)
 and ``Histology``, ``Width``, ``Height``, ``Side``, ``BBOX``. Histology is where the outcome comes
 from, so it is never stored (nor are the other columns): a model must not see it. The device is kept
-in each row's ``source`` (``busbra:Images/bus_0001-l.png|device=GE Logiq 7 @10-14MHz``), and
+in each row's ``source`` after the hashed path (``busbra:<hash>|device=GE Logiq 7 @10-14MHz``), and
 ``--center-by device`` makes one center per scanner, named by `scanner_center_name`.
 
 Each image is its own case (BUS-BRA gives the BI-RADS category per image, and its two views of one
@@ -19,8 +19,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from diffkd.data.ingest.common import (Discovery, IngestError, Loaded, Problem, list_files, load_image_record,
-                                       read_csv, record_from_csv)
+from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, Discovery, IngestError, Loaded, Problem,
+                                       list_files, load_image_record, read_csv, record_from_csv)
 from diffkd.data.ingest.folder import unlisted_warning
 
 NAME = "busbra"
@@ -106,5 +106,5 @@ def discover(src: Path, clinical_csv=None, label_map=None, label_names: tuple[st
     return found
 
 
-def load(src: Path, rec, **_) -> Loaded:
-    return load_image_record(src, rec)
+def load(src: Path, rec, limits: DecodeLimits = DEFAULT_LIMITS, **_) -> Loaded:
+    return load_image_record(src, rec, limits)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from diffkd.data.ingest.common import (IMAGE_SUFFIXES, Discovery, IngestError, Loaded, Record, is_mask_name,
+from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, IMAGE_SUFFIXES, Discovery, IngestError, Loaded, Record, is_mask_name,
                                        list_files, load_image_record, MaskIndex)
 
 NAME = "busi"
@@ -50,6 +50,6 @@ def discover(src: Path, clinical_csv=None, label_map=None, **_) -> Discovery:
     return found
 
 
-def load(src: Path, rec: Record, **_) -> Loaded:
-    return load_image_record(src, rec)
+def load(src: Path, rec: Record, limits: DecodeLimits = DEFAULT_LIMITS, **_) -> Loaded:
+    return load_image_record(src, rec, limits)
 

@@ -20,10 +20,12 @@ Policies (the user's guide repeats them):
 - **Pseudonyms**: patient ids are HMAC-SHA256(salt, raw id), the same at every center so that one
   person ingested under two centers is caught; an image without a patient id (BUSI, a folder without a
   CSV) is its own patient within its center, HMAC-SHA256(salt, center + file). Case ids are
-  HMAC-SHA256(salt, center + the CSV case id, or center + the source file). The salt is a random
-  32-byte secret in a file outside the dataset (default `<DS>/../.<dsname>.salt`, created once with
-  mode 0600); only its fingerprint is recorded in the manifest, so the same salt must be used for
-  every ingest into one dataset.
+  HMAC-SHA256(salt, center + the CSV case id, or center + the source file); the stored `source` is a
+  hash of the file's path, since file names often carry names or record numbers. The salt is a random
+  32-byte secret in a file outside the dataset (default `~/.config/diffkd/salts/<dsname>-<digest>.salt`,
+  private to the user, created once with mode 0600; a salt file other users can read is refused); only
+  its fingerprint is recorded in the manifest, so the same salt must be used for every ingest into one
+  dataset.
 """
 from __future__ import annotations
 
@@ -77,6 +79,34 @@ class IngestError(ValueError):
 
 class ImageProblem(ValueError):
     """One source file cannot be turned into a stored image (message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one source file may hold, checked from its header before any pixel is decoded.
+
+    A decoder's memory is a few times `max_pixels` bytes (16-bit pixels, a copy or two), and at most
+    `workers` files decode at once, so an ingest's decoding memory is bounded by about
+    workers x max_pixels x 8 bytes (4 x 100 MP: ~3 GiB). Raise the limits for very large mammograms.
+    """
+    max_pixels: int = 100_000_000  # per frame (rows x columns); a 5000 x 6000 mammogram is 30 MP
+    max_frames: int = 1_000  # per DICOM file (cine loops)
+    max_file_bytes: int = 2 << 30
+
+    def check(self, name: str, width: int, height: int, frames: int = 1) -> None:
+        if width <= 0 or height <= 0:
+            raise ImageProblem(f"{name}: the header gives an empty image ({width}x{height})")
+        if width * height > self.max_pixels:
+            raise ImageProblem(f"{name}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) exceed the limit of "
+                               f"{self.max_pixels / 1e6:g} MP (a decompression bomb, or a very large image): "
+                               "check the file, or raise --max-pixels")
+        if frames > self.max_frames:
+            raise ImageProblem(f"{name}: {frames} frames exceed the limit of {self.max_frames}; "
+                               "check the file, or raise --max-frames")
+
+
+DEFAULT_LIMITS = DecodeLimits()
+DEFAULT_WORKERS = 4  # decodes at once: bounds the memory decoding takes (see DecodeLimits)
 
 
 @dataclass(frozen=True)
@@ -148,7 +178,7 @@ class Decoded:
 class Loaded:
     images: list[Decoded]
     digest: str  # sha256 of the source file bytes, for the source fingerprint
-    hide_path: bool = False  # the file path itself carries identifying text: store a hash of it as `source`
+    burned_in_allowed: bool = False  # a DICOM stored whole, without a region to crop, under --allow-burned-in
 
 
 @dataclass
@@ -181,7 +211,9 @@ class Pseudonymizer:
         self._salt = salt
 
     def _digest(self, kind: str, text: str) -> str:
-        return hmac.new(self._salt, f"{kind}\0{text}".encode(), hashlib.sha256).hexdigest()[:24]
+        # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes
+        data = f"{kind}\0{text}".encode("utf-8", "surrogateescape")
+        return hmac.new(self._salt, data, hashlib.sha256).hexdigest()[:24]
 
     def patient(self, raw: str) -> str:
         # Not keyed by center: the same person at two hospitals gets the same pseudonym, so it can be caught.
@@ -222,14 +254,16 @@ class SaltFile:
             if len(salt) < 16:
                 raise IngestError(f"salt file {path} holds {len(salt)} bytes; at least 16 are needed")
             if path.stat().st_mode & 0o077:
-                log.warning("salt file %s is readable by other users; chmod 600 it", path)
+                raise IngestError(f"salt file {path} is open to other users (mode {path.stat().st_mode & 0o777:o}); "
+                                  f"anyone holding it and the dataset can test guesses of patient ids: "
+                                  f"chmod 600 {path} and re-run")
             return cls(path, salt, is_new=False)
         return cls(path, secrets.token_bytes(32), is_new=True)
 
     def persist(self) -> None:
         if not self.is_new:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.salt.hex() + "\n")
@@ -639,36 +673,56 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return encode_png(np.where(mask, 255, 0).astype(np.uint8))
 
 
-def read_listed_file(path: Path, name: str) -> bytes:
-    """The bytes of a file the source lists; a missing or unreadable one is an ImageProblem naming it."""
+def read_listed_file(path: Path, name: str, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
+    """The bytes of a file the source lists (`path` is SRC/`name`); a missing, empty, oversized or
+    unreadable file, or a link that leads out of SRC, is an ImageProblem naming it."""
+    source = path
+    for _ in Path(name).parts:
+        source = source.parent
     try:
-        return path.read_bytes()
+        real = path.resolve(strict=True)
+        if not real.is_relative_to(source.resolve()):
+            raise ImageProblem(f"{name}: is a link to a place outside the source folder; copy the file into "
+                               "the source or remove the link")
+        size = real.stat().st_size
+        if size == 0:
+            raise ImageProblem(f"{name}: is empty (0 bytes); re-export it or remove it (and its CSV row)")
+        if size > limits.max_file_bytes:
+            raise ImageProblem(f"{name}: {size / 2**20:.0f} MiB exceeds the {limits.max_file_bytes / 2**20:.0f} "
+                               "MiB file limit")
+        return real.read_bytes()
     except FileNotFoundError:
         raise ImageProblem(f"{name}: listed but not found; fix the path (relative to SRC) or add the file") from None
     except OSError as err:
-        raise ImageProblem(f"{name}: cannot be read ({err.strerror})") from None
+        raise ImageProblem(f"{name}: cannot be read ({err.strerror or err})") from None
 
 
-def open_image(path: Path, name: str) -> tuple[Image.Image, bytes]:
-    """Decode a whole image file (truncation shows here, not later); returns the image and the file bytes."""
-    data = read_listed_file(path, name)
+def open_image(path: Path, name: str, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[Image.Image, bytes]:
+    """Decode a whole image file (truncation shows here, not later); returns the image and the file bytes.
+
+    The size and frame count are checked from the header first, so a decompression bomb is refused
+    before it is decoded."""
+    data = read_listed_file(path, name, limits)
     try:
         img = Image.open(io.BytesIO(data))
+        limits.check(name, *img.size)
         if getattr(img, "n_frames", 1) > 1:
             raise ImageProblem(f"{name}: holds {img.n_frames} frames/pages; save one image per file")
         img.load()
         img = ImageOps.exif_transpose(img) if img.format == "JPEG" else img
     except ImageProblem:
         raise
+    except Image.DecompressionBombError as err:
+        raise ImageProblem(f"{name}: refused as a decompression bomb ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageProblem(f"{name}: unreadable or truncated image ({err}); re-export it from the source "
                            "or remove it (and its CSV row)") from None
     return img, data
 
 
-def load_image_record(src: Path, rec: Record) -> Loaded:
+def load_image_record(src: Path, rec: Record, limits: DecodeLimits = DEFAULT_LIMITS) -> Loaded:
     """Folder / BUSI loader: the image file plus its masks (OR-merged)."""
-    img, data = open_image(src / rec.file, rec.file)
+    img, data = open_image(src / rec.file, rec.file, limits)
     digest = hashlib.sha256(data)
     arr = to_storable(img, rec.file)
     mask_png = None
@@ -676,7 +730,7 @@ def load_image_record(src: Path, rec: Record) -> Loaded:
         merged = np.zeros(arr.shape, dtype=bool)
         single_mask_png = None
         for mask_file in rec.masks:
-            mask_img, mask_data = open_image(src / mask_file, mask_file)
+            mask_img, mask_data = open_image(src / mask_file, mask_file, limits)
             digest.update(mask_data)
             raw = np.asarray(mask_img if mask_img.mode in ("L", "1") or mask_img.mode.startswith("I")
                              else mask_img.convert("RGB"))
@@ -694,7 +748,11 @@ def load_image_record(src: Path, rec: Record) -> Loaded:
 
 def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Sequence[Record],
              workers: int | None = None, what: str = "images") -> tuple[list[Loaded | None], list[Problem]]:
-    """Decode every record, in a thread pool (Pillow, zlib and hashlib release the GIL); with progress."""
+    """Decode every record, in a thread pool (Pillow, zlib and hashlib release the GIL); with progress.
+
+    Any failure of one file (a damaged file can raise almost anything inside a decoder) becomes a
+    Problem naming that file, so that it can be quarantined while the rest is ingested.
+    """
     results: list[Loaded | None] = [None] * len(records)
     problems: list[Problem] = []
 
@@ -703,8 +761,12 @@ def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Seque
             return i, loader(src, records[i]), None
         except ImageProblem as err:
             return i, None, records[i].problem(str(err).removeprefix(f"{records[i].file}: "))
+        except Exception as err:  # noqa: BLE001  (one bad file must not stop the ingest)
+            log.debug("decoding %s failed", records[i].file, exc_info=True)
+            return i, None, records[i].problem(f"cannot be decoded ({type(err).__name__}: {err}); re-export it "
+                                               "from the source or remove it (and its CSV row)")
 
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(DEFAULT_WORKERS, os.cpu_count() or 1)
     progress = Progress(len(records), what)
     if workers <= 1 or len(records) < 16:
         outcomes = map(one, range(len(records)))

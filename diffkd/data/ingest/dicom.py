@@ -6,9 +6,8 @@ patient ids from the CSV or else the PatientID tag, salted-hashed like every raw
 
 What is kept from a file: the pixels (cropped to the ultrasound tissue region), the pixel spacing,
 the modality, and — only as salted hashes — PatientID and SOPInstanceUID. No other tag is read into
-the dataset, so names, birth dates, accession numbers, institutions and dates never reach it. When
-the file's relative path contains a name or id from its PHI tags, the stored `source` holds a salted
-hash of the path instead of the path.
+the dataset, so names, birth dates, accession numbers, institutions and dates never reach it; the
+stored `source` is a salted hash of the file's path, like every layout's.
 
 Pixels: YBR is converted to RGB by pydicom, palette colour through its LUT, RGB to gray by ITU-R
 601-2 luminance; MONOCHROME1 is inverted; up to 8 stored bits give an 8-bit PNG, more give 16-bit;
@@ -16,7 +15,14 @@ signed pixels with negative values are refused. Spacing and crop come from Seque
 the largest region with RegionSpatialFormat 1 (2D) and RegionDataType 1 (tissue); PhysicalDeltaX/Y in
 cm (unit code 3) become mm (the mean of X and Y when they differ). Without such a region the whole
 frame is kept and spacing comes from PixelSpacing when present. Burned-in text outside the tissue
-region is removed by the crop; inside it (BurnedInAnnotation YES without a region) a warning is logged.
+region is removed by the crop. A file without such a region (all mammography, secondary captures)
+may show names or ids burned into its pixels, so it is refused unless the user vouches for the
+images with ``allow_burned_in`` (``--allow-burned-in``); one whose BurnedInAnnotation is YES is
+refused even then. Both are quarantinable problems, and the ingest report counts the files stored
+whole under the flag.
+
+Before any pixel is decoded, Rows x Columns and NumberOfFrames are checked against the ingest's
+`DecodeLimits`.
 
 Frames (`frames=`): "all" stores every frame of a multi-frame file as its own row (source
 ``dicom:<file>#frame=K``), "middle" stores only the middle frame, "first" only the first.
@@ -25,15 +31,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffkd.data.ingest.common import (IMAGE_SUFFIXES, Decoded, Discovery, ImageProblem, Loaded, MaskIndex, Record,
-                                       binarize_mask, encode_mask, encode_png, find_clinical_csv, list_files,
-                                       open_image, pixel_digest, read_listed_file, rgb_to_gray)
+from diffkd.data.ingest.common import (DEFAULT_LIMITS, IMAGE_SUFFIXES, DecodeLimits, Decoded, Discovery,
+                                       ImageProblem, Loaded, MaskIndex, Record, binarize_mask, encode_mask, encode_png,
+                                       find_clinical_csv, list_files, open_image, pixel_digest, read_listed_file,
+                                       rgb_to_gray)
 from diffkd.data.ingest.folder import from_csv, from_label_folders
 from diffkd.data.schema import DEFAULT_LABEL_NAMES
 
@@ -42,12 +49,6 @@ FRAME_CHOICES = ("all", "middle", "first")
 SUFFIXES = (".dcm", ".dicom")
 MODALITY_TAGS = {"US": "us", "MG": "mammo"}
 CM_UNIT = 3  # PhysicalUnitsX/YDirection code for centimetres
-# Tags whose values must never show up in what we store (used to vet file paths used as `source`).
-PHI_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
-                "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-                "OperatorsName", "StudyID", "PatientAddress", "PatientTelephoneNumbers")
-
-log = logging.getLogger("diffkd.ingest")
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -85,46 +86,42 @@ class TissueRegion:
     spacing_mm: float | None
 
 
-def tissue_region(ds) -> TissueRegion | None:
+REGION_BOX = ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")
+
+
+def tissue_region(ds, name: str) -> TissueRegion | None:
     """The largest 2D tissue region of SequenceOfUltrasoundRegions, or None."""
     regions = [r for r in ds.get("SequenceOfUltrasoundRegions", None) or []
                if r.get("RegionSpatialFormat") == 1 and r.get("RegionDataType") == 1]
     if not regions:
         return None
+    for r in regions:
+        missing = [k for k in REGION_BOX if r.get(k, None) is None]
+        if missing:
+            raise ImageProblem(f"{name}: an ultrasound tissue region lacks {', '.join(missing)}; the region "
+                               "cannot be cropped: fix the region tags or re-export the file")
 
     def box(r):
-        return (int(r.RegionLocationMinX0), int(r.RegionLocationMinY0),
-                int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1))
+        return tuple(int(r.get(k)) for k in REGION_BOX)
 
     best = max(regions, key=lambda r: (box(r)[2] - box(r)[0]) * (box(r)[3] - box(r)[1]))
     spacing = None
     if best.get("PhysicalUnitsXDirection") == CM_UNIT and best.get("PhysicalUnitsYDirection") == CM_UNIT:
-        dx, dy = abs(float(best.PhysicalDeltaX)) * 10.0, abs(float(best.PhysicalDeltaY)) * 10.0
+        try:
+            dx, dy = abs(float(best.PhysicalDeltaX)) * 10.0, abs(float(best.PhysicalDeltaY)) * 10.0
+        except (AttributeError, TypeError, ValueError):
+            raise ImageProblem(f"{name}: the tissue region's PhysicalDeltaX/Y are missing or not numbers; "
+                               "fix the region tags or give spacing_mm in the CSV") from None
         spacing = (dx + dy) / 2 if dx > 0 and dy > 0 else None
     return TissueRegion(*box(best), spacing)
 
 
-def phi_fragments(ds) -> set[str]:
-    """Lower-cased names and ids from the file's PHI tags (name parts of 3+ characters)."""
-    out: set[str] = set()
-    for keyword in PHI_KEYWORDS:
-        value = ds.get(keyword, None)
-        if value is None:
-            continue
-        values = value if isinstance(value, (list, tuple)) or getattr(value, "is_sequence", False) else [value]
-        for v in values:
-            for part in str(v).replace("^", " ").replace(",", " ").split():
-                if len(part) >= 3:
-                    out.add(part.lower())
-    return out
-
-
-def _read(path: Path, name: str):
+def _read(path: Path, name: str, limits: DecodeLimits):
     """(dataset, file bytes)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    data = read_listed_file(path, name)
+    data = read_listed_file(path, name, limits)
     try:
         return pydicom.dcmread(io.BytesIO(data)), data
     except InvalidDicomError as err:
@@ -134,13 +131,23 @@ def _read(path: Path, name: str):
                            "re-export it from the PACS or remove it") from None
 
 
-def _pixels(ds, name: str) -> np.ndarray:
-    """(frames, rows, cols) uint8/uint16 gray, before cropping."""
+def _check_header(ds, name: str, limits: DecodeLimits) -> None:
+    """Pixel data present, and its size within `limits`, before anything is decoded."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageProblem(f"{name}: has no pixel data (a structured report, presentation state or DICOMDIR?); "
                            "remove it from SRC or leave it out of the CSV")
     if "PixelData" not in ds:
         raise ImageProblem(f"{name}: float pixel data is not supported; export integer pixels")
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise ImageProblem(f"{name}: Rows, Columns or NumberOfFrames is missing or not a number") from None
+    limits.check(name, columns, rows, frames)
+
+
+def _pixels(ds, name: str) -> np.ndarray:
+    """(frames, rows, cols) uint8/uint16 gray, before cropping."""
     try:
         arr = ds.pixel_array
     except Exception as err:
@@ -170,16 +177,39 @@ def _pixels(ds, name: str) -> np.ndarray:
     return arr.astype(np.uint8 if bits <= 8 else np.uint16)
 
 
-def load(src: Path, rec: Record, frames: str = "all", **_) -> Loaded:
+def _pixel_spacing(ds, name: str) -> float | None:
+    if "PixelSpacing" not in ds:
+        return None
+    try:
+        values = [float(v) for v in ds.PixelSpacing]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ImageProblem(f"{name}: PixelSpacing {ds.get('PixelSpacing')!r} is not two positive numbers; "
+                           "fix the tag or give spacing_mm in the CSV")
+    return float(np.mean(values))
+
+
+def load(src: Path, rec: Record, frames: str = "all", allow_burned_in: bool = False,
+         limits: DecodeLimits = DEFAULT_LIMITS, **_) -> Loaded:
     name = rec.file
-    ds, data = _read(src / rec.file, name)
+    ds, data = _read(src / rec.file, name, limits)
     modality = rec.modality or MODALITY_TAGS.get(str(ds.get("Modality", "")))
     if modality is None:
         raise ImageProblem(f"{name}: Modality {ds.get('Modality', '')!r} is not US or MG; give a modality "
                            "column in the CSV if the images really are ultrasound or mammography")
+    _check_header(ds, name, limits)
+    region = tissue_region(ds, name)
+    burned_in = str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
+    if region is None and burned_in:
+        raise ImageProblem(f"{name}: BurnedInAnnotation is YES and there is no ultrasound region to crop to, so "
+                           "text burned into the pixels (names, ids) would be stored; mask it or export without it")
+    if region is None and not allow_burned_in:
+        raise ImageProblem(f"{name}: no ultrasound tissue region to crop to, so text burned into the pixels "
+                           "(names, ids) would be stored with the image; check that these images carry none and "
+                           "pass --allow-burned-in")
     arr = _pixels(ds, name)
     full_h, full_w = arr.shape[1:]
-    region = tissue_region(ds)
     spacing = None
     if region is not None:
         x0, y0 = max(region.x0, 0), max(region.y0, 0)
@@ -192,17 +222,13 @@ def load(src: Path, rec: Record, frames: str = "all", **_) -> Loaded:
     else:
         x0 = y0 = 0
         y1, x1 = full_h - 1, full_w - 1
-        if "PixelSpacing" in ds:
-            spacing = float(np.mean([float(v) for v in ds.PixelSpacing]))
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-            log.warning("%s: BurnedInAnnotation is YES and there is no ultrasound region to crop to; "
-                        "check the stored image for burned-in text", name)
+        spacing = _pixel_spacing(ds, name)
     digest = hashlib.sha256(data)
     mask_png = None
     if rec.masks:
         merged = np.zeros((full_h, full_w), dtype=bool)
         for mask_file in rec.masks:
-            mask_img, mask_data = open_image(src / mask_file, mask_file)
+            mask_img, mask_data = open_image(src / mask_file, mask_file, limits)
             digest.update(mask_data)
             mask = binarize_mask(np.asarray(mask_img.convert("L")))
             if mask.shape != (full_h, full_w):
@@ -216,6 +242,4 @@ def load(src: Path, rec: Record, frames: str = "all", **_) -> Loaded:
     case = str(ds.get("SOPInstanceUID", "") or "").strip() or None
     images = [Decoded(encode_png(arr[k]), arr.shape[1], arr.shape[2], pixel_digest(arr[k]), mask_png, spacing,
                       frame=k if n > 1 else None, patient=patient, case=case, modality=modality) for k in chosen]
-    fragments = phi_fragments(ds)
-    hide = any(fragment in rec.file.lower() for fragment in fragments)
-    return Loaded(images, digest.hexdigest(), hide_path=hide)
+    return Loaded(images, digest.hexdigest(), burned_in_allowed=region is None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from diffkd.data.ingest.common import (IMAGE_SUFFIXES, SKIP, Discovery, IngestError, Loaded, Record,
+from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, IMAGE_SUFFIXES, SKIP, Discovery, IngestError, Loaded, Record,
                                        find_clinical_csv, is_mask_name, list_files, load_image_record, MaskIndex,
                                        read_csv, record_from_csv, resolve_label)
 from diffkd.data.schema import DEFAULT_LABEL_NAMES
@@ -116,7 +116,7 @@ def unlisted_warning(unlisted: list[str], csv_name: str) -> str | None:
             "add rows for them or move them out of SRC")
 
 
-def load(src: Path, rec: Record, **_) -> Loaded:
-    return load_image_record(src, rec)
+def load(src: Path, rec: Record, limits: DecodeLimits = DEFAULT_LIMITS, **_) -> Loaded:
+    return load_image_record(src, rec, limits)
 
 
