@@ -12,7 +12,9 @@ import importlib
 import pkgutil
 import sys
 
-from diffkd import commands, console
+from diffkd import commands
+
+from diffkd.runtime import console
 from diffkd.commands.options import note_renamed
 
 

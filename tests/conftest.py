@@ -33,7 +33,7 @@ def ray_local():
     """
     import ray
 
-    from diffkd.raycompat import init_local
+    from diffkd.runtime.raycompat import init_local
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
     init_local(num_cpus=4, temp_dir=temp_dir)

@@ -21,7 +21,7 @@ from torch import nn
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import NUM_LABELS
 from diffkd.data.splits import SplitConfig, split_case_ids
-from diffkd.files import atomic_write_json
+from diffkd.runtime.files import atomic_write_json
 from diffkd.synth.figures import plot_grid, plot_label_pairs, plot_near_copies
 from diffkd.synth.sampling import SynthConfig, condition_masks, generator_splits, generator_training_rows, stable_seed
 from diffkd.synth.stats import (auc_or_nan, frechet_distance, kernel_distance, label_effect, label_recovery,

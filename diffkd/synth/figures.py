@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from diffkd.files import save_figure
+from diffkd.runtime.files import save_figure
 from diffkd.synth.stats import unit_range
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from diffkd import jobs
+from diffkd.runtime import jobs
 from diffkd.cli import main as cli
 
 # DeepSpeed's first start on a node and 2 shared cores make these long; the limit only catches hangs.

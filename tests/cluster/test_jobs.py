@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from diffkd import jobs
+from diffkd.runtime import jobs
 from diffkd.cli import main as cli
 
 TOKEN = "diffkd-test-token-" + os.urandom(6).hex()
@@ -130,9 +130,9 @@ def test_entrypoint_runs_the_submitted_code_and_ids_are_unique(tmp_path):
 
 # ---- against the live head -----------------------------------------------------------------------
 JOB_SCRIPT = (
-    "import os, diffkd.jobs; "
+    "import os, diffkd.runtime.jobs; "
     "print('MARK', os.environ['DIFFKD_MARK'], sorted(os.listdir('.')), "
-    "os.path.dirname(diffkd.jobs.__file__) == os.path.abspath('diffkd'))"
+    "os.path.dirname(diffkd.runtime.jobs.__file__) == os.path.abspath('diffkd/runtime'))"
 )
 
 

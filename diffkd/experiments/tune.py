@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from diffkd.config import ConfigError, from_dict, to_dict
-from diffkd.files import atomic_write_text, save_figure
-from diffkd.tune_space import TuneSpace, apply_params, plain
+from diffkd.runtime.files import atomic_write_text, save_figure
+from diffkd.experiments.tune_space import TuneSpace, apply_params, plain
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -267,7 +267,7 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
     from ray import tune
 
     from diffkd.data.dataset import ImageDataset
-    from diffkd.raycompat import init as ray_init
+    from diffkd.runtime.raycompat import init as ray_init
 
     # trials run in their own working directories: every local path they get must be absolute
     dataset = ImageDataset(dataset).uri

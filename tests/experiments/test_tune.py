@@ -16,13 +16,13 @@ import yaml
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import DistillConfig, StudentConfig
-from diffkd.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
-                         remove_orphaned_placement_groups, run_trial, search_base, student_from_dict, training_rows,
-                         tune_student)
+from diffkd.experiments.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
+                                     remove_orphaned_placement_groups, run_trial, search_base, student_from_dict,
+                                     training_rows, tune_student)
 from diffkd.config import ConfigError, to_dict
-from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace, apply_params
+from diffkd.experiments.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace, apply_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _space(num_samples=4, concurrent="auto", scheduler="asha"):
@@ -57,7 +57,7 @@ def test_a_space_may_vary_a_distillation_option_the_config_leaves_at_its_default
 
 
 def test_a_finished_trial_whose_json_log_a_resume_emptied_is_read_from_its_progress_csv(tmp_path):
-    from diffkd.tune import _history
+    from diffkd.experiments.tune import _history
 
     pd.DataFrame({"epoch": [1, 2], "val_auc": [0.6, 0.7]}).to_csv(tmp_path / "progress.csv", index=False)
     (tmp_path / "result.json").write_text("")
@@ -239,7 +239,7 @@ def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
     assert proc.returncode != 0, log
     assert interrupted is None or (interrupted["epochs"] > 0).sum() < 4
 
-    from diffkd.tune_space import load_space
+    from diffkd.experiments.tune_space import load_space
 
     outcome = tune_student(ds.uri, table, cfg, load_space(str(space_file)), str(out), resume=True)
     assert outcome.complete and outcome.num_trials == 4

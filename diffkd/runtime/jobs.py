@@ -3,7 +3,7 @@
 A job is a shell command run on the cluster's head node. Its code travels as a zip of the project
 (``runtime_env["working_dir"]``) or ships inside a container image (``image_uri``); its data never
 travels: datasets, checkpoints and results live on storage every node can read (a shared mount or an
-object store URI, see ``diffkd.storage``). The Jobs server accepts at most about 100 MiB per upload,
+object store URI, see ``diffkd.runtime.storage``). The Jobs server accepts at most about 100 MiB per upload,
 so the package is built here first, with data, venvs and VCS metadata excluded, and refused with a
 list of its largest files when it is too big.
 

@@ -89,7 +89,7 @@ class BaselineStage:
     feature_model: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet101"))
 
 
-# The arms of `diffkd ablate` (diffkd/ablate.py trains them).
+# The arms of `diffkd ablate` (diffkd/experiments/ablate.py trains them).
 ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "pairing_free")
 
 

@@ -9,10 +9,10 @@ import pytest
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
 from diffkd.data.splits import make_splits
-from diffkd.config.experiment import load_experiment
-from diffkd.run import plan_stages
+from diffkd.experiments.experiment import load_experiment
+from diffkd.experiments.run import plan_stages
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def without(table: pa.Table, columns) -> pa.Table:
