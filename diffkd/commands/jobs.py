@@ -72,7 +72,7 @@ def _client(args):
 
 def _user_errors(fn):
     def wrapped(args):
-        from diffkd.cli import UserError
+        from diffkd.commands import UserError
         from diffkd.runtime.jobs import JobsError
 
         try:

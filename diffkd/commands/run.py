@@ -88,7 +88,7 @@ def ray_running() -> bool:
 
 def demo(args: argparse.Namespace) -> int:
     """Exactly the commands a user runs: `diffkd phantom`, `diffkd ingest` per center, `diffkd run`."""
-    from diffkd.cli import main
+    from diffkd.commands import main
 
     def diffkd(argv: list[str]) -> int:  # each step as its own command, with the demo's -v
         return main(["-v", *argv] if args.verbose else argv)

@@ -377,7 +377,8 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
     import ray
     from ray import tune
 
-    from diffkd.experiments.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trials_that_fit
+    from diffkd.experiments.tune import DRIVER_CPUS, trials_that_fit
+    from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
 
     capacity = min(trials_that_fit(cfg.teacher, ray.cluster_resources()),
                    trials_that_fit(cfg.student, ray.cluster_resources()))

@@ -140,8 +140,8 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import leave_one_center_out as folds_of
     from diffkd.runtime.raycompat import init as ray_init
-    from diffkd.experiments.tune import (DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trial_footprint,
-                                         trials_that_fit)
+    from diffkd.experiments.tune import DRIVER_CPUS, trial_footprint, trials_that_fit
+    from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
 
     start = time.perf_counter()
     ds = ImageDataset(dataset)

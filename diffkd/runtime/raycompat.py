@@ -90,7 +90,7 @@ def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_di
 
 # Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, whether a run's
 # controller is alive; the embedded instance has no dashboard, so the question fails every few seconds
-# with a warning. diffkd frees stopped runs' placement groups itself (`diffkd.experiments.tune`), so the warning
+# with a warning. diffkd frees stopped runs' placement groups itself (`diffkd.runtime.placement`), so the warning
 # says nothing a user can act on.
 DASHBOARDLESS_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
