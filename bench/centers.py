@@ -59,10 +59,10 @@ def leave_one_center_out_timing(args, root: str, out: str) -> dict:
     """
     import torch
 
-    from diffkd import console
+    from diffkd.runtime import console
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.loco import leave_one_center_out
-    from diffkd.raycompat import init_local
+    from diffkd.experiments.loco import leave_one_center_out
+    from diffkd.runtime.raycompat import init_local
     from diffkd.train.loop_config import LoopConfig
     from diffkd.train.teacher import TeacherConfig
 

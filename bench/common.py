@@ -50,7 +50,7 @@ def start_ray(temp_dir: str, num_cpus: int = 4) -> None:
     Ray's fixed 30 s start-up wait."""
     import ray
 
-    from diffkd.raycompat import init_local
+    from diffkd.runtime.raycompat import init_local
 
     try:
         init_local(num_cpus=num_cpus, temp_dir=temp_dir)

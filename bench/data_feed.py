@@ -196,7 +196,7 @@ class RayFeed:
 
         from diffkd.data.dataset import ImageDataset
         from diffkd.data.pipeline import make_dataset
-        from diffkd.raycompat import init_local
+        from diffkd.runtime.raycompat import init_local
 
         if not ray.is_initialized():
             init_local(temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), logging_level="ERROR")

@@ -151,8 +151,8 @@ def compare(ds, splits, make_a, make_b, names: tuple[str, str], seeds: list[int]
 # ---- 4. ASHA vs full budget --------------------------------------------------------------------------
 
 def asha_vs_fifo(ds, splits, base, workdir: str, args) -> dict:
-    from diffkd.tune import tune_student
-    from diffkd.tune_space import load_space
+    from diffkd.experiments.tune import tune_student
+    from diffkd.experiments.tune_space import load_space
 
     space = load_space(os.path.join(os.path.dirname(__file__), "..", "tune_spaces", "kd.yaml"))
     out = {}
@@ -201,7 +201,7 @@ def main() -> int:
     parts = set(args.only.split(","))
 
     from diffkd.data.pipeline import PipelineConfig
-    from diffkd.raycompat import init_local
+    from diffkd.runtime.raycompat import init_local
     from diffkd.train.student import DistillConfig, StudentConfig, plain_variant
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-student-")

@@ -1,61 +1,10 @@
-"""The `diffkd` command line: parses, loads the config, calls the library, prints what came out.
-
-Each module in `diffkd/commands/` contributes its subcommand(s) through `register(subparsers)`
-(`options.py` holds the options they share and registers nothing); modules import heavy libraries
-(torch, ray) only inside their handlers so `diffkd --help` stays fast. The grammar is documented in
-docs/cli.md.
-"""
+"""The `diffkd` console script (`diffkd = "diffkd.cli:main"` in pyproject.toml; `python -m diffkd.cli`,
+which cluster jobs run). The parser and the subcommands are in `diffkd.commands`."""
 from __future__ import annotations
 
-import argparse
-import importlib
-import pkgutil
 import sys
 
-from diffkd import commands, console
-from diffkd.commands.options import note_renamed
-
-
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
-
-
-DESCRIPTION = """\
-Small, fast classifiers for multicenter medical imaging, with the evidence to trust them.
-A conditional diffusion model learns each center's images and adds synthetic ones; a teacher learns
-from real and synthetic images; a small student is distilled from it (also without paired images) and
-exported to ONNX; baselines, leave-one-center-out and external validation with confidence intervals
-end in one HTML report. Every stage trains through Ray Train + DeepSpeed, on this machine or a cluster.
-
-Start with `diffkd demo` (a synthetic cohort through the whole pipeline), or: phantom/ingest -> run."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffkd", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and every library's own log lines and warnings on the console "
-                             "(by default `diffkd run` files them under OUT/logs/)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        if hasattr(module, "register"):
-            module.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console.configure(verbose=args.verbose)
-    note_renamed(args)
-    try:
-        return int(args.handler(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as err:
-        if args.verbose:
-            raise
-        print(f"diffkd {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
+from diffkd.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,7 +33,7 @@ def ray_local():
     """
     import ray
 
-    from diffkd.raycompat import init_local
+    from diffkd.runtime.raycompat import init_local
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
     init_local(num_cpus=4, temp_dir=temp_dir)
@@ -92,12 +92,12 @@ class FaultInjector:
         self.kill = False
 
     def install(self, at: int | None = None, error: int = 28, kill: bool = False) -> "FaultInjector":
-        import diffkd.files
+        import diffkd.runtime.files
 
         self.calls, self.at, self.error, self.kill = [], at, error, kill
         for name in self.FUNCTIONS:
             self.monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
-        self.monkeypatch.setattr(diffkd.files, "_exchange", self._wrap("exchange", diffkd.files._exchange))
+        self.monkeypatch.setattr(diffkd.runtime.files, "_exchange", self._wrap("exchange", diffkd.runtime.files._exchange))
         return self
 
     def remove(self) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffkd.cli import build_parser, main
+from diffkd.commands import build_parser, main
 
 
 def test_help_says_what_the_program_is_for(capsys):

@@ -1,9 +1,10 @@
-"""The package's import graph has no cycle: every module sits in a layer below the modules that use it.
+"""The package's import graph has no cycle, and its packages sit in layers that import only downwards.
 
 Imports are read from the source (no module is executed), including those deferred into functions:
-a deferred import that closes a cycle still ties the two modules together. Imports under
-`if TYPE_CHECKING:` are left out (they never run), and so is a submodule's import of its own parent
-package (Python imports the parent first anyway).
+a deferred import that closes a cycle still ties the two modules together. For cycles, imports under
+`if TYPE_CHECKING:` are left out (they never run); the layer check counts them (a type hint that
+names an upper layer is a dependency all the same). A submodule's import of its own parent package
+is left out of both (Python imports the parent first anyway).
 """
 from __future__ import annotations
 
@@ -26,10 +27,27 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return skipped
 
 
-def imported_names(path: Path, module: str) -> set[str]:
-    """Every dotted name the module imports (a `from a import b` counts as `a` and `a.b`)."""
+# The top-level packages and modules of diffkd, bottom layer first. A package imports only from the
+# layers below its own (not from a sibling in its layer); a new top-level package must be placed here.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("_torchvision_compat",),
+    ("diffkd", "runtime", "config"),  # "diffkd": the package's own __init__
+    ("data",),
+    ("models", "distill"),
+    ("evaluate",),
+    ("train",),
+    ("synth",),
+    ("experiments",),
+    ("commands",),
+    ("cli", "testing"),
+)
+
+
+def imported_names(path: Path, module: str, type_checking: bool = False) -> set[str]:
+    """Every dotted name the module imports (a `from a import b` counts as `a` and `a.b`); imports
+    under `if TYPE_CHECKING:` only when `type_checking` is set."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    skipped = _type_checking_nodes(tree)
+    skipped = set() if type_checking else _type_checking_nodes(tree)
     is_package = path.name == "__init__.py"
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -48,13 +66,42 @@ def imported_names(path: Path, module: str) -> set[str]:
     return names
 
 
-def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
+def import_graph(root: Path = PACKAGE_ROOT, type_checking: bool = False) -> dict[str, set[str]]:
     paths = {module_name(p, root): p for p in root.rglob("*.py")}
     graph = {}
     for module, path in paths.items():
-        graph[module] = {name for name in imported_names(path, module)
+        graph[module] = {name for name in imported_names(path, module, type_checking)
                          if name in paths and name != module and not module.startswith(name + ".")}
     return graph
+
+
+def top_level(module: str) -> str:
+    """The top-level package or module `module` belongs to ("diffkd" for the package's own __init__)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_edges(graph: dict[str, set[str]]) -> dict[tuple[str, str], list[str]]:
+    """Import edges between top-level packages, each with the module imports that make it."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for module, names in sorted(graph.items()):
+        for name in sorted(names):
+            if top_level(module) != top_level(name):
+                edges.setdefault((top_level(module), top_level(name)), []).append(f"{module} -> {name}")
+    return edges
+
+
+def layering_errors(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Package-level edges that do not point to a lower layer, and packages no layer holds."""
+    layer_of = {name: index for index, members in enumerate(layers) for name in members}
+    errors = [f"{name} is in no layer: place it in LAYERS"
+              for name in sorted({top_level(m) for m in graph} - set(layer_of))]
+    for (importer, imported), why in package_edges(graph).items():
+        if importer in layer_of and imported in layer_of and layer_of[imported] >= layer_of[importer]:
+            where = "a sibling in its layer" if layer_of[imported] == layer_of[importer] else "an upper layer"
+            errors.append(f"{importer} (layer {layer_of[importer]}) imports {where}, {imported} "
+                          f"(layer {layer_of[imported]}): {'; '.join(why)}")
+    return errors
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -124,3 +171,28 @@ def test_the_checker_finds_a_cycle_through_a_deferred_import(tmp_path):
     graph = import_graph(package)
     assert graph["pkg.sub"] == {"pkg.sub.a"} and graph["pkg.c"] == {"pkg.b"}
     assert cycles(graph) == [["pkg.b", "pkg.sub.a"]]  # the TYPE_CHECKING import of c is not a cycle
+
+
+def test_packages_import_only_from_lower_layers():
+    graph = import_graph(type_checking=True)
+    errors = layering_errors(graph, LAYERS)
+    assert not errors, ("imports that point up or sideways (move the shared definition down, or the caller "
+                        "up):\n" + "\n".join("  " + e for e in errors))
+
+
+def test_the_layer_check_finds_an_upward_edge_a_sideways_one_and_an_unplaced_package(tmp_path):
+    package = tmp_path / "pkg"
+    for sub in ("low", "mid", "high", "side"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "mid" / "a.py").write_text("from pkg.low import x\n"
+                                          "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.high\n")
+    (package / "high" / "b.py").write_text("def f():\n    from pkg.mid import a\n    from pkg.side import c\n")
+    (package / "loose.py").write_text("")
+    layers = (("pkg", "low"), ("mid",), ("high", "side"))
+    assert layering_errors(import_graph(package), layers) == [
+        "loose is in no layer: place it in LAYERS",
+        "high (layer 2) imports a sibling in its layer, side (layer 2): pkg.high.b -> pkg.side"]
+    errors = layering_errors(import_graph(package, type_checking=True), layers)
+    assert "mid (layer 1) imports an upper layer, high (layer 2): pkg.mid.a -> pkg.high" in errors

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
-from diffkd import jobs
+from diffkd.runtime import jobs
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.ingest import default_salt_path, ingest
 from diffkd.evaluate.report import ReportInputs, write_report

@@ -58,11 +58,11 @@ def run_ablate(args) -> int:
 
     from pathlib import Path
 
-    from diffkd import console
-    from diffkd.ablate import AblationConfig, ablate, format_summary
+    from diffkd.runtime import console
+    from diffkd.experiments.ablate import AblationConfig, ablate, format_summary
     from diffkd.commands.run import ray_for_command
     from diffkd.commands.options import names
-    from diffkd.config.experiment import load_experiment
+    from diffkd.experiments.experiment import load_experiment
 
     cfg = load_experiment(args.config)
     if args.address:

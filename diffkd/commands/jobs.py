@@ -69,15 +69,15 @@ def register(subparsers) -> None:
 
 
 def _client(args):
-    from diffkd import jobs
+    from diffkd.runtime import jobs
 
     return jobs.connect(args.address, args.token)
 
 
 def _user_errors(fn):
     def wrapped(args):
-        from diffkd.cli import UserError
-        from diffkd.jobs import JobsError
+        from diffkd.commands import UserError
+        from diffkd.runtime.jobs import JobsError
 
         try:
             return fn(args)
@@ -88,7 +88,7 @@ def _user_errors(fn):
 
 @_user_errors
 def run_submit(args) -> int:
-    from diffkd import jobs
+    from diffkd.runtime import jobs
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     spec = jobs.JobSpec(command=command, working_dir=args.working_dir, excludes=args.exclude,
@@ -113,7 +113,7 @@ def run_submit(args) -> int:
 
 @_user_errors
 def run_jobs(args) -> int:
-    from diffkd import jobs
+    from diffkd.runtime import jobs
 
     client = _client(args)
     if args.action == "list":

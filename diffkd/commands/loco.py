@@ -39,12 +39,12 @@ def register(subparsers) -> None:
 def run_loco(args) -> int:
     from pathlib import Path
 
-    from diffkd import console
+    from diffkd.runtime import console
     from diffkd.commands.run import ray_for_command
-    from diffkd.config.experiment import load_section
+    from diffkd.experiments.experiment import load_section
     from diffkd.data.dataset import ImageDataset
-    from diffkd.loco import format_table, leave_one_center_out
-    from diffkd.raycompat import init as ray_init
+    from diffkd.experiments.loco import format_table, leave_one_center_out
+    from diffkd.runtime.raycompat import init as ray_init
 
     if args.parallel < 0:
         raise ValueError("--parallel must be 0 (as many as fit) or a positive number of folds")

@@ -44,10 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The pipeline, with every library's own output filed under OUT/logs/<stage>.log (unless -v)."""
-    from diffkd import console
+    from diffkd.runtime import console
     from diffkd.evaluate.summary import headline_table
-    from diffkd.config.experiment import load_experiment
-    from diffkd.run import run_pipeline
+    from diffkd.experiments.experiment import load_experiment
+    from diffkd.experiments.run import run_pipeline
 
     cfg = load_experiment(args.config)
     if args.address:
@@ -88,7 +88,7 @@ def ray_running() -> bool:
 
 def demo(args: argparse.Namespace) -> int:
     """Exactly the commands a user runs: `diffkd phantom`, `diffkd ingest` per center, `diffkd run`."""
-    from diffkd.cli import main
+    from diffkd.commands import main
 
     def diffkd(argv: list[str]) -> int:  # each step as its own command, with the demo's -v
         return main(["-v", *argv] if args.verbose else argv)

@@ -88,7 +88,7 @@ def _run_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _section(path: str | None, name: str, cls):
-    from diffkd.config.experiment import load_section
+    from diffkd.experiments.experiment import load_section
 
     return load_section(path, name) if path else cls()
 
@@ -97,7 +97,7 @@ def run_synth(args) -> int:
     import dataclasses
     import sys
 
-    from diffkd.raycompat import init as ray_init
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.synth import SynthConfig, synthesize
 
     if not args.dataset or not args.model:
@@ -123,7 +123,7 @@ def run_synth(args) -> int:
 def run_audit(args) -> int:
     import json
 
-    from diffkd.raycompat import init as ray_init
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.synth import AuditConfig, SynthConfig, audit, with_synthesis_sampling
 
     cfg = with_synthesis_sampling(_section(args.config, "audit", AuditConfig),

@@ -109,8 +109,8 @@ def run_diffusion(args) -> int:
     import dataclasses
 
     from diffkd.commands.options import split_config
-    from diffkd.config.experiment import DiffusionStage, load_section
-    from diffkd.raycompat import init as ray_init
+    from diffkd.experiments.experiment import DiffusionStage, load_section
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.diffusion_task import train_diffusion
 
     stage = load_section(args.config, "diffusion") if args.config else DiffusionStage()
@@ -147,9 +147,9 @@ def _teacher_arguments(p: argparse.ArgumentParser) -> None:
 def run_teacher(args) -> int:
     import dataclasses
 
-    from diffkd.config.experiment import load_section
+    from diffkd.experiments.experiment import load_section
     from diffkd.data.splits import dataset_splits
-    from diffkd.raycompat import init as ray_init
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.teacher import train_teacher
 
     cfg = load_section(args.config, "teacher")
@@ -195,8 +195,8 @@ def real_splits(dataset: str, args):
 def run_student(args) -> int:
     import dataclasses
 
-    from diffkd.config.experiment import load_section
-    from diffkd.raycompat import init as ray_init
+    from diffkd.experiments.experiment import load_section
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.student import plain_variant, train_student
 
     student = load_section(args.config, "student", required=True)

@@ -58,11 +58,11 @@ def run(args) -> int:
     import dataclasses
 
     from diffkd.commands.train import real_splits
-    from diffkd.config.experiment import load_section
-    from diffkd.raycompat import init as ray_init
+    from diffkd.experiments.experiment import load_section
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.student import train_student
-    from diffkd.tune import tune_student
-    from diffkd.tune_space import load_space
+    from diffkd.experiments.tune import tune_student
+    from diffkd.experiments.tune_space import load_space
 
     space = load_space(space_path(args))
     if args.samples:

@@ -2,8 +2,9 @@
 
 This module is the bottom layer every stage may import: `load_yaml`, `from_dict` (unknown keys are
 errors: a typo must not silently fall back to a default), `to_dict`, and the deprecation warning for
-old layouts. The experiment schema and the one reader every command uses are in
-`diffkd.config.experiment`; layouts of the previous release in `diffkd.config.legacy`.
+old layouts; sections' layouts of the previous release are in `diffkd.config.legacy`. Nothing here
+knows a stage: the experiment schema that names the sections, and the one reader every command uses,
+are a layer up in `diffkd.experiments.experiment`.
 
 A dataclass whose section once had another layout defines ``upgrade_layout(data, where) -> data``:
 `from_dict` calls it first, and it rewrites the old layout into the current one with a warning.

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, SCHEMA_VERSION, arrow_schema,
                                 check_label_names, stored_schema)
-from diffkd.files import atomic_write, atomic_write_bytes
+from diffkd.runtime.files import atomic_write, atomic_write_bytes
 
 log = logging.getLogger("diffkd.data")
 
@@ -487,7 +487,7 @@ class ImageDataset:
 
     def _put(self, path: str, write) -> None:
         """A new file at `path`, whole or not at all: locally through a fsynced temporary file and a
-        rename (`diffkd.files.atomic_write`); on an object store one upload (objects appear whole)."""
+        rename (`diffkd.runtime.files.atomic_write`); on an object store one upload (objects appear whole)."""
         if self._local:
             atomic_write(path, write)
         else:

@@ -39,7 +39,7 @@ from PIL import Image
 from diffkd.data.augment import AugmentConfig, AugmentParams, apply_intensity, draw_params, place
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, ClinicalEncoding
-from diffkd.raycompat import refresh_data_limits_until_known
+from diffkd.runtime.raycompat import refresh_data_limits_until_known
 
 if TYPE_CHECKING:
     import pandas as pd

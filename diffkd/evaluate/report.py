@@ -43,7 +43,7 @@ from diffkd.evaluate.truth import load_truth
 from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
                                      cases_table, cohort_table, fit_thresholds, jsonable, ordered_models,
                                      validate_predictions)
-from diffkd.files import staged_directory
+from diffkd.runtime.files import staged_directory
 
 log = logging.getLogger(__name__)
 

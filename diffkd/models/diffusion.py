@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, NUM_LABELS, ClinicalEncoding
-from diffkd.files import staged_directory
+from diffkd.runtime.files import staged_directory
 
 SAMPLERS = ("ddim", "dpm")
 TRAINING_INFO = "diffkd_training.json"  # beside model_index.json: what the model was trained on

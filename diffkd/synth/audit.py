@@ -21,11 +21,11 @@ from torch import nn
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import NUM_LABELS
 from diffkd.data.splits import SplitConfig, split_case_ids
-from diffkd.files import atomic_write_json
+from diffkd.runtime.files import atomic_write_json
 from diffkd.synth.figures import plot_grid, plot_label_pairs, plot_near_copies
 from diffkd.synth.sampling import SynthConfig, condition_masks, generator_splits, generator_training_rows, stable_seed
-from diffkd.synth.stats import (auc_or_nan, frechet_distance, kernel_distance, label_effect, label_recovery,
-                                near_copies, to_pipeline_range)
+from diffkd.synth.stats import (LabelPairs, auc_or_nan, frechet_distance, kernel_distance, label_effect,
+                                label_recovery, near_copies, to_pipeline_range)
 from diffkd.train.task import StepOutput, Task
 
 log = logging.getLogger(__name__)
@@ -200,16 +200,6 @@ def _encode(model: AuditEncoder, images: np.ndarray, batch: int = 256) -> tuple[
         probs.append(torch.softmax(model.label_head(f), 1)[:, 1].numpy())
         centers.append(model.center_head(f).argmax(1).numpy())
     return np.concatenate(feats), np.concatenate(probs), np.concatenate(centers)
-
-
-@dataclass
-class LabelPairs:
-    """Images generated from the same conditions, mask and noise, once per label."""
-
-    rows: pd.DataFrame  # the real training rows whose conditions were drawn
-    dcis: np.ndarray  # [N, 1, H, W] in [0, 1]
-    upgrade: np.ndarray
-    masks: np.ndarray  # [N, H, W] the lesion mask both images were conditioned on (zeros: none)
 
 
 def generate_label_pairs(dataset: ImageDataset, model_dir: str, cfg: AuditConfig) -> LabelPairs:

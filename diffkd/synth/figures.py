@@ -1,15 +1,10 @@
 """The audit's figures: real vs synthetic grids, label pairs, and the near-copy histogram."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from diffkd.files import save_figure
-from diffkd.synth.stats import unit_range
-
-if TYPE_CHECKING:
-    from diffkd.synth.audit import LabelPairs
+from diffkd.runtime.files import save_figure
+from diffkd.synth.stats import LabelPairs, unit_range
 
 
 def _figure():

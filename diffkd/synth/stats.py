@@ -1,14 +1,16 @@
 """The audit's measures, on plain arrays: no model, no dataset, so each is unit-testable on its own.
 
 Feature-space distances (FID, KID), nearest neighbours and near copies, pixel vectors, and the label
-measures (recovery of the conditioned label, the paired label effect). Torch appears only as an
-array library where it computes exactly what numpy would, faster (`nearest`, `pixel_vectors`).
+measures (recovery of the conditioned label, the paired label effect on `LabelPairs`). Torch appears
+only as an array library where it computes exactly what numpy would, faster (`nearest`, `pixel_vectors`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -110,6 +112,16 @@ def label_recovery(train_labels: np.ndarray, train_probs: np.ndarray, labels: np
         estimate = auc_delong_ci(labels, probs)
         out["conditional_auc"], out["conditional_auc_ci"] = estimate.auc, list(estimate.ci)
     return out
+
+
+@dataclass
+class LabelPairs:
+    """Images generated from the same conditions, mask and noise, once per label."""
+
+    rows: pd.DataFrame  # the real training rows whose conditions were drawn
+    dcis: np.ndarray  # [N, 1, H, W] in [0, 1]
+    upgrade: np.ndarray
+    masks: np.ndarray  # [N, H, W] the lesion mask both images were conditioned on (zeros: none)
 
 
 def label_effect(p_dcis: np.ndarray, p_upgrade: np.ndarray) -> dict[str, Any]:

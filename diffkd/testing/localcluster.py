@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from diffkd.files import atomic_write_text
+from diffkd.runtime.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import pyarrow.fs as pafs
 import torch
 
-from diffkd.files import replace_directory
+from diffkd.runtime.files import replace_directory
 
 FORMAT_VERSION = 1
 LOOP_STATE = "loop_state.json"

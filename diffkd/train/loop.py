@@ -106,8 +106,8 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from diffkd.raycompat import init as ray_init
-    from diffkd.storage import resolve
+    from diffkd.runtime.raycompat import init as ray_init
+    from diffkd.runtime.storage import resolve
 
     if "train" not in datasets:
         raise ValueError(f"fit: datasets need a 'train' entry (got {sorted(datasets)})")

@@ -1,7 +1,7 @@
 """Progress lines a user sees while a stage trains: one per epoch, and a heartbeat inside long epochs.
 
 Rank 0 of the training job prints them; Ray forwards worker output to the driver as it happens,
-and the lines carry `diffkd.console`'s tag so that the driver shows them on its console (heartbeats
+and the lines carry `diffkd.runtime.console`'s tag so that the driver shows them on its console (heartbeats
 as a status line a terminal redraws in place) while other worker output goes to the stage's log.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-from diffkd.console import worker_line
+from diffkd.runtime.console import worker_line
 
 
 # bookkeeping, in the history only

@@ -579,7 +579,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.data.pipeline import check_can_feed, with_center_vocabulary
     from diffkd.data.splits import check_synthetic_split
     from diffkd.models.footprint import count_parameters
-    from diffkd.raycompat import init as ray_init
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.loop import fit
     from diffkd.train.teacher import balanced_class_weights, expected_train_rows
 

@@ -242,7 +242,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.data.pipeline import check_can_feed, split_datasets, with_center_vocabulary
     from diffkd.data.splits import check_synthetic_split
     from diffkd.models.classifiers import initialised_from
-    from diffkd.raycompat import init as ray_init
+    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.loop import fit
 
     ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
@@ -317,7 +317,7 @@ def _write_outputs(out_dir: str, predictions: "pd.DataFrame", fitted: FitResult,
 
 def write_stage_outputs(out_dir: str, predictions: "pd.DataFrame", info: dict) -> None:
     """A classifier stage's predictions.parquet and training.json, each replaced whole."""
-    from diffkd.files import atomic_write_json, atomic_write_parquet
+    from diffkd.runtime.files import atomic_write_json, atomic_write_parquet
 
     atomic_write_parquet(os.path.join(out_dir, PREDICTIONS), predictions)
     atomic_write_json(os.path.join(out_dir, TRAINING_INFO), info, indent=1)

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from diffkd import jobs
+from diffkd.runtime import jobs
 from diffkd.cli import main as cli
 
 TOKEN = "diffkd-test-token-" + os.urandom(6).hex()
@@ -163,9 +163,9 @@ def test_entrypoint_runs_the_submitted_code_and_ids_are_unique(tmp_path):
 
 # ---- against the live head -----------------------------------------------------------------------
 JOB_SCRIPT = (
-    "import os, diffkd.jobs; "
+    "import os, diffkd.runtime.jobs; "
     "print('MARK', os.environ['DIFFKD_MARK'], sorted(os.listdir('.')), "
-    "os.path.dirname(diffkd.jobs.__file__) == os.path.abspath('diffkd'))"
+    "os.path.dirname(diffkd.runtime.jobs.__file__) == os.path.abspath('diffkd/runtime'))"
 )
 
 
@@ -187,7 +187,7 @@ def test_submit_follow_status_list(head, capsys):
 
 def test_diffkd_code_in_a_job_joins_the_cluster_not_a_private_instance(head, capsys):
     """raycompat.init() inside a submitted job must use the cluster the job runs on."""
-    script = ("from diffkd import raycompat; raycompat.init(num_cpus=7); import ray; "
+    script = ("from diffkd.runtime import raycompat; raycompat.init(num_cpus=7); import ray; "
               "print('GCS', ray.get_runtime_context().gcs_address, 'CPUS', ray.cluster_resources()['CPU'])")
     code, out, _ = run_cli(capsys, "submit", "--address", head.dashboard_url, "--token", TOKEN, "--",
                            "python", "-c", script)

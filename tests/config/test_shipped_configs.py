@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from diffkd.config import ConfigError
-from diffkd.config.experiment import load_experiment
+from diffkd.experiments.experiment import load_experiment
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -54,7 +54,7 @@ def test_the_pairing_free_arm_is_group_kd_only_with_gkd_den_on(name):
     """PaGKD means no image pairs: the pairing-free student takes its own section's terms (GKD-Pro + GKD-Den),
     never the paired student's logit / feature KD, and GKD-Den is on after its warm-up."""
     from diffkd.distill import PAIRING_FREE
-    from diffkd.run import PairingFreeStage, pairing_free_student
+    from diffkd.experiments.run import PairingFreeStage, pairing_free_student
 
     cfg = load_experiment(CONFIGS / name)
     arm = pairing_free_student(cfg.student, cfg.pairing_free, "teacher_dir")
@@ -68,7 +68,7 @@ def test_the_pairing_free_arm_is_group_kd_only_with_gkd_den_on(name):
 
 
 def test_instance_kd_in_the_pairing_free_arm_only_where_its_own_section_names_it(tmp_path):
-    from diffkd.run import pairing_free_student
+    from diffkd.experiments.run import pairing_free_student
 
     text = (CONFIGS / "demo.yaml").read_text().replace(
         "gkd_den: {weight: 0.5, warmup_epochs: 1}}", "gkd_den: {weight: 0.5, warmup_epochs: 1}, feature: {weight: 0.3}}")
@@ -81,7 +81,7 @@ def test_instance_kd_in_the_pairing_free_arm_only_where_its_own_section_names_it
 def test_the_report_says_the_search_budget_of_every_arm_and_what_internal_validation_chose():
     import pandas as pd
 
-    from diffkd.run import _search_note, _validation_note
+    from diffkd.experiments.run import _search_note, _validation_note
 
     searches = {"student_kd": {"trials": 3, "trial_epochs": 9, "space": "kd_demo.yaml",
                                "best_params": {"distill.terms.gkd_pro.weight": 0.4, "loop.lr": 0.002}},

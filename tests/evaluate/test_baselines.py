@@ -204,7 +204,7 @@ def test_a_pretrained_feature_model_is_used_frozen_and_nothing_trains(tmp_path, 
     from diffkd.data.splits import make_splits
     from diffkd.evaluate.baselines import BaselineConfig
     from diffkd.models.classifiers import create_classifier, save_classifier
-    from diffkd.run import BaselineStage, _baselines
+    from diffkd.experiments.run import BaselineStage, _baselines
     from diffkd.train.teacher import TeacherConfig
 
     generate_cohort(tmp_path / "phantom", size="demo", centers=2, patients=60, seed=5)

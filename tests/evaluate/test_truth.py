@@ -111,8 +111,8 @@ def _mentions(value, needle: str, seen=None) -> bool:
 def test_no_training_stage_ever_gets_the_truth(tmp_path, monkeypatch, ramp_dataset):
     """Every stage of `diffkd run` is replaced by a recorder; the truth path, its file and its columns may
     reach the report stage only, and nothing opens the file before it."""
-    import diffkd.raycompat
-    import diffkd.run
+    import diffkd.runtime.raycompat
+    import diffkd.experiments.run
     import diffkd.train.student
     import diffkd.train.teacher
 
@@ -138,20 +138,21 @@ def test_no_training_stage_ever_gets_the_truth(tmp_path, monkeypatch, ramp_datas
             raise AssertionError(f"{file} opened outside the report stage")
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(diffkd.raycompat, "init", lambda *a, **k: None)
+    monkeypatch.setattr(diffkd.runtime.raycompat, "init", lambda *a, **k: None)
     monkeypatch.setattr(diffkd.train.teacher, "train_teacher", recorder("train_teacher", trained))
     monkeypatch.setattr(diffkd.train.student, "train_student", recorder("train_student", trained))
-    monkeypatch.setattr(diffkd.run, "_tune", recorder("tune", lambda *a, **k: pytest.fail("tune is disabled")))
-    monkeypatch.setattr(diffkd.run, "_baselines", recorder("baselines", {"summary": {}, "predictions": "",
-                                                                        "params": {}}))
-    monkeypatch.setattr(diffkd.run, "_report", recorder("report", {"report": "", "metrics": ""}))
+    monkeypatch.setattr(diffkd.experiments.run, "_tune",
+                        recorder("tune", lambda *a, **k: pytest.fail("tune is disabled")))
+    monkeypatch.setattr(diffkd.experiments.run, "_baselines",
+                        recorder("baselines", {"summary": {}, "predictions": "", "params": {}}))
+    monkeypatch.setattr(diffkd.experiments.run, "_report", recorder("report", {"report": "", "metrics": ""}))
     monkeypatch.setattr(builtins, "open", guarded_open)
 
-    cfg = diffkd.run.ExperimentConfig()
+    cfg = diffkd.experiments.run.ExperimentConfig()
     cfg.diffusion.enabled = False
     cfg.tune.enabled = False
     cfg.pairing_free.enabled = False
-    diffkd.run.run_pipeline(str(ds.uri), ["C"], cfg, tmp_path / "out", truth=str(truth))
+    diffkd.experiments.run.run_pipeline(str(ds.uri), ["C"], cfg, tmp_path / "out", truth=str(truth))
 
     stages = [name for name, _, _ in calls]
     assert stages[-1] == "report" and {"train_teacher", "train_student", "baselines"} <= set(stages)

@@ -144,7 +144,7 @@ def test_ema_state_lives_in_the_model_state_dict():
 def test_the_paper_size_example_config_parses():
     from pathlib import Path
 
-    from diffkd.config.experiment import load_section
+    from diffkd.experiments.experiment import load_section
 
     path = Path(__file__).resolve().parents[2] / "configs" / "diffusion_example.yaml"
     stage = load_section(path, "diffusion")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from diffkd.config import ConfigError, from_dict
-from diffkd.console import WORKER_STATUS_TAG, worker_line
+from diffkd.runtime.console import WORKER_STATUS_TAG, worker_line
 from diffkd.train.deepspeed_config import build_optimizer, deepspeed_config, optimizer_steps, resolve_precision
 from diffkd.train.loop import epoch_seed
 from diffkd.train.loop_config import LoopConfig

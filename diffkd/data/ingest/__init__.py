@@ -61,7 +61,7 @@ from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, Discovery, 
                                        Pseudonymizer, Record, SaltFile, center_slug, load_all, parse_label_map,
                                        png_pixel_digest, salt_fingerprint)
 from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, arrow_schema, check_label_names
-from diffkd.files import atomic_write_bytes
+from diffkd.runtime.files import atomic_write_bytes
 
 __all__ = ["ingest", "ingest_centers", "IngestReport", "CentersReport", "IngestError", "LAYOUTS",
            "DecodeLimits", "default_salt_path", "pseudonymizer_for", "quarantine_path", "salt_fingerprint"]

@@ -7,9 +7,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from diffkd import console
+from diffkd.runtime import console
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_worker_lines_marked_for_the_console_are_picked_and_untagged():
@@ -47,7 +47,7 @@ def test_warnings_are_shown_once_and_a_terminal_redraws_status_lines():
 
 CAPTURED_RUN = textwrap.dedent("""
     import logging, os, sys, warnings
-    from diffkd import console
+    from diffkd.runtime import console
 
     verbose = sys.argv[2:] == ["-v"]
     console.configure(verbose=verbose)

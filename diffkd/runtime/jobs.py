@@ -3,9 +3,9 @@
 A job is a shell command run on the cluster's head node. Its code travels as a zip of the project
 (``runtime_env["working_dir"]``) or ships inside a container image (``image_uri``); its data never
 travels: datasets, checkpoints and results live on storage every node can read (a shared mount or an
-object store URI, see ``diffkd.storage``). The package is built from an allow-list, not by exclusion:
-only the project's code, configs and tune spaces (`PACKAGE_PATHS`), and in them only code and
-configuration files (`PACKAGE_SUFFIXES`, no hidden files, no links), so a salt, a clinical CSV or
+object store URI, see ``diffkd.runtime.storage``). The package is built from an allow-list, not by
+exclusion: only the project's code, configs and tune spaces (`PACKAGE_PATHS`), and in them only code
+and configuration files (`PACKAGE_SUFFIXES`, no hidden files, no links), so a salt, a clinical CSV or
 an image left in the project tree never leaves the machine. `include` adds paths for a project of
 one's own. The Jobs server accepts at most about 100 MiB per upload; a larger package is refused
 with a list of its largest files.

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from diffkd.config import ConfigError, LayoutDeprecationWarning
-from diffkd.config.experiment import DiffusionStage, ExperimentConfig, load_experiment, load_section
+from diffkd.experiments.experiment import DiffusionStage, ExperimentConfig, load_experiment, load_section
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

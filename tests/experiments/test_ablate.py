@@ -11,20 +11,20 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from diffkd.ablate import (
-    TRIAL_INFO,
-    AblationConfig,
-    Plan,
-    applicable_arms,
-    ordered_trials,
-    student_setup,
-    summarize,
-    teacher_setup,
-    trial_dir,
-    trial_key,
-)
+from diffkd.experiments.ablate import (
+                                       TRIAL_INFO,
+                                       AblationConfig,
+                                       Plan,
+                                       applicable_arms,
+                                       ordered_trials,
+                                       student_setup,
+                                       summarize,
+                                       teacher_setup,
+                                       trial_dir,
+                                       trial_key,
+                                       )
 from diffkd.evaluate.pooled import pooled_auc_difference
-from diffkd.config.experiment import ExperimentConfig
+from diffkd.experiments.experiment import ExperimentConfig
 
 TINY_CONFIG = """\
 name: ablate-test
@@ -200,7 +200,7 @@ def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys
 
 def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path, ramp_dataset):
 
-    from diffkd.ablate import ablate, data_key
+    from diffkd.experiments.ablate import ablate, data_key
     from diffkd.data.splits import make_splits
 
     ds = ramp_dataset(tmp_path / "data")

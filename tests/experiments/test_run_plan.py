@@ -9,10 +9,10 @@ import pytest
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
 from diffkd.data.splits import make_splits
-from diffkd.config.experiment import load_experiment
-from diffkd.run import plan_stages
+from diffkd.experiments.experiment import load_experiment
+from diffkd.experiments.run import plan_stages
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def without(table: pa.Table, columns) -> pa.Table:
@@ -71,7 +71,7 @@ def test_the_report_reads_the_cases_birads_beside_a_readers_csv(tmp_path, ramp_r
     """The dataset's BI-RADS is one more reader, on the cases the reference model scored."""
     from diffkd.data.ingest import pseudonymizer_for
     from diffkd.evaluate.readers import DATASET_READER, load_readers
-    from diffkd.run import report_reads
+    from diffkd.experiments.run import report_reads
 
     ds = ImageDataset(tmp_path / "ds")
     (tmp_path / ".ds.salt").write_text("ab" * 32)  # the salt a readers CSV's raw case ids are mapped with

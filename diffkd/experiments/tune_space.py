@@ -1,6 +1,6 @@
 """Search spaces as YAML (`tune_spaces/*.yaml`): distributions over dotted config paths, scheduler, searcher.
 
-Kept apart from `diffkd/tune.py` so the CLI and tests can read and check a space without importing Ray.
+Kept apart from `diffkd/experiments/tune.py` so the CLI and tests can read and check a space without importing Ray.
 """
 from __future__ import annotations
 

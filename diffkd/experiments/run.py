@@ -4,7 +4,7 @@
     -> KD search (Ray Tune, internal validation only) -> students (KD, KD from the real-only
     teacher, plain, pairing-free group KD) -> seed-001 baselines -> report
 
-Each stage records its outputs in `OUT/run_state.json` (`diffkd.runstate`): rerunning the same
+Each stage records its outputs in `OUT/run_state.json` (`diffkd.experiments.runstate`): rerunning the same
 command resumes after the last finished stage. Stages that need what a dataset lacks (a second
 modality, reader reads) are skipped with the reason written into the report.
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from diffkd.config import ConfigError, from_dict, to_dict
-from diffkd.config.experiment import BaselineStage, ExperimentConfig, PairingFreeStage, TuneStage
+from diffkd.experiments.experiment import BaselineStage, ExperimentConfig, PairingFreeStage, TuneStage
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
-from diffkd.runstate import RunState
+from diffkd.experiments.runstate import RunState
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import StudentConfig
 
@@ -59,7 +59,7 @@ def plan_stages(ds: ImageDataset, assignments: pd.DataFrame, cfg: ExperimentConf
             plan.changes.append("diffusion: trained without mask conditioning (diffusion.model.model.mask_channel), "
                                 "because no training image has a lesion mask")
     if cfg.tune.enabled:
-        from diffkd.tune_space import load_space
+        from diffkd.experiments.tune_space import load_space
 
         load_space(cfg.tune.space)  # a broken search space fails now, not after the teachers
     pf = cfg.pairing_free
@@ -94,7 +94,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     in the report); the stages that do not read its outputs still run, and rerunning resumes.
     truth: a synthetic cohort's truth.csv, handed to the report stage only (per-center ceilings).
     """
-    from diffkd import raycompat
+    from diffkd.runtime import raycompat
     from diffkd.data.splits import check_no_leakage, make_splits
 
     out = Path(out).resolve()  # stages run in Ray workers and Tune trials with other working directories
@@ -331,8 +331,8 @@ def _predictions_result(result) -> dict:
 def _tune(ds: ImageDataset, assignments: pd.DataFrame, student_cfg: StudentConfig, tune: TuneStage,
           search_dir: Path) -> dict:
     """One arm's search: the configured space, restricted to the parameters that apply to the arm."""
-    from diffkd.tune import EXPERIMENT, arm_space, tune_student
-    from diffkd.tune_space import load_space
+    from diffkd.experiments.tune import EXPERIMENT, arm_space, tune_student
+    from diffkd.experiments.tune_space import load_space
 
     space = load_space(tune.space)
     if tune.num_samples:

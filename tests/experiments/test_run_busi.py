@@ -23,7 +23,7 @@ from PIL import Image
 from diffkd.cli import main as diffkd
 from diffkd.data.phantom import generate_cohort
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABEL_MAP = "benign=0,malignant=1,normal=skip"
 
 TINY_CONFIG = """
@@ -120,8 +120,8 @@ def test_busi_folder_ingests_and_the_run_plan_names_what_it_cannot_support(busi_
     """The fast half (default suite): the ingested folder and the checks `diffkd run` makes before training."""
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import make_splits
-    from diffkd.config.experiment import load_experiment
-    from diffkd.run import plan_stages
+    from diffkd.experiments.experiment import load_experiment
+    from diffkd.experiments.run import plan_stages
 
     ds = ImageDataset(busi_dataset)
     assert tuple(ds.label_names) == ("benign", "malignant")

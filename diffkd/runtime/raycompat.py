@@ -78,7 +78,8 @@ def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_di
         return
     configure_local_auth()
     logical_cpus = num_cpus or max(4, os.cpu_count() or 1)
-    runtime_env = {"worker_process_setup_hook": "diffkd.raycompat.setup_worker", **kwargs.pop("runtime_env", {})}
+    runtime_env = {"worker_process_setup_hook": "diffkd.runtime.raycompat.setup_worker",
+                   **kwargs.pop("runtime_env", {})}
     system_config = {**LOCAL_SYSTEM_CONFIG, **kwargs.pop("_system_config", {})}
     ray.init(address="local", num_cpus=logical_cpus, num_gpus=num_gpus, include_dashboard=False,
              _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True, runtime_env=runtime_env,
@@ -89,7 +90,7 @@ def init_local(num_cpus: int | None = None, num_gpus: int | None = None, temp_di
 
 # Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, whether a run's
 # controller is alive; the embedded instance has no dashboard, so the question fails every few seconds
-# with a warning. diffkd frees stopped runs' placement groups itself (`diffkd.tune`), so the warning
+# with a warning. diffkd frees stopped runs' placement groups itself (`diffkd.runtime.placement`), so the warning
 # says nothing a user can act on.
 DASHBOARDLESS_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
@@ -97,7 +98,7 @@ DASHBOARDLESS_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_
 def setup_worker() -> None:
     """Worker setup hook of the embedded instance: diffkd's logging in the worker (its warnings reach
     the driver's console, the rest its log files); drop the warnings that only mean 'no dashboard'."""
-    from diffkd.console import configure_worker
+    from diffkd.runtime.console import configure_worker
 
     configure_worker()
     for name in DASHBOARDLESS_LOGGERS:
@@ -105,8 +106,8 @@ def setup_worker() -> None:
 
 
 def attach_console() -> None:
-    """Workers' lines marked for the console reach it (`diffkd.console`); the rest go where Ray prints."""
-    from diffkd.console import attach_ray_workers
+    """Workers' lines marked for the console reach it (`diffkd.runtime.console`); the rest go where Ray prints."""
+    from diffkd.runtime.console import attach_ray_workers
 
     attach_ray_workers()
 

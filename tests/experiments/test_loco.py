@@ -14,8 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from diffkd.config import to_dict
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.loco import (FOLD_INFO, PREDICTIONS, fold_dir, fold_is_current, fold_key, fold_predictions, format_table,
-                         summarize, write_outputs)
+from diffkd.experiments.loco import (FOLD_INFO, PREDICTIONS, fold_dir, fold_is_current, fold_key, fold_predictions,
+                                     format_table, summarize, write_outputs)
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.teacher import TeacherConfig
 
@@ -117,7 +117,7 @@ def test_identical_folds_pool_without_heterogeneity():
 
 @pytest.mark.slow
 def test_folds_run_in_parallel_and_a_new_center_gets_its_fold(ray_local, tmp_path, ramp_dataset, ramp_rows):
-    from diffkd.loco import leave_one_center_out
+    from diffkd.experiments.loco import leave_one_center_out
 
     ds = ramp_dataset(tmp_path / "ds")
     out = str(tmp_path / "loco")

@@ -4,7 +4,7 @@
 
 Each trial is the ordinary teacher stage (`train_teacher` -> the shared loop's TorchTrainer) on the
 other centers, with its internal validation drawn from them and the held-out center as its only
-external set. Trials run in parallel as far as the cluster holds them (`diffkd.tune.plan_concurrency`
+external set. Trials run in parallel as far as the cluster holds them (`diffkd.experiments.tune.plan_concurrency`
 sizing, so a 2-CPU machine never starts a trial whose workers cannot be placed). A center added
 later (`diffkd ingest` into the same dataset) gets its fold on the next call, and the other folds,
 whose training sets it joins, are trained again; folds whose inputs did not change are kept, and an
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from diffkd.config import from_dict, to_dict
-from diffkd.files import atomic_write_json
+from diffkd.runtime.files import atomic_write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -90,7 +90,7 @@ def fold_key(dataset: str, teacher: dict, val_fraction: float, seed: int) -> str
     """What a fold's result depends on: every center's files (a new or re-ingested center changes the
     training set of every other fold), the teacher config and the split settings."""
     from diffkd.data.dataset import ImageDataset
-    from diffkd.runstate import fingerprint
+    from diffkd.experiments.runstate import fingerprint
 
     centers = {name: entry["files"] for name, entry in ImageDataset(dataset).manifest["centers"].items()}
     return fingerprint({"centers": centers, "teacher": teacher, "val_fraction": val_fraction, "seed": seed})
@@ -98,7 +98,7 @@ def fold_key(dataset: str, teacher: dict, val_fraction: float, seed: int) -> str
 
 def fold_is_current(folder: str, key: str) -> bool:
     """True when `folder` holds a finished fold trained on exactly what `key` describes."""
-    from diffkd.runstate import outputs_current
+    from diffkd.experiments.runstate import outputs_current
 
     return outputs_current(folder, FOLD_INFO, PREDICTIONS, key)
 
@@ -139,8 +139,9 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
 
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import leave_one_center_out as folds_of
-    from diffkd.raycompat import init as ray_init
-    from diffkd.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trial_footprint, trials_that_fit
+    from diffkd.runtime.raycompat import init as ray_init
+    from diffkd.experiments.tune import DRIVER_CPUS, trial_footprint, trials_that_fit
+    from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
 
     start = time.perf_counter()
     ds = ImageDataset(dataset)
@@ -246,7 +247,7 @@ def write_outputs(out_dir: str, table: "pd.DataFrame", pooled: dict) -> dict[str
     import matplotlib.pyplot as plt
 
     from diffkd.evaluate.summary import jsonable
-    from diffkd.files import atomic_write_text, save_figure
+    from diffkd.runtime.files import atomic_write_text, save_figure
 
     files = {"table": os.path.join(out_dir, "loco.csv"), "pooled": os.path.join(out_dir, "loco_pooled.json"),
              "plot": os.path.join(out_dir, "loco_auc.png")}

@@ -16,13 +16,12 @@ import yaml
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import DistillConfig, StudentConfig
-from diffkd.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
-                         remove_orphaned_placement_groups, run_trial, search_base, student_from_dict, training_rows,
-                         tune_student)
+from diffkd.experiments.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
+                                     run_trial, search_base, student_from_dict, training_rows, tune_student)
 from diffkd.config import ConfigError, to_dict
-from diffkd.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace, apply_params
+from diffkd.experiments.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace, apply_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _space(num_samples=4, concurrent="auto", scheduler="asha"):
@@ -57,7 +56,7 @@ def test_a_space_may_vary_a_distillation_option_the_config_leaves_at_its_default
 
 
 def test_a_finished_trial_whose_json_log_a_resume_emptied_is_read_from_its_progress_csv(tmp_path):
-    from diffkd.tune import _history
+    from diffkd.experiments.tune import _history
 
     pd.DataFrame({"epoch": [1, 2], "val_auc": [0.6, 0.7]}).to_csv(tmp_path / "progress.csv", index=False)
     (tmp_path / "result.json").write_text("")
@@ -115,36 +114,6 @@ def test_search_plots_are_written(tmp_path):
     files = plot_search(trials, curves, space, str(tmp_path))
     for path in files.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_placement_groups_of_dead_actors_are_removed_and_no_others(ray_local):
-    """What frees a stopped trial's CPUs: its Train controller (an actor) created the group, then died."""
-    ray = ray_local
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    @ray.remote(num_cpus=0)
-    class Creator:
-        def create(self):
-            group = placement_group([{"CPU": 0.01}])
-            ray.get(group.ready())
-            return group.id.hex()
-
-    alive, doomed = Creator.remote(), Creator.remote()
-    alive_group, doomed_group = ray.get([alive.create.remote(), doomed.create.remote()])
-    driver_group = placement_group([{"CPU": 0.01}])  # what Tune reserves for a trial: created by the driver
-    ray.get(driver_group.ready())
-    ray.kill(doomed)
-    deadline = time.monotonic() + 60
-    while ray.util.placement_group_table()[doomed_group]["state"] != "REMOVED" and time.monotonic() < deadline:
-        remove_orphaned_placement_groups()
-        time.sleep(0.5)
-    table = ray.util.placement_group_table()
-    assert table[doomed_group]["state"] == "REMOVED"
-    assert table[alive_group]["state"] == "CREATED" and table[driver_group.id.hex()]["state"] == "CREATED"
-    removed, in_use = remove_orphaned_placement_groups()
-    assert removed == 0 and in_use >= 1  # the live actor's group is counted as in use
-    remove_placement_group(driver_group)
-    ray.kill(alive)
 
 
 # ---- real searches (slow) -----------------------------------------------------------------------------
@@ -239,7 +208,7 @@ def test_an_interrupted_search_resumes(tune_data, ray_local, tmp_path):
     assert proc.returncode != 0, log
     assert interrupted is None or (interrupted["epochs"] > 0).sum() < 4
 
-    from diffkd.tune_space import load_space
+    from diffkd.experiments.tune_space import load_space
 
     outcome = tune_student(ds.uri, table, cfg, load_space(str(space_file)), str(out), resume=True)
     assert outcome.complete and outcome.num_trials == 4

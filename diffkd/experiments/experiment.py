@@ -10,7 +10,8 @@ Two rules hold for every command alike:
 - a top-level `pipeline` section is the base of every stage's own `pipeline` block (the stage's
   block wins key by key);
 - layouts of earlier releases are rewritten into the current one with a `LayoutDeprecationWarning`
-  naming the new form (`diffkd.config.legacy`), for one release.
+  naming the new form (`diffkd.experiments.legacy` for the file, `diffkd.config.legacy` for a
+  section), for one release.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from diffkd.config import ConfigError, from_dict, load_yaml
-from diffkd.config.legacy import upgrade_sections
 from diffkd.data.splits import SplitConfig
 from diffkd.evaluate.baselines import BaselineConfig
 from diffkd.evaluate.summary import EvaluateConfig
+from diffkd.experiments.legacy import upgrade_sections
 from diffkd.synth.audit import AuditConfig
 from diffkd.synth.sampling import SynthConfig
 from diffkd.train.diffusion_task import DiffusionConfig
@@ -89,7 +90,7 @@ class BaselineStage:
     feature_model: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet101"))
 
 
-# The arms of `diffkd ablate` (diffkd/ablate.py trains them).
+# The arms of `diffkd ablate` (diffkd/experiments/ablate.py trains them).
 ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "pairing_free")
 
 

@@ -1,4 +1,4 @@
-"""diffkd.files: a file or a folder of files is replaced whole, whatever step fails or crashes."""
+"""diffkd.runtime.files: a file or a folder of files is replaced whole, whatever step fails or crashes."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffkd.files import atomic_write_bytes, atomic_write_json, recover_directory, replace_directory, staged_directory
+from diffkd.runtime.files import atomic_write_bytes, atomic_write_json, recover_directory, replace_directory, staged_directory
 
 
 def _folder(path: Path) -> dict[str, bytes]:

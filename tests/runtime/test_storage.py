@@ -11,8 +11,8 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
-from diffkd import storage
-from diffkd.storage import StorageError
+from diffkd.runtime import storage
+from diffkd.runtime.storage import StorageError
 
 
 def test_local_paths_become_absolute(tmp_path, monkeypatch):

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 from diffkd.config import ConfigError
-from diffkd.tune_space import Distribution, apply_params, load_space
+from diffkd.experiments.tune_space import Distribution, apply_params, load_space
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp_path, text):
@@ -35,8 +35,8 @@ def test_the_shipped_kd_space_loads_and_maps_to_ray():
                          ids=lambda p: p.name)
 def test_every_shipped_space_names_real_fields_of_the_student_it_searches(config):
     from diffkd.config import to_dict
-    from diffkd.config.experiment import load_experiment
-    from diffkd.tune import student_from_dict
+    from diffkd.experiments.experiment import load_experiment
+    from diffkd.experiments.tune import student_from_dict
 
     experiment = load_experiment(config)
     space = load_space(ROOT / experiment.tune.space)

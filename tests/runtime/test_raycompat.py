@@ -9,7 +9,7 @@ def test_data_tasks_run_side_by_side_from_the_start_of_an_execution(ray_local):
     import numpy as np
     import ray.data
 
-    from diffkd.raycompat import refresh_data_limits_until_known
+    from diffkd.runtime.raycompat import refresh_data_limits_until_known
 
     def stamp(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # nested: shipped by value to the workers
         start = time.time()

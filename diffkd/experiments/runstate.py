@@ -6,7 +6,7 @@ with the tokens of the stages it reads (`after`). A stage is skipped when its re
 changing a stage's config re-runs that stage and the stages that read its outputs, directly or
 through others, and nothing else (changing the baselines does not re-run the students).
 
-While a stage runs, a captured run's output goes to OUT/logs/<stage>.log (`diffkd.console`).
+While a stage runs, a captured run's output goes to OUT/logs/<stage>.log (`diffkd.runtime.console`).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from diffkd import console
-from diffkd.files import atomic_write_json
+from diffkd.runtime import console
+from diffkd.runtime.files import atomic_write_json
 
 STATE_FILE = "run_state.json"
 

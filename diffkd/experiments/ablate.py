@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from diffkd.config import from_dict, to_dict
-from diffkd.config.experiment import AblationConfig
-from diffkd.files import atomic_write_json
+from diffkd.experiments.experiment import AblationConfig
+from diffkd.runtime.files import atomic_write_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from diffkd.config.experiment import ExperimentConfig
+    from diffkd.experiments.experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def teacher_setup(cfg: "ExperimentConfig", kind: str, seed: int, sources: tuple[
 
 def student_setup(cfg: "ExperimentConfig", arm: str, seed: int, sources: tuple[str, ...], teacher_dir: str):
     """The StudentConfig of a student arm, as `diffkd run` builds its students."""
-    from diffkd.run import pairing_free_student
+    from diffkd.experiments.run import pairing_free_student
     from diffkd.train.student import plain_variant
 
     kd = dataclasses.replace(
@@ -154,7 +154,7 @@ def trial_dir(out_dir: str, arm: str, seed: int) -> str:
 
 
 def _teacher_key(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) -> str:
-    from diffkd.runstate import fingerprint
+    from diffkd.experiments.runstate import fingerprint
 
     teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed])
     return fingerprint({"data": plan.data_key, "teacher": to_dict(teacher), "ratio": ratio,
@@ -163,7 +163,7 @@ def _teacher_key(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) -> s
 
 def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
     """What a trial's result depends on: data, splits, its configs, its teacher's, the generator run."""
-    from diffkd.runstate import fingerprint
+    from diffkd.experiments.runstate import fingerprint
 
     kind = teacher_kind(arm)
     parts: dict[str, Any] = {"data": plan.data_key, "arm": arm, "splits": to_dict(cfg.splits),
@@ -178,7 +178,7 @@ def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
 
 def is_current(folder: str, key: str) -> bool:
     """True when `folder` holds finished predictions trained on exactly what `key` describes."""
-    from diffkd.runstate import outputs_current
+    from diffkd.experiments.runstate import outputs_current
 
     return outputs_current(folder, TRIAL_INFO, PREDICTIONS, key)
 
@@ -223,8 +223,8 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     import pandas as pd
     import ray.tune
 
-    from diffkd.files import atomic_write_parquet
-    from diffkd.config.experiment import ExperimentConfig
+    from diffkd.runtime.files import atomic_write_parquet
+    from diffkd.experiments.experiment import ExperimentConfig
     from diffkd.train.student import train_student
 
     arm, seed = params["trial"]["arm"], int(params["trial"]["seed"])
@@ -282,7 +282,7 @@ def ordered_trials(arms: list[str], seeds: list[int]) -> list[dict[str, Any]]:
 
 
 def data_key(ds) -> str:
-    from diffkd.runstate import fingerprint
+    from diffkd.experiments.runstate import fingerprint
 
     return fingerprint({name: entry["files"] for name, entry in ds.manifest["centers"].items()})
 
@@ -294,12 +294,12 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     `train=False` trains nothing: the tables and plot are written from the trials that have finished
     with the current settings (e.g. while a long ablation runs elsewhere, or after a time budget).
     """
-    from diffkd import raycompat
+    from diffkd.runtime import raycompat
     from diffkd.config import ConfigError
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import check_no_leakage, make_splits
-    from diffkd.run import generator_stage, plan_stages, stage_inputs
-    from diffkd.runstate import RunState
+    from diffkd.experiments.run import generator_stage, plan_stages, stage_inputs
+    from diffkd.experiments.runstate import RunState
 
     settings = settings or cfg.ablation
     start = time.perf_counter()
@@ -377,7 +377,8 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
     import ray
     from ray import tune
 
-    from diffkd.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trials_that_fit
+    from diffkd.experiments.tune import DRIVER_CPUS, trials_that_fit
+    from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
 
     capacity = min(trials_that_fit(cfg.teacher, ray.cluster_resources()),
                    trials_that_fit(cfg.student, ray.cluster_resources()))
@@ -582,7 +583,7 @@ def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> 
 
 def write_outputs(outcome: AblationOutcome, settings: AblationConfig) -> dict[str, str]:
     from diffkd.evaluate.pooled import PooledEstimate
-    from diffkd.files import atomic_write_text
+    from diffkd.runtime.files import atomic_write_text
 
     out = outcome.out_dir
     files = {"table": os.path.join(out, "ablation.csv"), "summary": os.path.join(out, "ablation_summary.csv"),
@@ -609,7 +610,7 @@ def plot_forest(table: "pd.DataFrame", summary: "pd.DataFrame", path: str) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffkd.files import save_figure
+    from diffkd.runtime.files import save_figure
 
     if summary.empty:
         fig, ax = plt.subplots(figsize=(6, 1.5))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs  # noqa: F401  (pa.fs)
 
-from diffkd.files import atomic_write_bytes
+from diffkd.runtime.files import atomic_write_bytes
 
 
 class StorageError(ValueError):
@@ -76,7 +76,7 @@ class Location:
             raise FileNotFoundError(f"{self.uri} does not exist") from None
 
     def write_bytes(self, data: bytes) -> None:
-        """Write whole or not at all: locally `diffkd.files.atomic_write_bytes` (temporary file, fsync,
+        """Write whole or not at all: locally `diffkd.runtime.files.atomic_write_bytes` (temporary file, fsync,
         rename); an object store stores an uploaded object whole, so it is written in one upload."""
         if self.is_local and isinstance(self.fs, pa.fs.LocalFileSystem):
             atomic_write_bytes(self.path, data)

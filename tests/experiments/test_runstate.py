@@ -1,7 +1,7 @@
 """Rerunning `diffkd run` resumes: a config change re-runs that stage and the stages reading it, nothing else."""
 import pytest
 
-from diffkd.runstate import RunState, StageUnavailable
+from diffkd.experiments.runstate import RunState, StageUnavailable
 
 
 class Stages:
