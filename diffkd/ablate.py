@@ -547,7 +547,7 @@ def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
                                  score_matrix(group, REFERENCE_ARM, seeds, cases), patients=patients,
                                  n_boot=n_boot)
     return {"paired_seeds": diff.seeds, "diff_vs_full": diff.estimate, "diff_ci_low": diff.ci[0],
-            "diff_ci_high": diff.ci[1], "diff_se": diff.se, "p": diff.p, "mdd_80": diff.mdd,
+            "diff_ci_high": diff.ci[1], "diff_se": diff.se, "diff_df": diff.df, "p": diff.p, "mdd_80": diff.mdd,
             "diff_between_seed_sd": diff.between_seed_sd,
             "seeds_for_target": _seeds_needed(diff, target_half_width)}
 
