@@ -90,7 +90,7 @@ class BaselineStage:
 
 
 # The arms of `diffkd ablate` (diffkd/ablate.py trains them).
-ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "pairing_free")
+ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "teacher_student_budget", "pairing_free")
 
 
 @dataclass
