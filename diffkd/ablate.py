@@ -102,6 +102,7 @@ class AblationOutcome:
     wall_s: float
     failed: list[str]
     notes: list[str]
+    plan: dict = field(default_factory=dict)  # preregistration.plan_record: status, deviations, digest
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -325,31 +326,30 @@ def data_key(ds) -> str:
     return fingerprint({name: entry["files"] for name, entry in ds.manifest["centers"].items()})
 
 
-def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
-           settings: AblationConfig | None = None, train: bool = True) -> AblationOutcome:
-    """Train every arm x seed (one Tune trial each) and write the tables and the forest plot.
+@dataclass
+class Design:
+    """What an ablation will train and how it will be judged, known before any training."""
 
-    `train=False` trains nothing: the tables and plot are written from the trials that have finished
-    with the current settings (e.g. while a long ablation runs elsewhere, or after a time budget).
-    """
-    from diffkd import raycompat
+    dataset: Any  # ImageDataset
+    assignments: "pd.DataFrame"
+    arms: list[str]
+    seeds: list[int]
+    notes: list[str]
+    plan: dict  # plan.json's content (preregistration.build_plan)
+
+
+def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings: AblationConfig) -> Design:
+    """Check the inputs, split the cases and build the plan's content; trains nothing, needs no Ray."""
     from diffkd.config import ConfigError
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import check_no_leakage, make_splits
-    from diffkd.run import generator_stage, plan_stages, stage_inputs
-    from diffkd.runstate import RunState
+    from diffkd.evaluate.preregistration import build_plan
 
-    settings = settings or cfg.ablation
-    start = time.perf_counter()
-    out = Path(out_dir).resolve()
-    (out / "models").mkdir(parents=True, exist_ok=True)
     ds = ImageDataset(dataset)
     if not ds.exists():
         raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
     if not external:
         raise ConfigError("an ablation compares arms on external centers: give --external")
-    if train:
-        raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
     real = ds.metadata().to_pandas()
     assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
     check_no_leakage(assignments)
@@ -357,6 +357,78 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     arms, notes = applicable_arms(list(settings.arms), set(real["modality"]), cfg)
     if not arms:
         raise ConfigError(f"no arm of {settings.arms} can run on this dataset: {'; '.join(notes)}")
+    cases = assignments.drop_duplicates("case_id")
+    centers = {str(c): {"cases": int(len(g)), "positives": int(g["label"].sum()), "split": "+".join(sorted(set(g["split"])))}
+               for c, g in cases.groupby("center")}
+    content = build_plan(
+        cohort_fingerprint=data_key(ds), centers=centers, external=list(external), config=to_dict(cfg), arms=arms,
+        seeds=seeds, arms_left_out=[n for n in notes if n.startswith("arm ")], analysis=analysis_method(settings),
+        expected=_expected_precision(cases[cases["split"] == "test"], len(seeds), settings),
+        center=ALL_EXTERNAL if len(external) > 1 else external[0])
+    return Design(ds, assignments, arms, seeds, notes, content)
+
+
+def analysis_method(settings: AblationConfig) -> dict:
+    from diffkd.evaluate.pooled import LEVEL, PooledEstimate
+
+    return {"method": PooledEstimate.method, "n_boot": settings.n_boot, "level": LEVEL}
+
+
+def _expected_precision(external_cases: "pd.DataFrame", seeds: int, settings: AblationConfig) -> dict | None:
+    from diffkd.evaluate.preregistration import PlanningAssumptions, expected_precision
+
+    positives = int(external_cases["label"].sum())
+    if positives == 0 or positives == len(external_cases):
+        return None
+    assumptions = PlanningAssumptions(settings.plan_auc, settings.plan_arm_correlation, settings.plan_seed_sd)
+    return expected_precision(positives, len(external_cases) - positives, seeds, assumptions)
+
+
+def finished_trial_names(out_dir: str) -> list[str]:
+    """Trial folders that hold a finished trial (its record and predictions), current or not."""
+    root = os.path.join(out_dir, "trials")
+    if not os.path.isdir(root):
+        return []
+    return sorted(name for name in os.listdir(root) if os.path.exists(os.path.join(root, name, TRIAL_INFO))
+                  and os.path.exists(os.path.join(root, name, PREDICTIONS)))
+
+
+def plan_ablation(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
+                  settings: AblationConfig | None = None) -> dict:
+    """Write OUT/plan.json before any training (`diffkd ablate --plan-only`) and return it; refused
+    once a trial under an existing plan has finished (preregistration.write_plan)."""
+    from diffkd.evaluate.preregistration import write_plan
+
+    planned = design(dataset, external, cfg, settings or cfg.ablation)
+    out = str(Path(out_dir).resolve())
+    return write_plan(out, planned.plan, finished_trial_names(out))
+
+
+def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
+           settings: AblationConfig | None = None, train: bool = True) -> AblationOutcome:
+    """Train every arm x seed (one Tune trial each) and write the tables and the forest plot.
+
+    The plan comes first: OUT/plan.json is written before anything trains unless the folder has one
+    (which is then kept as written); the tables compare the run with it. `train=False` trains nothing:
+    the tables and plot are written from the trials that have finished with the current settings
+    (e.g. while a long ablation runs elsewhere, or after a time budget).
+    """
+    from diffkd import raycompat
+    from diffkd.config import ConfigError
+    from diffkd.evaluate import preregistration
+    from diffkd.run import generator_stage, plan_stages, stage_inputs
+    from diffkd.runstate import RunState
+
+    settings = settings or cfg.ablation
+    start = time.perf_counter()
+    out = Path(out_dir).resolve()
+    planned = design(dataset, external, cfg, settings)
+    ds, assignments, arms, notes, seeds = planned.dataset, planned.assignments, planned.arms, planned.notes, planned.seeds
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    if train and preregistration.read_plan(str(out)) is None:
+        preregistration.write_plan(str(out), planned.plan, finished_trial_names(str(out)))
+    if train:
+        raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
 
     # ---- the shared stage: diffusion + synthesis, once (or once per seed) ---------------------------
     sources: dict[int, tuple[str, ...]] = {seed: () for seed in seeds}
@@ -395,6 +467,7 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     trials = ordered_trials(arms, seeds)
     concurrent, failed = 0, []
     if train:
+        preregistration.record_first_trial_start(str(out))
         concurrent, failed = _run_trials(plan, trials, settings, cfg, str(out))
     finished = [t for t in trials if is_current(trial_dir(str(out), t["arm"], t["seed"]),
                                                 trial_key(plan, cfg, t["arm"], t["seed"]))]
@@ -402,9 +475,14 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
         notes.append(f"{len(trials) - len(finished)} of {len(trials)} trial(s) did not finish "
                      "(failed, past the time budget or not run); rerun the same command to finish them")
     table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width)
+    by_arm = {arm: sorted(t["seed"] for t in finished if t["arm"] == arm) for arm in {t["arm"] for t in finished}}
+    written = preregistration.read_plan(str(out))
+    found = preregistration.deviations(written, cohort_fingerprint=plan.data_key, external=external,
+                                       config=to_dict(cfg), finished=by_arm, analysis=analysis_method(settings))
     outcome = AblationOutcome(out_dir=str(out), table=table, summary=summary,
                               distillation=distillation_table(str(out), finished), arms=arms, seeds=seeds,
-                              parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes)
+                              parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes,
+                              plan=preregistration.plan_record(written, found))
     outcome.files = write_outputs(outcome, settings)
     return outcome
 
@@ -656,10 +734,12 @@ def write_outputs(outcome: AblationOutcome, settings: AblationConfig) -> dict[st
              "distillation": os.path.join(out, "distillation.csv")}
     atomic_write_text(files["table"], outcome.table.to_csv(index=False))
     atomic_write_text(files["distillation"], outcome.distillation.to_csv(index=False))
-    atomic_write_text(files["summary"], outcome.summary.to_csv(index=False))
+    status = outcome.plan.get("status", "exploratory")
+    atomic_write_text(files["summary"], outcome.summary.assign(evidence=status).to_csv(index=False))
     atomic_write_json(files["json"], {
         "arms": outcome.arms, "seeds": outcome.seeds, "reference": REFERENCE_ARM, "parallel": outcome.parallel,
         "wall_s": outcome.wall_s, "failed": outcome.failed, "notes": outcome.notes, "settings": to_dict(settings),
+        "evidence": status, "plan": outcome.plan,
         "method": PooledEstimate.method + f", {settings.n_boot} replicates; see diffkd/evaluate/pooled.py",
         "summary": outcome.summary.to_dict(orient="records"), "trials": outcome.table.to_dict(orient="records"),
         "distillation": outcome.distillation.to_dict(orient="records")})

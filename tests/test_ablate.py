@@ -247,6 +247,11 @@ def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys
                                                    "synthetic-s1.lock"]
     record = json.loads((out / "ablation.json").read_text())
     assert any("ran once" in note for note in record["notes"])
+    # the first invocation wrote the plan before training; the rerun kept it and followed it
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["first_trial_started_at"] >= plan["written_at"] and record["plan"]["digest"] == plan["digest"]
+    assert record["evidence"] == "pre-registered" and record["plan"]["deviations"] == []
+    assert (table["optimizer_steps"] > 0).all() and "evidence: pre-registered" in printed
     # every student records its agreement with the full arm's teacher (the plain one too, unlearned)
     distillation = pd.read_csv(out / "distillation.csv")
     assert sorted(zip(distillation["arm"], distillation["seed"])) == [("full", 0), ("full", 1), ("neither", 0),
@@ -285,3 +290,42 @@ def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path, ramp
     assert outcome.parallel == 0 and not outcome.failed
     assert any("1 of 2 trial(s) did not finish" in note for note in outcome.notes)
     assert (tmp_path / "out" / "ablation.csv").exists() and not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out" / "plan.json").exists()  # a report writes no plan: the run is exploratory
+    assert outcome.plan["status"] == "exploratory" and "no plan.json" in outcome.plan["deviations"][0]
+    assert set(pd.read_csv(tmp_path / "out" / "ablation_summary.csv")["evidence"]) == {"exploratory"}
+
+
+def test_plan_only_writes_the_plan_first_and_the_tables_compare_with_it(tmp_path, ramp_dataset):
+    from diffkd.ablate import ablate, data_key, plan_ablation, student_train_rows
+    from diffkd.data.splits import make_splits
+    from diffkd.evaluate.preregistration import PlanError
+
+    ds = ramp_dataset(tmp_path / "data")
+    cfg = ExperimentConfig(synthetic_ratio=0.0)
+    settings = AblationConfig(arms=["neither"], seeds=2, n_boot=1000)
+    out = tmp_path / "out"
+    plan = plan_ablation(str(tmp_path / "data"), ["B"], cfg, str(out), settings)
+    assert json.loads((out / "plan.json").read_text()) == plan
+    assert plan["arms"] == ["neither"] and plan["seeds"] == [0, 1] and plan["external"] == ["B"]
+    assert plan["cohort"]["fingerprint"] == data_key(ds) and not plan["primary_endpoint"]["estimable"]
+    assert plan["trials_finished_before_plan"] == [] and plan["expected"]["mdd_80"] > 0
+
+    assignments = make_splits(ds.metadata().to_pandas(), ["B"], cfg.splits.val_fraction, cfg.splits.seed)
+    trial_plan = Plan(dataset=str(ds.uri), assignments=assignments, experiment={}, sources={0: (), 1: ()},
+                      data_key=data_key(ds), out_dir=str(out), train_rows=student_train_rows(assignments, cfg))
+    external = assignments[assignments["split"] == "test"].drop_duplicates("case_id")
+    folder = trial_dir(str(out), "neither", 0)
+    os.makedirs(folder)
+    external.assign(prob=np.linspace(0, 1, len(external)), model="neither").to_parquet(
+        os.path.join(folder, "predictions.parquet"))
+    with open(os.path.join(folder, TRIAL_INFO), "w") as f:
+        json.dump({"key": trial_key(trial_plan, cfg, "neither", 0), "arm": "neither", "seed": 0}, f)
+    with pytest.raises(PlanError, match="cannot be rewritten"):
+        plan_ablation(str(tmp_path / "data"), ["B"], cfg, str(out), settings)
+
+    outcome = ablate(str(tmp_path / "data"), ["B"], cfg, str(out), settings, train=False)
+    assert outcome.plan["status"] == "exploratory" and outcome.plan["deviations"] == ["arm neither: seed(s) 1 missing"]
+    assert outcome.plan["digest"] == plan["digest"]
+    record = json.loads((out / "ablation.json").read_text())
+    assert record["evidence"] == "exploratory" and record["plan"]["deviations"] == outcome.plan["deviations"]
+    assert set(pd.read_csv(out / "ablation_summary.csv")["evidence"]) == {"exploratory"}
