@@ -108,7 +108,7 @@ class AblationConfig:
     # external AUC, the correlation of two arms' AUC estimates on the same cases, the SD over seeds of one
     # seed's paired difference. They set no result, only what the plan says it expects to detect.
     plan_auc: float = 0.78
-    plan_arm_correlation: float = 0.6
+    plan_arm_correlation: float = 0.8
     plan_seed_sd: float = 0.03
 
     def __post_init__(self) -> None:

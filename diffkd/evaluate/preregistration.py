@@ -43,7 +43,7 @@ class PlanningAssumptions:
     """What the expected precision is computed from, before any model is trained."""
 
     auc: float = 0.78  # the arms' external AUC
-    arm_correlation: float = 0.6  # correlation of two arms' AUC estimates on the same cases
+    arm_correlation: float = 0.8  # correlation of two arms' AUC estimates on the same cases
     seed_sd: float = 0.03  # SD over seeds of one seed's paired difference
 
 
