@@ -25,7 +25,7 @@ leaves V_case). SE = sqrt(Var(D)).
 
 The interval. With few seeds the seed part of Var(D) is itself uncertain: s^2 has only K - 1 degrees
 of freedom, while the case part comes from thousands of replicates over hundreds of patients and is
-nearly exact. D +/- 1.96 SE ignores that and covers the truth in about 81% (K = 2) and 88% (K = 3) of
+nearly exact. D +/- 1.96 SE ignores that and covers the truth in about 80% (K = 2) and 87% (K = 3) of
 simulated experiments where the seeds carry most of the variance (tests/evaluate/test_pooled.py).
 The interval here is a generalized confidence interval (Weerahandi 1993): the variance is replaced
 by its generalized pivot
@@ -38,7 +38,7 @@ difference at 80% power (its 97.5% plus its 80% quantile). When the case part is
 exactly Student's t with K - 1 degrees of freedom; when the seed part is negligible it is the normal
 interval; in between it mixes them as the data say. The usual alternative, t with Welch-Satterthwaite
 degrees of freedom for V_case + s^2/K, plugs an estimated df into the quantile and undercovers at
-K = 2 when the seeds dominate (about 88% in the same simulation): its df is largest exactly when s^2
+K = 2 and 3 when the seeds dominate (about 88% and 93% in the same simulation): its df is largest when s^2
 happened to come out small. `effective_df` reports the t degrees of freedom that give the same
 half-width, for reading the interval as a t interval. With no second arm the same gives the mean
 AUC over seeds with its CI.
