@@ -358,8 +358,8 @@ def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings:
     if not arms:
         raise ConfigError(f"no arm of {settings.arms} can run on this dataset: {'; '.join(notes)}")
     cases = assignments.drop_duplicates("case_id")
-    centers = {str(c): {"cases": int(len(g)), "positives": int(g["label"].sum()), "split": "+".join(sorted(set(g["split"])))}
-               for c, g in cases.groupby("center")}
+    centers = {str(c): {"cases": int(len(g)), "positives": int(g["label"].sum()),
+                        "split": "+".join(sorted(set(g["split"])))} for c, g in cases.groupby("center")}
     content = build_plan(
         cohort_fingerprint=data_key(ds), centers=centers, external=list(external), config=to_dict(cfg), arms=arms,
         seeds=seeds, arms_left_out=[n for n in notes if n.startswith("arm ")], analysis=analysis_method(settings),
@@ -423,7 +423,8 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     start = time.perf_counter()
     out = Path(out_dir).resolve()
     planned = design(dataset, external, cfg, settings)
-    ds, assignments, arms, notes, seeds = planned.dataset, planned.assignments, planned.arms, planned.notes, planned.seeds
+    ds, assignments, arms, notes, seeds = (planned.dataset, planned.assignments, planned.arms, planned.notes,
+                                           planned.seeds)
     (out / "models").mkdir(parents=True, exist_ok=True)
     if train and preregistration.read_plan(str(out)) is None:
         preregistration.write_plan(str(out), planned.plan, finished_trial_names(str(out)))
