@@ -16,7 +16,15 @@ The diffusion model and its synthesis run once for the whole ablation (seeds var
 students' weights, augmentation and data order) unless --per-seed-generators. No arm has a
 hyperparameter search. Every model is scored on the same external cases.
 
+The plan comes first: OUT/plan.json (cohort fingerprint, external centers, config digest, arms,
+seeds, the primary endpoint full - neither pooled over the external centers, secondary endpoints,
+analysis method and alpha, expected precision, when it was written) is written before anything
+trains, or by --plan-only alone. It cannot be rewritten once a trial has finished (use a new --out).
+The tables compare the run with it: "pre-registered" when nothing deviated, else "exploratory"
+with every deviation listed.
+
 examples:
+  diffkd ablate ... --plan-only                            # write OUT/plan.json, train nothing
   diffkd ablate --dataset out/data --external center4 --config configs/evidence.yaml --seeds 5 --out out/ablation
   diffkd ablate ... --arms full,neither --seeds 2          # two arms only
   diffkd ablate ... --time-budget-min 40                   # stop the job after 40 min; rerun to finish
@@ -49,6 +57,8 @@ def register(subparsers) -> None:
                    help="start no trial after this many minutes (0: no limit); rerunning finishes the rest")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the tables and plot from the trials finished so far")
+    p.add_argument("--plan-only", action="store_true",
+                   help="write OUT/plan.json (the analysis plan) and train nothing; run this before training")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: the config's ray.address)")
     p.set_defaults(handler=run_ablate)
 
@@ -59,7 +69,7 @@ def run_ablate(args) -> int:
     from pathlib import Path
 
     from diffkd.runtime import console
-    from diffkd.experiments.ablate import AblationConfig, ablate, format_summary
+    from diffkd.experiments.ablate import AblationConfig, ablate, format_summary, plan_ablation
     from diffkd.commands.run import ray_for_command
     from diffkd.commands.options import names
     from diffkd.experiments.experiment import load_experiment
@@ -72,6 +82,10 @@ def run_ablate(args) -> int:
                "arms": [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None}
     settings = AblationConfig(**{**dataclasses.asdict(cfg.ablation),
                                  **{k: v for k, v in changes.items() if v is not None}})
+    if args.plan_only:
+        plan = plan_ablation(args.dataset, names(args.external), cfg, args.out, settings)
+        print(format_plan(plan, Path(args.out) / "plan.json"))
+        return 0
     logs = Path(args.out) / "logs"
     with console.capture(logs, verbose=args.verbose), ray_for_command():  # library output to OUT/logs/
         outcome = ablate(args.dataset, names(args.external), cfg, args.out, settings, train=not args.report_only)
@@ -82,6 +96,30 @@ def run_ablate(args) -> int:
           f"table {outcome.files['table']}, summary {outcome.files['summary']}, plot {outcome.files['plot']}, "
           f"distillation {outcome.files['distillation']}")
     print(f"logs: {logs}/ (Ray, Tune, DeepSpeed and torch messages)")
+    status = outcome.plan.get("status", "exploratory")
+    print(f"evidence: {status}" + (f" (plan {outcome.plan['digest']}, written {outcome.plan['written_at']})"
+                                    if outcome.plan.get("digest") else ""))
+    for deviation in outcome.plan.get("deviations", []):
+        print(f"  deviation: {deviation}")
     for failure in outcome.failed:
         print(f"failed: {failure}")
     return 1 if outcome.failed else 0
+
+
+def format_plan(plan: dict, path) -> str:
+    primary = plan["primary_endpoint"]
+    lines = [f"plan {path}: digest {plan['digest']}, written {plan['written_at']}",
+             f"  cohort {plan['cohort']['fingerprint']}, external {', '.join(plan['external'])}, "
+             f"config digest {plan['config_digest']}",
+             f"  arms {', '.join(plan['arms'])}; seeds {', '.join(map(str, plan['seeds']))}",
+             f"  primary endpoint: {primary['arm']} - {primary['comparator']}, {primary['measure']}, "
+             f"{primary['center']}" + ("" if primary["estimable"] else " (NOT estimable: an arm is missing)"),
+             f"  analysis: {plan['analysis']['method']}, alpha {plan['analysis']['alpha']}"]
+    expected = plan.get("expected")
+    if expected:
+        lines.append(f"  expected: 95% CI +/-{expected['ci_half_width']:.3f}, minimum detectable difference "
+                     f"{expected['mdd_80']:.3f} at 80% power ({expected['cases_positive']} positive, "
+                     f"{expected['cases_negative']} negative external cases; assumptions {expected['assumptions']})")
+    for trial in plan.get("trials_finished_before_plan", []):
+        lines.append(f"  written after trial {trial} had finished: this run cannot be pre-registered")
+    return "\n".join(lines)

@@ -207,7 +207,7 @@ def decision_figure(predictions: pd.DataFrame, reference: str,
 
 def forest_figure(metrics: Mapping) -> bytes:
     """AUC with 95% CI per model, one panel per center (internal centers on validation cases), with the
-    synthetic cohort's Bayes and image-visible AUCs as vertical lines where metrics hold "ceilings"."""
+    synthetic cohort's Bayes and image-ceiling AUCs as vertical lines where metrics hold "ceilings"."""
     models = ordered_models(metrics["models"])
     centers = sorted({c for m in models for c in metrics["models"][m]["per_center"]})
     colors = model_colors(models)
@@ -215,7 +215,7 @@ def forest_figure(metrics: Mapping) -> bytes:
     axes = np.atleast_1d(fig.subplots(1, len(centers), sharey=True, squeeze=False)[0])
     lows = [m["auc_ci"][0] for e in metrics["models"].values() for m in e["per_center"].values()
             if m.get("auc") is not None]
-    lows += [c[k] for c in metrics.get("ceilings", {}).values() for k in ("bayes_auc", "visible_auc")
+    lows += [c[k] for c in metrics.get("ceilings", {}).values() for k in ("bayes_auc", "image_auc")
              if c.get(k) is not None]
     x_min = min([0.3, *lows]) - 0.02
     for ax, center in zip(axes, centers):
@@ -229,7 +229,7 @@ def forest_figure(metrics: Mapping) -> bytes:
         split = next((metrics["models"][m]["per_center"][center].get("split") for m in models
                       if center in metrics["models"][m]["per_center"]), "")
         ceiling = metrics.get("ceilings", {}).get(center, {})
-        for key, style, label in (("bayes_auc", "-", "Bayes AUC"), ("visible_auc", "--", "image-visible AUC")):
+        for key, style, label in (("bayes_auc", "-", "Bayes AUC"), ("image_auc", "--", "image ceiling AUC")):
             if ceiling.get(key) is not None:
                 ax.axvline(ceiling[key], color="#2b7a3d", lw=1.2, ls=style, label=label)
         if ceiling and ax is axes[0]:

@@ -81,7 +81,7 @@ class ReportInputs:
     evaluate: dict = field(default_factory=dict)  # EvaluateConfig fields
     # model (classifiers, the generator, the feature model) -> "scratch" or the weights it started from
     initialised_from: dict = field(default_factory=dict)
-    # a synthetic cohort's truth.csv (the phantom's): per-center Bayes and image-visible AUC ceilings.
+    # a synthetic cohort's truth.csv (the phantom's): per-center Bayes and image AUC ceilings.
     # Its case ids are mapped to the stored ones with the salt of dataset["path"].
     truth: str | None = None
     label_names: list = field(default_factory=lambda: list(DEFAULT_LABEL_NAMES))  # the dataset's label 0, label 1
@@ -276,10 +276,10 @@ def _summary_section(ctx: _Context) -> str:
                 f"{_num(e['sensitivity'])} and specificity {_num(e['specificity'])} at the threshold fixed on internal "
                 f"validation ({_num(ref['threshold'])}).</p>")
         external = [(c, e) for c, e in ctx.metrics.get("ceilings", {}).items()
-                    if e.get("split") == "test" and e.get("visible_auc") is not None]
+                    if e.get("split") == "test" and e.get("image_auc") is not None]
         if external:
             lead += ("<p>What the synthetic cohort allows there (its truth file): " + "; ".join(
-                f"{_esc(c)}: image-visible AUC {_num(e['visible_auc'])}, Bayes AUC {_num(e['bayes_auc'])}"
+                f"{_esc(c)}: image ceiling AUC {_num(e['image_auc'])}, Bayes AUC {_num(e['bayes_auc'])}"
                 for c, e in external) + ' (see <a href="#per-center">per-center performance</a>).</p>')
     if not rows:
         rows, highlight = _model_rows(ctx, "internal", models)
@@ -414,22 +414,26 @@ def _per_center_section(ctx: _Context) -> str:
     ceilings = ctx.metrics.get("ceilings")
     if ceilings:
         caption += (" Vertical lines: the synthetic cohort's ceilings on the same cases, the Bayes AUC of the "
-                    "generator's own probability of label 1 (solid) and the AUC of the image-visible score (dashed).")
+                    "generator's own probability of label 1 (solid) and the image ceiling, the AUC of its probability "
+                    "given what the images draw (dashed).")
     out = _figure(figures.forest_figure(ctx.metrics), "per-center AUC forest plot", caption)
     if ceilings:
         per_center = ctx.metrics["models"].get(ctx.reference, {}).get("per_center", {})
         ref_auc = {c: m.get("auc") for c, m in per_center.items()}
         crow = [[_esc(c), _num(e["n"]), _num(e["n_pos"]), _ci(e.get("bayes_auc"), e.get("bayes_auc_ci")),
-                 _ci(e.get("visible_auc"), e.get("visible_auc_ci")), _num(ref_auc.get(c)), _esc(e["cases_of"])]
+                 _ci(e.get("image_auc"), e.get("image_auc_ci")), _ci(e.get("reference_auc"), e.get("reference_auc_ci")),
+                 _num(ref_auc.get(c)), _esc(e["cases_of"])]
                 for c, e in ceilings.items()]
         out += ("<h3>What the data allow: the synthetic cohort's ceilings</h3>" +
                 _table(["center", "cases", _esc(ctx.positive), "Bayes AUC (label probability)",
-                        "image-visible AUC (visible score)", f"AUC {_esc(ctx.reference)}", "cases of"], crow,
-                       range(1, 6)) +
+                        "image ceiling AUC (image probability)", "reference score AUC", f"AUC {_esc(ctx.reference)}",
+                        "cases of"], crow, range(1, 7)) +
                 '<p class="note">From the phantom\'s truth file, read by the report only. The Bayes AUC scores '
                 "each case by the probability that generated its label: no model can beat it but by chance. The "
-                "image-visible AUC scores it by the part of that evidence the images show: an image-only model "
-                "near it has learnt what there is to learn.</p>")
+                "image ceiling scores it by the probability of its label given what the renderer drew into its "
+                "images (the generator's own model, integrated exactly): no image-only model can beat it but by "
+                "chance, and one near it has learnt what there is to learn. The reference score is a hand-weighted "
+                "suspicion score of the drawn features (what the simulated readers see); it is not a ceiling.</p>")
     headers = ["center", "role", "model", "cases", _esc(ctx.positive), "AUC (95% CI)", "sensitivity", "specificity",
                "accuracy"]
     every_model = _table(headers, [rows[i] for i in rows_sorted], range(3, 9),

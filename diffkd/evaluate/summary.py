@@ -294,7 +294,7 @@ def build_metrics(predictions: pd.DataFrame, *, model_info: Mapping[str, Mapping
     (fid, kid, conditional_accuracy, near_copies, tstr_auc); readers: `readers.load_readers(...)`
     output, compared with `config.reference` at its fixed threshold; baselines: the JSON summary
     of `baselines.fit_baselines(...)` (odds ratios, selected features), passed through; truth: a
-    synthetic cohort's truth (`truth.load_truth(...)`), giving per center the Bayes and image-visible
+    synthetic cohort's truth (`truth.load_truth(...)`), giving per center the Bayes and image-ceiling
     AUCs under "ceilings"; label_names: the dataset's outcome names (label 0, label 1 = positive);
     distillation: per student, its teacher's model name and training history (`distillation_summary`).
     """

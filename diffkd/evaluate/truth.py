@@ -1,11 +1,15 @@
 """A synthetic cohort's hidden truth, joined to the predictions for the report's ceilings.
 
 The phantom (`diffkd phantom`) writes `truth.csv` beside its centers: per case the probability of an
-upgrade that generated the label (`label_probability`) and the part of the evidence an image can show
-(`visible_score`). Their AUCs on a center's cases are two ceilings for any model there:
+upgrade that generated the label (`label_probability`), the probability of it given what the renderer
+draws into the images (`image_probability`, diffkd.data.phantom.ceiling) and a hand-weighted suspicion
+score of the drawn features (`reference_score`, what the simulated readers see). On a center's cases:
 
 - Bayes AUC (`label_probability`): the best any model could do with everything the generator knew;
-- image-visible AUC (`visible_score`): roughly the best an image-only model could do.
+- image ceiling AUC (`image_probability`): the best any image-only model could do (its ROC curve
+  lies above every image-only score's);
+- reference score AUC (`reference_score`): a radiologist-like linear score, neither ceiling; shown
+  when the file has it.
 
 Only the report reads this file (`report.write_report`); no training stage receives its path.
 truth.csv names cases by the ids the phantom wrote (center + raw case id); ingest stores salted
@@ -24,7 +28,9 @@ from diffkd.evaluate.metrics import CIOptions, auc_with_ci
 
 log = logging.getLogger(__name__)
 
-TRUTH_COLUMNS = ("case_id", "label_probability", "visible_score")
+TRUTH_COLUMNS = ("case_id", "label_probability", "image_probability")
+OPTIONAL_COLUMNS = ("reference_score",)
+SCORES = {"bayes": "label_probability", "image": "image_probability", "reference": "reference_score"}
 
 
 class TruthError(ValueError):
@@ -32,7 +38,8 @@ class TruthError(ValueError):
 
 
 def load_truth(path: str | os.PathLike, case_ids: Sequence[str], dataset: str | None = None) -> pd.DataFrame:
-    """truth.csv as `case_id` (the stored ids of `case_ids`), `label`, `label_probability`, `visible_score`.
+    """truth.csv as `case_id` (the stored ids of `case_ids`), `label`, `label_probability`, `image_probability`
+    (and `reference_score` where the file has it).
 
     `dataset` (a diffkd dataset folder) maps the phantom's raw case ids to the pseudonyms ingest
     stored; it is needed unless the file already holds those ids.
@@ -43,8 +50,9 @@ def load_truth(path: str | os.PathLike, case_ids: Sequence[str], dataset: str | 
         raise TruthError(f"truth file {path} does not exist (the phantom writes it as OUT/truth.csv)") from None
     missing = [c for c in TRUTH_COLUMNS if c not in raw.columns]
     if missing:
+        older = " (a truth file from an older phantom: generate the cohort again)" if "visible_score" in raw else ""
         raise TruthError(f"{path}: missing column(s) {', '.join(missing)}; a truth file needs "
-                         f"{', '.join(TRUTH_COLUMNS)} (and center, to map the phantom's case ids)")
+                         f"{', '.join(TRUTH_COLUMNS)} (and center, to map the phantom's case ids){older}")
     known = set(map(str, case_ids))
     truth = raw.copy()
     if not truth["case_id"].isin(known).any():
@@ -53,7 +61,8 @@ def load_truth(path: str | os.PathLike, case_ids: Sequence[str], dataset: str | 
     if joined.empty:
         raise TruthError(f"{path}: none of its {len(truth)} cases is among the {len(known)} predicted cases; "
                          "give the truth.csv of the phantom this dataset was ingested from")
-    for column in ("label_probability", "visible_score"):
+    scores = [c for c in (*TRUTH_COLUMNS[1:], *OPTIONAL_COLUMNS) if c in joined.columns]
+    for column in scores:
         values = pd.to_numeric(joined[column], errors="coerce")
         if values.isna().any():
             row = int(values.index[values.isna()][0])
@@ -63,20 +72,21 @@ def load_truth(path: str | os.PathLike, case_ids: Sequence[str], dataset: str | 
     if unmatched:
         log.warning("%s: %d predicted case(s) have no truth row; the ceilings use the other %d", path, unmatched,
                     len(known) - unmatched)
-    columns = [c for c in ("case_id", "label", *TRUTH_COLUMNS[1:]) if c in joined.columns]
-    return joined[columns].astype({"label_probability": float, "visible_score": float}).reset_index(drop=True)
+    columns = [c for c in ("case_id", "label", *scores) if c in joined.columns]
+    return joined[columns].astype({c: float for c in scores}).reset_index(drop=True)
 
 
 def center_ceilings(predictions: pd.DataFrame, truth: pd.DataFrame, reference: str,
                     options: CIOptions = CIOptions()) -> dict[str, dict]:
-    """Per center: the Bayes and image-visible AUCs on the cases the models are evaluated on there.
+    """Per center: the Bayes, image-ceiling (and reference-score) AUCs on the cases the models are evaluated
+    on there.
 
     predictions: validated predictions (summary.validate_predictions); truth: load_truth(...). The
     cases are the center's evaluated ones (internal validation or external test) that `reference`
     scored, as its per-center AUC is, or every model's evaluated cases where `reference` scored none.
     """
     evaluated = predictions[predictions.split.isin(("val", "test"))]
-    columns = [c for c in ("case_id", "label", *TRUTH_COLUMNS[1:]) if c in truth.columns]
+    columns = [c for c in ("case_id", "label", *TRUTH_COLUMNS[1:], *OPTIONAL_COLUMNS) if c in truth.columns]
     with_truth = evaluated.merge(truth[columns].rename(columns={"label": "truth_label"}), on="case_id", how="inner")
     if "truth_label" in with_truth.columns:
         wrong = with_truth[pd.to_numeric(with_truth.truth_label) != with_truth.label]
@@ -93,11 +103,13 @@ def center_ceilings(predictions: pd.DataFrame, truth: pd.DataFrame, reference: s
                        "split": "+".join(sorted(cases.split.unique()))}
         if 0 < y.sum() < len(y):
             groups, strata = cases.patient_id.to_numpy(), cases.center.to_numpy()
-            for name, column in (("bayes", "label_probability"), ("visible", "visible_score")):
+            for name, column in SCORES.items():
+                if column not in cases:
+                    continue
                 est = auc_with_ci(y, cases[column].to_numpy(), options, groups=groups, strata=strata)
                 entry.update({f"{name}_auc": est.auc, f"{name}_auc_ci": list(est.ci)})
         else:
-            entry.update(bayes_auc=None, visible_auc=None, note="one class only: AUC undefined")
+            entry.update(bayes_auc=None, image_auc=None, note="one class only: AUC undefined")
         out[center] = entry
     return out
 

@@ -11,7 +11,17 @@ config's settings, so every arm has the same, zero, search budget):
     no_kd         the plain student (cross-entropy, no teacher) with synthetic rows
     neither       the plain student on real rows only
     teacher       the `full` arm's teacher itself
+    teacher_student_budget
+                  the same teacher trained with the students' budget (their epochs, patience, burn-in
+                  and optimizer steps per epoch): a second reference, so that a student is not
+                  compared only with a teacher that trained for a third of its steps
     pairing_free  group KD from a teacher of the second modality (where the dataset has two)
+
+Fair schedules: every student arm trains with the same loop (`student.loop`, no search in any arm),
+and every student arm takes the same optimizer steps per epoch, one pass over the real training
+rows of the student's modality (`loop.train_samples`): the arms with synthetic rows (`full`, `no_kd`)
+see them in place of some real rows, not as extra steps. The tables report each trial's optimizer
+steps. `test_ablate.py` fails if two student arms' loops differ.
 
 One trial = one arm x one seed. A seed sets the initial weights, augmentation and data order of the
 teacher and the student (`loop.seed`, `pipeline.seed`); the splits are the same for every trial,
@@ -57,8 +67,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFERENCE_ARM = "full"
-SYNTHETIC_ARMS = ("full", "no_kd", "teacher")  # arms that read the generator's rows
-ARM_TEACHER = {"full": "synthetic", "teacher": "synthetic", "no_synthesis": "real", "pairing_free": "second_modality"}
+SYNTHETIC_ARMS = ("full", "no_kd", "teacher", "teacher_student_budget")  # arms that read the generator's rows
+TEACHER_ARMS = ("teacher", "teacher_student_budget")  # arms whose model is a teacher (no student trained)
+ARM_TEACHER = {"full": "synthetic", "teacher": "synthetic", "teacher_student_budget": "synthetic_student_budget",
+               "no_synthesis": "real", "pairing_free": "second_modality"}
 # The plain arms learn from no teacher, but their agreement is measured against the full arm's
 # (the same teacher, trained once per seed), so that distillation's share of it shows.
 COMPARED_TEACHER = {"no_kd": "synthetic", "neither": "synthetic"}
@@ -66,7 +78,7 @@ COMPARED_TEACHER = {"no_kd": "synthetic", "neither": "synthetic"}
 # Trials of one seed start in this order: the teacher first, beside an arm that needs no teacher, so
 # that `full` (which distils from that same teacher) rarely has to wait for it; full and neither (the
 # whole method against none of it) early, so that a time budget cuts the other arms first.
-TRIAL_ORDER = ("teacher", "neither", "full", "no_kd", "no_synthesis", "pairing_free")
+TRIAL_ORDER = ("teacher", "neither", "full", "no_kd", "no_synthesis", "teacher_student_budget", "pairing_free")
 EXPERIMENT = "experiment"
 TRIAL_INFO = "trial.json"
 PREDICTIONS = "predictions.parquet"
@@ -90,6 +102,7 @@ class AblationOutcome:
     wall_s: float
     failed: list[str]
     notes: list[str]
+    plan: dict = field(default_factory=dict)  # preregistration.plan_record: status, deviations, digest
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -105,6 +118,7 @@ class Plan:
     sources: dict[int, tuple[str, ...]]  # seed -> the synthesis run(s) its arms may read
     data_key: str  # the dataset's files, for the fingerprints
     out_dir: str
+    train_rows: int = 0  # real training rows of the student's modality: every student epoch's length
 
 
 def seeded(stage_cfg, seed: int):
@@ -117,20 +131,37 @@ def _with_pipeline(stage_cfg, **changes):
     return dataclasses.replace(stage_cfg, pipeline=dataclasses.replace(stage_cfg.pipeline, **changes))
 
 
-def teacher_setup(cfg: "ExperimentConfig", kind: str, seed: int, sources: tuple[str, ...]) -> tuple[Any, float]:
-    """(TeacherConfig, synthetic ratio) of a teacher kind: synthetic, real, second_modality."""
+def teacher_setup(cfg: "ExperimentConfig", kind: str, seed: int, sources: tuple[str, ...],
+                  train_rows: int = 0) -> tuple[Any, float]:
+    """(TeacherConfig, synthetic ratio) of a teacher kind: synthetic, real, second_modality, or
+    synthetic_student_budget (the synthetic teacher with the students' budget, `student_budget`)."""
     modality = cfg.pairing_free.teacher_modality if kind == "second_modality" else cfg.student.student_modality
     teacher = _with_pipeline(seeded(cfg.teacher, seed), modalities=(modality,), synthetic_sources=sources)
-    return teacher, (cfg.synthetic_ratio if kind == "synthetic" else 0.0)
+    if kind == "synthetic_student_budget":
+        teacher = dataclasses.replace(teacher, loop=student_budget(teacher.loop, cfg.student.loop, train_rows))
+    return teacher, (cfg.synthetic_ratio if kind.startswith("synthetic") else 0.0)
 
 
-def student_setup(cfg: "ExperimentConfig", arm: str, seed: int, sources: tuple[str, ...], teacher_dir: str):
-    """The StudentConfig of a student arm, as `diffkd run` builds its students."""
+def student_budget(loop, student_loop, train_rows: int):
+    """`loop` with the students' training budget: their epochs, early stopping, burn-in and epoch length
+    (optimizer steps per epoch); learning rate and batch stay the model's own."""
+    return dataclasses.replace(loop, epochs=student_loop.epochs, patience=student_loop.patience,
+                               min_epochs=student_loop.min_epochs,
+                               train_samples=student_loop.train_samples or train_rows)
+
+
+def student_setup(cfg: "ExperimentConfig", arm: str, seed: int, sources: tuple[str, ...], teacher_dir: str,
+                  train_rows: int = 0):
+    """The StudentConfig of a student arm, as `diffkd run` builds its students, with every arm's epoch
+    `train_rows` long (0: as the stream counts it; `loop.train_samples` set in the config wins)."""
     from diffkd.experiments.run import pairing_free_student
     from diffkd.train.student import plain_variant
 
+    student = seeded(cfg.student, seed)
+    student = dataclasses.replace(student, loop=dataclasses.replace(
+        student.loop, train_samples=student.loop.train_samples or train_rows))
     kd = dataclasses.replace(
-        _with_pipeline(seeded(cfg.student, seed), synthetic_ratio=cfg.synthetic_ratio, synthetic_sources=sources),
+        _with_pipeline(student, synthetic_ratio=cfg.synthetic_ratio, synthetic_sources=sources),
         teacher_dir=teacher_dir, mode="paired")
     if arm == "full":
         return kd
@@ -156,7 +187,7 @@ def trial_dir(out_dir: str, arm: str, seed: int) -> str:
 def _teacher_key(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) -> str:
     from diffkd.experiments.runstate import fingerprint
 
-    teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed])
+    teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed], plan.train_rows)
     return fingerprint({"data": plan.data_key, "teacher": to_dict(teacher), "ratio": ratio,
                         "splits": to_dict(cfg.splits)})
 
@@ -168,8 +199,8 @@ def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
     kind = teacher_kind(arm)
     parts: dict[str, Any] = {"data": plan.data_key, "arm": arm, "splits": to_dict(cfg.splits),
                              "teacher": _teacher_key(plan, cfg, kind, seed) if kind else None}
-    if arm != "teacher":
-        student = to_dict(student_setup(cfg, arm, seed, plan.sources[seed], ""))
+    if arm not in TEACHER_ARMS:
+        student = to_dict(student_setup(cfg, arm, seed, plan.sources[seed], "", plan.train_rows))
         if arm not in ARM_TEACHER:  # a plain student has no distillation terms: changing them leaves it current
             student.pop("distill")
         parts["student"] = student
@@ -210,7 +241,7 @@ def ensure_teacher(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) ->
     key = _teacher_key(plan, cfg, kind, seed)
     with _exclusive(target + ".lock"):
         if not is_current(target, key):
-            teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed])
+            teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed], plan.train_rows)
             name = f"teacher_{kind}-s{seed}-{key[:10]}"
             train_teacher(plan.dataset, plan.assignments, _loop_for(teacher, plan.out_dir, name), target,
                           synthetic_ratio=ratio, model_name=f"teacher_{kind}")
@@ -234,12 +265,12 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     if not is_current(target, key):
         kind = teacher_kind(arm)
         teacher = ensure_teacher(plan, cfg, kind, seed) if kind else ""
-        if arm == "teacher":
+        if arm in TEACHER_ARMS:
             os.makedirs(target, exist_ok=True)
             predictions = pd.read_parquet(os.path.join(teacher, PREDICTIONS)).assign(model=arm)
             atomic_write_parquet(os.path.join(target, PREDICTIONS), predictions)
         else:
-            student = student_setup(cfg, arm, seed, plan.sources[seed], teacher)
+            student = student_setup(cfg, arm, seed, plan.sources[seed], teacher, plan.train_rows)
             train_student(plan.dataset, plan.assignments,
                           _loop_for(student, plan.out_dir, f"{arm}-s{seed}-{key[:10]}"), target, model_name=arm)
         atomic_write_json(os.path.join(target, TRIAL_INFO), {"key": key, "arm": arm, "seed": seed,
@@ -281,37 +312,44 @@ def ordered_trials(arms: list[str], seeds: list[int]) -> list[dict[str, Any]]:
     return [{"arm": arm, "seed": seed} for seed in seeds for arm in TRIAL_ORDER if arm in arms]
 
 
+def student_train_rows(assignments: "pd.DataFrame", cfg: "ExperimentConfig") -> int:
+    """Real training rows (images) of the student's modality: the length of every student arm's epoch."""
+    rows = assignments[(assignments["split"] == "train") & (assignments["modality"] == cfg.student.student_modality)]
+    if "synthetic" in rows:
+        rows = rows[~rows["synthetic"].astype(bool)]
+    return int(len(rows))
+
+
 def data_key(ds) -> str:
     from diffkd.experiments.runstate import fingerprint
 
     return fingerprint({name: entry["files"] for name, entry in ds.manifest["centers"].items()})
 
 
-def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
-           settings: AblationConfig | None = None, train: bool = True) -> AblationOutcome:
-    """Train every arm x seed (one Tune trial each) and write the tables and the forest plot.
+@dataclass
+class Design:
+    """What an ablation will train and how it will be judged, known before any training."""
 
-    `train=False` trains nothing: the tables and plot are written from the trials that have finished
-    with the current settings (e.g. while a long ablation runs elsewhere, or after a time budget).
-    """
-    from diffkd.runtime import raycompat
+    dataset: Any  # ImageDataset
+    assignments: "pd.DataFrame"
+    arms: list[str]
+    seeds: list[int]
+    notes: list[str]
+    plan: dict  # plan.json's content (preregistration.build_plan)
+
+
+def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings: AblationConfig) -> Design:
+    """Check the inputs, split the cases and build the plan's content; trains nothing, needs no Ray."""
     from diffkd.config import ConfigError
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import check_no_leakage, make_splits
-    from diffkd.experiments.run import generator_stage, plan_stages, stage_inputs
-    from diffkd.experiments.runstate import RunState
+    from diffkd.experiments.preregistration import build_plan
 
-    settings = settings or cfg.ablation
-    start = time.perf_counter()
-    out = Path(out_dir).resolve()
-    (out / "models").mkdir(parents=True, exist_ok=True)
     ds = ImageDataset(dataset)
     if not ds.exists():
         raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
     if not external:
         raise ConfigError("an ablation compares arms on external centers: give --external")
-    if train:
-        raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
     real = ds.metadata().to_pandas()
     assignments = make_splits(real, external, cfg.splits.val_fraction, cfg.splits.seed)
     check_no_leakage(assignments)
@@ -319,6 +357,79 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     arms, notes = applicable_arms(list(settings.arms), set(real["modality"]), cfg)
     if not arms:
         raise ConfigError(f"no arm of {settings.arms} can run on this dataset: {'; '.join(notes)}")
+    cases = assignments.drop_duplicates("case_id")
+    centers = {str(c): {"cases": int(len(g)), "positives": int(g["label"].sum()),
+                        "split": "+".join(sorted(set(g["split"])))} for c, g in cases.groupby("center")}
+    content = build_plan(
+        cohort_fingerprint=data_key(ds), centers=centers, external=list(external), config=to_dict(cfg), arms=arms,
+        seeds=seeds, arms_left_out=[n for n in notes if n.startswith("arm ")], analysis=analysis_method(settings),
+        expected=_expected_precision(cases[cases["split"] == "test"], len(seeds), settings),
+        center=ALL_EXTERNAL if len(external) > 1 else external[0])
+    return Design(ds, assignments, arms, seeds, notes, content)
+
+
+def analysis_method(settings: AblationConfig) -> dict:
+    from diffkd.evaluate.pooled import LEVEL, PooledEstimate
+
+    return {"method": PooledEstimate.method, "n_boot": settings.n_boot, "level": LEVEL}
+
+
+def _expected_precision(external_cases: "pd.DataFrame", seeds: int, settings: AblationConfig) -> dict | None:
+    from diffkd.experiments.preregistration import PlanningAssumptions, expected_precision
+
+    positives = int(external_cases["label"].sum())
+    if positives == 0 or positives == len(external_cases):
+        return None
+    assumptions = PlanningAssumptions(settings.plan_auc, settings.plan_arm_correlation, settings.plan_seed_sd)
+    return expected_precision(positives, len(external_cases) - positives, seeds, assumptions)
+
+
+def finished_trial_names(out_dir: str) -> list[str]:
+    """Trial folders that hold a finished trial (its record and predictions), current or not."""
+    root = os.path.join(out_dir, "trials")
+    if not os.path.isdir(root):
+        return []
+    return sorted(name for name in os.listdir(root) if os.path.exists(os.path.join(root, name, TRIAL_INFO))
+                  and os.path.exists(os.path.join(root, name, PREDICTIONS)))
+
+
+def plan_ablation(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
+                  settings: AblationConfig | None = None) -> dict:
+    """Write OUT/plan.json before any training (`diffkd ablate --plan-only`) and return it; refused
+    once a trial under an existing plan has finished (preregistration.write_plan)."""
+    from diffkd.experiments.preregistration import write_plan
+
+    planned = design(dataset, external, cfg, settings or cfg.ablation)
+    out = str(Path(out_dir).resolve())
+    return write_plan(out, planned.plan, finished_trial_names(out))
+
+
+def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
+           settings: AblationConfig | None = None, train: bool = True) -> AblationOutcome:
+    """Train every arm x seed (one Tune trial each) and write the tables and the forest plot.
+
+    The plan comes first: OUT/plan.json is written before anything trains unless the folder has one
+    (which is then kept as written); the tables compare the run with it. `train=False` trains nothing:
+    the tables and plot are written from the trials that have finished with the current settings
+    (e.g. while a long ablation runs elsewhere, or after a time budget).
+    """
+    from diffkd.runtime import raycompat
+    from diffkd.config import ConfigError
+    from diffkd.experiments import preregistration
+    from diffkd.experiments.run import generator_stage, plan_stages, stage_inputs
+    from diffkd.experiments.runstate import RunState
+
+    settings = settings or cfg.ablation
+    start = time.perf_counter()
+    out = Path(out_dir).resolve()
+    planned = design(dataset, external, cfg, settings)
+    ds, assignments, arms, notes, seeds = (planned.dataset, planned.assignments, planned.arms, planned.notes,
+                                           planned.seeds)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    if train and preregistration.read_plan(str(out)) is None:
+        preregistration.write_plan(str(out), planned.plan, finished_trial_names(str(out)))
+    if train:
+        raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
 
     # ---- the shared stage: diffusion + synthesis, once (or once per seed) ---------------------------
     sources: dict[int, tuple[str, ...]] = {seed: () for seed in seeds}
@@ -353,10 +464,11 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     notes.append("no hyperparameter search in any arm: every arm trains with the config's settings")
 
     plan = Plan(dataset=str(ds.uri), assignments=assignments, experiment=to_dict(cfg), sources=sources,
-                data_key=data_key(ds), out_dir=str(out))
+                data_key=data_key(ds), out_dir=str(out), train_rows=student_train_rows(assignments, cfg))
     trials = ordered_trials(arms, seeds)
     concurrent, failed = 0, []
     if train:
+        preregistration.record_first_trial_start(str(out))
         concurrent, failed = _run_trials(plan, trials, settings, cfg, str(out))
     finished = [t for t in trials if is_current(trial_dir(str(out), t["arm"], t["seed"]),
                                                 trial_key(plan, cfg, t["arm"], t["seed"]))]
@@ -364,9 +476,14 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
         notes.append(f"{len(trials) - len(finished)} of {len(trials)} trial(s) did not finish "
                      "(failed, past the time budget or not run); rerun the same command to finish them")
     table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width)
+    by_arm = {arm: sorted(t["seed"] for t in finished if t["arm"] == arm) for arm in {t["arm"] for t in finished}}
+    written = preregistration.read_plan(str(out))
+    found = preregistration.deviations(written, cohort_fingerprint=plan.data_key, external=external,
+                                       config=to_dict(cfg), finished=by_arm, analysis=analysis_method(settings))
     outcome = AblationOutcome(out_dir=str(out), table=table, summary=summary,
                               distillation=distillation_table(str(out), finished), arms=arms, seeds=seeds,
-                              parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes)
+                              parallel=concurrent, wall_s=time.perf_counter() - start, failed=failed, notes=notes,
+                              plan=preregistration.plan_record(written, found))
     outcome.files = write_outputs(outcome, settings)
     return outcome
 
@@ -454,10 +571,12 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
     predictions = external_predictions(out_dir, trials)
     rows = []
     for (arm, seed), preds in predictions.groupby(["arm", "seed"], sort=False):
+        steps = optimizer_steps(out_dir, arm, int(seed))
         for center, group in _groups(preds):
             rows.append({"arm": arm, "seed": int(seed), "center": center, "cases": len(group),
-                         "upgrades": int(group["label"].sum()), **_auc_row(group)})
-    table = pd.DataFrame(rows, columns=["arm", "seed", "center", "cases", "upgrades", "auc", "ci_low", "ci_high"])
+                         "upgrades": int(group["label"].sum()), **_auc_row(group), "optimizer_steps": steps})
+    table = pd.DataFrame(rows, columns=["arm", "seed", "center", "cases", "upgrades", "auc", "ci_low", "ci_high",
+                                        "optimizer_steps"])
 
     summary = []
     arms = [a for a in TRIAL_ORDER if a in set(predictions["arm"])]
@@ -474,12 +593,36 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
             row = {"arm": arm, "center": center, "seeds": len(seeds), "cases": len(cases),
                    "patients": pooled.patients, "upgrades": int(sum(labels)), "mean_auc": pooled.estimate,
                    "auc_ci_low": pooled.ci[0], "auc_ci_high": pooled.ci[1],
-                   "auc_between_seed_sd": pooled.between_seed_sd}
+                   "auc_between_seed_sd": pooled.between_seed_sd,
+                   "optimizer_steps": _mean_steps(table, arm, seeds)}
             if arm != REFERENCE_ARM and REFERENCE_ARM in set(group["arm"]):
                 paired = set(group.loc[group["arm"] == REFERENCE_ARM, "seed"]) & set(seeds)
                 row.update(_difference(group, arm, sorted(paired), n_boot, target_half_width))
             summary.append(row)
     return table, pd.DataFrame(summary)
+
+
+def optimizer_steps(out_dir: str, arm: str, seed: int) -> float:
+    """Optimizer steps the trial's model took (its training.json history; a teacher arm's teacher's)."""
+    import json
+
+    from diffkd.train.teacher import TRAINING_INFO
+
+    folder = trial_dir(out_dir, arm, seed)
+    if arm in TEACHER_ARMS:
+        info_path = os.path.join(folder, TRIAL_INFO)
+        folder = (json.loads(Path(info_path).read_text()).get("teacher") or "") if os.path.exists(info_path) else ""
+    path = os.path.join(folder, TRAINING_INFO)
+    if not folder or not os.path.exists(path):
+        return math.nan
+    history = json.loads(Path(path).read_text()).get("history") or []
+    return float(history[-1].get("global_step", math.nan)) if history else math.nan
+
+
+def _mean_steps(table: "pd.DataFrame", arm: str, seeds: list[int]) -> float:
+    steps = table.loc[(table["arm"] == arm) & table["seed"].isin(seeds), ["seed", "optimizer_steps"]]
+    values = steps.drop_duplicates("seed")["optimizer_steps"].dropna()
+    return float(values.mean()) if len(values) else math.nan
 
 
 DISTILLATION_COLUMNS = ["arm", "seed", "params", "best_epoch", "epochs_run", "val_auc", "agree_corr", "agree_kl",
@@ -499,7 +642,7 @@ def distillation_table(out_dir: str, trials: list[dict[str, Any]]) -> "pd.DataFr
     rows = []
     for t in trials:
         path = os.path.join(trial_dir(out_dir, t["arm"], t["seed"]), TRAINING_INFO)
-        if t["arm"] == "teacher" or not os.path.exists(path):
+        if t["arm"] in TEACHER_ARMS or not os.path.exists(path):
             continue
         info = json.loads(Path(path).read_text())
         metrics = info["metrics"]
@@ -548,7 +691,7 @@ def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
                                  score_matrix(group, REFERENCE_ARM, seeds, cases), patients=patients,
                                  n_boot=n_boot)
     return {"paired_seeds": diff.seeds, "diff_vs_full": diff.estimate, "diff_ci_low": diff.ci[0],
-            "diff_ci_high": diff.ci[1], "diff_se": diff.se, "p": diff.p, "mdd_80": diff.mdd,
+            "diff_ci_high": diff.ci[1], "diff_se": diff.se, "diff_df": diff.df, "p": diff.p, "mdd_80": diff.mdd,
             "diff_between_seed_sd": diff.between_seed_sd,
             "seeds_for_target": _seeds_needed(diff, target_half_width)}
 
@@ -565,10 +708,12 @@ def _seeds_needed(diff, target_half_width: float) -> str:
 
 def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> str:
     target = f"K for +/-{target_half_width:g}"
-    lines = [f"{'arm':<13} {'center':<13} {'seeds':>5} {'cases':>5}  {'mean ext. AUC (95% CI)':<24} "
+    lines = [f"{'arm':<22} {'center':<13} {'seeds':>5} {'cases':>5} {'steps':>6}  {'mean ext. AUC (95% CI)':<24} "
              f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6}  {target}"]
     for _, r in summary.iterrows():
         auc_text = f"{r['mean_auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
+        steps = r.get("optimizer_steps", math.nan)
+        steps_text = "" if not isinstance(steps, float) or math.isnan(steps) else f"{steps:.0f}"
         diff = r.get("diff_vs_full", math.nan)
         if isinstance(diff, float) and not math.isnan(diff):
             diff_text = f"{diff:+.3f} ({r['diff_ci_low']:+.3f} to {r['diff_ci_high']:+.3f})"
@@ -576,8 +721,8 @@ def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> 
             needed = str(r["seeds_for_target"])
         else:
             diff_text, p_text, mdd_text, needed = "reference" if r["arm"] == REFERENCE_ARM else "", "", "", ""
-        lines.append(f"{r['arm']:<13} {r['center']:<13} {r['seeds']:>5} {r['cases']:>5}  {auc_text:<24} "
-                     f"{diff_text:<26} {p_text:>6} {mdd_text:>6}  {needed}")
+        lines.append(f"{r['arm']:<22} {r['center']:<13} {r['seeds']:>5} {r['cases']:>5} {steps_text:>6}  "
+                     f"{auc_text:<24} {diff_text:<26} {p_text:>6} {mdd_text:>6}  {needed}")
     return "\n".join(lines)
 
 
@@ -591,10 +736,12 @@ def write_outputs(outcome: AblationOutcome, settings: AblationConfig) -> dict[st
              "distillation": os.path.join(out, "distillation.csv")}
     atomic_write_text(files["table"], outcome.table.to_csv(index=False))
     atomic_write_text(files["distillation"], outcome.distillation.to_csv(index=False))
-    atomic_write_text(files["summary"], outcome.summary.to_csv(index=False))
+    status = outcome.plan.get("status", "exploratory")
+    atomic_write_text(files["summary"], outcome.summary.assign(evidence=status).to_csv(index=False))
     atomic_write_json(files["json"], {
         "arms": outcome.arms, "seeds": outcome.seeds, "reference": REFERENCE_ARM, "parallel": outcome.parallel,
         "wall_s": outcome.wall_s, "failed": outcome.failed, "notes": outcome.notes, "settings": to_dict(settings),
+        "evidence": status, "plan": outcome.plan,
         "method": PooledEstimate.method + f", {settings.n_boot} replicates; see diffkd/evaluate/pooled.py",
         "summary": outcome.summary.to_dict(orient="records"), "trials": outcome.table.to_dict(orient="records"),
         "distillation": outcome.distillation.to_dict(orient="records")})

@@ -90,8 +90,8 @@ class BaselineStage:
     feature_model: TeacherConfig = field(default_factory=lambda: TeacherConfig(arch="resnet101"))
 
 
-# The arms of `diffkd ablate` (diffkd/experiments/ablate.py trains them).
-ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "pairing_free")
+# The arms of `diffkd ablate` (diffkd/ablate.py trains them).
+ARMS = ("full", "no_synthesis", "no_kd", "neither", "teacher", "teacher_student_budget", "pairing_free")
 
 
 @dataclass
@@ -105,6 +105,12 @@ class AblationConfig:
     n_boot: int = 2000  # bootstrap replicates of the pooled CIs (diffkd.evaluate.pooled)
     target_half_width: float = 0.04  # the summary says how many seeds would bring a difference's CI to +/- this
     time_budget_min: float = 0.0  # stop starting trials after this long (0 = none); a rerun finishes them
+    # Planning assumptions for plan.json's expected precision (diffkd.experiments.preregistration): the arms'
+    # external AUC, the correlation of two arms' AUC estimates on the same cases, the SD over seeds of one
+    # seed's paired difference. They set no result, only what the plan says it expects to detect.
+    plan_auc: float = 0.78
+    plan_arm_correlation: float = 0.8
+    plan_seed_sd: float = 0.03
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]

@@ -1,5 +1,5 @@
 """The phantom's ceilings: truth.csv joins the predictions through ingest's pseudonyms, metrics.json and
-the per-center figure carry the Bayes and image-visible AUCs, and no training stage ever gets the truth."""
+the per-center figure carry the Bayes and image-ceiling AUCs (and the reference score's), and no training stage ever gets the truth."""
 from __future__ import annotations
 
 import builtins
@@ -20,13 +20,14 @@ from diffkd.evaluate.truth import TruthError, load_truth
 
 
 def _truth_for(preds: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """A truth table for simulated predictions: the label probability knows the label well, the visible
-    score less so."""
+    """A truth table for simulated predictions: the label probability knows the label well, the image
+    probability less so, the reference score least."""
     rng = np.random.default_rng(seed)
     cases = preds.drop_duplicates("case_id")[["case_id", "center", "label"]].reset_index(drop=True)
     y = cases.label.to_numpy()
     return cases.assign(label_probability=1 / (1 + np.exp(-(1.5 * y + rng.normal(0, 1, len(y)) - 1))),
-                        visible_score=y + rng.normal(0, 1.2, len(y)))
+                        image_probability=1 / (1 + np.exp(-(y + rng.normal(0, 1.2, len(y))))),
+                        reference_score=y + rng.normal(0, 2.0, len(y)))
 
 
 def test_ceilings_sit_beside_every_model_per_center(tmp_path, simulate_predictions):
@@ -39,16 +40,17 @@ def test_ceilings_sit_beside_every_model_per_center(tmp_path, simulate_predictio
     ceilings = metrics["ceilings"]
     assert set(ceilings) == {"A", "B", "C", "D"}
     scored = preds[(preds.model == "student_kd") & preds.split.isin(["val", "test"])].merge(
-        truth[["case_id", "label_probability", "visible_score"]], on="case_id")
+        truth[["case_id", "label_probability", "image_probability", "reference_score"]], on="case_id")
     for center, part in scored.groupby("center"):
         entry = ceilings[center]
         assert entry["n"] == len(part) == metrics["models"]["student_kd"]["per_center"][center]["n"]
         assert entry["bayes_auc"] == pytest.approx(roc_auc_score(part.label, part.label_probability), abs=1e-12)
-        assert entry["visible_auc"] == pytest.approx(roc_auc_score(part.label, part.visible_score), abs=1e-12)
+        assert entry["image_auc"] == pytest.approx(roc_auc_score(part.label, part.image_probability), abs=1e-12)
+        assert entry["reference_auc"] == pytest.approx(roc_auc_score(part.label, part.reference_score), abs=1e-12)
         assert entry["cases_of"] == "student_kd" and entry["bayes_auc_ci"][0] <= entry["bayes_auc"]
     page = files.index.read_text()
-    assert "Bayes AUC" in page and "image-visible AUC" in page
-    assert f"C: image-visible AUC {ceilings['C']['visible_auc']:.3f}" in page  # the summary names the external ceiling
+    assert "Bayes AUC" in page and "image ceiling AUC" in page and "reference score AUC" in page
+    assert f"C: image ceiling AUC {ceilings['C']['image_auc']:.3f}" in page  # the summary names the external ceiling
     # rebuilt from the report folder alone, the ceilings come back
     from diffkd.cli import main
 
@@ -60,8 +62,8 @@ def test_ceilings_sit_beside_every_model_per_center(tmp_path, simulate_predictio
 def test_a_truth_file_of_another_cohort_is_refused(tmp_path, simulate_predictions):
     preds = simulate_predictions(seed=2, models=("student_kd",), cases_per_center=40)
     truth = _truth_for(preds)
-    truth.drop(columns="visible_score").to_csv(tmp_path / "cols.csv", index=False)
-    with pytest.raises(TruthError, match="visible_score"):
+    truth.drop(columns="image_probability").to_csv(tmp_path / "cols.csv", index=False)
+    with pytest.raises(TruthError, match="image_probability"):
         load_truth(tmp_path / "cols.csv", preds.case_id.unique())
     truth.assign(label=1 - truth.label).to_csv(tmp_path / "flipped.csv", index=False)
     with pytest.raises(TruthError, match="another cohort"):
@@ -103,7 +105,7 @@ def _mentions(value, needle: str, seen=None) -> bool:
     if isinstance(value, (list, tuple, set)):
         return any(_mentions(v, needle) for v in value)
     if isinstance(value, pd.DataFrame):
-        return any(c in value.columns for c in ("label_probability", "visible_score")) or any(
+        return any(c in value.columns for c in ("label_probability", "image_probability")) or any(
             needle in str(v) for c in value.columns if value[c].dtype == object for v in value[c].unique()[:1000])
     return False
 
@@ -119,7 +121,7 @@ def test_no_training_stage_ever_gets_the_truth(tmp_path, monkeypatch, ramp_datas
     ds = ramp_dataset(tmp_path / "ds")
     truth = tmp_path / "phantom" / "truth.csv"
     truth.parent.mkdir()
-    truth.write_text("center,case_id,label,label_probability,visible_score\n")
+    truth.write_text("center,case_id,label,label_probability,image_probability,reference_score\n")
     calls: list[tuple[str, tuple, dict]] = []
 
     def recorder(name, result):

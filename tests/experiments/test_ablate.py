@@ -12,17 +12,19 @@ import pytest
 from scipy import stats
 
 from diffkd.experiments.ablate import (
-                                       TRIAL_INFO,
-                                       AblationConfig,
-                                       Plan,
-                                       applicable_arms,
-                                       ordered_trials,
-                                       student_setup,
-                                       summarize,
-                                       teacher_setup,
-                                       trial_dir,
-                                       trial_key,
-                                       )
+    TEACHER_ARMS,
+    TRIAL_INFO,
+    AblationConfig,
+    Plan,
+    applicable_arms,
+    optimizer_steps,
+    ordered_trials,
+    student_setup,
+    summarize,
+    teacher_setup,
+    trial_dir,
+    trial_key,
+)
 from diffkd.evaluate.pooled import pooled_auc_difference
 from diffkd.experiments.experiment import ExperimentConfig
 
@@ -67,6 +69,64 @@ def test_each_arm_trains_what_its_name_says():
     assert ratio == 0.5 and synthetic.pipeline.modalities == ("us",) and synthetic.loop.seed == 1
     assert teacher_setup(cfg, "real", 1, sources)[1] == 0.0
     assert teacher_setup(cfg, "second_modality", 1, sources)[0].pipeline.modalities == ("us_doppler",)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "terms":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# What each student arm is about: the only settings in which it may differ from `full`.
+ARM_DIFFERENCES = {
+    "no_synthesis": {"pipeline.synthetic_ratio"},
+    "no_kd": {"teacher_dir", "agreement_teacher_dir"},
+    "neither": {"teacher_dir", "agreement_teacher_dir", "pipeline.synthetic_ratio"},
+    "pairing_free": {"mode", "distill.terms", "pipeline.synthetic_ratio"},
+}
+
+
+def test_student_arms_differ_only_in_what_the_arm_is_about():
+    """The same loop (schedule, epochs, burn-in, optimizer steps per epoch) for every student arm: the
+    arms with synthetic rows take no more steps than the real-only ones; the student-budget teacher
+    trains with the students' budget."""
+    from diffkd.config import to_dict
+    from diffkd.experiments.experiment import ARMS
+
+    cfg = ExperimentConfig(synthetic_ratio=0.5)
+    setups = {arm: _flat(to_dict(student_setup(cfg, arm, 1, ("run-1",), "/t", train_rows=500)))
+              for arm in ARMS if arm not in TEACHER_ARMS}
+    assert set(setups) == {"full", *ARM_DIFFERENCES}
+    for arm, allowed in ARM_DIFFERENCES.items():
+        differing = {k for k in set(setups[arm]) | set(setups["full"]) if setups[arm].get(k) != setups["full"].get(k)}
+        assert differing == allowed, arm
+    assert {s["loop.train_samples"] for s in setups.values()} == {500}  # one epoch length for every arm
+    budget, ratio = teacher_setup(cfg, "synthetic_student_budget", 1, ("run-1",), train_rows=500)
+    own, _ = teacher_setup(cfg, "synthetic", 1, ("run-1",), train_rows=500)
+    assert ratio == 0.5 and budget.loop.lr == own.loop.lr
+    assert (budget.loop.epochs, budget.loop.patience, budget.loop.min_epochs, budget.loop.train_samples) == (
+        cfg.student.loop.epochs, cfg.student.loop.patience, cfg.student.loop.min_epochs, 500)
+    cfg.student.loop.train_samples = 300  # a length the config sets is every arm's
+    assert student_setup(cfg, "neither", 1, (), "", train_rows=500).loop.train_samples == 300
+
+
+def test_the_tables_count_each_trials_optimizer_steps(tmp_path):
+    student = trial_dir(str(tmp_path), "full", 0)
+    teacher = os.path.join(str(tmp_path), "teachers", "synthetic-s0")
+    for folder, steps in ((student, 180), (teacher, 60)):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "training.json"), "w") as f:
+            json.dump({"history": [{"epoch": 1, "global_step": steps // 2}, {"epoch": 2, "global_step": steps}]}, f)
+    os.makedirs(trial_dir(str(tmp_path), "teacher", 0))
+    with open(os.path.join(trial_dir(str(tmp_path), "teacher", 0), TRIAL_INFO), "w") as f:
+        json.dump({"key": "k", "arm": "teacher", "seed": 0, "teacher": teacher}, f)
+    assert optimizer_steps(str(tmp_path), "full", 0) == 180
+    assert optimizer_steps(str(tmp_path), "teacher", 0) == 60
+    assert math.isnan(optimizer_steps(str(tmp_path), "neither", 0))
 
 
 def test_a_trial_is_stale_when_its_seed_config_or_teacher_changes():
@@ -131,7 +191,8 @@ def test_the_tables_pair_arms_by_seed_and_case(tmp_path):
                                      patients=[f"p{i // 2}" for i in range(n)], n_boot=1000)
     assert neither["diff_vs_full"] == pytest.approx(expected.estimate)
     assert (neither["diff_ci_low"], neither["diff_ci_high"]) == pytest.approx(expected.ci)
-    assert neither["mdd_80"] == pytest.approx((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * neither["diff_se"])
+    assert neither["mdd_80"] == pytest.approx(expected.mdd)
+    assert neither["mdd_80"] >= (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * neither["diff_se"]
     assert neither["patients"] == n // 2
     assert neither["seeds_for_target"] == "more cases" or int(neither["seeds_for_target"]) >= 3
     full = summary[summary["arm"] == "full"].iloc[0]
@@ -186,6 +247,11 @@ def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys
                                                    "synthetic-s1.lock"]
     record = json.loads((out / "ablation.json").read_text())
     assert any("ran once" in note for note in record["notes"])
+    # the first invocation wrote the plan before training; the rerun kept it and followed it
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["first_trial_started_at"] >= plan["written_at"] and record["plan"]["digest"] == plan["digest"]
+    assert record["evidence"] == "pre-registered" and record["plan"]["deviations"] == []
+    assert (table["optimizer_steps"] > 0).all() and "evidence: pre-registered" in printed
     # every student records its agreement with the full arm's teacher (the plain one too, unlearned)
     distillation = pd.read_csv(out / "distillation.csv")
     assert sorted(zip(distillation["arm"], distillation["seed"])) == [("full", 0), ("full", 1), ("neither", 0),
@@ -200,14 +266,15 @@ def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys
 
 def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path, ramp_dataset):
 
-    from diffkd.experiments.ablate import ablate, data_key
+    from diffkd.experiments.ablate import ablate, data_key, student_train_rows
     from diffkd.data.splits import make_splits
 
     ds = ramp_dataset(tmp_path / "data")
     cfg = ExperimentConfig(synthetic_ratio=0.0)
     assignments = make_splits(ds.metadata().to_pandas(), ["B"], cfg.splits.val_fraction, cfg.splits.seed)
     plan = Plan(dataset=str(ds.uri), assignments=assignments, experiment={}, sources={0: (), 1: ()},
-                data_key=data_key(ds), out_dir=str(tmp_path / "out"))
+                data_key=data_key(ds), out_dir=str(tmp_path / "out"),
+                train_rows=student_train_rows(assignments, cfg))
     external = assignments[assignments["split"] == "test"].drop_duplicates("case_id")
     for seed, key in ((0, trial_key(plan, cfg, "neither", 0)), (1, "stale")):
         folder = trial_dir(str(tmp_path / "out"), "neither", seed)
@@ -223,3 +290,42 @@ def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path, ramp
     assert outcome.parallel == 0 and not outcome.failed
     assert any("1 of 2 trial(s) did not finish" in note for note in outcome.notes)
     assert (tmp_path / "out" / "ablation.csv").exists() and not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out" / "plan.json").exists()  # a report writes no plan: the run is exploratory
+    assert outcome.plan["status"] == "exploratory" and "no plan.json" in outcome.plan["deviations"][0]
+    assert set(pd.read_csv(tmp_path / "out" / "ablation_summary.csv")["evidence"]) == {"exploratory"}
+
+
+def test_plan_only_writes_the_plan_first_and_the_tables_compare_with_it(tmp_path, ramp_dataset):
+    from diffkd.experiments.ablate import ablate, data_key, plan_ablation, student_train_rows
+    from diffkd.data.splits import make_splits
+    from diffkd.experiments.preregistration import PlanError
+
+    ds = ramp_dataset(tmp_path / "data")
+    cfg = ExperimentConfig(synthetic_ratio=0.0)
+    settings = AblationConfig(arms=["neither"], seeds=2, n_boot=1000)
+    out = tmp_path / "out"
+    plan = plan_ablation(str(tmp_path / "data"), ["B"], cfg, str(out), settings)
+    assert json.loads((out / "plan.json").read_text()) == plan
+    assert plan["arms"] == ["neither"] and plan["seeds"] == [0, 1] and plan["external"] == ["B"]
+    assert plan["cohort"]["fingerprint"] == data_key(ds) and not plan["primary_endpoint"]["estimable"]
+    assert plan["trials_finished_before_plan"] == [] and plan["expected"]["mdd_80"] > 0
+
+    assignments = make_splits(ds.metadata().to_pandas(), ["B"], cfg.splits.val_fraction, cfg.splits.seed)
+    trial_plan = Plan(dataset=str(ds.uri), assignments=assignments, experiment={}, sources={0: (), 1: ()},
+                      data_key=data_key(ds), out_dir=str(out), train_rows=student_train_rows(assignments, cfg))
+    external = assignments[assignments["split"] == "test"].drop_duplicates("case_id")
+    folder = trial_dir(str(out), "neither", 0)
+    os.makedirs(folder)
+    external.assign(prob=np.linspace(0, 1, len(external)), model="neither").to_parquet(
+        os.path.join(folder, "predictions.parquet"))
+    with open(os.path.join(folder, TRIAL_INFO), "w") as f:
+        json.dump({"key": trial_key(trial_plan, cfg, "neither", 0), "arm": "neither", "seed": 0}, f)
+    with pytest.raises(PlanError, match="cannot be rewritten"):
+        plan_ablation(str(tmp_path / "data"), ["B"], cfg, str(out), settings)
+
+    outcome = ablate(str(tmp_path / "data"), ["B"], cfg, str(out), settings, train=False)
+    assert outcome.plan["status"] == "exploratory" and outcome.plan["deviations"] == ["arm neither: seed(s) 1 missing"]
+    assert outcome.plan["digest"] == plan["digest"]
+    record = json.loads((out / "ablation.json").read_text())
+    assert record["evidence"] == "exploratory" and record["plan"]["deviations"] == outcome.plan["deviations"]
+    assert set(pd.read_csv(out / "ablation_summary.csv")["evidence"]) == {"exploratory"}

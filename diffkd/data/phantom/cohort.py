@@ -4,7 +4,10 @@ OUT/<center>/images/<case>_<view>.png     one PNG per image (gray or RGB as the 
 OUT/<center>/masks/<case>_<view>_mask.png lesion mask where a lesion is visible
 OUT/<center>/clinical.csv                 one row per image (columns: CSV_COLUMNS)
 OUT/readers.csv                           simulated senior/junior reads per center (readers.py)
-OUT/truth.csv                             the phantom's hidden truth per case (for audits, never for training)
+OUT/truth.csv                             the phantom's hidden truth per case (for audits, never for training):
+                                          label_probability (P(label | everything), the Bayes ceiling),
+                                          image_probability (P(label | what the images draw), the image
+                                          ceiling: ceiling.py) and reference_score (the readers' suspicion)
 OUT/cohort.json                           centers, profiles, counts, generator version, seed, difficulty
 
 Everything is written under a temporary sibling folder and renamed into place at the end, so an
@@ -30,6 +33,7 @@ from PIL import Image
 import diffkd
 from diffkd.data.phantom import centers as centers_mod
 from diffkd.data.phantom import mammo
+from diffkd.data.phantom.ceiling import mammo_probability, ultrasound_probability
 from diffkd.data.phantom.clinical import imaging_suspicion, missing_mask, sample_latent_cases
 from diffkd.data.phantom.display import export_image
 from diffkd.data.phantom.doppler import add_flow
@@ -142,14 +146,16 @@ def plan_center(ci: int, profile, modality: str, seed: int, difficulty: float,
     if modality == "mammo":
         cases["modality"] = "mammo"
         cases["rows"] = profile.rows
-        cases["visible_score"] = mammo.imaging_suspicion(cases)
+        cases["reference_score"] = mammo.imaging_suspicion(cases)
+        cases["image_probability"] = mammo_probability(cases, profile, difficulty)
     else:
         doppler = np.zeros(n, bool)
         doppler[rng.permutation(n)[: int(round(doppler_fraction * n))]] = True
         cases["modality"] = np.where(doppler, "us_doppler", "us")
         cases["n_views"] = np.where(doppler, np.minimum(cases["n_views"], 2), cases["n_views"])
         cases["rows"] = rng.choice(np.asarray(profile.rows), size=n)
-        cases["visible_score"] = imaging_suspicion(cases, "calcs_on_us")
+        cases["reference_score"] = imaging_suspicion(cases, "calcs_on_us")
+        cases["image_probability"] = ultrasound_probability(cases, profile.mix, difficulty)
     for name, missing in missing_mask(n, profile.mix, rng).items():
         cases[f"missing_{name}"] = missing
     return cases
@@ -276,7 +282,7 @@ def _image_table(truth: pd.DataFrame, per_case: list[list[dict]], profile) -> pd
 TRUTH_COLUMNS = ("center", "case_id", "patient_id", "modality", "label", "aggressiveness", "label_probability",
                  "lesion_type", "margin", "posterior", "taller_than_wide", "halo", "calcs", "calcs_on_us", "pattern",
                  "size_mm", "measured_size_mm", "lesion_size_mm", "palpable", "node", "grade", "vascularity", "age",
-                 "birads", "visible_score", "n_views")
+                 "birads", "image_probability", "reference_score", "n_views")
 
 
 def _truth_table(truth: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """Simulated radiologist reads: a senior and a junior reader per center.
 
-Readers see the images, not the hidden truth: their suspicion is the imaging-visible score
-(`clinical.imaging_suspicion`, the same one BI-RADS is built from) plus reader noise, larger for
+Readers see the images, not the hidden truth: their suspicion is the reference score
+(`clinical.imaging_suspicion`, a hand-weighted score of the drawn features, the same one BI-RADS is
+built from) plus reader noise, larger for
 the junior reader, who also over-calls. With the noise levels below the readers' AUCs on the phantom
 land near the published radiologist range for upgrade prediction (0.54-0.68; docs/design.md), senior
 above junior.
@@ -22,7 +23,7 @@ READER_COLUMNS = ("reader", "experience", "case_id", "birads", "probability", "c
 @dataclass(frozen=True)
 class ReaderProfile:
     experience: str
-    noise: float  # reader noise, in units of the visible suspicion score
+    noise: float  # reader noise, in units of the reference score
     overcall: float  # shifts the BI-RADS distribution up (juniors call more 4c/5)
 
 
@@ -30,7 +31,7 @@ READERS = (ReaderProfile("senior", 0.55, 0.0), ReaderProfile("junior", 1.4, 0.35
 
 
 def simulate_readers(truth: pd.DataFrame, seed: int, readers: tuple[ReaderProfile, ...] = READERS) -> pd.DataFrame:
-    """One row per (reader, case). `truth` needs `center`, `case_id` and `visible_score` columns.
+    """One row per (reader, case). `truth` needs `center`, `case_id` and `reference_score` columns.
 
     `birads` is the reader's category, `probability` the reader's stated chance of the positive class
     and `call` 1 when the reader calls it positive (BI-RADS 4c or 5).
@@ -41,7 +42,7 @@ def simulate_readers(truth: pd.DataFrame, seed: int, readers: tuple[ReaderProfil
         cases = truth[truth["center"] == center]
         for ri, reader in enumerate(readers):
             rng = np.random.default_rng([seed, 7070, ci, ri])
-            score = cases["visible_score"].to_numpy(float) + reader.noise * rng.standard_normal(len(cases))
+            score = cases["reference_score"].to_numpy(float) + reader.noise * rng.standard_normal(len(cases))
             z = (score - score.mean()) / (score.std() + 1e-9) + reader.overcall
             birads = levels[np.searchsorted(ndtri(np.cumsum(list(BIRADS_RATES.values()))[:-1]), z)]
             probability = 1.0 / (1.0 + np.exp(-(-1.1 + 0.9 * z)))
