@@ -138,6 +138,8 @@ def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinic
                            "its local folder (model.safetensors + config.json)") from err
     if pretrained and "file" in timm_kwargs["pretrained_cfg_overlay"]:
         _check_loaded(backbone, timm_kwargs["pretrained_cfg_overlay"]["file"], pretrained, arch)
+    if not pretrained:
+        zero_classifier(backbone)
     if not clinical_dim:
         return backbone
     width = ClinicalEncoding().width
@@ -147,6 +149,21 @@ def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinic
                                                hidden=fusion_hidden, dropout=fusion_dropout,
                                                column_dropout=column_dropout))
     return ClinicalFusionClassifier(backbone, head)
+
+
+def zero_classifier(model: nn.Module) -> None:
+    """Start a timm model's last (classifier) layer at zero: every image gets the constant prediction 0.5 and
+    the training cross-entropy starts at ln 2, as ViT / DeiT heads start.
+
+    timm's own initialisation of some heads (MobileNetV3, EfficientNet: uniform ±1/sqrt(classes), ±0.71 for
+    two classes, on 1,024-1,280 unnormalised features) made a from-scratch student's logits large from the
+    first steps: its training cross-entropy stayed at 1.3-5 against a constant predictor's 0.69 for the whole
+    run. A zero layer still learns (its gradient is the features times the error)."""
+    layer = model.get_classifier()
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
 def uses_clinical(model: nn.Module) -> bool:
