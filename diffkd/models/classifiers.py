@@ -139,7 +139,7 @@ def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinic
     if pretrained and "file" in timm_kwargs["pretrained_cfg_overlay"]:
         _check_loaded(backbone, timm_kwargs["pretrained_cfg_overlay"]["file"], pretrained, arch)
     if not pretrained:
-        zero_classifier(backbone)
+        rescale_classifier(backbone)
     if not clinical_dim:
         return backbone
     width = ClinicalEncoding().width
@@ -151,19 +151,17 @@ def create_classifier(arch: str, in_chans: int = 1, num_classes: int = 2, clinic
     return ClinicalFusionClassifier(backbone, head)
 
 
-def zero_classifier(model: nn.Module) -> None:
-    """Start a timm model's last (classifier) layer at zero: every image gets the constant prediction 0.5 and
-    the training cross-entropy starts at ln 2, as ViT / DeiT heads start.
+def rescale_classifier(model: nn.Module) -> None:
+    """Give a timm model's last (classifier) layer PyTorch's default initialisation, uniform within
+    ±1/sqrt(fan_in): logits start small, near the constant prediction (cross-entropy ln 2).
 
-    timm's own initialisation of some heads (MobileNetV3, EfficientNet: uniform ±1/sqrt(classes), ±0.71 for
-    two classes, on 1,024-1,280 unnormalised features) made a from-scratch student's logits large from the
-    first steps: its training cross-entropy stayed at 1.3-5 against a constant predictor's 0.69 for the whole
-    run. A zero layer still learns (its gradient is the features times the error)."""
+    timm initialises some heads (MobileNetV3, EfficientNet) uniform within ±1/sqrt(classes), ±0.71 for two
+    classes, on 1,024-1,280 unnormalised features: a from-scratch student's logits were large from the
+    first steps and its training cross-entropy stayed at 1.3-5 against a constant predictor's 0.69 for the
+    whole run. ResNet heads already start this way."""
     layer = model.get_classifier()
     if isinstance(layer, (nn.Linear, nn.Conv2d)):
-        nn.init.zeros_(layer.weight)
-        if layer.bias is not None:
-            nn.init.zeros_(layer.bias)
+        layer.reset_parameters()
 
 
 def uses_clinical(model: nn.Module) -> bool:
