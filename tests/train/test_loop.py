@@ -215,9 +215,9 @@ def test_a_weight_average_is_validated_saved_and_resumed(ray_local, tmp_path):
     averaged = fit(TinyTask(), datasets(), loop_config(tmp_path, "ema", ema_decay=0.9, **settings))
     # the same raw training (same seed, same steps): only what is validated and saved differs
     assert [h["loss"] for h in averaged.history] == pytest.approx([h["loss"] for h in plain.history])
-    assert averaged.history[-1]["val_auc"] != plain.history[-1]["val_auc"]
     weights, raw = averaged.state_dict("latest"), plain.state_dict("latest")
     assert not torch.allclose(weights["0.weight"], raw["0.weight"])
+    # the AUC validation recorded is the saved average's (a rank statistic: the raw weights may tie with it)
     model = averaged.load_model(TinyTask(), "latest")
     val = rows(128, 1)
     with torch.no_grad():
