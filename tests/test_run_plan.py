@@ -98,3 +98,19 @@ def test_missing_training_rows_names_split_and_modality():
     rows.loc[1, "synthetic"] = True  # a synthetic Doppler row is no training image of the modality
     assert missing_training_rows(rows, ("us_doppler",)) == ["'us_doppler' images in the train split",
                                                             "'us_doppler' images in the internal-validation split"]
+
+
+def test_the_report_gets_every_trained_networks_health_from_its_training_json(tmp_path):
+    import json
+
+    from diffkd.run import _health_inputs
+
+    entry = {"checks": {"epochs": 3}, "flags": ["inverted"]}
+    models = tmp_path / "models"
+    for name in ("teacher", "student", "deep_feature_model_fold0", "diffusion"):
+        (models / name).mkdir(parents=True)
+    for name in ("teacher", "student", "deep_feature_model_fold0"):
+        (models / name / "training.json").write_text(json.dumps({"metrics": {"health": entry}}))
+    dirs = {"teacher": str(models / "teacher"), "student_kd": str(models / "student"),
+            "diffusion": str(models / "diffusion")}
+    assert _health_inputs(dirs, models) == {"teacher": entry, "student_kd": entry, "deep_feature_model_fold0": entry}
