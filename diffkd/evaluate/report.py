@@ -48,6 +48,7 @@ from diffkd.runtime.files import staged_directory
 log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
+DEEP_FEATURE_EXTRACTOR = "deep_feature_model"  # the stage name of the deep-feature model's trained extractor(s)
 INPUTS_FILE = "report_inputs.json"
 READERS_FILE = "readers.csv"
 PACKAGES = ("diffkd", "torch", "torchvision", "timm", "diffusers", "ray", "deepspeed", "numpy", "pandas", "scipy",
@@ -59,7 +60,7 @@ SECTIONS = {
     "calibration": "Calibration",
     "decision": "Clinical utility", "ablations": "Ablations", "baselines": "Seed-001 baselines",
     "readers": "Reader study", "efficiency": "Model size and speed", "synthetic": "Synthetic-data audit",
-    "distillation": "Distillation",
+    "distillation": "Distillation", "health": "Training health",
 }
 
 
@@ -88,6 +89,9 @@ class ReportInputs:
     # student -> {"teacher": the teacher's model name, "best_epoch", "history": per-epoch metrics with the
     # loss terms (ce, kd_<term>) and the agreement measures (agree_corr, agree_kl, agree_top1)}
     distillation: dict = field(default_factory=dict)
+    # trained network (each classifier; each fold of the deep-feature extractor) -> {"checks", "flags"}
+    # (diffkd.train.health); metrics.json carries each under models.<name>.health
+    health: dict = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = sorted(set(self.skipped) - set(SECTIONS))
@@ -175,14 +179,14 @@ def _p(value: object) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Iterable[int] = (),
-           highlight: Iterable[int] = ()) -> str:
-    """Cells are pre-escaped HTML; `numeric` column indices are right-aligned."""
+           highlight: Iterable[int] = (), row_class: str = "reference") -> str:
+    """Cells are pre-escaped HTML; `numeric` column indices are right-aligned; `highlight` rows get `row_class`."""
     numeric, highlight = set(numeric), set(highlight)
     head = "".join(f'<th class="num">{h}</th>' if i in numeric else f"<th>{h}</th>" for i, h in enumerate(headers))
     body = []
     for r, row in enumerate(rows):
         cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row))
-        body.append(f'<tr class="reference">{cells}</tr>' if r in highlight else f"<tr>{cells}</tr>")
+        body.append(f'<tr class="{row_class}">{cells}</tr>' if r in highlight else f"<tr>{cells}</tr>")
     return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
@@ -543,6 +547,36 @@ def _distillation_section(ctx: _Context) -> str:
     return out
 
 
+def _health_section(ctx: _Context) -> str:
+    from diffkd.train.health import FLAG_TEXT, HealthThresholds
+
+    if not ctx.inputs.health:
+        return ctx.skip("health", "no trained model's training history was provided")
+    rows, flagged = [], []
+    for network, entry in ctx.inputs.health.items():
+        c, flags = entry["checks"], entry["flags"]
+        if flags:
+            flagged.append(len(rows))
+        auc_range = (f"{_num(c.get('val_auc_min'))}–{_num(c.get('val_auc_max'))}"
+                     if c.get("val_auc_min") is not None else "–")
+        rows.append([f"<code>{_esc(network)}</code>", _num(c.get("epochs")), _num(c.get("constant_ce")),
+                     _num(c.get("train_ce_last")),
+                     f"{c.get('epochs_ce_not_below_constant', 0)} of {c.get('epochs_judged', 0)}", auc_range,
+                     _num(c.get("longest_run_auc_below_half")), _num(c.get("max_auc_change")),
+                     _num(c.get("auc_change_limit")), _esc("; ".join(FLAG_TEXT.get(f, f) for f in flags) or "healthy")])
+    t = HealthThresholds()
+    out = _table(["network", "epochs", "constant CE", "train CE (last)", "epochs CE ≥ constant",
+                  "internal AUC range", "epochs in a row AUC < 0.5", "largest AUC change", "noise limit", "finding"],
+                 rows, range(1, 9), highlight=flagged, row_class="flagged")
+    out += ('<p class="note">Checked on each run\'s per-epoch history. Constant CE: the cross-entropy of the best '
+            "constant prediction under the stage's class weights (ln 2 = 0.693 with balanced weights); the training "
+            f"cross-entropy must be below it on at least half the epochs after warm-up (the first "
+            f"{t.warmup_share:.0%} of epochs). Inverted: internal-validation AUC below 0.5 for {t.inverted_epochs} "
+            "epochs in a row. Swing: an epoch-to-epoch change of the internal-validation AUC beyond "
+            f"{t.swing_z:g} standard errors of the difference (each epoch's DeLong SE on the validation set).</p>")
+    return out
+
+
 def _baseline_section(ctx: _Context) -> str:
     if ctx.caller_skipped("baselines"):
         return _skipped(ctx.skipped["baselines"])
@@ -739,6 +773,7 @@ _SECTIONS = [
     ("baselines", "Seed-001 baselines", "items 12, 22", _baseline_section),
     ("readers", "Reader study", "item 23", _readers_section),
     ("distillation", "Distillation", "item 10", _distillation_section),
+    ("health", "Training health", "item 10", _health_section),
     ("efficiency", "Model size and speed", "item 22", _efficiency_section),
     ("synthetic", "Synthetic-data audit", "item 9", _synthetic_section),
 ]
@@ -810,6 +845,7 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
     metrics = build_metrics(preds, model_info=inputs.model_info, synthetic=inputs.synthetic, readers=reads,
                             baselines=inputs.baselines, config=config, truth=truth, label_names=inputs.label_names,
                             distillation=inputs.distillation)
+    attach_health(metrics["models"], inputs.health)
     ctx = _Context(preds=preds, metrics=metrics, inputs=inputs, config=config,
                    thresholds=fit_thresholds(preds, config.threshold_rule), reads=reads,
                    grids=_read_grids(inputs.synthetic_grids))
@@ -844,6 +880,18 @@ def write_report(out_dir: str | os.PathLike, predictions: pd.DataFrame, inputs: 
         (stage / "index.html").write_bytes(page.encode("utf-8"))
     log.info("report written to %s", report_dir / "index.html")
     return ReportFiles(report_dir / "index.html", report_dir / "metrics.json", report_dir / "predictions.parquet")
+
+
+def attach_health(models: dict, health: Mapping[str, dict]) -> None:
+    """Each model's training health as models.<name>.health; the deep-feature model's is its extractors' (one
+    per cross-fitting fold, `<stage>_fold<k>`), their checks by fold and their flags named with the fold."""
+    for network, entry in health.items():
+        if network in models:
+            models[network]["health"] = entry
+        elif network.startswith(DEEP_FEATURE_EXTRACTOR) and "deep_features" in models:
+            merged = models["deep_features"].setdefault("health", {"checks": {}, "flags": []})
+            merged["checks"][network] = entry["checks"]
+            merged["flags"] += [f"{flag} ({network})" for flag in entry["flags"]]
 
 
 def rebuild_report(predictions_path: str | os.PathLike, out_dir: str | os.PathLike,

@@ -27,7 +27,7 @@ from diffkd.experiments.runstate import RunState
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import StudentConfig
 
-log = logging.getLogger("diffkd.run")
+log = logging.getLogger("diffkd.experiments.run")
 
 PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "model", "prob"]
 
@@ -63,12 +63,17 @@ def plan_stages(ds: ImageDataset, assignments: pd.DataFrame, cfg: ExperimentConf
 
         load_space(cfg.tune.space)  # a broken search space fails now, not after the teachers
     pf = cfg.pairing_free
-    modalities = set(assignments.loc[~assignments["synthetic"].astype(bool), "modality"])
-    if pf.enabled and not {pf.teacher_modality, pf.student_modality} <= modalities:
+    gaps = missing_training_rows(assignments, (pf.teacher_modality, pf.student_modality)) if pf.enabled else []
+    if gaps:
+        real = assignments[~assignments["synthetic"].astype(bool)]
+        internal = real[real["split"] != "test"]
         plan.pairing_free = False
         plan.skipped["student_pairing_free"] = (
-            f"the dataset has no {pf.teacher_modality!r} images beside {pf.student_modality!r} (modalities: "
-            f"{', '.join(sorted(modalities))}): the pairing-free group KD student is not trained")
+            f"the training centers have no {' and no '.join(gaps)} (their modalities: "
+            f"{', '.join(sorted(set(internal['modality']))) or 'none'}; the whole dataset's: "
+            f"{', '.join(sorted(set(real['modality'])))}): the pairing-free group KD student and its "
+            f"{pf.teacher_modality} teacher, which train and select their epoch on the training centers only, "
+            "are not trained")
     if cfg.baselines.enabled:
         cases = ds.metadata().to_pandas().drop_duplicates("case_id").set_index("case_id")
         cases = cases.loc[cases.index.isin(set(training["case_id"]))]
@@ -84,6 +89,16 @@ def plan_stages(ds: ImageDataset, assignments: pd.DataFrame, cfg: ExperimentConf
         plan.skipped["reader comparison"] = ("no reader CSV was given (diffkd run --readers CSV) and no case has "
                                              "a BI-RADS category (the clinical birads column)")
     return plan
+
+
+def missing_training_rows(assignments: pd.DataFrame, modalities: tuple[str, ...]) -> list[str]:
+    """What a stage reading `modalities` lacks in the training centers: each modality needs real rows in the
+    train split (to learn from) and in the internal-validation split (to select its epoch on). External
+    centers' rows never count: a stage cannot train on them."""
+    real = assignments[~assignments["synthetic"].astype(bool)]
+    return [f"{modality!r} images in the {name} split" for modality in modalities
+            for split, name in (("train", "train"), ("val", "internal-validation"))
+            if not ((real["split"] == split) & (real["modality"] == modality)).any()]
 
 
 def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: str | os.PathLike,
@@ -379,6 +394,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
 
     from diffkd.data.pipeline import load_arrays
     from diffkd.evaluate.baselines import DeepFeatures, cross_fitted_features, fit_baselines
+    from diffkd.evaluate.report import DEEP_FEATURE_EXTRACTOR
     from diffkd.models.classifiers import features, initialised_from, load_classifier
 
     rows = assignments[(assignments["modality"] == modality) & ~assignments["synthetic"].astype(bool)]
@@ -412,7 +428,7 @@ def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage
         k = stage.config.feature_folds
 
         def fit_and_extract(fold: int, fitted: np.ndarray) -> np.ndarray:
-            name = f"deep_feature_model_fold{fold}"
+            name = f"{DEEP_FEATURE_EXTRACTOR}_fold{fold}"
             model_dir = str(out / "models" / name)
             # the extractor trains on `fitted` training cases only; validation rows still stop it early
             keep = set(cases.loc[fitted | (cases["split"] != "train").to_numpy(), "case_id"])
@@ -493,6 +509,24 @@ def _distillation_inputs(model_dirs: dict[str, str]) -> dict[str, dict]:
     return out
 
 
+def _health_inputs(model_dirs: dict[str, str], models_dir: Path) -> dict[str, dict]:
+    """Each trained network's training health, from its stage's training.json: the classifiers of
+    `model_dirs` and the deep-feature model's extractors (one folder per cross-fitting fold)."""
+    from diffkd.evaluate.report import DEEP_FEATURE_EXTRACTOR
+    from diffkd.train.teacher import TRAINING_INFO
+
+    folders = {name: Path(path) for name, path in model_dirs.items()}
+    folders.update({p.name: p for p in sorted(models_dir.glob(f"{DEEP_FEATURE_EXTRACTOR}_fold*"))})
+    out = {}
+    for name, folder in folders.items():
+        info_path = folder / TRAINING_INFO
+        if info_path.exists():
+            health = json.loads(info_path.read_text()).get("metrics", {}).get("health")
+            if health:
+                out[name] = health
+    return out
+
+
 def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: ExperimentConfig, synthetic: dict | None,
             grids: list[str], baseline_summary: dict | None, readers_csv: str | None, skipped: dict[str, str],
             notes: list[str], external: list[str], truth: str | None = None) -> dict:
@@ -517,7 +551,8 @@ def _report(ds: ImageDataset, out: Path, model_dirs: dict[str, str], cfg: Experi
                           synthetic_grids=[g for g in grids if os.path.exists(g)],
                           baselines=baseline_summary, skipped=skipped, notes=notes, config=to_dict(cfg),
                           evaluate=to_dict(cfg.evaluate), truth=truth, label_names=list(ds.label_names),
-                          distillation=_distillation_inputs(model_dirs))
+                          distillation=_distillation_inputs(model_dirs),
+                          health=_health_inputs(model_dirs, out / "models"))
     files = write_report(out, predictions, inputs, readers=readers, config=cfg.evaluate)
     return {"report": str(files.index), "metrics": str(files.metrics)}
 

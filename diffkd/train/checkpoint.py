@@ -107,13 +107,17 @@ def gathered_state_dict(module: torch.nn.Module, zero_stage: int, rank: int) -> 
 
 
 def save_checkpoint(local_dir: str, engine, state: LoopState, *, rank: int, world_size: int,
-                    task_name: str) -> None:
-    """Write this rank's part of a checkpoint into `local_dir` (all ranks call it, in step)."""
+                    task_name: str, averaged: torch.nn.Module | None = None) -> None:
+    """Write this rank's part of a checkpoint into `local_dir` (all ranks call it, in step).
+
+    The model weights file holds `averaged`'s weights when given (the loop's weight average: what was
+    validated and what is exported), else the engine's; the DeepSpeed folder always holds the raw
+    training state a resumed run continues from."""
     from safetensors.torch import save_file
 
     zero_stage = engine.zero_optimization_stage()
     engine.save_checkpoint(os.path.join(local_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-    weights = gathered_state_dict(engine.module, zero_stage, rank)
+    weights = gathered_state_dict(averaged if averaged is not None else engine.module, zero_stage, rank)
     if rank == 0:
         save_file(weights, os.path.join(local_dir, MODEL_WEIGHTS))
         meta = {"format_version": FORMAT_VERSION, "task": task_name, "world_size": world_size,

@@ -38,6 +38,7 @@ from torch import nn
 
 from diffkd.train import checkpoint as ckpt
 from diffkd.train.deepspeed_config import build_engine, optimizer_steps, prepare_deepspeed
+from diffkd.train.ema import WeightAverage
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.progress import Progress
 from diffkd.train.task import Task
@@ -250,11 +251,15 @@ def _train_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     engine = build_engine(task.build_model(), cfg, world, config["total_steps"], device)
+    average = None
+    if cfg.ema_decay:  # every rank keeps it (ZeRO 0-2: whole weights everywhere), so any rank can evaluate
+        average = WeightAverage(task.build_model().to(device), cfg.ema_decay)
+        average.reset(engine.module)
     task.setup(device)
     # lines carry the run's name when the caller chose one (`diffkd run`: the stage, e.g. teacher_real_only)
     progress = Progress(cfg.run_name or task.name, cfg.epochs, config["batches_per_epoch"], cfg.progress_interval_s) \
         if rank == 0 and cfg.progress else None
-    state = _restore(engine, rank, world, progress)
+    state = _restore(engine, rank, world, progress, average)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
@@ -269,11 +274,11 @@ def _train_worker(config: dict) -> None:
         if progress:
             progress.start_epoch(epoch)
         metrics = _train_epoch(task, engine, train_shard, cfg, device, epoch, rank, config["batches_per_epoch"],
-                               progress)
+                               progress, average)
         state.global_step = int(engine.global_steps)
         state.samples_seen += int(metrics.pop("samples"))
         if val_shard is not None:
-            val = _evaluate(task, engine, val_shard, cfg, device) if evaluates else None
+            val = _evaluate(task, engine, val_shard, cfg, device, average) if evaluates else None
             shared = [val]
             dist.broadcast_object_list(shared, src=0)
             metrics.update({k: float(v) for k, v in shared[0].items()})
@@ -287,11 +292,11 @@ def _train_worker(config: dict) -> None:
             if state.stopped_early:
                 progress.message(f"stopping early: {objective} has not improved for {cfg.patience} epochs "
                                  f"(best {state.best_value:.4f} at epoch {state.best_epoch})")
-        _checkpoint_and_report(engine, state, metrics, name, rank, world, task.name)
+        _checkpoint_and_report(engine, state, metrics, name, rank, world, task.name, average)
 
 
 def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: str, rank: int, world: int,
-                           task_name: str) -> None:
+                           task_name: str, average: WeightAverage | None = None) -> None:
     """Write the epoch's checkpoint `name` and report it with `metrics` (every rank, in step).
 
     On a local or mounted filesystem the ranks write straight into the run folder, each into its own
@@ -307,7 +312,8 @@ def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: s
     fs = storage.storage_filesystem
     if not isinstance(fs, pafs.LocalFileSystem):
         local = tempfile.mkdtemp(prefix="diffkd-ckpt-")
-        ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task_name)
+        ckpt.save_checkpoint(local, engine, state, rank=rank, world_size=world, task_name=task_name,
+                             averaged=average and average.module)
         # A failed upload raises in the training thread; a half-uploaded checkpoint fails its checksums on resume.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
@@ -316,7 +322,8 @@ def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: s
     staging = posixpath.join(storage.experiment_fs_path, ckpt.STAGING_PREFIX + name)
     mine = ckpt.rank_folder(staging, rank)
     os.makedirs(mine, exist_ok=True)
-    ckpt.save_checkpoint(mine, engine, state, rank=rank, world_size=world, task_name=task_name)
+    ckpt.save_checkpoint(mine, engine, state, rank=rank, world_size=world, task_name=task_name,
+                         averaged=average and average.module)
     dist.barrier()
     if rank == 0:
         ckpt.merge_rank_folders(staging, world, final)
@@ -326,7 +333,8 @@ def _checkpoint_and_report(engine, state: ckpt.LoopState, metrics: dict, name: s
 
 
 def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.device, epoch: int, rank: int,
-                 batches_per_epoch: int, progress: Progress | None) -> dict[str, float]:
+                 batches_per_epoch: int, progress: Progress | None,
+                 average: WeightAverage | None = None) -> dict[str, float]:
     import torch.distributed as dist
 
     engine.train()
@@ -352,6 +360,8 @@ def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.devic
         engine.step()
         if boundary:
             task.after_optimizer_step(engine.module)
+            if average is not None:
+                average.update(engine.module)
         loss = float(out.loss.detach())
         samples += out.num_samples
         sums["loss"] += loss * out.num_samples
@@ -382,9 +392,14 @@ def _train_epoch(task: Task, engine, shard, cfg: LoopConfig, device: torch.devic
 
 
 @torch.no_grad()
-def _evaluate(task: Task, engine, shard, cfg: LoopConfig, device: torch.device) -> dict[str, float]:
+def _evaluate(task: Task, engine, shard, cfg: LoopConfig, device: torch.device,
+              average: WeightAverage | None = None) -> dict[str, float]:
+    """The task's validation metrics of the weight average when the loop keeps one, else of the engine."""
+    batches = _batches(shard, cfg.eval_batch_size or cfg.batch_size, device)
+    if average is not None:
+        return task.evaluate(average.module, batches)
     engine.eval()
-    metrics = task.evaluate(engine, _batches(shard, cfg.eval_batch_size or cfg.batch_size, device))
+    metrics = task.evaluate(engine, batches)
     engine.train()
     return metrics
 
@@ -422,9 +437,10 @@ def _update_best(state: ckpt.LoopState, metrics: dict, objective: str, mode: str
     return better or value == best
 
 
-def _restore(engine, rank: int, world: int, progress: Progress | None) -> ckpt.LoopState:
+def _restore(engine, rank: int, world: int, progress: Progress | None,
+             average: WeightAverage | None = None) -> ckpt.LoopState:
     """Load the newest checkpoint of this run that verifies (all ranks load the same one, rank 0 picks);
-    a fresh state when the run has none yet."""
+    a fresh state when the run has none yet. The weight average comes back from the checkpoint's weights."""
     import ray.train
     import torch.distributed as dist
 
@@ -462,7 +478,13 @@ def _restore(engine, rank: int, world: int, progress: Progress | None) -> ckpt.L
             f"zero_stage={meta['zero_stage']}.")
     with ray.train.Checkpoint(point.path, filesystem=fs).as_directory() as local:
         ckpt.load_into_engine(local, engine)
+        if average is not None:
+            from safetensors.torch import load_file
+
+            average.module.load_state_dict(load_file(os.path.join(local, ckpt.MODEL_WEIGHTS)))
     state = ckpt.LoopState(**meta["state"])
+    if average is not None:
+        average.updates = state.global_step  # one update per optimizer step
     state.restarts.append({"from": posixpath.basename(point.path), "epoch": state.epoch, "skipped": point.skipped,
                            "at": time.time()})
     return state

@@ -30,6 +30,9 @@ class LoopConfig:
     warmup_fraction: float = 0.05  # of all optimizer steps, linear from 0
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    # Exponential moving average of the weights (diffkd/train/ema.py): validated, kept as the best epoch and
+    # exported in place of the raw weights; 0 = off. Needs ZeRO stage 0-2 (every rank holds whole weights).
+    ema_decay: float = 0.0
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     # deepspeed | ddp (plain torch DDP, ZeRO stage 0 only: it overlaps the gradient all-reduce with
     # backward, which DeepSpeed at stage 0 does not; see the README's "Engines")
@@ -61,6 +64,10 @@ class LoopConfig:
                              f"{', '.join(PLACEMENT_STRATEGIES)}")
         if self.min_epochs < 0:
             raise ValueError(f"loop.min_epochs must be >= 0, got {self.min_epochs}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"loop.ema_decay must be within [0, 1) (0 = no weight average), got {self.ema_decay}")
+        if self.ema_decay and self.zero_stage == 3:
+            raise ValueError("loop.ema_decay needs whole weights on every rank: use zero_stage 0-2, or ema_decay 0")
         if self.engine not in ENGINES:
             raise ValueError(f"loop.engine {self.engine!r} must be one of {', '.join(ENGINES)}")
         if self.engine == "ddp" and self.zero_stage:

@@ -580,6 +580,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.data.splits import check_synthetic_split
     from diffkd.models.footprint import count_parameters
     from diffkd.runtime.raycompat import init as ray_init
+    from diffkd.train.health import assess
     from diffkd.train.loop import fit
     from diffkd.train.teacher import balanced_class_weights, expected_train_rows
 
@@ -597,18 +598,19 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
                                or expected_train_rows(ds, views["train"], read))
     task = StudentTask(cfg, weights)
     fitted = fit(task, student_datasets(ds, assignments, cfg), loop, callbacks=callbacks)
+    health = assess(model_name, fitted.history, student_rows["label"], weights)
     model = fitted.load_model(task)
     val_auc = float(fitted.best_metrics.get("val_auc", math.nan))
     result = StudentResult(fit=fitted, model_dir=out_dir, val_auc=val_auc, params=count_parameters(model.student),
-                           predictions=None, metrics={})
+                           predictions=None, metrics={"health": health})
     if out_dir:
         result.predictions, result.metrics = _export_and_predict(model.student, ds, assignments, cfg, fitted,
-                                                                  out_dir, model_name)
+                                                                  out_dir, model_name, health)
     return result
 
 
 def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd.DataFrame", cfg: StudentConfig,
-                        fitted: FitResult, out_dir: str, model_name: str):
+                        fitted: FitResult, out_dir: str, model_name: str, health: dict):
     from diffkd.config import to_dict
     from diffkd.models.classifiers import initialised_from
     from diffkd.models.footprint import count_parameters, latency_ms
@@ -620,7 +622,7 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
     predictions = predict_splits(ds, real, cfg.pipeline, out_dir, cfg, model_name=model_name)
     metrics = _summary(predictions, fitted)
     metrics.update(params=count_parameters(student), onnx_max_abs_diff=onnx_gap,
-                   initialised_from=initialised_from(cfg.pretrained),
+                   initialised_from=initialised_from(cfg.pretrained), health=health,
                    latency_ms=latency_ms(student, cfg.pipeline.image_size, cfg.pipeline.in_chans,
                                          ClinicalEncoding().width if cfg.clinical else 0))
     gap = teacher_gap(predictions, cfg.compared_teacher_dir, model_name)

@@ -91,7 +91,11 @@ def teacher_loss(model: nn.Module, batch: dict[str, Any], cfg: TeacherConfig,
         loss = loss + cfg.image_loss_weight * F.cross_entropy(image_logits, labels, weight=weight,
                                                                label_smoothing=cfg.label_smoothing)
     accuracy = (logits.detach().argmax(1) == labels).float().mean()
-    return StepOutput(loss=loss, num_samples=int(labels.shape[0]), metrics={"accuracy": float(accuracy)})
+    # the final logits' own cross-entropy (no smoothing, no image-only term): what training health compares
+    # with a constant predictor's
+    ce = F.cross_entropy(logits.detach().float(), labels, weight=None if weight is None else weight.float())
+    return StepOutput(loss=loss, num_samples=int(labels.shape[0]),
+                      metrics={"accuracy": float(accuracy), "ce": float(ce)})
 
 
 def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
@@ -123,20 +127,27 @@ def per_case(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[flo
     return images.groupby("case_id", as_index=False, sort=True).agg(label=("label", "first"), prob=("prob", "mean"))
 
 
-def case_auc(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> float:
-    """AUC over cases (see `per_case`); NaN when the cases hold one class."""
-    cases = per_case(case_ids, labels, probs)
-    return auc_or_nan(cases["label"].tolist(), cases["prob"].tolist())
-
-
 def validation_metrics(logits: list[torch.Tensor], labels: list[torch.Tensor], case_ids: list[str]) -> dict[str, float]:
-    """`val_auc` per case (as the report scores) and `val_loss` per image, from a pass over validation."""
+    """`val_auc` per case (as the report scores) with its DeLong standard error `val_auc_se` (the noise the
+    training-health check compares epoch-to-epoch changes with) and `val_loss` per image."""
     if not logits:
-        return {"val_loss": math.nan, "val_auc": math.nan}
+        return {"val_loss": math.nan, "val_auc": math.nan, "val_auc_se": math.nan}
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
     probs = torch.softmax(logits_all, dim=1)[:, 1]
+    cases = per_case(case_ids, labels_all.tolist(), probs.tolist())
     return {"val_loss": float(F.cross_entropy(logits_all, labels_all)),
-            "val_auc": case_auc(case_ids, labels_all.tolist(), probs.tolist())}
+            "val_auc": auc_or_nan(cases["label"].tolist(), cases["prob"].tolist()),
+            "val_auc_se": auc_standard_error(cases["label"].tolist(), cases["prob"].tolist())}
+
+
+def auc_standard_error(labels, probs) -> float:
+    """DeLong standard error of the AUC; NaN unless both classes have at least two cases."""
+    from diffkd.evaluate.metrics import auc_delong_ci
+
+    labels = [int(x) for x in labels]
+    if min(labels.count(0), labels.count(1)) < 2:
+        return math.nan
+    return float(auc_delong_ci(labels, probs).se)
 
 
 class TeacherTask(Task):
@@ -243,6 +254,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.data.splits import check_synthetic_split
     from diffkd.models.classifiers import initialised_from
     from diffkd.runtime.raycompat import init as ray_init
+    from diffkd.train.health import assess
     from diffkd.train.loop import fit
 
     ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
@@ -263,7 +275,8 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 
     task.export(fitted.load_model(task), out_dir)
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
-    metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained)}
+    metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained),
+               "health": assess(model_name, fitted.history, plan.train_rows["label"], plan.class_weights)}
     _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
     _log_summary(model_name, metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)

@@ -9,11 +9,19 @@ from diffkd.experiments.experiment import load_experiment
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "evidence.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "evidence.yaml", "real.yaml"])
 def test_shipped_experiment_configs_load(name):
     cfg = load_experiment(CONFIGS / name)
     assert Path(cfg.tune.space).exists()
     assert cfg.teacher.arch and cfg.student.arch
+
+
+def test_the_real_image_config_reads_128_px_shares_one_loop_practice_and_feeds_an_ablation():
+    cfg = load_experiment(CONFIGS / "real.yaml")
+    classifiers = [cfg.teacher, cfg.student, cfg.baselines.feature_model]
+    assert all(c.pipeline.image_size >= 128 for c in classifiers)
+    assert {c.loop.ema_decay for c in classifiers} == {0.99} and cfg.diffusion.model.model.image_size == 64
+    assert cfg.ablation.arms == ["full", "no_synthesis", "no_kd", "neither", "teacher"] and cfg.ablation.seeds >= 3
 
 
 def test_a_misspelt_stage_key_fails_before_anything_runs(tmp_path):

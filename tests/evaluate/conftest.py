@@ -72,6 +72,22 @@ def _simulate_distillation(rng: np.random.Generator, epochs: int = 6) -> dict:
     return out
 
 
+def _simulate_health(distillation: dict) -> dict:
+    """Training health of the simulated networks: the students' from their histories, an inverted teacher,
+    and the deep-feature model's two cross-fitting extractors (one of them inverted)."""
+    import math
+
+    from diffkd.train.health import check_health
+
+    inverted = [{"epoch": e, "ce": 0.6, "val_auc": 0.3, "val_auc_se": 0.05} for e in range(1, 5)]
+    healthy = [{"epoch": e, "ce": 0.5, "val_auc": 0.7, "val_auc_se": 0.05} for e in range(1, 3)]
+    out = {name: check_health(entry["history"], math.log(2)) for name, entry in distillation.items()}
+    out["teacher"] = check_health(inverted, math.log(2))
+    out["deep_feature_model_fold0"] = check_health(healthy, math.log(2))
+    out["deep_feature_model_fold1"] = check_health(inverted[:2], math.log(2))
+    return out
+
+
 def _simulate_report(tmp_path, seed: int = 0):
     """Predictions (with a real fitted clinical baseline), reads and ReportInputs for report tests."""
     from diffkd.evaluate.baselines import fit_baselines
@@ -108,7 +124,7 @@ def _simulate_report(tmp_path, seed: int = 0):
         synthetic={"fid": 38.5, "kid": 0.021, "conditional_accuracy": 0.79, "near_copies": 0, "tstr_auc": 0.68},
         synthetic_grids=grids, baselines=baselines.summary, config={"seed": seed, "student": {"arch": "resnet18"}},
         initialised_from={"teacher": "/weights/resnet50", "student_kd": "scratch", "diffusion": "scratch"},
-        distillation=_simulate_distillation(rng),
+        distillation=(distillation := _simulate_distillation(rng)), health=_simulate_health(distillation),
         flow=[{"center": "A", "step": "images received", "n": 130},
               {"center": "A", "step": "excluded: no pathology", "n": 10}])
     return preds, _simulate_reads(preds), inputs

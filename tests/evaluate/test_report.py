@@ -63,6 +63,23 @@ def test_the_distillation_section_gives_agreement_and_the_paired_gap_to_the_teac
     assert "5 of 6" in section and "data:image/png;base64," in section
 
 
+def test_each_trained_models_health_is_in_metrics_json_and_flagged_rows_show(built):
+    _, _, files = built
+    models = json.loads(files.metrics.read_text())["models"]
+    assert models["student_kd"]["health"]["flags"] == []
+    assert models["student_kd"]["health"]["checks"]["constant_ce"] == pytest.approx(0.6931)
+    assert models["teacher"]["health"]["flags"] == ["inverted"]
+    deep = models["deep_features"]["health"]
+    assert set(deep["checks"]) == {"deep_feature_model_fold0", "deep_feature_model_fold1"}
+    assert deep["flags"] == ["inverted (deep_feature_model_fold1)"]
+    assert "health" not in models["clinical"]  # nothing was trained through the loop
+    section = files.index.read_text().split('<section id="health">')[1].split("</section>")[0]
+    flagged = re.findall(r'<tr class="flagged">(.*?)</tr>', section)
+    assert len(flagged) == 2 and "<code>teacher</code>" in flagged[0] and "(inverted)" in flagged[0]
+    assert "<code>deep_feature_model_fold1</code>" in flagged[1]
+    assert "<code>student_plain</code>" in section and "healthy" in section
+
+
 def test_page_is_self_contained(built):
     _, _, files = built
     page = files.index.read_text()

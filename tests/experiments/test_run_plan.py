@@ -36,7 +36,7 @@ def test_a_dataset_with_masks_and_clinical_values_keeps_those_stages(tmp_path, r
     assert plan.diffusion and plan.mask_conditioning and plan.clinical_baselines
     assert not plan.pairing_free  # B-mode only: no Doppler teacher
     assert set(plan.skipped) == {"student_pairing_free"}  # no readers CSV, but the cases' BI-RADS is a reader
-    assert "no 'us_doppler' images" in plan.skipped["student_pairing_free"]
+    assert "no 'us_doppler' images in the train split" in plan.skipped["student_pairing_free"]
 
 
 def test_no_clinical_values_no_masks_no_readers_are_each_named(tmp_path, ramp_rows):
@@ -89,3 +89,53 @@ def test_the_report_reads_the_cases_birads_beside_a_readers_csv(tmp_path, ramp_r
     assert len(reads[reads.reader == "R1"]) == 6 and "2 reader read(s)" in notes[0]
     ds.write_center("A", without(rows, ["birads"]))
     assert report_reads(ds, None, preds, "student_kd", []) is None
+
+
+def test_a_modality_only_an_external_center_has_skips_the_pairing_free_stage(tmp_path, ramp_rows):
+    """Doppler images in the external center alone: nothing to train the Doppler teacher on, so the plan
+    skips the stage (the whole dataset holding both modalities is not enough)."""
+    import pyarrow.compute as pc
+
+    ds = ImageDataset(tmp_path / "ds")
+    ds.write_center("A", ramp_rows("A", 24))
+    ds.write_center("B", ramp_rows("B", 12, modality="us_doppler"))
+    cfg = load_experiment(CONFIGS / "demo.yaml")
+    assert set(pc.unique(ds.metadata().column("modality")).to_pylist()) == {"us", "us_doppler"}
+    plan = plan_stages(ds, make_splits(ds.metadata().to_pandas(), ["B"], 0.25, 0), cfg, None)
+    assert not plan.pairing_free
+    why = plan.skipped["student_pairing_free"]
+    assert "no 'us_doppler' images in the train split and no 'us_doppler' images in the internal-validation" in why
+    assert "their modalities: us;" in why and "whole dataset's: us, us_doppler" in why
+    # the same images in a training center: the stage runs
+    plan = plan_stages(ds, make_splits(ds.metadata().to_pandas(), [], 0.25, 0), cfg, None)
+    assert plan.pairing_free and "student_pairing_free" not in plan.skipped
+
+
+def test_missing_training_rows_names_split_and_modality():
+    import pandas as pd
+
+    from diffkd.experiments.run import missing_training_rows
+
+    rows = pd.DataFrame({"split": ["train", "train", "val", "test"], "modality": ["us", "us_doppler", "us", "us_doppler"],
+                         "synthetic": [False, False, False, False]})
+    assert missing_training_rows(rows, ("us",)) == []
+    assert missing_training_rows(rows, ("us_doppler",)) == ["'us_doppler' images in the internal-validation split"]
+    rows.loc[1, "synthetic"] = True  # a synthetic Doppler row is no training image of the modality
+    assert missing_training_rows(rows, ("us_doppler",)) == ["'us_doppler' images in the train split",
+                                                            "'us_doppler' images in the internal-validation split"]
+
+
+def test_the_report_gets_every_trained_networks_health_from_its_training_json(tmp_path):
+    import json
+
+    from diffkd.experiments.run import _health_inputs
+
+    entry = {"checks": {"epochs": 3}, "flags": ["inverted"]}
+    models = tmp_path / "models"
+    for name in ("teacher", "student", "deep_feature_model_fold0", "diffusion"):
+        (models / name).mkdir(parents=True)
+    for name in ("teacher", "student", "deep_feature_model_fold0"):
+        (models / name / "training.json").write_text(json.dumps({"metrics": {"health": entry}}))
+    dirs = {"teacher": str(models / "teacher"), "student_kd": str(models / "student"),
+            "diffusion": str(models / "diffusion")}
+    assert _health_inputs(dirs, models) == {"teacher": entry, "student_kd": entry, "deep_feature_model_fold0": entry}

@@ -53,6 +53,7 @@ def test_the_step_is_a_plain_function_and_a_few_steps_lower_the_loss():
     model = TeacherTask(cfg).build_model()
     out = teacher_loss(model, image_batch(), cfg)
     assert out.num_samples == 32 and out.loss.ndim == 0 and 0.0 <= out.metrics["accuracy"] <= 1.0
+    assert out.metrics["ce"] == pytest.approx(float(out.loss))  # no smoothing, no fusion: the loss is the CE
     losses = fit_steps(model, image_batch(), cfg, 15)
     assert losses[-1] < 0.5 * losses[0]
 
@@ -143,6 +144,20 @@ def test_validation_scores_cases_as_the_report_does_not_images():
     assert metrics["val_auc"] == pytest.approx(roc_auc_score([1, 0, 1], [0.5, 0.6, 0.7]))  # 0.5 per case
     assert roc_auc_score(labels, probs) == pytest.approx(2 / 3)  # what a per-image AUC would have said
     assert metrics["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))
+    assert np.isnan(metrics["val_auc_se"])  # one case of DCIS: no DeLong variance
+
+
+def test_validation_carries_the_delong_se_of_its_auc():
+    from diffkd.evaluate.metrics import auc_delong_ci
+    from diffkd.train.teacher import validation_metrics
+
+    probs = torch.tensor([0.9, 0.2, 0.6, 0.4, 0.7, 0.3, 0.5, 0.55])
+    labels = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0])
+    logits = torch.stack([torch.zeros(8), torch.log(probs / (1 - probs))], dim=1)
+    metrics = validation_metrics([logits], [labels], [f"c{i}" for i in range(8)])
+    expected = auc_delong_ci(labels.tolist(), probs.tolist())
+    assert metrics["val_auc"] == pytest.approx(expected.auc) and metrics["val_auc_se"] == pytest.approx(expected.se)
+    assert 0 < metrics["val_auc_se"] < 0.5
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "test_convnext"])
