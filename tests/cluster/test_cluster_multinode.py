@@ -181,7 +181,7 @@ def test_tune_search_survives_losing_a_trials_node(cluster, shared):
 
 
 def test_shared_storage_visible_from_every_node(cluster, shared):
-    script = ("import ray; from diffkd import storage; ray.init(address='auto'); "
+    script = ("import ray; from diffkd.runtime import storage; ray.init(address='auto'); "
               f"print('NODES', storage.check_visible_from_all_nodes({str(shared)!r}))")
     job_id = submit(cluster, "python", "-c", script)
     logs = wait_ok(cluster, job_id)

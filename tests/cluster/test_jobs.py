@@ -154,7 +154,7 @@ def test_submit_follow_status_list(head, capsys):
 
 def test_diffkd_code_in_a_job_joins_the_cluster_not_a_private_instance(head, capsys):
     """raycompat.init() inside a submitted job must use the cluster the job runs on."""
-    script = ("from diffkd import raycompat; raycompat.init(num_cpus=7); import ray; "
+    script = ("from diffkd.runtime import raycompat; raycompat.init(num_cpus=7); import ray; "
               "print('GCS', ray.get_runtime_context().gcs_address, 'CPUS', ray.cluster_resources()['CPU'])")
     code, out, _ = run_cli(capsys, "submit", "--address", head.dashboard_url, "--token", TOKEN, "--",
                            "python", "-c", script)
