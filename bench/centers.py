@@ -1,4 +1,4 @@
-"""From 4 to 40 centers at a fixed number of images per center (issue 8): does the pipeline scale?
+"""From 4 to 40 centers at a fixed number of images per center: does the pipeline scale?
 
 Data part (this file): images/s of the Ray Data pipeline and peak memory of one epoch, 40 centers
 against 4, ratios measured in one run. At a fixed number of images per center the 40-center epoch is

@@ -1,4 +1,4 @@
-"""Ray Data pipeline vs a torch DataLoader over the same Parquet files, and memory at 1x vs 10x data (issue 3).
+"""Ray Data pipeline vs a torch DataLoader over the same Parquet files, and memory at 1x vs 10x data.
 
 Both sides read the same dataset (speckle images written through ImageDataset.write_center) and run
 the same `decode_batch` with the same per-row training augmentation; only the machinery differs:

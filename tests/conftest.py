@@ -15,7 +15,6 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-import diffkd  # noqa: F401  (before any test imports timm: see diffkd/_torchvision_compat.py)
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import arrow_schema
 

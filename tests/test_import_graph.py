@@ -30,7 +30,6 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
 # The top-level packages and modules of diffkd, bottom layer first. A package imports only from the
 # layers below its own (not from a sibling in its layer); a new top-level package must be placed here.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_torchvision_compat",),
     ("diffkd", "runtime", "config"),  # "diffkd": the package's own __init__
     ("data",),
     ("models", "distill"),

@@ -14,7 +14,7 @@ examples:
   diffkd synth run --dataset out/data --model out/models/diffusion --mode real --total 500 --guidance 3
   diffkd synth run --dataset out/data --model out/models/diffusion --config configs/demo.yaml   # `synth` section
 
-Rows go to the dataset's synthetic/ partition tree (synthetic=true, source=<run id>). The run id is a
+Rows go to the dataset's _synthetic/ partition tree (synthetic=true, source=<run id>). The run id is a
 digest of the model and the table's settings, so rerunning the same command after an interruption
 generates only the rows that are missing. Conditions (modality, clinical values) are drawn from the
 generator's own training rows of each center x label.

@@ -1,4 +1,4 @@
-"""Pairing-free group-level distillation (PaGKD, seed 002): GKD-Pro and GKD-Den.
+"""Pairing-free group-level distillation (PaGKD, Hu et al. 2026): GKD-Pro and GKD-Den.
 
 Neither loss pairs a student image with a teacher image. Each compares the *class group* of the
 student's batch (all images with label c, e.g. B-mode) with the teacher's class group (its own

@@ -9,7 +9,7 @@ Plain functions over pandas / numpy; nothing here knows about Ray or torch.
   recalibration on internal validation; net benefit.
 - `truth`: a synthetic cohort's truth.csv joined to the predictions (per-center ceilings), read by
   the report only.
-- `baselines`: the seed-001 clinical, deep-feature (mRMR + LASSO on cross-fitted or frozen
+- `baselines`: An et al. 2025's clinical, deep-feature (mRMR + LASSO on cross-fitted or frozen
   extractor features) and combined models (`fit_baselines`).
 - `readers`: radiologist reads (`load_readers`), operating points, McNemar.
 - `summary`: `build_metrics(predictions, ...)` -> the metrics.json dict; `headline_table`.

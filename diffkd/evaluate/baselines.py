@@ -1,4 +1,5 @@
-"""The seed-001 baselines (An et al. 2025): clinical, deep-feature and combined models.
+"""The baselines of An et al. 2025 ("Differentiation of Suspicious Microcalcifications Using Deep Learning:
+DCIS or IDC"): clinical, deep-feature and combined models.
 
 - clinical: each clinical variable is screened alone (likelihood-ratio test, p < `screen_p`); the
   survivors enter a multivariate logistic regression; variables that stay significant there

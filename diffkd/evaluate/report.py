@@ -58,7 +58,7 @@ PACKAGES = ("diffkd", "torch", "torchvision", "timm", "diffusers", "ray", "deeps
 SECTIONS = {
     "external": "External validation", "discrimination": "Discrimination", "per_center": "Per-center performance",
     "calibration": "Calibration",
-    "decision": "Clinical utility", "ablations": "Ablations", "baselines": "Seed-001 baselines",
+    "decision": "Clinical utility", "ablations": "Ablations", "baselines": "Baselines (An et al. 2025)",
     "readers": "Reader study", "efficiency": "Model size and speed", "synthetic": "Synthetic-data audit",
     "distillation": "Distillation", "health": "Training health",
 }
@@ -354,9 +354,9 @@ def _methods_section(ctx: _Context) -> str:
         "every center (a case is positive when its probability is at or above the threshold).",
         "Sensitivity, specificity, PPV, NPV and accuracy: Wilson score 95% CIs.",
         f"Comparisons: paired test of two AUCs on the same external cases (each model against "
-        f"<code>{_esc(ctx.reference)}</code>, and the seed-001 models against each other): DeLong where every "
-        "patient has one case, else the patient-clustered paired bootstrap (each row names its test); internal "
-        "vs external AUC of one model: unpaired z test with each AUC's standard error from the same method. "
+        f"<code>{_esc(ctx.reference)}</code>, and the baseline models of An et al. 2025 against each other): DeLong "
+        "where every patient has one case, else the patient-clustered paired bootstrap (each row names its test); "
+        "internal vs external AUC of one model: unpaired z test with each AUC's standard error from the same method. "
         f"Patients with more than one case: {_num(ev.get('patients_with_several_cases'))}. Two-sided p values, "
         "not adjusted for multiplicity.",
         "Calibration: intercept (calibration-in-the-large, slope fixed at 1) and slope by logistic recalibration "
@@ -582,7 +582,7 @@ def _baseline_section(ctx: _Context) -> str:
         return _skipped(ctx.skipped["baselines"])
     present = [m for m in BASELINES if m in ctx.metrics["models"]]
     if not present:
-        return ctx.skip("baselines", "no seed-001 baseline predictions (clinical, deep_features, combined)")
+        return ctx.skip("baselines", "no baseline predictions (An et al. 2025: clinical, deep_features, combined)")
     rows, highlight = _model_rows(ctx, "external", [*present, ctx.reference] if ctx.reference in ctx.metrics["models"]
                                   else present)
     out = _table(ctx.perf_headers(), rows, range(1, 9), highlight)
@@ -770,7 +770,7 @@ _SECTIONS = [
     ("calibration", "Calibration", "item 23", _calibration_section),
     ("decision", "Clinical utility", "item 23", _decision_section),
     ("ablations", "Ablations", "item 23", _ablation_section),
-    ("baselines", "Seed-001 baselines", "items 12, 22", _baseline_section),
+    ("baselines", "Baselines (An et al. 2025)", "items 12, 22", _baseline_section),
     ("readers", "Reader study", "item 23", _readers_section),
     ("distillation", "Distillation", "item 10", _distillation_section),
     ("health", "Training health", "item 10", _health_section),

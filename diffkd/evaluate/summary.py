@@ -29,7 +29,7 @@ SPLITS = ("train", "val", "test")
 COHORT_SPLITS = {"internal": "val", "external": "test"}
 REFERENCE_MODEL = "student_kd"
 
-# Display order and what each name means (DiffKD-DCIS ablations, then the seed-001 baselines).
+# Display order and what each name means (DiffKD-DCIS ablations, then the baselines of An et al. 2025).
 MODEL_DESCRIPTIONS = {
     "student_kd": "student distilled from the teacher trained on real + synthetic images (full pipeline)",
     "teacher": "teacher trained on real + synthetic images",
@@ -37,19 +37,19 @@ MODEL_DESCRIPTIONS = {
     "student_kd_real_only": "student distilled from the real-only teacher",
     "student_plain": "student trained alone on real images (no KD, no synthesis)",
     "student_pairing_free": "B-mode student distilled by group-level KD (GKD-Pro + GKD-Den) from the Doppler "
-                            "teacher, with no image pairs (seed 002)",
+                            "teacher, with no image pairs (PaGKD, Hu et al. 2026)",
     "teacher_us_doppler": "teacher trained on Doppler images only (the pairing-free student's teacher)",
-    "clinical": "seed 001 clinical model: univariate screening, then multivariate logistic regression",
-    "deep_features": "seed 001 deep-feature model: CNN features (cross-fitted or frozen pretrained extractor), "
+    "clinical": "An et al. 2025 clinical model: univariate screening, then multivariate logistic regression",
+    "deep_features": "An et al. 2025 deep-feature model: CNN features (cross-fitted or frozen pretrained extractor), "
                      "mRMR, LASSO logistic regression",
-    "combined": "seed 001 combined model: selected deep features + clinical variables",
+    "combined": "An et al. 2025 combined model: selected deep features + clinical variables",
 }
 ABLATIONS = ("teacher_real_only", "teacher", "student_plain", "student_kd_real_only", "student_kd")
 BASELINES = ("clinical", "deep_features", "combined")
-# Seed 001 compares its three models with each other as well.
-SEED001_PAIRS = (("combined", "deep_features"), ("combined", "clinical"), ("deep_features", "clinical"))
+# An et al. 2025 compare their three models with each other as well.
+BASELINE_PAIRS = (("combined", "deep_features"), ("combined", "clinical"), ("deep_features", "clinical"))
 SYNTHETIC_PAIRS = (("teacher", "teacher_real_only"),)  # does synthetic data help the teacher?
-EXTRA_PAIRS = SEED001_PAIRS + SYNTHETIC_PAIRS
+EXTRA_PAIRS = BASELINE_PAIRS + SYNTHETIC_PAIRS
 
 
 class PredictionsError(ValueError):

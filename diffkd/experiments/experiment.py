@@ -70,7 +70,7 @@ def _group_terms() -> DistillConfig:
 
 @dataclass
 class PairingFreeStage:
-    """Seed 002's setting (PaGKD): a teacher on the richer modality, a student on B-mode, no image pairs.
+    """PaGKD's setting (Hu et al. 2026): a teacher on the richer modality, a student on B-mode, no image pairs.
 
     The student distils through its own `distill.terms`, by default GKD-Pro + GKD-Den only (GKD-Den
     after its warm-up), never the `student` section's paired terms: logit or feature KD (which would

@@ -2,7 +2,7 @@
 
     splits -> diffusion -> synthesis -> synthetic audit -> teachers (real-only, real+synthetic)
     -> KD search (Ray Tune, internal validation only) -> students (KD, KD from the real-only
-    teacher, plain, pairing-free group KD) -> seed-001 baselines -> report
+    teacher, plain, pairing-free group KD) -> baselines (An et al. 2025) -> report
 
 Each stage records its outputs in `OUT/run_state.json` (`diffkd.experiments.runstate`): rerunning the same
 command resumes after the last finished stage. Stages that need what a dataset lacks (a second
@@ -27,7 +27,7 @@ from diffkd.experiments.runstate import RunState
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import StudentConfig
 
-log = logging.getLogger("diffkd.experiments.run")
+log = logging.getLogger("diffkd.run")
 
 PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "model", "prob"]
 
@@ -241,7 +241,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
                 ds, assignments, _with_loop(scfg, out, name), str(models / folder), model_name=name)),
             after=reads), folder)
 
-    # ---- 4. seed-001 baselines ------------------------------------------------------------------------
+    # ---- 4. baselines (An et al. 2025) ------------------------------------------------------------------
     baseline_summary = None
     if cfg.baselines.enabled:
         result = state.try_run("baselines", {**common, "cfg": to_dict(cfg.baselines)},
@@ -382,8 +382,8 @@ def _validation_note(assignments: pd.DataFrame, modality: str, searched: bool) -
 
 def _baselines(ds: ImageDataset, assignments: pd.DataFrame, stage: BaselineStage, out: Path,
                modality: str, clinical: bool = True) -> dict:
-    """Seed 001: clinical LR, CNN features + mRMR + LASSO, and both combined (the feature model alone
-    when `clinical` is false: no usable clinical variable).
+    """The baselines of An et al. 2025: clinical LR, CNN features + mRMR + LASSO, and both combined (the feature
+    model alone when `clinical` is false: no usable clinical variable).
 
     The feature extractor is frozen when `feature_model.pretrained` names weights; otherwise it is
     trained from scratch and cross-fitted (diffkd.evaluate.baselines.cross_fitted_features): mRMR and the LASSO

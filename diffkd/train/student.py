@@ -5,7 +5,7 @@
 Two modes (`StudentConfig.mode`):
 
 - ``paired``: teacher and student see the same images (the student modality, B-mode).
-- ``pairing_free`` (PaGKD, seed 002): the teacher sees the rich modality (e.g. ``us_doppler``) of
+- ``pairing_free`` (PaGKD, Hu et al. 2026): the teacher sees the rich modality (e.g. ``us_doppler``) of
   *other patients*, the student sees B-mode. Both views travel in the one training stream and every
   batch is split by modality; the group losses compare the student's class-c images with the
   teacher's class-c images. Instance losses (logit, feature KD) need pairs: here they use random

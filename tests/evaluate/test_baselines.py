@@ -1,4 +1,4 @@
-"""Seed-001 baselines: mRMR + LASSO recovers planted features; the clinical model finds planted
+"""The baselines of An et al. 2025: mRMR + LASSO recovers planted features; the clinical model finds planted
 predictors; everything is fitted on training rows only."""
 import numpy as np
 import pandas as pd

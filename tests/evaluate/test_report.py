@@ -91,8 +91,9 @@ def test_page_is_self_contained(built):
         assert src.startswith("data:image/png;base64,"), alt
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG"), alt
     for heading in ("Summary", "Data and participants", "Discrimination", "Per-center performance", "Calibration",
-                    "Clinical utility", "Ablations", "Seed-001 baselines", "Reader study", "Model size and speed",
-                    "Synthetic-data audit", "Limitations and skipped analyses", "Reproducibility"):
+                    "Clinical utility", "Ablations", "Baselines (An et al. 2025)", "Reader study",
+                    "Model size and speed", "Synthetic-data audit", "Limitations and skipped analyses",
+                    "Reproducibility"):
         assert f">{heading}<" in page, heading
     odds_ratios = json.loads(files.metrics.read_text())["baselines"]["clinical"]["odds_ratios"]
     assert "odds ratios" in page and all(f"<code>{r['term']}</code>" in page for r in odds_ratios)

@@ -80,7 +80,7 @@ def generate_cohort(out: str | os.PathLike, *, size: str = "paper", centers: int
     "demo" (60-100 patients per center, images ~256 px). centers / patients (total) override the
     preset. difficulty: 1.0 default; lower is easier, higher harder (clinical.py). doppler_fraction:
     share of each center's patients imaged with Doppler only (`us_doppler`) instead of B-mode.
-    modality: "us" or "mammo" (seed 001's microcalcification design; label 1 = invasive).
+    modality: "us" or "mammo" (An et al. 2025's microcalcification design; label 1 = invasive).
     """
     started = time.perf_counter()
     out = Path(out)

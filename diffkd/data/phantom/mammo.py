@@ -1,4 +1,4 @@
-"""Mammography microcalcification phantom: seed 001's DCIS-vs-IDC design (label 1 = invasive).
+"""Mammography microcalcification phantom: the DCIS-vs-IDC design of An et al. 2025 (label 1 = invasive).
 
 Two centers, 294 cases (106 DCIS / 188 IDC) by default, one or two views (CC, MLO) per case.
 An image is a detector-resolution region of interest around the finding:

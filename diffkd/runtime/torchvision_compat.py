@@ -5,6 +5,11 @@ wheel's C extension needs libtorch_cuda and cannot load, and torchvision's impor
 registering fake kernels for its `nms`/`qnms` operators. diffkd uses torchvision's Python parts only
 (through timm and diffusers), so when the C extension cannot load we declare those two operator
 schemas first; nothing else changes. With a matching torchvision (any GPU install) this does nothing.
+
+How it runs: `install` is a `torch.backends` entry point (pyproject.toml), which torch calls at the
+end of `import torch`; nothing of diffkd runs in a process that does not import torch. timm, diffusers
+and torchvision all import torch before torchvision's operators are registered. docs/design.md says
+when this module can go.
 """
 from __future__ import annotations
 
@@ -49,5 +54,9 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    if "torchvision" not in sys.modules and not any(isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
+    """Declare the operators before torchvision registers them: now if torchvision is what is importing
+    torch, else just before its first import."""
+    if "torchvision" in sys.modules:  # `import torchvision` came first; it imports torch before its operators
+        declare_missing_ops()
+    elif not any(isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
         sys.meta_path.insert(0, _BeforeTorchvision())
