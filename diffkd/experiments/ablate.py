@@ -85,6 +85,21 @@ PREDICTIONS = "predictions.parquet"
 ALL_EXTERNAL = "all external"
 
 
+# _difference's keys against the reader, as the summary names them
+READER_COLUMNS = {"diff_vs_full": "diff_vs_reader", "diff_ci_low": "reader_diff_ci_low",
+                  "diff_ci_high": "reader_diff_ci_high", "p": "p_vs_reader"}
+
+
+def reader_arm(column: str) -> str:
+    """The seed-free arm of a reader column (`reader_birads`)."""
+    return f"reader_{column}"
+
+
+def stacked_arm(column: str) -> str:
+    """The `full` student stacked on a reader column (`full+birads`)."""
+    return f"{REFERENCE_ARM}+{column}"
+
+
 def teacher_kind(arm: str) -> str | None:
     """The teacher an arm learns from, or is compared with; None for none."""
     return ARM_TEACHER.get(arm) or COMPARED_TEACHER.get(arm)
@@ -336,6 +351,7 @@ class Design:
     seeds: list[int]
     notes: list[str]
     plan: dict  # plan.json's content (preregistration.build_plan)
+    reader: "pd.Series | None" = None  # the reader column's score per case_id, where the external cases carry it
 
 
 def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings: AblationConfig) -> Design:
@@ -357,6 +373,7 @@ def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings:
     arms, notes = applicable_arms(list(settings.arms), set(real["modality"]), cfg)
     if not arms:
         raise ConfigError(f"no arm of {settings.arms} can run on this dataset: {'; '.join(notes)}")
+    reader = _reader_scores(real, assignments, settings.reader_column)
     cases = assignments.drop_duplicates("case_id")
     centers = {str(c): {"cases": int(len(g)), "positives": int(g["label"].sum()),
                         "split": "+".join(sorted(set(g["split"])))} for c, g in cases.groupby("center")}
@@ -364,8 +381,20 @@ def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings:
         cohort_fingerprint=data_key(ds), centers=centers, external=list(external), config=to_dict(cfg), arms=arms,
         seeds=seeds, arms_left_out=[n for n in notes if n.startswith("arm ")], analysis=analysis_method(settings),
         expected=_expected_precision(cases[cases["split"] == "test"], len(seeds), settings),
-        center=ALL_EXTERNAL if len(external) > 1 else external[0])
-    return Design(ds, assignments, arms, seeds, notes, content)
+        center=ALL_EXTERNAL if len(external) > 1 else external[0],
+        reader=settings.reader_column if reader is not None else None)
+    return Design(ds, assignments, arms, seeds, notes, content, reader)
+
+
+def _reader_scores(real: "pd.DataFrame", assignments: "pd.DataFrame", column: str) -> "pd.Series | None":
+    """The reader column's scores per case, or None when no external case carries a value."""
+    from diffkd.evaluate.reader_arms import reader_scores
+
+    if not column or column not in real.columns:
+        return None
+    scores = reader_scores(real, column)
+    external = assignments.loc[assignments["split"] == "test", "case_id"].astype(str)
+    return scores if scores.reindex(external).notna().any() else None
 
 
 def analysis_method(settings: AblationConfig) -> dict:
@@ -475,7 +504,8 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     if len(finished) < len(trials):
         notes.append(f"{len(trials) - len(finished)} of {len(trials)} trial(s) did not finish "
                      "(failed, past the time budget or not run); rerun the same command to finish them")
-    table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width)
+    reader = (settings.reader_column, planned.reader) if planned.reader is not None else None
+    table, summary = summarize(str(out), finished, settings.n_boot, settings.target_half_width, reader)
     by_arm = {arm: sorted(t["seed"] for t in finished if t["arm"] == arm) for arm in {t["arm"] for t in finished}}
     written = preregistration.read_plan(str(out))
     found = preregistration.deviations(written, cohort_fingerprint=plan.data_key, external=external,
@@ -558,17 +588,22 @@ def score_matrix(rows: "pd.DataFrame", arm: str, seeds: list[int], cases: list[s
     return wide.loc[seeds, cases].to_numpy()
 
 
-def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
-              target_half_width: float = 0.04) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000, target_half_width: float = 0.04,
+              reader: "tuple[str, pd.Series] | None" = None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """ablation.csv (one row per arm x seed x center) and the pooled summary (one row per arm x center).
 
     `seeds_for_target`: seeds that would bring the difference's CI to +/- `target_half_width` on the
-    same external cases ("more cases": the cases alone are wider; "unknown (one seed)")."""
+    same external cases ("more cases": the cases alone are wider; "unknown (one seed)"). `reader`:
+    (column, score per case_id) of the radiologists' reading: its seed-free arm and the `full` student
+    stacked on it join the tables, and every arm is also compared with the reader."""
     import pandas as pd
 
     from diffkd.evaluate.pooled import pooled_auc_difference
 
     predictions = external_predictions(out_dir, trials)
+    if reader is not None:
+        predictions = pd.concat([predictions, *reader_arm_predictions(out_dir, trials, predictions, *reader)],
+                                ignore_index=True)
     rows = []
     for (arm, seed), preds in predictions.groupby(["arm", "seed"], sort=False):
         steps = optimizer_steps(out_dir, arm, int(seed))
@@ -579,7 +614,8 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
                                         "optimizer_steps"])
 
     summary = []
-    arms = [a for a in TRIAL_ORDER if a in set(predictions["arm"])]
+    derived = [stacked_arm(reader[0]), reader_arm(reader[0])] if reader is not None else []
+    arms = [a for a in (*TRIAL_ORDER, *derived) if a in set(predictions["arm"])]
     for center, group in _groups(predictions):
         for arm in arms:
             mine = group[group["arm"] == arm]
@@ -598,8 +634,31 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000,
             if arm != REFERENCE_ARM and REFERENCE_ARM in set(group["arm"]):
                 paired = set(group.loc[group["arm"] == REFERENCE_ARM, "seed"]) & set(seeds)
                 row.update(_difference(group, arm, sorted(paired), n_boot, target_half_width))
+            if reader is not None and arm != reader_arm(reader[0]) and reader_arm(reader[0]) in set(group["arm"]):
+                versus = _difference(group, arm, seeds, n_boot, target_half_width, reference=reader_arm(reader[0]))
+                row.update({name: versus[key] for key, name in READER_COLUMNS.items() if key in versus})
             summary.append(row)
     return table, pd.DataFrame(summary)
+
+
+def reader_arm_predictions(out_dir: str, trials: list[dict[str, Any]], predictions: "pd.DataFrame", column: str,
+                           scores: "pd.Series") -> list["pd.DataFrame"]:
+    """The reader's seed-free rows (one copy per seed of the trained arms) and, per finished `full` trial,
+    that student stacked on the reader (diffkd.evaluate.reader_arms), as external prediction rows."""
+    import pandas as pd
+
+    from diffkd.evaluate.reader_arms import reader_predictions, stacked_probabilities
+
+    columns = ["arm", "seed", "case_id", "patient_id", "center", "label", "prob"]
+    seeds = sorted(set(predictions["seed"]))
+    frames = [reader_predictions(predictions, scores, reader_arm(column), seeds)[columns]]
+    for t in trials:
+        if t["arm"] != REFERENCE_ARM:
+            continue
+        trial = pd.read_parquet(os.path.join(trial_dir(out_dir, t["arm"], t["seed"]), PREDICTIONS))
+        stacked = stacked_probabilities(trial, scores)
+        frames.append(stacked.assign(arm=stacked_arm(column), seed=t["seed"])[columns])
+    return frames
 
 
 def optimizer_steps(out_dir: str, arm: str, seed: int) -> float:
@@ -677,18 +736,18 @@ def _case_columns(group: "pd.DataFrame", cases: list[str]) -> tuple[list[int], l
 
 
 def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
-                target_half_width: float) -> dict[str, float]:
-    """The arm minus `full`, paired by seed and case, pooled over seeds (diffkd.evaluate.pooled)."""
+                target_half_width: float, reference: str = REFERENCE_ARM) -> dict[str, float]:
+    """The arm minus `reference` (`full`), paired by seed and case, pooled over seeds (diffkd.evaluate.pooled)."""
     from diffkd.evaluate.pooled import pooled_auc_difference
 
-    cases = _shared_cases(group, [arm, REFERENCE_ARM], seeds)
+    cases = _shared_cases(group, [arm, reference], seeds)
     if not seeds or not cases:
         return {}
     labels, patients = _case_columns(group, cases)
     if len(set(labels)) < 2:
         return {}
     diff = pooled_auc_difference(labels, score_matrix(group, arm, seeds, cases),
-                                 score_matrix(group, REFERENCE_ARM, seeds, cases), patients=patients,
+                                 score_matrix(group, reference, seeds, cases), patients=patients,
                                  n_boot=n_boot)
     return {"paired_seeds": diff.seeds, "diff_vs_full": diff.estimate, "diff_ci_low": diff.ci[0],
             "diff_ci_high": diff.ci[1], "diff_se": diff.se, "diff_df": diff.df, "p": diff.p, "mdd_80": diff.mdd,
@@ -708,8 +767,10 @@ def _seeds_needed(diff, target_half_width: float) -> str:
 
 def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> str:
     target = f"K for +/-{target_half_width:g}"
+    has_reader = "diff_vs_reader" in summary.columns
     lines = [f"{'arm':<22} {'center':<13} {'seeds':>5} {'cases':>5} {'steps':>6}  {'mean ext. AUC (95% CI)':<24} "
-             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6}  {target}"]
+             f"{'minus full (95% CI)':<26} {'p':>6} {'MDD80':>6}  {target}"
+             + (f"  {'minus reader (95% CI), p':<34}" if has_reader else "")]
     for _, r in summary.iterrows():
         auc_text = f"{r['mean_auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
         steps = r.get("optimizer_steps", math.nan)
@@ -721,8 +782,11 @@ def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> 
             needed = str(r["seeds_for_target"])
         else:
             diff_text, p_text, mdd_text, needed = "reference" if r["arm"] == REFERENCE_ARM else "", "", "", ""
+        versus = r.get("diff_vs_reader", math.nan) if has_reader else math.nan
+        reader_text = (f"  {versus:+.3f} ({r['reader_diff_ci_low']:+.3f} to {r['reader_diff_ci_high']:+.3f}), "
+                       f"p {r['p_vs_reader']:.3f}" if isinstance(versus, float) and not math.isnan(versus) else "")
         lines.append(f"{r['arm']:<22} {r['center']:<13} {r['seeds']:>5} {r['cases']:>5} {steps_text:>6}  "
-                     f"{auc_text:<24} {diff_text:<26} {p_text:>6} {mdd_text:>6}  {needed}")
+                     f"{auc_text:<24} {diff_text:<26} {p_text:>6} {mdd_text:>6}  {needed:<12}{reader_text}")
     return "\n".join(lines)
 
 

@@ -105,6 +105,10 @@ class AblationConfig:
     n_boot: int = 2000  # bootstrap replicates of the pooled CIs (diffkd.evaluate.pooled)
     target_half_width: float = 0.04  # the summary says how many seeds would bring a difference's CI to +/- this
     time_budget_min: float = 0.0  # stop starting trials after this long (0 = none); a rerun finishes them
+    # A clinical column that is the radiologists' own reading (BI-RADS): when the external cases carry it,
+    # the tables add it as a seed-free arm and the `full` student stacked on it (diffkd.evaluate.reader_arms),
+    # and compare every arm with it. Empty: no reader.
+    reader_column: str = "birads"
     # Planning assumptions for plan.json's expected precision (diffkd.experiments.preregistration): the arms'
     # external AUC, the correlation of two arms' AUC estimates on the same cases, the SD over seeds of one
     # seed's paired difference. They set no result, only what the plan says it expects to detect.

@@ -88,7 +88,7 @@ def expected_precision(positives: int, negatives: int, seeds: int, assumptions: 
 
 def build_plan(*, cohort_fingerprint: str, centers: dict[str, dict], external: list[str], config: dict,
                arms: list[str], seeds: list[int], arms_left_out: list[str], analysis: dict,
-               expected: dict | None, center: str) -> dict:
+               expected: dict | None, center: str, reader: str | None = None) -> dict:
     """The plan's content (without the times and the digest, which `write_plan` adds); `center`: where
     the primary endpoint is read (all external centers pooled, or the only one)."""
     primary = {"measure": "pooled external AUC difference (mean over seeds of the per-seed paired difference)",
@@ -99,9 +99,13 @@ def build_plan(*, cohort_fingerprint: str, centers: dict[str, dict], external: l
     secondary += ["each arm's mean external AUC over seeds, per external center and pooled",
                   f"{PRIMARY_ARM} - {PRIMARY_COMPARATOR} on each external center",
                   "each student's external AUC minus its teacher's (distillation.csv)"]
+    if reader:
+        secondary += [f"the radiologists' reading ({reader}, no training seed): external AUC, and each arm minus it",
+                      f"{PRIMARY_ARM} stacked on {reader} (logistic regression fitted on each trial's internal "
+                      f"validation rows) minus {reader} alone"]
     return {"cohort": {"fingerprint": cohort_fingerprint, "centers": centers}, "external": sorted(external),
             "config_digest": config_digest(config), "arms": list(arms), "arms_left_out": list(arms_left_out),
-            "seeds": list(seeds), "primary_endpoint": primary, "secondary_endpoints": secondary,
+            "seeds": list(seeds), "reader": reader, "primary_endpoint": primary, "secondary_endpoints": secondary,
             "analysis": {**analysis, "alpha": ALPHA, "sides": 2}, "expected": expected}
 
 

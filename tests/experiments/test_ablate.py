@@ -329,3 +329,33 @@ def test_plan_only_writes_the_plan_first_and_the_tables_compare_with_it(tmp_path
     record = json.loads((out / "ablation.json").read_text())
     assert record["evidence"] == "exploratory" and record["plan"]["deviations"] == outcome.plan["deviations"]
     assert set(pd.read_csv(out / "ablation_summary.csv")["evidence"]) == {"exploratory"}
+
+
+def test_the_reader_joins_the_tables_as_a_seed_free_arm_and_full_is_stacked_on_it(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from diffkd.experiments.ablate import format_summary, reader_arm, stacked_arm
+
+    rng = np.random.default_rng(1)
+    n = 60
+    labels = (np.arange(n) % 3 == 0).astype(int)
+    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
+                          "center": "X", "split": "test", "label": labels})
+    internal = cases.assign(case_id=[f"v{i}" for i in range(n)], split="val", center="A")
+    both = pd.concat([cases, internal], ignore_index=True)
+    reading = pd.Series(2.0 * np.r_[labels, labels] + rng.normal(size=2 * n), index=both["case_id"])
+    for seed in (0, 1):
+        _write_trial(tmp_path, "full", seed, both, 1 / (1 + np.exp(-(np.r_[labels, labels] + rng.normal(size=2 * n)))))
+    trials = [{"arm": "full", "seed": s} for s in (0, 1)]
+    table, summary = summarize(str(tmp_path), trials, n_boot=1000, reader=("birads", reading))
+
+    by_arm = summary.set_index("arm")
+    assert {reader_arm("birads"), stacked_arm("birads")} <= set(by_arm.index)
+    reader_row = by_arm.loc[reader_arm("birads")]
+    assert reader_row["mean_auc"] == pytest.approx(roc_auc_score(labels, reading.iloc[:n]))
+    assert reader_row["auc_between_seed_sd"] == pytest.approx(0.0)  # one reading, whatever the seed
+    full = by_arm.loc["full"]
+    assert full["diff_vs_reader"] == pytest.approx(full["mean_auc"] - reader_row["mean_auc"])
+    stacked = by_arm.loc[stacked_arm("birads")]
+    assert stacked["diff_vs_reader"] > 0  # the images add to a noisy reading
+    assert "minus reader" in format_summary(summary)
