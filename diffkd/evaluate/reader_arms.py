@@ -39,6 +39,7 @@ def reader_scores(cases: pd.DataFrame, column: str = "birads") -> pd.Series:
     """The reader's score of every case (index case_id) from a clinical column; BI-RADS by rank."""
     if column not in cases.columns:
         raise KeyError(f"the dataset has no {column!r} column to read the reader's score from")
+    cases = cases.drop_duplicates("case_id")  # one reading per case, however many images it has
     values = birads_rank(cases[column]) if column == "birads" else pd.to_numeric(cases[column], errors="coerce")
     return pd.Series(values.to_numpy(), index=cases["case_id"].astype(str), name=column)
 

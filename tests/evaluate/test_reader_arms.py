@@ -12,7 +12,7 @@ def test_birads_rank_orders_categories_and_keeps_missing():
 
 
 def test_reader_arm_repeats_its_scores_for_every_seed_and_drops_unread_cases():
-    cases = pd.DataFrame({"case_id": ["a", "b", "c"], "birads": ["2", "5", None]})
+    cases = pd.DataFrame({"case_id": ["a", "b", "b", "c"], "birads": ["2", "5", "5", None]})  # b: two images
     external = pd.DataFrame({"case_id": ["a", "b", "c"], "patient_id": ["p", "q", "r"], "center": "x",
                              "label": [0, 1, 1], "prob": 0.5})
     rows = reader_predictions(external, reader_scores(cases), "birads", seeds=[0, 1])
