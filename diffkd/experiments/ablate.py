@@ -606,12 +606,13 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000, ta
                                 ignore_index=True)
     rows = []
     for (arm, seed), preds in predictions.groupby(["arm", "seed"], sort=False):
-        steps = optimizer_steps(out_dir, arm, int(seed))
+        steps, flags = optimizer_steps(out_dir, arm, int(seed)), health_flags(out_dir, arm, int(seed))
         for center, group in _groups(preds):
             rows.append({"arm": arm, "seed": int(seed), "center": center, "cases": len(group),
-                         "upgrades": int(group["label"].sum()), **_auc_row(group), "optimizer_steps": steps})
+                         "upgrades": int(group["label"].sum()), **_auc_row(group), "optimizer_steps": steps,
+                         "health_flags": flags})
     table = pd.DataFrame(rows, columns=["arm", "seed", "center", "cases", "upgrades", "auc", "ci_low", "ci_high",
-                                        "optimizer_steps"])
+                                        "optimizer_steps", "health_flags"])
 
     summary = []
     derived = [stacked_arm(reader[0]), reader_arm(reader[0])] if reader is not None else []
@@ -661,8 +662,8 @@ def reader_arm_predictions(out_dir: str, trials: list[dict[str, Any]], predictio
     return frames
 
 
-def optimizer_steps(out_dir: str, arm: str, seed: int) -> float:
-    """Optimizer steps the trial's model took (its training.json history; a teacher arm's teacher's)."""
+def training_info(out_dir: str, arm: str, seed: int) -> dict:
+    """The trial's model's training.json (a teacher arm's teacher's); {} when there is none."""
     import json
 
     from diffkd.train.teacher import TRAINING_INFO
@@ -672,10 +673,19 @@ def optimizer_steps(out_dir: str, arm: str, seed: int) -> float:
         info_path = os.path.join(folder, TRIAL_INFO)
         folder = (json.loads(Path(info_path).read_text()).get("teacher") or "") if os.path.exists(info_path) else ""
     path = os.path.join(folder, TRAINING_INFO)
-    if not folder or not os.path.exists(path):
-        return math.nan
-    history = json.loads(Path(path).read_text()).get("history") or []
+    return json.loads(Path(path).read_text()) if folder and os.path.exists(path) else {}
+
+
+def optimizer_steps(out_dir: str, arm: str, seed: int) -> float:
+    """Optimizer steps the trial's model took (its training.json history; a teacher arm's teacher's)."""
+    history = training_info(out_dir, arm, seed).get("history") or []
     return float(history[-1].get("global_step", math.nan)) if history else math.nan
+
+
+def health_flags(out_dir: str, arm: str, seed: int) -> str:
+    """The trial's model's training-health flags (diffkd.train.health), ';'-joined; '' when healthy or unknown."""
+    health = (training_info(out_dir, arm, seed).get("metrics") or {}).get("health") or {}
+    return ";".join(health.get("flags") or [])
 
 
 def _mean_steps(table: "pd.DataFrame", arm: str, seeds: list[int]) -> float:

@@ -17,6 +17,7 @@ from diffkd.experiments.ablate import (
     AblationConfig,
     Plan,
     applicable_arms,
+    health_flags,
     optimizer_steps,
     ordered_trials,
     student_setup,
@@ -117,16 +118,19 @@ def test_student_arms_differ_only_in_what_the_arm_is_about():
 def test_the_tables_count_each_trials_optimizer_steps(tmp_path):
     student = trial_dir(str(tmp_path), "full", 0)
     teacher = os.path.join(str(tmp_path), "teachers", "synthetic-s0")
-    for folder, steps in ((student, 180), (teacher, 60)):
+    for folder, steps, flags in ((student, 180, []), (teacher, 60, ["inverted", "unstable_auc"])):
         os.makedirs(folder)
         with open(os.path.join(folder, "training.json"), "w") as f:
-            json.dump({"history": [{"epoch": 1, "global_step": steps // 2}, {"epoch": 2, "global_step": steps}]}, f)
+            json.dump({"history": [{"epoch": 1, "global_step": steps // 2}, {"epoch": 2, "global_step": steps}],
+                       "metrics": {"health": {"checks": {}, "flags": flags}}}, f)
     os.makedirs(trial_dir(str(tmp_path), "teacher", 0))
     with open(os.path.join(trial_dir(str(tmp_path), "teacher", 0), TRIAL_INFO), "w") as f:
         json.dump({"key": "k", "arm": "teacher", "seed": 0, "teacher": teacher}, f)
     assert optimizer_steps(str(tmp_path), "full", 0) == 180
     assert optimizer_steps(str(tmp_path), "teacher", 0) == 60
     assert math.isnan(optimizer_steps(str(tmp_path), "neither", 0))
+    assert health_flags(str(tmp_path), "teacher", 0) == "inverted;unstable_auc"  # the teacher arm's teacher's
+    assert health_flags(str(tmp_path), "full", 0) == "" == health_flags(str(tmp_path), "neither", 0)
 
 
 def test_a_trial_is_stale_when_its_seed_config_or_teacher_changes():
