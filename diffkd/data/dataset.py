@@ -321,6 +321,7 @@ class ImageDataset:
         stored = table.drop_columns([PARTITION_KEY])  # the partition path says it
         with self.lock():
             names = self.claim_label_names(label_names)
+            self._claim_single_writer()
             self._migrate_legacy()
             self.recover()
             manifest = self.manifest
@@ -441,6 +442,7 @@ class ImageDataset:
     def delete_synthetic(self, center: str | None = None) -> None:
         """Drop generated rows (all centers, or one) — real partitions are untouched."""
         with self.lock():
+            self._claim_single_writer()
             self._migrate_legacy()
             manifest = self.manifest
             self.recover()
@@ -491,6 +493,7 @@ class ImageDataset:
         if self._local:
             atomic_write(path, write)
         else:
+            self.fs.create_dir(posixpath.dirname(path), recursive=True)  # a no-op where folders are prefixes
             with self.fs.open_output_stream(path) as f:
                 write(f)
 
@@ -515,9 +518,8 @@ class ImageDataset:
     def _atomic_write_bytes(self, rel: str, data: bytes) -> None:
         if self._local:
             atomic_write_bytes(self._path(rel), data)
-            return
-        self._claim_single_writer()
-        self._put(self._path(rel), lambda f: f.write(data))
+        else:
+            self._put(self._path(rel), lambda f: f.write(data))
 
     # ---- object stores: one writing machine ---------------------------------------------------
     def _claim_single_writer(self) -> None:
@@ -528,6 +530,8 @@ class ImageDataset:
         later writes from another machine are refused until the user moves the role explicitly
         (``DIFFKD_DATASET_WRITER=take-over``, after making sure the old writer has stopped).
         """
+        if self._local:
+            return  # local writers are ordered by the file lock
         me = {"host": socket.gethostname()}
         path = self._path(WRITER_FILE)
         try:
@@ -543,8 +547,7 @@ class ImageDataset:
                     f"stopped writing, set DIFFKD_DATASET_WRITER=take-over to make this machine the writer")
             log.warning("dataset %s: taking over the writer role from %s", self.uri, current.get("host"))
         if current != me:
-            with self.fs.open_output_stream(path) as f:
-                f.write(json.dumps(me).encode())
+            self._put(path, lambda f: f.write(json.dumps(me).encode()))
 
 
 def conform(table: pa.Table) -> pa.Table:

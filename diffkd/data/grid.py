@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffkd.data.dataset import ImageDataset
+from diffkd.files import save_figure
 
 
 def _sample(meta: pa.Table, per_cell: int, rng: np.random.Generator) -> dict[tuple[str, int], list[str]]:
@@ -98,13 +99,7 @@ def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = 
                     mask = _decode(row["mask"]) > 0
                     if mask.any():
                         ax.contour(mask, levels=[0.5], colors=["#ffb000"], linewidths=0.6)
-    fig.suptitle(f"{ds.uri}: {per_cell} sample(s) per center × label (seed {seed}); n = images in the cell"
+    fig.suptitle(f"{Path(str(ds.uri).rstrip('/')).name}: {per_cell} sample(s) per center × label (seed {seed}); n = images in the cell"
                  + ("; orange = lesion mask" if masks else ""), fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return Path(save_figure(fig, out))

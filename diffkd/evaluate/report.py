@@ -114,16 +114,18 @@ class ReportInputs:
         inputs = cls(**data)
         # grid, dataset and truth paths are stored relative to the inputs file
         inputs.synthetic_grids = [str((path.parent / g).resolve()) for g in inputs.synthetic_grids]
+        # (normalised, not resolved: the salt's default place is keyed by the dataset path as given)
         if inputs.dataset.get("path") and "://" not in inputs.dataset["path"]:
-            inputs.dataset = {**inputs.dataset, "path": str((path.parent / inputs.dataset["path"]).resolve())}
+            inputs.dataset = {**inputs.dataset,
+                              "path": os.path.normpath(path.parent.absolute() / inputs.dataset["path"])}
         if inputs.truth:
-            inputs.truth = str((path.parent / inputs.truth).resolve())
+            inputs.truth = os.path.normpath(path.parent.absolute() / inputs.truth)
         return inputs
 
 
 def _relative_to(location: str, folder: Path) -> str:
     """A local path relative to `folder` (a URI as it is)."""
-    return location if "://" in location else os.path.relpath(Path(location).resolve(), folder.resolve())
+    return location if "://" in location else os.path.relpath(os.path.abspath(location), os.path.abspath(folder))
 
 
 @dataclass(frozen=True)

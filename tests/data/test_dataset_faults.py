@@ -180,3 +180,37 @@ def test_a_partition_an_earlier_diffkd_had_renamed_away_is_restored(template, tm
     ingest(template / "b", "B", ds, salt=SALT)
     assert state(ds)["A"] == before["A"] and "B" in state(ds)
     assert_tidy(ds)
+
+
+def test_an_object_store_dataset_is_written_from_one_machine(tmp_path, monkeypatch):
+    """No locks on object stores: the first writer's host is recorded and another host's write refused
+    until the role is taken over explicitly. (A SubTreeFileSystem stands in for s3://: not local.)"""
+    import socket
+
+    import pyarrow.fs as pafs
+
+    from diffkd.data.dataset import DatasetError
+
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    table = ImageDataset(_fresh_local_copy(tmp_path)).read_table()
+    ds = ImageDataset("ds", filesystem=store)
+    ds.write_center("A", table)
+    assert (tmp_path / "ds" / "_writer.json").exists() and state_of(ds) == sorted(table.column("sha256").to_pylist())
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-machine")
+    with pytest.raises(DatasetError, match="written from .* only.*DIFFKD_DATASET_WRITER=take-over"):
+        ds.write_center("A", table.slice(0, 2))
+    assert state_of(ds) == sorted(table.column("sha256").to_pylist())  # nothing changed
+    monkeypatch.setenv("DIFFKD_DATASET_WRITER", "take-over")
+    ds.write_center("A", table.slice(0, 2))
+    assert len(state_of(ds)) == 2 and len(list((tmp_path / "ds" / "center=A").iterdir())) == 1
+
+
+def _fresh_local_copy(tmp_path):
+    work = tmp_path / "src-data"
+    _source(work / "a", "a", 0)
+    ingest(work / "a", "A", work / "ds", salt=SALT)
+    return work / "ds"
+
+
+def state_of(ds: ImageDataset) -> list[str]:
+    return sorted(ds.read_table(columns=["sha256"]).column("sha256").to_pylist())

@@ -46,6 +46,7 @@ def test_a_failure_at_every_step_leaves_the_old_or_the_new_folder(tmp_path, faul
         outcomes["old" if seen == old else "new"] += 1
         assert sorted(os.listdir(target.parent)) == ["report"], f"step {k}: leftovers"
     assert outcomes["old"] and outcomes["new"]
+    print(f"FOLDER FAULTS {os.strerror(error)}: {steps} steps, {outcomes}")
 
 
 def test_a_crash_between_the_two_renames_is_finished_by_the_next_write(tmp_path):
@@ -78,6 +79,7 @@ def test_a_crash_at_every_step_of_a_folder_switch(tmp_path, fault_injector):
         recover_directory(target)  # what the next write does first
         assert (target / "index.html").read_text() in ("old", "new")
         assert sorted(os.listdir(target.parent)) == ["report"]
+    print(f"FOLDER CRASHES: {steps} steps")
 
 
 def test_atomic_write_leaves_the_old_file_when_a_step_fails(tmp_path, fault_injector):
