@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffkd.data.dataset import ImageDataset
-from diffkd.files import save_figure
+from diffkd.runtime.files import save_figure
 
 
 def _sample(meta: pa.Table, per_cell: int, rng: np.random.Generator) -> dict[tuple[str, int], list[str]]:
