@@ -377,6 +377,7 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
     import ray
     from ray import tune
 
+    from diffkd.data.source_cache import shared_source_cache
     from diffkd.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trials_that_fit
 
     capacity = min(trials_that_fit(cfg.teacher, ray.cluster_resources()),
@@ -395,7 +396,8 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
         run_config=tune.RunConfig(name=f"{EXPERIMENT}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out,
                                   callbacks=[placement_group_sweeper()],
                                   failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
+    with shared_source_cache():  # the trials decode their images once between them
+        grid = tuner.fit()
     settle_placement_groups()
     failed = [f"{r.config['trial']['arm']}-s{r.config['trial']['seed']}: {str(r.error).splitlines()[0]}"
               for r in grid if r.error]

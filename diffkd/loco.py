@@ -138,6 +138,7 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
     from ray import tune
 
     from diffkd.data.dataset import ImageDataset
+    from diffkd.data.source_cache import shared_source_cache
     from diffkd.data.splits import leave_one_center_out as folds_of
     from diffkd.raycompat import init as ray_init
     from diffkd.tune import DRIVER_CPUS, placement_group_sweeper, settle_placement_groups, trial_footprint, trials_that_fit
@@ -167,7 +168,8 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=experiment, storage_path=out_dir, callbacks=[placement_group_sweeper()],
                                   failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
+    with shared_source_cache():  # a center's images are decoded once for all the folds that train on it
+        grid = tuner.fit()
     settle_placement_groups()
     failed = [str(r.error).splitlines()[0] for r in grid if r.error]
     if failed:
