@@ -227,6 +227,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     from diffkd.config.experiment import ExperimentConfig
     from diffkd.train.student import train_student
 
+    started_at = time.time()
     arm, seed = params["trial"]["arm"], int(params["trial"]["seed"])
     cfg = from_dict(ExperimentConfig, plan.experiment, "experiment")
     target = trial_dir(plan.out_dir, arm, seed)
@@ -246,7 +247,9 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
                                                              "teacher": teacher or None})
     external = pd.read_parquet(os.path.join(target, PREDICTIONS))
     external = external[external["split"] == "test"]
-    ray.tune.report({"external_auc": _auc_or_nan(external), "cases": float(len(external))})
+    # started_at, finished_at: the trial's wall-clock span (bench/ablate.py splits the job's time with them)
+    ray.tune.report({"external_auc": _auc_or_nan(external), "cases": float(len(external)), "started_at": started_at,
+                     "finished_at": time.time()})
 
 
 def _auc_or_nan(rows: "pd.DataFrame") -> float:
