@@ -46,7 +46,7 @@ def emit(result: dict) -> None:
     os.replace(tmp, os.path.join(folder, f"{result['bench']}.json"))
 
 
-def start_ray(temp_dir: str, num_cpus: int = 4) -> None:
+def start_ray(temp_dir: str, num_cpus: int = 4, **kwargs) -> None:
     """A private local Ray instance; one retry, because on an overloaded machine the raylet can miss
     Ray's fixed 30 s start-up wait."""
     import ray
@@ -54,12 +54,12 @@ def start_ray(temp_dir: str, num_cpus: int = 4) -> None:
     from diffkd.raycompat import init_local
 
     try:
-        init_local(num_cpus=num_cpus, temp_dir=temp_dir)
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir, **kwargs)
     except Exception as err:  # Ray raises a bare Exception for this
         if "timed out during startup" not in str(err):
             raise
         ray.shutdown()
-        init_local(num_cpus=num_cpus, temp_dir=temp_dir + "-retry")
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir + "-retry", **kwargs)
 
 
 def pipeline_dataset(rows: list[dict], batch_size: int):
@@ -242,18 +242,25 @@ DIFFKD = os.path.join(os.path.dirname(sys.executable), "diffkd")  # the venv's c
 
 
 def run_diffkd(argv: list[str], log_path: str, env: dict[str, str] | None = None) -> float:
-    """Run `diffkd argv` as its own process, output into `log_path`; its wall seconds. Fails with the
-    log's tail when the command fails."""
-    started = time.perf_counter()
-    with open(log_path, "a") as log:
-        code = subprocess.call([DIFFKD, *argv], stdout=log, stderr=log,
-                                             env={**os.environ, **(env or {})})
-    seconds = time.perf_counter() - started
-    if code:
+    """Run `diffkd argv` as its own process, output into `log_path`; its wall seconds. One retry when
+    Ray's start timed out (an overloaded machine, see `start_ray`: the command failed before doing
+    anything); any other failure raises with the log's tail."""
+    retried = False
+    while True:
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        started = time.perf_counter()
+        with open(log_path, "a") as log:
+            code = subprocess.call([DIFFKD, *argv], stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        seconds = time.perf_counter() - started
+        if not code:
+            return seconds
         with open(log_path) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"diffkd {' '.join(argv[:2])} failed (exit {code}); end of {log_path}:\n{tail}")
-    return seconds
+            f.seek(offset)
+            output = f.read()
+        if retried or "timed out during startup" not in output:
+            raise RuntimeError(f"diffkd {' '.join(argv[:2])} failed (exit {code}); end of {log_path}:\n"
+                               f"{output[-3000:]}")
+        retried = True
 
 
 def phantom_dataset(root: str, centers: int, patients: int, log_path: str, doppler_fraction: float = 0.0,

@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit  # noqa: E402
+from common import emit, start_ray  # noqa: E402
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -216,10 +216,8 @@ class RayFeed:
 
         from diffkd.data.dataset import ImageDataset
         from diffkd.data.pipeline import make_dataset
-        from diffkd.raycompat import init_local
-
         if not ray.is_initialized():
-            init_local(temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), logging_level="ERROR")
+            start_ray(tempfile.mkdtemp(prefix="rb", dir="/tmp"), logging_level="ERROR")
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import demo_config, emit, phantom_dataset, run_diffkd  # noqa: E402
+from common import demo_config, emit, phantom_dataset, run_diffkd, start_ray  # noqa: E402
 
 STARTED = time.time()  # a child trial's process start, for its Ray start-up
 
@@ -61,12 +61,11 @@ def child_trial(args) -> None:
 
     from diffkd.commands.train import real_splits
     from diffkd.config.experiment import load_section
-    from diffkd.raycompat import init_local
     from diffkd.train.student import train_student
     from diffkd.tune import search_base, student_from_dict, training_rows
     from diffkd.tune_space import apply_params, load_space
 
-    init_local(num_cpus=4)
+    start_ray(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
     ray_ready = time.time()
     cfg = dataclasses.replace(load_section(args.config, "student", required=True), teacher_dir=args.teacher)
     base = search_base(cfg, load_space(args.space))
