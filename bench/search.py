@@ -65,7 +65,7 @@ def child_trial(args) -> None:
     from diffkd.tune import search_base, student_from_dict, training_rows
     from diffkd.tune_space import apply_params, load_space
 
-    start_ray(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    start_ray(os.path.join(os.path.dirname(args.runs), f"ray-{args.name}"))  # removed with the bench's folder
     ray_ready = time.time()
     cfg = dataclasses.replace(load_section(args.config, "student", required=True), teacher_dir=args.teacher)
     base = search_base(cfg, load_space(args.space))
