@@ -8,7 +8,8 @@
     -> ray.train.get_dataset_shard("train") -> iter_shard_batches()     local shuffle buffer, torch tensors
 
 A streamed dataset is never materialised (small ones are decoded once and cached, see
-`cache_decision`): every epoch re-runs the plan and streams blocks through the object store under
+`cache_decision`; within a search, an ablation or `diffkd run` the decoded images are shared by all
+their runs, see `diffkd.data.source_cache`): every epoch re-runs the plan and streams blocks through the object store under
 Ray Data's backpressure, so memory stays flat as the dataset grows (bench/data_feed.py
 measures it). Nothing here is fitted to data: normalisation is a fixed rule and the clinical encoding
 uses fixed reference scales, so external centers are treated exactly like internal ones.
