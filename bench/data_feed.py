@@ -127,10 +127,11 @@ class PeakMemory:
 
         try:
             me = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:  # the watched process has exited
+            tree = [me, *me.children(recursive=True)]
+        except psutil.NoSuchProcess:  # the watched process (or a child being listed) has exited
             return
         rss = pss = count = 0
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in tree:
             try:
                 info = proc.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
