@@ -165,8 +165,9 @@ def tune_split(run: dict) -> dict:
     for trial in run["trials"]:
         rows = trial["rows"]
         last = rows[-1]
-        # a function trial's clock starts with the trial; its last report came at the end of its last epoch
-        end = last["started_at"] + last["time_this_iter_s"]
+        # a trial's last report came at the end of its last epoch (Tune stamps it to the second), and
+        # its clock (time_total_s) started with the trial
+        end = float(last["timestamp"])
         start = end - last["time_total_s"]
         starts.append(start)
         parts.append(split_trial(rows, start, end))
