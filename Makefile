@@ -26,7 +26,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 # CPU benches, each printing one JSON line into bench/results/<bench>.json (sizes: see each --help)
-BENCHES := data_feed train_overhead diffusion centers student
+BENCHES := data_feed train_overhead diffusion centers student search ablate ingest
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "# bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done

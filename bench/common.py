@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +46,7 @@ def emit(result: dict) -> None:
     os.replace(tmp, os.path.join(folder, f"{result['bench']}.json"))
 
 
-def start_ray(temp_dir: str, num_cpus: int = 4) -> None:
+def start_ray(temp_dir: str, num_cpus: int = 4, **kwargs) -> None:
     """A private local Ray instance; one retry, because on an overloaded machine the raylet can miss
     Ray's fixed 30 s start-up wait."""
     import ray
@@ -53,12 +54,12 @@ def start_ray(temp_dir: str, num_cpus: int = 4) -> None:
     from diffkd.runtime.raycompat import init_local
 
     try:
-        init_local(num_cpus=num_cpus, temp_dir=temp_dir)
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir, **kwargs)
     except Exception as err:  # Ray raises a bare Exception for this
         if "timed out during startup" not in str(err):
             raise
         ray.shutdown()
-        init_local(num_cpus=num_cpus, temp_dir=temp_dir + "-retry")
+        init_local(num_cpus=num_cpus, temp_dir=temp_dir + "-retry", **kwargs)
 
 
 def pipeline_dataset(rows: list[dict], batch_size: int):
@@ -82,19 +83,21 @@ def rounded(values: list[float], digits: int = 2) -> list[float]:
 
 # ---- through the framework ------------------------------------------------------------------------
 
-def through_loop(task, rows: list[dict], cfg) -> dict[str, Any]:
+def through_loop(task, rows: list[dict] | int, cfg, dataset=None) -> dict[str, Any]:
     """`fit` on `rows` (split over cfg.num_workers): global samples/s per counted epoch, and where epochs go.
 
+    With `dataset` (a Ray dataset from the pipeline), `rows` is its number of rows and `fit` reads it.
     inner: the step loop; whole: epoch start to the next epoch's start (validation, checkpoint,
     `ray.train.report` and its barrier included), so a run of E epochs counts E-2 whole epochs.
     """
     from diffkd.train.loop import epoch_wall_seconds, fit
 
+    count = rows if dataset is not None else len(rows)
     started = time.perf_counter()
-    result = fit(task, {"train": pipeline_dataset(rows, cfg.batch_size)}, cfg)
+    result = fit(task, {"train": dataset if dataset is not None else pipeline_dataset(rows, cfg.batch_size)}, cfg)
     wall = time.perf_counter() - started
     history = result.history
-    samples = len(rows) // cfg.num_workers // cfg.batch_size * cfg.batch_size * cfg.num_workers
+    samples = count // cfg.num_workers // cfg.batch_size * cfg.batch_size * cfg.num_workers
     if cfg.max_steps_per_epoch:
         samples = min(samples, cfg.max_steps_per_epoch * cfg.batch_size * cfg.num_workers)
     counted = history[1:]
@@ -231,3 +234,61 @@ def _reference_worker(rank: int, mode: str, world: int, port: int, task, rows: l
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# ---- whole commands: a phantom cohort, the demo's config, `diffkd ...` timed ---------------------------
+
+DIFFKD = os.path.join(os.path.dirname(sys.executable), "diffkd")  # the venv's console script
+
+
+def run_diffkd(argv: list[str], log_path: str, env: dict[str, str] | None = None) -> float:
+    """Run `diffkd argv` as its own process, output into `log_path`; its wall seconds. One retry when
+    Ray's start timed out (an overloaded machine, see `start_ray`: the command failed before doing
+    anything); any other failure raises with the log's tail."""
+    retried = False
+    while True:
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        started = time.perf_counter()
+        with open(log_path, "a") as log:
+            code = subprocess.call([DIFFKD, *argv], stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        seconds = time.perf_counter() - started
+        if not code:
+            return seconds
+        with open(log_path) as f:
+            f.seek(offset)
+            output = f.read()
+        if retried or "timed out during startup" not in output:
+            raise RuntimeError(f"diffkd {' '.join(argv[:2])} failed (exit {code}); end of {log_path}:\n"
+                               f"{output[-3000:]}")
+        retried = True
+
+
+def phantom_dataset(root: str, centers: int, patients: int, log_path: str, doppler_fraction: float = 0.0,
+                    seed: int = 0) -> tuple[str, list[str]]:
+    """A demo-size phantom cohort ingested as the demo does it: (dataset folder, center names); the
+    last center is the one a bench holds out as external."""
+    phantom, data = os.path.join(root, "phantom"), os.path.join(root, "data")
+    run_diffkd(["phantom", "--out", phantom, "--size", "demo", "--centers", str(centers), "--patients",
+                str(patients), "--seed", str(seed), "--doppler-fraction", str(doppler_fraction)], log_path)
+    names = sorted(n for n in os.listdir(phantom) if os.path.exists(os.path.join(phantom, n, "clinical.csv")))
+    for name in names:
+        run_diffkd(["ingest", os.path.join(phantom, name), "--center", name, "--dataset", data, "--clinical",
+                    os.path.join(phantom, name, "clinical.csv")], log_path)
+    return data, names
+
+
+def demo_config(path: str, student_epochs: int, teacher_epochs: int, image_size: int = 64, **sections) -> str:
+    """configs/demo.yaml with the teacher's and student's epochs (and image size) set, every epoch
+    eligible as the best (min_epochs 0, no early stop), and any top-level `sections` replaced; written
+    to `path`."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(BENCH_DIR), "configs", "demo.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    for stage, epochs in (("teacher", teacher_epochs), ("student", student_epochs)):
+        cfg[stage]["loop"].update(epochs=epochs, min_epochs=0, patience=0, progress=False)
+        cfg[stage]["pipeline"]["image_size"] = image_size
+    cfg.update(sections)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path

@@ -17,6 +17,13 @@ or DataLoader workers) is its own; a thread samples the tree's memory. Throughpu
 warm epochs (the first epoch, which starts workers, is reported apart). RSS summed over processes
 counts shared pages (Ray's object store) once per process that maps them, so PSS is reported beside it.
 
+Real-size mode (`real_size` in the JSON; `--no-real-size` skips it): public breast-US sets are gray
+PNGs of 270-860 px, larger than the phantom's, so every streamed epoch decodes and resizes more. The
+same three feeds (streamed, cached, DataLoader) over such PNGs at each training size (128 and 224 px),
+against the ceiling of the same machine measured in the same run: PNG decode + one resize to the
+training size in one process per core, bytes already in memory, nothing else
+(`ray_streamed_vs_ceiling`, target >= 0.5 at 128 px; `ray_cached_vs_dataloader` >= 1.0).
+
 Prints ONE JSON line and writes bench/results/data_feed.json. `make bench` runs it; `--quick` is a
 smaller run.
 """
@@ -43,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit  # noqa: E402
+from common import emit, start_ray  # noqa: E402
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -59,8 +66,16 @@ def speckle_image(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return np.clip((db + 50) / 50 * 255, 0, 255).astype(np.uint8)
 
 
-def write_speckle_dataset(root: str, centers: int, images_per_center: int, replicas: int = 1, seed: int = 0):
-    """`centers` centers of `images_per_center` distinct images each, every row repeated `replicas` times (new case ids)."""
+# Source image shapes (height, width): the phantom-like default, and the spread of public breast
+# ultrasound sets (BUS-BRA, BUSI: gray PNGs of 270 to 860 px a side)
+SHAPES = ((300, 400), (360, 360), (280, 420), (400, 300))
+REAL_SIZE_SHAPES = ((270, 360), (456, 600), (580, 760), (860, 660))
+
+
+def write_speckle_dataset(root: str, centers: int, images_per_center: int, replicas: int = 1, seed: int = 0,
+                          shapes: tuple[tuple[int, int], ...] = SHAPES):
+    """`centers` centers of `images_per_center` images each (center c's of shape shapes[c % len(shapes)]),
+    every row repeated `replicas` times (new case ids)."""
     import pyarrow as pa
     from PIL import Image
 
@@ -71,8 +86,8 @@ def write_speckle_dataset(root: str, centers: int, images_per_center: int, repli
     ds = ImageDataset(root)
     pool = []  # a few distinct images per center shape, reused: decoding cost does not depend on the content
     for c in range(centers):
-        height, width = [(300, 400), (360, 360), (280, 420), (400, 300)][c % 4]
-        if len(pool) <= c % 4:
+        height, width = shapes[c % len(shapes)]
+        if len(pool) <= c % len(shapes):
             images = []
             for _ in range(8):
                 buf = io.BytesIO()
@@ -83,7 +98,7 @@ def write_speckle_dataset(root: str, centers: int, images_per_center: int, repli
         rows = []
         for r in range(replicas):
             for i in range(images_per_center):
-                data = pool[c % 4][i % 8]
+                data = pool[c % len(shapes)][i % 8]
                 rows.append(dict(case_id=f"{name}-{r}-{i}", patient_id=f"{name}-p{i}", center=name, modality="us",
                                  label=int(rng.random() < 0.26), image=data, mask=None, height=height, width=width,
                                  spacing_mm=0.1, synthetic=False, source="bench", sha256=hashlib.sha256(data).hexdigest(),
@@ -99,18 +114,24 @@ def write_speckle_dataset(root: str, centers: int, images_per_center: int, repli
 # ---- memory -------------------------------------------------------------------------------------
 
 class PeakMemory:
-    """Samples RSS and PSS summed over this process and all its descendants, in a background thread."""
+    """Samples RSS and PSS summed over a process (default: this one) and all its descendants, in a
+    background thread."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, pid: int | None = None):
         self.interval, self.peak_rss, self.peak_pss, self.processes = interval, 0, 0, 0
+        self.pid = pid
         self._stop = threading.Event()
 
     def sample(self) -> None:
         import psutil
 
-        me = psutil.Process()
+        try:
+            me = psutil.Process(self.pid)
+            tree = [me, *me.children(recursive=True)]
+        except psutil.NoSuchProcess:  # the watched process (or a child being listed) has exited
+            return
         rss = pss = count = 0
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in tree:
             try:
                 info = proc.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -196,10 +217,8 @@ class RayFeed:
 
         from diffkd.data.dataset import ImageDataset
         from diffkd.data.pipeline import make_dataset
-        from diffkd.runtime.raycompat import init_local
-
         if not ray.is_initialized():
-            init_local(temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), logging_level="ERROR")
+            start_ray(tempfile.mkdtemp(prefix="rb", dir="/tmp"), logging_level="ERROR")
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -294,9 +313,41 @@ def memory_child(args, cfg) -> dict:
     return {"images": images, "peak_rss": memory.peak_rss, "peak_pss": memory.peak_pss, "processes": memory.processes}
 
 
+def _decode_and_resize(item: tuple[bytes, int]) -> int:
+    from PIL import Image
+
+    data, size = item
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.resize((size, size), Image.Resampling.BILINEAR).size[0]
+
+
+def decode_resize_ceiling(root: str, image_size: int, workers: int, passes: int = 2) -> dict:
+    """The machine's ceiling for the data side: images/s of PNG decode + one bilinear resize to the
+    training size and nothing else, in `workers` processes (one per core), PNG bytes already in
+    memory; the best of `passes` passes."""
+    import multiprocessing
+
+    from diffkd.data.dataset import ImageDataset
+
+    images = ImageDataset(root).read_table(columns=["image"]).column("image").to_pylist()
+    items = [(data, image_size) for data in images]
+    rates = []
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(_decode_and_resize, items[:workers])  # workers started and imported
+        for _ in range(passes):
+            start = time.perf_counter()
+            pool.map(_decode_and_resize, items, chunksize=8)
+            rates.append(len(items) / (time.perf_counter() - start))
+    return {"images_per_s": max(rates), "images": len(items)}
+
+
 def child(args) -> None:
     from diffkd.data.pipeline import PipelineConfig
 
+    if args.child == "ceiling":
+        print(json.dumps(decode_resize_ceiling(args.root, args.image_size, args.workers)))
+        return
     cfg = PipelineConfig(image_size=args.image_size, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer)
     print(json.dumps(throughput_child(args, cfg) if args.child == "throughput" else memory_child(args, cfg)))
 
@@ -339,13 +390,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shuffle-buffer", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--child", choices=["throughput", "memory_ray", "memory_torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--real-size-images", type=int, default=240,
+                        help="images in the real-size mode (source PNGs of 270-860 px, as public breast-US sets)")
+    parser.add_argument("--real-size-train-sizes", default="128,224", help="training sizes of the real-size mode")
+    parser.add_argument("--no-real-size", action="store_true", help="skip the real-size mode")
+    parser.add_argument("--child", choices=["throughput", "memory_ray", "memory_torch", "ceiling"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
     if args.quick:
-        args.images_per_center, args.epochs, args.scale = 40, 2, 4
+        args.images_per_center, args.epochs, args.scale, args.real_size_images = 40, 2, 4, 48
 
     with tempfile.TemporaryDirectory(prefix="diffkd-bench-") as tmp:
         small, large = os.path.join(tmp, "x1"), os.path.join(tmp, f"x{args.scale}")
@@ -354,16 +410,12 @@ def main() -> None:
         speed = run_child("throughput", small, args)
         memory = {(system, scale): run_child(f"memory_{system}", root, args)
                   for scale, root in (("x1", small), (f"x{args.scale}", large)) for system in ("ray", "torch")}
+        real_size = {} if args.no_real_size else real_size_mode(args, os.path.join(tmp, "real-size"))
 
     names = ("ray", "torch", "ray_shuffle", "ray_cached")
     ray, loader, shuffled, cached = (summarise(speed["epochs"][name]) for name in names)
 
-    def paired(name: str) -> float:
-        """Median over epochs of (that Ray feed / the DataLoader), epochs run back to back."""
-        return statistics.median((r["images"] / r["seconds"]) / (t["images"] / t["seconds"])
-                                 for r, t in zip(speed["epochs"][name], speed["epochs"]["torch"]))
-
-    streamed_ratio, cached_ratio = paired("ray_shuffle"), paired("ray_cached")
+    streamed_ratio, cached_ratio = _paired(speed, "ray_shuffle"), _paired(speed, "ray_cached")
     big = f"x{args.scale}"
     ray_memory_ratio = memory["ray", big]["peak_rss"] / memory["ray", "x1"]["peak_rss"]
     result = {
@@ -379,7 +431,7 @@ def main() -> None:
         "ray_vs_dataloader": round(streamed_ratio, 3),
         "ray_cached_vs_dataloader": round(cached_ratio, 3),
         "ray_no_shuffle_buffer_images_per_s": round(ray["images_per_s"], 1),
-        "ray_no_shuffle_buffer_vs_dataloader": round(paired("ray"), 3),
+        "ray_no_shuffle_buffer_vs_dataloader": round(_paired(speed, "ray"), 3),
         "shuffle_buffer_cost": round(1 - shuffled["images_per_s"] / ray["images_per_s"], 3),
         "cpu_ms_per_image": {"ray": round(shuffled["cpu_ms_per_image"], 2),
                              "ray_cached": round(cached["cpu_ms_per_image"], 2),
@@ -408,7 +460,48 @@ def main() -> None:
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     result["meets_target"] = bool(streamed_ratio >= 0.85 and cached_ratio >= 1.0 and ray_memory_ratio <= 1.2)
+    if real_size:
+        result["real_size"] = real_size
+        at_128 = real_size["by_train_size"].get("128")
+        if at_128:
+            result["meets_real_size_target"] = bool(at_128["ray_cached_vs_dataloader"] >= 1.0
+                                                    and at_128["ray_streamed_vs_ceiling"] >= 0.5)
     emit(result)
+
+
+def real_size_mode(args, root: str) -> dict:
+    """Real-size source PNGs (270-860 px) at each training size: the Ray feed streamed and cached and
+    the DataLoader, epochs interleaved as in the main mode, against the decode + resize ceiling
+    measured on the same PNGs in the same run."""
+    centers = len(REAL_SIZE_SHAPES)
+    per_center = max(1, args.real_size_images // centers)
+    write_speckle_dataset(root, centers, per_center, shapes=REAL_SIZE_SHAPES)
+    out = {"source_shapes": [list(s) for s in REAL_SIZE_SHAPES], "images": centers * per_center,
+           "targets": {"ray_cached_vs_dataloader at 128": ">= 1.0", "ray_streamed_vs_ceiling at 128": ">= 0.5"},
+           "by_train_size": {}}
+    for size in (int(s) for s in args.real_size_train_sizes.split(",")):
+        sized = argparse.Namespace(**{**vars(args), "image_size": size})
+        speed = run_child("throughput", root, sized)
+        ceiling = run_child("ceiling", root, sized)["images_per_s"]
+        rates = {name: summarise(speed["epochs"][name])["images_per_s"] for name in ("ray_shuffle", "ray_cached", "torch")}
+        out["by_train_size"][str(size)] = {
+            "ray_streamed_images_per_s": round(rates["ray_shuffle"], 1),
+            "ray_cached_images_per_s": round(rates["ray_cached"], 1),
+            "dataloader_images_per_s": round(rates["torch"], 1),
+            "decode_resize_ceiling_images_per_s": round(ceiling, 1),
+            "ray_cached_vs_dataloader": round(_paired(speed, "ray_cached"), 3),
+            "ray_streamed_vs_dataloader": round(_paired(speed, "ray_shuffle"), 3),
+            "ray_streamed_vs_ceiling": round(rates["ray_shuffle"] / ceiling, 3),
+            "ray_cached_vs_ceiling": round(rates["ray_cached"] / ceiling, 3),
+            "dataloader_vs_ceiling": round(rates["torch"] / ceiling, 3),
+        }
+    return out
+
+
+def _paired(speed: dict, name: str) -> float:
+    """Median over epochs of (that Ray feed / the DataLoader), epochs run back to back."""
+    return statistics.median((r["images"] / r["seconds"]) / (t["images"] / t["seconds"])
+                             for r, t in zip(speed["epochs"][name], speed["epochs"]["torch"]))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
     -> ray.train.get_dataset_shard("train") -> iter_shard_batches()     local shuffle buffer, torch tensors
 
 A streamed dataset is never materialised (small ones are decoded once and cached, see
-`cache_decision`): every epoch re-runs the plan and streams blocks through the object store under
+`cache_decision`; within a search, an ablation or `diffkd run` the decoded images are shared by all
+their runs, see `diffkd.data.source_cache`): every epoch re-runs the plan and streams blocks through the object store under
 Ray Data's backpressure, so memory stays flat as the dataset grows (bench/data_feed.py
 measures it). Nothing here is fitted to data: normalisation is a fixed rule and the clinical encoding
 uses fixed reference scales, so external centers are treated exactly like internal ones.
@@ -25,6 +26,7 @@ early, with the numbers, where a sizing would hang instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -37,8 +39,9 @@ import numpy as np
 from PIL import Image
 
 from diffkd.data.augment import AugmentConfig, AugmentParams, apply_intensity, draw_params, place
-from diffkd.data.dataset import DatasetError, ImageDataset
+from diffkd.data.dataset import PARTITION_KEY, DatasetError, ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS, MODALITIES, ClinicalEncoding
+from diffkd.data.source_cache import file_keys, record_decodes, shared_cache_open, shared_sources
 from diffkd.runtime.raycompat import refresh_data_limits_until_known
 
 if TYPE_CHECKING:
@@ -119,8 +122,6 @@ def with_center_vocabulary(cfg: PipelineConfig, dataset: ImageDataset) -> Pipeli
     """`cfg` with its center vocabulary filled from the dataset's sorted real centers when it is empty."""
     if cfg.centers:
         return cfg
-    import dataclasses
-
     return dataclasses.replace(cfg, centers=tuple(dataset.centers()))
 
 
@@ -210,10 +211,18 @@ def decode_sources(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels.append(np.rint(values * 65535.0).astype(np.uint16) if full_scale == 1.0 else values.astype(np.uint16))
         mask = _row_mask(batch, i, f"mask of row case_id={cid}")
         masks.append(np.zeros((0, 0), np.uint8) if mask is None else np.asarray(mask, dtype=np.uint8))
+    _record_png_decodes(batch)
     out[PIXELS] = _ragged(pixels)
     out[SIXTEEN_BIT] = np.array(sixteen, dtype=bool)
     out[MASK_PIXELS] = _ragged(masks)
     return out
+
+
+def _record_png_decodes(batch: dict[str, np.ndarray]) -> None:
+    """Count the batch's PNG decodes, real and synthetic rows apart (`source_cache.record_decodes`)."""
+    synthetic = np.asarray(batch.get("synthetic", np.zeros(len(batch["case_id"]))), dtype=bool)
+    record_decodes(int((~synthetic).sum()), synthetic=False)
+    record_decodes(int(synthetic.sum()), synthetic=True)
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -278,6 +287,8 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
             warped = place(mask, size, cfg.keep_aspect, params[i], Image.Resampling.BILINEAR)
             masks[i, 0] = np.asarray(warped) >= 128  # bilinear + threshold: smoother edges than nearest
 
+    if PIXELS not in batch:  # decoded from PNG here, not from a cached set's source pixels
+        _record_png_decodes(batch)
     if augmenting:
         apply_intensity(pixels, params, rngs)
     pixels -= np.float32(cfg.norm_mean)
@@ -353,7 +364,10 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     predicate = wanted if modality is None else (modality if wanted is None else wanted & modality)
     if cache is None:
         cache = cache_decision(dataset, ids, centers, cfg).cached
-    ds = _read_and_decode(dataset, files, dataset.partition_base(), predicate, cfg, train, cache=cache)
+    shared = _shared_entry(dataset, files, centers, cfg) if cache else None
+    rows = count_real_rows(dataset, centers, ids, cfg.modalities) if shared is not None else 0
+    ds = _read_and_decode(dataset, files, dataset.partition_base(), predicate, cfg, train, cache=cache,
+                          shared=shared, rows=rows)
 
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
@@ -373,6 +387,44 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
                                          keep if modality is None else keep & modality, cfg, train)
             ds = ds.mix(synthetic, weights=[real_rows, wanted_synthetic])  # interleaved block by block
     return ds
+
+
+def _shared_entry(dataset: ImageDataset, files: list[str], centers: list[str] | None,
+                  cfg: PipelineConfig) -> "ray.data.Dataset | None":
+    """Every real row of these centers' files, decoded once for the whole job, when a shared cache is
+    open and they fit its budget (`diffkd.data.source_cache`); None otherwise."""
+    import functools
+
+    import pyarrow.compute as pc
+
+    if not shared_cache_open():
+        return None
+    meta = dataset.metadata(centers)
+    pixels = pc.multiply(meta.column("height").cast("int64"), meta.column("width").cast("int64"))
+    per_center = {}  # decoded bytes as `cache_decision` estimates them
+    for center, count in zip(meta.column("center").to_pylist(), pixels.to_pylist()):
+        per_center[center] = per_center.get(center, 0) + 3 * count
+    of_file = [path.split(f"/{PARTITION_KEY}=", 1)[1].split("/", 1)[0] for path in files]
+    sizes = [per_center.get(center, 0) // of_file.count(center) for center in of_file]
+    budget = cache_budget_bytes(cfg)
+    build = functools.partial(_decode_file_once, dataset, files, dataset.partition_base(), cfg)
+    entries = shared_sources(file_keys(dataset, files), sizes, budget, cfg.decode_concurrency, build)
+    if entries is None:
+        return None
+    return entries[0] if len(entries) == 1 else entries[0].union(*entries[1:])
+
+
+def _decode_file_once(dataset: ImageDataset, files: list[str], partition_base: str, cfg: PipelineConfig,
+                      index: int) -> "ray.data.MaterializedDataset":
+    """Every row of files[index] with its PNGs decoded to source pixels, materialised in the object
+    store: an entry of the shared cache (built in the cache's actor, which then owns it)."""
+    import ray.data
+
+    resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
+    return (_read(dataset, [files[index]], partition_base, cfg, train=False)
+            .map_batches(decode_sources, batch_size=None, batch_format="numpy",
+                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency), **resources)
+            .materialize())
 
 
 @dataclass
@@ -401,20 +453,26 @@ def cache_decision(dataset: ImageDataset, case_ids: Sequence[str] | None, center
         meta = meta.filter(pc.field("modality").isin(list(cfg.modalities)))
     pixels = pc.sum(pc.multiply(meta.column("height").cast("int64"), meta.column("width").cast("int64"))).as_py()
     decoded = 3 * int(pixels or 0)
-    if cfg.cache_budget_mb:
-        budget = int(cfg.cache_budget_mb * 2**20)
-    else:
-        import ray
-
-        budget = int(cfg.cache_fraction * ray.cluster_resources().get("object_store_memory", 0))
+    budget = cache_budget_bytes(cfg)
     cached = cfg.cache == "always" or decoded <= budget
     log.debug("%s %d rows: %.0f MiB decoded, cache budget %.0f MiB", "caching" if cached else "streaming",
               meta.num_rows, decoded / 2**20, budget / 2**20)
     return CacheDecision(cached, decoded, budget)
 
 
+def cache_budget_bytes(cfg: PipelineConfig) -> int:
+    """Decoded bytes a cached set may hold: `cfg.cache_budget_mb`, or `cfg.cache_fraction` of the Ray
+    cluster's object store."""
+    if cfg.cache_budget_mb:
+        return int(cfg.cache_budget_mb * 2**20)
+    import ray
+
+    return int(cfg.cache_fraction * ray.cluster_resources().get("object_store_memory", 0))
+
+
 def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: str, predicate, cfg: PipelineConfig,
-                     train: bool, cache: bool = False) -> "ray.data.Dataset":
+                     train: bool, cache: bool = False, shared: "ray.data.Dataset | None" = None,
+                     rows: int = 0) -> "ray.data.Dataset":
     """read_parquet -> filter -> map_batches(decode), which Ray fuses into ONE task per file.
 
     `center` comes from the files' `center=<C>` directories below `partition_base` (the files do not
@@ -427,17 +485,51 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
     and only when the read is not split further (override_num_blocks at most the number of files).
     Many small files (one per center) are grouped into fewer tasks (`read_tasks`).
 
+    `shared`: the decoded source rows of `files` from the job's shared cache (`source_cache`); this
+    dataset then picks its `rows` rows out of them with `predicate` and decodes no PNG at all.
+
     The reader hands out one training batch of rows at a time (`batch_size`). Sized by bytes instead,
     a read block held a little less than a batch of decoded rows, and Ray keeps an output block back
     until it reaches its target size: the first batch of every epoch waited for a second decode.
     """
     import ray.data
-    from ray.data.datasource import FileShuffleConfig, Partitioning
 
     refresh_data_limits_until_known()  # the driver executes too (a cached set's decode pass, evaluation)
     # identical resources and compute on all three steps: what fusion requires
     resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
+    if shared is not None:
+        ds = shared if predicate is None else shared.filter(expr=predicate, compute=compute, **resources)
+        cache = True
+    else:
+        ds = _read(dataset, files, partition_base, cfg, train)
+        if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
+            ds = ds.filter(expr=predicate, compute=compute, **resources)
+        if cache:
+            # Decode the PNGs once into the object store; every epoch then resizes and augments from there.
+            ds = ds.map_batches(decode_sources, batch_size=None, batch_format="numpy", compute=compute,
+                                **resources).materialize()
+            rows = ds.count()
+    if cache and train:
+        # a fresh permutation of the cached blocks each epoch, as the streamed files are reshuffled
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+    # Streamed: whole read blocks, so that the map fuses with the read. Cached: several stored blocks
+    # per task (`cached_task_rows`).
+    out = ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train},
+                         batch_size=cached_task_rows(rows, cfg) if cache else None,
+                         batch_format="numpy", compute=compute, **resources)
+    if cache:
+        out.context._execution_idx = 0  # materialising counted as a run: epochs still number from 0
+    return out
+
+
+def _read(dataset: ImageDataset, files: list[str], partition_base: str, cfg: PipelineConfig,
+          train: bool) -> "ray.data.Dataset":
+    """The Parquet scan of `files` (READ_COLUMNS, one training batch of rows per block)."""
+    import ray.data
+    from ray.data.datasource import FileShuffleConfig, Partitioning
+
+    resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
     shuffle = FileShuffleConfig(seed=cfg.seed) if train else None  # reseeded every execution: new order per epoch
     with _read_settings(cfg):
         ds = ray.data.read_parquet(files, filesystem=dataset.fs, shuffle=shuffle,
@@ -448,23 +540,7 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
     # diffkd reports progress itself; Ray Data's bars (logged every few seconds when stdout is not a
     # terminal, e.g. the decode-once pass of a cached set in a Tune trial) would only flood the logs
     ds.context.enable_progress_bars = False
-    if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
-        ds = ds.filter(expr=predicate, compute=compute, **resources)
-    if cache:
-        # Decode the PNGs once into the object store; every epoch then resizes and augments from there.
-        ds = ds.map_batches(decode_sources, batch_size=None, batch_format="numpy", compute=compute,
-                            **resources).materialize()
-        if train:
-            # a fresh permutation of the cached blocks each epoch, as the streamed files are reshuffled
-            ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
-    # Streamed: whole read blocks, so that the map fuses with the read. Cached: several stored blocks
-    # per task (`cached_task_rows`).
-    out = ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train},
-                         batch_size=cached_task_rows(ds.count(), cfg) if cache else None,
-                         batch_format="numpy", compute=compute, **resources)
-    if cache:
-        out.context._execution_idx = 0  # materialising counted as a run: epochs still number from 0
-    return out
+    return ds
 
 
 READ_TASKS_PER_SLOT = 1  # read tasks per epoch for each of `decode_concurrency` slots, at most

@@ -90,7 +90,7 @@ class ReportInputs:
     # loss terms (ce, kd_<term>) and the agreement measures (agree_corr, agree_kl, agree_top1)}
     distillation: dict = field(default_factory=dict)
     # trained network (each classifier; each fold of the deep-feature extractor) -> {"checks", "flags"}
-    # (diffkd.train.health); metrics.json carries each under models.<name>.health
+    # (diffkd.evaluate.health); metrics.json carries each under models.<name>.health
     health: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -550,7 +550,7 @@ def _distillation_section(ctx: _Context) -> str:
 
 
 def _health_section(ctx: _Context) -> str:
-    from diffkd.train.health import FLAG_TEXT, HealthThresholds
+    from diffkd.evaluate.health import FLAG_TEXT, HealthThresholds
 
     if not ctx.inputs.health:
         return ctx.skip("health", "no trained model's training history was provided")

@@ -200,7 +200,7 @@ def trial_dir(out_dir: str, arm: str, seed: int) -> str:
 
 
 def _teacher_key(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) -> str:
-    from diffkd.experiments.runstate import fingerprint
+    from diffkd.runtime.digest import fingerprint
 
     teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed], plan.train_rows)
     return fingerprint({"data": plan.data_key, "teacher": to_dict(teacher), "ratio": ratio,
@@ -209,7 +209,7 @@ def _teacher_key(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) -> s
 
 def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
     """What a trial's result depends on: data, splits, its configs, its teacher's, the generator run."""
-    from diffkd.experiments.runstate import fingerprint
+    from diffkd.runtime.digest import fingerprint
 
     kind = teacher_kind(arm)
     parts: dict[str, Any] = {"data": plan.data_key, "arm": arm, "splits": to_dict(cfg.splits),
@@ -273,6 +273,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     from diffkd.experiments.experiment import ExperimentConfig
     from diffkd.train.student import train_student
 
+    started_at = time.time()
     arm, seed = params["trial"]["arm"], int(params["trial"]["seed"])
     cfg = from_dict(ExperimentConfig, plan.experiment, "experiment")
     target = trial_dir(plan.out_dir, arm, seed)
@@ -292,7 +293,9 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
                                                              "teacher": teacher or None})
     external = pd.read_parquet(os.path.join(target, PREDICTIONS))
     external = external[external["split"] == "test"]
-    ray.tune.report({"external_auc": _auc_or_nan(external), "cases": float(len(external))})
+    # started_at, finished_at: the trial's wall-clock span (bench/ablate.py splits the job's time with them)
+    ray.tune.report({"external_auc": _auc_or_nan(external), "cases": float(len(external)), "started_at": started_at,
+                     "finished_at": time.time()})
 
 
 def _auc_or_nan(rows: "pd.DataFrame") -> float:
@@ -336,7 +339,7 @@ def student_train_rows(assignments: "pd.DataFrame", cfg: "ExperimentConfig") -> 
 
 
 def data_key(ds) -> str:
-    from diffkd.experiments.runstate import fingerprint
+    from diffkd.runtime.digest import fingerprint
 
     return fingerprint({name: entry["files"] for name, entry in ds.manifest["centers"].items()})
 
@@ -524,6 +527,7 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
     import ray
     from ray import tune
 
+    from diffkd.data.source_cache import shared_source_cache
     from diffkd.experiments.tune import DRIVER_CPUS, trials_that_fit
     from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
 
@@ -543,7 +547,8 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
         run_config=tune.RunConfig(name=f"{EXPERIMENT}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out,
                                   callbacks=[placement_group_sweeper()],
                                   failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
+    with shared_source_cache():  # the trials decode their images once between them
+        grid = tuner.fit()
     settle_placement_groups()
     failed = [f"{r.config['trial']['arm']}-s{r.config['trial']['seed']}: {str(r.error).splitlines()[0]}"
               for r in grid if r.error]
@@ -683,7 +688,7 @@ def optimizer_steps(out_dir: str, arm: str, seed: int) -> float:
 
 
 def health_flags(out_dir: str, arm: str, seed: int) -> str:
-    """The trial's model's training-health flags (diffkd.train.health), ';'-joined; '' when healthy or unknown."""
+    """The trial's model's training-health flags (diffkd.evaluate.health), ';'-joined; '' when healthy or unknown."""
     health = (training_info(out_dir, arm, seed).get("metrics") or {}).get("health") or {}
     return ";".join(health.get("flags") or [])
 

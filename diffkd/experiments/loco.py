@@ -90,7 +90,7 @@ def fold_key(dataset: str, teacher: dict, val_fraction: float, seed: int) -> str
     """What a fold's result depends on: every center's files (a new or re-ingested center changes the
     training set of every other fold), the teacher config and the split settings."""
     from diffkd.data.dataset import ImageDataset
-    from diffkd.experiments.runstate import fingerprint
+    from diffkd.runtime.digest import fingerprint
 
     centers = {name: entry["files"] for name, entry in ImageDataset(dataset).manifest["centers"].items()}
     return fingerprint({"centers": centers, "teacher": teacher, "val_fraction": val_fraction, "seed": seed})
@@ -138,6 +138,7 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
     from ray import tune
 
     from diffkd.data.dataset import ImageDataset
+    from diffkd.data.source_cache import shared_source_cache
     from diffkd.data.splits import leave_one_center_out as folds_of
     from diffkd.runtime.raycompat import init as ray_init
     from diffkd.experiments.tune import DRIVER_CPUS, trial_footprint, trials_that_fit
@@ -168,7 +169,8 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=experiment, storage_path=out_dir, callbacks=[placement_group_sweeper()],
                                   failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
+    with shared_source_cache():  # a center's images are decoded once for all the folds that train on it
+        grid = tuner.fit()
     settle_placement_groups()
     failed = [str(r.error).splitlines()[0] for r in grid if r.error]
     if failed:

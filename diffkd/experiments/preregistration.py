@@ -49,7 +49,7 @@ class PlanningAssumptions:
 
 def config_digest(config: dict) -> str:
     """A digest of what the experiment config computes (RUNTIME_KEYS left out, at any depth)."""
-    from diffkd.experiments.runstate import fingerprint
+    from diffkd.runtime.digest import fingerprint
 
     def scientific(value: Any) -> Any:
         if isinstance(value, dict):
@@ -60,7 +60,7 @@ def config_digest(config: dict) -> str:
 
 
 def plan_digest(plan: dict) -> str:
-    from diffkd.experiments.runstate import fingerprint
+    from diffkd.runtime.digest import fingerprint
 
     return fingerprint({k: v for k, v in plan.items() if k not in UNSIGNED})
 

@@ -110,6 +110,7 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     truth: a synthetic cohort's truth.csv, handed to the report stage only (per-center ceilings).
     """
     from diffkd.runtime import raycompat
+    from diffkd.data.source_cache import start_shared_source_cache
     from diffkd.data.splits import check_no_leakage, make_splits
 
     out = Path(out).resolve()  # stages run in Ray workers and Tune trials with other working directories
@@ -134,6 +135,9 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
         log.info("note: %s", change)
 
     raycompat.init(cfg.ray.address or None, **({"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}))
+    # every stage and search trial below reads the same rows: decode each center's images once for all
+    # of them (held while this function runs)
+    shared_cache = start_shared_source_cache()  # noqa: F841
     state = RunState.load(out)
     common = stage_inputs(dataset, external, cfg)
     skipped: dict[str, str] = {}  # report section -> why it has no content

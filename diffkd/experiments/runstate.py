@@ -10,7 +10,6 @@ While a stage runs, a captured run's output goes to OUT/logs/<stage>.log (`diffk
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,15 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from diffkd.runtime import console
+from diffkd.runtime.digest import fingerprint
 from diffkd.runtime.files import atomic_write_json
 
 STATE_FILE = "run_state.json"
 
 log = logging.getLogger(__name__)
-
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def outputs_current(folder: str, info_file: str, outputs: str, key: str) -> bool:

@@ -214,6 +214,7 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
     from ray import tune
 
     from diffkd.data.dataset import ImageDataset
+    from diffkd.data.source_cache import shared_source_cache
     from diffkd.runtime.raycompat import init as ray_init
 
     # trials run in their own working directories: every local path they get must be absolute
@@ -252,7 +253,8 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
                                         scheduler=_scheduler(space, space.max_epochs(cfg.loop.epochs))),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=out_dir, callbacks=[placement_group_sweeper()],
                                       failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
+    with shared_source_cache():  # the trials decode their images once between them
+        grid = tuner.fit()
     settle_placement_groups()
     return summarize(grid, space, base, out_dir, experiment)
 

@@ -304,7 +304,10 @@ def load_into_engine(local_dir: str, engine) -> None:
         loaded, _ = engine.load_checkpoint(os.path.join(local_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
-        raise CheckpointError(f"DeepSpeed found no state under {local_dir}/{DEEPSPEED_DIR}/{DEEPSPEED_TAG}")
+        raise CheckpointError(
+            f"the {type(engine).__name__} found no state of its own under {local_dir}/{DEEPSPEED_DIR}/"
+            f"{DEEPSPEED_TAG}: was the run started with the other loop.engine? (loop.engine auto trains "
+            "ZeRO stage 0 with ddp; set loop.engine: deepspeed to resume a stage-0 run DeepSpeed started)")
 
 
 def load_weights(fs: pafs.FileSystem, checkpoint_path: str) -> dict[str, torch.Tensor]:

@@ -104,8 +104,9 @@ def build_optimizer(model: nn.Module, cfg: "LoopConfig") -> torch.optim.Optimize
 
 
 def build_engine(model: nn.Module, cfg: "LoopConfig", world_size: int, total_steps: int, device: torch.device):
-    """The engine a training worker drives: DeepSpeed's, or with `cfg.engine == "ddp"` plain torch DDP
-    behind the same methods (`diffkd/train/ddp_engine.py`). Needs torch.distributed initialised.
+    """The engine a training worker drives: DeepSpeed's, or plain torch DDP behind the same methods
+    (`diffkd/train/ddp_engine.py`) where `cfg.engine` is ddp, or auto at ZeRO stage 0. Needs
+    torch.distributed initialised.
 
     Reads only the optimisation fields of `cfg` (engine, zero_stage, precision, batch and schedule
     settings), so a bench without the rest of the framework can pass an object carrying just those.
@@ -114,7 +115,7 @@ def build_engine(model: nn.Module, cfg: "LoopConfig", world_size: int, total_ste
 
     config = deepspeed_config(cfg, world_size, device.type == "cuda", total_steps)
     optimizer = build_optimizer(model, cfg)
-    if cfg.engine == "ddp":
+    if getattr(cfg, "resolved_engine", cfg.engine) == "ddp":
         from diffkd.train.ddp_engine import DDPEngine
 
         return DDPEngine(model, optimizer, config, world_size, device)

@@ -141,7 +141,7 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
         log.debug("[%s] %s run %r in %s; %d worker(s), ZeRO stage %d, %d batches of %d per worker and epoch",
                   task.name, action, name, storage.uri, cfg.num_workers, cfg.zero_stage, batches, cfg.batch_size)
     worker_config = {"task": task, "loop": cfg, "objective": objective, "mode": mode, "has_val": "val" in datasets,
-                     "batches_per_epoch": batches,
+                     "batches_per_epoch": batches, "submitted_at": time.time(),
                      "total_steps": optimizer_steps(cfg.epochs, batches, cfg.grad_accum_steps)}
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
@@ -267,6 +267,7 @@ def _train_worker(config: dict) -> None:
     nonce = [secrets.token_hex(3)]
     dist.broadcast_object_list(nonce, src=0)  # every rank writes into the same checkpoint folder
     epoch = state.epoch
+    first_started = time.time()
     while epoch < cfg.epochs and not state.stopped_early:
         epoch += 1
         started_at = time.time()  # whole epochs (train, validation, checkpoint, report) are the gaps between these
@@ -277,12 +278,15 @@ def _train_worker(config: dict) -> None:
                                progress, average)
         state.global_step = int(engine.global_steps)
         state.samples_seen += int(metrics.pop("samples"))
+        validation_started = time.time()
         if val_shard is not None:
             val = _evaluate(task, engine, val_shard, cfg, device, average) if evaluates else None
             shared = [val]
             dist.broadcast_object_list(shared, src=0)
             metrics.update({k: float(v) for k, v in shared[0].items()})
-        metrics.update(epoch=epoch, global_step=state.global_step, started_at=started_at)
+        # val_s: validation; startup_s: from `fit` to this call's first epoch (worker group, engine, restore)
+        metrics.update(epoch=epoch, global_step=state.global_step, started_at=started_at,
+                       val_s=time.time() - validation_started, startup_s=first_started - config["submitted_at"])
         name = ckpt.checkpoint_dir_name(epoch, nonce[0])
         improved = _update_best(state, metrics, objective, mode, name, cfg.patience, min(cfg.min_epochs, cfg.epochs))
         state.history.append(metrics)

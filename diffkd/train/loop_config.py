@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for the worker group
-ENGINES = ("deepspeed", "ddp")
+ENGINES = ("auto", "deepspeed", "ddp")
 
 
 @dataclass
@@ -34,9 +34,10 @@ class LoopConfig:
     # exported in place of the raw weights; 0 = off. Needs ZeRO stage 0-2 (every rank holds whole weights).
     ema_decay: float = 0.0
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    # deepspeed | ddp (plain torch DDP, ZeRO stage 0 only: it overlaps the gradient all-reduce with
-    # backward, which DeepSpeed at stage 0 does not; see the README's "Engines")
-    engine: str = "deepspeed"
+    # auto | deepspeed | ddp. auto: plain torch DDP at ZeRO stage 0 (it overlaps the gradient
+    # all-reduce with backward, which DeepSpeed at stage 0 does not), DeepSpeed for stages 1-3
+    # (sharding needs it); see docs/design.md "Engines"
+    engine: str = "auto"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     shuffle_buffer: int = 256  # rows in the local shuffle buffer of the train stream (0 = stream order)
     eval_batch_size: int = 0  # 0 = batch_size
@@ -70,6 +71,13 @@ class LoopConfig:
             raise ValueError("loop.ema_decay needs whole weights on every rank: use zero_stage 0-2, or ema_decay 0")
         if self.engine not in ENGINES:
             raise ValueError(f"loop.engine {self.engine!r} must be one of {', '.join(ENGINES)}")
-        if self.engine == "ddp" and self.zero_stage:
+        if self.resolved_engine == "ddp" and self.zero_stage:
             raise ValueError(f"loop.engine 'ddp' cannot shard training state (zero_stage={self.zero_stage}); "
                              "use engine 'deepspeed' for ZeRO stages 1-3, or zero_stage 0")
+
+    @property
+    def resolved_engine(self) -> str:
+        """The engine that trains: `engine`, with auto resolved by the ZeRO stage."""
+        if self.engine != "auto":
+            return self.engine
+        return "ddp" if self.zero_stage == 0 else "deepspeed"

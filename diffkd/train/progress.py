@@ -15,7 +15,7 @@ from diffkd.runtime.console import worker_line
 
 # bookkeeping, in the history only
 _NOT_SHOWN = ("epoch", "samples_per_s", "global_step", "lr", "train_cpu_s", "train_s", "data_wait_s", "first_batch_s",
-              "started_at", "selection_score", "val_auc_se")
+              "started_at", "selection_score", "val_auc_se", "val_s", "startup_s")
 
 
 def format_duration(seconds: float) -> str:

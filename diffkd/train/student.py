@@ -580,7 +580,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.data.splits import check_synthetic_split
     from diffkd.models.footprint import count_parameters
     from diffkd.runtime.raycompat import init as ray_init
-    from diffkd.train.health import assess
+    from diffkd.evaluate.health import assess
     from diffkd.train.loop import fit
     from diffkd.train.teacher import balanced_class_weights, expected_train_rows
 

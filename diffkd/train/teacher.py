@@ -254,7 +254,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.data.splits import check_synthetic_split
     from diffkd.models.classifiers import initialised_from
     from diffkd.runtime.raycompat import init as ray_init
-    from diffkd.train.health import assess
+    from diffkd.evaluate.health import assess
     from diffkd.train.loop import fit
 
     ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)

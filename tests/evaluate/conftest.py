@@ -77,7 +77,7 @@ def _simulate_health(distillation: dict) -> dict:
     and the deep-feature model's two cross-fitting extractors (one of them inverted)."""
     import math
 
-    from diffkd.train.health import check_health
+    from diffkd.evaluate.health import check_health
 
     inverted = [{"epoch": e, "ce": 0.6, "val_auc": 0.3, "val_auc_se": 0.05} for e in range(1, 5)]
     healthy = [{"epoch": e, "ce": 0.5, "val_auc": 0.7, "val_auc_se": 0.05} for e in range(1, 3)]

@@ -289,7 +289,7 @@ def test_report_only_tables_the_current_trials_and_trains_nothing(tmp_path, ramp
             json.dump({"key": key, "arm": "neither", "seed": seed}, f)
 
     outcome = ablate(str(tmp_path / "data"), ["B"], cfg, str(tmp_path / "out"),
-                     AblationConfig(arms=["neither"], seeds=2, n_boot=1000), train=False)
+                     AblationConfig(arms=["neither"], seeds=2, n_boot=1000, reader_column=""), train=False)
     assert list(zip(outcome.table["arm"], outcome.table["seed"])) == [("neither", 0)]  # the stale seed is left out
     assert outcome.parallel == 0 and not outcome.failed
     assert any("1 of 2 trial(s) did not finish" in note for note in outcome.notes)

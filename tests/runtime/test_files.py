@@ -108,3 +108,10 @@ def test_replace_directory_puts_a_folder_where_there_was_none(tmp_path):
     (tmp_path / "stage" / "a").write_text("a")
     replace_directory(tmp_path / "stage", tmp_path / "final")
     assert _folder(tmp_path / "final") == {"a": b"a"} and not (tmp_path / "stage").exists()
+
+
+def test_a_fingerprint_is_stable_and_order_free():
+    from diffkd.runtime.digest import fingerprint
+
+    assert fingerprint({"a": 1, "b": [2, 3]}) == fingerprint({"b": [2, 3], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2}) and len(fingerprint(None)) == 16

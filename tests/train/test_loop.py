@@ -201,6 +201,7 @@ def test_ddp_engine_learns_checkpoints_resumes_and_records_where_epoch_time_goes
 
     for h in resumed.history:
         assert 0 < h["first_batch_s"] <= h["data_wait_s"] <= h["train_s"]
+        assert h["val_s"] > 0 and h["startup_s"] > 0  # validation; fit to the first epoch of that call
     walls = epoch_wall_seconds(first.history)
     assert len(walls) == 1 and walls[0] > first.history[0]["train_s"]  # validation, checkpoint and report too
 

@@ -136,3 +136,10 @@ def test_burn_in_epochs_are_never_kept_and_never_stop_the_run():
     with pytest.raises(ValueError, match="min_epochs"):
         LoopConfig(min_epochs=-1)
     LoopConfig(epochs=10, min_epochs=30)  # a search that shortens the schedule keeps its last epoch
+
+
+def test_engine_auto_trains_zero_stage_0_with_ddp_and_sharding_stages_with_deepspeed():
+    assert LoopConfig().engine == "auto" and LoopConfig().resolved_engine == "ddp"
+    assert [LoopConfig(zero_stage=stage).resolved_engine for stage in (1, 2, 3)] == ["deepspeed"] * 3
+    assert LoopConfig(engine="deepspeed").resolved_engine == "deepspeed"  # still selectable at stage 0
+    assert LoopConfig(engine="ddp").resolved_engine == "ddp"

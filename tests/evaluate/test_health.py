@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from diffkd.train.health import (FLAG_TEXT, HealthThresholds, check_health, constant_cross_entropy, health_line,
+from diffkd.evaluate.health import (FLAG_TEXT, HealthThresholds, check_health, constant_cross_entropy, health_line,
                                  longest_run, warmup_epochs)
 
 LN2 = math.log(2)
