@@ -89,7 +89,7 @@ def test_a_patient_on_two_scanners_is_refused_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "ds").exists()
     report = ingest_centers(src, tmp_path / "ds", layout="busbra", center_by="device", quarantine=tmp_path / "q")
     assert {r.center: r.quarantined for r in report.reports} == {"aplio300": 0, "logiq5": 1, "logiq7": 1}
-    assert "bus_0001-r" in (tmp_path / "q" / "rejected-logiq5.csv").read_text()
+    assert "bus_0001-r" in (tmp_path / "q" / "rejected-logiq5.PHI.csv").read_text()
 
 
 def test_id_case_and_device_problems_name_the_row(tmp_path):
@@ -101,8 +101,8 @@ def test_id_case_and_device_problems_name_the_row(tmp_path):
     with pytest.raises(IngestError, match=r"line 4 column 'Case': Case '7' is not the number in ID 'bus_0002-l'"):
         ingest(src, "rio", tmp_path / "ds", layout="busbra")
     report = ingest_centers(src, tmp_path / "ds", layout="busbra", center_by="device", quarantine=tmp_path / "q")
-    assert "bus_0003-s" in (tmp_path / "q" / "rejected-without-center.csv").read_text()
-    assert "bus_0002-l" in (tmp_path / "q" / "rejected-logiq7.csv").read_text()
+    assert "bus_0003-s" in (tmp_path / "q" / "rejected-without-center.PHI.csv").read_text()
+    assert "bus_0002-l" in (tmp_path / "q" / "rejected-logiq7.PHI.csv").read_text()
     assert sum(r.added for r in report.reports) == 8
 
 
@@ -156,7 +156,7 @@ def test_center_column_writes_one_center_per_site(tmp_path, capsys):
     assert ds.centers() == ["hospital_a", "st_mary_s"]
     by_center = {c: ds.read_table([c]).num_rows for c in ds.centers()}
     assert by_center == {"hospital_a": 3, "st_mary_s": 2}
-    assert "img/5.png" in (tmp_path / "q" / "rejected-without-center.csv").read_text()
+    assert "img/5.png" in (tmp_path / "q" / "rejected-without-center.PHI.csv").read_text()
     assert ds.manifest["centers"]["st_mary_s"]["sources"][0]["center_values"] == {"St. Mary's": 2}
 
 
