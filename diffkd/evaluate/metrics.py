@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 
 def _z(level: float) -> float:
@@ -90,6 +91,11 @@ def delong(labels: Sequence, *scores: Sequence) -> DeLong:
 
 def auc(labels: Sequence, scores: Sequence) -> float:
     return float(delong(labels, scores).aucs[0])
+
+
+def auc_or_nan(labels: Sequence, scores: Sequence) -> float:
+    """The AUC, or NaN when the labels do not hold both classes (a small split may have one)."""
+    return float(roc_auc_score(labels, scores)) if len(np.unique(np.asarray(labels))) == 2 else math.nan
 
 
 @dataclass(frozen=True)

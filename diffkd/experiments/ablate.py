@@ -269,6 +269,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     import pandas as pd
     import ray.tune
 
+    from diffkd.evaluate.metrics import auc_or_nan
     from diffkd.runtime.files import atomic_write_parquet
     from diffkd.experiments.experiment import ExperimentConfig
     from diffkd.train.student import train_student
@@ -292,13 +293,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
                                                              "teacher": teacher or None})
     external = pd.read_parquet(os.path.join(target, PREDICTIONS))
     external = external[external["split"] == "test"]
-    ray.tune.report({"external_auc": _auc_or_nan(external), "cases": float(len(external))})
-
-
-def _auc_or_nan(rows: "pd.DataFrame") -> float:
-    from diffkd.train.teacher import auc_or_nan
-
-    return auc_or_nan(rows["label"].tolist(), rows["prob"].tolist())
+    ray.tune.report({"external_auc": auc_or_nan(external["label"], external["prob"]), "cases": float(len(external))})
 
 
 # ---- the job --------------------------------------------------------------------------------------

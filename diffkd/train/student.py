@@ -584,7 +584,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.train.loop import fit
     from diffkd.train.teacher import balanced_class_weights, expected_train_rows
 
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     views = _training_views(assignments, cfg)
     if cfg.pipeline.synthetic_ratio > 0:
         check_synthetic_split(ds, assignments, cfg.pipeline.synthetic_sources)

@@ -25,6 +25,7 @@ from torch import nn
 
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import DEFAULT_LABEL_NAMES, ClinicalEncoding
+from diffkd.evaluate.metrics import auc_delong_ci, auc_or_nan
 from diffkd.train.loop import FitResult
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
@@ -108,12 +109,6 @@ def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
     return tuple(len(labels) / (2 * c) for c in counts)
 
 
-def auc_or_nan(labels, probs) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else math.nan
-
-
 def per_case(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> "pd.DataFrame":
     """One row per case (case_id, label, prob): the mean probability of the case's images.
 
@@ -142,8 +137,6 @@ def validation_metrics(logits: list[torch.Tensor], labels: list[torch.Tensor], c
 
 def auc_standard_error(labels, probs) -> float:
     """DeLong standard error of the AUC; NaN unless both classes have at least two cases."""
-    from diffkd.evaluate.metrics import auc_delong_ci
-
     labels = [int(x) for x in labels]
     if min(labels.count(0), labels.count(1)) < 2:
         return math.nan
@@ -257,7 +250,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.train.health import assess
     from diffkd.train.loop import fit
 
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
     pipeline = dataclasses.replace(with_center_vocabulary(cfg.pipeline, ds), synthetic_ratio=synthetic_ratio)
     cfg = dataclasses.replace(cfg, pipeline=pipeline)

@@ -11,6 +11,7 @@ from diffkd.evaluate.calibration import Recalibration, brier_score, calibration,
 from diffkd.evaluate.decision import decision_curve, net_benefit, recalibrated
 from diffkd.evaluate.logistic import fit_logistic
 from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, _weighted_aucs, auc, auc_delong_ci,
+                                     auc_or_nan,
                                      auc_with_ci, bootstrap_auc_ci, clustered_bootstrap_auc,
                                      clustered_bootstrap_auc_difference, delong, delong_test, has_repeated_clusters,
                                      mean_t_ci, paired_auc_test, unpaired_auc_test, wilson_ci)
@@ -97,6 +98,12 @@ def test_delong_test_identical_and_unpaired():
 def test_auc_needs_both_classes():
     with pytest.raises(ValueError, match="both classes"):
         auc([1, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_auc_or_nan_is_nan_for_one_class_and_the_auc_otherwise():
+    assert math.isnan(auc_or_nan([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert math.isnan(auc_or_nan(np.array([0, 0]), np.array([0.1, 0.2])))
+    assert auc_or_nan([0, 1, 0, 1], [0.1, 0.4, 0.5, 0.8]) == 0.75
 
 
 def test_weighted_auc_equals_auc_of_repeated_cases():
