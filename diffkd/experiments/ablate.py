@@ -660,7 +660,7 @@ def optimizer_steps(out_dir: str, arm: str, seed: int) -> float:
     """Optimizer steps the trial's model took (its training.json history; a teacher arm's teacher's)."""
     import json
 
-    from diffkd.train.teacher import TRAINING_INFO
+    from diffkd.train.stage_io import TRAINING_INFO
 
     folder = trial_dir(out_dir, arm, seed)
     if arm in TEACHER_ARMS:
@@ -691,7 +691,7 @@ def distillation_table(out_dir: str, trials: list[dict[str, Any]]) -> "pd.DataFr
 
     import pandas as pd
 
-    from diffkd.train.teacher import TRAINING_INFO
+    from diffkd.train.stage_io import TRAINING_INFO
 
     rows = []
     for t in trials:

@@ -1,11 +1,12 @@
-"""Per-case predictions: a case's views are averaged, and only the modalities a model reads are predicted."""
+"""A classifier stage's outputs: per-case predictions (a case's views averaged, only the modalities the model
+reads predicted) and the summary written beside them."""
 import pandas as pd
 import pytest
 
-import diffkd.data.pipeline
-import diffkd.train.loop
+import diffkd.train.stage_io
 from diffkd.data.pipeline import PipelineConfig
-from diffkd.train.teacher import TeacherConfig, predict_splits
+from diffkd.train.stage_io import predict_splits
+from diffkd.train.teacher import TeacherConfig
 
 
 @pytest.fixture
@@ -20,8 +21,8 @@ def image_scores(monkeypatch):
         ids = list(dict.fromkeys(ray_ds))
         return pd.DataFrame([(c, p) for c in ids for p in per_image[c]], columns=["case_id", "prob"])
 
-    monkeypatch.setattr(diffkd.data.pipeline, "make_dataset", fake_make_dataset)
-    monkeypatch.setattr(diffkd.train.loop, "predict", fake_predict)
+    monkeypatch.setattr(diffkd.train.stage_io, "make_dataset", fake_make_dataset)
+    monkeypatch.setattr(diffkd.train.stage_io, "predict", fake_predict)
 
 
 def test_a_cases_views_become_one_averaged_prediction(image_scores):
