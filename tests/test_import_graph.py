@@ -32,7 +32,8 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("diffkd", "runtime", "config"),  # "diffkd": the package's own __init__
     ("data",),
-    ("models", "distill"),
+    ("models",),
+    ("distill",),  # the distillation objective runs the classifiers (features and logits in one pass)
     ("evaluate",),
     ("train",),
     ("synth",),

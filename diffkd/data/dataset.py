@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, SCHEMA_VERSION, arrow_schema,
                                 check_label_names, stored_schema)
 from diffkd.runtime.files import atomic_write, atomic_write_bytes
+from diffkd.runtime.storage import resolve
 
 log = logging.getLogger("diffkd.data")
 
@@ -66,16 +67,6 @@ LEGACY_MANIFEST = "manifest.json"  # before the leading underscore
 LEGACY_SYNTHETIC_DIR = "synthetic"
 PARTITION_KEY = "center"
 WRITER_FILE = "_writer.json"  # object stores: the one machine that writes the dataset
-
-
-def resolve(root, filesystem: pa.fs.FileSystem | None = None) -> tuple[pa.fs.FileSystem, str]:
-    """(filesystem, path) for a local path, a URI pyarrow understands (file://, s3://, gs://), or a given filesystem."""
-    if filesystem is not None:
-        return filesystem, str(root)
-    root = os.fspath(root)
-    if "://" in root:
-        return pa.fs.FileSystem.from_uri(root)
-    return pa.fs.LocalFileSystem(), os.path.abspath(root)
 
 
 class DatasetError(ValueError):
@@ -152,9 +143,15 @@ class ImageDataset:
     """A diffkd dataset directory (local path, `file://`/`s3://`/`gs://` URI, or (filesystem, path))."""
 
     def __init__(self, root, filesystem: pa.fs.FileSystem | None = None):
-        self.fs, self.root = resolve(root, filesystem)
+        location = resolve(root, filesystem)
+        self.fs, self.root = location.fs, location.path
         # a URI as given; a local path made absolute (Tune trials and Ray workers run in other directories)
         self.uri = root if isinstance(root, str) and "://" in root else self.root
+
+    @classmethod
+    def open(cls, dataset) -> "ImageDataset":
+        """`dataset` itself when it already is an ImageDataset, else the dataset at that location."""
+        return dataset if isinstance(dataset, cls) else cls(dataset)
 
     # ---- manifest -------------------------------------------------------------------------
     def _manifest_file(self) -> str | None:

@@ -54,7 +54,7 @@ def make_grid(dataset, out, per_cell: int = 4, seed: int = 0, synthetic: bool = 
     matplotlib.rcParams["text.parse_math"] = False  # center names are shown as written ("$" is no mathtext)
     import matplotlib.pyplot as plt
 
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     if not ds.centers():
         raise ValueError(f"dataset {ds.uri} has no centers yet; add one with `diffkd ingest`")
     if per_cell < 1:

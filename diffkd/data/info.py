@@ -36,7 +36,7 @@ class DatasetInfo:
 
 
 def dataset_info(dataset, external: Sequence[str] = (), seed: int = 0, val_fraction: float = 0.2) -> DatasetInfo:
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     if not ds.centers():
         raise ValueError(f"dataset {ds.uri} has no centers yet; add one with `diffkd ingest`")
     meta = ds.metadata().to_pandas()

@@ -130,7 +130,7 @@ def dataset_splits(dataset, external: Sequence[str] = (), val_fraction: float = 
     """`make_splits` over a dataset's (ImageDataset, path or URI) real and, if asked, synthetic rows."""
     from diffkd.data.dataset import ImageDataset
 
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     tables = [ds.metadata().to_pandas()]
     if synthetic and ds.centers(synthetic=True):
         tables.append(ds.metadata(synthetic=True).to_pandas())
@@ -174,7 +174,7 @@ def check_synthetic_split(dataset, assignments: pd.DataFrame, sources: Sequence[
     """
     from diffkd.data.dataset import ImageDataset
 
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     current = split_fingerprint(assignments)
     centers = set(assignments.loc[assignments["split"] == "train", "center"])
     wrong: dict[str, dict] = {}  # generator run -> what it recorded and where its rows are

@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 
 def _z(level: float) -> float:
@@ -92,6 +93,11 @@ def auc(labels: Sequence, scores: Sequence) -> float:
     return float(delong(labels, scores).aucs[0])
 
 
+def auc_or_nan(labels: Sequence, scores: Sequence) -> float:
+    """The AUC, or NaN when the labels do not hold both classes (a small split may have one)."""
+    return float(roc_auc_score(labels, scores)) if len(np.unique(np.asarray(labels))) == 2 else math.nan
+
+
 @dataclass(frozen=True)
 class AUCEstimate:
     auc: float
@@ -158,7 +164,7 @@ def independent_auc_test(a: AUCEstimate, b: AUCEstimate, n: int, level: float = 
 # Bootstrap
 
 
-def _weighted_aucs(y: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_aucs(y: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUC for each row of case weights (B, N) at once (weights = bootstrap multiplicities)."""
     order = np.argsort(scores, kind="mergesort")
     s_sorted = scores[order]
@@ -172,7 +178,7 @@ def _weighted_aucs(y: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np
         return (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (total_pos * total_neg)
 
 
-def _cluster_bootstrap_weights(y: np.ndarray, groups: Sequence | None, strata: Sequence | None, n_boot: int,
+def cluster_bootstrap_weights(y: np.ndarray, groups: Sequence | None, strata: Sequence | None, n_boot: int,
                                seed: int) -> np.ndarray:
     """(n_boot, N) case multiplicities of a stratified cluster bootstrap.
 
@@ -213,11 +219,11 @@ def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
 def bootstrap_auc_ci(labels: Sequence, scores: Sequence, groups: Sequence | None = None,
                      strata: Sequence | None = None, n_boot: int = 2000, seed: int = 0,
                      level: float = 0.95) -> AUCEstimate:
-    """Percentile CI from a label-stratified, cluster (patient) bootstrap (see _cluster_bootstrap_weights)."""
+    """Percentile CI from a label-stratified, cluster (patient) bootstrap (see cluster_bootstrap_weights)."""
     y = binary_labels(labels)
     _check_both_classes(y)
     s = np.asarray(scores, dtype=float)
-    replicates = _weighted_aucs(y, s, _cluster_bootstrap_weights(y, groups, strata, n_boot, seed))
+    replicates = weighted_aucs(y, s, cluster_bootstrap_weights(y, groups, strata, n_boot, seed))
     replicates = replicates[np.isfinite(replicates)]
     return AUCEstimate(auc(y, s), _percentile_ci(replicates, level), float(np.std(replicates, ddof=1)), "bootstrap")
 
@@ -242,8 +248,8 @@ def clustered_bootstrap_auc_difference(labels: Sequence, probs_a: Sequence, prob
     a, b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
     if not len(a) == len(b) == len(y):
         raise ValueError(f"{len(y)} labels, {len(a)} scores a, {len(b)} scores b: they must align case by case")
-    weights = _cluster_bootstrap_weights(y, clusters, strata, n_boot, seed)
-    replicates = _weighted_aucs(y, a, weights) - _weighted_aucs(y, b, weights)
+    weights = cluster_bootstrap_weights(y, clusters, strata, n_boot, seed)
+    replicates = weighted_aucs(y, a, weights) - weighted_aucs(y, b, weights)
     replicates = replicates[np.isfinite(replicates)]
     auc_a, auc_b = auc(y, a), auc(y, b)
     diff = auc_a - auc_b

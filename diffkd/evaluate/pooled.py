@@ -14,7 +14,7 @@ interaction its variance is sigma_c^2 + sigma_s^2/K + sigma_cs^2/K (per-case ter
 by N), estimated as
 
     V_case  = bootstrap variance of D over patients resampled with replacement (within has-an-upgrade
-              strata, a patient's cases together: metrics._cluster_bootstrap_weights), every seed's
+              strata, a patient's cases together: metrics.cluster_bootstrap_weights), every seed's
               scores kept:                                                      sigma_c^2 + sigma_cs^2/K
     V_k     = the same bootstrap's variance of d_k alone (one seed):          sigma_c^2 + sigma_cs^2
     s^2     = the variance of d_k over seeds on the observed cases:            sigma_s^2 + sigma_cs^2
@@ -54,7 +54,7 @@ import numpy as np
 from scipy import stats
 from scipy.special import ndtr
 
-from diffkd.evaluate.metrics import _cluster_bootstrap_weights, _weighted_aucs, binary_labels
+from diffkd.evaluate.metrics import cluster_bootstrap_weights, weighted_aucs, binary_labels
 
 POWER = 0.80
 LEVEL = 0.95
@@ -161,9 +161,9 @@ def per_seed_replicates(labels: np.ndarray, scores: np.ndarray, reference: np.nd
                         case_weights: np.ndarray) -> np.ndarray:
     """(K, B): seed k's AUC(scores) [- AUC(reference)] on replicate b's case weights.
     scores/reference: (K, N); case_weights: (B, N)."""
-    per_seed = np.stack([_weighted_aucs(labels, scores[k], case_weights) for k in range(len(scores))])
+    per_seed = np.stack([weighted_aucs(labels, scores[k], case_weights) for k in range(len(scores))])
     if reference is not None:
-        per_seed = per_seed - np.stack([_weighted_aucs(labels, reference[k], case_weights)
+        per_seed = per_seed - np.stack([weighted_aucs(labels, reference[k], case_weights)
                                         for k in range(len(reference))])
     return per_seed
 
@@ -183,9 +183,9 @@ def variance_parts(observed: np.ndarray, replicates: np.ndarray) -> VariancePart
 
 def _observed(labels: np.ndarray, scores: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
     ones = np.ones((1, len(labels)))
-    values = np.array([_weighted_aucs(labels, s, ones)[0] for s in scores])
+    values = np.array([weighted_aucs(labels, s, ones)[0] for s in scores])
     if reference is not None:
-        values = values - np.array([_weighted_aucs(labels, r, ones)[0] for r in reference])
+        values = values - np.array([weighted_aucs(labels, r, ones)[0] for r in reference])
     return values
 
 
@@ -219,7 +219,7 @@ def pooled_auc_difference(labels: Sequence, scores: Sequence, reference: Sequenc
     if n_boot < 1000:
         raise ValueError(f"n_boot={n_boot}: use at least 1000 bootstrap replicates for a 95% CI")
     y, s, r = _check_inputs(labels, scores, reference)
-    weights = _cluster_bootstrap_weights(y, patients, strata, n_boot, seed)
+    weights = cluster_bootstrap_weights(y, patients, strata, n_boot, seed)
     replicates = per_seed_replicates(y, s, r, weights)
     replicates = replicates[:, np.isfinite(replicates).all(axis=0)]
     per_seed = _observed(y, s, r)

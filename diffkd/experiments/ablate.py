@@ -269,6 +269,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     import pandas as pd
     import ray.tune
 
+    from diffkd.evaluate.metrics import auc_or_nan
     from diffkd.runtime.files import atomic_write_parquet
     from diffkd.experiments.experiment import ExperimentConfig
     from diffkd.train.student import train_student
@@ -294,14 +295,8 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     external = pd.read_parquet(os.path.join(target, PREDICTIONS))
     external = external[external["split"] == "test"]
     # started_at, finished_at: the trial's wall-clock span (bench/ablate.py splits the job's time with them)
-    ray.tune.report({"external_auc": _auc_or_nan(external), "cases": float(len(external)), "started_at": started_at,
-                     "finished_at": time.time()})
-
-
-def _auc_or_nan(rows: "pd.DataFrame") -> float:
-    from diffkd.train.teacher import auc_or_nan
-
-    return auc_or_nan(rows["label"].tolist(), rows["prob"].tolist())
+    ray.tune.report({"external_auc": auc_or_nan(external["label"], external["prob"]), "cases": float(len(external)),
+                     "started_at": started_at, "finished_at": time.time()})
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -671,7 +666,7 @@ def training_info(out_dir: str, arm: str, seed: int) -> dict:
     """The trial's model's training.json (a teacher arm's teacher's); {} when there is none."""
     import json
 
-    from diffkd.train.teacher import TRAINING_INFO
+    from diffkd.train.stage_io import TRAINING_INFO
 
     folder = trial_dir(out_dir, arm, seed)
     if arm in TEACHER_ARMS:
@@ -711,7 +706,7 @@ def distillation_table(out_dir: str, trials: list[dict[str, Any]]) -> "pd.DataFr
 
     import pandas as pd
 
-    from diffkd.train.teacher import TRAINING_INFO
+    from diffkd.train.stage_io import TRAINING_INFO
 
     rows = []
     for t in trials:

@@ -24,6 +24,7 @@ from typing import Any
 
 from diffkd.config import ConfigError, from_dict, load_yaml
 from diffkd.data.splits import SplitConfig
+from diffkd.distill.objective import DistillConfig
 from diffkd.evaluate.baselines import BaselineConfig
 from diffkd.evaluate.summary import EvaluateConfig
 from diffkd.experiments.legacy import upgrade_sections
@@ -31,7 +32,7 @@ from diffkd.synth.audit import AuditConfig
 from diffkd.synth.sampling import SynthConfig
 from diffkd.train.diffusion_task import DiffusionConfig
 from diffkd.train.loop_config import LoopConfig
-from diffkd.train.student import DistillConfig, StudentConfig
+from diffkd.train.student import StudentConfig
 from diffkd.train.teacher import TeacherConfig
 
 

@@ -112,8 +112,7 @@ def fold_predictions(out_dir: str, center: str) -> "pd.DataFrame":
 def fold_row(center: str, preds: "pd.DataFrame") -> dict[str, Any]:
     """The held-out center's external AUC (95% CI, standard error; DeLong, or the patient-clustered
     bootstrap where a patient has several cases) and the fold's internal-validation AUC."""
-    from diffkd.evaluate.metrics import CIOptions, auc_with_ci
-    from diffkd.train.teacher import auc_or_nan
+    from diffkd.evaluate.metrics import CIOptions, auc_or_nan, auc_with_ci
 
     external = preds[preds["split"] == "test"]
     internal = preds[preds["split"] == "val"]

@@ -482,7 +482,7 @@ def _initialised_from(model_dirs: dict[str, str], baseline_summary: dict | None)
     """Each trained model's start ("scratch" or its weights), as its stage recorded it; the deep-feature
     model's is its extractor's (a frozen pretrained one, or cross-fitted from scratch)."""
     from diffkd.models.diffusion import TRAINING_INFO as GENERATOR_INFO
-    from diffkd.train.teacher import TRAINING_INFO
+    from diffkd.train.stage_io import TRAINING_INFO
 
     found = {}
     for name, path in model_dirs.items():
@@ -497,7 +497,7 @@ def _initialised_from(model_dirs: dict[str, str], baseline_summary: dict | None)
 def _distillation_inputs(model_dirs: dict[str, str]) -> dict[str, dict]:
     """Each student's training history and the model name of the teacher it learned from (or, for the
     plain control, was measured against), from the stage's training.json."""
-    from diffkd.train.teacher import TRAINING_INFO
+    from diffkd.train.stage_io import TRAINING_INFO
 
     names = {os.path.normpath(path): name for name, path in model_dirs.items()}
     out = {}
@@ -517,7 +517,7 @@ def _health_inputs(model_dirs: dict[str, str], models_dir: Path) -> dict[str, di
     """Each trained network's training health, from its stage's training.json: the classifiers of
     `model_dirs` and the deep-feature model's extractors (one folder per cross-fitting fold)."""
     from diffkd.evaluate.report import DEEP_FEATURE_EXTRACTOR
-    from diffkd.train.teacher import TRAINING_INFO
+    from diffkd.train.stage_io import TRAINING_INFO
 
     folders = {name: Path(path) for name, path in model_dirs.items()}
     folders.update({p.name: p for p in sorted(models_dir.glob(f"{DEEP_FEATURE_EXTRACTOR}_fold*"))})

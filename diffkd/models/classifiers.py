@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -225,6 +226,28 @@ def classify(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     if uses_clinical(model):
         return model(batch["image"], batch["clinical"])
     return model(batch["image"])
+
+
+@dataclass
+class ClassifierOutput:
+    features: torch.Tensor  # last feature map [B, C, H, W]
+    logits: torch.Tensor  # [B, num_classes]
+
+
+def run_classifier(model: nn.Module, batch: dict[str, Any]) -> ClassifierOutput:
+    """One pass of a diffkd classifier giving both its last feature map and its logits.
+
+    The same logits as `classify` (a test pins the two together), computed from the
+    pieces so that the backbone runs once: timm's forward_features / forward_head, and for a fusion
+    classifier its rule, image logits + fusion head(embedding, clinical).
+    """
+    backbone = image_model(model)
+    feature_map = backbone.forward_features(batch["image"])
+    if not uses_clinical(model):
+        return ClassifierOutput(features=feature_map, logits=backbone.forward_head(feature_map))
+    embedding = backbone.forward_head(feature_map, pre_logits=True)
+    logits = backbone.get_classifier()(embedding) + unwrap(model).head(embedding, batch["clinical"])
+    return ClassifierOutput(features=feature_map, logits=logits)
 
 
 def features(model: nn.Module, x: torch.Tensor, pooled: bool = True) -> torch.Tensor:

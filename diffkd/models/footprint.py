@@ -1,13 +1,17 @@
 """How big and how fast a model is: parameter counts and CPU latency, for any torch or ONNX model."""
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+from diffkd.models.export import example_inputs, export_onnx, onnx_session
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -28,15 +32,6 @@ def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> floa
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
-
-def example_inputs(image_size: int, in_chans: int = 1, clinical_dim: int = 0, batch: int = 1,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs shaped like a classifier's: ``image`` and, when the model fuses them, ``clinical``."""
-    g = torch.Generator().manual_seed(seed)
-    inputs = {"image": torch.randn(batch, in_chans, image_size, image_size, generator=g)}
-    if clinical_dim:
-        inputs["clinical"] = torch.randn(batch, clinical_dim, generator=g)
-    return inputs
 
 
 def torch_latency_ms(model: nn.Module, inputs: Mapping[str, torch.Tensor], repeats: int = 20,
@@ -75,11 +70,6 @@ def latency_table(model: nn.Module, image_size: int, in_chans: int = 1, clinical
     overhead dominates small inputs, at 32 the arithmetic does. `onnx_path` reuses an exported model
     (with a dynamic batch axis); otherwise the model is exported to a temporary file.
     """
-    import os
-    import tempfile
-
-    from diffkd.models.export import export_onnx, onnx_session
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -21,10 +21,11 @@ from torch import nn
 from diffkd.data.dataset import DatasetError, ImageDataset
 from diffkd.data.schema import NUM_LABELS
 from diffkd.data.splits import SplitConfig, split_case_ids
+from diffkd.evaluate.metrics import auc_or_nan
 from diffkd.runtime.files import atomic_write_json
 from diffkd.synth.figures import plot_grid, plot_label_pairs, plot_near_copies
 from diffkd.synth.sampling import SynthConfig, condition_masks, generator_splits, generator_training_rows, stable_seed
-from diffkd.synth.stats import (LabelPairs, auc_or_nan, frechet_distance, kernel_distance, label_effect,
+from diffkd.synth.stats import (LabelPairs, frechet_distance, kernel_distance, label_effect,
                                 label_recovery, near_copies, to_pipeline_range)
 from diffkd.train.task import StepOutput, Task
 
@@ -245,7 +246,7 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
     from diffkd.data.pipeline import PipelineConfig, load_arrays
 
     cfg = cfg or AuditConfig()
-    dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    dataset = ImageDataset.open(dataset)
     if model_dir is not None:
         meta, ids = generator_splits(dataset, model_dir)
     else:

@@ -261,7 +261,7 @@ def synthesize(dataset: ImageDataset | str, model_dir: str, cfg: SynthConfig | N
     other settings) are reported; `replace=True` deletes them first.
     """
     cfg = cfg or SynthConfig()
-    dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    dataset = ImageDataset.open(dataset)
     if not dataset.exists():
         raise DatasetError(f"dataset {dataset.uri} does not exist (no _manifest.json); run `diffkd ingest` first")
     model_dir = os.fspath(model_dir)

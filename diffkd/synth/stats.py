@@ -81,12 +81,6 @@ def to_pipeline_range(unit_images: np.ndarray, pipe_cfg) -> np.ndarray:
     return ((x - pipe_cfg.norm_mean) / pipe_cfg.norm_std).numpy()
 
 
-def auc_or_nan(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
-
-
 def label_recovery(train_labels: np.ndarray, train_probs: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                    real_labels: np.ndarray, real_probs: np.ndarray) -> dict[str, Any]:
     """How well a real-trained label classifier recovers the conditioned labels, beside real images.

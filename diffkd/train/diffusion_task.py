@@ -265,7 +265,7 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
     from diffkd.train.loop import fit
     from diffkd.train.loop_config import LoopConfig
 
-    dataset = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    dataset = ImageDataset.open(dataset)
     config = config or DiffusionConfig()
     loop = loop or LoopConfig(epochs=20, lr=1e-3, weight_decay=0.0, batch_size=16)
     split = split or SplitConfig()

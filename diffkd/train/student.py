@@ -20,107 +20,44 @@ everything a run needs by dotted path (`distill.terms.logit.temperature`, `loop.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
+import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from diffkd.data.pipeline import PipelineConfig
-from diffkd.data.schema import DEFAULT_LABEL_NAMES, MODALITIES, ClinicalEncoding
-from diffkd.distill import DistillBatch, FeatureWidths, build_loss
+from diffkd.config import from_dict
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.pipeline import PipelineConfig, check_can_feed, make_dataset, with_center_vocabulary
+from diffkd.data.schema import MODALITIES, ClinicalEncoding
+from diffkd.data.splits import check_synthetic_split
+from diffkd.distill.agreement import agreement
+from diffkd.distill.objective import DistillationModel, DistillConfig, combine
+from diffkd.evaluate.health import assess
+from diffkd.evaluate.metrics import CIOptions
+from diffkd.evaluate.summary import paired_comparison
 from diffkd.models import unwrap
-from diffkd.train.loop import FitResult
+from diffkd.models.classifiers import (create_classifier, data_config, features, initialised_from, load_classifier,
+                                       run_classifier)
+from diffkd.models.export import export_classifier
+from diffkd.models.footprint import count_parameters, latency_ms
+from diffkd.runtime.raycompat import init as ray_init
+from diffkd.train.loop import FitResult, fit
 from diffkd.train.loop_config import LoopConfig
+from diffkd.train.stage_io import (PREDICTIONS, auc_phrases, predict_splits, prediction_summary,
+                                   write_stage_outputs)
 from diffkd.train.task import StepOutput, Task
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from diffkd.data.dataset import ImageDataset
+from diffkd.train.teacher import balanced_class_weights, expected_train_rows, validation_metrics
 
 log = logging.getLogger(__name__)
 
 MODES = ("paired", "pairing_free")
 CLASS_WEIGHTINGS = ("balanced", "none")
-SYNTHETIC_LABELS = ("condition", "teacher")
-
-
-DEFAULT_TERMS = {"logit": {"weight": 0.9, "temperature": 4.0}}  # Hinton KD, torchdistill/mdistiller's T
-
-
-@dataclass
-class DistillConfig:
-    """The distillation objective: the weighted sum of the named terms (see `diffkd.distill`).
-
-    ``terms`` maps a registered loss name to ``{weight: w, warmup_epochs: e, <the loss's options>}``:
-    L = (1 - Σ w_b)·CE + Σ w_b·L_b + Σ w·L over the terms that are on, where the b terms blend with
-    cross-entropy (logit KD, whose weight is α). Weight 0 switches a term off.
-    """
-
-    terms: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_TERMS))
-    # Who labels the synthetic rows: "condition" (the class the generator was asked for, used by
-    # cross-entropy) or "teacher" (no cross-entropy on them; the distillation terms alone teach, with
-    # the teacher's class where a term groups by class). A generator whose label effect the audit
-    # cannot show makes its condition a noisy label; the teacher's opinion is the natural target.
-    synthetic_labels: str = "condition"
-
-    def __post_init__(self) -> None:
-        from diffkd.distill import check_loss_options, loss_class
-
-        if self.synthetic_labels not in SYNTHETIC_LABELS:
-            raise ValueError(f"student.distill.synthetic_labels must be one of {', '.join(SYNTHETIC_LABELS)}, "
-                             f"got {self.synthetic_labels!r}")
-        if not isinstance(self.terms, dict):
-            raise ValueError(f"student.distill.terms must be a mapping of loss name to options, got {self.terms!r}")
-        blended = 0.0
-        for name, options in self.terms.items():
-            where = f"student.distill.terms.{name}"
-            try:
-                cls = loss_class(name)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-            if not isinstance(options, dict) or "weight" not in options:
-                raise ValueError(f"{where} must be a mapping with a `weight`, e.g. {{weight: 0.5}}; got {options!r}")
-            weight, warmup = options["weight"], options.get("warmup_epochs", 0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"{where}.weight = {weight!r} must be a number >= 0")
-            if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-                raise ValueError(f"{where}.warmup_epochs = {warmup!r} must be an integer >= 0")
-            check_loss_options(name, self.options(name), where)
-            if cls.blends_with_ce:
-                blended += weight
-        if blended > 1.0:
-            raise ValueError(f"student.distill.terms: the weights of the terms that share cross-entropy's budget "
-                             f"sum to {blended:g} > 1 (each takes its weight from CE's, as Hinton's alpha)")
-
-    @classmethod
-    def upgrade_layout(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
-        """Read the flat layout of the previous release (`temperature`, `alpha`, `pro_weight`, ...) with a warning."""
-        from diffkd.config.legacy import upgrade_distill
-
-        return upgrade_distill(data, where)
-
-    def weight(self, name: str) -> float:
-        return float(self.terms[name]["weight"]) if name in self.terms else 0.0
-
-    def warmup_epochs(self, name: str) -> int:
-        from diffkd.distill import loss_class
-
-        return int(self.terms[name].get("warmup_epochs", loss_class(name).default_warmup_epochs))
-
-    def options(self, name: str) -> dict[str, Any]:
-        """The loss's own keyword arguments: the term's entries other than weight and warmup_epochs."""
-        return {k: v for k, v in self.terms[name].items() if k not in ("weight", "warmup_epochs")}
-
-    def active_terms(self) -> list[str]:
-        """Names of the terms that are on (weight > 0), in config order."""
-        return [name for name in self.terms if self.weight(name) > 0]
 
 
 @dataclass
@@ -144,8 +81,6 @@ class StudentConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=30, patience=8, lr=1e-3))
 
     def __post_init__(self) -> None:
-        from diffkd.config import from_dict
-
         for name, cls in (("distill", DistillConfig), ("pipeline", PipelineConfig), ("loop", LoopConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, from_dict(cls, getattr(self, name), f"student.{name}"))
@@ -172,148 +107,6 @@ class StudentConfig:
         """The teacher agreement is measured against: only where both models read the same images (paired)."""
         return "" if self.mode == "pairing_free" else (self.agreement_teacher_dir or self.teacher_dir)
 
-
-# ---- the model: the student plus the learnable parts of its losses ----------------------------------
-
-@dataclass
-class ClassifierOutput:
-    features: torch.Tensor  # last feature map [B, C, H, W]
-    logits: torch.Tensor  # [B, num_classes]
-
-
-def run_classifier(model: nn.Module, batch: dict[str, Any]) -> ClassifierOutput:
-    """One pass of a diffkd classifier giving both its last feature map and its logits.
-
-    The same logits as `classifiers.classify` (a test pins the two together), computed from the
-    pieces so that the backbone runs once: timm's forward_features / forward_head, and for a fusion
-    classifier its rule, image logits + fusion head(embedding, clinical).
-    """
-    from diffkd.models.classifiers import image_model, uses_clinical
-
-    backbone = image_model(model)
-    feature_map = backbone.forward_features(batch["image"])
-    if not uses_clinical(model):
-        return ClassifierOutput(features=feature_map, logits=backbone.forward_head(feature_map))
-    embedding = backbone.forward_head(feature_map, pre_logits=True)
-    logits = backbone.get_classifier()(embedding) + unwrap(model).head(embedding, batch["clinical"])
-    return ClassifierOutput(features=feature_map, logits=logits)
-
-
-class DistillationModel(nn.Module):
-    """What the loop trains: the student and the loss modules of the configured terms (`.losses`).
-
-    Only `.student` is exported; the loss modules (projectors, queries) exist for training.
-    """
-
-    def __init__(self, student: nn.Module, cfg: DistillConfig | None, student_channels: int,
-                 teacher_channels: int, class_weights: tuple[float, float] | None = None):
-        super().__init__()
-        self.student = student
-        # A buffer, not a parameter: moves with the model, never trained, not in the exported student.
-        self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights),
-                             persistent=False)
-        widths = FeatureWidths(student_channels, teacher_channels)
-        names = cfg.active_terms() if cfg is not None else []
-        self.losses = nn.ModuleDict({name: build_loss(name, widths, **cfg.options(name)) for name in names})
-        self.synthetic_labels = cfg.synthetic_labels if cfg is not None else "condition"
-
-    def teacher_labelled_rows(self, view: dict[str, Any]) -> torch.Tensor | None:
-        """Rows whose label comes from the teacher (synthetic rows, when so configured), else None."""
-        if self.synthetic_labels != "teacher" or "synthetic" not in view:
-            return None
-        return torch.as_tensor(view["synthetic"], dtype=torch.bool, device=view["label"].device)
-
-    def forward(self, student_view: dict[str, Any], teacher_view: dict[str, Any] | None = None,
-                teacher: nn.Module | None = None, paired: bool = True,
-                active: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch: ``ce`` and ``kd_<name>`` for each `active` term (default: all of them).
-
-        Runs inside DeepSpeed's forward, so mixed precision covers it all. ``_anchor`` is a zero that
-        touches every loss parameter: each of them gets a gradient on every step and rank, even when a
-        term is off (warm-up) or a batch lacks a group; ranks whose gradient sets differ would stall
-        the all-reduce.
-        """
-        out = run_classifier(self.student, student_view)
-        labels = student_view["label"]
-        teacher_labelled = self.teacher_labelled_rows(student_view) if teacher is not None else None
-        terms = {"ce": weighted_cross_entropy(out.logits.float(), labels, self.class_weights,
-                                              None if teacher_labelled is None else ~teacher_labelled)}
-        loss_params = list(self.losses.parameters())
-        if loss_params:
-            terms["_anchor"] = sum(p.sum() for p in loss_params) * 0.0
-        if teacher is None:
-            return terms
-        with torch.no_grad():
-            taught = run_classifier(teacher, teacher_view)
-        t_labels = teacher_view["label"]
-        if teacher_labelled is not None and paired:  # the teacher's class stands in for the condition's
-            labels = torch.where(teacher_labelled, taught.logits.argmax(dim=1), labels)
-            t_labels = labels
-        if paired:
-            pairs = (torch.arange(len(labels), device=labels.device),) * 2
-        else:
-            pairs = same_class_pairs(labels, t_labels)
-        batch = DistillBatch(student_logits=out.logits.float(), teacher_logits=taught.logits.float(),
-                             student_features=out.features.float(), teacher_features=taught.features.float(),
-                             student_labels=labels, teacher_labels=t_labels, pairs=pairs)
-        active = set(self.losses) if active is None else set(active)
-        for name, loss in self.losses.items():
-            if name in active:
-                value = loss.term(batch)
-                if value is not None:
-                    terms[f"kd_{name}"] = value
-        return terms
-
-
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-                           rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy as F.cross_entropy computes it (class-weighted mean), over `rows` only when given;
-    zero (still in the graph) when no row is left."""
-    if rows is None:
-        return F.cross_entropy(logits, labels, weight=class_weights)
-    if not bool(rows.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[rows], labels[rows], weight=class_weights)
-
-
-def same_class_pairs(student_labels: torch.Tensor, teacher_labels: torch.Tensor,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random instance pairs for unpaired views: each student image gets a random teacher image of its class.
-
-    Student images whose class the teacher's batch lacks are left out.
-    """
-    s_index, t_index = [], []
-    for c in student_labels.unique().tolist():
-        candidates = (teacher_labels == c).nonzero().flatten()
-        if len(candidates) == 0:
-            continue
-        members = (student_labels == c).nonzero().flatten()
-        draw = torch.randint(len(candidates), (len(members),), generator=generator).to(candidates.device)
-        s_index.append(members)
-        t_index.append(candidates[draw])
-    if not s_index:
-        empty = torch.zeros(0, dtype=torch.long, device=student_labels.device)
-        return empty, empty
-    return torch.cat(s_index), torch.cat(t_index)
-
-
-def combine(terms: dict[str, torch.Tensor], cfg: DistillConfig | None) -> torch.Tensor:
-    """Weighted total of the loss terms (the equation in DistillConfig's docstring).
-
-    A term that is absent this step (warm-up, no teacher rows, no same-class pair) simply drops out;
-    a term that blends with cross-entropy only takes CE's share when it is there.
-    """
-    from diffkd.distill import loss_class
-
-    total = terms.get("_anchor", 0.0)
-    if cfg is None:
-        return total + terms["ce"]
-    present = [name for name in cfg.active_terms() if f"kd_{name}" in terms]
-    blended = [name for name in present if loss_class(name).blends_with_ce]
-    total = total + (1.0 - sum(cfg.weight(name) for name in blended)) * terms["ce"]
-    for name in blended + [name for name in present if name not in blended]:
-        total = total + cfg.weight(name) * terms[f"kd_{name}"]
-    return total
 
 
 def split_views(batch: dict[str, Any], cfg: StudentConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -360,8 +153,6 @@ def distill_step(model: nn.Module, teacher: nn.Module | None, batch: dict[str, A
 
 def feature_channels(model: nn.Module, in_chans: int) -> int:
     """Width of a classifier's last feature map, from a tiny dry run."""
-    from diffkd.models.classifiers import features
-
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -371,8 +162,6 @@ def feature_channels(model: nn.Module, in_chans: int) -> int:
 
 
 def load_teacher(teacher_dir: str) -> nn.Module:
-    from diffkd.models.classifiers import load_classifier
-
     if not os.path.isdir(teacher_dir):
         raise FileNotFoundError(f"student.teacher_dir {teacher_dir!r} is not a folder; train the teacher first "
                                 "(it writes model.safetensors + config.json there)")
@@ -385,8 +174,6 @@ class StudentTask(Task):
     mode = "max"
 
     def __init__(self, config: StudentConfig, class_weights: tuple[float, float] | None = None):
-        from diffkd.data.schema import ClinicalEncoding
-
         self.config = config
         self.class_weights = class_weights
         self.clinical_dim = ClinicalEncoding().width if config.clinical else 0
@@ -401,8 +188,6 @@ class StudentTask(Task):
                                     "give a trained teacher's folder or leave it empty")
 
     def build_student(self) -> nn.Module:
-        from diffkd.models.classifiers import create_classifier
-
         return create_classifier(self.config.arch, in_chans=self.config.pipeline.in_chans, num_classes=2,
                                  clinical_dim=self.clinical_dim, drop_rate=self.config.drop_rate,
                                  pretrained=self.config.pretrained)
@@ -436,9 +221,6 @@ class StudentTask(Task):
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Internal-validation AUC per case and cross-entropy of the student alone (the objective Tune
         optimises), and its agreement with the teacher on the same images (`diffkd.distill.agreement`)."""
-        from diffkd.distill.agreement import agreement
-        from diffkd.train.teacher import validation_metrics
-
         student = unwrap(model).student
         logits, taught, labels, case_ids = [], [], [], []
         for batch in batches:
@@ -453,46 +235,12 @@ class StudentTask(Task):
         return metrics
 
     def export(self, model: nn.Module, out_dir: str) -> None:
-        export_student(unwrap(model).student, out_dir, self.config)
+        export_classifier(unwrap(model).student, out_dir, preprocessing(self.config.pipeline))
 
 
-# ---- export -----------------------------------------------------------------------------------------
-
-class OnnxView(nn.Module):
-    """A classifier as a function of named tensors, (image[, clinical]) -> logits: what ONNX exports."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
-        from diffkd.models.classifiers import classify
-
-        return classify(self.model, {"image": image, "clinical": clinical})
-
-
-def export_student(student: nn.Module, out_dir: str, cfg: StudentConfig,
-                   label_names: tuple[str, str] = DEFAULT_LABEL_NAMES) -> float:
-    """Write the student as timm safetensors + config.json (its outputs named `label_names`, the
-    dataset's outcomes) and as model.onnx; returns the ONNX parity gap.
-
-    The ONNX model takes ``image`` [B, C, H, W] (and ``clinical`` [B, W] for a fusion student) at
-    any batch size and returns logits; ONNX Runtime must match torch within 1e-4 (+ 1e-4 relative) or export fails.
-    """
-    from diffkd.models.classifiers import data_config, save_classifier, uses_clinical
-    from diffkd.models.export import ONNX_FILE, check_onnx_parity, export_onnx
-    from diffkd.models.footprint import example_inputs
-
-    p = cfg.pipeline
-    student = student.float().eval().cpu()
-    save_classifier(student, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std),
-                    label_names=label_names)
-    from diffkd.data.schema import ClinicalEncoding
-
-    clinical_dim = ClinicalEncoding().width if uses_clinical(student) else 0
-    view = OnnxView(student)
-    path = export_onnx(view, os.path.join(out_dir, ONNX_FILE), example_inputs(p.image_size, p.in_chans, clinical_dim, 2))
-    return check_onnx_parity(view, path, example_inputs(p.image_size, p.in_chans, clinical_dim, batch=3, seed=1))
+def preprocessing(pipeline: PipelineConfig) -> dict:
+    """The exported student's preprocessing (timm's data config) from the pipeline it trained with."""
+    return data_config(pipeline.image_size, pipeline.in_chans, pipeline.norm_mean, pipeline.norm_std)
 
 
 # ---- the stage, end to end ------------------------------------------------------------------------
@@ -515,8 +263,6 @@ def plain_variant(cfg: StudentConfig) -> StudentConfig:
 
     Its agreement is still measured against the distilled student's teacher, so that the two can be
     compared (how much of the agreement the labels alone give)."""
-    import dataclasses
-
     return dataclasses.replace(cfg, teacher_dir="", mode="paired",
                                agreement_teacher_dir=cfg.agreement_teacher_dir or cfg.teacher_dir,
                                pipeline=dataclasses.replace(cfg.pipeline, synthetic_ratio=0.0))
@@ -549,10 +295,6 @@ def student_datasets(dataset: "ImageDataset", assignments: "pd.DataFrame", cfg: 
     splits every batch by modality); synthetic rows join at `pipeline.synthetic_ratio`. "val": the
     student modality only. Test rows are never read.
     """
-    import dataclasses
-
-    from diffkd.data.pipeline import make_dataset, with_center_vocabulary
-
     pipeline = with_center_vocabulary(cfg.pipeline, dataset)
     out = {}
     for split, part in _training_views(assignments, cfg).items():
@@ -573,18 +315,7 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     `model_name`; the external split is predicted here, after training, and nowhere else) and
     `training.json`. `callbacks` go to Ray Train (Tune passes its TuneReportCallback).
     """
-    import dataclasses
-
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.data.pipeline import check_can_feed, with_center_vocabulary
-    from diffkd.data.splits import check_synthetic_split
-    from diffkd.models.footprint import count_parameters
-    from diffkd.runtime.raycompat import init as ray_init
-    from diffkd.evaluate.health import assess
-    from diffkd.train.loop import fit
-    from diffkd.train.teacher import balanced_class_weights, expected_train_rows
-
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     views = _training_views(assignments, cfg)
     if cfg.pipeline.synthetic_ratio > 0:
         check_synthetic_split(ds, assignments, cfg.pipeline.synthetic_sources)
@@ -611,16 +342,11 @@ def train_student(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 
 def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd.DataFrame", cfg: StudentConfig,
                         fitted: FitResult, out_dir: str, model_name: str, health: dict):
-    from diffkd.config import to_dict
-    from diffkd.models.classifiers import initialised_from
-    from diffkd.models.footprint import count_parameters, latency_ms
-    from diffkd.train.teacher import _summary, predict_splits, write_stage_outputs
-
-    onnx_gap = export_student(student, out_dir, cfg, ds.label_names)
+    onnx_gap = export_classifier(student, out_dir, preprocessing(cfg.pipeline), ds.label_names)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
     real = real[real["modality"] == cfg.student_modality]  # the student reads its own modality only
     predictions = predict_splits(ds, real, cfg.pipeline, out_dir, cfg, model_name=model_name)
-    metrics = _summary(predictions, fitted)
+    metrics = prediction_summary(predictions, fitted)
     metrics.update(params=count_parameters(student), onnx_max_abs_diff=onnx_gap,
                    initialised_from=initialised_from(cfg.pretrained), health=health,
                    latency_ms=latency_ms(student, cfg.pipeline.image_size, cfg.pipeline.in_chans,
@@ -628,13 +354,9 @@ def _export_and_predict(student: nn.Module, ds: "ImageDataset", assignments: "pd
     gap = teacher_gap(predictions, cfg.compared_teacher_dir, model_name)
     if gap is not None:
         metrics["teacher_gap"] = gap
-    write_stage_outputs(out_dir, predictions, {
-        "model": model_name, "metrics": metrics, "history": fitted.history, "run_name": fitted.run_name,
-        "run_path": fitted.run_path, "config": to_dict(cfg)})
-    parts = [f"[{model_name}] {cfg.arch}, {metrics['params']:,} parameters, best epoch {metrics['best_epoch']}"]
-    for name, label in (("internal", "internal-validation"), ("external", "external")):
-        if name in metrics:
-            parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
+    write_stage_outputs(out_dir, predictions, fitted, cfg, model=model_name, metrics=metrics)
+    parts = [f"[{model_name}] {cfg.arch}, {metrics['params']:,} parameters, best epoch {metrics['best_epoch']}",
+             *auc_phrases(metrics)]
     if gap is not None and gap.get("difference") is not None:
         low, high = gap["difference_ci"]
         parts.append(f"external AUC minus its teacher's {gap['difference']:+.3f} ({low:+.3f} to {high:+.3f})")
@@ -646,12 +368,6 @@ def teacher_gap(predictions: "pd.DataFrame", teacher_dir: str, model_name: str) 
     """The student's external AUC minus its teacher's on the same cases: a paired test (DeLong, or the
     patient-clustered bootstrap where patients have several cases) with its 95% CI. None without a
     teacher or its predictions; the difference is None when the external cases lack a class."""
-    import pandas as pd
-
-    from diffkd.evaluate.metrics import CIOptions
-    from diffkd.evaluate.summary import paired_comparison
-    from diffkd.train.teacher import PREDICTIONS
-
     path = os.path.join(teacher_dir, PREDICTIONS) if teacher_dir else ""
     if not path or not os.path.exists(path):
         return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -25,8 +24,10 @@ from torch import nn
 
 from diffkd.data.pipeline import PipelineConfig
 from diffkd.data.schema import DEFAULT_LABEL_NAMES, ClinicalEncoding
+from diffkd.evaluate.metrics import auc_delong_ci, auc_or_nan
 from diffkd.train.loop import FitResult
 from diffkd.train.loop_config import LoopConfig
+from diffkd.train.stage_io import auc_phrases, predict_splits, prediction_summary, write_stage_outputs
 from diffkd.train.task import StepOutput, Task
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
     from diffkd.data.dataset import ImageDataset
 
 CLASS_WEIGHTINGS = ("balanced", "none")
-PREDICTIONS = "predictions.parquet"
-TRAINING_INFO = "training.json"
 
 
 @dataclass
@@ -108,12 +107,6 @@ def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
     return tuple(len(labels) / (2 * c) for c in counts)
 
 
-def auc_or_nan(labels, probs) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else math.nan
-
-
 def per_case(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> "pd.DataFrame":
     """One row per case (case_id, label, prob): the mean probability of the case's images.
 
@@ -142,8 +135,6 @@ def validation_metrics(logits: list[torch.Tensor], labels: list[torch.Tensor], c
 
 def auc_standard_error(labels, probs) -> float:
     """DeLong standard error of the AUC; NaN unless both classes have at least two cases."""
-    from diffkd.evaluate.metrics import auc_delong_ci
-
     labels = [int(x) for x in labels]
     if min(labels.count(0), labels.count(1)) < 2:
         return math.nan
@@ -257,7 +248,7 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     from diffkd.evaluate.health import assess
     from diffkd.train.loop import fit
 
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
     pipeline = dataclasses.replace(with_center_vocabulary(cfg.pipeline, ds), synthetic_ratio=synthetic_ratio)
     cfg = dataclasses.replace(cfg, pipeline=pipeline)
@@ -275,70 +266,14 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
 
     task.export(fitted.load_model(task), out_dir)
     predictions = predict_splits(ds, real, pipeline, out_dir, cfg, model_name=model_name)
-    metrics = {**_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained),
+    metrics = {**prediction_summary(predictions, fitted), "initialised_from": initialised_from(cfg.pretrained),
                "health": assess(model_name, fitted.history, plan.train_rows["label"], plan.class_weights)}
-    _write_outputs(out_dir, predictions, fitted, metrics, cfg, synthetic_ratio)
+    write_stage_outputs(out_dir, predictions, fitted, cfg, metrics=metrics,
+                        best_checkpoint=fitted.best_checkpoint, synthetic_ratio=synthetic_ratio)
     _log_summary(model_name, metrics)
     return TeacherResult(model_dir=out_dir, fit=fitted, predictions=predictions, metrics=metrics)
 
 
-def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipeline: PipelineConfig, model_dir: str,
-                   cfg: TeacherConfig, model_name: str = "teacher") -> "pd.DataFrame":
-    """Probability of every real case in `assignments` (no augmentation), with its split and identifiers.
-
-    One row per case: a case's images (its 1-3 views) are each scored and their probabilities
-    averaged. Only the modalities the model reads (`pipeline.modalities`) are predicted.
-    """
-    from diffkd.data.pipeline import make_dataset
-    from diffkd.train.loop import predict
-
-    if pipeline.modalities and "modality" in assignments:
-        assignments = assignments[assignments["modality"].isin(pipeline.modalities)]
-    # every split in one pass: each Ray Data execution costs seconds of start-up on a small machine
-    ray_ds = make_dataset(dataset, assignments["case_id"], pipeline, train=False,
-                          centers=assignments["center"].unique())
-    scored = predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors)
-    probs = scored.groupby("case_id", as_index=False)["prob"].mean()  # the rule of `per_case`
-    keep = [c for c in ("case_id", "patient_id", "center", "split", "label") if c in assignments]
-    cases = assignments[keep].drop_duplicates("case_id")
-    out = cases.merge(probs, on="case_id", how="inner", validate="one_to_one")
-    if len(out) != len(cases):
-        missing = sorted(set(cases["case_id"]) - set(out["case_id"]))[:5]
-        raise RuntimeError(f"predictions are missing for {len(cases) - len(out)} case(s), e.g. {missing}")
-    out.insert(len(keep), "model", model_name)
-    return out.sort_values(["split", "case_id"]).reset_index(drop=True)
-
-
-def _summary(predictions: "pd.DataFrame", fitted: FitResult) -> dict:
-    metrics: dict[str, Any] = {"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
-                               "stopped_early": fitted.stopped_early}
-    for name, split in (("internal", "val"), ("external", "test"), ("train", "train")):
-        rows = predictions[predictions["split"] == split]
-        if len(rows):
-            metrics[name] = {"auc": auc_or_nan(rows["label"].tolist(), rows["prob"].tolist()), "n": int(len(rows))}
-    return metrics
-
-
-def _write_outputs(out_dir: str, predictions: "pd.DataFrame", fitted: FitResult, metrics: dict,
-                   cfg: TeacherConfig, synthetic_ratio: float) -> None:
-    from diffkd.config import to_dict
-
-    write_stage_outputs(out_dir, predictions, {
-        "metrics": metrics, "history": fitted.history, "run_name": fitted.run_name, "run_path": fitted.run_path,
-        "best_checkpoint": fitted.best_checkpoint, "synthetic_ratio": synthetic_ratio, "config": to_dict(cfg)})
-
-
-def write_stage_outputs(out_dir: str, predictions: "pd.DataFrame", info: dict) -> None:
-    """A classifier stage's predictions.parquet and training.json, each replaced whole."""
-    from diffkd.runtime.files import atomic_write_json, atomic_write_parquet
-
-    atomic_write_parquet(os.path.join(out_dir, PREDICTIONS), predictions)
-    atomic_write_json(os.path.join(out_dir, TRAINING_INFO), info, indent=1)
-
-
 def _log_summary(model_name: str, metrics: dict) -> None:
-    parts = [f"[{model_name}] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}"]
-    for name, label in (("internal", "internal-validation"), ("external", "external")):
-        if name in metrics:
-            parts.append(f"{label} AUC {metrics[name]['auc']:.3f} (n={metrics[name]['n']})")
-    log.info("; ".join(parts))
+    log.info("; ".join([f"[{model_name}] best epoch {metrics['best_epoch']} of {metrics['epochs_run']}",
+                        *auc_phrases(metrics)]))

@@ -36,6 +36,14 @@ def test_adding_a_center_leaves_other_centers_files_untouched(tmp_path):
     assert ds.read_table().num_rows == 8
 
 
+def test_open_returns_a_dataset_itself_and_opens_a_path(tmp_path, monkeypatch):
+    ds = ImageDataset(tmp_path / "ds")
+    assert ImageDataset.open(ds) is ds
+    assert ImageDataset.open(tmp_path / "ds").root == ds.root
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ImageDataset.open("~/ds").root == ds.root  # the one resolver every location goes through
+
+
 def test_replacing_a_center_swaps_the_whole_partition(tmp_path):
     ds = ImageDataset(tmp_path / "ds")
     ds.write_center("A", rows("A", 5))

@@ -262,7 +262,7 @@ def test_every_registered_loss_computes_its_term_from_one_batch():
 
 def test_a_loss_in_a_new_module_is_usable_from_a_config_by_its_name(monkeypatch):
     """The whole cost of a new loss: the class with its decorator; the config names it, the student builds it."""
-    from diffkd.train.student import DistillConfig, DistillationModel, combine
+    from diffkd.distill.objective import DistillationModel, DistillConfig, combine
 
     monkeypatch.setattr("diffkd.distill.registry.LOSSES", dict(LOSSES))  # the registration is undone afterwards
 

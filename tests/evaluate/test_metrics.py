@@ -10,10 +10,10 @@ from sklearn.metrics import roc_auc_score
 from diffkd.evaluate.calibration import Recalibration, brier_score, calibration, reliability_curve
 from diffkd.evaluate.decision import decision_curve, net_benefit, recalibrated
 from diffkd.evaluate.logistic import fit_logistic
-from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, _weighted_aucs, auc, auc_delong_ci,
+from diffkd.evaluate.metrics import (CIOptions, OperatingPoint, ThresholdRule, auc, auc_delong_ci, auc_or_nan,
                                      auc_with_ci, bootstrap_auc_ci, clustered_bootstrap_auc,
                                      clustered_bootstrap_auc_difference, delong, delong_test, has_repeated_clusters,
-                                     mean_t_ci, paired_auc_test, unpaired_auc_test, wilson_ci)
+                                     mean_t_ci, paired_auc_test, unpaired_auc_test, weighted_aucs, wilson_ci)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,12 +99,18 @@ def test_auc_needs_both_classes():
         auc([1, 1, 1], [0.1, 0.2, 0.3])
 
 
+def test_auc_or_nan_is_nan_for_one_class_and_the_auc_otherwise():
+    assert math.isnan(auc_or_nan([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert math.isnan(auc_or_nan(np.array([0, 0]), np.array([0.1, 0.2])))
+    assert auc_or_nan([0, 1, 0, 1], [0.1, 0.4, 0.5, 0.8]) == 0.75
+
+
 def test_weighted_auc_equals_auc_of_repeated_cases():
     rng = np.random.default_rng(4)
     y = (rng.random(40) < 0.5).astype(int)
     s = np.round(rng.random(40), 1)
     w = rng.integers(0, 4, size=(3, 40)).astype(float)
-    got = _weighted_aucs(y, s, w)
+    got = weighted_aucs(y, s, w)
     for row, value in zip(w, got):
         idx = np.repeat(np.arange(40), row.astype(int))
         assert value == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)

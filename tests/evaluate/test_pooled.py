@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from diffkd.evaluate.metrics import _cluster_bootstrap_weights
+from diffkd.evaluate.metrics import cluster_bootstrap_weights
 from diffkd.evaluate.pooled import (
     interval_width,
     minimum_detectable_difference,
@@ -51,7 +51,7 @@ def test_every_replicate_equals_the_brute_force_resample():
     rng = np.random.default_rng(1)
     labels, patients, arm, full = simulate(rng, n_patients=25, seeds=3)
     y = np.asarray(labels)
-    weights = _cluster_bootstrap_weights(y, patients, None, 1000, seed=7)[:40]
+    weights = cluster_bootstrap_weights(y, patients, None, 1000, seed=7)[:40]
     fast = per_seed_replicates(y, arm, full, weights)
     for b in range(40):
         rows = np.repeat(np.arange(len(y)), weights[b].astype(int))  # the resampled cases, written out
@@ -64,7 +64,7 @@ def test_the_case_resampling_keeps_patients_whole_and_class_counts_fixed():
     rng = np.random.default_rng(2)
     labels, patients, _, _ = simulate(rng, n_patients=30)
     y = np.asarray(labels)
-    weights = _cluster_bootstrap_weights(y, patients, None, 1000, seed=0)
+    weights = cluster_bootstrap_weights(y, patients, None, 1000, seed=0)
     ids = np.asarray(patients)
     for pid in np.unique(ids):  # a patient's cases share one multiplicity
         assert (weights[:, ids == pid] == weights[:, ids == pid][:, :1]).all()
@@ -105,7 +105,7 @@ def test_the_se_matches_the_spread_over_simulated_experiments():
         labels, patients, arm, full = simulate(rng, repeats=False)
         variances.append(pooled_auc_difference(labels, arm, full, patients=patients, n_boot=1000, seed=i).se ** 2)
         replicates = per_seed_replicates(np.asarray(labels), arm, full,
-                                         _cluster_bootstrap_weights(np.asarray(labels), patients, None, 1000, i))
+                                         cluster_bootstrap_weights(np.asarray(labels), patients, None, 1000, i))
         case_only.append(np.var(replicates.mean(axis=0), ddof=1))  # as if each seed's run were the only one
         seed_draws = np.random.default_rng(i).integers(0, len(arm), size=(1000, len(arm)))
         two_level.append(np.var(replicates[seed_draws, np.arange(1000)[:, None]].mean(axis=1), ddof=1))

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from diffkd.data.pipeline import PipelineConfig
+from diffkd.distill.objective import DistillConfig
 from diffkd.train.loop_config import LoopConfig
-from diffkd.train.student import DistillConfig, StudentConfig
+from diffkd.train.student import StudentConfig
 from diffkd.experiments.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
                                      run_trial, search_base, student_from_dict, training_rows, tune_student)
 from diffkd.config import ConfigError, to_dict

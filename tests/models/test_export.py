@@ -5,8 +5,8 @@ from torch import nn
 
 import pytest
 
-from diffkd.models.export import ExportError, check_onnx_parity, export_onnx, onnx_session
-from diffkd.models.footprint import count_parameters, example_inputs, latency_ms, time_call
+from diffkd.models.export import ExportError, check_onnx_parity, example_inputs, export_onnx, onnx_session
+from diffkd.models.footprint import count_parameters, latency_ms, time_call
 
 
 class _ImageAndClinical(nn.Module):

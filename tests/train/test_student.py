@@ -11,8 +11,9 @@ from diffkd.data.pipeline import PipelineConfig, collate, load_arrays
 from diffkd.data.schema import MODALITIES, ClinicalEncoding
 from diffkd.models.classifiers import create_classifier, save_classifier
 from diffkd.train.loop_config import LoopConfig
-from diffkd.train.student import (DistillConfig, DistillationModel, StudentConfig, StudentTask, combine,
-                                  distill_step, feature_channels, plain_variant, run_classifier, same_class_pairs,
+from diffkd.distill.objective import DistillationModel, DistillConfig, combine, same_class_pairs
+from diffkd.models.classifiers import run_classifier
+from diffkd.train.student import (StudentConfig, StudentTask, distill_step, feature_channels, plain_variant,
                                   split_views, student_datasets)
 
 ALL_LOSSES = DistillConfig({"logit": {"weight": 0.7}, "feature": {"weight": 1.0},

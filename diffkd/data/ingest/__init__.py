@@ -167,7 +167,7 @@ def _open_salt(dataset: ImageDataset, salt) -> SaltFile:
 
 def pseudonymizer_for(dataset, salt=None) -> Pseudonymizer:
     """The pseudonymizer an existing dataset was built with (to map raw ids, e.g. of a readers CSV)."""
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     salt_file = _open_salt(ds, salt)
     if salt_file.is_new:
         raise IngestError(f"no salt file at {salt_file.path}; pass the one the dataset was ingested with")
@@ -573,7 +573,7 @@ def _read_source(src, dataset, opts: Options) -> _Batch:
     module = LAYOUTS[opts.layout]
     if opts.label_names is None:  # a layout that knows its outcomes (busbra) names a new dataset's
         opts.label_names = getattr(module, "LABEL_NAMES", None)
-    ds = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset)
+    ds = ImageDataset.open(dataset)
     src = Path(src).expanduser()
     if not src.is_dir():
         raise IngestError(f"source folder {src} does not exist or is not a folder")
