@@ -75,6 +75,7 @@ def test_the_report_reads_the_cases_birads_beside_a_readers_csv(tmp_path, ramp_r
 
     ds = ImageDataset(tmp_path / "ds")
     (tmp_path / ".ds.salt").write_text("ab" * 32)  # the salt a readers CSV's raw case ids are mapped with
+    (tmp_path / ".ds.salt").chmod(0o600)  # a salt other users can read is refused
     case_ids = [pseudonymizer_for(ds).case("A", f"raw{i}") for i in range(8)]
     rows = ramp_rows("A", 8).set_column(0, "case_id", pa.array(case_ids))
     ds.write_center("A", rows)
