@@ -257,7 +257,7 @@ def test_ablate_end_to_end_and_a_rerun_trains_nothing_again(tiny_phantom, capsys
     plan = json.loads((out / "plan.json").read_text())
     assert plan["first_trial_started_at"] >= plan["written_at"] and record["plan"]["digest"] == plan["digest"]
     assert record["evidence"] == "pre-registered" and record["plan"]["deviations"] == []
-    assert (table["optimizer_steps"] > 0).all() and "evidence: pre-registered" in printed
+    assert (trained["optimizer_steps"] > 0).all() and "evidence: pre-registered" in printed
     # every student records its agreement with the full arm's teacher (the plain one too, unlearned)
     distillation = pd.read_csv(out / "distillation.csv")
     assert sorted(zip(distillation["arm"], distillation["seed"])) == [("full", 0), ("full", 1), ("neither", 0),
