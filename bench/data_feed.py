@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit, start_ray  # noqa: E402
+from common import best_pool_rate, emit, start_ray  # noqa: E402
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -326,20 +326,11 @@ def decode_resize_ceiling(root: str, image_size: int, workers: int, passes: int 
     """The machine's ceiling for the data side: images/s of PNG decode + one bilinear resize to the
     training size and nothing else, in `workers` processes (one per core), PNG bytes already in
     memory; the best of `passes` passes."""
-    import multiprocessing
-
     from diffkd.data.dataset import ImageDataset
 
     images = ImageDataset(root).read_table(columns=["image"]).column("image").to_pylist()
     items = [(data, image_size) for data in images]
-    rates = []
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.map(_decode_and_resize, items[:workers])  # workers started and imported
-        for _ in range(passes):
-            start = time.perf_counter()
-            pool.map(_decode_and_resize, items, chunksize=8)
-            rates.append(len(items) / (time.perf_counter() - start))
-    return {"images_per_s": max(rates), "images": len(items)}
+    return {"images_per_s": best_pool_rate(_decode_and_resize, items, workers, passes), "images": len(items)}
 
 
 def child(args) -> None:

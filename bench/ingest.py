@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from common import DIFFKD, emit  # noqa: E402
+from common import DIFFKD, best_pool_rate, emit  # noqa: E402
 from data_feed import REAL_SIZE_SHAPES, PeakMemory, mib, speckle_image  # noqa: E402
 
 
@@ -90,18 +90,9 @@ def _decode_and_hash(path: str) -> int:
 
 def ceiling(src: str, workers: int, passes: int = 2) -> float:
     """Images/s of read + PNG decode + sha256 of the file and of the pixels, one process per core; best pass."""
-    import multiprocessing
-
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(src) for name in names
                    if name.endswith(".png"))
-    rates = []
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.map(_decode_and_hash, paths[:workers])  # workers started and imported
-        for _ in range(passes):
-            start = time.perf_counter()
-            pool.map(_decode_and_hash, paths, chunksize=8)
-            rates.append(len(paths) / (time.perf_counter() - start))
-    return max(rates)
+    return best_pool_rate(_decode_and_hash, paths, workers, passes)
 
 
 def main() -> None:

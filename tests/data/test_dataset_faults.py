@@ -95,11 +95,7 @@ def _expected(template, tmp_path, name):
 def test_a_failure_at_every_step_leaves_the_old_or_the_new_dataset(template, tmp_path, fault_injector, name, error):
     before, after = _expected(template, tmp_path, name)
     assert before != after
-    probe = _fresh(template, tmp_path / "probe", name)
-    fault_injector.install()
-    OPERATIONS[name](template, probe)
-    steps = len(fault_injector.calls)
-    fault_injector.remove()
+    steps = _count_steps(template, tmp_path, name, fault_injector)
     assert steps >= 8, fault_injector.calls
     outcomes = {"before": 0, "after": 0}
     for k in range(steps):
@@ -111,14 +107,29 @@ def test_a_failure_at_every_step_leaves_the_old_or_the_new_dataset(template, tmp
             assert err.errno == error
         finally:
             fault_injector.remove()
-        seen = state(ds)
-        assert seen in (before, after), f"step {k} ({fault_injector.calls[k]}): the dataset reads neither"
-        outcomes["before" if seen == before else "after"] += 1
-        _next_writes(template, ds, name, seen == before)
-        assert state(ds) == after  # the same dataset as an undisturbed write gives
-        assert_tidy(ds)
+        outcomes[_recovered(template, ds, name, before, after, f"step {k} ({fault_injector.calls[k]})")] += 1
     assert outcomes["before"] and outcomes["after"]
     print(f"FAULTS {name} {os.strerror(error)}: {steps} steps, {outcomes}")
+
+
+def _count_steps(template: Path, tmp_path: Path, name: str, injector) -> int:
+    """Filesystem steps the operation takes undisturbed (the injector records them)."""
+    probe = _fresh(template, tmp_path / "probe", name)
+    injector.install()
+    OPERATIONS[name](template, probe)
+    injector.remove()
+    return len(injector.calls)
+
+
+def _recovered(template: Path, ds: Path, name: str, before, after, where: str) -> str:
+    """After an interrupted write: the dataset reads as `before` or `after` (which one is returned), and
+    the next writes bring it to exactly `after` with nothing stray left."""
+    seen = state(ds)
+    assert seen in (before, after), f"{where}: the dataset reads neither"
+    _next_writes(template, ds, name, seen == before)
+    assert state(ds) == after  # the same dataset as an undisturbed write gives
+    assert_tidy(ds)
+    return "before" if seen == before else "after"
 
 
 def _next_writes(template: Path, ds: Path, name: str, again: bool) -> None:
@@ -152,21 +163,12 @@ def _run_killed_at(k: int, template: Path, ds: Path, name: str, injector) -> int
 @pytest.mark.parametrize("name", ["ingest a new center", "replace a center"])
 def test_a_crash_at_every_step_leaves_the_old_or_the_new_dataset(template, tmp_path, fault_injector, name):
     before, after = _expected(template, tmp_path, name)
-    probe = _fresh(template, tmp_path / "probe", name)
-    fault_injector.install()
-    OPERATIONS[name](template, probe)
-    steps = len(fault_injector.calls)
-    fault_injector.remove()
+    steps = _count_steps(template, tmp_path, name, fault_injector)
     outcomes = {"before": 0, "after": 0}
     for k in range(steps):
         ds = _fresh(template, tmp_path / f"k{k}", name)
         assert _run_killed_at(k, template, ds, name, fault_injector) == 75
-        seen = state(ds)
-        assert seen in (before, after), f"killed at step {k}: the dataset reads neither"
-        outcomes["before" if seen == before else "after"] += 1
-        _next_writes(template, ds, name, seen == before)
-        assert state(ds) == after  # the same dataset as an undisturbed write gives
-        assert_tidy(ds)
+        outcomes[_recovered(template, ds, name, before, after, f"killed at step {k}")] += 1
     assert outcomes["before"] and outcomes["after"]
     print(f"CRASHES {name}: {steps} steps, {outcomes}")
 

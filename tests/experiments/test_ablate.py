@@ -168,18 +168,25 @@ def _write_trial(out_dir, arm, seed, cases: pd.DataFrame, prob: np.ndarray) -> N
         json.dump({"key": "x", "arm": arm, "seed": seed}, f)
 
 
+def _trial_cases(n: int, cases_per_patient: int = 1) -> tuple[np.ndarray, pd.DataFrame]:
+    """Labels of n external cases (center X, every third positive) and the rows of a trial's predictions:
+    those cases, then n internal-validation cases (center A) with the same labels."""
+    labels = (np.arange(n) % 3 == 0).astype(int)
+    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)],
+                          "patient_id": [f"p{i // cases_per_patient}" for i in range(n)],
+                          "center": "X", "split": "test", "label": labels})
+    internal = cases.assign(case_id=[f"v{i}" for i in range(n)], split="val", center="A")
+    return labels, pd.concat([cases, internal], ignore_index=True)
+
+
 def test_the_tables_pair_arms_by_seed_and_case(tmp_path):
     rng = np.random.default_rng(0)
     n = 40
-    labels = (np.arange(n) % 3 == 0).astype(int)
-    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)],
-                          "center": "X", "split": "test", "label": labels})
-    internal = cases.assign(case_id=[f"v{i}" for i in range(n)], split="val", center="A")
+    labels, both = _trial_cases(n, cases_per_patient=2)
     scores = {}
     for arm in ("full", "neither"):
         for seed in (0, 1, 2):
             scores[arm, seed] = labels * (1.0 if arm == "full" else 0.5) + rng.normal(size=n)
-            both = pd.concat([cases, internal], ignore_index=True)
             _write_trial(tmp_path, arm, seed, both, np.r_[scores[arm, seed], rng.random(n)])
     trials = [{"arm": a, "seed": s} for a in ("full", "neither") for s in (0, 1, 2)]
     table, summary = summarize(str(tmp_path), trials, n_boot=1000)
@@ -344,11 +351,7 @@ def test_the_reader_joins_the_tables_as_a_seed_free_arm_and_full_is_stacked_on_i
 
     rng = np.random.default_rng(1)
     n = 60
-    labels = (np.arange(n) % 3 == 0).astype(int)
-    cases = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
-                          "center": "X", "split": "test", "label": labels})
-    internal = cases.assign(case_id=[f"v{i}" for i in range(n)], split="val", center="A")
-    both = pd.concat([cases, internal], ignore_index=True)
+    labels, both = _trial_cases(n)
     reading = pd.Series(2.0 * np.r_[labels, labels] + rng.normal(size=2 * n), index=both["case_id"])
     for seed in (0, 1):
         _write_trial(tmp_path, "full", seed, both, 1 / (1 + np.exp(-(np.r_[labels, labels] + rng.normal(size=2 * n)))))
