@@ -6,6 +6,8 @@ phantom, the fusion heads and the baselines agree on names, types and allowed va
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -87,6 +89,13 @@ def normalize_birads(value: object) -> str | None:
     if text not in BIRADS_LEVELS:
         raise ValueError(f"BI-RADS value {value!r} is not one of {', '.join(BIRADS_LEVELS)} (or 4 / 4A-4C spellings)")
     return text
+
+
+def birads_rank(value: object) -> float:
+    """A BI-RADS category as an ordinal number, its rank in BIRADS_LEVELS (2 -> 0, 3 -> 1, 4a -> 2, ...
+    6 -> 6), for scores and ordered predictors; NaN where missing; ValueError for an unknown category."""
+    level = normalize_birads(value)
+    return math.nan if level is None else float(BIRADS_LEVELS.index(level))
 
 
 def check_label_names(names) -> tuple[str, str]:

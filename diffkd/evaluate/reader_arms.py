@@ -13,26 +13,16 @@ stacked on it.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from diffkd.data.schema import BIRADS_LEVELS, normalize_birads
+from diffkd.data.schema import birads_rank
 
 log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ["case_id", "patient_id", "center", "split", "label", "prob"]
-
-
-def birads_rank(values: pd.Series) -> pd.Series:
-    """BI-RADS categories as ordinal numbers (2 -> 0, 3 -> 1, 4a -> 2, ... 6 -> 6); NaN where missing."""
-    def rank(value: object) -> float:
-        level = normalize_birads(value)
-        return math.nan if level is None else float(BIRADS_LEVELS.index(level))
-
-    return values.map(rank).astype(float)
 
 
 def reader_scores(cases: pd.DataFrame, column: str = "birads") -> pd.Series:
@@ -40,7 +30,7 @@ def reader_scores(cases: pd.DataFrame, column: str = "birads") -> pd.Series:
     if column not in cases.columns:
         raise KeyError(f"the dataset has no {column!r} column to read the reader's score from")
     cases = cases.drop_duplicates("case_id")  # one reading per case, however many images it has
-    values = birads_rank(cases[column]) if column == "birads" else pd.to_numeric(cases[column], errors="coerce")
+    values = cases[column].map(birads_rank).astype(float) if column == "birads" else pd.to_numeric(cases[column], errors="coerce")
     return pd.Series(values.to_numpy(), index=cases["case_id"].astype(str), name=column)
 
 

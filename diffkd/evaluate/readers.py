@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from diffkd.data.schema import BIRADS_LEVELS, DEFAULT_LABEL_NAMES, label_aliases, normalize_birads
+from diffkd.data.schema import BIRADS_LEVELS, DEFAULT_LABEL_NAMES, birads_rank, label_aliases, normalize_birads
 from diffkd.evaluate.metrics import CIOptions, OperatingPoint, auc_with_ci, paired_auc_test
 
 REQUIRED_COLUMNS = ("reader", "experience", "case_id")
@@ -229,7 +229,7 @@ def dataset_birads_reads(cases: pd.DataFrame) -> pd.DataFrame | None:
 def read_scores(reads: pd.DataFrame) -> pd.Series:
     """Each read's score for an AUC: the BI-RADS category as an ordinal number (its rank in
     BIRADS_LEVELS: 2 < 3 < 4a < 4b < 4c < 5 < 6), else the probability; NaN for a bare call."""
-    rank = reads["birads"].map(lambda level: float(BIRADS_LEVELS.index(level)) if isinstance(level, str) else math.nan)
+    rank = reads["birads"].map(birads_rank).astype(float)
     return rank.fillna(reads["probability"].astype(float))
 
 

@@ -1,5 +1,6 @@
 """The dataset contract: schema conformance, atomic per-center writes, manifest bookkeeping."""
 import hashlib
+import math
 import os
 
 import pyarrow as pa
@@ -7,7 +8,7 @@ import pyarrow.fs
 import pytest
 
 from diffkd.data.dataset import DatasetError, ImageDataset, conform
-from diffkd.data.schema import ClinicalEncoding, arrow_schema, normalize_birads, parse_label
+from diffkd.data.schema import ClinicalEncoding, arrow_schema, birads_rank, normalize_birads, parse_label
 
 
 def rows(center: str, n: int, start: int = 0) -> pa.Table:
@@ -261,3 +262,9 @@ def test_writers_of_one_dataset_wait_for_each_other(tmp_path, caplog):
             order.append("holder")
     worker.join(timeout=30)
     assert order == ["holder", "C"] and ds.centers() == ["A", "B", "C"]
+
+
+def test_birads_rank_orders_categories_and_keeps_missing():
+    ranks = [birads_rank(v) for v in ["2", "4", "4C", "5", None, "BI-RADS 3"]]
+    assert ranks[:4] == [0.0, 3.0, 4.0, 5.0]  # an unsubdivided 4 is the middle sub-category
+    assert math.isnan(ranks[4]) and ranks[5] == 1.0

@@ -2,13 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffkd.evaluate.reader_arms import birads_rank, reader_predictions, reader_scores, stacked_probabilities
-
-
-def test_birads_rank_orders_categories_and_keeps_missing():
-    ranks = birads_rank(pd.Series(["2", "4", "4C", "5", None, "BI-RADS 3"]))
-    assert ranks.iloc[:4].tolist() == [0.0, 3.0, 4.0, 5.0]  # an unsubdivided 4 is the middle sub-category
-    assert np.isnan(ranks.iloc[4]) and ranks.iloc[5] == 1.0
+from diffkd.evaluate.reader_arms import reader_predictions, reader_scores, stacked_probabilities
 
 
 def test_reader_arm_repeats_its_scores_for_every_seed_and_drops_unread_cases():
