@@ -31,6 +31,9 @@ PRIMARY_ARM, PRIMARY_COMPARATOR = "full", "neither"
 # Settings that change where or how visibly a run goes, never what it computes: left out of the digest.
 RUNTIME_KEYS = frozenset({"ray", "ablation", "progress", "progress_interval_s", "storage_path", "run_name", "resume",
                           "max_failures", "num_actors", "cpus_per_actor", "cpus_per_worker", "chunk_rows"})
+# Settings that name a file the run reads: digested by the file's content, so that the same config
+# checked out in another folder (or on another machine) has the same digest.
+FILE_KEYS = frozenset({"space"})
 UNSIGNED = ("digest", "first_trial_started_at")  # fields the digest does not cover (the start is filled in later)
 
 
@@ -48,15 +51,27 @@ class PlanningAssumptions:
 
 
 def config_digest(config: dict) -> str:
-    """A digest of what the experiment config computes (RUNTIME_KEYS left out, at any depth)."""
+    """A digest of what the experiment config computes (RUNTIME_KEYS left out, at any depth; a FILE_KEYS
+    value by its file's content where the file exists)."""
     from diffkd.runtime.digest import fingerprint
 
     def scientific(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: scientific(v) for k, v in value.items() if k not in RUNTIME_KEYS}
+            return {k: _file_content(v) if k in FILE_KEYS else scientific(v)
+                    for k, v in value.items() if k not in RUNTIME_KEYS}
         return value
 
     return fingerprint(scientific(config))
+
+
+def _file_content(value: Any) -> Any:
+    """A file setting's content digest, or the value itself when it names no readable file."""
+    from diffkd.runtime.digest import fingerprint
+
+    if isinstance(value, str) and os.path.isfile(value):
+        with open(value, "rb") as f:
+            return {"file_sha": fingerprint(f.read().hex())}
+    return value
 
 
 def plan_digest(plan: dict) -> str:

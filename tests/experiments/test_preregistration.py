@@ -104,3 +104,15 @@ def test_the_expected_precision_shrinks_with_seeds_and_cases():
     no_seed_noise = expected_precision(95, 344, 3, PlanningAssumptions(seed_sd=0.0))
     assert no_seed_noise["ci_half_width"] == pytest.approx(1.96 * no_seed_noise["se"], rel=1e-3)
     json.dumps(base)  # plan.json holds it as written
+
+
+def test_the_config_digest_reads_a_search_space_by_content_not_by_folder(tmp_path):
+    def checkout(name: str, space_text: str) -> dict:
+        space = tmp_path / name / "tune_spaces" / "kd.yaml"
+        space.parent.mkdir(parents=True)
+        space.write_text(space_text)
+        return {**CONFIG, "tune": {"enabled": False, "space": str(space)}}
+
+    here, elsewhere = checkout("here", "temperature: [2, 4]\n"), checkout("elsewhere", "temperature: [2, 4]\n")
+    assert config_digest(here) == config_digest(elsewhere)  # the same repository cloned to another folder
+    assert config_digest(checkout("edited", "temperature: [2, 8]\n")) != config_digest(here)
