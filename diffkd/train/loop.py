@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import os
 import posixpath
 import secrets
@@ -427,7 +428,10 @@ def _update_best(state: ckpt.LoopState, metrics: dict, objective: str, mode: str
     if isinstance(value, float) and math.isnan(value):
         metrics[objective] = value = worst
     burn_in = metrics["epoch"] < min_epochs
-    metrics[SELECTION_SCORE] = worst if burn_in else value
+    # Ray keeps the ranked scores in a JSON snapshot that stores an infinity as null, which its resume
+    # then cannot rank: the worst score Ray sees is the most negative (or positive) finite float.
+    ranked_worst = math.copysign(sys.float_info.max, worst)
+    metrics[SELECTION_SCORE] = ranked_worst if burn_in or value == worst else value
     if burn_in:  # the latest epoch stands in as the best, scored worst so that the next real one wins
         state.best_value, state.best_epoch, state.best_checkpoint = worst, metrics["epoch"], checkpoint_name
         state.epochs_since_best, state.stopped_early = 0, False

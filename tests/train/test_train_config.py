@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -127,7 +129,12 @@ def test_burn_in_epochs_are_never_kept_and_never_stop_the_run():
             assert state.best_epoch == 2 and not state.stopped_early
     assert (state.best_epoch, state.best_value) == (4, 0.7)  # epoch 3 (0.5) beat the burn-in, then 4
     assert state.stopped_early  # patience counts from the burn-in's end: 5 and 6 did not beat 4
-    assert scores[:2] == [float("-inf")] * 2 and scores[2:] == [0.5, 0.7, 0.65, 0.64]  # what Ray ranks
+    assert scores[2:] == [0.5, 0.7, 0.65, 0.64]  # what Ray ranks
+    # burn-in scores rank below any real one and survive the JSON snapshot Ray resumes from
+    assert all(s < -1e300 for s in scores[:2]) and json.loads(json.dumps(scores))[:2] == scores[:2]
+    nan_metrics = {"epoch": 4, "val_auc": float("nan")}
+    _update_best(LoopState(), nan_metrics, "val_auc", "max", "ck4", patience=0)
+    assert json.loads(json.dumps(nan_metrics[SELECTION_SCORE], allow_nan=False)) < -1e300
     last = LoopState()
     for epoch, auc in [(1, 0.9), (2, 0.8), (3, 0.6)]:  # min_epochs = epochs: the last epoch is kept
         _update_best(last, {"epoch": epoch, "val_auc": auc}, "val_auc", "max", f"ck{epoch}", patience=0,
