@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -70,10 +69,10 @@ LEGACY_MANIFEST = "manifest.json"  # before the leading underscore
 LEGACY_SYNTHETIC_DIR = "synthetic"
 PARTITION_KEY = "center"
 WRITER_FILE = "_writer.json"  # object stores: the one machine that writes the dataset
-# Row groups: Ray Data reads each as a block and streams them; a writer holds one at a time. Real-size
-# images reach the byte bound first (~100 rows of 860 px speckle), small ones the row bound.
+# Row groups: Ray Data reads each as a block and streams them, and a writer holds one at a time.
+# Real-size images reach the byte bound first (~25 rows of 270-860 px), small ones the row bound.
 ROW_GROUP_ROWS = 256
-ROW_GROUP_BYTES = 32 << 20  # of image and mask bytes
+ROW_GROUP_BYTES = 8 << 20  # of image and mask bytes
 
 Rows = Union[pa.Table, Iterable[Union[pa.Table, pa.RecordBatch]]]  # a table, or its pieces in order
 
@@ -313,8 +312,9 @@ class ImageDataset:
 
         `rows`: a table, or an iterable of its pieces (tables or record batches, in order), which is
         consumed under the dataset's lock while the new file is written, so that a center larger than
-        memory can be written; it may read the center's current files (`iter_center`), which stay in
-        place until the new manifest is committed. `label_names`: the outcome names the rows' 0/1
+        memory can be written; each piece becomes one row group or more (pieces of about a row group,
+        `starts_row_group`, keep the file's layout what one table would give). The pieces may come from
+        the center's current files (`iter_center`): they stay in place until the new manifest is committed. `label_names`: the outcome names the rows' 0/1
         labels stand for; they must match the dataset's (a new dataset takes them; None: the dataset's own).
         """
         self._write_partition(validate_center_name(center), rows, synthetic=False, sources=sources or [],
@@ -338,7 +338,7 @@ class ImageDataset:
             if stored[0].num_rows == 0:
                 raise DatasetError(f"refusing to write an empty partition for center {center!r}")
         else:
-            stored = (_stored_piece(center, piece) for piece in rows)
+            stored = _stored_pieces(center, rows)
         with self.lock():
             names = self.claim_label_names(label_names)
             self._claim_single_writer()
@@ -518,22 +518,26 @@ class ImageDataset:
                 write(f)
 
     def _put_rows(self, rel: str, stored: Iterable[pa.Table], center: str) -> "_Written":
-        """Write `stored` (pieces in the stored schema) as one file of bounded row groups, streaming:
-        memory holds one row group, however many rows pass. Refuses to write no rows."""
+        """Write `stored` (pieces in the stored schema) as one file, streaming: each piece is cut into
+        row groups (`row_groups`), never joined to the next, so memory holds about one piece, however
+        many rows pass. Refuses to write no rows."""
         path = self._path(rel)
-        groups = row_groups(stored)
+        groups = _row_groups_of(stored)
         first = next(groups, None)
         if first is None:
             raise DatasetError(f"refusing to write an empty partition for center {center!r}")
         if self._local:
             os.makedirs(posixpath.dirname(path), exist_ok=True)
         written = _Written()
+        schema, groups = first.schema, _prepended(first, groups)
+        del first  # each group is freed once written
 
         def write(f) -> None:
-            with pq.ParquetWriter(f, first.schema, compression="zstd") as writer:
-                for group in itertools.chain([first], groups):
+            with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+                for group in groups:
                     writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
                     written.add(group)
+                    del group  # not held while the next piece is made
 
         self._put(path, write)
         return written
@@ -613,24 +617,43 @@ def _stored_piece(center: str, rows: pa.Table | pa.RecordBatch) -> pa.Table:
     return table.drop_columns([PARTITION_KEY])
 
 
-def row_groups(pieces: Iterable[pa.Table]) -> Iterator[pa.Table]:
-    """Consecutive rows regrouped into row groups: ROW_GROUP_ROWS rows each, fewer where their image
-    and mask bytes would pass ROW_GROUP_BYTES (one row over the bound is a group of its own)."""
-    pending: list[pa.Table] = []
-    rows = size = 0
+def _stored_pieces(center: str, rows: Iterable[pa.Table | pa.RecordBatch]) -> Iterator[pa.Table]:
+    for piece in rows:
+        yield _stored_piece(center, piece)
+        del piece  # not held while the next piece is made (a generator expression would)
+
+
+def _row_groups_of(pieces: Iterable[pa.Table]) -> Iterator[pa.Table]:
     for piece in pieces:
-        start = 0
-        for i, row_size in enumerate(_row_bytes(piece)):
-            if rows and (rows == ROW_GROUP_ROWS or size + row_size > ROW_GROUP_BYTES):
-                pending.append(piece.slice(start, i - start))
-                yield pa.concat_tables(pending)
-                pending, rows, size, start = [], 0, 0, i
-            rows += 1
-            size += row_size
-        if start < piece.num_rows:
-            pending.append(piece.slice(start))
+        yield from row_groups(piece)
+        del piece
+
+
+def starts_row_group(rows: int, size: int, row_size: int) -> bool:
+    """Whether a row of `row_size` image and mask bytes begins a new row group after `rows` rows of
+    `size` bytes: ROW_GROUP_ROWS rows a group, fewer where they would pass ROW_GROUP_BYTES (a row
+    over the bound by itself is a group of its own)."""
+    return rows > 0 and (rows == ROW_GROUP_ROWS or size + row_size > ROW_GROUP_BYTES)
+
+
+def row_groups(table: pa.Table) -> Iterator[pa.Table]:
+    """`table` cut into row groups (`starts_row_group`), as slices."""
+    start = rows = size = 0
+    for i, row_size in enumerate(_row_bytes(table)):
+        if starts_row_group(rows, size, row_size):
+            yield table.slice(start, rows)
+            start, rows, size = i, 0, 0
+        rows += 1
+        size += row_size
     if rows:
-        yield pa.concat_tables(pending)
+        yield table.slice(start, rows)
+
+
+def _prepended(first, rest: Iterator) -> Iterator:
+    """`first`, then `rest`, holding `first` no longer than that (itertools.chain keeps it to the end)."""
+    yield first
+    del first
+    yield from rest
 
 
 def _row_bytes(table: pa.Table) -> list[int]:

@@ -61,8 +61,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diffkd.data.dataset import (ROW_GROUP_BYTES, ROW_GROUP_ROWS, DatasetError, ImageDataset,
-                                 validate_center_name)
+from diffkd.data.dataset import DatasetError, ImageDataset, starts_row_group, validate_center_name
 from diffkd.data.ingest import busbra, busi, dicom, folder
 from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, Discovery, IngestError, Loaded, Problem,
                                        Pseudonymizer, Record, SaltFile, center_slug, load_all, parse_label_map,
@@ -822,17 +821,18 @@ def _write(ds: ImageDataset, plan: _Plan, names: tuple[str, str], spool: Spool) 
 
 def _center_rows(ds: ImageDataset, plan: _Plan, spool: Spool) -> Iterator[pa.Table]:
     """The center's rows as they are written, a piece at a time: the stored ones first when adding to
-    the center, then the new ones, their bytes read back from the spool (at most a row group's worth)."""
+    the center, then the new ones, their bytes read back from the spool one row group at a time."""
     if plan.keep_stored:
         yield from ds.iter_center(plan.center)
     piece: list[dict] = []
     size = 0
     for row in plan.rows:
-        piece.append(row)
-        size += row["image"].length + (row["mask"].length if row["mask"] is not None else 0)
-        if len(piece) == ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
+        row_size = row["image"].length + (row["mask"].length if row["mask"] is not None else 0)
+        if starts_row_group(len(piece), size, row_size):
             yield _from_spool(piece, spool)
             piece, size = [], 0
+        piece.append(row)
+        size += row_size
     if piece:
         yield _from_spool(piece, spool)
 
