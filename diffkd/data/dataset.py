@@ -299,11 +299,13 @@ class ImageDataset:
         stored = [n for n in names if n != PARTITION_KEY]
         for path in self.files([center]):
             with self.fs.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(columns=stored):
-                    table = pa.Table.from_batches([batch])
+                stored_file = pq.ParquetFile(f)
+                for group in range(stored_file.num_row_groups):  # iter_batches would join row groups
+                    table = stored_file.read_row_group(group, columns=stored)
                     if PARTITION_KEY in names:
                         table = table.append_column(PARTITION_KEY, pa.array([center] * table.num_rows, pa.string()))
                     yield table.select(names)
+                    del table  # not held while the next row group is read
 
     # ---- writing ---------------------------------------------------------------------------
     def write_center(self, center: str, rows: Rows, sources: list[dict] | None = None,
