@@ -46,10 +46,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict
-from typing import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Union
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
@@ -67,6 +69,12 @@ LEGACY_MANIFEST = "manifest.json"  # before the leading underscore
 LEGACY_SYNTHETIC_DIR = "synthetic"
 PARTITION_KEY = "center"
 WRITER_FILE = "_writer.json"  # object stores: the one machine that writes the dataset
+# Row groups: Ray Data reads each as a block and streams them, and a writer holds one at a time.
+# Real-size images reach the byte bound first (~25 rows of 270-860 px), small ones the row bound.
+ROW_GROUP_ROWS = 256
+ROW_GROUP_BYTES = 8 << 20  # of image and mask bytes
+
+Rows = Union[pa.Table, Iterable[Union[pa.Table, pa.RecordBatch]]]  # a table, or its pieces in order
 
 
 class DatasetError(ValueError):
@@ -285,15 +293,33 @@ class ImageDataset:
         names = [f.name for f in arrow_schema() if f.name not in ("image", "mask")]
         return self.read_table(centers, synthetic, columns=names)
 
-    # ---- writing ---------------------------------------------------------------------------
-    def write_center(self, center: str, table: pa.Table, sources: list[dict] | None = None,
-                     label_names: tuple[str, str] | None = None) -> None:
-        """Replace center `center`'s real partition with `table` and record it in the manifest.
+    def iter_center(self, center: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """A real center's rows in stored order, one row group at a time (memory holds one, not the center)."""
+        names = arrow_schema().names if columns is None else list(columns)
+        stored = [n for n in names if n != PARTITION_KEY]
+        for path in self.files([center]):
+            with self.fs.open_input_file(path) as f:
+                stored_file = pq.ParquetFile(f)
+                for group in range(stored_file.num_row_groups):  # iter_batches would join row groups
+                    table = stored_file.read_row_group(group, columns=stored)
+                    if PARTITION_KEY in names:
+                        table = table.append_column(PARTITION_KEY, pa.array([center] * table.num_rows, pa.string()))
+                    yield table.select(names)
+                    del table  # not held while the next row group is read
 
-        `label_names`: the outcome names the rows' 0/1 labels stand for; they must match the
-        dataset's (a new dataset takes them; None: the dataset's own).
+    # ---- writing ---------------------------------------------------------------------------
+    def write_center(self, center: str, rows: Rows, sources: list[dict] | None = None,
+                     label_names: tuple[str, str] | None = None) -> None:
+        """Replace center `center`'s real partition with `rows` and record it in the manifest.
+
+        `rows`: a table, or an iterable of its pieces (tables or record batches, in order), which is
+        consumed under the dataset's lock while the new file is written, so that a center larger than
+        memory can be written; each piece becomes one row group or more (pieces of about a row group,
+        `starts_row_group`, keep the file's layout what one table would give). The pieces may come from
+        the center's current files (`iter_center`): they stay in place until the new manifest is committed. `label_names`: the outcome names the rows' 0/1
+        labels stand for; they must match the dataset's (a new dataset takes them; None: the dataset's own).
         """
-        self._write_partition(validate_center_name(center), table, synthetic=False, sources=sources or [],
+        self._write_partition(validate_center_name(center), rows, synthetic=False, sources=sources or [],
                               label_names=label_names)
 
     def write_synthetic(self, center: str, table: pa.Table, run_id: str, generator: dict | None = None) -> None:
@@ -306,16 +332,15 @@ class ImageDataset:
         self._write_partition(validate_center_name(center), table, synthetic=True, run_id=run_id,
                               generator=generator)
 
-    def _write_partition(self, center: str, table: pa.Table, synthetic: bool, sources: list[dict] | None = None,
+    def _write_partition(self, center: str, rows: Rows, synthetic: bool, sources: list[dict] | None = None,
                          run_id: str | None = None, generator: dict | None = None,
                          label_names: tuple[str, str] | None = None) -> None:
-        table = conform(table)
-        if table.num_rows == 0:
-            raise DatasetError(f"refusing to write an empty partition for center {center!r}")
-        wrong = set(table.column(PARTITION_KEY).to_pylist()) - {center}
-        if wrong:
-            raise DatasetError(f"rows for center(s) {sorted(wrong)} passed to the partition of {center!r}")
-        stored = table.drop_columns([PARTITION_KEY])  # the partition path says it
+        if isinstance(rows, pa.Table):  # checked whole before the lock, as it is at hand
+            stored = [_stored_piece(center, rows)]
+            if stored[0].num_rows == 0:
+                raise DatasetError(f"refusing to write an empty partition for center {center!r}")
+        else:
+            stored = _stored_pieces(center, rows)
         with self.lock():
             names = self.claim_label_names(label_names)
             self._claim_single_writer()
@@ -331,14 +356,14 @@ class ImageDataset:
                 # the new file goes beside the old ones under a new name; the manifest switch below is
                 # the commit point, and `recover` then deletes the files the old manifest named
                 name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-                self._put_table(posixpath.join(part_dir, name), stored)
+                written = self._put_rows(posixpath.join(part_dir, name), stored, center)
                 previous = section.get(center, {})
                 section[center] = {
                     "files": [name],
-                    "rows": table.num_rows,
-                    "patients": len(set(table.column("patient_id").to_pylist())),
-                    "labels": _counts(table, "label"),
-                    "modalities": _counts(table, "modality"),
+                    "rows": written.rows,
+                    "patients": len(written.patients),
+                    "labels": _sorted_counts(written.labels),
+                    "modalities": _sorted_counts(written.modalities),
                     "sources": previous.get("sources", []) + sources,
                     "created": previous.get("created", _now()),
                     "updated": _now(),
@@ -354,18 +379,18 @@ class ImageDataset:
             log.warning("dataset %s: the change is saved, but removing the files it replaced failed (%s); "
                         "the next write removes them", self.uri, err)
 
-    def _add_synthetic_run(self, section: dict, center: str, part_dir: str, stored: pa.Table, run_id: str,
-                           generator: dict | None) -> None:
+    def _add_synthetic_run(self, section: dict, center: str, part_dir: str, stored: Iterable[pa.Table],
+                           run_id: str, generator: dict | None) -> None:
         name = f"part-{run_id}.parquet"
         entry = section.setdefault(center, {"files": [], "rows": 0, "runs": []})
         if name in entry["files"]:
             raise DatasetError(f"synthetic run {run_id!r} already written for center {center!r}")
-        self._put_table(posixpath.join(part_dir, name), stored)
+        written = self._put_rows(posixpath.join(part_dir, name), stored, center)
         entry["files"].append(name)
-        entry["runs"].append({"run_id": run_id, "rows": stored.num_rows, "written": _now(),
+        entry["runs"].append({"run_id": run_id, "rows": written.rows, "written": _now(),
                               **({"generator": generator} if generator else {})})
-        entry["rows"] += stored.num_rows
-        entry["labels"] = _merge_counts(entry.get("labels", {}), _counts(stored, "label"))
+        entry["rows"] += written.rows
+        entry["labels"] = _merge_counts(entry.get("labels", {}), _sorted_counts(written.labels))
 
     def recover(self) -> list[str]:
         """Finish or roll back what an interrupted write left (call under `lock()`); returns what was removed.
@@ -494,15 +519,33 @@ class ImageDataset:
             with self.fs.open_output_stream(path) as f:
                 write(f)
 
-    def _put_table(self, rel: str, table: pa.Table) -> None:
+    def _put_rows(self, rel: str, stored: Iterable[pa.Table], center: str) -> "_Written":
+        """Write `stored` (pieces in the stored schema) as one file, streaming: each piece is cut into
+        row groups (`row_groups`), never joined to the next, so memory holds about one piece, however
+        many rows pass. Refuses to write no rows."""
         path = self._path(rel)
+        groups = _row_groups_of(stored)
+        first = next(groups, None)
+        if first is None:
+            raise DatasetError(f"refusing to write an empty partition for center {center!r}")
         if self._local:
             os.makedirs(posixpath.dirname(path), exist_ok=True)
-        # small row groups: Ray Data reads them as blocks and streams
-        self._put(path, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=256))
+        written = _Written()
+        schema, groups = first.schema, _prepended(first, groups)
+        del first  # each group is freed once written
+
+        def write(f) -> None:
+            with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+                for group in groups:
+                    writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
+                    written.add(group)
+                    del group  # not held while the next piece is made
+
+        self._put(path, write)
+        return written
 
     def _atomic_write_table(self, directory: str, name: str, table: pa.Table) -> None:
-        self._put_table(posixpath.join(directory, name), table)
+        self._put_rows(posixpath.join(directory, name), [table], posixpath.basename(directory))
 
     def _delete(self, path: str, folder: bool) -> None:
         if not self._local:
@@ -566,8 +609,81 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _counts(table: pa.Table, column: str) -> dict[str, int]:
-    return {str(k): v for k, v in sorted(Counter(table.column(column).to_pylist()).items())}
+def _stored_piece(center: str, rows: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Rows of `center` in the stored schema: conformed, checked to be that center's, without the
+    `center` column (the partition path says it)."""
+    table = conform(pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows)
+    wrong = set(table.column(PARTITION_KEY).to_pylist()) - {center}
+    if wrong:
+        raise DatasetError(f"rows for center(s) {sorted(wrong)} passed to the partition of {center!r}")
+    return table.drop_columns([PARTITION_KEY])
+
+
+def _stored_pieces(center: str, rows: Iterable[pa.Table | pa.RecordBatch]) -> Iterator[pa.Table]:
+    for piece in rows:
+        yield _stored_piece(center, piece)
+        del piece  # not held while the next piece is made (a generator expression would)
+
+
+def _row_groups_of(pieces: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    for piece in pieces:
+        yield from row_groups(piece)
+        del piece
+
+
+def starts_row_group(rows: int, size: int, row_size: int) -> bool:
+    """Whether a row of `row_size` image and mask bytes begins a new row group after `rows` rows of
+    `size` bytes: ROW_GROUP_ROWS rows a group, fewer where they would pass ROW_GROUP_BYTES (a row
+    over the bound by itself is a group of its own)."""
+    return rows > 0 and (rows == ROW_GROUP_ROWS or size + row_size > ROW_GROUP_BYTES)
+
+
+def row_groups(table: pa.Table) -> Iterator[pa.Table]:
+    """`table` cut into row groups (`starts_row_group`), as slices."""
+    start = rows = size = 0
+    for i, row_size in enumerate(_row_bytes(table)):
+        if starts_row_group(rows, size, row_size):
+            yield table.slice(start, rows)
+            start, rows, size = i, 0, 0
+        rows += 1
+        size += row_size
+    if rows:
+        yield table.slice(start, rows)
+
+
+def _prepended(first, rest: Iterator) -> Iterator:
+    """`first`, then `rest`, holding `first` no longer than that (itertools.chain keeps it to the end)."""
+    yield first
+    del first
+    yield from rest
+
+
+def _row_bytes(table: pa.Table) -> list[int]:
+    """Each row's image plus mask bytes (0 for a missing mask)."""
+    total = np.zeros(table.num_rows, dtype=np.int64)
+    for name in ("image", "mask"):
+        if name in table.column_names:
+            total += pc.fill_null(pc.binary_length(table.column(name)), 0).to_numpy().astype(np.int64)
+    return total.tolist()
+
+
+@dataclass
+class _Written:
+    """What a partition writer passed: the counts its manifest entry records."""
+    rows: int = 0
+    patients: set = field(default_factory=set)
+    labels: Counter = field(default_factory=Counter)
+    modalities: Counter = field(default_factory=Counter)
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        self.patients.update(table.column("patient_id").to_pylist())
+        self.labels.update(table.column("label").to_pylist())
+        self.modalities.update(table.column("modality").to_pylist())
+
+
+def _sorted_counts(counts: Counter) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(counts.items())}
 
 
 def _merge_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

@@ -1,12 +1,15 @@
 """The dataset contract: schema conformance, atomic per-center writes, manifest bookkeeping."""
 import hashlib
+import itertools
 import math
 import os
 
 import pyarrow as pa
 import pyarrow.fs
+import pyarrow.parquet as pq
 import pytest
 
+import diffkd.data.dataset as dataset_module
 from diffkd.data.dataset import DatasetError, ImageDataset, conform
 from diffkd.data.schema import ClinicalEncoding, arrow_schema, birads_rank, normalize_birads, parse_label
 
@@ -268,3 +271,54 @@ def test_birads_rank_orders_categories_and_keeps_missing():
     ranks = [birads_rank(v) for v in ["2", "4", "4C", "5", None, "BI-RADS 3"]]
     assert ranks[:4] == [0.0, 3.0, 4.0, 5.0]  # an unsubdivided 4 is the middle sub-category
     assert math.isnan(ranks[4]) and ranks[5] == 1.0
+
+
+def _row_group_rows(path) -> list[int]:
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def test_row_groups_are_bounded_by_rows_and_by_image_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_module, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(dataset_module, "ROW_GROUP_BYTES", 100)
+    table = rows("A", 10)  # images of 3-4 bytes: the row bound cuts
+    big = table.set_column(table.schema.get_field_index("image"), "image",
+                           pa.array([b"x" * {4: 60, 5: 60, 6: 60, 9: 150}.get(i, 10) for i in range(10)]))
+    ds = ImageDataset(tmp_path / "ds")
+    ds.write_center("A", table)
+    assert _row_group_rows(ds.files(["A"])[0]) == [4, 4, 2]
+    ds.write_center("A", big)  # a group ends before the row that would take it past 100 bytes
+    assert _row_group_rows(ds.files(["A"])[0]) == [4, 1, 1, 3, 1]
+    assert ds.read_table(["A"]).column("image").equals(big.column("image"))
+
+
+def test_a_center_written_in_pieces_is_the_file_one_table_gives(tmp_path, monkeypatch):
+    """Pieces cut where row groups start (as ingest cuts them) give the same file, byte for byte, as
+    the whole table; the pieces may be read from the center's own files while it is replaced."""
+    monkeypatch.setattr(dataset_module, "ROW_GROUP_ROWS", 3)
+    table = rows("A", 8)
+    whole, pieced = ImageDataset(tmp_path / "whole"), ImageDataset(tmp_path / "pieces")
+    whole.write_center("A", table)
+    pieced.write_center("A", iter([table.slice(0, 3), table.slice(3, 3).to_batches()[0], table.slice(6)]))
+    [a], [b] = whole.files(["A"]), pieced.files(["A"])
+    assert open(a, "rb").read() == open(b, "rb").read() and _row_group_rows(b) == [3, 3, 2]
+    unnamed = {"files": 0, "created": 0, "updated": 0}
+    assert whole.manifest["centers"]["A"] | unnamed == pieced.manifest["centers"]["A"] | unnamed
+    # the stored rows streamed back into a new file, with more after them: one row group at a time
+    assert [t.num_rows for t in pieced.iter_center("A")] == [3, 3, 2]
+    pieced.write_center("A", itertools.chain(pieced.iter_center("A"), [rows("A", 2, start=8)]))
+    assert pieced.read_table(["A"]).equals(pa.concat_tables([table, rows("A", 2, start=8)]).select(
+        arrow_schema().names).cast(arrow_schema()))
+    assert pieced.manifest["centers"]["A"]["rows"] == 10 and len(pieced.files(["A"])) == 1
+
+
+def test_an_empty_stream_of_rows_is_refused_and_writes_nothing(tmp_path):
+    ds = ImageDataset(tmp_path / "ds")
+    ds.write_center("A", rows("A", 2))
+    before = sorted(p.name for p in (tmp_path / "ds").rglob("*"))
+    with pytest.raises(DatasetError, match="empty partition"):
+        ds.write_center("A", iter([rows("A", 0)]))
+    with pytest.raises(DatasetError, match=r"center\(s\) \['B'\]"):
+        ds.write_center("A", iter([rows("A", 2), rows("B", 1)]))
+    assert sorted(p.name for p in (tmp_path / "ds").rglob("*")) == before
+    assert ds.read_table().num_rows == 2

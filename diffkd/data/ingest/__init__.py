@@ -37,6 +37,10 @@ the source fingerprint, ingest time, row and label counts, and the salt fingerpr
 `ingest_centers` splits one source by a CSV column (a site, a scanner) into one center per value: the
 source is decoded once, every center goes through the checks above (and a patient whose rows fall in
 two centers is a problem of its own), and only when all pass is each written as `ingest` writes one.
+
+Memory does not grow with the source: each decoded image's bytes go to a spool file at once (spool.py)
+and the checks work on the rows' metadata and digests; the partition is then written one row group at
+a time, from the stored center's file (when adding to it) and from the spool.
 """
 from __future__ import annotations
 
@@ -51,15 +55,18 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from diffkd.data.dataset import DatasetError, ImageDataset, validate_center_name
+from diffkd.data.dataset import DatasetError, ImageDataset, starts_row_group, validate_center_name
 from diffkd.data.ingest import busbra, busi, dicom, folder
 from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, Discovery, IngestError, Loaded, Problem,
                                        Pseudonymizer, Record, SaltFile, center_slug, load_all, parse_label_map,
                                        png_pixel_digest, salt_fingerprint)
+from diffkd.data.ingest.spool import Blob, Spool
 from diffkd.data.schema import CLINICAL_COLUMNS, CLINICAL_SCHEMA, arrow_schema, check_label_names
 from diffkd.runtime.files import atomic_write_bytes
 
@@ -180,7 +187,7 @@ def pseudonymizer_for(dataset, salt=None) -> Pseudonymizer:
 class Candidate:
     """One row to store, with the record it came from (rejections remove whole records)."""
     index: int  # record index
-    row: dict
+    row: dict  # `image` and `mask` are `Blob`s in the batch's spool
     pixels: str  # pixel digest (not stored)
 
 
@@ -210,7 +217,7 @@ def _candidates(center: str, layout: str, records: list[Record], loaded: list[Lo
                        center=center, modality=rec.modality or image.modality or "us", label=rec.label,
                        image=image.png, mask=image.mask, height=image.height, width=image.width,
                        spacing_mm=spacing, synthetic=False, source=f"{layout}:{path}{suffix}{note}",
-                       sha256=hashlib.sha256(image.png).hexdigest())
+                       sha256=image.png.sha256)
             row.update({name: rec.clinical.get(name) for name in CLINICAL_COLUMNS})
             for name in FLOAT_COLUMNS:  # as stored (float32), so that comparisons with stored rows hold
                 row[name] = None if row[name] is None else float(np.float32(row[name]))
@@ -280,13 +287,15 @@ def _check_source(cands: list[Candidate], records: list[Record]
     return problems, drop, warnings, conflicting
 
 
-def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.Table | None, keep: list[int],
-                    names: tuple[str, str]) -> tuple[list[Problem], set[int], set[int], list[str]]:
+def _check_existing(cands: list[Candidate], records: list[Record], ds: ImageDataset, center: str,
+                    existing: pa.Table | None, keep: list[int], names: tuple[str, str]
+                    ) -> tuple[list[Problem], set[int], set[int], list[str]]:
     """Against the center already stored: (problems, already present, duplicates under another id, warnings).
 
     A stored image is recognised by its bytes, or — when an earlier diffkd encoded it differently —
     by its pixels (only the stored images of the same case ids are decoded for that). A new image
     may join a stored case only if it agrees with it on patient, label and clinical values.
+    `existing`: the stored center's metadata (`ImageDataset.metadata`).
     """
     problems, present, dups, warnings = [], set(), set(), []
     if existing is None or existing.num_rows == 0:
@@ -297,9 +306,7 @@ def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.
     for j, r in enumerate(old):
         rows_of_case[r["case_id"]].append(j)
     unmatched = {cands[i].row["case_id"] for i in keep if cands[i].row["sha256"] not in by_sha}
-    to_decode = sorted(j for case in unmatched for j in rows_of_case.get(case, ()))
-    stored = existing.column("image").take(to_decode).to_pylist() if to_decode else []
-    by_pixels = {png_pixel_digest(png): old[j] for j, png in zip(to_decode, stored)}
+    by_pixels = _stored_pixels(ds, center, unmatched & rows_of_case.keys())
     changed = 0
     for i in keep:
         row, rec = cands[i].row, records[cands[i].index]
@@ -328,6 +335,21 @@ def _check_existing(cands: list[Candidate], records: list[Record], existing: pa.
         warnings.append(f"{changed} image(s) already in the center carry other patient or clinical values in this "
                         "source; the stored values were kept (rebuild the center with --replace to apply them)")
     return problems, present, dups, warnings
+
+
+def _stored_pixels(ds: ImageDataset, center: str, cases: set[str]) -> dict[str, dict]:
+    """Pixel digest -> stored row (case id, sha256, CASE_FIELDS) of the stored images of `cases`,
+    read one row group at a time."""
+    by_pixels: dict[str, dict] = {}
+    if not cases:
+        return by_pixels
+    columns = ["case_id", "sha256", *CASE_FIELDS]
+    wanted = pa.array(sorted(cases), pa.string())
+    for table in ds.iter_center(center, [*columns, "image"]):
+        table = table.filter(pc.is_in(table.column("case_id"), value_set=wanted))
+        for row, png in zip(table.select(columns).to_pylist(), table.column("image").to_pylist()):
+            by_pixels[png_pixel_digest(png)] = row
+    return by_pixels
 
 
 def _check_other_centers(cands: list[Candidate], records: list[Record], dataset: ImageDataset, center: str,
@@ -412,10 +434,34 @@ def _fingerprint(layout: str, records: list[Record], loaded: list[Loaded | None]
     return h.hexdigest()
 
 
-def _same_rows(a: pa.Table, b: pa.Table) -> bool:
-    if a.num_rows != b.num_rows:
+METADATA_SCHEMA = pa.schema([f for f in arrow_schema() if f.name not in ("image", "mask")])
+
+
+def _same_rows(ds: ImageDataset, center: str, stored_rows: int, new_rows: list[dict]) -> bool:
+    """Whether the stored center holds exactly `new_rows`, in the same order within each case id
+    (a --replace that would change nothing). Rows are compared by their stored values, the image and
+    mask by sha256; the stored side is read one row group at a time."""
+    if stored_rows != len(new_rows):
         return False
-    return a.sort_by("case_id").equals(b.sort_by("case_id"))
+    metadata = pa.Table.from_pylist([{k: r[k] for k in METADATA_SCHEMA.names} for r in new_rows],
+                                    schema=METADATA_SCHEMA).to_pylist()
+    new = [_row_key(m, r["image"].sha256, r["mask"].sha256 if r["mask"] is not None else None)
+           for m, r in zip(metadata, new_rows)]
+    stored = []
+    for table in ds.iter_center(center):
+        images, masks = table.column("image").to_pylist(), table.column("mask").to_pylist()
+        for m, image, mask in zip(table.select(METADATA_SCHEMA.names).to_pylist(), images, masks):
+            stored.append(_row_key(m, _sha256(image), _sha256(mask)))
+    by_case = partial(sorted, key=lambda key: key[0])  # stable: the order within a case counts
+    return by_case(stored) == by_case(new)
+
+
+def _row_key(metadata: dict, image_sha256: str, mask_sha256: str | None) -> tuple:
+    return (metadata["case_id"], tuple(metadata[k] for k in METADATA_SCHEMA.names), image_sha256, mask_sha256)
+
+
+def _sha256(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -453,12 +499,13 @@ def ingest(src, center: str, dataset, layout: str = "folder", clinical_csv=None,
     opts = Options(layout, clinical_csv, quarantine, label_map, salt, replace, frames, workers, label_names,
                    allow_burned_in, limits)
     batch = _read_source(src, dataset, opts)
-    with batch.ds.lock():  # from here to the write, no other writer changes what the checks read
+    # from here to the write, no other writer changes what the checks read
+    with batch.spool, batch.ds.lock():
         batch.ds.recover()  # finish or roll back what an interrupted write left, even if this ingest writes nothing
         batch.check_label_names()
         salt_file = _open_salt(batch.ds, salt)
         plan = _check(batch, center, batch.found, batch.loaded, batch.problems, salt_file)
-        _write(batch.ds, plan, batch.names)
+        _write(batch.ds, plan, batch.names, batch.spool)
     plan.report.seconds = time.monotonic() - start
     return plan.report
 
@@ -512,21 +559,22 @@ def ingest_centers(src, dataset, layout: str = "folder", *, center_column: str |
                    allow_burned_in, limits)
     column, name_rule = _grouping(layout, center_column, center_by)
     batch = _read_source(src, dataset, opts)
-    groups, unassigned, notes = _split_by_column(batch, column, name_rule)
-    quarantine_file = None
-    if unassigned:
-        if quarantine is None:
-            raise IngestError(_format_problems(unassigned, batch.src, f"one per {column}", len(unassigned)))
-        quarantine_file = _write_quarantine(opts.quarantine, "without-center", unassigned, batch.found)
-    with batch.ds.lock():
-        batch.ds.recover()
-        batch.check_label_names()
-        salt_file = _open_salt(batch.ds, salt)
-        plans = [_check(batch, center, group.found, group.loaded, group.problems, salt_file,
-                        entry_extra={"center_column": column, "center_values": group.values})
-                 for center, group in groups.items()]  # any problem in any center: nothing is written
-        for plan in plans:
-            _write(batch.ds, plan, batch.names)
+    with batch.spool:
+        groups, unassigned, notes = _split_by_column(batch, column, name_rule)
+        quarantine_file = None
+        if unassigned:
+            if quarantine is None:
+                raise IngestError(_format_problems(unassigned, batch.src, f"one per {column}", len(unassigned)))
+            quarantine_file = _write_quarantine(opts.quarantine, "without-center", unassigned, batch.found)
+        with batch.ds.lock():
+            batch.ds.recover()
+            batch.check_label_names()
+            salt_file = _open_salt(batch.ds, salt)
+            plans = [_check(batch, center, group.found, group.loaded, group.problems, salt_file,
+                            entry_extra={"center_column": column, "center_values": group.values})
+                     for center, group in groups.items()]  # any problem in any center: nothing is written
+            for plan in plans:
+                _write(batch.ds, plan, batch.names, batch.spool)
     return CentersReport(source=str(batch.src), layout=layout, column=column,
                          values={c: g.values for c, g in groups.items()}, reports=[p.report for p in plans],
                          skipped=batch.found.skipped, warnings=batch.found.warnings + notes,
@@ -556,8 +604,9 @@ class _Batch:
     opts: Options
     names: tuple[str, str]
     found: Discovery
-    loaded: list[Loaded | None]
+    loaded: list[Loaded | None]  # images and masks as `Blob`s in `spool`
     problems: list[Problem]  # the layout's and the decoder's
+    spool: Spool  # the decoded images' bytes until they are written; close it when done
 
     def check_label_names(self) -> None:
         """Under the lock: a concurrent ingest may have named the outcomes since the source was read."""
@@ -587,9 +636,25 @@ def _read_source(src, dataset, opts: Options) -> _Batch:
         raise IngestError(f"{src}: no images found for the {opts.layout} layout{skipped}; check the folder and "
                           "--layout (folder: SRC/<label>/*.png or a CSV listing files; busi: class folders; "
                           "busbra: bus_data.csv with Images/ and Masks/; dicom: .dcm files)")
-    loaded, problems = load_all(partial(module.load, frames=opts.frames, allow_burned_in=opts.allow_burned_in,
-                                             limits=opts.limits), src, found.records, opts.workers)
-    return _Batch(ds, src, opts, names, found, loaded, found.problems + problems)
+    spool = Spool(_spool_place(ds))
+    try:
+        loaded, problems = load_all(partial(module.load, frames=opts.frames, allow_burned_in=opts.allow_burned_in,
+                                            limits=opts.limits), src, found.records, spool=spool,
+                                    workers=opts.workers)
+    except BaseException:
+        spool.close()
+        raise
+    return _Batch(ds, src, opts, names, found, loaded, found.problems + problems, spool)
+
+
+def _spool_place(ds: ImageDataset) -> str | None:
+    """Where the decoded images wait: beside a local dataset (the disk that will hold them, where
+    the dataset's lock file goes too), else the temporary directory."""
+    if ds.fs.type_name == "local":
+        parent = os.path.dirname(ds.root.rstrip("/"))
+        if os.path.isdir(parent):
+            return parent
+    return None
 
 
 @dataclass
@@ -667,12 +732,14 @@ def _claim_label_names(ds: ImageDataset, label_names) -> tuple[str, str]:
 
 @dataclass
 class _Plan:
-    """What the checks decided for one center: its rows to write (None: nothing changes)."""
+    """What the checks decided for one center: its new rows to write (None: nothing changes)."""
     center: str
     report: IngestReport
-    table: pa.Table | None
+    rows: list[dict] | None  # images and masks as `Blob`s in the batch's spool
     entry: dict | None
     salt_file: SaltFile
+    keep_stored: bool = False  # adding to the center: its stored rows are written first
+    center_rows: int = 0  # rows in the center once written
 
 
 def _check(batch: _Batch, center: str, found: Discovery, loaded: list[Loaded | None], problems: list[Problem],
@@ -691,11 +758,11 @@ def _check(batch: _Batch, center: str, found: Discovery, loaded: list[Loaded | N
     problems += more
     warnings += notes
 
-    existing = ds.read_table([center]) if center in ds.centers() else None
+    existing = ds.metadata([center]) if center in ds.centers() else None
     keep = [i for i in range(len(cands)) if i not in dup_rows]
     present: set[int] = set()
     if not replace:
-        more, present, dups, notes = _check_existing(cands, records, existing, keep, names)
+        more, present, dups, notes = _check_existing(cands, records, ds, center, existing, keep, names)
         problems += more
         warnings += notes
         dup_rows |= dups
@@ -715,9 +782,9 @@ def _check(batch: _Batch, center: str, found: Discovery, loaded: list[Loaded | N
         raise IngestError(f"nothing left to ingest from {src} into center {center}: every image was rejected"
                           + (f" (reasons in {quarantine_file})" if quarantine_file else ""))
 
-    table = pa.Table.from_pylist(new_rows, schema=arrow_schema())
-    merged = table if replace or existing is None else pa.concat_tables([existing, table])
-    unchanged = (_same_rows(existing, merged) if replace and existing is not None else not new_rows)
+    keep_stored = not replace and existing is not None
+    unchanged = (_same_rows(ds, center, existing.num_rows, new_rows) if replace and existing is not None
+                 else not new_rows)
     labels = Counter(names[r["label"]] for r in new_rows)
     fingerprint = _fingerprint(layout, records, loaded, found, opts.frames)
     report = IngestReport(
@@ -736,16 +803,43 @@ def _check(batch: _Batch, center: str, found: Discovery, loaded: list[Loaded | N
                  already_present=len(present), duplicates=len(dup_rows), quarantined=len(bad_records),
                  conflicting=len(conflicting), replace=replace, frames=opts.frames if layout == "dicom" else None,
                  salt_fingerprint=salt_file.fingerprint, **(entry_extra or {}))
-    report.added = len(new_rows) if not replace else merged.num_rows
+    report.added = len(new_rows)
     report.labels_added = dict(sorted(labels.items()))
-    return _Plan(center, report, merged, entry, salt_file)
+    center_rows = len(new_rows) + (existing.num_rows if keep_stored else 0)
+    return _Plan(center, report, new_rows, entry, salt_file, keep_stored, center_rows)
 
 
-def _write(ds: ImageDataset, plan: _Plan, names: tuple[str, str]) -> None:
+def _write(ds: ImageDataset, plan: _Plan, names: tuple[str, str], spool: Spool) -> None:
     """Write one checked center: its partition and its manifest entry (`ImageDataset.write_center`)."""
-    if plan.table is None:
+    if plan.rows is None:
         return
     plan.salt_file.persist()
-    ds.write_center(plan.center, plan.table, sources=[plan.entry], label_names=names)
+    ds.write_center(plan.center, _center_rows(ds, plan, spool), sources=[plan.entry], label_names=names)
     plan.report.written = True
-    plan.report.center_rows = plan.table.num_rows
+    plan.report.center_rows = plan.center_rows
+
+
+def _center_rows(ds: ImageDataset, plan: _Plan, spool: Spool) -> Iterator[pa.Table]:
+    """The center's rows as they are written, a piece at a time: the stored ones first when adding to
+    the center, then the new ones, their bytes read back from the spool one row group at a time."""
+    if plan.keep_stored:
+        yield from ds.iter_center(plan.center)
+    piece: list[dict] = []
+    size = 0
+    for row in plan.rows:
+        row_size = row["image"].length + (row["mask"].length if row["mask"] is not None else 0)
+        if starts_row_group(len(piece), size, row_size):
+            yield _from_spool(piece, spool)
+            piece, size = [], 0
+        piece.append(row)
+        size += row_size
+    if piece:
+        yield _from_spool(piece, spool)
+
+
+def _from_spool(rows: list[dict], spool: Spool) -> pa.Table:
+    def read(blob: Blob | None) -> bytes | None:
+        return None if blob is None else spool.get(blob)
+
+    return pa.Table.from_pylist([{**r, "image": read(r["image"]), "mask": read(r["mask"])} for r in rows],
+                                schema=arrow_schema())

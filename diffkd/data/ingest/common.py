@@ -30,6 +30,7 @@ Policies (the user's guide repeats them):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -47,6 +48,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffkd.data.ingest.spool import Blob, Spool
 from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, MODALITIES, ClinicalColumn, label_aliases,
                                 normalize_birads, parse_label)
 
@@ -161,12 +163,14 @@ def png_pixel_digest(png: bytes) -> str:
 
 @dataclass
 class Decoded:
-    """One image to store, made from a record (a multi-frame DICOM gives several)."""
-    png: bytes
+    """One image to store, made from a record (a multi-frame DICOM gives several).
+
+    A loader gives the PNG and mask bytes; `load_all` moves them to its spool and leaves their `Blob`s."""
+    png: bytes | Blob
     height: int
     width: int
     pixels: str  # pixel_digest of the stored image: duplicates are found by pixels, not by encoding
-    mask: bytes | None = None
+    mask: bytes | Blob | None = None
     spacing_mm: float | None = None
     frame: int | None = None  # frame index when the file held several
     patient: str | None = None  # raw id read from the file itself (DICOM PatientID)
@@ -746,25 +750,28 @@ def load_image_record(src: Path, rec: Record, limits: DecodeLimits = DEFAULT_LIM
     return Loaded([Decoded(png, arr.shape[0], arr.shape[1], pixel_digest(arr), mask_png)], digest.hexdigest())
 
 
-def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Sequence[Record],
+def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Sequence[Record], *, spool: Spool,
              workers: int | None = None, what: str = "images") -> tuple[list[Loaded | None], list[Problem]]:
     """Decode every record, in a thread pool (Pillow, zlib and hashlib release the GIL); with progress.
 
-    Any failure of one file (a damaged file can raise almost anything inside a decoder) becomes a
-    Problem naming that file, so that it can be quarantined while the rest is ingested.
+    Each image's bytes go to `spool` as soon as it is decoded (the results hold `Blob`s), so memory
+    holds the images being decoded, not the source. Any failure of one file (a damaged file can raise
+    almost anything inside a decoder) becomes a Problem naming that file, so that it can be
+    quarantined while the rest is ingested.
     """
     results: list[Loaded | None] = [None] * len(records)
     problems: list[Problem] = []
 
     def one(i: int):
         try:
-            return i, loader(src, records[i]), None
+            loaded = loader(src, records[i])
         except ImageProblem as err:
             return i, None, records[i].problem(str(err).removeprefix(f"{records[i].file}: "))
         except Exception as err:  # noqa: BLE001  (one bad file must not stop the ingest)
             log.debug("decoding %s failed", records[i].file, exc_info=True)
             return i, None, records[i].problem(f"cannot be decoded ({type(err).__name__}: {err}); re-export it "
                                                "from the source or remove it (and its CSV row)")
+        return i, spooled(loaded, spool), None  # outside the handlers: a full disk is no fault of the file
 
     workers = workers or min(DEFAULT_WORKERS, os.cpu_count() or 1)
     progress = Progress(len(records), what)
@@ -782,6 +789,14 @@ def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Seque
                 progress.step()
     progress.done()
     return results, problems
+
+
+def spooled(loaded: Loaded, spool: Spool) -> Loaded:
+    """`loaded` with its images' PNG and mask bytes moved to `spool`."""
+    images = [dataclasses.replace(image, png=spool.put(image.png),
+                                  mask=None if image.mask is None else spool.put(image.mask))
+              for image in loaded.images]
+    return dataclasses.replace(loaded, images=images)
 
 
 class Progress:
