@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from diffkd.evaluate.pooled import POWER, VarianceParts, interval_width
+from diffkd.runtime.digest import fingerprint
 from diffkd.runtime.files import atomic_write_json
 
 PLAN_FILE = "plan.json"
@@ -49,8 +51,6 @@ class PlanningAssumptions:
 
 def config_digest(config: dict) -> str:
     """A digest of what the experiment config computes (RUNTIME_KEYS left out, at any depth)."""
-    from diffkd.runtime.digest import fingerprint
-
     def scientific(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: scientific(v) for k, v in value.items() if k not in RUNTIME_KEYS}
@@ -60,8 +60,6 @@ def config_digest(config: dict) -> str:
 
 
 def plan_digest(plan: dict) -> str:
-    from diffkd.runtime.digest import fingerprint
-
     return fingerprint({k: v for k, v in plan.items() if k not in UNSIGNED})
 
 
@@ -70,8 +68,6 @@ def expected_precision(positives: int, negatives: int, seeds: int, assumptions: 
     primary endpoint: Hanley-McNeil variance of one AUC on these cases, paired between two arms with
     the assumed correlation, plus the assumed seed variance over `seeds` seeds, through the same
     interval as the analysis (diffkd.evaluate.pooled)."""
-    from diffkd.evaluate.pooled import POWER, VarianceParts, interval_width
-
     theta = assumptions.auc
     q1, q2 = theta / (2 - theta), 2 * theta ** 2 / (1 + theta)
     one_auc = (theta * (1 - theta) + (positives - 1) * (q1 - theta ** 2) + (negatives - 1) * (q2 - theta ** 2)) \
