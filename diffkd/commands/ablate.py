@@ -3,6 +3,12 @@ over K seeds as one Ray Tune job, with pooled paired differences against the ful
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
+
+from diffkd.commands.options import names
+from diffkd.commands.run import ray_for_command
+from diffkd.runtime import console
 
 EPILOG = """\
 One Ray Tune trial per arm x seed, as many at once as the cluster holds:
@@ -64,14 +70,9 @@ def register(subparsers) -> None:
 
 
 def run_ablate(args) -> int:
-    import dataclasses
 
-    from pathlib import Path
-
-    from diffkd.runtime import console
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.ablate import AblationConfig, ablate, format_summary, plan_ablation
-    from diffkd.commands.run import ray_for_command
-    from diffkd.commands.options import names
     from diffkd.experiments.experiment import load_experiment
 
     cfg = load_experiment(args.config)

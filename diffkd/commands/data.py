@@ -110,6 +110,7 @@ def _centers(text: str) -> list[str]:
 
 
 def run_ingest(args) -> int:
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.data.ingest import DecodeLimits, ingest, ingest_centers
 
     limits = DecodeLimits(**{name: value for name, value in (("max_pixels", args.max_pixels),
@@ -128,6 +129,7 @@ def run_ingest(args) -> int:
 
 
 def run_info(args) -> int:
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.data.info import dataset_info
 
     print(dataset_info(args.dataset, _centers(args.external), seed=args.seed, val_fraction=args.val_fraction).format())
@@ -135,6 +137,7 @@ def run_info(args) -> int:
 
 
 def run_grid(args) -> int:
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.data.grid import make_grid
 
     path = make_grid(args.dataset, args.out, per_cell=args.per_cell, seed=args.seed, synthetic=not args.no_synthetic,

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+from diffkd.commands import UserError
+from diffkd.runtime import jobs
+from diffkd.runtime.jobs import JobsError
 
 SUBMIT_EPILOG = """\
 examples:
@@ -69,16 +74,11 @@ def register(subparsers) -> None:
 
 
 def _client(args):
-    from diffkd.runtime import jobs
-
     return jobs.connect(args.address, args.token)
 
 
 def _user_errors(fn):
     def wrapped(args):
-        from diffkd.commands import UserError
-        from diffkd.runtime.jobs import JobsError
-
         try:
             return fn(args)
         except JobsError as err:
@@ -88,8 +88,6 @@ def _user_errors(fn):
 
 @_user_errors
 def run_submit(args) -> int:
-    from diffkd.runtime import jobs
-
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     spec = jobs.JobSpec(command=command, working_dir=args.working_dir, excludes=args.exclude,
                         include=args.include, env=jobs.parse_env(args.env), pip=args.pip, image=args.image,
@@ -113,8 +111,6 @@ def run_submit(args) -> int:
 
 @_user_errors
 def run_jobs(args) -> int:
-    from diffkd.runtime import jobs
-
     client = _client(args)
     if args.action == "list":
         rows = jobs.list_jobs(client)
@@ -146,6 +142,4 @@ def run_jobs(args) -> int:
 
 
 def _time(ms: int | None) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"

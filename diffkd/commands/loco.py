@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from diffkd.commands.options import add_address, add_dataset, add_split
+from diffkd.commands.run import ray_for_command
+from diffkd.runtime import console
+from diffkd.runtime.raycompat import init as ray_init
 
 EPILOG = """\
 One Ray Tune trial per center: the teacher (the config's `teacher` section, as `diffkd train teacher`)
@@ -37,14 +41,10 @@ def register(subparsers) -> None:
 
 
 def run_loco(args) -> int:
-    from pathlib import Path
-
-    from diffkd.runtime import console
-    from diffkd.commands.run import ray_for_command
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.experiment import load_section
     from diffkd.data.dataset import ImageDataset
     from diffkd.experiments.loco import format_table, leave_one_center_out
-    from diffkd.runtime.raycompat import init as ray_init
 
     if args.parallel < 0:
         raise ValueError("--parallel must be 0 (as many as fit) or a positive number of folds")

@@ -33,6 +33,7 @@ def names(text: str | None) -> list[str]:
 
 
 def split_config(args: argparse.Namespace):
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.data.splits import SplitConfig
 
     return SplitConfig(names(getattr(args, "external", "")), args.val_fraction, args.split_seed)

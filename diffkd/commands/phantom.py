@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.data.phantom import contact_sheet, generate_cohort
 
     def progress(msg: str) -> None:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from diffkd.config import from_dict
 
 EPILOG = """\
 examples:
@@ -54,9 +57,7 @@ def register(subparsers) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from diffkd.config import from_dict
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.evaluate.report import INPUTS_FILE, ReportInputs, rebuild_report
     from diffkd.evaluate.summary import EvaluateConfig, headline_table
 

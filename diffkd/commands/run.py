@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
+from diffkd.commands import main
 from diffkd.commands.options import add_address, add_dataset, names
+from diffkd.runtime import console
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -44,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The pipeline, with every library's own output filed under OUT/logs/<stage>.log (unless -v)."""
-    from diffkd.runtime import console
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.evaluate.summary import headline_table
     from diffkd.experiments.experiment import load_experiment
     from diffkd.experiments.run import run_pipeline
@@ -81,15 +84,11 @@ def ray_for_command() -> Iterator[None]:
 
 
 def ray_running() -> bool:
-    import sys
-
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def demo(args: argparse.Namespace) -> int:
     """Exactly the commands a user runs: `diffkd phantom`, `diffkd ingest` per center, `diffkd run`."""
-    from diffkd.commands import main
-
     def diffkd(argv: list[str]) -> int:  # each step as its own command, with the demo's -v
         return main(["-v", *argv] if args.verbose else argv)
 

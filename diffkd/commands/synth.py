@@ -5,8 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
 
 from diffkd.commands.options import add_address, add_dataset, add_split, alias, names, split_config
+from diffkd.runtime.raycompat import init as ray_init
 
 RUN_EPILOG = """\
 examples:
@@ -88,16 +92,14 @@ def _run_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _section(path: str | None, name: str, cls):
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.experiment import load_section
 
     return load_section(path, name) if path else cls()
 
 
 def run_synth(args) -> int:
-    import dataclasses
-    import sys
-
-    from diffkd.runtime.raycompat import init as ray_init
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.synth import SynthConfig, synthesize
 
     if not args.dataset or not args.model:
@@ -121,9 +123,7 @@ def run_synth(args) -> int:
 
 
 def run_audit(args) -> int:
-    import json
-
-    from diffkd.runtime.raycompat import init as ray_init
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.synth import AuditConfig, SynthConfig, audit, with_synthesis_sampling
 
     cfg = with_synthesis_sampling(_section(args.config, "audit", AuditConfig),

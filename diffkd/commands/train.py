@@ -5,8 +5,10 @@ The old spellings `diffkd diffusion train` and `diffkd distill` still run, after
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from diffkd.commands.options import add_address, add_dataset, add_run_name, add_split, alias, names
+from diffkd.commands.options import add_address, add_dataset, add_run_name, add_split, alias, names, split_config
+from diffkd.runtime.raycompat import init as ray_init
 
 CONFIG_NOTE = """\
 Every stage reads its section of the same config file (docs/cli.md): `diffkd run`'s experiment config
@@ -106,11 +108,8 @@ def _diffusion_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_diffusion(args) -> int:
-    import dataclasses
-
-    from diffkd.commands.options import split_config
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.experiment import DiffusionStage, load_section
-    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.diffusion_task import train_diffusion
 
     stage = load_section(args.config, "diffusion") if args.config else DiffusionStage()
@@ -145,11 +144,9 @@ def _teacher_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_teacher(args) -> int:
-    import dataclasses
-
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.experiment import load_section
     from diffkd.data.splits import dataset_splits
-    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.teacher import train_teacher
 
     cfg = load_section(args.config, "teacher")
@@ -184,6 +181,7 @@ def _student_arguments(p: argparse.ArgumentParser) -> None:
 
 def real_splits(dataset: str, args):
     """(ImageDataset, the real rows' splits table) from the command's split options."""
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import make_splits
 
@@ -193,10 +191,8 @@ def real_splits(dataset: str, args):
 
 
 def run_student(args) -> int:
-    import dataclasses
-
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.experiment import load_section
-    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.student import plain_variant, train_student
 
     student = load_section(args.config, "student", required=True)

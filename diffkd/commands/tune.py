@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from diffkd.commands.options import add_address, add_dataset, add_split
+from diffkd.commands.train import real_splits
+from diffkd.runtime.raycompat import init as ray_init
 
 EPILOG = """\
 examples:
@@ -55,11 +58,8 @@ def space_path(args) -> str:
 
 
 def run(args) -> int:
-    import dataclasses
-
-    from diffkd.commands.train import real_splits
+    # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.experiment import load_section
-    from diffkd.runtime.raycompat import init as ray_init
     from diffkd.train.student import train_student
     from diffkd.experiments.tune import tune_student
     from diffkd.experiments.tune_space import load_space

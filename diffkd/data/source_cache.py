@@ -28,7 +28,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterator
+
+from diffkd.runtime.digest import fingerprint
 
 if TYPE_CHECKING:
     import ray.data
@@ -62,8 +65,6 @@ def read_decode_log(path: str) -> list[tuple[float, int, str]]:
 
 def file_keys(dataset, files: list[str]) -> list[str]:
     """What each file's entry depends on: the dataset, the file's path, size and modification time."""
-    from diffkd.runtime.digest import fingerprint
-
     return [fingerprint({"dataset": str(dataset.uri), "file": [i.path, i.size, i.mtime_ns]})
             for i in dataset.fs.get_file_info(list(files))]
 
@@ -84,8 +85,6 @@ def _cache_actor_class():
                 build: Callable[[int], "ray.data.MaterializedDataset"]) -> "list[ray.data.MaterializedDataset] | None":
             """The entries `keys` (file i's decoded rows, about `sizes[i]` bytes), the missing ones
             built by `build(i)`, `parallel` at a time; None when they cannot fit the budget together."""
-            from concurrent.futures import ThreadPoolExecutor
-
             if sum(sizes) > budget_bytes:
                 return None
             missing = [i for i, key in enumerate(keys) if key not in self._entries]

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from diffkd.data.dataset import ImageDataset
+
 log = logging.getLogger("diffkd.splits")
 
 SPLITS = ("train", "val", "test")
@@ -128,8 +130,6 @@ def leave_one_center_out(centers: Sequence[str]) -> list[tuple[str, list[str]]]:
 def dataset_splits(dataset, external: Sequence[str] = (), val_fraction: float = 0.2, seed: int = 0,
                    synthetic: bool = True) -> pd.DataFrame:
     """`make_splits` over a dataset's (ImageDataset, path or URI) real and, if asked, synthetic rows."""
-    from diffkd.data.dataset import ImageDataset
-
     ds = ImageDataset.open(dataset)
     tables = [ds.metadata().to_pandas()]
     if synthetic and ds.centers(synthetic=True):
@@ -172,8 +172,6 @@ def check_synthetic_split(dataset, assignments: pd.DataFrame, sources: Sequence[
     validation or external here, and its images would carry them into training. Rows of a run that
     recorded no split (written before diffkd recorded one) are refused too: nothing shows they are safe.
     """
-    from diffkd.data.dataset import ImageDataset
-
     ds = ImageDataset.open(dataset)
     current = split_fingerprint(assignments)
     centers = set(assignments.loc[assignments["split"] == "train", "center"])

@@ -38,11 +38,12 @@ import yaml
 from diffkd.config import from_dict
 from diffkd.data.schema import DEFAULT_LABEL_NAMES
 from diffkd.evaluate import figures
+from diffkd.evaluate.health import FLAG_TEXT, HealthThresholds
 from diffkd.evaluate.readers import birads_positive_from_default, load_readers, reader_operating_points
-from diffkd.evaluate.truth import load_truth
 from diffkd.evaluate.summary import (ABLATIONS, BASELINES, MODEL_DESCRIPTIONS, EvaluateConfig, build_metrics,
                                      cases_table, cohort_table, fit_thresholds, jsonable, ordered_models,
                                      validate_predictions)
+from diffkd.evaluate.truth import load_truth
 from diffkd.runtime.files import staged_directory
 
 log = logging.getLogger(__name__)
@@ -550,8 +551,6 @@ def _distillation_section(ctx: _Context) -> str:
 
 
 def _health_section(ctx: _Context) -> str:
-    from diffkd.evaluate.health import FLAG_TEXT, HealthThresholds
-
     if not ctx.inputs.health:
         return ctx.skip("health", "no trained model's training history was provided")
     rows, flagged = [], []

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from diffkd.data.ingest import pseudonymizer_for
 from diffkd.evaluate.metrics import CIOptions, auc_with_ci
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def center_ceilings(predictions: pd.DataFrame, truth: pd.DataFrame, reference: s
 
 
 def _stored_ids(truth: pd.DataFrame, path: str | os.PathLike, dataset: str | None) -> list[str]:
-    from diffkd.data.ingest import pseudonymizer_for
-
     if "center" not in truth.columns:
         raise TruthError(f"{path}: its case ids are not the dataset's and it has no center column to map them "
                          "with (ingest names a case by center and raw id)")

@@ -47,22 +47,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-from diffkd.config import from_dict, to_dict
-from diffkd.experiments.experiment import AblationConfig
-from diffkd.runtime.files import atomic_write_json
+import pandas as pd
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from diffkd.experiments.experiment import ExperimentConfig
+from diffkd.config import ConfigError, from_dict, to_dict
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.source_cache import shared_source_cache
+from diffkd.data.splits import check_no_leakage, make_splits
+from diffkd.evaluate.metrics import auc_or_nan, auc_with_ci
+from diffkd.evaluate.pooled import LEVEL, PooledEstimate, pooled_auc_difference, seeds_for_half_width
+from diffkd.evaluate.reader_arms import reader_predictions, reader_scores, stacked_probabilities
+from diffkd.experiments import preregistration
+from diffkd.experiments.experiment import AblationConfig, ExperimentConfig
+from diffkd.experiments.preregistration import PlanningAssumptions, build_plan, expected_precision, write_plan
+from diffkd.experiments.runstate import RunState, outputs_current
+from diffkd.experiments.stages import (Pipeline, StagePlan, checkpointed, generator_stages, pairing_free_student,
+                                       plan_stages, stage_inputs, with_pipeline)
+from diffkd.experiments.tune import DRIVER_CPUS, trials_that_fit
+from diffkd.runtime import raycompat
+from diffkd.runtime.digest import fingerprint
+from diffkd.runtime.files import atomic_write_json, atomic_write_parquet, atomic_write_text, save_figure
+from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
+from diffkd.train.stage_io import TRAINING_INFO
+from diffkd.train.student import plain_variant, train_student
+from diffkd.train.teacher import train_teacher
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +124,9 @@ def teacher_kind(arm: str) -> str | None:
 @dataclass
 class AblationOutcome:
     out_dir: str
-    table: "pd.DataFrame"  # ablation.csv
-    summary: "pd.DataFrame"  # ablation_summary.csv
-    distillation: "pd.DataFrame"  # distillation.csv
+    table: pd.DataFrame  # ablation.csv
+    summary: pd.DataFrame  # ablation_summary.csv
+    distillation: pd.DataFrame  # distillation.csv
     arms: list[str]
     seeds: list[int]
     parallel: int
@@ -128,7 +144,7 @@ class Plan:
     """Everything a trial needs, shipped to it once through the object store."""
 
     dataset: str
-    assignments: "pd.DataFrame"  # real rows' splits (the same for every trial)
+    assignments: pd.DataFrame  # real rows' splits (the same for every trial)
     experiment: dict  # ExperimentConfig as a dict
     sources: dict[int, tuple[str, ...]]  # seed -> the synthesis run(s) its arms may read
     data_key: str  # the dataset's files, for the fingerprints
@@ -142,16 +158,12 @@ def seeded(stage_cfg, seed: int):
                                pipeline=dataclasses.replace(stage_cfg.pipeline, seed=seed))
 
 
-def _with_pipeline(stage_cfg, **changes):
-    return dataclasses.replace(stage_cfg, pipeline=dataclasses.replace(stage_cfg.pipeline, **changes))
-
-
-def teacher_setup(cfg: "ExperimentConfig", kind: str, seed: int, sources: tuple[str, ...],
+def teacher_setup(cfg: ExperimentConfig, kind: str, seed: int, sources: tuple[str, ...],
                   train_rows: int = 0) -> tuple[Any, float]:
     """(TeacherConfig, synthetic ratio) of a teacher kind: synthetic, real, second_modality, or
     synthetic_student_budget (the synthetic teacher with the students' budget, `student_budget`)."""
     modality = cfg.pairing_free.teacher_modality if kind == "second_modality" else cfg.student.student_modality
-    teacher = _with_pipeline(seeded(cfg.teacher, seed), modalities=(modality,), synthetic_sources=sources)
+    teacher = with_pipeline(seeded(cfg.teacher, seed), modalities=(modality,), synthetic_sources=sources)
     if kind == "synthetic_student_budget":
         teacher = dataclasses.replace(teacher, loop=student_budget(teacher.loop, cfg.student.loop, train_rows))
     return teacher, (cfg.synthetic_ratio if kind.startswith("synthetic") else 0.0)
@@ -165,25 +177,22 @@ def student_budget(loop, student_loop, train_rows: int):
                                train_samples=student_loop.train_samples or train_rows)
 
 
-def student_setup(cfg: "ExperimentConfig", arm: str, seed: int, sources: tuple[str, ...], teacher_dir: str,
+def student_setup(cfg: ExperimentConfig, arm: str, seed: int, sources: tuple[str, ...], teacher_dir: str,
                   train_rows: int = 0):
     """The StudentConfig of a student arm, as `diffkd run` builds its students, with every arm's epoch
     `train_rows` long (0: as the stream counts it; `loop.train_samples` set in the config wins)."""
-    from diffkd.experiments.run import pairing_free_student
-    from diffkd.train.student import plain_variant
-
     student = seeded(cfg.student, seed)
     student = dataclasses.replace(student, loop=dataclasses.replace(
         student.loop, train_samples=student.loop.train_samples or train_rows))
     kd = dataclasses.replace(
-        _with_pipeline(student, synthetic_ratio=cfg.synthetic_ratio, synthetic_sources=sources),
+        with_pipeline(student, synthetic_ratio=cfg.synthetic_ratio, synthetic_sources=sources),
         teacher_dir=teacher_dir, mode="paired")
     if arm == "full":
         return kd
     if arm == "no_synthesis":
-        return _with_pipeline(kd, synthetic_ratio=0.0)
+        return with_pipeline(kd, synthetic_ratio=0.0)
     if arm == "no_kd":  # plain_variant also drops the synthetic rows; this arm keeps them
-        return _with_pipeline(plain_variant(kd), synthetic_ratio=cfg.synthetic_ratio)
+        return with_pipeline(plain_variant(kd), synthetic_ratio=cfg.synthetic_ratio)
     if arm == "neither":
         return plain_variant(kd)
     if arm == "pairing_free":
@@ -199,18 +208,14 @@ def trial_dir(out_dir: str, arm: str, seed: int) -> str:
     return os.path.join(out_dir, "trials", f"{arm}-s{seed}")
 
 
-def _teacher_key(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) -> str:
-    from diffkd.runtime.digest import fingerprint
-
+def _teacher_key(plan: Plan, cfg: ExperimentConfig, kind: str, seed: int) -> str:
     teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed], plan.train_rows)
     return fingerprint({"data": plan.data_key, "teacher": to_dict(teacher), "ratio": ratio,
                         "splits": to_dict(cfg.splits)})
 
 
-def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
+def trial_key(plan: Plan, cfg: ExperimentConfig, arm: str, seed: int) -> str:
     """What a trial's result depends on: data, splits, its configs, its teacher's, the generator run."""
-    from diffkd.runtime.digest import fingerprint
-
     kind = teacher_kind(arm)
     parts: dict[str, Any] = {"data": plan.data_key, "arm": arm, "splits": to_dict(cfg.splits),
                              "teacher": _teacher_key(plan, cfg, kind, seed) if kind else None}
@@ -224,8 +229,6 @@ def trial_key(plan: Plan, cfg: "ExperimentConfig", arm: str, seed: int) -> str:
 
 def is_current(folder: str, key: str) -> bool:
     """True when `folder` holds finished predictions trained on exactly what `key` describes."""
-    from diffkd.experiments.runstate import outputs_current
-
     return outputs_current(folder, TRIAL_INFO, PREDICTIONS, key)
 
 
@@ -241,24 +244,15 @@ def _exclusive(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _loop_for(stage_cfg, out_dir: str, name: str):
-    runs = os.path.join(out_dir, "checkpoints")
-    loop = dataclasses.replace(stage_cfg.loop, storage_path=runs, run_name=name,
-                               resume=os.path.isdir(os.path.join(runs, name)))
-    return dataclasses.replace(stage_cfg, loop=loop)
-
-
-def ensure_teacher(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) -> str:
+def ensure_teacher(plan: Plan, cfg: ExperimentConfig, kind: str, seed: int) -> str:
     """The teacher of `kind` for `seed`, trained now unless a current one exists; its folder."""
-    from diffkd.train.teacher import train_teacher
-
     target = teacher_dir(plan.out_dir, kind, seed)
     key = _teacher_key(plan, cfg, kind, seed)
     with _exclusive(target + ".lock"):
         if not is_current(target, key):
             teacher, ratio = teacher_setup(cfg, kind, seed, plan.sources[seed], plan.train_rows)
             name = f"teacher_{kind}-s{seed}-{key[:10]}"
-            train_teacher(plan.dataset, plan.assignments, _loop_for(teacher, plan.out_dir, name), target,
+            train_teacher(plan.dataset, plan.assignments, checkpointed(teacher, plan.out_dir, name), target,
                           synthetic_ratio=ratio, model_name=f"teacher_{kind}")
             atomic_write_json(os.path.join(target, TRIAL_INFO), {"key": key, "kind": kind, "seed": seed})
     return target
@@ -266,13 +260,7 @@ def ensure_teacher(plan: Plan, cfg: "ExperimentConfig", kind: str, seed: int) ->
 
 def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
     """Tune's trainable: one arm for one seed, trained unless current; reports its external AUC."""
-    import pandas as pd
-    import ray.tune
-
-    from diffkd.evaluate.metrics import auc_or_nan
-    from diffkd.runtime.files import atomic_write_parquet
-    from diffkd.experiments.experiment import ExperimentConfig
-    from diffkd.train.student import train_student
+    import ray.tune  # only a Tune trial reports: reading the tables needs no Ray
 
     started_at = time.time()
     arm, seed = params["trial"]["arm"], int(params["trial"]["seed"])
@@ -289,7 +277,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
         else:
             student = student_setup(cfg, arm, seed, plan.sources[seed], teacher, plan.train_rows)
             train_student(plan.dataset, plan.assignments,
-                          _loop_for(student, plan.out_dir, f"{arm}-s{seed}-{key[:10]}"), target, model_name=arm)
+                          checkpointed(student, plan.out_dir, f"{arm}-s{seed}-{key[:10]}"), target, model_name=arm)
         atomic_write_json(os.path.join(target, TRIAL_INFO), {"key": key, "arm": arm, "seed": seed,
                                                              "teacher": teacher or None})
     external = pd.read_parquet(os.path.join(target, PREDICTIONS))
@@ -301,7 +289,7 @@ def run_trial(params: dict[str, Any], *, plan: Plan) -> None:
 
 # ---- the job --------------------------------------------------------------------------------------
 
-def applicable_arms(arms: list[str], modalities: set[str], cfg: "ExperimentConfig") -> tuple[list[str], list[str]]:
+def applicable_arms(arms: list[str], modalities: set[str], cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     """The requested arms this dataset and config can train, and a note for each one left out."""
     kept, notes = [], []
     pf = cfg.pairing_free
@@ -325,7 +313,7 @@ def ordered_trials(arms: list[str], seeds: list[int]) -> list[dict[str, Any]]:
     return [{"arm": arm, "seed": seed} for seed in seeds for arm in TRIAL_ORDER if arm in arms]
 
 
-def student_train_rows(assignments: "pd.DataFrame", cfg: "ExperimentConfig") -> int:
+def student_train_rows(assignments: pd.DataFrame, cfg: ExperimentConfig) -> int:
     """Real training rows (images) of the student's modality: the length of every student arm's epoch."""
     rows = assignments[(assignments["split"] == "train") & (assignments["modality"] == cfg.student.student_modality)]
     if "synthetic" in rows:
@@ -334,8 +322,6 @@ def student_train_rows(assignments: "pd.DataFrame", cfg: "ExperimentConfig") -> 
 
 
 def data_key(ds) -> str:
-    from diffkd.runtime.digest import fingerprint
-
     return fingerprint({name: entry["files"] for name, entry in ds.manifest["centers"].items()})
 
 
@@ -343,22 +329,17 @@ def data_key(ds) -> str:
 class Design:
     """What an ablation will train and how it will be judged, known before any training."""
 
-    dataset: Any  # ImageDataset
-    assignments: "pd.DataFrame"
+    dataset: ImageDataset
+    assignments: pd.DataFrame
     arms: list[str]
     seeds: list[int]
     notes: list[str]
     plan: dict  # plan.json's content (preregistration.build_plan)
-    reader: "pd.Series | None" = None  # the reader column's score per case_id, where the external cases carry it
+    reader: pd.Series | None = None  # the reader column's score per case_id, where the external cases carry it
 
 
-def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings: AblationConfig) -> Design:
+def design(dataset: str, external: list[str], cfg: ExperimentConfig, settings: AblationConfig) -> Design:
     """Check the inputs, split the cases and build the plan's content; trains nothing, needs no Ray."""
-    from diffkd.config import ConfigError
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.data.splits import check_no_leakage, make_splits
-    from diffkd.experiments.preregistration import build_plan
-
     ds = ImageDataset(dataset)
     if not ds.exists():
         raise ConfigError(f"{dataset} is not a diffkd dataset (no manifest.json): run `diffkd ingest` first")
@@ -384,10 +365,8 @@ def design(dataset: str, external: list[str], cfg: "ExperimentConfig", settings:
     return Design(ds, assignments, arms, seeds, notes, content, reader)
 
 
-def _reader_scores(real: "pd.DataFrame", assignments: "pd.DataFrame", column: str) -> "pd.Series | None":
+def _reader_scores(real: pd.DataFrame, assignments: pd.DataFrame, column: str) -> pd.Series | None:
     """The reader column's scores per case, or None when no external case carries a value."""
-    from diffkd.evaluate.reader_arms import reader_scores
-
     if not column or column not in real.columns:
         return None
     scores = reader_scores(real, column)
@@ -396,14 +375,10 @@ def _reader_scores(real: "pd.DataFrame", assignments: "pd.DataFrame", column: st
 
 
 def analysis_method(settings: AblationConfig) -> dict:
-    from diffkd.evaluate.pooled import LEVEL, PooledEstimate
-
     return {"method": PooledEstimate.method, "n_boot": settings.n_boot, "level": LEVEL}
 
 
-def _expected_precision(external_cases: "pd.DataFrame", seeds: int, settings: AblationConfig) -> dict | None:
-    from diffkd.experiments.preregistration import PlanningAssumptions, expected_precision
-
+def _expected_precision(external_cases: pd.DataFrame, seeds: int, settings: AblationConfig) -> dict | None:
     positives = int(external_cases["label"].sum())
     if positives == 0 or positives == len(external_cases):
         return None
@@ -420,18 +395,16 @@ def finished_trial_names(out_dir: str) -> list[str]:
                   and os.path.exists(os.path.join(root, name, PREDICTIONS)))
 
 
-def plan_ablation(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
+def plan_ablation(dataset: str, external: list[str], cfg: ExperimentConfig, out_dir: str,
                   settings: AblationConfig | None = None) -> dict:
     """Write OUT/plan.json before any training (`diffkd ablate --plan-only`) and return it; refused
     once a trial under an existing plan has finished (preregistration.write_plan)."""
-    from diffkd.experiments.preregistration import write_plan
-
     planned = design(dataset, external, cfg, settings or cfg.ablation)
     out = str(Path(out_dir).resolve())
     return write_plan(out, planned.plan, finished_trial_names(out))
 
 
-def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: str,
+def ablate(dataset: str, external: list[str], cfg: ExperimentConfig, out_dir: str,
            settings: AblationConfig | None = None, train: bool = True) -> AblationOutcome:
     """Train every arm x seed (one Tune trial each) and write the tables and the forest plot.
 
@@ -440,12 +413,6 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     the tables and plot are written from the trials that have finished with the current settings
     (e.g. while a long ablation runs elsewhere, or after a time budget).
     """
-    from diffkd.runtime import raycompat
-    from diffkd.config import ConfigError
-    from diffkd.experiments import preregistration
-    from diffkd.experiments.run import generator_stage, plan_stages, stage_inputs
-    from diffkd.experiments.runstate import RunState
-
     settings = settings or cfg.ablation
     start = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -461,20 +428,21 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     # ---- the shared stage: diffusion + synthesis, once (or once per seed) ---------------------------
     sources: dict[int, tuple[str, ...]] = {seed: () for seed in seeds}
     if cfg.diffusion.enabled and any(arm in SYNTHETIC_ARMS for arm in arms):
-        state = RunState.load(out)
-        common = stage_inputs(dataset, external, cfg)
-        masks = plan_stages(ds, assignments, cfg, None).mask_conditioning if train else True
+        generators = Pipeline(ds, external, assignments, cfg, out, RunState.load(out), stage_inputs(dataset, external, cfg),
+                          plan_stages(ds, assignments, cfg, None) if train else StagePlan())
 
-        def generator(stage_cfg: "ExperimentConfig", suffix: str = "") -> tuple[str, ...]:
+        def generator(stage_cfg: ExperimentConfig, suffix: str = "") -> tuple[str, ...]:
+            name, state = "synth" + suffix, generators.state
             if not train:  # the generator run the trials read, as the shared stage recorded it
-                if "synth" + suffix not in state.stages:
-                    raise ConfigError(f"{out} holds no finished generator stage (synth{suffix}): nothing to report")
-                return (state.stages["synth" + suffix]["result"]["run_id"],)
-            synthesized = generator_stage(ds, external, stage_cfg, out, state, common, masks, suffix)[1]
-            if synthesized is None:
+                if name not in state.stages:
+                    raise ConfigError(f"{out} holds no finished generator stage ({name}): nothing to report")
+                return (state.stages[name]["result"]["run_id"],)
+            pipeline = dataclasses.replace(generators, cfg=stage_cfg)
+            pipeline.execute(generator_stages(pipeline, suffix))
+            if pipeline.results[name] is None:
                 raise RuntimeError(f"the shared generator stage failed ({'; '.join(state.failed.values())}); "
                                    "rerun the same command to retry it")
-            return (synthesized["run_id"],)
+            return (pipeline.results[name]["run_id"],)
 
         if settings.per_seed_generators:
             for seed in seeds:
@@ -516,15 +484,11 @@ def ablate(dataset: str, external: list[str], cfg: "ExperimentConfig", out_dir: 
     return outcome
 
 
-def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConfig, cfg: "ExperimentConfig",
+def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConfig, cfg: ExperimentConfig,
                 out: str) -> tuple[int, list[str]]:
     """The Tune job: one trial per arm x seed; returns (trials at once, the failed trials' errors)."""
-    import ray
+    import ray  # Ray starts only for training: `--plan-only` and `--report-only` run without it
     from ray import tune
-
-    from diffkd.data.source_cache import shared_source_cache
-    from diffkd.experiments.tune import DRIVER_CPUS, trials_that_fit
-    from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
 
     capacity = min(trials_that_fit(cfg.teacher, ray.cluster_resources()),
                    trials_that_fit(cfg.student, ray.cluster_resources()))
@@ -552,10 +516,8 @@ def _run_trials(plan: Plan, trials: list[dict[str, Any]], settings: AblationConf
 
 # ---- tables ---------------------------------------------------------------------------------------
 
-def external_predictions(out_dir: str, trials: list[dict[str, Any]]) -> "pd.DataFrame":
+def external_predictions(out_dir: str, trials: list[dict[str, Any]]) -> pd.DataFrame:
     """The external cases' probabilities of every finished trial: arm, seed, case_id, patient_id, center, label, prob."""
-    import pandas as pd
-
     frames = []
     for t in trials:
         preds = pd.read_parquet(os.path.join(trial_dir(out_dir, t["arm"], t["seed"]), PREDICTIONS))
@@ -565,40 +527,35 @@ def external_predictions(out_dir: str, trials: list[dict[str, Any]]) -> "pd.Data
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
-def _groups(predictions: "pd.DataFrame") -> list[tuple[str, "pd.DataFrame"]]:
+def _groups(predictions: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """Each external center, plus all of them together when there are several."""
     centers = sorted(predictions["center"].unique())
     groups = [(c, predictions[predictions["center"] == c]) for c in centers]
     return groups + ([(ALL_EXTERNAL, predictions)] if len(centers) > 1 else [])
 
 
-def _auc_row(rows: "pd.DataFrame") -> dict[str, float]:
+def _auc_row(rows: pd.DataFrame) -> dict[str, float]:
     """AUC with a 95% CI: DeLong, or the patient-clustered bootstrap where a patient has several cases."""
-    from diffkd.evaluate.metrics import auc_with_ci
-
     if rows["label"].nunique() < 2:
         return {"auc": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     estimate = auc_with_ci(rows["label"], rows["prob"], groups=rows["patient_id"])
     return {"auc": estimate.auc, "ci_low": estimate.ci[0], "ci_high": estimate.ci[1]}
 
 
-def score_matrix(rows: "pd.DataFrame", arm: str, seeds: list[int], cases: list[str]) -> "Any":
+def score_matrix(rows: pd.DataFrame, arm: str, seeds: list[int], cases: list[str]) -> Any:
     """(len(seeds), len(cases)) probabilities of `arm`, row k from seeds[k], column i case cases[i]."""
     wide = rows[rows["arm"] == arm].pivot(index="seed", columns="case_id", values="prob")
     return wide.loc[seeds, cases].to_numpy()
 
 
 def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000, target_half_width: float = 0.04,
-              reader: "tuple[str, pd.Series] | None" = None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+              reader: tuple[str, pd.Series] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ablation.csv (one row per arm x seed x center) and the pooled summary (one row per arm x center).
 
     `seeds_for_target`: seeds that would bring the difference's CI to +/- `target_half_width` on the
     same external cases ("more cases": the cases alone are wider; "unknown (one seed)"). `reader`:
     (column, score per case_id) of the radiologists' reading: its seed-free arm and the `full` student
     stacked on it join the tables, and every arm is also compared with the reader."""
-    import pandas as pd
-
-    from diffkd.evaluate.pooled import pooled_auc_difference
 
     predictions = external_predictions(out_dir, trials)
     if reader is not None:
@@ -642,13 +599,10 @@ def summarize(out_dir: str, trials: list[dict[str, Any]], n_boot: int = 2000, ta
     return table, pd.DataFrame(summary)
 
 
-def reader_arm_predictions(out_dir: str, trials: list[dict[str, Any]], predictions: "pd.DataFrame", column: str,
-                           scores: "pd.Series") -> list["pd.DataFrame"]:
+def reader_arm_predictions(out_dir: str, trials: list[dict[str, Any]], predictions: pd.DataFrame, column: str,
+                           scores: pd.Series) -> list[pd.DataFrame]:
     """The reader's seed-free rows (one copy per seed of the trained arms) and, per finished `full` trial,
     that student stacked on the reader (diffkd.evaluate.reader_arms), as external prediction rows."""
-    import pandas as pd
-
-    from diffkd.evaluate.reader_arms import reader_predictions, stacked_probabilities
 
     columns = ["arm", "seed", "case_id", "patient_id", "center", "label", "prob"]
     seeds = sorted(set(predictions["seed"]))
@@ -664,9 +618,6 @@ def reader_arm_predictions(out_dir: str, trials: list[dict[str, Any]], predictio
 
 def training_info(out_dir: str, arm: str, seed: int) -> dict:
     """The trial's model's training.json (a teacher arm's teacher's); {} when there is none."""
-    import json
-
-    from diffkd.train.stage_io import TRAINING_INFO
 
     folder = trial_dir(out_dir, arm, seed)
     if arm in TEACHER_ARMS:
@@ -688,7 +639,7 @@ def health_flags(out_dir: str, arm: str, seed: int) -> str:
     return ";".join(health.get("flags") or [])
 
 
-def _mean_steps(table: "pd.DataFrame", arm: str, seeds: list[int]) -> float:
+def _mean_steps(table: pd.DataFrame, arm: str, seeds: list[int]) -> float:
     steps = table.loc[(table["arm"] == arm) & table["seed"].isin(seeds), ["seed", "optimizer_steps"]]
     values = steps.drop_duplicates("seed")["optimizer_steps"].dropna()
     return float(values.mean()) if len(values) else math.nan
@@ -698,15 +649,10 @@ DISTILLATION_COLUMNS = ["arm", "seed", "params", "best_epoch", "epochs_run", "va
                         "agree_top1", "external_auc", "teacher_auc", "gap", "gap_ci_low", "gap_ci_high", "gap_p"]
 
 
-def distillation_table(out_dir: str, trials: list[dict[str, Any]]) -> "pd.DataFrame":
+def distillation_table(out_dir: str, trials: list[dict[str, Any]]) -> pd.DataFrame:
     """distillation.csv: per student trial, the epoch kept, its internal-validation agreement with the
     teacher there (`diffkd.distill.agreement`; the plain arms are measured against the full arm's
     teacher) and its external AUC minus the teacher's on the same cases (paired, 95% CI)."""
-    import json
-
-    import pandas as pd
-
-    from diffkd.train.stage_io import TRAINING_INFO
 
     rows = []
     for t in trials:
@@ -727,7 +673,7 @@ def distillation_table(out_dir: str, trials: list[dict[str, Any]]) -> "pd.DataFr
     return pd.DataFrame(rows, columns=DISTILLATION_COLUMNS)
 
 
-def _shared_cases(group: "pd.DataFrame", arms: list[str], seeds: list[int]) -> list[str]:
+def _shared_cases(group: pd.DataFrame, arms: list[str], seeds: list[int]) -> list[str]:
     """Cases every listed arm scored under every listed seed (the unit of pairing)."""
     cases = None
     for arm in arms:
@@ -737,7 +683,7 @@ def _shared_cases(group: "pd.DataFrame", arms: list[str], seeds: list[int]) -> l
     return sorted(cases or ())
 
 
-def _case_columns(group: "pd.DataFrame", cases: list[str]) -> tuple[list[int], list[str]]:
+def _case_columns(group: pd.DataFrame, cases: list[str]) -> tuple[list[int], list[str]]:
     """Labels and patient ids of `cases`. Patients are resampled within label strata only, not within
     centers: fixing each center's share of upgrades would leave out the variation a pooled AUC over
     several centers has from it (about half the SE on the evidence run's two centers)."""
@@ -745,11 +691,9 @@ def _case_columns(group: "pd.DataFrame", cases: list[str]) -> tuple[list[int], l
     return first["label"].astype(int).tolist(), first["patient_id"].astype(str).tolist()
 
 
-def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
+def _difference(group: pd.DataFrame, arm: str, seeds: list[int], n_boot: int,
                 target_half_width: float, reference: str = REFERENCE_ARM) -> dict[str, float]:
     """The arm minus `reference` (`full`), paired by seed and case, pooled over seeds (diffkd.evaluate.pooled)."""
-    from diffkd.evaluate.pooled import pooled_auc_difference
-
     cases = _shared_cases(group, [arm, reference], seeds)
     if not seeds or not cases:
         return {}
@@ -767,15 +711,13 @@ def _difference(group: "pd.DataFrame", arm: str, seeds: list[int], n_boot: int,
 
 def _seeds_needed(diff, target_half_width: float) -> str:
     """Seeds that would bring the CI to +/- the target on these cases, as a table cell."""
-    from diffkd.evaluate.pooled import seeds_for_half_width
-
     if diff.seeds < 2:  # one seed: the seed part of the variance is unknown
         return "unknown (one seed)"
     needed = seeds_for_half_width(diff, target_half_width)
     return "more cases" if needed is None else str(needed)
 
 
-def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> str:
+def format_summary(summary: pd.DataFrame, target_half_width: float = 0.04) -> str:
     target = f"K for +/-{target_half_width:g}"
     has_reader = "diff_vs_reader" in summary.columns
     lines = [f"{'arm':<22} {'center':<13} {'seeds':>5} {'cases':>5} {'steps':>6}  {'mean ext. AUC (95% CI)':<24} "
@@ -801,9 +743,6 @@ def format_summary(summary: "pd.DataFrame", target_half_width: float = 0.04) -> 
 
 
 def write_outputs(outcome: AblationOutcome, settings: AblationConfig) -> dict[str, str]:
-    from diffkd.evaluate.pooled import PooledEstimate
-    from diffkd.runtime.files import atomic_write_text
-
     out = outcome.out_dir
     files = {"table": os.path.join(out, "ablation.csv"), "summary": os.path.join(out, "ablation_summary.csv"),
              "json": os.path.join(out, "ablation.json"), "plot": os.path.join(out, "ablation_forest.png"),
@@ -823,15 +762,13 @@ def write_outputs(outcome: AblationOutcome, settings: AblationConfig) -> dict[st
     return files
 
 
-def plot_forest(table: "pd.DataFrame", summary: "pd.DataFrame", path: str) -> str:
+def plot_forest(table: pd.DataFrame, summary: pd.DataFrame, path: str) -> str:
     """Left: each arm's external AUC per seed (dots) and its mean over seeds (95% CI); right: the
     paired difference from `full` (95% CI) with the minimum detectable difference shaded."""
-    import matplotlib
+    import matplotlib  # the plotting backend is chosen here, before pyplot loads, not at import of the module
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from diffkd.runtime.files import save_figure
 
     if summary.empty:
         fig, ax = plt.subplots(figsize=(6, 1.5))

@@ -30,15 +30,23 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pandas as pd
 
 from diffkd.config import from_dict, to_dict
-from diffkd.runtime.files import atomic_write_json
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from diffkd.train.teacher import TeacherConfig
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.source_cache import shared_source_cache
+from diffkd.data.splits import dataset_splits, leave_one_center_out as folds_of
+from diffkd.evaluate.metrics import CIOptions, auc_or_nan, auc_with_ci, pooled_auc
+from diffkd.evaluate.summary import jsonable
+from diffkd.experiments.runstate import outputs_current
+from diffkd.experiments.tune import DRIVER_CPUS, trial_footprint, trials_that_fit
+from diffkd.runtime.digest import fingerprint
+from diffkd.runtime.files import atomic_write_json, atomic_write_text, save_figure
+from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
+from diffkd.runtime.raycompat import init as ray_init
+from diffkd.train.teacher import TeacherConfig, train_teacher
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,7 @@ FOLD_INFO = "fold.json"  # what the fold was trained on; a fold whose inputs cha
 @dataclass
 class LocoOutcome:
     out_dir: str
-    table: "pd.DataFrame"  # one row per held-out center, then a pooled row
+    table: pd.DataFrame  # one row per held-out center, then a pooled row
     pooled: dict  # the random-effects pooled AUC and its heterogeneity (loco_pooled.json)
     parallel: int  # trials that were allowed to run at once
     wall_s: float
@@ -66,9 +74,6 @@ def run_fold(params: dict[str, Any], *, dataset: str, teacher: dict, out_dir: st
              seed: int) -> None:
     """Tune's trainable: the teacher stage with `params["held_out"]` as the only external center."""
     import ray.tune
-
-    from diffkd.data.splits import dataset_splits
-    from diffkd.train.teacher import TeacherConfig, train_teacher
 
     center = params["held_out"]
     target = fold_dir(out_dir, center)
@@ -89,31 +94,22 @@ def run_fold(params: dict[str, Any], *, dataset: str, teacher: dict, out_dir: st
 def fold_key(dataset: str, teacher: dict, val_fraction: float, seed: int) -> str:
     """What a fold's result depends on: every center's files (a new or re-ingested center changes the
     training set of every other fold), the teacher config and the split settings."""
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.runtime.digest import fingerprint
-
     centers = {name: entry["files"] for name, entry in ImageDataset(dataset).manifest["centers"].items()}
     return fingerprint({"centers": centers, "teacher": teacher, "val_fraction": val_fraction, "seed": seed})
 
 
 def fold_is_current(folder: str, key: str) -> bool:
     """True when `folder` holds a finished fold trained on exactly what `key` describes."""
-    from diffkd.experiments.runstate import outputs_current
-
     return outputs_current(folder, FOLD_INFO, PREDICTIONS, key)
 
 
-def fold_predictions(out_dir: str, center: str) -> "pd.DataFrame":
-    import pandas as pd
-
+def fold_predictions(out_dir: str, center: str) -> pd.DataFrame:
     return pd.read_parquet(os.path.join(fold_dir(out_dir, center), PREDICTIONS))
 
 
-def fold_row(center: str, preds: "pd.DataFrame") -> dict[str, Any]:
+def fold_row(center: str, preds: pd.DataFrame) -> dict[str, Any]:
     """The held-out center's external AUC (95% CI, standard error; DeLong, or the patient-clustered
     bootstrap where a patient has several cases) and the fold's internal-validation AUC."""
-    from diffkd.evaluate.metrics import CIOptions, auc_or_nan, auc_with_ci
-
     external = preds[preds["split"] == "test"]
     internal = preds[preds["split"] == "val"]
     row: dict[str, Any] = {"held_out": center, "cases": len(external), "positives": int(external["label"].sum())}
@@ -130,18 +126,11 @@ def fold_row(center: str, preds: "pd.DataFrame") -> dict[str, Any]:
     return row
 
 
-def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, parallel: int = 0,
+def leave_one_center_out(dataset: str, cfg: TeacherConfig, out_dir: str, *, parallel: int = 0,
                          val_fraction: float = 0.2, seed: int = 0) -> LocoOutcome:
     """Train one teacher per held-out center, `parallel` at a time (0 = as many as the cluster holds)."""
     import ray
     from ray import tune
-
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.data.source_cache import shared_source_cache
-    from diffkd.data.splits import leave_one_center_out as folds_of
-    from diffkd.runtime.raycompat import init as ray_init
-    from diffkd.experiments.tune import DRIVER_CPUS, trial_footprint, trials_that_fit
-    from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
 
     start = time.perf_counter()
     ds = ImageDataset(dataset)
@@ -180,18 +169,15 @@ def leave_one_center_out(dataset: str, cfg: "TeacherConfig", out_dir: str, *, pa
                        wall_s=time.perf_counter() - start, files=files)
 
 
-def summarize(out_dir: str, centers: list[str]) -> tuple["pd.DataFrame", dict]:
+def summarize(out_dir: str, centers: list[str]) -> tuple[pd.DataFrame, dict]:
     """One row per held-out center and a random-effects pooled row; the pooling details as a dict."""
     rows = [fold_row(center, fold_predictions(out_dir, center)) for center in centers]
     return pool_folds(rows)
 
 
-def pool_folds(rows: list[dict[str, Any]]) -> tuple["pd.DataFrame", dict]:
+def pool_folds(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict]:
     """DerSimonian-Laird pooling of the folds' external AUCs (logit scale). Folds without an AUC (one
     class) or with an AUC of exactly 0 or 1 (no finite logit, zero variance) stay out, named."""
-    import pandas as pd
-
-    from diffkd.evaluate.metrics import pooled_auc
 
     usable = [r for r in rows if 0 < r["external_auc"] < 1 and r["se"] > 0]  # NaN compares False: left out
     left_out = [r["held_out"] for r in rows if r not in usable]
@@ -219,7 +205,7 @@ def pool_folds(rows: list[dict[str, Any]]) -> tuple["pd.DataFrame", dict]:
     return pd.DataFrame([*rows, pooled_row]), info
 
 
-def format_table(table: "pd.DataFrame", pooled: dict | None = None, positive_name: str = "pos.") -> str:
+def format_table(table: pd.DataFrame, pooled: dict | None = None, positive_name: str = "pos.") -> str:
     """The LOCO table for a terminal; `positive_name` (the dataset's name of label 1) heads the
     column counting label-1 cases (the `positives` column of loco.csv)."""
     width = max(5, len(positive_name))
@@ -241,14 +227,11 @@ def format_table(table: "pd.DataFrame", pooled: dict | None = None, positive_nam
     return "\n".join(lines)
 
 
-def write_outputs(out_dir: str, table: "pd.DataFrame", pooled: dict) -> dict[str, str]:
+def write_outputs(out_dir: str, table: pd.DataFrame, pooled: dict) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from diffkd.evaluate.summary import jsonable
-    from diffkd.runtime.files import atomic_write_text, save_figure
 
     files = {"table": os.path.join(out_dir, "loco.csv"), "pooled": os.path.join(out_dir, "loco_pooled.json"),
              "plot": os.path.join(out_dir, "loco_auc.png")}

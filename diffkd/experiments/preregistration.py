@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from diffkd.evaluate.pooled import POWER, VarianceParts, interval_width
+from diffkd.runtime.digest import fingerprint
 from diffkd.runtime.files import atomic_write_json
 
 PLAN_FILE = "plan.json"
@@ -53,8 +55,6 @@ class PlanningAssumptions:
 def config_digest(config: dict) -> str:
     """A digest of what the experiment config computes (RUNTIME_KEYS left out, at any depth; a FILE_KEYS
     value by its file's content where the file exists)."""
-    from diffkd.runtime.digest import fingerprint
-
     def scientific(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: _file_content(v) if k in FILE_KEYS else scientific(v)
@@ -66,8 +66,6 @@ def config_digest(config: dict) -> str:
 
 def _file_content(value: Any) -> Any:
     """A file setting's content digest, or the value itself when it names no readable file."""
-    from diffkd.runtime.digest import fingerprint
-
     if isinstance(value, str) and os.path.isfile(value):
         with open(value, "rb") as f:
             return {"file_sha": fingerprint(f.read().hex())}
@@ -75,8 +73,6 @@ def _file_content(value: Any) -> Any:
 
 
 def plan_digest(plan: dict) -> str:
-    from diffkd.runtime.digest import fingerprint
-
     return fingerprint({k: v for k, v in plan.items() if k not in UNSIGNED})
 
 
@@ -85,8 +81,6 @@ def expected_precision(positives: int, negatives: int, seeds: int, assumptions: 
     primary endpoint: Hanley-McNeil variance of one AUC on these cases, paired between two arms with
     the assumed correlation, plus the assumed seed variance over `seeds` seeds, through the same
     interval as the analysis (diffkd.evaluate.pooled)."""
-    from diffkd.evaluate.pooled import POWER, VarianceParts, interval_width
-
     theta = assumptions.auc
     q1, q2 = theta / (2 - theta), 2 * theta ** 2 / (1 + theta)
     one_auc = (theta * (1 - theta) + (positives - 1) * (q1 - theta ** 2) + (negatives - 1) * (q2 - theta ** 2)) \

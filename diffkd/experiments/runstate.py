@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterable
 from diffkd.runtime import console
 from diffkd.runtime.digest import fingerprint
 from diffkd.runtime.files import atomic_write_json
+from diffkd.train.progress import format_duration
 
 STATE_FILE = "run_state.json"
 
@@ -127,13 +129,9 @@ def _token(record: dict) -> str:
 
 
 def _append_traceback(path: Path, err: BaseException) -> None:
-    import traceback
-
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(traceback.format_exception(err)))
 
 
 def _duration(seconds: float) -> str:
-    from diffkd.train.progress import format_duration
-
     return format_duration(seconds)

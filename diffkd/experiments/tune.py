@@ -28,19 +28,21 @@ import math
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pandas as pd
 import yaml
 
-from diffkd.config import ConfigError, from_dict, to_dict
-from diffkd.runtime.files import atomic_write_text, save_figure
+from diffkd.config import ConfigError, from_dict, load_yaml, to_dict
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.pipeline import required_cpus
+from diffkd.data.source_cache import shared_source_cache
+from diffkd.distill import loss_defaults
 from diffkd.experiments.tune_space import TuneSpace, apply_params, plain
+from diffkd.runtime.files import atomic_write_text, save_figure
 from diffkd.runtime.placement import placement_group_sweeper, settle_placement_groups
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from diffkd.train.student import StudentConfig
+from diffkd.runtime.raycompat import init as ray_init
+from diffkd.train.student import StudentConfig, train_student
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class TuneOutcome:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def training_rows(assignments: "pd.DataFrame") -> "pd.DataFrame":
+def training_rows(assignments: pd.DataFrame) -> pd.DataFrame:
     """The rows a search may see: train and internal validation. The external test split is cut here."""
     if "split" not in assignments.columns:
         raise ValueError("the splits table lacks its `split` column")
@@ -74,8 +76,6 @@ def search_base(cfg: "StudentConfig", space: TuneSpace) -> dict[str, Any]:
     """`cfg` as the nested dict the space's dotted paths name, with the default of every distillation
     option the space varies filled in: a config that leaves the logit term's temperature at its
     default holds no `temperature` key, yet `distill.terms.logit.temperature` is a field to search."""
-    from diffkd.distill import loss_defaults
-
     base = to_dict(cfg)
     terms = base.get("distill", {}).get("terms", {})
     for name in space.params:
@@ -120,16 +120,12 @@ def arm_space(space: TuneSpace, cfg: "StudentConfig") -> TuneSpace:
 # ---- resources -----------------------------------------------------------------------------------
 
 def student_from_dict(data: dict[str, Any], where: str = "student") -> "StudentConfig":
-    from diffkd.train.student import StudentConfig
-
     return from_dict(StudentConfig, data, where)
 
 
 def trial_footprint(cfg) -> dict[str, float]:
     """What one running trial of a stage (student, or teacher in leave-one-center-out) holds: its
     driver, its Train workers, its data pipeline's minimum."""
-    from diffkd.data.pipeline import required_cpus
-
     loop = cfg.loop
     return {"CPU": DRIVER_CPUS + loop.num_workers * loop.cpus_per_worker + required_cpus(cfg.pipeline),
             "GPU": float(loop.num_workers if loop.use_gpu else 0)}
@@ -163,13 +159,11 @@ def trials_that_fit(cfg, cluster: dict[str, float]) -> int:
 
 # ---- one trial -----------------------------------------------------------------------------------
 
-def run_trial(params: dict[str, Any], *, dataset: str, assignments: "pd.DataFrame", base: dict[str, dict],
+def run_trial(params: dict[str, Any], *, dataset: str, assignments: pd.DataFrame, base: dict[str, dict],
               runs_dir: str) -> None:
     """Tune's trainable: one student-stage run with `params` applied, metrics forwarded to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from diffkd.train.student import train_student
 
     if (assignments["split"] == "test").any():  # training_rows() removed them; never let a trial see one
         raise RuntimeError("a tuning trial was handed external test rows")
@@ -203,7 +197,7 @@ def _scheduler(space: TuneSpace, max_epochs: int):
                          reduction_factor=space.scheduler.reduction_factor)
 
 
-def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig", space: TuneSpace, out_dir: str,
+def tune_student(dataset: str, assignments: pd.DataFrame, cfg: "StudentConfig", space: TuneSpace, out_dir: str,
                  *, resume: bool = False) -> TuneOutcome:
     """Search `space` over the student stage; write the results table, plots and best config to `out_dir`.
 
@@ -212,10 +206,6 @@ def tune_student(dataset: str, assignments: "pd.DataFrame", cfg: "StudentConfig"
     """
     import ray
     from ray import tune
-
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.data.source_cache import shared_source_cache
-    from diffkd.runtime.raycompat import init as ray_init
 
     # trials run in their own working directories: every local path they get must be absolute
     dataset = ImageDataset(dataset).uri
@@ -267,8 +257,6 @@ def _history(result) -> "pd.DataFrame | None":
     Ray Tune 2.60 reopens the JSON log of a trial that had already finished when a search is resumed,
     which empties its `result.json`; the trial's `progress.csv` keeps every row, so it is read then.
     """
-    import pandas as pd
-
     history = result.metrics_dataframe
     if (history is None or history.empty) and result.path:
         progress = posixpath.join(result.path, "progress.csv")
@@ -280,9 +268,7 @@ def _history(result) -> "pd.DataFrame | None":
     return history
 
 
-def _trial_tables(grid, space: TuneSpace) -> tuple["pd.DataFrame", "pd.DataFrame"]:
-    import pandas as pd
-
+def _trial_tables(grid, space: TuneSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
     trials, curves = [], []
     for result in grid:
         history = _history(result)
@@ -345,15 +331,13 @@ def summarize(grid, space: TuneSpace, base: dict[str, Any], out_dir: str, experi
 
 def load_best_config(path: str) -> "StudentConfig":
     """The student config a search wrote (`best_config.yaml`), for the final student."""
-    from diffkd.config import load_yaml
-
     data = load_yaml(path)
     if "student" not in data:
         raise ConfigError(f"{path} has no `student` section")
     return student_from_dict(data["student"], f"{path}: student")
 
 
-def plot_search(trials: "pd.DataFrame", curves: "pd.DataFrame", space: TuneSpace, out_dir: str) -> dict[str, str]:
+def plot_search(trials: pd.DataFrame, curves: pd.DataFrame, space: TuneSpace, out_dir: str) -> dict[str, str]:
     """The objective against each searched parameter, and every trial's learning curve (PNG)."""
     import matplotlib
 

@@ -10,6 +10,8 @@ import logging
 import os
 import time
 
+from diffkd.runtime.console import attach_ray_workers, configure_worker
+
 log = logging.getLogger(__name__)
 
 AUTH_ENV = "RAY_AUTH_MODE"
@@ -98,8 +100,6 @@ DASHBOARDLESS_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_
 def setup_worker() -> None:
     """Worker setup hook of the embedded instance: diffkd's logging in the worker (its warnings reach
     the driver's console, the rest its log files); drop the warnings that only mean 'no dashboard'."""
-    from diffkd.runtime.console import configure_worker
-
     configure_worker()
     for name in DASHBOARDLESS_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -107,8 +107,6 @@ def setup_worker() -> None:
 
 def attach_console() -> None:
     """Workers' lines marked for the console reach it (`diffkd.runtime.console`); the rest go where Ray prints."""
-    from diffkd.runtime.console import attach_ray_workers
-
     attach_ray_workers()
 
 

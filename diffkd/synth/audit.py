@@ -6,8 +6,10 @@ label pairs, and image grids per center x label. The measures live in `stats`, t
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 
@@ -19,14 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd.data.dataset import DatasetError, ImageDataset
+from diffkd.data.pipeline import READ_COLUMNS, PipelineConfig, decode_batch, load_arrays
 from diffkd.data.schema import NUM_LABELS
 from diffkd.data.splits import SplitConfig, split_case_ids
 from diffkd.evaluate.metrics import auc_or_nan
+from diffkd.models.diffusion import load_pipeline
 from diffkd.runtime.files import atomic_write_json
 from diffkd.synth.figures import plot_grid, plot_label_pairs, plot_near_copies
 from diffkd.synth.sampling import SynthConfig, condition_masks, generator_splits, generator_training_rows, stable_seed
-from diffkd.synth.stats import (LabelPairs, frechet_distance, kernel_distance, label_effect,
-                                label_recovery, near_copies, to_pipeline_range)
+from diffkd.synth.stats import (LabelPairs, frechet_distance, kernel_distance, label_effect, label_recovery,
+                                near_copies, to_pipeline_range)
+from diffkd.train.loop import fit
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
 
 log = logging.getLogger(__name__)
@@ -63,8 +69,6 @@ class AuditConfig:
 
 def with_synthesis_sampling(cfg: AuditConfig, synth: SynthConfig) -> AuditConfig:
     """The audit's label pairs sampled as `synth` sampled the synthetic rows, where the audit names no other."""
-    import dataclasses
-
     return dataclasses.replace(
         cfg, pair_steps=cfg.pair_steps or synth.num_inference_steps,
         pair_guidance=synth.guidance_scale if cfg.pair_guidance is None else cfg.pair_guidance)
@@ -129,8 +133,6 @@ class AuditClassifierTask(Task):
 
 def load_synthetic_arrays(dataset: ImageDataset, cfg, run_ids: list[str] | None = None) -> dict[str, np.ndarray]:
     """Decode synthetic rows (optionally of some runs only) like the pipeline decodes real ones."""
-    from diffkd.data.pipeline import READ_COLUMNS, decode_batch
-
     if not dataset.centers(synthetic=True):
         raise DatasetError(f"dataset {dataset.uri} has no synthetic rows; run `diffkd synth run` first")
     table = dataset.read_table(synthetic=True, columns=list(READ_COLUMNS))
@@ -173,9 +175,6 @@ def train_audit_classifier(train: dict[str, np.ndarray], num_centers: int, cfg: 
                            what: str) -> AuditEncoder:
     """Fit an AuditEncoder through the shared loop for a fixed number of epochs (no selection on the
     sets it will be scored on), and return the last epoch's weights."""
-    from diffkd.train.loop import fit
-    from diffkd.train.loop_config import LoopConfig
-
     n = len(train["label"])
     batch = min(cfg.batch_size, n)
     steps = cfg.epochs * (n // batch)
@@ -205,8 +204,6 @@ def _encode(model: AuditEncoder, images: np.ndarray, batch: int = 256) -> tuple[
 
 def generate_label_pairs(dataset: ImageDataset, model_dir: str, cfg: AuditConfig) -> LabelPairs:
     """Draw `cfg.label_pairs` training rows (spread over centers and labels) and generate each twice."""
-    from diffkd.models.diffusion import load_pipeline
-
     rows = generator_training_rows(dataset, model_dir).sort_values("case_id")
     rng = np.random.default_rng(cfg.seed)
     # round-robin over center x label cells so that every cell is represented even in a few pairs
@@ -241,9 +238,6 @@ def audit(dataset: ImageDataset | str, out_dir: str, model_dir: str | None = Non
     internal rows it never saw (the real-vs-real reference for every measure, and the TSTR test set).
     Returns the flat dict that goes into metrics.json as `"synthetic"`.
     """
-    import tempfile
-
-    from diffkd.data.pipeline import PipelineConfig, load_arrays
 
     cfg = cfg or AuditConfig()
     dataset = ImageDataset.open(dataset)

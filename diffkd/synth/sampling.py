@@ -23,10 +23,11 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from diffkd.data.dataset import DatasetError, ImageDataset
+from diffkd.data.dataset import DatasetError, ImageDataset, conform
+from diffkd.data.pipeline import PipelineConfig, load_arrays
 from diffkd.data.schema import CLINICAL_COLUMNS, NUM_LABELS
 from diffkd.data.splits import SplitConfig, fingerprint_of_digest, ids_digest, split_case_ids
-from diffkd.models.diffusion import model_fingerprint, training_info
+from diffkd.models.diffusion import load_pipeline, model_fingerprint, to_uint8, training_info
 
 if TYPE_CHECKING:
     import ray.data
@@ -192,8 +193,6 @@ class ImageSampler:
                  masks: dict[str, np.ndarray] | None = None, threads: int = 1):
         from diffusers.utils import logging as diffusers_logging
 
-        from diffkd.models.diffusion import load_pipeline
-
         torch.set_num_threads(max(1, threads))
         diffusers_logging.disable_progress_bar()  # one bar per actor per load is noise in the job log
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,8 +202,6 @@ class ImageSampler:
         self.masks = masks or {}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from diffkd.models.diffusion import to_uint8
-
         rows = batch.to_dict("records")
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in batch["row_seed"]]
         masks = None
@@ -241,8 +238,6 @@ def _other_runs(dataset: ImageDataset, run_id: str) -> dict[str, int]:
 
 def to_rows(batch: pd.DataFrame, run_id: str) -> pa.Table:
     """Finished sampler output -> rows in the dataset schema."""
-    from diffkd.data.dataset import conform
-
     out = batch.drop(columns=["row", "row_seed", "condition_case_id"])
     out["spacing_mm"] = None  # generated at the model's size: no physical pixel spacing
     out["synthetic"] = True
@@ -347,8 +342,6 @@ def _has_mask_channel(model_dir: str) -> bool:
 def condition_masks(dataset: ImageDataset, todo: pd.DataFrame, model_dir: str) -> dict[str, np.ndarray]:
     """Known lesion masks of the real rows whose conditions the table drew, at the model's size and
     placed exactly as the training pipeline placed them (mask-conditioned models only)."""
-    from diffkd.data.pipeline import PipelineConfig, load_arrays
-
     wanted = set(todo["condition_case_id"])
     known = dataset.read_table(columns=["case_id", "mask"]).to_pandas()
     ids = sorted(known.loc[known["case_id"].isin(wanted) & known["mask"].notna(), "case_id"])

@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from diffkd.evaluate.metrics import ThresholdRule, auc_delong_ci, mean_t_ci
+
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (FID's formula)."""
@@ -90,8 +92,6 @@ def label_recovery(train_labels: np.ndarray, train_probs: np.ndarray, labels: np
     real images and 0.5 on a balanced synthetic set whatever the images show. The threshold is fixed
     once, by Youden's index on the classifier's real training images, and applied to both sets.
     """
-    from diffkd.evaluate.metrics import ThresholdRule, auc_delong_ci
-
     def balanced_accuracy(y: np.ndarray, p: np.ndarray) -> float:
         called = p >= threshold
         return float(np.mean([(called[y == k] == bool(k)).mean() for k in (0, 1) if (y == k).any()]))
@@ -121,8 +121,6 @@ class LabelPairs:
 def label_effect(p_dcis: np.ndarray, p_upgrade: np.ndarray) -> dict[str, Any]:
     """Paired difference of the classifier's upgrade probability (upgrade-conditioned minus DCIS-conditioned
     image of the same pair): mean with a 95% t interval, and the share of pairs where it is positive."""
-    from diffkd.evaluate.metrics import mean_t_ci
-
     diff = np.asarray(p_upgrade, float) - np.asarray(p_dcis, float)
     mean, ci = mean_t_ci(diff)
     return {"label_effect": mean, "label_effect_ci": list(ci),

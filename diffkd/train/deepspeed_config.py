@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from diffkd.train.ddp_engine import DDPEngine
+
 if TYPE_CHECKING:
     from diffkd.train.loop_config import LoopConfig
 
@@ -116,8 +118,6 @@ def build_engine(model: nn.Module, cfg: "LoopConfig", world_size: int, total_ste
     config = deepspeed_config(cfg, world_size, device.type == "cuda", total_steps)
     optimizer = build_optimizer(model, cfg)
     if getattr(cfg, "resolved_engine", cfg.engine) == "ddp":
-        from diffkd.train.ddp_engine import DDPEngine
-
         return DDPEngine(model, optimizer, config, world_size, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False, config=config)
     if world_size == 1 and engine.zero_optimization_stage() == 0:

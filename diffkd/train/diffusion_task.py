@@ -11,25 +11,28 @@ the generator never saw, and no external test image leaks into the teacher throu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffkd.config import from_dict, to_dict
+from diffkd.data.augment import AugmentConfig
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.pipeline import PipelineConfig, make_dataset
 from diffkd.data.splits import SplitConfig, ids_digest, split_case_ids
 from diffkd.models import unwrap
-from diffkd.models.diffusion import (SAMPLERS, TRAINING_INFO, ConditionalDenoiser, DiffusionModelConfig,
-                                     build_denoiser, init_unet_from, load_denoiser, save_pipeline, training_info,
-                                     training_scheduler, with_new_centers)
+from diffkd.models.diffusion import (SAMPLERS, TRAINING_INFO, ConditionalDenoiser, DiffusionModelConfig, build_denoiser,
+                                     init_unet_from, load_denoiser, save_pipeline, training_info, training_scheduler,
+                                     with_new_centers)
+from diffkd.train.loop import fit
+from diffkd.train.loop_config import LoopConfig
 from diffkd.train.task import StepOutput, Task
-
-if TYPE_CHECKING:
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.data.pipeline import PipelineConfig
-    from diffkd.train.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,6 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            from diffkd.config import from_dict
-
             self.model = from_dict(DiffusionModelConfig, self.model, "diffusion.model")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"diffusion.snr_gamma = {self.snr_gamma} must be positive (or null for plain MSE)")
@@ -238,9 +239,6 @@ class DiffusionResult:
 
 def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "PipelineConfig":
     """The data pipeline as the generator sees it: model-sized images, flips only, no synthetic rows."""
-    from diffkd.data.augment import AugmentConfig
-    from diffkd.data.pipeline import PipelineConfig
-
     flips_only = AugmentConfig(hflip_p=0.5 if config.hflip else 0.0, rotate_deg=0.0, scale=(1.0, 1.0),
                                translate=0.0, gain_db=0.0, gamma=(1.0, 1.0), speckle_p=0.0)
     return PipelineConfig(image_size=config.model.image_size, in_chans=config.model.in_chans, augment=config.hflip,
@@ -257,13 +255,6 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
     `diffkd_training.json` (the split spec and a digest of the training case ids, so synthesis and
     the audit can recompute exactly which rows trained the model).
     """
-    import dataclasses
-
-    from diffkd.config import to_dict
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.data.pipeline import make_dataset
-    from diffkd.train.loop import fit
-    from diffkd.train.loop_config import LoopConfig
 
     dataset = ImageDataset.open(dataset)
     config = config or DiffusionConfig()
@@ -312,8 +303,6 @@ def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: Diffusi
 
 def generator_start(config: DiffusionConfig) -> str:
     """The generator's `initialised_from`: "scratch", the UNet folder it started from, or the model it extends."""
-    import os
-
     start = config.init_from or config.base_model
     return os.path.abspath(start) if start else "scratch"
 
@@ -321,9 +310,6 @@ def generator_start(config: DiffusionConfig) -> str:
 def _extension_of(config: DiffusionConfig, split: SplitConfig) -> tuple[DiffusionConfig, SplitConfig, list[str]]:
     """For `base_model`: its architecture and noise schedule, its split (the rows that trained the extended
     model must stay one recomputable split), and the centers it knows."""
-    import dataclasses
-
-    from diffkd.config import from_dict
 
     base = training_info(config.base_model)
     if dataclasses.asdict(split) != base["split"]:

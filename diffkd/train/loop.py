@@ -21,6 +21,7 @@ checkpoint (`max_failures`); a driver that dies is resumed by calling `fit` agai
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -37,6 +38,10 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
+from diffkd.data.pipeline import collate, iter_shard_batches
+from diffkd.models.classifiers import classify, load_classifier
+from diffkd.runtime.raycompat import init as ray_init
+from diffkd.runtime.storage import resolve
 from diffkd.train import checkpoint as ckpt
 from diffkd.train.deepspeed_config import build_engine, optimizer_steps, prepare_deepspeed
 from diffkd.train.ema import WeightAverage
@@ -107,9 +112,6 @@ def fit(task: Task, datasets: dict[str, "ray.data.Dataset"], cfg: LoopConfig,
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from diffkd.runtime.raycompat import init as ray_init
-    from diffkd.runtime.storage import resolve
 
     if "train" not in datasets:
         raise ValueError(f"fit: datasets need a 'train' entry (got {sorted(datasets)})")
@@ -201,9 +203,6 @@ def _fit_result(fs: pafs.FileSystem, run_path: str, name: str, latest: str, obje
 # ---- inside each Ray Train worker ---------------------------------------------------------------
 
 def _quiet_libraries() -> None:
-    import contextlib
-    import logging
-
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     # Ray Train logs every report at INFO under a logger named by its file path, outside the
@@ -225,8 +224,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _batches(shard, batch_size: int, device: torch.device, *, shuffle_buffer: int = 0, seed: int | None = None,
              drop_last: bool = False, limit: int = 0) -> Iterator[dict[str, Any]]:
-    from diffkd.data.pipeline import iter_shard_batches
-
     for i, batch in enumerate(iter_shard_batches(shard, batch_size, shuffle_buffer=shuffle_buffer,
                                                  shuffle_seed=seed, drop_last=drop_last)):
         if limit and i >= limit:
@@ -517,16 +514,11 @@ def predict(model_dir: str, dataset: "ray.data.Dataset", batch_size: int = 64, n
 
 class _ClassifierPredictor:
     def __init__(self, model_dir: str):
-        from diffkd.models.classifiers import load_classifier
-
         torch.set_num_threads(1)
         self.model = load_classifier(model_dir).eval()
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        from diffkd.data.pipeline import collate
-        from diffkd.models.classifiers import classify
-
         tensors = collate(batch)
         logits = classify(self.model, tensors).float()
         return {"case_id": batch["case_id"], "prob": torch.softmax(logits, dim=1)[:, 1].numpy()}

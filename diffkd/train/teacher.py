@@ -16,26 +16,28 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkd.data.pipeline import PipelineConfig
+from diffkd.data.dataset import ImageDataset
+from diffkd.data.pipeline import (PipelineConfig, check_can_feed, count_synthetic_rows, split_datasets,
+                                  with_center_vocabulary)
 from diffkd.data.schema import DEFAULT_LABEL_NAMES, ClinicalEncoding
+from diffkd.data.splits import check_synthetic_split
+from diffkd.evaluate.health import assess
 from diffkd.evaluate.metrics import auc_delong_ci, auc_or_nan
-from diffkd.train.loop import FitResult
+from diffkd.models.classifiers import classify, create_classifier, data_config, initialised_from, save_classifier
+from diffkd.runtime.raycompat import init as ray_init
+from diffkd.train.loop import FitResult, fit
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.stage_io import auc_phrases, predict_splits, prediction_summary, write_stage_outputs
 from diffkd.train.task import StepOutput, Task
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from diffkd.data.dataset import ImageDataset
 
 CLASS_WEIGHTINGS = ("balanced", "none")
 
@@ -67,8 +69,6 @@ class TeacherConfig:
 
 
 def build_teacher(cfg: TeacherConfig) -> nn.Module:
-    from diffkd.models.classifiers import create_classifier
-
     return create_classifier(cfg.arch, in_chans=cfg.pipeline.in_chans, num_classes=2,
                              clinical_dim=ClinicalEncoding().width if cfg.clinical else 0,
                              drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
@@ -107,14 +107,12 @@ def balanced_class_weights(labels: Iterable[int]) -> tuple[float, float]:
     return tuple(len(labels) / (2 * c) for c in counts)
 
 
-def per_case(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> "pd.DataFrame":
+def per_case(case_ids: Iterable[str], labels: Iterable[int], probs: Iterable[float]) -> pd.DataFrame:
     """One row per case (case_id, label, prob): the mean probability of the case's images.
 
     The one rule that turns image scores into case scores, used by the saved predictions (and so
     the report) and by validation (early stopping, the search): selection and reporting share a unit.
     """
-    import pandas as pd
-
     images = pd.DataFrame({"case_id": [str(c) for c in case_ids], "label": [int(x) for x in labels],
                            "prob": [float(x) for x in probs]})
     return images.groupby("case_id", as_index=False, sort=True).agg(label=("label", "first"), prob=("prob", "mean"))
@@ -160,8 +158,6 @@ class TeacherTask(Task):
         return teacher_loss(model, batch, self.config, weights)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        from diffkd.models.classifiers import classify
-
         logits, labels, case_ids = [], [], []
         for batch in batches:
             logits.append(classify(model, batch).float().cpu())
@@ -170,8 +166,6 @@ class TeacherTask(Task):
         return validation_metrics(logits, labels, case_ids)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
-        from diffkd.models.classifiers import data_config, save_classifier
-
         p = self.config.pipeline
         save_classifier(model, out_dir, data_config(p.image_size, p.in_chans, p.norm_mean, p.norm_std),
                         label_names=self.label_names)
@@ -181,14 +175,12 @@ class TeacherTask(Task):
 class TeacherResult:
     model_dir: str
     fit: FitResult
-    predictions: "pd.DataFrame"  # case_id, patient_id, center, split, label, model, prob
+    predictions: pd.DataFrame  # case_id, patient_id, center, split, label, model, prob
     metrics: dict  # {"internal": {"auc", "n"}, "external": {"auc", "n"}, "best_epoch": int}
 
 
-def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pipeline: PipelineConfig) -> int:
+def expected_train_rows(dataset: "ImageDataset", train_rows: pd.DataFrame, pipeline: PipelineConfig) -> int:
     """Rows of one training epoch (real + the synthetic share the pipeline mixes in): the LR schedule length."""
-    from diffkd.data.pipeline import count_synthetic_rows
-
     real = int(len(train_rows))
     if pipeline.synthetic_ratio <= 0:
         return real
@@ -197,7 +189,7 @@ def expected_train_rows(dataset: "ImageDataset", train_rows: "pd.DataFrame", pip
     return real + min(available, round(pipeline.synthetic_ratio * real))  # as `make_dataset` mixes them
 
 
-def rows_read(rows: "pd.DataFrame", pipeline: PipelineConfig) -> "pd.DataFrame":
+def rows_read(rows: pd.DataFrame, pipeline: PipelineConfig) -> pd.DataFrame:
     """The rows of `rows` a stage with `pipeline` actually reads: its modalities only (all when none are set)."""
     if pipeline.modalities and "modality" in rows:
         return rows[rows["modality"].isin(pipeline.modalities)]
@@ -208,12 +200,12 @@ def rows_read(rows: "pd.DataFrame", pipeline: PipelineConfig) -> "pd.DataFrame":
 class TrainingPlan:
     """What the teacher's schedule and loss are sized from: the rows it trains on, and nothing else."""
 
-    train_rows: "pd.DataFrame"  # real training rows of the modalities the teacher reads
+    train_rows: pd.DataFrame  # real training rows of the modalities the teacher reads
     class_weights: tuple[float, float] | None
     train_samples: int  # rows of one epoch (real + synthetic share): the LR schedule's length
 
 
-def plan_training(dataset: "ImageDataset", assignments: "pd.DataFrame", cfg: TeacherConfig) -> TrainingPlan:
+def plan_training(dataset: "ImageDataset", assignments: pd.DataFrame, cfg: TeacherConfig) -> TrainingPlan:
     """Size the LR schedule and class weights from the real train rows of `cfg.pipeline.modalities`.
 
     The pipeline streams only those modalities; sizing from every modality's rows (a B-mode teacher on a
@@ -230,7 +222,7 @@ def plan_training(dataset: "ImageDataset", assignments: "pd.DataFrame", cfg: Tea
     return TrainingPlan(train_rows=train_rows, class_weights=weights, train_samples=samples)
 
 
-def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cfg: TeacherConfig, out_dir: str,
+def train_teacher(dataset: "ImageDataset | str", assignments: pd.DataFrame, cfg: TeacherConfig, out_dir: str,
                   synthetic_ratio: float = 0.0, callbacks: list | None = None,
                   model_name: str = "teacher") -> TeacherResult:
     """Train the teacher on the train split (+ synthetic rows at `synthetic_ratio`), select its epoch by
@@ -240,14 +232,6 @@ def train_teacher(dataset: "ImageDataset | str", assignments: "pd.DataFrame", cf
     per real case of every split) and training.json (history, best epoch, AUCs, the run's location).
     Checkpoints go to `cfg.loop.storage_path` under the run's name.
     """
-    from diffkd.data.dataset import ImageDataset
-    from diffkd.data.pipeline import check_can_feed, split_datasets, with_center_vocabulary
-    from diffkd.data.splits import check_synthetic_split
-    from diffkd.models.classifiers import initialised_from
-    from diffkd.runtime.raycompat import init as ray_init
-    from diffkd.evaluate.health import assess
-    from diffkd.train.loop import fit
-
     ds = ImageDataset.open(dataset)
     real = assignments[~assignments["synthetic"].astype(bool)] if "synthetic" in assignments else assignments
     pipeline = dataclasses.replace(with_center_vocabulary(cfg.pipeline, ds), synthetic_ratio=synthetic_ratio)

@@ -62,7 +62,8 @@ def test_the_pairing_free_arm_is_group_kd_only_with_gkd_den_on(name):
     """PaGKD means no image pairs: the pairing-free student takes its own section's terms (GKD-Pro + GKD-Den),
     never the paired student's logit / feature KD, and GKD-Den is on after its warm-up."""
     from diffkd.distill import PAIRING_FREE
-    from diffkd.experiments.run import PairingFreeStage, pairing_free_student
+    from diffkd.experiments.experiment import PairingFreeStage
+    from diffkd.experiments.stages import pairing_free_student
 
     cfg = load_experiment(CONFIGS / name)
     arm = pairing_free_student(cfg.student, cfg.pairing_free, "teacher_dir")
@@ -76,7 +77,7 @@ def test_the_pairing_free_arm_is_group_kd_only_with_gkd_den_on(name):
 
 
 def test_instance_kd_in_the_pairing_free_arm_only_where_its_own_section_names_it(tmp_path):
-    from diffkd.experiments.run import pairing_free_student
+    from diffkd.experiments.stages import pairing_free_student
 
     text = (CONFIGS / "demo.yaml").read_text().replace(
         "gkd_den: {weight: 0.5, warmup_epochs: 1}}", "gkd_den: {weight: 0.5, warmup_epochs: 1}, feature: {weight: 0.3}}")

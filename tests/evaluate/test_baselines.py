@@ -204,7 +204,8 @@ def test_a_pretrained_feature_model_is_used_frozen_and_nothing_trains(tmp_path, 
     from diffkd.data.splits import make_splits
     from diffkd.evaluate.baselines import BaselineConfig
     from diffkd.models.classifiers import create_classifier, save_classifier
-    from diffkd.experiments.run import BaselineStage, _baselines
+    from diffkd.experiments.experiment import BaselineStage
+    from diffkd.experiments.stages import baselines
     from diffkd.train.teacher import TeacherConfig
 
     generate_cohort(tmp_path / "phantom", size="demo", centers=2, patients=60, seed=5)
@@ -220,7 +221,7 @@ def test_a_pretrained_feature_model_is_used_frozen_and_nothing_trains(tmp_path, 
     stage = BaselineStage(config=BaselineConfig(n_mrmr=8),
                           feature_model=TeacherConfig(arch="resnet18", pretrained=str(tmp_path / "weights"),
                                                       pipeline=PipelineConfig(image_size=32)))
-    out = _baselines(ds, assignments, stage, tmp_path / "run", "us")
+    out = baselines(ds, assignments, stage, tmp_path / "run", "us")
     deep = out["summary"]["deep_features"]
     assert deep["extractors"] == 1 and deep["features"].startswith("frozen pretrained resnet18")
     assert deep["initialised_from"].startswith("weights (sha256 ")  # the weights' name and digest, not a path

@@ -113,10 +113,9 @@ def _mentions(value, needle: str, seen=None) -> bool:
 def test_no_training_stage_ever_gets_the_truth(tmp_path, monkeypatch, ramp_dataset):
     """Every stage of `diffkd run` is replaced by a recorder; the truth path, its file and its columns may
     reach the report stage only, and nothing opens the file before it."""
-    import diffkd.runtime.raycompat
     import diffkd.experiments.run
-    import diffkd.train.student
-    import diffkd.train.teacher
+    import diffkd.experiments.stages
+    import diffkd.runtime.raycompat
 
     ds = ramp_dataset(tmp_path / "ds")
     truth = tmp_path / "phantom" / "truth.csv"
@@ -141,23 +140,22 @@ def test_no_training_stage_ever_gets_the_truth(tmp_path, monkeypatch, ramp_datas
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(diffkd.runtime.raycompat, "init", lambda *a, **k: None)
-    monkeypatch.setattr(diffkd.train.teacher, "train_teacher", recorder("train_teacher", trained))
-    monkeypatch.setattr(diffkd.train.student, "train_student", recorder("train_student", trained))
-    monkeypatch.setattr(diffkd.experiments.run, "_tune",
-                        recorder("tune", lambda *a, **k: pytest.fail("tune is disabled")))
-    monkeypatch.setattr(diffkd.experiments.run, "_baselines",
-                        recorder("baselines", {"summary": {}, "predictions": "", "params": {}}))
-    monkeypatch.setattr(diffkd.experiments.run, "_report", recorder("report", {"report": "", "metrics": ""}))
+    stages = diffkd.experiments.stages
+    monkeypatch.setattr(stages, "train_teacher", recorder("train_teacher", trained))
+    monkeypatch.setattr(stages, "train_student", recorder("train_student", trained))
+    monkeypatch.setattr(stages, "_search", recorder("tune", lambda *a, **k: pytest.fail("tune is disabled")))
+    monkeypatch.setattr(stages, "baselines", recorder("baselines", {"summary": {}, "predictions": "", "params": {}}))
+    monkeypatch.setattr(stages, "write_run_report", recorder("report", {"report": "", "metrics": ""}))
     monkeypatch.setattr(builtins, "open", guarded_open)
 
-    cfg = diffkd.experiments.run.ExperimentConfig()
+    cfg = stages.ExperimentConfig()
     cfg.diffusion.enabled = False
     cfg.tune.enabled = False
     cfg.pairing_free.enabled = False
     diffkd.experiments.run.run_pipeline(str(ds.uri), ["C"], cfg, tmp_path / "out", truth=str(truth))
 
-    stages = [name for name, _, _ in calls]
-    assert stages[-1] == "report" and {"train_teacher", "train_student", "baselines"} <= set(stages)
+    called = [name for name, _, _ in calls]
+    assert called[-1] == "report" and {"train_teacher", "train_student", "baselines"} <= set(called)
     for name, args, kwargs in calls:
         sees_truth = _mentions(list(args), str(truth.resolve())) or _mentions(kwargs, str(truth.resolve()))
         assert sees_truth == (name == "report"), f"{name} {'does not get' if name == 'report' else 'gets'} the truth"

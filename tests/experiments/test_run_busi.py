@@ -121,7 +121,7 @@ def test_busi_folder_ingests_and_the_run_plan_names_what_it_cannot_support(busi_
     from diffkd.data.dataset import ImageDataset
     from diffkd.data.splits import make_splits
     from diffkd.experiments.experiment import load_experiment
-    from diffkd.experiments.run import plan_stages
+    from diffkd.experiments.stages import plan_stages
 
     ds = ImageDataset(busi_dataset)
     assert tuple(ds.label_names) == ("benign", "malignant")

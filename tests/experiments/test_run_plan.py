@@ -10,7 +10,7 @@ from diffkd.data.dataset import ImageDataset
 from diffkd.data.schema import CLINICAL_COLUMNS
 from diffkd.data.splits import make_splits
 from diffkd.experiments.experiment import load_experiment
-from diffkd.experiments.run import plan_stages
+from diffkd.experiments.stages import plan_stages
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -71,7 +71,7 @@ def test_the_report_reads_the_cases_birads_beside_a_readers_csv(tmp_path, ramp_r
     """The dataset's BI-RADS is one more reader, on the cases the reference model scored."""
     from diffkd.data.ingest import pseudonymizer_for
     from diffkd.evaluate.readers import DATASET_READER, load_readers
-    from diffkd.experiments.run import report_reads
+    from diffkd.experiments.run_report import report_reads
 
     ds = ImageDataset(tmp_path / "ds")
     (tmp_path / ".ds.salt").write_text("ab" * 32)  # the salt a readers CSV's raw case ids are mapped with
@@ -115,7 +115,7 @@ def test_a_modality_only_an_external_center_has_skips_the_pairing_free_stage(tmp
 def test_missing_training_rows_names_split_and_modality():
     import pandas as pd
 
-    from diffkd.experiments.run import missing_training_rows
+    from diffkd.experiments.stages import missing_training_rows
 
     rows = pd.DataFrame({"split": ["train", "train", "val", "test"], "modality": ["us", "us_doppler", "us", "us_doppler"],
                          "synthetic": [False, False, False, False]})
@@ -129,7 +129,7 @@ def test_missing_training_rows_names_split_and_modality():
 def test_the_report_gets_every_trained_networks_health_from_its_training_json(tmp_path):
     import json
 
-    from diffkd.experiments.run import _health_inputs
+    from diffkd.experiments.run_report import health_inputs
 
     entry = {"checks": {"epochs": 3}, "flags": ["inverted"]}
     models = tmp_path / "models"
@@ -139,4 +139,4 @@ def test_the_report_gets_every_trained_networks_health_from_its_training_json(tm
         (models / name / "training.json").write_text(json.dumps({"metrics": {"health": entry}}))
     dirs = {"teacher": str(models / "teacher"), "student_kd": str(models / "student"),
             "diffusion": str(models / "diffusion")}
-    assert _health_inputs(dirs, models) == {"teacher": entry, "student_kd": entry, "deep_feature_model_fold0": entry}
+    assert health_inputs(dirs, models) == {"teacher": entry, "student_kd": entry, "deep_feature_model_fold0": entry}
