@@ -110,7 +110,7 @@ def _diffusion_arguments(p: argparse.ArgumentParser) -> None:
 def run_diffusion(args) -> int:
     # heavy (pandas, torch, Ray): loaded when the command runs, not for `diffkd --help`
     from diffkd.experiments.experiment import DiffusionStage, load_section
-    from diffkd.train.diffusion_task import train_diffusion
+    from diffkd.train.diffusion_task import DiffusionTrainConfig, train_diffusion
 
     stage = load_section(args.config, "diffusion") if args.config else DiffusionStage()
     config, loop = stage.model, stage.loop
@@ -121,7 +121,7 @@ def run_diffusion(args) -> int:
     loop = dataclasses.replace(loop, epochs=args.epochs or loop.epochs, run_name=args.run_name or loop.run_name,
                                resume=args.resume or loop.resume)
     ray_init(args.address)
-    result = train_diffusion(args.dataset, args.out, config, loop, split_config(args))
+    result = train_diffusion(args.dataset, split_config(args), DiffusionTrainConfig(config, loop), args.out)
     best = result.best_metrics
     print(f"diffusion: {result.train_rows} training rows, best val_loss {best.get('val_loss', float('nan')):.4f} "
           f"(epoch {best.get('epoch')}); pipeline written to {result.model_dir}")

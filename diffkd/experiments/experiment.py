@@ -30,7 +30,7 @@ from diffkd.evaluate.summary import EvaluateConfig
 from diffkd.experiments.legacy import upgrade_sections
 from diffkd.synth.audit import AuditConfig
 from diffkd.synth.sampling import SynthConfig
-from diffkd.train.diffusion_task import DiffusionConfig
+from diffkd.train.diffusion_task import DiffusionTrainConfig
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import StudentConfig
 from diffkd.train.teacher import TeacherConfig
@@ -43,10 +43,10 @@ class RayConfig:
 
 
 @dataclass
-class DiffusionStage:
-    enabled: bool = True
-    model: DiffusionConfig = field(default_factory=DiffusionConfig)
+class DiffusionStage(DiffusionTrainConfig):
+    """The experiment file's diffusion section: what `train_diffusion` takes, and whether it runs."""
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=20))
+    enabled: bool = True
 
 
 @dataclass

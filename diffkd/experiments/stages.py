@@ -292,7 +292,7 @@ def with_pipeline(stage_cfg, **changes):
 
 def _train_generator(ds: ImageDataset, model_dir: str, stage: DiffusionStage, split: SplitConfig, out: Path,
                      name: str) -> dict:
-    result = train_diffusion(ds, model_dir, stage.model, checkpointed(stage, out, name).loop, split)
+    result = train_diffusion(ds, split, checkpointed(stage, out, name), model_dir)
     return {"model_dir": result.model_dir}
 
 

@@ -229,6 +229,13 @@ class DiffusionTask(Task):
 # ---- the high-level entry -------------------------------------------------------------------------
 
 @dataclass
+class DiffusionTrainConfig:
+    """What `train_diffusion` trains: the generator (saved with its pipeline) and the loop that trains it."""
+    model: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=20, lr=1e-3, weight_decay=0.0, batch_size=16))
+
+
+@dataclass
 class DiffusionResult:
     model_dir: str
     run_name: str
@@ -247,18 +254,20 @@ def generator_pipeline_config(config: DiffusionConfig, batch_size: int) -> "Pipe
                           norm_std=config.norm_std)
 
 
-def train_diffusion(dataset: "ImageDataset | str", out_dir: str, config: DiffusionConfig | None = None,
-                    loop: "LoopConfig | None" = None, split: SplitConfig | None = None) -> DiffusionResult:
+def train_diffusion(dataset: "ImageDataset | str", split: SplitConfig | None, cfg: DiffusionTrainConfig | None,
+                    out_dir: str) -> DiffusionResult:
     """Train the conditional generator on the internal training split and write the pipeline folder.
 
-    `out_dir` receives `model_index.json`, `unet/`, `scheduler/`, `condition_encoder/` and
+    The same shape as the classifier stages' entries (dataset, split, config, output folder), but the
+    split is its spec, not a split table: the generator records the spec so that synthesis and the
+    audit can recompute which rows it learnt from. `out_dir` receives `model_index.json`, `unet/`, `scheduler/`, `condition_encoder/` and
     `diffkd_training.json` (the split spec and a digest of the training case ids, so synthesis and
     the audit can recompute exactly which rows trained the model).
     """
 
     dataset = ImageDataset.open(dataset)
-    config = config or DiffusionConfig()
-    loop = loop or LoopConfig(epochs=20, lr=1e-3, weight_decay=0.0, batch_size=16)
+    cfg = cfg or DiffusionTrainConfig()
+    config, loop = cfg.model, cfg.loop
     split = split or SplitConfig()
     base_centers: list[str] = []
     if config.base_model:

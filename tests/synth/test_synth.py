@@ -16,7 +16,7 @@ from diffkd.data.splits import SplitConfig
 from diffkd.models.diffusion import DiffusionModelConfig, load_pipeline
 from diffkd.synth.audit import AuditConfig, audit, generate_label_pairs
 from diffkd.synth.sampling import SynthConfig, cell_counts, condition_table, existing_case_ids, run_id_for, synthesize
-from diffkd.train.diffusion_task import DiffusionConfig, train_diffusion
+from diffkd.train.diffusion_task import DiffusionConfig, DiffusionTrainConfig, train_diffusion
 from diffkd.train.loop_config import LoopConfig
 
 TINY = DiffusionModelConfig(image_size=16, block_out_channels=(16, 32), condition_dim=32)
@@ -27,10 +27,10 @@ def trained(ray_local, tmp_path_factory, tiny_dataset):
     """A tiny generator trained through the shared loop (Ray Train + DeepSpeed) on a two-center dataset."""
     root = tmp_path_factory.mktemp("synth")
     ds = tiny_dataset(root / "ds", per_center=24, size=32)
-    result = train_diffusion(ds, str(root / "models" / "diffusion"), DiffusionConfig(model=TINY),
-                             LoopConfig(epochs=3, batch_size=8, lr=2e-3, weight_decay=0.0, progress=False,
-                                        storage_path=str(root / "runs")),
-                             SplitConfig(val_fraction=0.25))
+    loop = LoopConfig(epochs=3, batch_size=8, lr=2e-3, weight_decay=0.0, progress=False,
+                      storage_path=str(root / "runs"))
+    result = train_diffusion(ds, SplitConfig(val_fraction=0.25), DiffusionTrainConfig(DiffusionConfig(model=TINY), loop),
+                             str(root / "models" / "diffusion"))
     return ds, result
 
 
@@ -210,11 +210,11 @@ def test_a_new_center_gets_its_own_embedding_and_synthetic_rows(trained, tmp_pat
     grown = ImageDataset(tmp_path / "ds")
     grown.write_center("C", tiny_rows("C", 16, size=32))
     out = str(tmp_path / "diffusion_c")
-    result = train_diffusion(grown, out, DiffusionConfig(base_model=base.model_dir),
-                             # 3 steps per epoch: the first (warm-up) step has lr 0, and the best epoch is exported
-                             LoopConfig(epochs=2, batch_size=4, lr=5e-3, weight_decay=0.0, progress=False,
-                                        storage_path=str(tmp_path / "runs")),
-                             SplitConfig(val_fraction=0.25))
+    # 3 steps per epoch: the first (warm-up) step has lr 0, and the best epoch is exported
+    loop = LoopConfig(epochs=2, batch_size=4, lr=5e-3, weight_decay=0.0, progress=False,
+                      storage_path=str(tmp_path / "runs"))
+    result = train_diffusion(grown, SplitConfig(val_fraction=0.25),
+                             DiffusionTrainConfig(DiffusionConfig(base_model=base.model_dir), loop), out)
     info = json.loads(open(os.path.join(out, "diffkd_training.json")).read())
     assert info["learnt_centers"] == ["C"] and len(result.history) == 2
     before, after = load_pipeline(base.model_dir), load_pipeline(out)
