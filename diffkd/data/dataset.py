@@ -638,17 +638,23 @@ def starts_row_group(rows: int, size: int, row_size: int) -> bool:
     return rows > 0 and (rows == ROW_GROUP_ROWS or size + row_size > ROW_GROUP_BYTES)
 
 
-def row_groups(table: pa.Table) -> Iterator[pa.Table]:
-    """`table` cut into row groups (`starts_row_group`), as slices."""
+def row_group_bounds(row_sizes: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each row group of rows with these image and mask byte sizes (`starts_row_group`)."""
     start = rows = size = 0
-    for i, row_size in enumerate(_row_bytes(table)):
+    for i, row_size in enumerate(row_sizes):
         if starts_row_group(rows, size, row_size):
-            yield table.slice(start, rows)
+            yield start, i
             start, rows, size = i, 0, 0
         rows += 1
         size += row_size
     if rows:
-        yield table.slice(start, rows)
+        yield start, start + rows
+
+
+def row_groups(table: pa.Table) -> Iterator[pa.Table]:
+    """`table` cut into row groups (`row_group_bounds`), as slices."""
+    for start, stop in row_group_bounds(_row_bytes(table)):
+        yield table.slice(start, stop - start)
 
 
 def _prepended(first, rest: Iterator) -> Iterator:

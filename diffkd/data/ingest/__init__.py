@@ -61,7 +61,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from diffkd.data.dataset import DatasetError, ImageDataset, starts_row_group, validate_center_name
+from diffkd.data.dataset import DatasetError, ImageDataset, row_group_bounds, validate_center_name
 from diffkd.data.ingest import busbra, busi, dicom, folder
 from diffkd.data.ingest.common import (DEFAULT_LIMITS, DecodeLimits, Discovery, IngestError, Loaded, Problem,
                                        Pseudonymizer, Record, SaltFile, center_slug, load_all, parse_label_map,
@@ -824,17 +824,9 @@ def _center_rows(ds: ImageDataset, plan: _Plan, spool: Spool) -> Iterator[pa.Tab
     the center, then the new ones, their bytes read back from the spool one row group at a time."""
     if plan.keep_stored:
         yield from ds.iter_center(plan.center)
-    piece: list[dict] = []
-    size = 0
-    for row in plan.rows:
-        row_size = row["image"].length + (row["mask"].length if row["mask"] is not None else 0)
-        if starts_row_group(len(piece), size, row_size):
-            yield _from_spool(piece, spool)
-            piece, size = [], 0
-        piece.append(row)
-        size += row_size
-    if piece:
-        yield _from_spool(piece, spool)
+    sizes = (row["image"].length + (row["mask"].length if row["mask"] is not None else 0) for row in plan.rows)
+    for start, stop in row_group_bounds(sizes):
+        yield _from_spool(plan.rows[start:stop], spool)
 
 
 def _from_spool(rows: list[dict], spool: Spool) -> pa.Table:
