@@ -14,6 +14,7 @@ plan file edited), and the tables say "pre-registered" (none) or "exploratory" (
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -68,7 +69,7 @@ def _file_content(value: Any) -> Any:
     """A file setting's content digest, or the value itself when it names no readable file."""
     if isinstance(value, str) and os.path.isfile(value):
         with open(value, "rb") as f:
-            return {"file_sha": fingerprint(f.read().hex())}
+            return {"file_sha256": hashlib.sha256(f.read()).hexdigest()}
     return value
 
 
