@@ -74,6 +74,15 @@ WRITER_FILE = "_writer.json"  # object stores: the one machine that writes the d
 ROW_GROUP_ROWS = 256
 ROW_GROUP_BYTES = 8 << 20  # of image and mask bytes
 
+
+def _encoding(schema: pa.Schema) -> dict:
+    """Parquet options: zstd and dictionaries for the table columns; the image and mask columns hold
+    PNGs, already compressed, which zstd cannot shrink and a dictionary cannot share, so they are
+    stored plain (both cost CPU on every write and read for nothing)."""
+    png = {f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+    return {"compression": {f.name: "none" if f.name in png else "zstd" for f in schema},
+            "use_dictionary": [f.name for f in schema if f.name not in png]}
+
 Rows = Union[pa.Table, Iterable[Union[pa.Table, pa.RecordBatch]]]  # a table, or its pieces in order
 
 
@@ -535,7 +544,7 @@ class ImageDataset:
         del first  # each group is freed once written
 
         def write(f) -> None:
-            with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(f, schema, **_encoding(schema)) as writer:
                 for group in groups:
                     writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
                     written.add(group)

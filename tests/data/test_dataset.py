@@ -196,6 +196,19 @@ def test_the_files_hold_the_center_only_in_their_path(tmp_path):
     assert ds.read_table().schema == arrow_schema()
 
 
+def test_the_png_columns_are_stored_plain_and_the_table_columns_compressed(tmp_path):
+    ds = ImageDataset(tmp_path / "ds")
+    ds.write_center("A", rows("A", 3))
+    [path] = ds.files(["A"])
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    for png in ("image", "mask"):  # already compressed: zstd and a dictionary would cost CPU for nothing
+        assert chunks[png].compression == "UNCOMPRESSED"
+        assert not chunks[png].has_dictionary_page
+    assert chunks["patient_id"].compression == "ZSTD" and chunks["patient_id"].has_dictionary_page
+    assert ds.read_table(["A"]).column("image").to_pylist() == rows("A", 3).column("image").to_pylist()
+
+
 def _make_legacy(ds: ImageDataset) -> None:
     """Turn a dataset into what diffkd wrote before the layout change: manifest.json, synthetic/,
     files that carry their center."""

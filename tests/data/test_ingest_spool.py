@@ -1,5 +1,6 @@
-"""Ingest's memory: decoded images wait in a spool file, the center is written one row group at a
-time, and what is stored is what one table would have given."""
+"""Ingest's memory: decoded images wait in a spool file (or, stored as they are, in their source
+files), the center is written one row group at a time, and what is stored is what one table would
+have given."""
 from __future__ import annotations
 
 import hashlib
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 import diffkd.data.dataset as dataset_module
+import diffkd.data.ingest as ingest_module
 from diffkd.data.dataset import ImageDataset
 from diffkd.data.ingest import ingest
-from diffkd.data.ingest.spool import Spool
+from diffkd.data.ingest.spool import FileBytes, SourceChanged, Spool
 
 SALT = bytes(range(32))
 
@@ -103,3 +106,52 @@ def test_ingest_memory_does_not_grow_with_the_source(tmp_path, monkeypatch):
              for n in (8, 80)}
     assert ImageDataset(tmp_path / "ds80" / "ds").manifest["centers"]["A"]["rows"] == 80
     assert peaks[80] < 3 * peaks[8], peaks
+
+
+def test_a_file_kept_by_name_is_read_again_and_refused_once_changed(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"first content")
+    with Spool(tmp_path) as spool:
+        blob = spool.put(FileBytes(str(path), path.read_bytes()))
+        assert spool.size == 0 and blob.path == str(path)  # nothing copied
+        assert spool.get(blob) == b"first content"
+        path.write_bytes(b"other content")  # same length, other bytes
+        with pytest.raises(SourceChanged, match="a.png: changed while the ingest ran"):
+            spool.get(blob)
+        path.unlink()
+        with pytest.raises(SourceChanged, match="a.png: cannot be read again"):
+            spool.get(blob)
+
+
+def test_gray_pngs_are_not_copied_and_a_file_changed_before_the_write_leaves_the_dataset_as_it_was(
+        tmp_path, monkeypatch):
+    src = _source(tmp_path / "src", 6)
+    ds = ImageDataset(tmp_path / "ds")
+    sizes = []
+    real_check = ingest_module._check
+
+    def check_then_note_the_spool(batch, *args, **kwargs):
+        sizes.append(batch.spool.size)
+        return real_check(batch, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "_check", check_then_note_the_spool)
+    ingest(src, "A", ds, salt=SALT)
+    assert sizes == [0]  # gray PNGs and 0/255 masks are stored as they are: the spool copied none
+    stored = {hashlib.sha256(png).hexdigest() for png in ds.read_table().column("image").to_pylist()}
+    assert stored == {hashlib.sha256(p.read_bytes()).hexdigest() for p in src.rglob("*.png")
+                      if "mask" not in p.name}
+
+    more = _source(tmp_path / "more", 4, seed=1)
+    victim = more / "upgrade" / "s1_0.png"
+
+    def check_then_change_a_file(batch, *args, **kwargs):
+        plan = real_check(batch, *args, **kwargs)
+        Image.fromarray(np.zeros((48, 48), np.uint8)).save(victim)
+        return plan
+
+    monkeypatch.setattr(ingest_module, "_check", check_then_change_a_file)
+    before = ds.read_table()
+    with pytest.raises(SourceChanged, match="s1_0.png: changed while the ingest ran"):
+        ingest(more, "A", ds, salt=SALT)
+    reopened = ImageDataset(tmp_path / "ds")
+    assert reopened.manifest["centers"]["A"]["rows"] == 6 and reopened.read_table().equals(before)

@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffkd.data.ingest.spool import Blob, Spool
+from diffkd.data.ingest.spool import Blob, FileBytes, Spool
 from diffkd.data.schema import (CLINICAL_SCHEMA, DEFAULT_LABEL_NAMES, MODALITIES, ClinicalColumn, label_aliases,
                                 normalize_birads, parse_label)
 
@@ -166,11 +166,11 @@ class Decoded:
     """One image to store, made from a record (a multi-frame DICOM gives several).
 
     A loader gives the PNG and mask bytes; `load_all` moves them to its spool and leaves their `Blob`s."""
-    png: bytes | Blob
+    png: bytes | FileBytes | Blob
     height: int
     width: int
     pixels: str  # pixel_digest of the stored image: duplicates are found by pixels, not by encoding
-    mask: bytes | Blob | None = None
+    mask: bytes | FileBytes | Blob | None = None
     spacing_mm: float | None = None
     frame: int | None = None  # frame index when the file held several
     patient: str | None = None  # raw id read from the file itself (DICOM PatientID)
@@ -744,10 +744,16 @@ def load_image_record(src: Path, rec: Record, limits: DecodeLimits = DEFAULT_LIM
                                    f"is {arr.shape[1]}x{arr.shape[0]}; masks must match their image's size")
             merged |= mask
             if len(rec.masks) == 1 and raw.dtype == np.uint8 and raw.ndim == 2 and np.isin(raw, (0, 255)).all():
-                single_mask_png = png_passthrough(mask_data)  # already a 0/255 gray PNG
+                single_mask_png = _as_file(src / mask_file, png_passthrough(mask_data), mask_data)  # a 0/255 gray PNG
         mask_png = single_mask_png or encode_mask(merged)
-    png = (png_passthrough(data) if img.mode in ("L", "I;16", "I;16B") else None) or encode_png(arr)
+    png = (_as_file(src / rec.file, png_passthrough(data), data) if img.mode in ("L", "I;16", "I;16B") else None) \
+        or encode_png(arr)
     return Loaded([Decoded(png, arr.shape[0], arr.shape[1], pixel_digest(arr), mask_png)], digest.hexdigest())
+
+
+def _as_file(path: Path, stored: bytes | None, data: bytes) -> bytes | FileBytes | None:
+    """The bytes to store, marked as the file's own when they are the whole file (no chunk dropped)."""
+    return FileBytes(str(path), data) if stored is not None and len(stored) == len(data) else stored
 
 
 def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Sequence[Record], *, spool: Spool,
