@@ -25,11 +25,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# CPU benches, each printing one JSON line into bench/results/<bench>.json (sizes: see each --help)
+# CPU benches, each printing one JSON line into bench/results/<bench>.json (sizes: see each --help);
+# a subset: make bench BENCHES="ingest search"
 BENCHES := data_feed train_overhead diffusion centers student search ablate ingest
 
 bench: $(STAMP)
-	@for b in $(BENCHES); do echo "# bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+	@for b in $(BENCHES); do echo "# bench/$$b.py"; start=$$(date +%s); $(BIN)/python bench/$$b.py || exit 1; \
+		echo "# bench/$$b.py took $$(( $$(date +%s) - start )) s"; done
 
 # on a GPU machine; needs only torch, timm, diffusers and deepspeed
 bench-gpu:
