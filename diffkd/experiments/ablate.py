@@ -793,7 +793,7 @@ def plot_forest(table: pd.DataFrame, summary: pd.DataFrame, path: str) -> str:
     left.set_yticks(range(len(shown)), [f"{a} ({c}, {s} seeds)" for a, c, s in
                                         zip(shown["arm"], shown["center"], shown["seeds"])])
     left.set_xlabel("external AUC: seeds (dots), mean with 95% CI")
-    right.set_xlabel("AUC minus full, paired (95% CI); grey: MDD at 80% power")
+    right.set_xlabel("AUC minus full, paired (95% CI)\ngrey: MDD at 80% power")
     fig.suptitle("Ablation on the external cases (95% CIs over patients and seeds: diffkd.evaluate.pooled)")
     fig.tight_layout()
     return save_figure(fig, path)
