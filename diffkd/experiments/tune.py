@@ -177,14 +177,19 @@ def run_trial(params: dict[str, Any], *, dataset: str, assignments: pd.DataFrame
 
 # ---- the search ----------------------------------------------------------------------------------
 
-def _searcher(space: TuneSpace):
+def _searcher(space: TuneSpace, concurrent: int):
+    """The search algorithm, holding at most `concurrent` trials in flight itself: Ray Tune applies
+    `TuneConfig.max_concurrent_trials` to a `Searcher` (Optuna) but silently ignores it for a
+    `SearchGenerator` such as random search's BasicVariantGenerator, which then started every trial at
+    once, more than the cluster could place."""
     if space.search.name == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=space.search.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=space.search.seed), max_concurrent=concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=space.search.seed)
+    return BasicVariantGenerator(random_state=space.search.seed, max_concurrent=concurrent)
 
 
 def _scheduler(space: TuneSpace, max_epochs: int):
@@ -239,7 +244,7 @@ def tune_student(dataset: str, assignments: pd.DataFrame, cfg: "StudentConfig", 
         tuner = tune.Tuner(
             trainable, param_space=space.ray_param_space(),
             tune_config=tune.TuneConfig(metric=space.objective, mode=space.mode, num_samples=space.num_samples,
-                                        max_concurrent_trials=concurrent, search_alg=_searcher(space),
+                                        search_alg=_searcher(space, concurrent),
                                         scheduler=_scheduler(space, space.max_epochs(cfg.loop.epochs))),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=out_dir, callbacks=[placement_group_sweeper()],
                                       failure_config=tune.FailureConfig(max_failures=1)))

@@ -1,4 +1,5 @@
 """Ray Tune over the student stage: sizing, the test split kept out, results, a real search and its resume."""
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from diffkd.data.pipeline import PipelineConfig
 from diffkd.distill.objective import DistillConfig
 from diffkd.train.loop_config import LoopConfig
 from diffkd.train.student import StudentConfig
-from diffkd.experiments.tune import (DRIVER_CPUS, arm_space, load_best_config, plan_concurrency, plot_search,
+from diffkd.experiments.tune import (DRIVER_CPUS, _searcher, arm_space, load_best_config, plan_concurrency, plot_search,
                                      run_trial, search_base, student_from_dict, training_rows, tune_student)
 from diffkd.config import ConfigError, to_dict
 from diffkd.experiments.tune_space import Distribution, SchedulerSpec, SearchSpec, TuneSpace, apply_params
@@ -80,6 +81,30 @@ def test_trials_in_flight_fit_the_cluster():
     with pytest.raises(ValueError, match="one trial needs"):
         plan_concurrency(_space(4), cfg, {"CPU": 1.5})
     assert DRIVER_CPUS > 0  # {"CPU": 0} is refused by Ray ("empty head and zero worker bundles")
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_the_searcher_itself_holds_no_more_trials_in_flight_than_planned(search):
+    """Ray Tune ignores `max_concurrent_trials` for random search's generator: the bench's search
+    started all 8 trials on 2 CPUs and their workers waited for each other's cores."""
+    from ray.tune.experiment import Experiment
+
+    space = dataclasses.replace(_space(5, scheduler="fifo"), search=SearchSpec(search, seed=0))
+    searcher = _searcher(space, 2)
+    if search == "random":
+        searcher.add_configurations([Experiment("t", lambda config: None, config=space.ray_param_space(),
+                                                num_samples=5)])
+    else:
+        searcher.set_search_properties("val_auc", "max", space.ray_param_space())
+
+    def next_trial(i):
+        return searcher.next_trial() if search == "random" else searcher.suggest(f"t{i}")
+
+    first = [next_trial(i) for i in range(4)]
+    assert [t is not None for t in first] == [True, True, False, False]
+    done = first[0].trial_id if search == "random" else "t0"
+    searcher.on_trial_complete(done, {"val_auc": 0.6} if search == "optuna" else None)
+    assert next_trial(9) is not None  # a finished trial frees its place
 
 
 def test_each_arm_searches_the_parameters_that_apply_to_it_with_the_same_trials():

@@ -153,8 +153,9 @@ class Record:
 
 def pixel_digest(arr: np.ndarray) -> str:
     """sha256 of the pixels themselves (dtype, shape, values): equal for equal images however encoded."""
-    arr = np.ascontiguousarray(arr)
-    return hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode() + arr.tobytes()).hexdigest()
+    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(np.ascontiguousarray(arr).data)  # hashed in place: no copy of the pixels
+    return digest.hexdigest()
 
 
 def png_pixel_digest(png: bytes) -> str:
