@@ -653,8 +653,9 @@ def png_passthrough(data: bytes) -> bytes | None:
     """The source bytes minus every ancillary chunk, when the file already is an 8/16-bit gray PNG.
 
     Re-encoding dominates ingest time; a gray PNG needs none. Dropping ancillary chunks (text, EXIF,
-    ICC, time, transparency) keeps the pixels exactly and leaves no metadata behind. The file must
-    have been fully decoded (CRCs checked) before this is called.
+    ICC, time, transparency) keeps the pixels exactly and leaves no metadata behind. A file with
+    nothing to drop is returned as it is (the same object, not a copy). The file must have been fully
+    decoded (CRCs checked) before this is called.
     """
     if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
@@ -670,7 +671,8 @@ def png_passthrough(data: bytes) -> bytes | None:
             out.append(data[pos:end])
         pos = end
         if kind == b"IEND":
-            return b"".join(out)
+            whole = pos == len(data) and sum(map(len, out)) == len(data)
+            return data if whole else b"".join(out)
     return None
 
 
@@ -753,8 +755,9 @@ def load_image_record(src: Path, rec: Record, limits: DecodeLimits = DEFAULT_LIM
 
 
 def _as_file(path: Path, stored: bytes | None, data: bytes) -> bytes | FileBytes | None:
-    """The bytes to store, marked as the file's own when they are the whole file (no chunk dropped)."""
-    return FileBytes(str(path), data) if stored is not None and len(stored) == len(data) else stored
+    """The bytes to store, marked as the file's own when they are the whole file (`png_passthrough`
+    dropped nothing and returned the file itself)."""
+    return FileBytes(str(path), data) if stored is data else stored
 
 
 def load_all(loader: Callable[[Path, Record], Loaded], src: Path, records: Sequence[Record], *, spool: Spool,

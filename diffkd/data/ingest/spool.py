@@ -9,7 +9,8 @@ row group, whatever the size of the source.
 
 An image whose stored bytes are exactly its source file's (a gray PNG without ancillary chunks, the
 usual case) is not copied at all: its `Blob` names the file, which is read again when the center is
-written (from the page cache, as a rule) and checked against the sha256 taken when it was decoded. This halves the bytes an ingest writes.
+written (from the page cache, as a rule) and checked against the sha256 taken when it was decoded.
+This halves the bytes an ingest writes.
 
 The file is unlinked from the start (`tempfile.TemporaryFile`): nothing of it is left behind, even
 after a crash, and no other process can open it. It is placed beside a local dataset (the disk that
