@@ -31,6 +31,7 @@ import io
 import logging
 import math
 import sys
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -306,11 +307,15 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PipelineConfig,
     }
 
 
-def _decode_in_ray(block: dict[str, np.ndarray], cfg: PipelineConfig, train: bool) -> dict[str, np.ndarray]:
-    """map_batches UDF over a whole read block (about one batch of rows, see `block_bytes`).
+def _decode_in_ray(block: dict[str, np.ndarray], cfg: PipelineConfig, train: bool,
+                   selection: RowSelection | None = None) -> dict[str, np.ndarray]:
+    """map_batches UDF over a whole read block (about one batch of rows, see `block_bytes`), or over
+    several cached blocks, of which it keeps the `selection`.
 
     The per-row generators are keyed by Ray Data's execution index, which is the epoch.
     """
+    if selection is not None:
+        block = selection.take(block)
     rngs = None
     if train and cfg.augment:
         from ray.data.context import DataContext
@@ -327,7 +332,12 @@ def block_bytes(cfg: PipelineConfig) -> int:
     Small blocks stream: a file's rows reach the trainer a batch at a time instead of all at once,
     and what a task holds in memory stays the same whatever the file or dataset size.
     """
-    return max(2**20, cfg.batch_size * cfg.image_size ** 2 * (4 * cfg.in_chans + 1))
+    return max(2**20, resized_bytes(cfg.batch_size, cfg))
+
+
+def resized_bytes(rows: int, cfg: PipelineConfig) -> int:
+    """What `rows` model-ready rows hold (float32 image, uint8 mask)."""
+    return rows * cfg.image_size ** 2 * (4 * cfg.in_chans + 1)
 
 
 def task_memory_bytes(cfg: PipelineConfig) -> int:
@@ -336,6 +346,32 @@ def task_memory_bytes(cfg: PipelineConfig) -> int:
 
 
 # ---- datasets -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowSelection:
+    """The real rows a dataset takes from its centers' files: these cases (None: all) of these modalities
+    (empty: all)."""
+
+    case_ids: tuple[str, ...] | None
+    modalities: tuple[str, ...] = ()
+
+    def expression(self, modalities_only: bool = False):
+        """The selection as a Ray Data expression (None: every row), for a filter pushed into a Parquet scan."""
+        from ray.data.expressions import col
+
+        modality = col("modality").is_in(list(self.modalities)) if self.modalities else None
+        wanted = None if modalities_only or self.case_ids is None else col("case_id").is_in(list(self.case_ids))
+        return wanted if modality is None else (modality if wanted is None else wanted & modality)
+
+    def take(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The selected rows of a numpy block."""
+        keep = np.ones(len(block["case_id"]), dtype=bool)
+        if self.case_ids is not None:
+            keep &= np.isin(block["case_id"].astype(str), self.case_ids)
+        if self.modalities:
+            keep &= np.isin(block["modality"].astype(str), self.modalities)
+        return block if keep.all() else {name: column[keep] for name, column in block.items()}
+
 
 def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: PipelineConfig, train: bool,
                  synthetic_ratio: float | None = None, centers: Iterable[str] | None = None,
@@ -359,20 +395,25 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     files = dataset.files(centers)
     if not files:
         raise DatasetError(f"dataset {dataset.uri} has no real rows for centers {centers or 'any'}")
-    modality = col("modality").is_in(list(cfg.modalities)) if cfg.modalities else None
-    wanted = col("case_id").is_in(ids) if ids is not None else None
-    predicate = wanted if modality is None else (modality if wanted is None else wanted & modality)
+    selection = RowSelection(None if ids is None else tuple(ids), tuple(cfg.modalities))
     if cache is None:
         cache = cache_decision(dataset, ids, centers, cfg).cached
     shared = _shared_entry(dataset, files, centers, cfg) if cache else None
-    rows = count_real_rows(dataset, centers, ids, cfg.modalities) if shared is not None else 0
-    ds = _read_and_decode(dataset, files, dataset.partition_base(), predicate, cfg, train, cache=cache,
-                          shared=shared, rows=rows)
+    # rows, not cases (a case has 1-3 views), of the modalities read
+    real_rows = count_real_rows(dataset, centers, ids, cfg.modalities)
+    if shared is not None:  # picks its rows out of the job's decoded sources: no PNG decoded here
+        ds = _resize_cached(shared, cfg, train, count_real_rows(dataset, centers), selection)
+    else:
+        ds = _read_and_decode(dataset, files, dataset.partition_base(), selection.expression(), cfg, train,
+                              cache=cache)
+    if cache and not train and resized_bytes(real_rows, cfg) <= cache_budget_bytes(cfg):
+        # evaluation rows are not augmented: resized once, every later pass reads them as they are
+        ds = ds.materialize()
 
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
-        # rows, not cases (a case has 1-3 views), of the modalities read: the ratio is per real row streamed
-        real_rows = count_real_rows(dataset, centers, ids, cfg.modalities)
+        modality = selection.expression(modalities_only=True)
+        # the ratio is per real row streamed
         available = count_synthetic_rows(dataset, centers, cfg.synthetic_sources, cfg.modalities)
         wanted_synthetic = min(available, round(ratio * real_rows))
         if wanted_synthetic == 0:
@@ -471,8 +512,7 @@ def cache_budget_bytes(cfg: PipelineConfig) -> int:
 
 
 def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: str, predicate, cfg: PipelineConfig,
-                     train: bool, cache: bool = False, shared: "ray.data.Dataset | None" = None,
-                     rows: int = 0) -> "ray.data.Dataset":
+                     train: bool, cache: bool = False) -> "ray.data.Dataset":
     """read_parquet -> filter -> map_batches(decode), which Ray fuses into ONE task per file.
 
     `center` comes from the files' `center=<C>` directories below `partition_base` (the files do not
@@ -485,9 +525,6 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
     and only when the read is not split further (override_num_blocks at most the number of files).
     Many small files (one per center) are grouped into fewer tasks (`read_tasks`).
 
-    `shared`: the decoded source rows of `files` from the job's shared cache (`source_cache`); this
-    dataset then picks its `rows` rows out of them with `predicate` and decodes no PNG at all.
-
     The reader hands out one training batch of rows at a time (`batch_size`). Sized by bytes instead,
     a read block held a little less than a batch of decoded rows, and Ray keeps an output block back
     until it reaches its target size: the first batch of every epoch waited for a second decode.
@@ -498,28 +535,36 @@ def _read_and_decode(dataset: ImageDataset, files: list[str], partition_base: st
     # identical resources and compute on all three steps: what fusion requires
     resources = dict(num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
-    if shared is not None:
-        ds = shared if predicate is None else shared.filter(expr=predicate, compute=compute, **resources)
-        cache = True
-    else:
-        ds = _read(dataset, files, partition_base, cfg, train)
-        if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
-            ds = ds.filter(expr=predicate, compute=compute, **resources)
-        if cache:
-            # Decode the PNGs once into the object store; every epoch then resizes and augments from there.
-            ds = ds.map_batches(decode_sources, batch_size=None, batch_format="numpy", compute=compute,
-                                **resources).materialize()
-            rows = ds.count()
-    if cache and train:
-        # a fresh permutation of the cached blocks each epoch, as the streamed files are reshuffled
+    ds = _read(dataset, files, partition_base, cfg, train)
+    if predicate is not None:  # pushed into the Parquet scan where it can be (random() cannot)
+        ds = ds.filter(expr=predicate, compute=compute, **resources)
+    if not cache:  # whole read blocks, so that the map fuses with the read
+        return ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train}, batch_size=None,
+                              batch_format="numpy", compute=compute, **resources)
+    # Decode the PNGs once into the object store; every epoch then resizes and augments from there.
+    ds = ds.map_batches(decode_sources, batch_size=None, batch_format="numpy", compute=compute,
+                        **resources).materialize()
+    return _resize_cached(ds, cfg, train, ds.count())
+
+
+def _resize_cached(sources: "ray.data.Dataset", cfg: PipelineConfig, train: bool, rows: int,
+                   selection: RowSelection | None = None) -> "ray.data.Dataset":
+    """Decoded source rows in the object store -> model-ready rows, resized (and augmented) every epoch,
+    several stored blocks per task (`cached_task_rows`) over `rows` source rows.
+
+    `selection`: the rows to keep (a shared cache holds every row of its centers). It is applied in the
+    same task: a filter step of its own cost one task per cached block, most of an epoch's 1 s start
+    on the demo."""
+    import ray.data
+
+    ds = sources
+    if train:  # a fresh permutation of the cached blocks each epoch, as the streamed files are reshuffled
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
-    # Streamed: whole read blocks, so that the map fuses with the read. Cached: several stored blocks
-    # per task (`cached_task_rows`).
-    out = ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train},
-                         batch_size=cached_task_rows(rows, cfg) if cache else None,
-                         batch_format="numpy", compute=compute, **resources)
-    if cache:
-        out.context._execution_idx = 0  # materialising counted as a run: epochs still number from 0
+    out = ds.map_batches(_decode_in_ray, fn_kwargs={"cfg": cfg, "train": train, "selection": selection},
+                         batch_size=cached_task_rows(rows, cfg), batch_format="numpy",
+                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+                         num_cpus=cfg.decode_num_cpus, memory=task_memory_bytes(cfg))
+    out.context._execution_idx = 0  # materialising counted as a run: epochs still number from 0
     return out
 
 
@@ -586,16 +631,20 @@ def _read_settings(cfg: PipelineConfig):
     """
     from ray.data import DataContext
 
-    context = DataContext.get_current()
-    wanted = {"use_datasource_v2": False, "target_max_block_size": block_bytes(cfg)}
-    previous = {name: getattr(context, name) for name in wanted if hasattr(context, name)}
-    for name in previous:
-        setattr(context, name, wanted[name])
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            setattr(context, name, value)
+    with _read_settings_lock:  # the context is the process's: stages building datasets at once take turns
+        context = DataContext.get_current()
+        wanted = {"use_datasource_v2": False, "target_max_block_size": block_bytes(cfg)}
+        previous = {name: getattr(context, name) for name in wanted if hasattr(context, name)}
+        for name in previous:
+            setattr(context, name, wanted[name])
+        try:
+            yield
+        finally:
+            for name, value in previous.items():
+                setattr(context, name, value)
+
+
+_read_settings_lock = threading.Lock()
 
 
 def _count_rows(dataset: ImageDataset, centers: list[str] | None, synthetic: bool) -> int:

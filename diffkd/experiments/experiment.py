@@ -136,6 +136,9 @@ class ExperimentConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     synthetic_ratio: float = 0.5  # synthetic rows mixed into each training epoch, relative to real rows
+    # stages of `diffkd run` trained at once where none reads another's outputs; each holds its own
+    # workers (loop.cpus_per_worker), so the cluster must hold this many stages' workers at once
+    parallel_stages: int = 1
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     tune: TuneStage = field(default_factory=TuneStage)
@@ -143,6 +146,10 @@ class ExperimentConfig:
     baselines: BaselineStage = field(default_factory=BaselineStage)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)  # diffkd ablate only
+
+    def __post_init__(self) -> None:
+        if self.parallel_stages < 1:
+            raise ValueError(f"parallel_stages must be 1 (one stage at a time) or more, got {self.parallel_stages}")
 
 
 SECTION_TYPES: dict[str, Any] = typing.get_type_hints(ExperimentConfig)

@@ -63,7 +63,8 @@ def run_pipeline(dataset: str, external: list[str], cfg: ExperimentConfig, out: 
     # of them (held while this function runs)
     shared_cache = start_shared_source_cache()  # noqa: F841
     state = RunState.load(out)
-    pipeline = Pipeline(ds, external, assignments, cfg, out, state, stage_inputs(dataset, external, cfg), plan)
+    pipeline = Pipeline(ds, external, assignments, cfg, out, state, stage_inputs(dataset, external, cfg), plan,
+                        parallel=cfg.parallel_stages)
     pipeline.execute(pipeline_stages(pipeline))
 
     skipped = _skipped_sections(pipeline)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class RunState:
     out: Path
     stages: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # stage -> why it did not finish, in this run
+    # stages may finish in several threads at once (Pipeline.parallel): one records and saves at a time
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, out: str | os.PathLike) -> "RunState":
@@ -89,9 +92,10 @@ class RunState:
             started = time.monotonic()
             result = fn()
             seconds = time.monotonic() - started
-        self.stages[name] = {"config": key, "result": result, "seconds": seconds, "token": secrets.token_hex(8),
-                             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self._save()
+        with self._lock:
+            self.stages[name] = {"config": key, "result": result, "seconds": seconds, "token": secrets.token_hex(8),
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self._save()
         log.info("[%s] done in %s", name, _duration(seconds))
         return result
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -54,6 +55,7 @@ class Stage:
     run: Callable[[], dict]  # does the work; returns the small result run_state.json records
     writes: str  # where its outputs go, relative to OUT (the dataset's own folder for synthesis)
     classifier: bool = False  # its folder holds a classifier whose predictions the report scores
+    exclusive: bool = False  # runs with no other stage beside it (Pipeline.parallel)
 
 
 @dataclass
@@ -70,7 +72,13 @@ class StagePlan:
 
 @dataclass
 class Pipeline:
-    """One run's inputs, its run state, and the results of the stages executed so far."""
+    """One run's inputs, its run state, and the results of the stages executed so far.
+
+    `parallel` > 1 runs up to that many stages at once: a declared stage starts, in declaration order,
+    once the stages it reads have finished and a slot is free, and the generator declaring them waits
+    only where it reads a result (`result`). A stage marked `exclusive` (a search, which plans its
+    own concurrency over the whole cluster) runs alone.
+    """
 
     ds: ImageDataset
     external: list[str]
@@ -82,14 +90,31 @@ class Pipeline:
     plan: StagePlan = field(default_factory=StagePlan)
     results: dict[str, dict | None] = field(default_factory=dict)  # stage -> its result; None: failed or not run
     executed: list[Stage] = field(default_factory=list)
+    parallel: int = 1
+    _scheduler: "_Scheduler | None" = field(default=None, init=False, repr=False, compare=False)
 
     def execute(self, stages: Iterable[Stage]) -> None:
         """Run each stage as it is declared (skipped when current); a failure is recorded in the run state
-        and the stages that do not read it still run."""
-        for stage in stages:
-            self.results[stage.name] = self.state.try_run(stage.name, {**self.common, **stage.config}, stage.run,
-                                                          after=stage.reads)
-            self.executed.append(stage)
+        and the stages that do not read it still run. Returns when every declared stage has ended."""
+        if self.parallel <= 1:
+            for stage in stages:
+                self.executed.append(stage)
+                self._run(stage)
+            return
+        self._scheduler = _Scheduler(self._run, self.parallel)
+        try:
+            for stage in stages:
+                self.executed.append(stage)
+                self._scheduler.submit(stage)
+            self._scheduler.join()
+        finally:
+            self._scheduler = None
+
+    def result(self, name: str) -> dict | None:
+        """A declared stage's result, once it has ended (None: failed, not run or not declared)."""
+        if self._scheduler is not None:
+            self._scheduler.wait(name)
+        return self.results.get(name)
 
     def finish(self, stage: Stage) -> dict:
         """Run the last stage, whose failure ends the run."""
@@ -99,9 +124,72 @@ class Pipeline:
         return self.results[stage.name]
 
     def model_dirs(self) -> dict[str, str]:
-        """Each finished classifier's folder, in the order the stages ran."""
-        return {s.name: str(self.out / s.writes) for s in self.executed
-                if s.classifier and self.results[s.name] is not None}
+        """Each finished classifier's folder: teachers, then students, each led by the one that sees synthetic
+        images (`teacher`, `student_kd`), the rest in the order they were declared."""
+        finished = [s for s in self.executed if s.classifier and self.results[s.name] is not None]
+        finished.sort(key=lambda s: (not s.name.startswith("teacher"), s.name not in ("teacher", "student_kd")))
+        return {s.name: str(self.out / s.writes) for s in finished}
+
+    def _run(self, stage: Stage) -> None:
+        self.results[stage.name] = self.state.try_run(stage.name, {**self.common, **stage.config}, stage.run,
+                                                      after=stage.reads)
+
+
+class _Scheduler:
+    """Runs declared stages in threads, at most `slots` at once, each after the stages it reads."""
+
+    def __init__(self, run: Callable[[Stage], None], slots: int):
+        self._run, self._slots = run, slots
+        self._changed = threading.Condition()
+        self._pending: list[Stage] = []  # declared, not started: started in this order when ready
+        self._ended: dict[str, threading.Event] = {}
+        self._running: set[str] = set()
+        self._exclusive = False
+        self._error: BaseException | None = None
+
+    def submit(self, stage: Stage) -> None:
+        with self._changed:
+            self._ended[stage.name] = threading.Event()
+            self._pending.append(stage)
+            self._start_ready()
+
+    def wait(self, name: str) -> None:
+        if name in self._ended:
+            self._ended[name].wait()
+
+    def join(self) -> None:
+        """Wait for every submitted stage to end; re-raise what escaped a stage (try_run records failures,
+        so only a fault of the pipeline itself gets here)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending and not self._running)
+        if self._error is not None:
+            raise self._error
+
+    def _start_ready(self) -> None:  # holding the lock
+        for stage in list(self._pending):
+            if self._exclusive or len(self._running) >= self._slots:
+                return
+            if any(not self._ended[r].is_set() for r in stage.reads if r in self._ended):
+                continue
+            if stage.exclusive and self._running:
+                return  # nothing later overtakes it: it waits for the running ones to end, then runs alone
+            self._pending.remove(stage)
+            self._running.add(stage.name)
+            self._exclusive = stage.exclusive
+            threading.Thread(target=self._run_one, args=(stage,), name=f"stage-{stage.name}", daemon=True).start()
+
+    def _run_one(self, stage: Stage) -> None:
+        try:
+            self._run(stage)
+        except BaseException as err:  # noqa: BLE001 - handed to the thread that joins
+            self._error = self._error or err
+        finally:
+            with self._changed:
+                self._running.discard(stage.name)
+                self._exclusive = False
+                self._ended[stage.name].set()
+                self._start_ready()
+                self._changed.notify_all()
 
 
 def stage_inputs(dataset: str | os.PathLike, external: list[str], cfg: ExperimentConfig) -> dict:
@@ -137,11 +225,42 @@ def generator_stages(p: Pipeline, suffix: str = "") -> Iterator[Stage]:
 
 
 def pipeline_stages(p: Pipeline) -> Iterator[Stage]:
-    """Every stage of `diffkd run` but the report, in the order they run."""
+    """Every stage of `diffkd run` but the report.
+
+    Declared so that stages running at once (`Pipeline.parallel`) keep both slots busy: the generator
+    first, then the real-image stages that do not wait for it (baselines, the real-only teacher and the
+    pairing-free teacher, their students), then what reads the synthetic images. The real-only arms
+    train whenever synthesis is planned; if it then fails, `teacher` is real-only too.
+    """
     cfg, models = p.cfg, p.out / "models"
     if p.plan.diffusion:
         yield from generator_stages(p)
-    synthesized = p.results.get("synth")
+    mixing = p.plan.diffusion and cfg.synthetic_ratio > 0
+    if cfg.baselines.enabled:
+        yield Stage("baselines", (), {"cfg": to_dict(cfg.baselines)},
+                    functools.partial(baselines, p.ds, p.assignments, cfg.baselines, p.out,
+                                      cfg.student.student_modality, p.plan.clinical_baselines),
+                    "models/baselines_predictions.parquet")
+
+    # ---- real images only: the real-only teacher (beside the mixed one) and the pairing-free teacher ----
+    teacher_cfg = with_pipeline(cfg.teacher, modalities=(cfg.student.student_modality,))
+    student_cfg = dataclasses.replace(cfg.student, teacher_dir=str(models / "teacher"), mode="paired")
+    real_arms: dict[str, tuple[StudentConfig, tuple[str, ...]]] = {}
+    if mixing:
+        yield _teacher_stage(p, "teacher_real_only", teacher_cfg, 0.0, ())
+        real_arms["student_kd_real_only"] = (
+            dataclasses.replace(student_cfg, teacher_dir=str(models / "teacher_real_only")), ("teacher_real_only",))
+    if p.plan.pairing_free:
+        pf = cfg.pairing_free
+        name = "teacher_" + pf.teacher_modality
+        yield Stage(name, (), {"cfg": to_dict(teacher_cfg), "modality": pf.teacher_modality},
+                    functools.partial(_train_teacher, p, with_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)),
+                                      name, 0.0), f"models/{name}", classifier=True)
+        real_arms["student_pairing_free"] = (pairing_free_student(student_cfg, pf, str(models / name)), (name,))
+    yield from _student_stages(p, real_arms)
+
+    # ---- what reads the synthetic images: the audit, the mixed teacher and its students ----
+    synthesized = p.result("synth")
     if synthesized is not None:
         yield Stage("audit", ("synth",), {"cfg": to_dict(cfg.audit)},
                     functools.partial(_audit, p.ds, str(p.out / "audit"), str(models / "diffusion"),
@@ -149,53 +268,34 @@ def pipeline_stages(p: Pipeline) -> Iterator[Stage]:
     # this run's synthetic images only, whatever else the dataset holds
     ratio, sources = (cfg.synthetic_ratio, (synthesized["run_id"],)) if synthesized is not None else (0.0, ())
     synthetic_reads = ("synth",) if ratio > 0 else ()
-
-    # ---- teachers (real + synthetic, and real only beside it) ----
-    teacher_cfg = with_pipeline(cfg.teacher, modalities=(cfg.student.student_modality,), synthetic_sources=sources)
-    teachers = {"teacher": ratio, **({"teacher_real_only": 0.0} if ratio > 0 else {})}
-    for name, mix in teachers.items():
-        yield Stage(name, synthetic_reads if mix > 0 else (), {"cfg": to_dict(teacher_cfg), "ratio": mix},
-                    functools.partial(_train_teacher, p, teacher_cfg, name, mix), f"models/{name}", classifier=True)
-
-    # ---- the student arms: name -> (config, the stages whose outputs it reads) ----
-    student_cfg = dataclasses.replace(with_pipeline(cfg.student, synthetic_ratio=ratio, synthetic_sources=sources),
-                                      teacher_dir=str(models / "teacher"), mode="paired")
-    arms = {"student_kd": (student_cfg, ("teacher", *synthetic_reads))}
+    yield _teacher_stage(p, "teacher", with_pipeline(teacher_cfg, synthetic_sources=sources), ratio, synthetic_reads)
+    kd_cfg = with_pipeline(student_cfg, synthetic_ratio=ratio, synthetic_sources=sources)
+    arms = {"student_kd": (kd_cfg, ("teacher", *synthetic_reads))}
     # the plain control measures its agreement with the same teacher, when there is one to compare with
-    arms["student_plain"] = ((plain_variant(student_cfg), ("teacher",)) if p.results["teacher"] is not None else
-                             (dataclasses.replace(plain_variant(student_cfg), agreement_teacher_dir=""), ()))
-    if ratio > 0:
-        arms["student_kd_real_only"] = (dataclasses.replace(
-            with_pipeline(student_cfg, synthetic_ratio=0.0), teacher_dir=str(models / "teacher_real_only")),
-            ("teacher_real_only",))
-    if p.plan.pairing_free:
-        pf = cfg.pairing_free
-        name = "teacher_" + pf.teacher_modality
-        yield Stage(name, (), {"cfg": to_dict(teacher_cfg), "modality": pf.teacher_modality},
-                    functools.partial(_train_teacher, p, with_pipeline(teacher_cfg, modalities=(pf.teacher_modality,)),
-                                      name, 0.0), f"models/{name}", classifier=True)
-        arms["student_pairing_free"] = (pairing_free_student(student_cfg, pf, str(models / name)), (name,))
+    arms["student_plain"] = ((plain_variant(kd_cfg), ("teacher",)) if p.result("teacher") is not None else
+                             (dataclasses.replace(plain_variant(kd_cfg), agreement_teacher_dir=""), ()))
+    yield from _student_stages(p, arms)
 
-    # ---- each student searched with the same budget (or none is) on internal validation, then trained ----
-    if cfg.tune.enabled:
+
+def _teacher_stage(p: Pipeline, name: str, teacher_cfg: TeacherConfig, ratio: float, reads: tuple[str, ...]) -> Stage:
+    return Stage(name, reads, {"cfg": to_dict(teacher_cfg), "ratio": ratio},
+                 functools.partial(_train_teacher, p, teacher_cfg, name, ratio), f"models/{name}", classifier=True)
+
+
+def _student_stages(p: Pipeline, arms: dict[str, tuple[StudentConfig, tuple[str, ...]]]) -> Iterator[Stage]:
+    """Each student arm searched with the same budget (or none is) on internal validation, then trained."""
+    if p.cfg.tune.enabled:
         for name, (scfg, reads) in list(arms.items()):
             search = SEARCH_PREFIX + name
-            yield Stage(search, reads, {"cfg": to_dict(cfg.tune), "student": to_dict(scfg)},
-                        functools.partial(_search, p, scfg, p.out / "tune" / name), f"tune/{name}")
-            searched = p.results[search]
+            yield Stage(search, reads, {"cfg": to_dict(p.cfg.tune), "student": to_dict(scfg)},
+                        functools.partial(_search, p, scfg, p.out / "tune" / name), f"tune/{name}", exclusive=True)
+            searched = p.result(search)
             arms[name] = (from_dict(StudentConfig, searched["config"], f"searched {name}") if searched else scfg,
                           (*reads, search))
     for name, (scfg, reads) in arms.items():
         folder = "student" if name == "student_kd" else name
         yield Stage(name, reads, {"cfg": to_dict(scfg)}, functools.partial(_train_student, p, scfg, name, folder),
                     f"models/{folder}", classifier=True)
-
-    # ---- baselines (An et al. 2025) ----
-    if cfg.baselines.enabled:
-        yield Stage("baselines", (), {"cfg": to_dict(cfg.baselines)},
-                    functools.partial(baselines, p.ds, p.assignments, cfg.baselines, p.out,
-                                      cfg.student.student_modality, p.plan.clinical_baselines),
-                    "models/baselines_predictions.parquet")
 
 
 def report_stage(p: Pipeline, readers_csv: str | None, truth: str | None, synthetic: dict | None, grids: list[str],

@@ -235,7 +235,15 @@ def switch_stage(stage: str) -> None:
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Output of the block goes to `logs/<name>.log` (when captured); then back to the previous file."""
+    """Output of the block goes to `logs/<name>.log` (when captured); then back to the previous file.
+
+    Off the main thread (stages running at once) the process's output cannot be split by stage: it
+    stays in the current file, and `logs/<name>.log` receives diffkd's records of this thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        with _thread_records(name):
+            yield
+        return
     previous = _capture.current if _capture is not None else None
     switch_stage(name)
     try:
@@ -243,6 +251,25 @@ def stage(name: str) -> Iterator[None]:
     finally:
         if previous is not None:
             switch_stage(previous)
+
+
+@contextlib.contextmanager
+def _thread_records(stage_name: str) -> Iterator[None]:
+    path = log_path(stage_name)
+    if path is None:
+        yield
+        return
+    thread = threading.get_ident()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(lambda record: record.thread == thread)
+    diffkd_log = logging.getLogger("diffkd")
+    diffkd_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        diffkd_log.removeHandler(handler)
+        handler.close()
 
 
 def _flush_std() -> None:

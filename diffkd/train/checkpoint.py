@@ -32,6 +32,7 @@ import pickle
 import posixpath
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -274,22 +275,26 @@ def _deepspeed_safe_globals() -> list:
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Inside, every `torch.load` in this process runs with weights_only=True, whatever its caller asked."""
-    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
-    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            "refused to load a checkpoint file that holds pickled Python objects weights-only loading does "
-            f"not allow ({str(err).splitlines()[-1] if str(err) else err!r}). diffkd never writes such "
-            "objects: the file was altered or does not come from diffkd. Delete that checkpoint directory "
-            "(or the run) rather than loading it.") from None
-    finally:
-        if previous is None:
-            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+    with _env_lock:  # the variable is the process's: stages loading at once take turns
+        previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+        os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                yield
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(
+                "refused to load a checkpoint file that holds pickled Python objects weights-only loading does "
+                f"not allow ({str(err).splitlines()[-1] if str(err) else err!r}). diffkd never writes such "
+                "objects: the file was altered or does not come from diffkd. Delete that checkpoint directory "
+                "(or the run) rather than loading it.") from None
+        finally:
+            if previous is None:
+                os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+            else:
+                os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+_env_lock = threading.RLock()  # reentrant: a load inside a load
 
 
 def safe_torch_load(path: str, map_location: Any = "cpu") -> Any:

@@ -131,6 +131,23 @@ def test_a_cached_set_decodes_once_and_yields_the_streamed_epochs(ray_local, dat
     assert cached_task_rows(100, cfg()) == 50 and cached_task_rows(10_000, cfg()) == 64  # at most 8 batches
 
 
+def test_a_cached_evaluation_set_is_resized_once_and_a_training_set_every_epoch(ray_local, dataset):
+    from ray.data.dataset import MaterializedDataset
+
+    ids = [f"real-A-{i}" for i in range(24)]
+    evaluation = make_dataset(dataset, ids, cfg(cache="always"), train=False)
+    assert isinstance(evaluation, MaterializedDataset)  # not augmented: every pass reads the same rows
+    first, second = ({cid: img.numpy() for batch in iter_shard_batches(evaluation, 8)
+                      for cid, img in zip(batch["case_id"], batch["image"])} for _ in range(2))
+    assert sorted(first) == sorted(ids)
+    for cid in ids:
+        np.testing.assert_array_equal(first[cid], second[cid])
+    assert not isinstance(make_dataset(dataset, ids, cfg(cache="always"), train=True), MaterializedDataset)
+    assert not isinstance(make_dataset(dataset, ids, cfg(cache="never"), train=False), MaterializedDataset)
+    small_budget = make_dataset(dataset, ids, cfg(cache="always", cache_budget_mb=0.001), train=False)
+    assert not isinstance(small_budget, MaterializedDataset)  # resized rows that would not fit stay lazy
+
+
 def test_the_cache_budget_decides_between_caching_and_streaming(ray_local, dataset):
     from diffkd.data.pipeline import cache_decision
 

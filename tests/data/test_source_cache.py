@@ -47,6 +47,8 @@ def test_runs_of_one_job_share_each_files_decoded_rows(ray_local, tmp_path, ramp
         assert sorted(epoch_images(train)) == sorted(train_ids)
         shared_val = epoch_images(val)
         assert sorted(shared_val) == sorted(val_ids)  # each run picks its own rows out of the shared ones
+        # in the resize task itself: a filter step of its own would cost a task per cached block every epoch
+        assert "Filter" not in train.stats() and "Filter" not in val.stats()
         for cid in val_ids:  # and decodes them exactly as a streamed epoch does
             np.testing.assert_array_equal(shared_val[cid], streamed[cid])
         with shared_source_cache():  # reentrant: the inner block neither adds nor closes a cache
