@@ -77,7 +77,7 @@ class Pipeline:
     `parallel` > 1 runs up to that many stages at once: a declared stage starts, in declaration order,
     once the stages it reads have finished and a slot is free, and the generator declaring them waits
     only where it reads a result (`result`). A stage marked `exclusive` (a search, which plans its
-    own concurrency over the whole cluster) runs alone.
+    own concurrency over the whole cluster) runs alone, in the declaring thread.
     """
 
     ds: ImageDataset
@@ -136,7 +136,8 @@ class Pipeline:
 
 
 class _Scheduler:
-    """Runs declared stages in threads, at most `slots` at once, each after the stages it reads."""
+    """Runs declared stages in threads, at most `slots` at once, each after the stages it reads; an exclusive
+    stage in the declaring thread, once every stage declared before it has ended."""
 
     def __init__(self, run: Callable[[Stage], None], slots: int):
         self._run, self._slots = run, slots
@@ -144,12 +145,19 @@ class _Scheduler:
         self._pending: list[Stage] = []  # declared, not started: started in this order when ready
         self._ended: dict[str, threading.Event] = {}
         self._running: set[str] = set()
-        self._exclusive = False
         self._error: BaseException | None = None
 
     def submit(self, stage: Stage) -> None:
         with self._changed:
             self._ended[stage.name] = threading.Event()
+        if stage.exclusive:  # Tune (a search) runs in the main thread, as it expects, with the cluster to itself
+            self.join()
+            try:
+                self._run(stage)
+            finally:
+                self._ended[stage.name].set()
+            return
+        with self._changed:
             self._pending.append(stage)
             self._start_ready()
 
@@ -167,15 +175,12 @@ class _Scheduler:
 
     def _start_ready(self) -> None:  # holding the lock
         for stage in list(self._pending):
-            if self._exclusive or len(self._running) >= self._slots:
+            if len(self._running) >= self._slots:
                 return
             if any(not self._ended[r].is_set() for r in stage.reads if r in self._ended):
                 continue
-            if stage.exclusive and self._running:
-                return  # nothing later overtakes it: it waits for the running ones to end, then runs alone
             self._pending.remove(stage)
             self._running.add(stage.name)
-            self._exclusive = stage.exclusive
             threading.Thread(target=self._run_one, args=(stage,), name=f"stage-{stage.name}", daemon=True).start()
 
     def _run_one(self, stage: Stage) -> None:
@@ -186,7 +191,6 @@ class _Scheduler:
         finally:
             with self._changed:
                 self._running.discard(stage.name)
-                self._exclusive = False
                 self._ended[stage.name].set()
                 self._start_ready()
                 self._changed.notify_all()

@@ -34,6 +34,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
 import pyarrow.fs as pafs
 import torch
 from torch import nn
@@ -512,9 +513,22 @@ def predict(model_dir: str, dataset: "ray.data.Dataset", batch_size: int = 64, n
     return frame[["case_id", "prob"]].reset_index(drop=True)
 
 
+def predict_arrays(model_dir: str, arrays: dict[str, np.ndarray], batch_size: int = 64) -> "pd.DataFrame":
+    """`predict` over rows decoded in this process (`load_arrays`): no actor to start, which on a small
+    machine costs more than scoring a few hundred images."""
+    import pandas as pd
+
+    score = _ClassifierPredictor(model_dir, threads=0)
+    parts = [score({key: value[i:i + batch_size] for key, value in arrays.items()})
+             for i in range(0, len(arrays["case_id"]), batch_size)]
+    return pd.DataFrame({"case_id": np.concatenate([p["case_id"] for p in parts]) if parts else [],
+                         "prob": np.concatenate([p["prob"] for p in parts]) if parts else []})
+
+
 class _ClassifierPredictor:
-    def __init__(self, model_dir: str):
-        torch.set_num_threads(1)
+    def __init__(self, model_dir: str, threads: int = 1):
+        if threads:  # an actor's own process: one thread per CPU it was given
+            torch.set_num_threads(threads)
         self.model = load_classifier(model_dir).eval()
 
     @torch.no_grad()

@@ -16,11 +16,13 @@ class Recorder:
         self.events: list[tuple[str, str]] = []
         self.running = 0
         self.most_at_once = 0
+        self.in_main_thread: dict[str, bool] = {}
 
     def stage(self, name, reads=(), seconds=0.2, exclusive=False, fail=False, config=None, classifier=False):
         def run():
             with self.lock:
                 self.events.append(("start", name))
+                self.in_main_thread[name] = threading.current_thread() is threading.main_thread()
                 self.running += 1
                 self.most_at_once = max(self.most_at_once, self.running)
             time.sleep(seconds)
@@ -64,15 +66,17 @@ def test_one_slot_runs_in_declaration_order_in_this_thread(tmp_path):
     rec, p = Recorder(), pipeline(tmp_path, parallel=1)
     p.execute([rec.stage("a", seconds=0), rec.stage("b", seconds=0)])
     assert rec.events == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]
+    assert rec.in_main_thread == {"a": True, "b": True}
 
 
-def test_an_exclusive_stage_runs_alone_and_nothing_declared_after_it_overtakes_it(tmp_path):
+def test_an_exclusive_stage_runs_alone_in_the_main_thread_and_nothing_declared_after_it_overtakes_it(tmp_path):
     rec, p = Recorder(), pipeline(tmp_path, parallel=2)
     p.execute([rec.stage("a", seconds=0.3), rec.stage("search", exclusive=True), rec.stage("b", seconds=0.1)])
     search_start, search_end = rec.index("start", "search"), rec.index("end", "search")
     assert search_start > rec.index("end", "a")
     assert rec.index("start", "b") > search_end
     assert rec.most_at_once == 1
+    assert rec.in_main_thread == {"a": False, "search": True, "b": False}  # Tune expects the main thread
 
 
 def test_a_generator_reading_a_result_waits_for_that_stage_only(tmp_path):

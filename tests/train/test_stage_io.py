@@ -55,3 +55,22 @@ def test_the_summary_and_training_info_describe_the_run(tmp_path):
     assert info["history"] == fitted.history and info["run_path"] == "/runs/r" and info["metrics"] == {"best_epoch": 2}
     assert info["config"]["arch"] == TeacherConfig().arch
     assert pd.read_parquet(tmp_path / PREDICTIONS).equals(predictions)
+
+
+def test_scoring_in_the_driver_gives_the_ray_actors_probabilities(ray_local, tmp_path, two_modality_dataset,
+                                                                 two_modality_splits):
+    import torch
+
+    from diffkd.models.classifiers import create_classifier, save_classifier
+
+    ds = two_modality_dataset(tmp_path / "ds")
+    rows = two_modality_splits(ds)
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "model")
+    save_classifier(create_classifier("resnet18", in_chans=1), model_dir)
+    pipeline = PipelineConfig(image_size=32, modalities=("us",))
+    by_actor = predict_splits(ds, rows, pipeline, model_dir, TeacherConfig(predict_actors=1))
+    in_driver = predict_splits(ds, rows, pipeline, model_dir, TeacherConfig(predict_actors=0))
+    assert len(by_actor) == rows[rows["modality"] == "us"]["case_id"].nunique()
+    pd.testing.assert_frame_equal(by_actor, in_driver, check_exact=False, atol=1e-6, check_dtype=False)
+    assert by_actor["prob"].std() > 0  # a model that says something, not a constant
