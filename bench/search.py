@@ -125,6 +125,13 @@ def tune_run(name: str, paths: dict, tmp: str, log: str) -> dict:
     return {"wall_s": wall, "started": started, "table": table, "trials": trials}
 
 
+def curves(trials: list[dict]) -> list[dict]:
+    """Each trial's settings and its internal AUC at every epoch it ran, ordered by settings."""
+    out = [{"params": {k: round(v, 5) if isinstance(v, float) else v for k, v in t["params"].items()},
+            "val_auc": [round(r["val_auc"], 4) for r in t["rows"] if "val_auc" in r]} for t in trials]
+    return sorted(out, key=lambda c: json.dumps(c["params"], sort_keys=True))
+
+
 # ---- where the time goes ---------------------------------------------------------------------------
 
 def _gaps(history: list[dict]) -> list[float]:
@@ -245,6 +252,8 @@ def main() -> None:
         "asha_best_within_0_01": bool(within),
         "time_split_s": {"sequential": sequential_split(seq), "fifo": tune_split(fifo), "asha": tune_split(asha)},
         "images_decoded": decoded,
+        # each trial's internal AUC per epoch, by its settings: how early ASHA's ranking matches FIFO's final one
+        "val_auc_curves": {name: curves(run["trials"]) for name, run in (("fifo", fifo), ("asha", asha))},
         "targets": {"tune_vs_sequential": ">= 0.90", "asha_compute_saved": ">= 0.40, best within 0.01"},
         "meets_target": bool(tune_vs_sequential >= 0.9 and saved >= 0.4 and within and n >= 8),
         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),

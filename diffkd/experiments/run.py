@@ -5,7 +5,8 @@
     teacher, plain, pairing-free group KD) -> baselines (An et al. 2025) -> report
 
 The stages are declared once in `diffkd.experiments.stages`; each records its outputs in `OUT/run_state.json` (`diffkd.experiments.runstate`): rerunning the same
-command resumes after the last finished stage. Stages that need what a dataset lacks (a second
+command resumes after the last finished stage. With `parallel_stages` > 1, stages that read none of
+each other's outputs train at once (the generator beside the real-image teachers, students and baselines). Stages that need what a dataset lacks (a second
 modality, reader reads) are skipped with the reason written into the report.
 """
 from __future__ import annotations

@@ -263,16 +263,16 @@ def pipeline_stages(p: Pipeline) -> Iterator[Stage]:
         real_arms["student_pairing_free"] = (pairing_free_student(student_cfg, pf, str(models / name)), (name,))
     yield from _student_stages(p, real_arms)
 
-    # ---- what reads the synthetic images: the audit, the mixed teacher and its students ----
+    # ---- what reads the synthetic images: the mixed teacher (first: its student waits for it), the audit ----
     synthesized = p.result("synth")
-    if synthesized is not None:
-        yield Stage("audit", ("synth",), {"cfg": to_dict(cfg.audit)},
-                    functools.partial(_audit, p.ds, str(p.out / "audit"), str(models / "diffusion"),
-                                      synthesized["run_id"], cfg), "audit")
     # this run's synthetic images only, whatever else the dataset holds
     ratio, sources = (cfg.synthetic_ratio, (synthesized["run_id"],)) if synthesized is not None else (0.0, ())
     synthetic_reads = ("synth",) if ratio > 0 else ()
     yield _teacher_stage(p, "teacher", with_pipeline(teacher_cfg, synthetic_sources=sources), ratio, synthetic_reads)
+    if synthesized is not None:
+        yield Stage("audit", ("synth",), {"cfg": to_dict(cfg.audit)},
+                    functools.partial(_audit, p.ds, str(p.out / "audit"), str(models / "diffusion"),
+                                      synthesized["run_id"], cfg), "audit")
     kd_cfg = with_pipeline(student_cfg, synthetic_ratio=ratio, synthetic_sources=sources)
     arms = {"student_kd": (kd_cfg, ("teacher", *synthetic_reads))}
     # the plain control measures its agreement with the same teacher, when there is one to compare with
