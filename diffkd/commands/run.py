@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                               truth=args.truth)
     print(headline_table(json.loads(Path(result["metrics"]).read_text())))
     print(f"report: {result['report']}")
-    print(f"logs: {logs}/ (one file per stage: Ray, DeepSpeed, Parquet and torch messages)")
+    print(f"logs: {logs}/ (one file per stage: Ray, DeepSpeed, Parquet and torch messages"
+          + ("; of stages that ran at once, in run.log)" if cfg.parallel_stages > 1 else ")"))
     if result["failed"]:
         print(f"{len(result['failed'])} stage(s) did not finish: {', '.join(result['failed'])}; the report covers "
               "the others. Rerun the same command to retry them (finished stages are kept).")
