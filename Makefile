@@ -29,8 +29,11 @@ test-slow: $(STAMP)
 # a subset: make bench BENCHES="ingest search"
 BENCHES := data_feed train_overhead diffusion centers student search ablate ingest
 
+# the student bench runs its footprint part: its distillation parts (kd, pairing_free, asha) are hour-long
+# evidence runs on 2 cores (python bench/student.py --only kd,pairing_free,asha)
 bench: $(STAMP)
-	@for b in $(BENCHES); do echo "# bench/$$b.py"; start=$$(date +%s); $(BIN)/python bench/$$b.py || exit 1; \
+	@for b in $(BENCHES); do echo "# bench/$$b.py"; start=$$(date +%s); \
+		args=$$([ $$b = student ] && echo "--only footprint"); $(BIN)/python bench/$$b.py $$args || exit 1; \
 		echo "# bench/$$b.py took $$(( $$(date +%s) - start )) s"; done
 
 # on a GPU machine; needs only torch, timm, diffusers and deepspeed
