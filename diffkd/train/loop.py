@@ -503,26 +503,23 @@ def predict(model_dir: str, dataset: "ray.data.Dataset", batch_size: int = 64, n
     """Per-case probability of the positive class from a saved classifier, as a DataFrame (case_id, prob).
 
     Runs as Ray Data `map_batches` over `num_actors` actors that each load the model once
-    (`load_classifier`), so it scales with the cluster like the rest of the pipeline.
+    (`load_classifier`), so it scales with the cluster like the rest of the pipeline. `num_actors` 0
+    scores the batches in this process: no actor to start, which on a small machine costs more than
+    scoring a few hundred images (the rows still come from the dataset, a shared cache's included).
     """
+    import pandas as pd
+
     dataset.context.enable_progress_bars = False
+    if not num_actors:
+        score = _ClassifierPredictor(model_dir, threads=0)
+        parts = [score(batch) for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")]
+        return pd.DataFrame({"case_id": np.concatenate([p["case_id"] for p in parts]) if parts else [],
+                             "prob": np.concatenate([p["prob"] for p in parts]) if parts else []})
     result = dataset.map_batches(_ClassifierPredictor, fn_constructor_kwargs={"model_dir": model_dir},
                                  batch_size=batch_size, batch_format="numpy", concurrency=num_actors,
                                  num_cpus=cpus_per_actor)
     frame = result.to_pandas()
     return frame[["case_id", "prob"]].reset_index(drop=True)
-
-
-def predict_arrays(model_dir: str, arrays: dict[str, np.ndarray], batch_size: int = 64) -> "pd.DataFrame":
-    """`predict` over rows decoded in this process (`load_arrays`): no actor to start, which on a small
-    machine costs more than scoring a few hundred images."""
-    import pandas as pd
-
-    score = _ClassifierPredictor(model_dir, threads=0)
-    parts = [score({key: value[i:i + batch_size] for key, value in arrays.items()})
-             for i in range(0, len(arrays["case_id"]), batch_size)]
-    return pd.DataFrame({"case_id": np.concatenate([p["case_id"] for p in parts]) if parts else [],
-                         "prob": np.concatenate([p["prob"] for p in parts]) if parts else []})
 
 
 class _ClassifierPredictor:

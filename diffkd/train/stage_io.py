@@ -10,10 +10,10 @@ import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 from diffkd.config import to_dict
-from diffkd.data.pipeline import PipelineConfig, load_arrays, make_dataset
+from diffkd.data.pipeline import PipelineConfig, make_dataset
 from diffkd.evaluate.metrics import auc_or_nan
 from diffkd.runtime.files import atomic_write_json, atomic_write_parquet
-from diffkd.train.loop import FitResult, predict, predict_arrays
+from diffkd.train.loop import FitResult, predict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,14 +39,10 @@ def predict_splits(dataset: "ImageDataset", assignments: "pd.DataFrame", pipelin
     """
     if pipeline.modalities and "modality" in assignments:
         assignments = assignments[assignments["modality"].isin(pipeline.modalities)]
-    centers = assignments["center"].unique()
-    if cfg.predict_actors:
-        # every split in one pass: each Ray Data execution costs seconds of start-up on a small machine
-        ray_ds = make_dataset(dataset, assignments["case_id"], pipeline, train=False, centers=centers)
-        scored = predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors)
-    else:
-        arrays = load_arrays(dataset, assignments["case_id"].unique(), pipeline, centers=centers)
-        scored = predict_arrays(model_dir, arrays, batch_size=cfg.predict_batch_size)
+    # every split in one pass: each Ray Data execution costs seconds of start-up on a small machine
+    ray_ds = make_dataset(dataset, assignments["case_id"], pipeline, train=False,
+                          centers=assignments["center"].unique())
+    scored = predict(model_dir, ray_ds, batch_size=cfg.predict_batch_size, num_actors=cfg.predict_actors)
     probs = scored.groupby("case_id", as_index=False)["prob"].mean()  # the rule of `teacher.per_case`
     keep = [c for c in ("case_id", "patient_id", "center", "split", "label") if c in assignments]
     cases = assignments[keep].drop_duplicates("case_id")

@@ -76,7 +76,7 @@ class StudentConfig:
     class_weighting: str = "balanced"  # cross-entropy weights, as the teacher's (teacher.py)
     distill: DistillConfig = field(default_factory=DistillConfig)
     predict_batch_size: int = 64
-    predict_actors: int = 1  # Ray Data actors computing the per-case probabilities; 0: in the driver (small cohorts)
+    predict_actors: int = 1  # Ray Data actors computing the per-case probabilities; 0: in the driver (small cohorts: no actor to start)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=30, patience=8, lr=1e-3))
 

@@ -56,7 +56,7 @@ class TeacherConfig:
     fusion_hidden: int = 64
     column_dropout: float = 0.1  # fusion only: chance to hide a clinical column while training
     predict_batch_size: int = 64
-    predict_actors: int = 1  # Ray Data actors computing the per-case probabilities; 0: in the driver (small cohorts)
+    predict_actors: int = 1  # Ray Data actors computing the per-case probabilities; 0: in the driver (small cohorts: no actor to start)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=30, patience=8, lr=1e-3))
 
