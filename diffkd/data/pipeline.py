@@ -399,21 +399,22 @@ def make_dataset(dataset: ImageDataset, case_ids: Iterable[str] | None, cfg: Pip
     if cache is None:
         cache = cache_decision(dataset, ids, centers, cfg).cached
     shared = _shared_entry(dataset, files, centers, cfg) if cache else None
-    # rows, not cases (a case has 1-3 views), of the modalities read
-    real_rows = count_real_rows(dataset, centers, ids, cfg.modalities)
     if shared is not None:  # picks its rows out of the job's decoded sources: no PNG decoded here
         ds = _resize_cached(shared, cfg, train, count_real_rows(dataset, centers), selection)
     else:
         ds = _read_and_decode(dataset, files, dataset.partition_base(), selection.expression(), cfg, train,
                               cache=cache)
-    if cache and not train and resized_bytes(real_rows, cfg) <= cache_budget_bytes(cfg):
+    # rows, not cases (a case has 1-3 views), of the modalities read; counted only where an evaluation set
+    # may be kept resized or a training set mixes synthetic rows (a streamed set needs no count)
+    if cache and not train and (resized_bytes(count_real_rows(dataset, centers, ids, cfg.modalities), cfg)
+                                <= cache_budget_bytes(cfg)):
         # evaluation rows are not augmented: resized once, every later pass reads them as they are
         ds = ds.materialize()
 
     ratio = cfg.synthetic_ratio if synthetic_ratio is None else synthetic_ratio
     if train and ratio > 0:
         modality = selection.expression(modalities_only=True)
-        # the ratio is per real row streamed
+        real_rows = count_real_rows(dataset, centers, ids, cfg.modalities)  # the ratio is per real row streamed
         available = count_synthetic_rows(dataset, centers, cfg.synthetic_sources, cfg.modalities)
         wanted_synthetic = min(available, round(ratio * real_rows))
         if wanted_synthetic == 0:
